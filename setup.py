@@ -17,6 +17,8 @@ setup(
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10",
         "array-record",  # the TFDS file format readable without TensorFlow
+        "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it
+        "sentencepiece",  # BPE tokenizer
         "absl-py",
         "ml-collections",
         "numpy",

@@ -83,6 +83,7 @@ def train(cfg, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   corpus = data.load_corpus(cfg.data)
+  corpus.tokenizer.save(workdir)
   model_cfg = model.ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": corpus.tokenizer.vocab_size,
                                           "max_len": cfg.train.seq_len})
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
