@@ -1,8 +1,13 @@
-"""Train state, optimizer, jit-compiled train/eval steps and the training loop."""
+"""Train state, optimizer, compiled train/eval steps and the training loop.
+
+The loop dispatches steps without waiting for them; the host reads values
+back from the device only at log, eval and checkpoint steps.
+"""
 from __future__ import annotations
 
-import json
+import math
 import os
+import signal
 import time
 
 import flax
@@ -10,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
-from lmjax import data, model
+from lmjax import checkpoint, config as config_lib, data, flops, metrics_log, model, sample, sharding, tokenizers
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not.
 _DECAYED = {"embedding", "lm_head", "pos_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3"}
@@ -22,85 +28,235 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
+  first_bad_step: jax.Array  # first step whose loss or gradient was NaN/Inf; -1 if none
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def _param_name(path) -> str:
+  return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup and cosine decay to `min_lr`, after global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
       decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.min_lr)
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: path[-1].key in _DECAYED, params)
-  return optax.chain(
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _param_name(p) in _DECAYED, params)
+  optimizer = optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
       optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                   weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+  return optimizer, schedule
 
 
 def cross_entropy(logits_BTV, targets_BT) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
 
 
-def make_train_step(model_cfg: model.ModelConfig, optimizer, seed: int):
+def state_shardings(model_cfg, optimizer, mesh, rules):
+  """Abstract train state (shapes) and its shardings, from the params' logical axis names."""
+  def boxed_state():
+    tokens = jnp.zeros((1, min(model_cfg.max_len, 8)), jnp.int32)
+    params = model.Transformer(model_cfg).init(jax.random.key(0), tokens)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32))
+  boxed = jax.eval_shape(boxed_state)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def init_state(model_cfg, optimizer, seed: int, shardings) -> TrainState:
+  def init():
+    params = model.init_params(model_cfg, jax.random.key(seed))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.full((), -1, jnp.int32))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding):
   transformer = model.Transformer(model_cfg)
 
+  def loss_fn(params, batch, rng):
+    logits = transformer.apply({"params": params}, batch["inputs"], deterministic=False, rngs={"dropout": rng})
+    return cross_entropy(logits, batch["targets"])
+
+  def loss_and_grads(params, batch, rng):
+    if grad_accum == 1:
+      return jax.value_and_grad(loss_fn)(params, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def accumulate(carry, i_and_batch):
+      i, micro_batch = i_and_batch
+      loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+
   def train_step(state: TrainState, batch: dict):
-    dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout depends on (seed, step) only
+    loss, grads = loss_and_grads(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.first_bad_step < 0)
 
-    def loss_fn(params):
-      logits = transformer.apply({"params": params}, batch["inputs"], deterministic=False,
-                                 rngs={"dropout": dropout_rng})
-      return cross_entropy(logits, batch["targets"])
+    def update():
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    # A NaN/Inf step leaves params and optimizer state as they were and is recorded; the host
+    # stops the run at its next check, so a poisoned state is never saved.
+    params, opt_state = jax.lax.cond(healthy, update, lambda: (state.params, state.opt_state))
+    first_bad = jnp.where((state.first_bad_step < 0) & ~healthy, state.step, state.first_bad_step)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state, first_bad), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)
 
 
-def make_eval_step(model_cfg: model.ModelConfig):
+def make_eval_step(model_cfg, param_shardings, batch_sharding):
   transformer = model.Transformer(model_cfg)
 
   def eval_step(params, batch):
     return cross_entropy(transformer.apply({"params": params}, batch["inputs"]), batch["targets"])
 
-  return jax.jit(eval_step)
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
 
 
-def evaluate(eval_step, params, ids, cfg) -> float:
-  """Mean loss over `eval_steps` batches drawn from the validation stream with a fixed seed."""
-  losses = [eval_step(params, data.batch_at(ids, cfg.seed + 1, i, cfg.train.batch_size, cfg.train.seq_len))
-            for i in range(cfg.train.eval_steps)]
-  return float(np.mean(jax.device_get(losses)))
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def _write_config(cfg, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)
+
+
+def _run_tokenizer(workdir: str):
+  """The run's saved tokenizer when resuming (so ids keep their meaning), else None (fit a new one)."""
+  if os.path.exists(os.path.join(workdir, "tokenizer.json")):
+    return tokenizers.load(workdir)
+  return None
 
 
 def train(cfg, workdir: str) -> dict:
-  """Runs the experiment `cfg` (an ml_collections ConfigDict); returns the final metrics."""
+  """Runs (or resumes) the experiment `cfg` in `workdir`; returns the last logged metrics."""
+  config_lib.validate(cfg)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
-  corpus = data.load_corpus(cfg.data)
-  corpus.tokenizer.save(workdir)
-  model_cfg = model.ModelConfig.from_dict({**cfg.model.to_dict(), "vocab_size": corpus.tokenizer.vocab_size,
-                                          "max_len": cfg.train.seq_len})
-  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  params = model.init_params(model_cfg, jax.random.key(cfg.seed))
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  train_step, eval_step = make_train_step(model_cfg, optimizer, cfg.seed), make_eval_step(model_cfg)
-  print(f"model: {model.param_count(model_cfg):,} parameters; train tokens {len(corpus.train_ids):,}, "
-        f"val tokens {len(corpus.val_ids):,}", flush=True)
+  primary = jax.process_index() == 0
+  if primary:
+    _write_config(cfg, workdir)
+  corpus = data.load_corpus(cfg.data, tokenizer=_run_tokenizer(workdir))
+  if primary:
+    corpus.tokenizer.save(workdir)
+  model_cfg = config_lib.model_config(cfg, corpus.tokenizer.vocab_size)
+  tc = cfg.train
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
+  optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
+  abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
 
-  start, metrics = time.time(), {}
-  for step in range(cfg.train.steps):
-    batch = data.batch_at(corpus.train_ids, cfg.seed, step, cfg.train.batch_size, cfg.train.seq_len)
-    state, step_metrics = train_step(state, batch)
-    last = step + 1 == cfg.train.steps
-    if (step + 1) % cfg.train.log_every == 0 or last:
-      metrics = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(step_metrics).items()}}
-      if (step + 1) % cfg.train.eval_every == 0 or last:
-        metrics["val_loss"] = evaluate(eval_step, state.params, corpus.val_ids, cfg)
-      print(json.dumps({**metrics, "elapsed_s": round(time.time() - start, 1)}), flush=True)
+  ckpt = checkpoint.Checkpointer(workdir, tc.max_to_keep)
+  start_step, state = ckpt.restore_latest(abstract)
+  if state is None:
+    start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings)
+  train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh)
+  eval_step = make_eval_step(model_cfg, shardings.params, batch_sh)
+
+  def global_batch(ids, seed, step):
+    local = data.batch_at(ids, seed, step, tc.batch_size, tc.seq_len, jax.process_index(), jax.process_count())
+    return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+  def evaluate(params) -> float:
+    losses = [eval_step(params, global_batch(corpus.val_ids, cfg.seed + 1, i)) for i in range(tc.eval_steps)]
+    return float(np.mean(jax.device_get(losses)))
+
+  tokens_per_step = tc.batch_size * tc.seq_len
+  flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len)
+  peak = tc.peak_tflops * 1e12 or flops.measure_matmul_peak(model_cfg.dtype)
+  log = metrics_log.MetricsLogger(workdir, tc.steps, start_step, enabled=primary)
+  log.info(f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token; "
+           f"data: {len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val tokens, vocab "
+           f"{corpus.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
+           + (f"resumed from step {start_step}" if start_step else "starting at step 0"))
+
+  def check_health(state):
+    bad = int(jax.device_get(state.first_bad_step))
+    if bad >= 0:
+      saved = ckpt.steps()
+      raise FloatingPointError(
+          f"the loss or gradient became NaN/Inf at step {bad + 1}; stopping. The last good checkpoint "
+          f"({'step ' + str(saved[-1]) if saved else 'none yet'}) is kept in {ckpt.directory}. Lower "
+          "optim.lr, raise optim.warmup_steps, tighten optim.grad_clip, or use dtype='float32'.")
+
+  stop = _StopRequest()
+  metrics, last_saved = {}, start_step
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    for step in range(start_step, tc.steps):
+      if stop.signal:
+        check_health(state)
+        log.info(f"{stop.signal} received: saving step {step} and exiting")
+        ckpt.save(step, state)
+        last_saved = step
+        break
+      state, step_metrics = train_step(state, global_batch(corpus.train_ids, cfg.seed, step))
+      window_steps += 1
+      if step == start_step:  # keep compilation out of the throughput numbers
+        jax.block_until_ready(state)
+        log.info(f"first step (compilation included) took {time.perf_counter() - window_start:.1f} s")
+        window_start, window_steps = time.perf_counter(), 0
+      done = step + 1
+      if done % tc.log_every == 0 or done == tc.steps:
+        metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        check_health(state)
+        elapsed = time.perf_counter() - window_start
+        metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed if window_steps else 0.0
+        metrics["mfu"] = flops.mfu(metrics["tokens_per_sec"], flops_per_token, peak)
+        if done % tc.eval_every == 0 or done == tc.steps:
+          metrics["val_loss"] = evaluate(state.params)
+          metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
+        log.write(done, metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      if done % tc.ckpt_every == 0 or done == tc.steps:
+        check_health(state)
+        ckpt.save(done, state)
+        last_saved = done
+    ckpt.wait()
+  finally:
+    stop.restore()
+    ckpt.close()
+    log.close()
+  if stop.signal or last_saved < tc.steps:
+    return metrics
+  if primary:
+    _write_samples(cfg, model_cfg, state.params, corpus.tokenizer, workdir)
+    metrics_log.plot_loss(workdir)
   return metrics
+
+
+def _write_samples(cfg, model_cfg, params, tokenizer, workdir: str) -> None:
+  tc = cfg.train
+  if tc.num_samples <= 0:
+    return
+  prompt = tc.sample_prompt or "\n"
+  ids = sample.sample_tokens(model_cfg, params, tokenizer.encode(prompt), tc.num_samples, tc.sample_len,
+                             seed=cfg.seed)
+  texts = [prompt + tokenizer.decode(row) for row in ids]
+  with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
+    f.write("\n\n==========\n\n".join(texts) + "\n")
+  print("samples (also in samples.txt):\n" + "\n----------\n".join(texts), flush=True)

@@ -1,0 +1,83 @@
+"""The config schema: every field an experiment may set, with its default.
+
+Experiment files start from `base_config()` and change what they need;
+`validate` rejects any key the schema does not know, naming the valid ones, so
+a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from lmjax import model, sharding
+
+# Model fields that the run derives: the vocabulary from the tokenizer, max_len from train.seq_len.
+DERIVED_MODEL_FIELDS = ("vocab_size", "max_len")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+  cfg.data = dict(
+      dataset="shakespeare",  # 'shakespeare', 'text_files', or a TFDS catalog name
+      text_files="",  # for text_files: a path, a glob, or a comma-separated list
+      val_file="",  # optional separate validation file
+      val_fraction=0.1,  # contiguous tail held out for validation
+      text_key="text",  # text feature of a TFDS catalog dataset
+      data_dir="",  # prepared-dataset cache; '' = ~/tensorflow_datasets
+      tokenizer="char",  # 'char', 'byte' or 'bpe'
+      vocab_size=0,  # for bpe
+  )
+  cfg.model = {f.name: f.default for f in dataclasses.fields(model.ModelConfig)
+               if f.name not in DERIVED_MODEL_FIELDS}
+  cfg.model.n_kv_heads = 0  # 0 = n_heads (ConfigDict fields keep one type; None would lock to None)
+  cfg.model.head_dim = 0  # 0 = d_model // n_heads
+  cfg.optim = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
+                   grad_clip=1.0)
+  cfg.train = dict(
+      steps=2000,
+      batch_size=12,  # global batch, in sequences
+      seq_len=64,
+      grad_accum=1,  # micro-batches per optimizer step (batch_size must divide by it)
+      log_every=100,
+      eval_every=250,
+      eval_steps=20,  # validation batches per evaluation
+      ckpt_every=500,
+      max_to_keep=3,
+      num_samples=3,  # text samples written to samples.txt at the end
+      sample_len=200,
+      sample_prompt="\n",
+      peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
+  )
+  cfg.mesh = dict(shape=(1, 1, 1), rules=sharding.DEFAULT_RULES)
+  return cfg
+
+
+def model_config(cfg, vocab_size: int) -> model.ModelConfig:
+  values = {**cfg.model.to_dict(), "vocab_size": vocab_size, "max_len": cfg.train.seq_len}
+  values["n_kv_heads"] = values["n_kv_heads"] or None
+  values["head_dim"] = values["head_dim"] or None
+  return model.ModelConfig.from_dict(values)
+
+
+def flat_keys(cfg, prefix: str = "") -> list:
+  keys = []
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, f"{prefix}{key}."))
+    else:
+      keys.append(prefix + key)
+  return keys
+
+
+def validate(cfg) -> None:
+  """Raises ValueError for keys the schema does not know, listing the valid ones."""
+  valid = set(flat_keys(base_config()))
+  unknown = sorted(set(flat_keys(cfg)) - valid)
+  if unknown:
+    raise ValueError(f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid)))
+  if cfg.train.batch_size % cfg.train.grad_accum:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
+                     f"train.grad_accum={cfg.train.grad_accum}")
+  model_config(cfg, vocab_size=2)  # validates the model fields now, not after data preparation

@@ -1,0 +1,46 @@
+"""Shared fixtures: a small corpus and the tiny experiment config."""
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_EXPERIMENT = os.path.join(REPO, "tests", "tiny_experiment.py")
+
+_VERSE = """ROMEO:
+But, soft! what light through yonder window breaks?
+It is the east, and Juliet is the sun.
+Arise, fair sun, and kill the envious moon,
+Who is already sick and pale with grief,
+That thou her maid art far more fair than she.
+
+JULIET:
+O Romeo, Romeo! wherefore art thou Romeo?
+Deny thy father and refuse thy name;
+Or, if thou wilt not, be but sworn my love,
+And I'll no longer be a Capulet.
+
+"""
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text(_VERSE * 30, encoding="utf-8")
+  return str(path)
+
+
+def tiny_config(corpus_file: str, data_dir: str, **train_overrides):
+  spec = importlib.util.spec_from_file_location("tiny_experiment", TINY_EXPERIMENT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.data.text_files = corpus_file
+  cfg.data.data_dir = data_dir
+  cfg.train.update(**train_overrides)
+  return cfg
+
+
+def tiny_flags(corpus_file: str, data_dir: str, workdir: str, *extra):
+  return ["--config=" + TINY_EXPERIMENT, "--workdir=" + workdir, "--config.data.text_files=" + corpus_file,
+          "--config.data.data_dir=" + data_dir, *extra]

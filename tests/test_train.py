@@ -1,0 +1,218 @@
+"""End-to-end training tests: loss, logs, checkpoints, exact resume, signals, NaNs, configs."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, tiny_config, tiny_flags
+from lmjax import config as config_lib, metrics_log, model, train
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, step):
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+  return state["params"]
+
+
+def launch(flags):
+  return subprocess.Popen([sys.executable, "-m", "lmjax.main", *flags], cwd=REPO, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_until_line(proc, prefix):
+  """Reads the process's output until a line starts with `prefix`; returns everything read."""
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith(prefix):
+      return "".join(seen)
+  raise AssertionError(f"process ended before printing {prefix!r}:\n" + "".join(seen))
+
+
+def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file):
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=40, ckpt_every=20)
+  final = train.train(cfg, workdir)
+  records = read_jsonl(workdir)
+  assert [r["step"] for r in records] == list(range(1, 41))
+  for r in records:
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
+  evals = [r for r in records if "val_loss" in r]
+  assert [r["step"] for r in evals] == [20, 40]
+  assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6) for r in evals)
+  assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 0.5
+  assert final["val_loss"] == evals[-1]["val_loss"]
+  for name in ("config.json", "tokenizer.json", "loss.png", "samples.txt"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+  # The config round-trips through config.json.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert ml_collections.ConfigDict(json.load(f)).to_dict() == json.loads(cfg.to_json_best_effort())
+
+
+def test_learning_rate_schedule_matches_formula():
+  optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, b1=0.9, b2=0.99, eps=1e-8,
+                                         weight_decay=0.1, grad_clip=1.0))
+  _, schedule = train.make_optimizer(optim, total_steps=110)
+  for t in (0, 5, 10, 35, 60, 110):
+    expected = 1e-3 * t / 10 if t < 10 else 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (t - 10) / 100))
+    assert float(schedule(t)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_weight_decay_applies_to_matrices_only():
+  optim = ml_collections.ConfigDict(dict(lr=0.1, min_lr=0.1, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
+                                         weight_decay=0.5, grad_clip=1.0))
+  optimizer, _ = train.make_optimizer(optim, total_steps=10)
+  params = {"blocks": {"attn": {"wq": jnp.ones((2, 2))}, "mlp_norm": {"scale": jnp.ones(2)}}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  # With zero gradients Adam's step is 0, so only decoupled weight decay moves a parameter: -lr * wd * p.
+  np.testing.assert_allclose(updates["blocks"]["attn"]["wq"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates["blocks"]["mlp_norm"]["scale"], 0.0)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+  cfg = model.ModelConfig(vocab_size=11, max_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+  optim = ml_collections.ConfigDict(dict(lr=1e-2, min_lr=1e-3, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
+                                         weight_decay=0.1, grad_clip=1.0))
+  optimizer, schedule = train.make_optimizer(optim, 10)
+  from lmjax import sharding
+  mesh = sharding.make_mesh((1, 1, 1))
+  _, shardings = train.state_shardings(cfg, optimizer, mesh, sharding.DEFAULT_RULES)
+  batch_sh = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
+  tokens = np.random.default_rng(0).integers(0, 11, (4, 9)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  results = []
+  for accum in (1, 2, 4):
+    state = train.init_state(cfg, optimizer, 0, shardings)
+    step = train.make_train_step(cfg, optimizer, schedule, 0, accum, shardings, batch_sh)
+    state, metrics = step(state, batch)
+    results.append((float(metrics["loss"]), state.params))
+  for loss, params in results[1:]:
+    assert loss == pytest.approx(results[0][0], abs=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, results[0][1])
+
+
+def test_bf16_compute_with_fp32_master_params_trains(tmp_path, corpus_file):
+  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=20, eval_every=20, num_samples=0)
+  cfg.model.dtype = "bfloat16"
+  train.train(cfg, str(tmp_path / "run"))
+  records = read_jsonl(str(tmp_path / "run"))
+  assert records[-1]["loss"] < records[0]["loss"] and np.isfinite(records[-1]["val_loss"])
+  params = restore_params(str(tmp_path / "run"), 20)
+  assert {np.asarray(p).dtype for p in jax.tree.leaves(params)} == {np.dtype("float32")}
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
+  data_dir = str(tmp_path / "tfds")
+  straight = str(tmp_path / "straight")
+  train.train(tiny_config(corpus_file, data_dir, num_samples=0), straight)
+
+  resumed = str(tmp_path / "resumed")
+  flags = tiny_flags(corpus_file, data_dir, resumed, "--config.train.num_samples=0")
+  proc = launch(flags)
+  run_until_line(proc, "step 25/40")
+  proc.kill()  # SIGKILL: no chance to save anything
+  proc.wait()
+  second = subprocess.run([sys.executable, "-m", "lmjax.main", *flags], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+  assert second.returncode == 0, second.stdout + second.stderr
+  resumed_from = int(second.stdout.split("resumed from step ")[1].split()[0])
+  assert 10 <= resumed_from < 40
+
+  losses = {r["step"]: r["loss"] for r in read_jsonl(straight)}
+  for record in read_jsonl(resumed):  # steps logged twice (before the kill and after) must agree too
+    assert record["loss"] == losses[record["step"]], record["step"]
+  jax.tree.map(np.testing.assert_array_equal, restore_params(resumed, 40), restore_params(straight, 40))
+
+
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path, corpus_file):
+  workdir = str(tmp_path / "run")
+  proc = launch(tiny_flags(corpus_file, str(tmp_path / "tfds"), workdir, "--config.train.steps=100000",
+                           "--config.train.ckpt_every=100000"))
+  run_until_line(proc, "step 5/")
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  saved_step = int(out.split("SIGTERM received: saving step ")[1].split()[0])
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved_step)]
+  assert saved_step >= 5
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus_file, capsys):
+  data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
+  train.train(tiny_config(corpus_file, data_dir, steps=20, num_samples=0), workdir)
+  latest = os.path.join(workdir, "checkpoints", "20")
+  for root, _, files in os.walk(latest):
+    for name in files:
+      if not name.startswith("_CHECKPOINT_METADATA"):
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(max(0, os.path.getsize(f.name) // 3))
+  capsys.readouterr()
+  train.train(tiny_config(corpus_file, data_dir, steps=30, num_samples=0), workdir)
+  out = capsys.readouterr().out
+  assert "checkpoint at step 20 failed to restore" in out and "resumed from step 10" in out
+  assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "20"))  # kept aside, not deleted
+  assert sorted(map(int, os.listdir(os.path.join(workdir, "checkpoints")))) == [10, 20, 30]
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
+  real_cross_entropy = train.cross_entropy
+
+  def poisoned(logits, targets):  # the loss turns NaN from step 13 on (lr is still positive)
+    loss = real_cross_entropy(logits, targets)
+    return jnp.where(jnp.abs(logits).max() > 0, loss * jnp.nan, loss) if poisoned.armed else loss
+  poisoned.armed = False
+  monkeypatch.setattr(train, "cross_entropy", poisoned)
+
+  data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
+  train.train(tiny_config(corpus_file, data_dir, steps=12, log_every=4, num_samples=0), workdir)
+  good = restore_params(workdir, 12)
+  poisoned.armed = True
+  with pytest.raises(FloatingPointError, match=r"NaN/Inf at step 13;.*last good checkpoint \(step 12\)"):
+    train.train(tiny_config(corpus_file, data_dir, steps=40, log_every=4, num_samples=0), workdir)
+  assert sorted(map(int, os.listdir(os.path.join(workdir, "checkpoints")))) == [10, 12]
+  jax.tree.map(np.testing.assert_array_equal, restore_params(workdir, 12), good)
+
+
+def test_unknown_override_fails_listing_valid_fields(tmp_path, corpus_file):
+  result = subprocess.run([sys.executable, "-m", "lmjax.main",
+                           *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "lrr" in result.stderr and "valid config fields" in result.stderr and "optim.lr" in result.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_key_in_experiment_file_is_rejected(tmp_path, corpus_file):
+  cfg = tiny_config(corpus_file, str(tmp_path))
+  cfg.train.stepz = 3
+  with pytest.raises(ValueError, match=r"(?s)unknown config keys \['train.stepz'\].*train.steps"):
+    train.train(cfg, str(tmp_path / "run"))
+  cfg = tiny_config(corpus_file, str(tmp_path))
+  cfg.model.pos_encoding = "alibi"
+  with pytest.raises(ValueError, match="model.pos_encoding='alibi'.*allowed values"):
+    config_lib.validate(cfg)
+
+
+def test_metrics_reader_prefers_latest_record_per_step(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.6}\n')
+  assert metrics_log.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 3.0},
+                                                     {"step": 2, "loss": 2.5, "val_loss": 2.6}]
