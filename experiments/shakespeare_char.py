@@ -13,7 +13,10 @@ def get_config(variant: str = ""):
   cfg.seed = 1337
   cfg.data.update(dataset="shakespeare", tokenizer="char")
   cfg.model.update(d_model=128, n_layers=4, n_heads=4, d_ff=512, pos_encoding="learned", mlp="gelu",
-                   norm="layernorm", attn_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.0)
+                   norm="layernorm", attn_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.0,
+                   # Unrolled: at this depth XLA:CPU runs the step ~30% faster without the scan's
+                   # per-layer stacking of residuals, and compile time is still ~2 s (BUILD_NOTES).
+                   scan_layers=False)
   cfg.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   cfg.train.update(steps=2000, batch_size=12, seq_len=64, log_every=100, eval_every=250, eval_steps=20,
                    ckpt_every=500)

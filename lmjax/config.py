@@ -7,6 +7,7 @@ a typo never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import ml_collections
 
@@ -52,6 +53,17 @@ def base_config() -> ml_collections.ConfigDict:
   )
   cfg.mesh = dict(shape=(1, 1, 1), rules=sharding.DEFAULT_RULES)
   return cfg
+
+
+def load_experiment(spec: str):
+  """'path/to/experiment.py[:variant]' -> the experiment's ConfigDict (what --config= loads)."""
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("lmjax_experiment", path)
+  if module_spec is None:
+    raise FileNotFoundError(f"no experiment file at {path!r}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def model_config(cfg, vocab_size: int) -> model.ModelConfig:

@@ -160,10 +160,18 @@ def _param(module: nn.Module, name: str, shape, axes, std: float | None):
                       jnp.dtype(module.cfg.param_dtype))
 
 
-def _dot(equation: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -> jax.Array:
-  """einsum in the compute dtype, accumulating in fp32 (fast bf16 on CPU and TPU)."""
-  return jnp.einsum(equation, x.astype(dtype), w.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(out_dtype or dtype)
+def _dense(x, w, dtype, in_dims: int = 1, out_dtype=None) -> jax.Array:
+  """Contracts the last `in_dims` dims of x with the first `in_dims` of w, as one 2-D matmul.
+
+  Flattening to [tokens, features] @ [features, out] matters on XLA:CPU: a dot
+  that contracts over both batch and length (the weight gradient of a 3-D
+  einsum) runs ~2x slower than the same matmul in 2-D. Inputs are cast to the
+  compute dtype and accumulated in fp32 (fast bf16 on CPU AMX, TPU and GPU).
+  """
+  k = int(np.prod(w.shape[:in_dims]))
+  lead = x.shape[:x.ndim - in_dims]
+  y = jnp.dot(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype), preferred_element_type=jnp.float32)
+  return y.reshape(*lead, *w.shape[in_dims:]).astype(out_dtype or dtype)
 
 
 class Norm(nn.Module):
@@ -201,7 +209,7 @@ class Attention(nn.Module):
 
     def project(name, heads):
       w_DKH = _param(self, name, (D, heads, H), ("embed", "heads", "kv"), cfg.init_std)
-      y_BTKH = _dot("btd,dkh->btkh", x_BTD, w_DKH, dtype)
+      y_BTKH = _dense(x_BTD, w_DKH, dtype)
       if cfg.attn_bias:
         y_BTKH = y_BTKH + _param(self, name + "_bias", (heads, H), ("heads", "kv"), 0).astype(dtype)
       return y_BTKH
@@ -229,7 +237,7 @@ class Attention(nn.Module):
                            preferred_element_type=jnp.float32).astype(dtype)
 
     wo_NHD = _param(self, "wo", (N, H, D), ("heads", "kv", "embed"), out_std)
-    out_BTD = _dot("btnh,nhd->btd", out_BTKGH.reshape(B, T, N, H), wo_NHD, dtype)
+    out_BTD = _dense(out_BTKGH.reshape(B, T, N, H), wo_NHD, dtype, in_dims=2)
     if cfg.attn_bias:
       out_BTD = out_BTD + _param(self, "wo_bias", (D,), ("embed",), 0).astype(dtype)
     return out_BTD, new_cache
@@ -248,16 +256,16 @@ class MLP(nn.Module):
     def bias(name, size, axis):
       return _param(self, name, (size,), (axis,), 0).astype(dtype) if cfg.mlp_bias else 0
 
-    h_BTF = _dot("btd,df->btf", x_BTD, _param(self, "w1", (D, F), ("embed", "mlp"), cfg.init_std), dtype)
+    h_BTF = _dense(x_BTD, _param(self, "w1", (D, F), ("embed", "mlp"), cfg.init_std), dtype)
     h_BTF = h_BTF + bias("b1", F, "mlp")
     if cfg.mlp == "relu":
       h_BTF = jax.nn.relu(h_BTF)
     elif cfg.mlp == "gelu":
       h_BTF = jax.nn.gelu(h_BTF)
     else:
-      gate_BTF = _dot("btd,df->btf", x_BTD, _param(self, "w3", (D, F), ("embed", "mlp"), cfg.init_std), dtype)
+      gate_BTF = _dense(x_BTD, _param(self, "w3", (D, F), ("embed", "mlp"), cfg.init_std), dtype)
       h_BTF = jax.nn.silu(h_BTF) * (gate_BTF + bias("b3", F, "mlp"))
-    out_BTD = _dot("btf,fd->btd", h_BTF, _param(self, "w2", (F, D), ("mlp", "embed"), out_std), dtype)
+    out_BTD = _dense(h_BTF, _param(self, "w2", (F, D), ("mlp", "embed"), out_std), dtype)
     return out_BTD + bias("b2", D, "embed")
 
 
@@ -331,10 +339,10 @@ class Transformer(nn.Module):
 
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     if cfg.tie_embeddings:
-      logits_BTV = _dot("btd,vd->btv", x_BTD, embedding_VD, dtype, jnp.float32)
+      logits_BTV = _dense(x_BTD, embedding_VD.T, dtype, out_dtype=jnp.float32)
     else:
       head_DV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
-      logits_BTV = _dot("btd,dv->btv", x_BTD, head_DV, dtype, jnp.float32)
+      logits_BTV = _dense(x_BTD, head_DV, dtype, out_dtype=jnp.float32)
     if cache is None:
       return logits_BTV
     return logits_BTV, {"k": new_layer_caches[0], "v": new_layer_caches[1], "pos": k_pos_BS, "end": start + T}

@@ -221,13 +221,14 @@ def train(cfg, workdir: str) -> dict:
         log.info(f"first step (compilation included) took {time.perf_counter() - window_start:.1f} s")
         window_start, window_steps = time.perf_counter(), 0
       done = step + 1
-      if done % tc.log_every == 0 or done == tc.steps:
+      eval_now = done % tc.eval_every == 0 or done == tc.steps
+      if done % tc.log_every == 0 or eval_now:
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         check_health(state)
         elapsed = time.perf_counter() - window_start
         metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed if window_steps else 0.0
         metrics["mfu"] = flops.mfu(metrics["tokens_per_sec"], flops_per_token, peak)
-        if done % tc.eval_every == 0 or done == tc.steps:
+        if eval_now:
           metrics["val_loss"] = evaluate(state.params)
           metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
         log.write(done, metrics)

@@ -1,8 +1,9 @@
 """Shared fixtures: a small corpus and the tiny experiment config."""
-import importlib.util
 import os
 
 import pytest
+
+from lmjax import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EXPERIMENT = os.path.join(REPO, "tests", "tiny_experiment.py")
@@ -31,10 +32,7 @@ def corpus_file(tmp_path):
 
 
 def tiny_config(corpus_file: str, data_dir: str, **train_overrides):
-  spec = importlib.util.spec_from_file_location("tiny_experiment", TINY_EXPERIMENT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config.load_experiment(TINY_EXPERIMENT)
   cfg.data.text_files = corpus_file
   cfg.data.data_dir = data_dir
   cfg.train.update(**train_overrides)

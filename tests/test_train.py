@@ -66,6 +66,15 @@ def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file):
     assert ml_collections.ConfigDict(json.load(f)).to_dict() == json.loads(cfg.to_json_best_effort())
 
 
+def test_evaluation_runs_on_its_own_schedule(tmp_path, corpus_file):
+  workdir = str(tmp_path / "run")
+  train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=12, log_every=5, eval_every=4,
+                          num_samples=0), workdir)
+  records = read_jsonl(workdir)
+  assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
+  assert [r["step"] for r in records] == [4, 5, 8, 10, 12]
+
+
 def test_learning_rate_schedule_matches_formula():
   optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, b1=0.9, b2=0.99, eps=1e-8,
                                          weight_decay=0.1, grad_clip=1.0))

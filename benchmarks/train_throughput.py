@@ -1,0 +1,82 @@
+"""Train-step throughput of the real train step at the experiment shapes.
+
+For each shape prints compile time, steps/s, tokens/s, model TFLOP/s and MFU
+against this machine's matmul peak, measured in the same run (fp32 and bf16).
+
+  python benchmarks/train_throughput.py                      # default and :gpu shapes
+  python benchmarks/train_throughput.py --shapes=default --dtypes=float32,bfloat16
+"""
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from lmjax import config as config_lib, flops, model, sharding, train
+
+_EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py")
+
+_SHAPES = flags.DEFINE_list("shapes", ["default", "gpu"], "default: 4x128, batch 12x64; gpu: 6x384, batch 16x256.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure (params stay fp32).")
+_SECONDS = flags.DEFINE_float("seconds", 10.0, "Measuring time per configuration.")
+_VOCAB = 78  # the Shakespeare character vocabulary
+
+
+def experiment(shape: str, dtype: str):
+  cfg = config_lib.load_experiment(_EXPERIMENT + (":gpu" if shape == "gpu" else ""))
+  if shape == "gpu":
+    cfg.train.batch_size = 16  # the shape of the nanoGPT reference measurement on this machine
+  cfg.model.dtype = dtype
+  return cfg
+
+
+def measure(cfg) -> dict:
+  model_cfg = config_lib.model_config(cfg, _VOCAB)
+  tc = cfg.train
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
+  optimizer, schedule = train.make_optimizer(cfg.optim, tc.steps)
+  _, shardings = train.state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
+  state = train.init_state(model_cfg, optimizer, 0, shardings)
+  step_fn = train.make_train_step(model_cfg, optimizer, schedule, 0, tc.grad_accum, shardings, batch_sh)
+  rng = np.random.default_rng(0)
+  batches = [{k: rng.integers(0, _VOCAB, (tc.batch_size, tc.seq_len)).astype(np.int32) for k in ("inputs", "targets")}
+             for _ in range(4)]
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - start
+  state, _ = compiled(state, batches[0])
+  jax.block_until_ready(state)
+  steps, start = 0, time.perf_counter()
+  while time.perf_counter() - start < _SECONDS.value or steps < 3:
+    state, metrics = compiled(state, batches[steps % len(batches)])
+    steps += 1
+    if steps % 10 == 0:
+      jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
+  seconds = (time.perf_counter() - start) / steps
+  tokens_per_sec = tc.batch_size * tc.seq_len / seconds
+  model_flops = tokens_per_sec * model.train_flops_per_token(model_cfg, tc.seq_len)
+  return dict(compile_s=compile_s, ms_per_step=1e3 * seconds, tokens_per_sec=tokens_per_sec,
+              model_tflops=model_flops / 1e12, params=model.param_count(model_cfg))
+
+
+def main(_):
+  peaks = {d: flops.measure_matmul_peak(d) for d in ("float32", "bfloat16")}
+  print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
+        f"measured matmul peak: fp32 {peaks['float32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bfloat16'] / 1e12:.3f} TFLOP/s")
+  for shape in _SHAPES.value:
+    for dtype in _DTYPES.value:
+      cfg = experiment(shape, dtype)
+      r = measure(cfg)
+      print(f"{shape:7s} {dtype:8s} {r['params'] / 1e6:5.2f}M params batch {cfg.train.batch_size}x{cfg.train.seq_len}: "
+            f"compile {r['compile_s']:5.1f} s  {r['ms_per_step']:8.1f} ms/step  {1e3 / r['ms_per_step']:6.2f} steps/s  "
+            f"{r['tokens_per_sec']:8.0f} tok/s  {r['model_tflops']:.3f} TFLOP/s  "
+            f"MFU {100 * r['model_tflops'] * 1e12 / peaks['float32']:.1f}% of fp32 peak, "
+            f"{100 * r['model_tflops'] * 1e12 / peaks['bfloat16']:.1f}% of bf16 peak", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

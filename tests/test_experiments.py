@@ -1,0 +1,37 @@
+"""Every experiment file loads, validates, and builds its model."""
+import glob
+import os
+
+import pytest
+
+from conftest import REPO
+from lmjax import config
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
+VARIANTS = {"shakespeare_char.py": ["", "gpu"], "shakespeare_llama.py": ["", "bpe"]}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_experiment_loads_and_validates(path):
+  for variant in VARIANTS.get(os.path.basename(path), [""]):
+    cfg = config.load_experiment(path + (f":{variant}" if variant else ""))
+    config.validate(cfg)
+    assert config.model_config(cfg, vocab_size=100).max_len == cfg.train.seq_len
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match="unknown variant 'tpu'.*known"):
+    config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py:tpu"))
+
+
+def test_default_experiment_matches_nanogpt_cpu_config():
+  cfg = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py"))
+  m, t, o = cfg.model, cfg.train, cfg.optim
+  assert (m.n_layers, m.n_heads, m.d_model, t.seq_len, t.batch_size, t.steps) == (4, 4, 128, 64, 12, 2000)
+  assert (o.lr, o.min_lr, o.warmup_steps, o.b1, o.b2, o.weight_decay, o.grad_clip) == (1e-3, 1e-4, 100, 0.9, 0.99,
+                                                                                        0.1, 1.0)
+  assert (m.dropout, m.pos_encoding, m.mlp, m.norm, t.eval_every, t.eval_steps) == (0.0, "learned", "gelu",
+                                                                                    "layernorm", 250, 20)
+  gpu = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py:gpu"))
+  assert (gpu.model.n_layers, gpu.model.d_model, gpu.train.seq_len, gpu.train.batch_size, gpu.train.steps,
+          gpu.model.dropout) == (6, 384, 256, 64, 5000, 0.2)
