@@ -20,6 +20,19 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+def load_params(step_dir: str):
+  """The params of one saved step (`<workdir>/checkpoints/<step>`), for inference."""
+  item = os.path.join(os.path.abspath(step_dir), "default")
+  if not os.path.isdir(item):
+    raise FileNotFoundError(f"{step_dir} is not an lmjax checkpoint step directory (no 'default' item inside); "
+                            "pass <workdir>/checkpoints/<step>")
+  try:
+    return ocp.StandardCheckpointer().restore(item)["params"]
+  except Exception as err:
+    raise ValueError(f"checkpoint {step_dir} could not be read ({type(err).__name__}: {str(err)[:200]}); it may be "
+                     "truncated or corrupted: use an earlier step") from err
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int):

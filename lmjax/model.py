@@ -348,6 +348,11 @@ class Transformer(nn.Module):
     return logits_BTV, {"k": new_layer_caches[0], "v": new_layer_caches[1], "pos": k_pos_BS, "end": start + T}
 
 
+# Logical names of the cache dimensions, so the cache shards by the same rules as the parameters.
+CACHE_AXES = {"k": ("layers", "batch", "length", "heads", "kv"), "v": ("layers", "batch", "length", "heads", "kv"),
+              "pos": ("batch", "length"), "end": ()}
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache: k/v [L, B, S, K, H], key positions [B, S] (-1 = empty), fill level."""
   shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)

@@ -1,52 +1,280 @@
-"""Sampling text from a trained model.
+"""Sampling: jit-compiled prefill and KV-cache decode, sampling methods, generate().
 
-`sample_tokens` is nanoGPT-style: every new token is predicted from the last
-`max_len` tokens (the context is cropped, so samples can be longer than the
-training context even with learned positions), with temperature sampling. The
-window is a fixed-shape buffer, left-padded (position -1) until it fills, so
-the whole loop is one `lax.scan` compiled once.
+Prompts are left-padded to a bucket length (a power of two), so new prompt
+lengths reuse a compiled prefill; padding has position -1 and is never
+attended to (see model.py). Decoding is one `lax.while_loop` over a pure
+`decode_step`; `--stream` runs the same step from Python, one token at a time.
+
+Context: the KV cache holds `bucket(prompt) + max_new_tokens` slots and every
+position must be < the model's `max_len` (the context it was trained on); a
+prompt longer than that is an error, and `max_new_tokens` is cut to fit with a
+warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from lmjax import model
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "temperature"))
-def _sample_window(cfg: model.ModelConfig, params, window_BW, filled, rng, num_new: int, temperature: float):
-  B, W = window_BW.shape
-  transformer = model.Transformer(cfg)
-
-  def step(carry, rng_t):
-    window, filled = carry
-    positions = jnp.broadcast_to(jnp.arange(W) - (W - filled), (B, W))
-    positions = jnp.where(positions < 0, -1, positions)
-    logits_BV = transformer.apply({"params": params}, window, positions_BT=positions)[:, -1]
-    if temperature > 0:
-      token_B = jax.random.categorical(rng_t, logits_BV / temperature)
-    else:
-      token_B = jnp.argmax(logits_BV, -1)
-    window = jnp.concatenate([window[:, 1:], token_B[:, None].astype(window.dtype)], axis=1)
-    return (window, jnp.minimum(filled + 1, W)), token_B
-
-  _, tokens_NB = jax.lax.scan(step, (window_BW, filled), jax.random.split(rng, num_new))
-  return tokens_NB.T
+_MIN_BUCKET = 16
 
 
-def sample_tokens(cfg: model.ModelConfig, params, prompt_ids, num_samples: int, num_new: int,
-                  temperature: float = 0.8, seed: int = 0) -> np.ndarray:
-  """[num_samples, num_new] token ids continuing `prompt_ids`."""
-  if not len(prompt_ids):
-    raise ValueError("the prompt is empty: give at least one token to start from")
-  W = cfg.max_len
-  prompt = list(prompt_ids)[-W:]
-  window = np.zeros((num_samples, W), np.int32)
-  window[:, W - len(prompt):] = prompt
-  out = _sample_window(cfg, params, jnp.asarray(window), jnp.int32(len(prompt)), jax.random.key(seed),
-                       num_new, float(temperature))
-  return np.asarray(out)
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 = greedy. top_k 0 and top_p 1 disable those filters; repetition_penalty 1 = off."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+      raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, "
+                       "0 < top_p <= 1, repetition_penalty > 0")
+
+
+def process_logits(logits_BV, seen_BV, sampling: SamplingConfig):
+  """Repetition penalty (CTRL/HF rule), temperature, then top-k and top-p filtering (-inf outside)."""
+  if sampling.repetition_penalty != 1.0:
+    penalised = jnp.where(logits_BV > 0, logits_BV / sampling.repetition_penalty,
+                          logits_BV * sampling.repetition_penalty)
+    logits_BV = jnp.where(seen_BV, penalised, logits_BV)
+  logits_BV = logits_BV / max(sampling.temperature, 1e-6)
+  if sampling.top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, min(sampling.top_k, logits_BV.shape[-1]))[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if sampling.top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < sampling.top_p
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+@dataclasses.dataclass
+class DecodeState:
+  step: jax.Array  # tokens generated so far
+  cache: dict
+  last_token_B: jax.Array
+  done_B: jax.Array
+  seen_BV: jax.Array  # tokens present in prompt or output (repetition penalty)
+  recent_BL: jax.Array  # the last L tokens, for stop sequences (-1 = none yet)
+  tokens_BN: jax.Array
+  logprobs_BN: jax.Array
+  rng: jax.Array
+
+
+jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
+                                 meta_fields=[])
+
+
+def _choose(logits_BV, state: DecodeState, sampling: SamplingConfig, eos_id: int, stops_SL, pad_id: int):
+  """Picks the next token per row from the model's logits and advances the bookkeeping."""
+  rng, sample_rng = jax.random.split(state.rng)
+  processed_BV = process_logits(logits_BV, state.seen_BV, sampling)
+  if sampling.temperature == 0:
+    token_B = jnp.argmax(processed_BV, axis=-1)
+  else:
+    token_B = jax.random.categorical(sample_rng, processed_BV, axis=-1)
+  token_B = jnp.where(state.done_B, pad_id, token_B).astype(jnp.int32)
+  logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], axis=-1)[:, 0]
+  recent_BL = jnp.concatenate([state.recent_BL[:, 1:], token_B[:, None]], axis=1)
+  stopped_B = token_B == eos_id
+  if stops_SL.shape[0]:  # stop sequences are right-aligned, -1 padded on the left (wildcard)
+    match_BSL = (stops_SL[None] == recent_BL[:, None]) | (stops_SL[None] < 0)
+    stopped_B |= jnp.any(jnp.all(match_BSL, axis=-1), axis=-1)
+  return DecodeState(
+      step=state.step + 1, cache=state.cache, last_token_B=token_B, done_B=state.done_B | stopped_B,
+      seen_BV=state.seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True), recent_BL=recent_BL,
+      tokens_BN=state.tokens_BN.at[:, state.step].set(token_B),
+      logprobs_BN=state.logprobs_BN.at[:, state.step].set(jnp.where(state.done_B, 0.0, logprob_B)), rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "sampling", "eos_id", "pad_id", "mesh_rules"))
+def prefill(cfg: model.ModelConfig, params, tokens_BP, positions_BP, stops_SL, rng, num_new: int,
+            sampling: SamplingConfig, eos_id: int, pad_id: int, mesh_rules=None) -> DecodeState:
+  """Runs the padded prompts through the model, filling the cache, and picks the first new token.
+
+  With `mesh_rules=(mesh, rules)` the cache is sharded by the logical-axis rules (batch over the data
+  axes, KV heads over tensor); the decode loop keeps that sharding.
+  """
+  B, P = tokens_BP.shape
+  cache = model.init_cache(cfg, B, P + num_new)
+  if mesh_rules is not None:
+    mesh, rules = mesh_rules
+    cache = {k: nn.with_logical_constraint(v, model.CACHE_AXES[k], rules=rules, mesh=mesh) for k, v in cache.items()}
+  logits_BPV, cache = model.Transformer(cfg).apply({"params": params}, tokens_BP, positions_BT=positions_BP,
+                                                   cache=cache)
+  seen_BV = jnp.zeros((B, cfg.vocab_size), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(
+      (positions_BP >= 0).astype(jnp.int32)) > 0  # add, not set: a padded id may also occur for real
+  state = DecodeState(
+      step=jnp.zeros((), jnp.int32), cache=cache, last_token_B=tokens_BP[:, -1], done_B=jnp.zeros((B,), bool),
+      seen_BV=seen_BV, recent_BL=jnp.full((B, max(stops_SL.shape[1], 1)), -1, jnp.int32),
+      tokens_BN=jnp.full((B, num_new), pad_id, jnp.int32), logprobs_BN=jnp.zeros((B, num_new), jnp.float32),
+      rng=rng)
+  return _choose(logits_BPV[:, -1], state, sampling, eos_id, stops_SL, pad_id)
+
+
+def decode_step(cfg: model.ModelConfig, params, state: DecodeState, stops_SL, sampling: SamplingConfig,
+                eos_id: int, pad_id: int) -> DecodeState:
+  """Feeds the last token (position = one past the row's previous) and picks the next one."""
+  positions_B1 = jnp.max(state.cache["pos"], axis=1, keepdims=True) + 1
+  logits_B1V, cache = model.Transformer(cfg).apply({"params": params}, state.last_token_B[:, None],
+                                                   positions_BT=positions_B1, cache=state.cache)
+  return _choose(logits_B1V[:, 0], dataclasses.replace(state, cache=cache), sampling, eos_id, stops_SL, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "sampling", "eos_id", "pad_id"))
+def decode(cfg, params, state: DecodeState, stops_SL, num_new: int, sampling: SamplingConfig, eos_id: int,
+           pad_id: int) -> DecodeState:
+  """Decodes until every row is done or `num_new` tokens exist."""
+  return jax.lax.while_loop(
+      lambda s: (s.step < num_new) & ~jnp.all(s.done_B),
+      lambda s: decode_step(cfg, params, s, stops_SL, sampling, eos_id, pad_id), state)
+
+
+_decode_one = jax.jit(decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"))
+
+
+def bucket_length(n: int, limit: int) -> int:
+  """Smallest power of two >= n (at least 16), capped at `limit`."""
+  return min(max(_MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()), limit)
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list  # per row: the generated ids (without the prompt), up to and including EOS / stop
+  logprobs: list  # per row: log p(token) under the model (before temperature and filtering)
+
+
+def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int,
+                    sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
+                    stop_sequences=(), pad_id: int = 0, on_token=None, mesh_rules=None) -> Generation:
+  """Samples continuations of `prompts` (lists of ids). `on_token(ids_B)` streams each step.
+
+  `mesh_rules=(mesh, rules)` shards the KV cache like training shards activations (see `prefill`).
+  """
+  prompts = [list(map(int, p)) for p in prompts]
+  if not prompts:
+    raise ValueError("no prompts given")
+  if any(not p for p in prompts):
+    raise ValueError("a prompt is empty: give at least one token (a BOS token, for a tokenizer that has one)")
+  longest = max(len(p) for p in prompts)
+  if longest >= cfg.max_len:
+    raise ValueError(f"a prompt has {longest} tokens but the model's context is {cfg.max_len} tokens "
+                     "(prompt plus at least one new token must fit); shorten the prompt")
+  P = bucket_length(longest, cfg.max_len - 1)
+  room = cfg.max_len - longest
+  if max_new_tokens > room:
+    warnings.warn(f"max_new_tokens={max_new_tokens} cut to {room}: the model's context is {cfg.max_len} tokens "
+                  f"and the longest prompt has {longest}")
+    max_new_tokens = room
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+  tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
+  positions_BP = np.full((len(prompts), P), -1, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens_BP[row, P - len(prompt):] = prompt
+    positions_BP[row, P - len(prompt):] = np.arange(len(prompt))
+  stop_len = max([len(s) for s in stop_sequences] + [0])
+  stops_SL = np.full((len(stop_sequences), stop_len), -1, np.int32)
+  for i, seq in enumerate(stop_sequences):
+    stops_SL[i, stop_len - len(seq):] = seq
+  eos = -1 if eos_id is None else int(eos_id)
+  args = dict(sampling=sampling, eos_id=eos, pad_id=int(pad_id))
+  state = prefill(cfg, params, jnp.asarray(tokens_BP), jnp.asarray(positions_BP), jnp.asarray(stops_SL),
+                  jax.random.key(seed), num_new=max_new_tokens, mesh_rules=mesh_rules, **args)
+  if on_token is None:
+    state = decode(cfg, params, state, jnp.asarray(stops_SL), num_new=max_new_tokens, **args)
+  else:
+    on_token(np.asarray(state.last_token_B))
+    while int(state.step) < max_new_tokens and not bool(jnp.all(state.done_B)):
+      state = _decode_one(cfg, params, state, jnp.asarray(stops_SL), **args)
+      on_token(np.asarray(state.last_token_B))
+  return _unpad(np.asarray(state.tokens_BN), np.asarray(state.logprobs_BN), int(state.step), eos,
+                [list(s) for s in stop_sequences])
+
+
+def _unpad(tokens_BN, logprobs_BN, steps: int, eos_id: int, stops) -> Generation:
+  rows, logprobs = [], []
+  for tokens, lps in zip(tokens_BN, logprobs_BN):
+    length = steps
+    for t in range(steps):  # the first EOS or completed stop sequence ends the row (it is kept)
+      if tokens[t] == eos_id or any(len(s) <= t + 1 and list(tokens[t + 1 - len(s):t + 1]) == s for s in stops):
+        length = t + 1
+        break
+    rows.append(tokens[:length].tolist())
+    logprobs.append(lps[:length].tolist())
+  return Generation(rows, logprobs)
+
+
+# ----------------------------------------------------------------------------
+# Command line: python -m lmjax.sample --workdir=RUN --prompt="ROMEO:" --stream
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A training run: sample from its latest checkpoint.")
+  flags.DEFINE_string("checkpoint", None, "One checkpoint step directory (<workdir>/checkpoints/<step>).")
+  flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+  flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (cut to fit the context).")
+  flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_float("repetition_penalty", 1.0, "Penalise tokens already present (1 = off).")
+  flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
+  flags.DEFINE_bool("stream", False, "Print tokens as they are generated (one prompt, one sample).")
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import app
+  from lmjax.inference import LanguageModel
+  del argv
+  f = FLAGS
+  if bool(f.workdir) == bool(f.checkpoint):
+    raise app.UsageError("give exactly one of --workdir or --checkpoint")
+  lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_checkpoint(f.checkpoint)
+  prompts = list(f.prompt)
+  if f.prompt_file:
+    with open(f.prompt_file, encoding="utf-8") as fh:
+      prompts += [line.rstrip("\n") for line in fh if line.strip()]
+  # Shells pass "\n" literally; a prompt like "ROMEO:\n" means a newline.
+  prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompts] or ["\n"]
+  kwargs = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                repetition_penalty=f.repetition_penalty, do_sample=f.temperature > 0, seed=f.seed)
+  if f.stream:
+    if len(prompts) != 1 or f.num_samples != 1:
+      raise app.UsageError("--stream prints one sample of one prompt")
+    ids, printed = [], ""
+    print(prompts[0], end="", flush=True)
+    def show(token_B):
+      nonlocal printed
+      ids.append(int(token_B[0]))
+      text = lm.tokenizer.decode(ids)
+      print(text[len(printed):], end="", flush=True)
+      printed = text
+    lm.generate(lm.tokenizer.encode(prompts[0]), on_token=show, **kwargs)
+    print()
+    return
+  outputs = lm.generate([lm.tokenizer.encode(p) for p in prompts], num_return_sequences=f.num_samples, **kwargs)
+  for i, out in enumerate(outputs):
+    print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
+    print(lm.tokenizer.decode(out, skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+  from absl import app
+  FLAGS = _define_flags()
+  app.run(main)

@@ -255,9 +255,12 @@ def _write_samples(cfg, model_cfg, params, tokenizer, workdir: str) -> None:
   if tc.num_samples <= 0:
     return
   prompt = tc.sample_prompt or "\n"
-  ids = sample.sample_tokens(model_cfg, params, tokenizer.encode(prompt), tc.num_samples, tc.sample_len,
-                             seed=cfg.seed)
-  texts = [prompt + tokenizer.decode(row) for row in ids]
+  ids = tokenizer.encode(prompt)
+  result = sample.generate_tokens(model_cfg, params, [ids] * tc.num_samples,
+                                  min(tc.sample_len, model_cfg.max_len - len(ids)),
+                                  sample.SamplingConfig(temperature=0.8, top_k=0), seed=cfg.seed,
+                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
+  texts = [prompt + tokenizer.decode(row) for row in result.tokens]
   with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
     f.write("\n\n==========\n\n".join(texts) + "\n")
   print("samples (also in samples.txt):\n" + "\n----------\n".join(texts), flush=True)

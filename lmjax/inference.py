@@ -1,0 +1,87 @@
+"""A trained model with its tokenizer, loaded for sampling: `LanguageModel`.
+
+    lm = LanguageModel.from_workdir("runs/shakespeare_char")
+    input_ids = lm.tokenizer.encode("ROMEO:\\n")
+    out = lm.generate(input_ids, max_length=50, num_return_sequences=1)
+    print(lm.tokenizer.decode(out[0], skip_special_tokens=True))
+
+`generate` follows the familiar Hugging Face shape: it returns, per sequence,
+the prompt ids followed by the generated ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from lmjax import checkpoint, config as config_lib, model, sample, sharding, tokenizers
+
+
+class LanguageModel:
+
+  def __init__(self, cfg: model.ModelConfig, params, tokenizer, mesh=None, rules=sharding.DEFAULT_RULES):
+    """`mesh`: shard params and KV cache over it by the logical-axis `rules` (default: one device)."""
+    rows = params["embedding"].shape[0]
+    if rows != tokenizer.vocab_size:
+      raise ValueError(f"tokenizer/checkpoint mismatch: the tokenizer has {tokenizer.vocab_size} ids but the "
+                       f"model's embedding has {rows} rows; load the tokenizer saved with this checkpoint")
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
+    if mesh is not None:
+      boxed = jax.eval_shape(lambda: model.Transformer(cfg).init(
+          jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))["params"])
+      params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
+    self.params = params
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | None = None) -> "LanguageModel":
+    """The run's latest checkpoint (or `step`), with the run's tokenizer and model config."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first: python -m lmjax.main --workdir={workdir}")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
+    return cls.from_checkpoint(os.path.join(ckpt_dir, str(step if step is not None else steps[-1])))
+
+  @classmethod
+  def from_checkpoint(cls, step_dir: str) -> "LanguageModel":
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    tokenizer = tokenizers.load(workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      run_cfg = ml_collections.ConfigDict(json.load(f))
+    return cls(config_lib.model_config(run_cfg, tokenizer.vocab_size), checkpoint.load_params(step_dir), tokenizer)
+
+  def generate(self, input_ids, max_length: int | None = None, max_new_tokens: int | None = None,
+               num_return_sequences: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               repetition_penalty: float = 1.0, do_sample: bool = True, eos_token_id: int | None = None,
+               stop_sequences=(), seed: int = 0, on_token=None, return_logprobs: bool = False):
+    """Prompt + continuation ids, one array per (prompt, return sequence).
+
+    `input_ids`: one prompt (list of ids) or several. `max_length` counts the prompt, `max_new_tokens`
+    does not (default 50 new tokens). `do_sample=False` is greedy. Stop sequences are strings.
+    With `return_logprobs`, also returns each generated token's log-probability under the model.
+    """
+    single = len(input_ids) == 0 or np.isscalar(input_ids[0])
+    prompts = [list(input_ids)] if single else [list(p) for p in input_ids]
+    prompts = [p for p in prompts for _ in range(num_return_sequences)]
+    if max_new_tokens is None:
+      max_new_tokens = max_length - max(len(p) for p in prompts) if max_length else 50
+    sampling = sample.SamplingConfig(temperature if do_sample else 0.0, top_k, top_p, repetition_penalty)
+    result = sample.generate_tokens(
+        self.cfg, self.params, prompts, max_new_tokens, sampling, seed=seed,
+        eos_id=self.tokenizer.eos_id if eos_token_id is None else eos_token_id,
+        stop_sequences=[self.tokenizer.encode(s) for s in stop_sequences],
+        pad_id=self.tokenizer.pad_id or 0, on_token=on_token, mesh_rules=self.mesh_rules)
+    sequences = [np.asarray(p + t, np.int32) for p, t in zip(prompts, result.tokens)]
+    return (sequences, result.logprobs) if return_logprobs else sequences
+
+  def generate_text(self, prompts, **kwargs) -> list:
+    """Strings in, continuations (without the prompt) out."""
+    encoded = [self.tokenizer.encode(p) for p in prompts]
+    outputs = self.generate(encoded, **kwargs)
+    per_prompt = len(outputs) // len(encoded)
+    return [self.tokenizer.decode(out[len(encoded[i // per_prompt]):]) for i, out in enumerate(outputs)]

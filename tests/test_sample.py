@@ -1,0 +1,209 @@
+"""Sampler tests: cached decoding against full forward passes, sampling filters against numpy."""
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+from lmjax import model, sample, train
+from lmjax.inference import LanguageModel
+
+V = 23
+
+
+def tiny_model(pos="rope", n_kv_heads=2, seed=0, max_len=48):
+  cfg = model.ModelConfig(vocab_size=V, max_len=max_len, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                          d_ff=48, pos_encoding=pos, scan_layers=pos == "rope")
+  # Larger weights than the default init give peaked, prompt-dependent distributions.
+  params = jax.tree.map(lambda p: p * 4, model.init_params(cfg, jax.random.key(seed)))
+  return cfg, params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens):
+  return model.Transformer(cfg).apply({"params": params}, tokens)
+
+
+def step_logits(cfg, params, prompt, tokens):
+  """Logits that predicted each of `tokens`, from ONE full forward pass over prompt + tokens (no cache)."""
+  seq = np.asarray([list(prompt) + list(tokens)], np.int32)
+  logits = np.asarray(_forward(cfg, params, seq)[0])
+  return logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+
+
+def log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_greedy_equals_argmax_of_full_forward_with_matching_logprobs(pos):
+  cfg, params = tiny_model(pos)
+  result = sample.generate_tokens(cfg, params, PROMPTS, 12, sample.SamplingConfig(temperature=0.0))
+  for prompt, tokens, logprobs in zip(PROMPTS, result.tokens, result.logprobs):
+    assert len(tokens) == 12
+    logits = step_logits(cfg, params, prompt, tokens)
+    np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
+    # The cache path's log-probabilities equal the full forward's (fp32, < 1e-4).
+    chosen = np.take_along_axis(log_softmax(logits), np.asarray(tokens)[:, None], -1)[:, 0]
+    assert np.abs(np.asarray(logprobs) - chosen).max() < 1e-4
+
+
+def sampled_rows(cfg, params, sampling, seed=0, rows=24, steps=6):
+  prompts = [[1 + (i % 5), 2 + (i % 3)] for i in range(rows)]
+  result = sample.generate_tokens(cfg, params, prompts, steps, sampling, seed=seed)
+  return prompts, result.tokens
+
+
+def test_top_k_never_leaves_the_top_k():
+  cfg, params = tiny_model()
+  prompts, outputs = sampled_rows(cfg, params, sample.SamplingConfig(temperature=1.5, top_k=3))
+  for prompt, tokens in zip(prompts, outputs):
+    for token, logits in zip(tokens, step_logits(cfg, params, prompt, tokens)):
+      assert token in np.argsort(-logits)[:3]
+
+
+def test_top_p_never_leaves_the_nucleus():
+  cfg, params = tiny_model()
+  temperature, top_p = 1.3, 0.6
+  prompts, outputs = sampled_rows(cfg, params, sample.SamplingConfig(temperature=temperature, top_p=top_p))
+  for prompt, tokens in zip(prompts, outputs):
+    for token, logits in zip(tokens, step_logits(cfg, params, prompt, tokens)):
+      probs = np.exp(log_softmax(logits / temperature))
+      order = np.argsort(-probs)
+      mass_before = np.cumsum(probs[order]) - probs[order]
+      nucleus = set(order[mass_before < top_p].tolist())  # smallest prefix reaching top_p
+      assert token in nucleus
+
+
+def test_seed_reproducible_and_different_seeds_differ():
+  cfg, params = tiny_model()
+  sampling = sample.SamplingConfig(temperature=1.0)
+  _, a = sampled_rows(cfg, params, sampling, seed=1)
+  _, b = sampled_rows(cfg, params, sampling, seed=1)
+  _, c = sampled_rows(cfg, params, sampling, seed=2)
+  assert a == b and a != c
+
+
+def test_eos_stops_one_row_while_others_continue():
+  cfg, params = tiny_model()
+  greedy = sample.SamplingConfig(temperature=0.0)
+  free = sample.generate_tokens(cfg, params, PROMPTS, 10, greedy).tokens
+  # An id that row 0 emits at step j but the other rows never emit becomes EOS.
+  candidates = [(j, t) for j, t in enumerate(free[0]) if all(t not in row for row in free[1:])]
+  assert candidates, "test model too uniform"
+  j, eos = candidates[0]
+  stopped = sample.generate_tokens(cfg, params, PROMPTS, 10, greedy, eos_id=eos).tokens
+  assert stopped[0] == free[0][:j + 1]  # stops right after EOS (kept)
+  assert stopped[1:] == free[1:]
+
+
+def test_stop_sequence_ends_a_row():
+  cfg, params = tiny_model()
+  greedy = sample.SamplingConfig(temperature=0.0)
+  free = sample.generate_tokens(cfg, params, PROMPTS[:1], 10, greedy).tokens[0]
+  stop = free[3:5]
+  first = next(i for i in range(1, 10) if free[i - 1:i + 1] == stop)
+  stopped = sample.generate_tokens(cfg, params, PROMPTS[:1], 10, greedy, stop_sequences=[stop]).tokens[0]
+  assert stopped == free[:first + 1]
+
+
+def test_repetition_penalty_avoids_seen_tokens():
+  cfg, params = tiny_model()
+  prompt = [1, 2, 3]
+  tokens = sample.generate_tokens(cfg, params, [prompt], 12, sample.SamplingConfig(
+      temperature=0.0, repetition_penalty=1e6)).tokens[0]
+  assert len(set(tokens)) == len(tokens) and not set(tokens) & set(prompt)
+
+
+def test_prompt_errors_and_context_limit():
+  cfg, params = tiny_model(max_len=20)
+  with pytest.raises(ValueError, match="model's context is 20 tokens"):
+    sample.generate_tokens(cfg, params, [list(range(20))], 1)
+  with pytest.raises(ValueError, match="prompt is empty"):
+    sample.generate_tokens(cfg, params, [[]], 1)
+  with pytest.warns(UserWarning, match="max_new_tokens=50 cut to 15"):
+    result = sample.generate_tokens(cfg, params, [[1, 2, 3, 4, 5]], 50, sample.SamplingConfig(temperature=0.0))
+  assert len(result.tokens[0]) == 15
+
+
+def test_prompt_lengths_share_bucketed_compilations():
+  cfg, params = tiny_model(seed=5)
+  greedy = sample.SamplingConfig(temperature=0.0)
+  before = sample.prefill._cache_size()
+  for length in (3, 5, 9, 14, 30):  # buckets: 16, 16, 16, 16, 32
+    sample.generate_tokens(cfg, params, [list(range(1, length + 1))], 4, greedy)
+  assert sample.prefill._cache_size() - before == 2
+
+
+def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
+  workdir = str(tmp_path / "run")
+  train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=20, num_samples=0), workdir)
+  lm = LanguageModel.from_workdir(workdir)
+  input_ids = lm.tokenizer.encode("ROMEO:")
+  out = lm.generate(input_ids, max_length=20, num_return_sequences=2, seed=1)
+  assert len(out) == 2 and all(len(o) == 20 and list(o[:6]) == input_ids for o in out)
+  assert lm.tokenizer.decode(out[0], skip_special_tokens=True).startswith("ROMEO:")
+  texts = lm.generate_text(["JULIET:"], max_new_tokens=5, do_sample=False)
+  assert len(texts) == 1 and len(texts[0]) == 5
+
+  result = subprocess.run([sys.executable, "-m", "lmjax.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
+                           "--prompt=JULIET:", "--max_new_tokens=8", "--num_samples=2", "--seed=3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.count("=====") == 8 and "ROMEO:" in result.stdout and "JULIET:" in result.stdout
+  streamed = subprocess.run([sys.executable, "-m", "lmjax.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
+                             "--max_new_tokens=8", "--temperature=0", "--stream"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert streamed.returncode == 0, streamed.stderr
+  greedy = lm.generate_text(["ROMEO:"], max_new_tokens=8, do_sample=False)[0]
+  assert streamed.stdout.strip("\n") == ("ROMEO:" + greedy).strip("\n")
+
+
+def test_tokenizer_checkpoint_mismatch_is_a_clear_error(tmp_path, corpus_file):
+  workdir = str(tmp_path / "run")
+  train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=2, num_samples=0, ckpt_every=2), workdir)
+  lm = LanguageModel.from_workdir(workdir)
+  from lmjax import tokenizers
+  with pytest.raises(ValueError, match="tokenizer/checkpoint mismatch"):
+    LanguageModel(lm.cfg, lm.params, tokenizers.ByteTokenizer())
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
+    LanguageModel.from_workdir(workdir, step=7)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+_SHARDED_SCRIPT = """
+import jax, numpy as np
+from lmjax import model, sample, sharding
+cfg = model.ModelConfig(vocab_size=24, max_len=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+params = jax.tree.map(lambda p: p * 4, model.init_params(cfg, jax.random.key(0)))
+prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
+greedy = sample.SamplingConfig(temperature=0.0)
+single = sample.generate_tokens(cfg, params, prompts, 8, greedy).tokens
+mesh = sharding.make_mesh((2, 2, 2))
+rules = sharding.DEFAULT_RULES
+boxed = jax.eval_shape(lambda: model.Transformer(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
+sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
+sharded = sample.generate_tokens(cfg, sharded_params, prompts, 8, greedy, mesh_rules=(mesh, rules)).tokens
+assert sharded == single, (sharded, single)
+tokens = np.zeros((4, 16), np.int32); positions = np.tile(np.arange(16), (4, 1))
+state = sample.prefill(cfg, sharded_params, tokens, positions, np.zeros((0, 0), np.int32), jax.random.key(0),
+                       num_new=4, sampling=greedy, eos_id=-1, pad_id=0, mesh_rules=(mesh, rules))
+print("cache", state.cache["k"].sharding.spec, state.cache["k"].addressable_shards[0].data.shape)
+"""
+
+
+def test_sampling_on_a_mesh_matches_one_device_and_shards_the_cache():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # k: [layers, batch, length, kv heads, head_dim] -> batch over (data, fsdp) = 4, kv heads over tensor = 2.
+  assert "cache P(None, ('data', 'fsdp'), None, 'tensor') (2, 1, 20, 1, 8)" in result.stdout
