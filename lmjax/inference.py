@@ -48,6 +48,19 @@ class LanguageModel:
     return cls.from_checkpoint(os.path.join(ckpt_dir, str(step if step is not None else steps[-1])))
 
   @classmethod
+  def from_pretrained(cls, name_or_path: str, dtype: str = "float32", **kwargs) -> "LanguageModel":
+    """A registered pretrained model (e.g. 'smollm2-135m-instruct') or a GGUF file path."""
+    from lmjax import pretrained
+    cfg, params, tokenizer = pretrained.load(name_or_path, dtype=dtype)
+    return cls(cfg, params, tokenizer, **kwargs)
+
+  def chat_prompt(self, user_message: str, system: str | None = None) -> str:
+    """The model's chat template applied to one user turn, ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user_message}]
+    return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+  @classmethod
   def from_checkpoint(cls, step_dir: str) -> "LanguageModel":
     workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
     tokenizer = tokenizers.load(workdir)

@@ -225,6 +225,10 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("workdir", None, "A training run: sample from its latest checkpoint.")
   flags.DEFINE_string("checkpoint", None, "One checkpoint step directory (<workdir>/checkpoints/<step>).")
+  flags.DEFINE_string("pretrained", None, "A pretrained model: a registered name (smollm2-135m-instruct) or a .gguf.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter/compute dtype of a --pretrained model.")
+  flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template (instruct models).")
+  flags.DEFINE_string("system", None, "System message for --chat (default: the template's own).")
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
   flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
   flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (cut to fit the context).")
@@ -243,15 +247,21 @@ def main(argv):
   from lmjax.inference import LanguageModel
   del argv
   f = FLAGS
-  if bool(f.workdir) == bool(f.checkpoint):
-    raise app.UsageError("give exactly one of --workdir or --checkpoint")
-  lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_checkpoint(f.checkpoint)
+  if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
+    raise app.UsageError("give exactly one of --workdir, --checkpoint or --pretrained")
+  if f.pretrained:
+    lm = LanguageModel.from_pretrained(f.pretrained, dtype=f.dtype)
+  else:
+    lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_checkpoint(f.checkpoint)
   prompts = list(f.prompt)
   if f.prompt_file:
     with open(f.prompt_file, encoding="utf-8") as fh:
       prompts += [line.rstrip("\n") for line in fh if line.strip()]
   # Shells pass "\n" literally; a prompt like "ROMEO:\n" means a newline.
   prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompts] or ["\n"]
+  questions = prompts
+  if f.chat:
+    prompts = [lm.chat_prompt(p, f.system) for p in prompts]
   kwargs = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                 repetition_penalty=f.repetition_penalty, do_sample=f.temperature > 0, seed=f.seed)
   if f.stream:
@@ -268,10 +278,16 @@ def main(argv):
     lm.generate(lm.tokenizer.encode(prompts[0]), on_token=show, **kwargs)
     print()
     return
-  outputs = lm.generate([lm.tokenizer.encode(p) for p in prompts], num_return_sequences=f.num_samples, **kwargs)
+  encoded = [lm.tokenizer.encode(p) for p in prompts]
+  outputs = lm.generate(encoded, num_return_sequences=f.num_samples, **kwargs)
   for i, out in enumerate(outputs):
     print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
-    print(lm.tokenizer.decode(out, skip_special_tokens=True))
+    prompt_ids = encoded[i // f.num_samples]
+    if f.chat:  # show the question and the answer, not the template's markup
+      print(f"> {questions[i // f.num_samples]}")
+      print(lm.tokenizer.decode(out[len(prompt_ids):], skip_special_tokens=True).strip())
+    else:
+      print(lm.tokenizer.decode(out, skip_special_tokens=True))
 
 
 if __name__ == "__main__":

