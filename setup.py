@@ -31,6 +31,7 @@ setup(
         "tokenizers",  # pretrained byte-level BPE tokenizers
         "jinja2",  # chat templates
         "safetensors",  # Hugging Face checkpoints
+        "sacrebleu",  # chrF for translation
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -45,13 +45,13 @@ def measure(cfg) -> dict:
              for _ in range(4)]
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batches[0]).compile()
+  compiled = step_fn.lower(state, batches[0], None).compile()
   compile_s = time.perf_counter() - start
-  state, _ = compiled(state, batches[0])
+  state, _ = compiled(state, batches[0], None)
   jax.block_until_ready(state)
   steps, start = 0, time.perf_counter()
   while time.perf_counter() - start < _SECONDS.value or steps < 3:
-    state, metrics = compiled(state, batches[steps % len(batches)])
+    state, metrics = compiled(state, batches[steps % len(batches)], None)
     steps += 1
     if steps % 10 == 0:
       jax.block_until_ready(metrics)

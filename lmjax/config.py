@@ -52,6 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
       peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
   )
   cfg.mesh = dict(shape=(1, 1, 1), rules=sharding.DEFAULT_RULES)
+  # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks.py) or finetune.train_file (JSONL of
+  # {"prompt", "response"} or {"messages"}), and start from exactly one init source.
+  cfg.init = dict(from_checkpoint="", pretrained="")
+  cfg.finetune = dict(
+      task="", train_file="", val_file="",
+      num_train=2000, num_val=128, num_eval=64,  # sizes of generated task sets
+      mode="full",  # 'full' or 'lora'
+      lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o",  # targets from q, k, v, o, mlp
+  )
   return cfg
 
 

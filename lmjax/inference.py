@@ -64,9 +64,20 @@ class LanguageModel:
   def from_checkpoint(cls, step_dir: str) -> "LanguageModel":
     workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
     tokenizer = tokenizers.load(workdir)
+    params = checkpoint.load_params(step_dir)
+    run_model = os.path.join(workdir, "model.json")
+    if os.path.exists(run_model):  # a fine-tuning run: the architecture (and LoRA base) of its source
+      with open(run_model) as f:
+        spec = json.load(f)
+      cfg = model.ModelConfig(**spec["model"])
+      if spec["lora_scale"] is not None:
+        from lmjax import finetune, sources
+        base = sources.load_source(ml_collections.ConfigDict(spec["init"]), {})[1]
+        params = finetune.merge(base, params, spec["lora_scale"])
+      return cls(cfg, params, tokenizer)
     with open(os.path.join(workdir, "config.json")) as f:
       run_cfg = ml_collections.ConfigDict(json.load(f))
-    return cls(config_lib.model_config(run_cfg, tokenizer.vocab_size), checkpoint.load_params(step_dir), tokenizer)
+    return cls(config_lib.model_config(run_cfg, tokenizer.vocab_size), params, tokenizer)
 
   def generate(self, input_ids, max_length: int | None = None, max_new_tokens: int | None = None,
                num_return_sequences: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -5,6 +5,7 @@ back from the device only at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from lmjax import checkpoint, config as config_lib, data, flops, metrics_log, model, sample, sharding, tokenizers
+from lmjax import checkpoint, config as config_lib, evaluate, flops, metrics_log, model, sample, sharding, sources
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not.
 _DECAYED = {"embedding", "lm_head", "pos_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3"}
@@ -48,15 +49,26 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
   return optimizer, schedule
 
 
-def cross_entropy(logits_BTV, targets_BT) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+def cross_entropy(logits_BTV, targets_BT, mask_BT=None) -> jax.Array:
+  """Mean next-token loss; with a mask, the mean over the masked-in tokens only (SFT responses)."""
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  if mask_BT is None:
+    return losses_BT.mean()
+  return (losses_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def state_shardings(model_cfg, optimizer, mesh, rules):
-  """Abstract train state (shapes) and its shardings, from the params' logical axis names."""
+def state_shardings(model_cfg, optimizer, mesh, rules, trainable=None):
+  """Abstract train state (shapes) and its shardings.
+
+  Model params shard by their logical axis names; a `trainable` tree of another shape (LoRA
+  adapters, small) is replicated.
+  """
   def boxed_state():
-    tokens = jnp.zeros((1, min(model_cfg.max_len, 8)), jnp.int32)
-    params = model.Transformer(model_cfg).init(jax.random.key(0), tokens)["params"]
+    if trainable is None:
+      tokens = jnp.zeros((1, min(model_cfg.max_len, 8)), jnp.int32)
+      params = model.Transformer(model_cfg).init(jax.random.key(0), tokens)["params"]
+    else:
+      params = trainable
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32))
   boxed = jax.eval_shape(boxed_state)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -65,37 +77,48 @@ def state_shardings(model_cfg, optimizer, mesh, rules):
   return abstract, shardings
 
 
-def init_state(model_cfg, optimizer, seed: int, shardings) -> TrainState:
-  def init():
-    params = model.init_params(model_cfg, jax.random.key(seed))
+def init_state(model_cfg, optimizer, seed: int, shardings, params=None) -> TrainState:
+  """A fresh state: newly initialised params, or the given ones (fine-tuning)."""
+  def init(params):
+    if params is None:
+      params = model.init_params(model_cfg, jax.random.key(seed))
+    params = jax.tree.map(lambda x: x.astype(model_cfg.param_dtype), params)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.full((), -1, jnp.int32))
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=shardings)(params)
 
 
-def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding):
+def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding,
+                    frozen_shardings=None, model_params=None):
+  """The jitted step `(state, batch, frozen) -> (state, metrics)`.
+
+  `model_params(trainable, frozen)` builds the weights the model runs with (LoRA: the merged
+  base); by default the trainable params are the model params and `frozen` is None.
+  """
   transformer = model.Transformer(model_cfg)
+  model_params = model_params or (lambda trainable, frozen: trainable)
 
-  def loss_fn(params, batch, rng):
-    logits = transformer.apply({"params": params}, batch["inputs"], deterministic=False, rngs={"dropout": rng})
-    return cross_entropy(logits, batch["targets"])
+  def loss_fn(params, frozen, batch, rng):
+    logits = transformer.apply({"params": model_params(params, frozen)}, batch["inputs"], deterministic=False,
+                               rngs={"dropout": rng})
+    return cross_entropy(logits, batch["targets"], batch.get("mask"))
 
-  def loss_and_grads(params, batch, rng):
+  def loss_and_grads(params, frozen, batch, rng):
     if grad_accum == 1:
-      return jax.value_and_grad(loss_fn)(params, batch, rng)
+      return jax.value_and_grad(loss_fn)(params, frozen, batch, rng)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
     def accumulate(carry, i_and_batch):
       i, micro_batch = i_and_batch
-      loss, grads = jax.value_and_grad(loss_fn)(params, micro_batch, jax.random.fold_in(rng, i))
+      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro_batch, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
     return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, frozen):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout depends on (seed, step) only
-    loss, grads = loss_and_grads(state.params, batch, rng)
+    loss, grads = loss_and_grads(state.params, frozen, batch, rng)
     grad_norm = optax.tree.norm(grads)
     healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.first_bad_step < 0)
 
@@ -110,17 +133,19 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, first_bad), metrics
 
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding, frozen_shardings),
+                 out_shardings=(shardings, None), donate_argnums=0)
 
 
-def make_eval_step(model_cfg, param_shardings, batch_sharding):
+def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=None, model_params=None):
   transformer = model.Transformer(model_cfg)
+  model_params = model_params or (lambda trainable, frozen: trainable)
 
-  def eval_step(params, batch):
-    return cross_entropy(transformer.apply({"params": params}, batch["inputs"]), batch["targets"])
+  def eval_step(params, batch, frozen):
+    logits = transformer.apply({"params": model_params(params, frozen)}, batch["inputs"])
+    return cross_entropy(logits, batch["targets"], batch.get("mask"))
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, frozen_shardings))
 
 
 class _StopRequest:
@@ -146,13 +171,6 @@ def _write_config(cfg, workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _run_tokenizer(workdir: str):
-  """The run's saved tokenizer when resuming (so ids keep their meaning), else None (fit a new one)."""
-  if os.path.exists(os.path.join(workdir, "tokenizer.json")):
-    return tokenizers.load(workdir)
-  return None
-
-
 def train(cfg, workdir: str) -> dict:
   """Runs (or resumes) the experiment `cfg` in `workdir`; returns the last logged metrics."""
   config_lib.validate(cfg)
@@ -160,38 +178,50 @@ def train(cfg, workdir: str) -> dict:
   primary = jax.process_index() == 0
   if primary:
     _write_config(cfg, workdir)
-  corpus = data.load_corpus(cfg.data, tokenizer=_run_tokenizer(workdir))
+  setup = sources.prepare(cfg, workdir)
   if primary:
-    corpus.tokenizer.save(workdir)
-  model_cfg = config_lib.model_config(cfg, corpus.tokenizer.vocab_size)
+    setup.tokenizer.save(workdir)
+  model_cfg = setup.model_cfg
   tc = cfg.train
   mesh = sharding.make_mesh(cfg.mesh.shape)
   batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
   optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
-  abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
+  lora = setup.lora_scale is not None
+  abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules,
+                                        trainable=setup.initial if lora else None)
+  frozen, frozen_sh = None, None
+  if setup.frozen is not None:  # the frozen base shards like model params
+    frozen_sh = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)[1].params
+    frozen = jax.device_put(jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), setup.frozen), frozen_sh)
 
   ckpt = checkpoint.Checkpointer(workdir, tc.max_to_keep)
   start_step, state = ckpt.restore_latest(abstract)
   if state is None:
-    start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings)
-  train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh)
-  eval_step = make_eval_step(model_cfg, shardings.params, batch_sh)
+    start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings, setup.initial)
+  step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params)
+  train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,
+                               **step_args)
+  eval_step = make_eval_step(model_cfg, shardings.params, batch_sh, **step_args)
 
-  def global_batch(ids, seed, step):
-    local = data.batch_at(ids, seed, step, tc.batch_size, tc.seq_len, jax.process_index(), jax.process_count())
+  def global_batch(make, index):
+    local = make(index, jax.process_index(), jax.process_count())
     return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
 
   def evaluate(params) -> float:
-    losses = [eval_step(params, global_batch(corpus.val_ids, cfg.seed + 1, i)) for i in range(tc.eval_steps)]
+    losses = [eval_step(params, global_batch(setup.val_batch, i), frozen) for i in range(tc.eval_steps)]
     return float(np.mean(jax.device_get(losses)))
+
+  if primary and setup.task and start_step == 0:
+    _task_eval(setup, setup.model_params(state.params, frozen), workdir, "before")
 
   tokens_per_step = tc.batch_size * tc.seq_len
   flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len)
   peak = tc.peak_tflops * 1e12 or flops.measure_matmul_peak(model_cfg.dtype)
   log = metrics_log.MetricsLogger(workdir, tc.steps, start_step, enabled=primary)
-  log.info(f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token; "
-           f"data: {len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val tokens, vocab "
-           f"{corpus.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
+  log.info(f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token"
+           + (f", training {sum(x.size for x in jax.tree.leaves(state.params)):,} LoRA parameters" if lora else "")
+           + f"; data: {setup.train_tokens:,} train / {setup.val_tokens:,} val tokens, vocab "
+           f"{setup.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
            + (f"resumed from step {start_step}" if start_step else "starting at step 0"))
 
   def check_health(state):
@@ -214,7 +244,7 @@ def train(cfg, workdir: str) -> dict:
         ckpt.save(step, state)
         last_saved = step
         break
-      state, step_metrics = train_step(state, global_batch(corpus.train_ids, cfg.seed, step))
+      state, step_metrics = train_step(state, global_batch(setup.train_batch, step), frozen)
       window_steps += 1
       if step == start_step:  # keep compilation out of the throughput numbers
         jax.block_until_ready(state)
@@ -245,9 +275,29 @@ def train(cfg, workdir: str) -> dict:
   if stop.signal or last_saved < tc.steps:
     return metrics
   if primary:
-    _write_samples(cfg, model_cfg, state.params, corpus.tokenizer, workdir)
+    final_params = setup.model_params(state.params, frozen)
+    if setup.task:
+      _task_eval(setup, final_params, workdir, "after")
+    else:
+      _write_samples(cfg, model_cfg, final_params, setup.tokenizer, workdir)
     metrics_log.plot_loss(workdir)
   return metrics
+
+
+def _task_eval(setup, params, workdir: str, when: str) -> None:
+  """Scores the task on held-out examples; task_eval.json/.md hold the before/after table."""
+  path = os.path.join(workdir, "task_eval.json")
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+  results[when] = evaluate.evaluate_task(setup.model_cfg, params, setup.tokenizer, setup.task, setup.task_examples)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2, ensure_ascii=False)
+  table = evaluate.markdown_table({f"{k} fine-tuning": v for k, v in results.items()})
+  with open(os.path.join(workdir, "task_eval.md"), "w") as f:
+    f.write(f"Task `{setup.task}`, {len(setup.task_examples)} held-out examples, greedy answers\n\n{table}")
+  print(f"task {setup.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True)
 
 
 def _write_samples(cfg, model_cfg, params, tokenizer, workdir: str) -> None:

@@ -8,7 +8,8 @@ from conftest import REPO
 from lmjax import config
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
-VARIANTS = {"shakespeare_char.py": ["", "gpu"], "shakespeare_llama.py": ["", "bpe"]}
+VARIANTS = {"shakespeare_char.py": ["", "gpu"], "shakespeare_llama.py": ["", "bpe"],
+            "finetune_smollm2.py": ["qa", "summarize", "translate"]}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)

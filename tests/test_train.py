@@ -111,7 +111,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   for accum in (1, 2, 4):
     state = train.init_state(cfg, optimizer, 0, shardings)
     step = train.make_train_step(cfg, optimizer, schedule, 0, accum, shardings, batch_sh)
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, None)
     results.append((float(metrics["loss"]), state.params))
   for loss, params in results[1:]:
     assert loss == pytest.approx(results[0][0], abs=1e-6)
@@ -184,8 +184,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus_file,
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
   real_cross_entropy = train.cross_entropy
 
-  def poisoned(logits, targets):  # the loss turns NaN from step 13 on (lr is still positive)
-    loss = real_cross_entropy(logits, targets)
+  def poisoned(logits, targets, mask=None):  # the loss turns NaN from step 13 on (lr is still positive)
+    loss = real_cross_entropy(logits, targets, mask)
     return jnp.where(jnp.abs(logits).max() > 0, loss * jnp.nan, loss) if poisoned.armed else loss
   poisoned.armed = False
   monkeypatch.setattr(train, "cross_entropy", poisoned)

@@ -1,0 +1,22 @@
+"""LoRA fine-tuning of SmolLM2-135M-Instruct on a generated task, on CPU in minutes.
+
+Variants pick the task: `:qa` (questions about facts stated in a context; exact match, token F1),
+`:summarize` (extract the sentence marked as most important; ROUGE-L), `:translate` (number words to
+digits; chrF). Adapters of rank 8 on q, k, v, o; the base model stays frozen. task_eval.md in the
+workdir holds the before/after table.
+"""
+from lmjax import config
+
+
+def get_config(variant: str = "qa"):
+  if variant not in ("qa", "summarize", "translate"):
+    raise ValueError(f"unknown variant {variant!r} of finetune_smollm2; known: 'qa', 'summarize', 'translate'")
+  cfg = config.base_config()
+  cfg.seed = 5
+  cfg.init.pretrained = "smollm2-135m-instruct"
+  cfg.finetune.update(task=variant, mode="lora", lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o",
+                      num_train=1000, num_val=64, num_eval=64)
+  cfg.model.update(dropout=0.0)
+  cfg.optim.update(lr=2e-3, min_lr=2e-4, warmup_steps=5, weight_decay=0.0)
+  cfg.train.update(steps=40, batch_size=8, seq_len=64, log_every=5, eval_every=40, eval_steps=2, ckpt_every=20)
+  return cfg

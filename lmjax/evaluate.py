@@ -1,0 +1,102 @@
+"""Evaluation: task metrics from greedy answers, and perplexity on a text.
+
+Runnable alone on a checkpoint or a pretrained model:
+
+  python -m lmjax.evaluate --workdir=runs/ft_qa --task=qa
+  python -m lmjax.evaluate --pretrained=smollm2-135m-instruct --task=translate --num_examples=64
+  python -m lmjax.evaluate --workdir=runs/shakespeare_char --text_file=some.txt
+
+Results are printed and written as JSON and as a markdown table (--output).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+
+from lmjax import model, sample, tasks
+
+def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
+  """Greedy continuations of `prompts`, decoded."""
+  answers, room = [], cfg.max_len - max_new_tokens  # prompts too long keep their end, as in training
+  if room < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {cfg.max_len}-token context")
+  for start in range(0, len(prompts), batch_size):
+    chunk = [tokenizer.encode(p)[-room:] for p in prompts[start:start + batch_size]]
+    result = sample.generate_tokens(cfg, params, chunk, max_new_tokens, sample.SamplingConfig(temperature=0.0),
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
+    answers += [tokenizer.decode(t) for t in result.tokens]
+  return answers
+
+
+def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
+  """Scores greedy answers to the examples' prompts against their responses."""
+  longest = max(len(tokenizer.encode(e.response)) for e in examples)
+  predictions = answer(cfg, params, tokenizer, [e.prompt for e in examples], longest + 2)
+  return {**tasks.score(task, predictions, [e.response for e in examples]), "examples": len(examples),
+          "sample_prediction": predictions[0].strip(), "sample_reference": examples[0].response.strip()}
+
+
+def perplexity(cfg: model.ModelConfig, params, tokenizer, text: str, seq_len: int) -> dict:
+  """exp(mean next-token loss) over consecutive windows of the text."""
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  if len(ids) < seq_len + 1:
+    raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least seq_len+1={seq_len + 1}")
+  windows = np.stack([ids[s:s + seq_len + 1] for s in range(0, len(ids) - seq_len, seq_len)])
+  forward = jax.jit(lambda p, x: model.Transformer(cfg).apply({"params": p}, x))
+  total, count = 0.0, 0
+  for w in windows:
+    logits = np.asarray(forward(params, w[None, :-1]))[0]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    total += float((logz - logits[np.arange(seq_len), w[1:]]).sum())
+    count += seq_len
+  return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def markdown_table(rows: dict) -> str:
+  """{row name: {metric: value}} -> a markdown table (numbers to 2 decimals)."""
+  columns = sorted({k for r in rows.values() for k, v in r.items() if isinstance(v, float)})
+  lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in columns) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  from absl import app, flags
+  from lmjax.inference import LanguageModel
+  del argv
+  f = flags.FLAGS
+  if bool(f.workdir) == bool(f.pretrained):
+    raise app.UsageError("give exactly one of --workdir or --pretrained")
+  lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_pretrained(f.pretrained)
+  results = {}
+  if f.task:
+    results[f.task] = evaluate_task(lm.cfg, lm.params, lm.tokenizer, f.task,
+                                    tasks.examples(f.task, f.num_examples, tasks.EVAL_SEED))
+  if f.text_file:
+    with open(f.text_file, encoding="utf-8") as fh:
+      results["text"] = perplexity(lm.cfg, lm.params, lm.tokenizer, fh.read(), min(f.seq_len, lm.cfg.max_len - 1))
+  if not results:
+    raise app.UsageError("nothing to evaluate: give --task and/or --text_file")
+  print(json.dumps(results, indent=2, ensure_ascii=False))
+  print(markdown_table(results))
+  if f.output:
+    with open(f.output + ".json", "w", encoding="utf-8") as fh:
+      json.dump(results, fh, indent=2, ensure_ascii=False)
+    with open(f.output + ".md", "w", encoding="utf-8") as fh:
+      fh.write(markdown_table(results))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "A training or fine-tuning run (latest checkpoint).")
+  flags.DEFINE_string("pretrained", None, "A pretrained model name or GGUF path.")
+  flags.DEFINE_enum("task", None, sorted(tasks.GENERATORS), "A built-in task to score.")
+  flags.DEFINE_integer("num_examples", 64, "Task examples to score.")
+  flags.DEFINE_string("text_file", None, "A UTF-8 text to compute perplexity on.")
+  flags.DEFINE_integer("seq_len", 256, "Window length for perplexity.")
+  flags.DEFINE_string("output", None, "Write OUTPUT.json and OUTPUT.md.")
+  app.run(main)

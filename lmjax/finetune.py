@@ -1,0 +1,151 @@
+"""Supervised fine-tuning: prompt/response examples with a loss mask, and LoRA adapters.
+
+Examples are padded (right) to `seq_len + 1` tokens, one per row, so no
+attention crosses example boundaries; the loss mask is 1 exactly on the
+response tokens (and the EOS after them). A prompt too long for the row is cut
+from the left, and the number of such cuts is reported, never silent.
+
+LoRA (Hu et al., 2021) is applied functionally: the trainable tree holds
+A [.., in, r] and B [.., r, out] for each targeted weight, and
+`merge(base, lora, scale)` returns W + scale * A @ B for the forward pass, so
+the model code is unchanged and merging for export is the same function.
+B starts at zero, so at initialisation the model is exactly the base model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+# LoRA target names -> lmjax weight names. wo takes (heads, head_dim) as its input dims.
+LORA_TARGETS = {"q": ("wq",), "k": ("wk",), "v": ("wv",), "o": ("wo",), "mlp": ("w1", "w2", "w3")}
+_INPUT_DIMS = {"wo": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  prompt: str
+  response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTData:
+  tokens: np.ndarray  # [N, seq_len + 1] int32, right-padded
+  loss_mask: np.ndarray  # [N, seq_len + 1] float32, 1 on response tokens
+  truncated: int  # examples whose prompt was cut from the left
+
+
+def read_jsonl(path: str, tokenizer=None) -> list:
+  """Examples from JSONL: {"prompt", "response"} or {"messages": [...]} (needs a chat template).
+
+  Every malformed line is reported with its number, and nothing is returned unless all are valid.
+  """
+  examples, errors = [], []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        examples.append(_parse(json.loads(line), tokenizer))
+      except (json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
+        errors.append(f"  line {number}: {type(err).__name__}: {err}")
+  if errors:
+    raise ValueError(f"{path}: {len(errors)} malformed line(s); fix them before fine-tuning:\n" + "\n".join(errors[:20]))
+  if not examples:
+    raise ValueError(f"{path} holds no examples")
+  return examples
+
+
+def _parse(record, tokenizer) -> Example:
+  if not isinstance(record, dict):
+    raise ValueError("each line must be a JSON object")
+  if "messages" in record:
+    messages = record["messages"]
+    if not messages or messages[-1].get("role") != "assistant":
+      raise ValueError("'messages' must end with an assistant message (the response to learn)")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", ""):
+      raise ValueError("'messages' needs a tokenizer with a chat template; use prompt/response instead")
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    return Example(prompt, messages[-1]["content"])
+  if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+    raise ValueError("expected string fields 'prompt' and 'response' (or 'messages')")
+  return Example(record["prompt"], record["response"])
+
+
+def tokenize(examples, tokenizer, seq_len: int) -> SFTData:
+  row = seq_len + 1
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  tokens = np.full((len(examples), row), pad, np.int32)
+  mask = np.zeros((len(examples), row), np.float32)
+  truncated = 0
+  for i, ex in enumerate(examples):
+    prompt = tokenizer.encode(ex.prompt)
+    response = tokenizer.encode(ex.response) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    response = response[:row - 1]  # at least one prompt token stays to predict from
+    keep = row - len(response)
+    if len(prompt) > keep:
+      prompt, truncated = prompt[len(prompt) - keep:], truncated + 1
+    ids = prompt + response
+    tokens[i, :len(ids)] = ids
+    mask[i, len(prompt):len(ids)] = 1.0
+  return SFTData(tokens, mask, truncated)
+
+
+def batch_at(sft: SFTData, seed: int, step: int, batch_size: int, process_index: int = 0,
+             process_count: int = 1) -> dict:
+  """Rows for `step`: epochs of a seeded permutation, a pure function of (seed, step)."""
+  n = len(sft.tokens)
+  flat = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs = flat // n
+  order = {int(e): np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+  rows = np.array([order[int(e)][i % n] for e, i in zip(epochs, flat)])
+  per = batch_size // process_count
+  rows = rows[process_index * per:(process_index + 1) * per]
+  tokens, mask = sft.tokens[rows], sft.loss_mask[rows]
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:]}
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def _targets(names) -> set:
+  wanted = set()
+  for name in names:
+    if name not in LORA_TARGETS:
+      raise ValueError(f"finetune.lora_targets: {name!r} is not a LoRA target; allowed: {sorted(LORA_TARGETS)}")
+    wanted.update(LORA_TARGETS[name])
+  return wanted
+
+
+def lora_init(params, targets, rank: int, rng) -> dict:
+  """Adapters for every targeted weight: A ~ N(0, 1/in), B = 0 (so the model starts unchanged)."""
+  wanted, flat, lora = _targets(targets), traverse_util.flatten_dict(params), {}
+  for path, w in flat.items():
+    if path[-1] not in wanted:
+      continue
+    layered = path[0] == "blocks"  # scanned params carry a leading layer axis
+    lead = w.shape[:1] if layered else ()
+    k = _INPUT_DIMS.get(path[-1], 1)
+    fan_in = int(np.prod(w.shape[len(lead):len(lead) + k]))
+    fan_out = int(np.prod(w.shape[len(lead) + k:]))
+    rng, sub = jax.random.split(rng)
+    lora[path + ("a",)] = jax.random.normal(sub, (*lead, fan_in, rank), jnp.float32) / np.sqrt(fan_in)
+    lora[path + ("b",)] = jnp.zeros((*lead, rank, fan_out), jnp.float32)
+  if not lora:
+    raise ValueError(f"no weights matched LoRA targets {list(targets)}")
+  return traverse_util.unflatten_dict(lora)
+
+
+def merge(params, lora, scale: float):
+  """params with W + scale * A @ B for each adapted weight (the others untouched)."""
+  flat, adapters = traverse_util.flatten_dict(params), traverse_util.flatten_dict(lora)
+  for path, a in adapters.items():
+    if path[-1] == "a":
+      w = flat[path[:-1]]
+      delta = scale * jnp.matmul(a, adapters[path[:-1] + ("b",)])
+      flat[path[:-1]] = w + delta.reshape(w.shape).astype(w.dtype)
+  return traverse_util.unflatten_dict(flat)

@@ -1,0 +1,154 @@
+"""Fine-tuning: loss mask, truncation, LoRA, metrics, JSONL errors, an SFT run end to end."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import tiny_config
+from lmjax import finetune, metrics, model, tasks, tokenizers, train
+from lmjax.inference import LanguageModel
+
+
+def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
+  tok = tokenizers.ByteTokenizer()
+  sft = finetune.tokenize([finetune.Example("Q: 2+2?\nA:", " 4")], tok, seq_len=16)
+  ids, mask = sft.tokens[0], sft.loss_mask[0]
+  prompt_len = len("Q: 2+2?\nA:")
+  assert list(ids[:prompt_len + 3]) == list(b"Q: 2+2?\nA: 4") + [tok.eos_id]
+  assert mask.tolist() == [0] * prompt_len + [1, 1, 1] + [0] * (17 - prompt_len - 3)
+  batch = finetune.batch_at(sft, seed=0, step=0, batch_size=1)
+  logits = jax.random.normal(jax.random.key(0), (1, 16, tok.vocab_size))
+  loss, grad = jax.value_and_grad(train.cross_entropy)(logits, batch["targets"], batch["mask"])
+  # Independent: numpy mean of -log softmax over the masked-in target positions.
+  logp = np.asarray(jax.nn.log_softmax(logits[0]))
+  picked = [-logp[t, batch["targets"][0, t]] for t in range(16) if batch["mask"][0, t]]
+  assert float(loss) == pytest.approx(np.mean(picked), rel=1e-6)
+  grad_rows = np.abs(np.asarray(grad[0])).sum(-1)
+  assert np.all(grad_rows[batch["mask"][0] == 0] == 0) and np.all(grad_rows[batch["mask"][0] == 1] > 0)
+
+
+def test_long_prompts_are_cut_from_the_left_and_counted():
+  tok = tokenizers.ByteTokenizer()
+  sft = finetune.tokenize([finetune.Example("x" * 30 + "END:", " ok"), finetune.Example("short:", " ok")], tok, 12)
+  assert sft.truncated == 1
+  # 13 tokens per row: the 4 response tokens (" ok" + EOS) keep only the last 9 prompt bytes.
+  assert bytes(sft.tokens[0][:12].tolist()) == b"xxxxxEND: ok" and sft.tokens[0][12] == tok.eos_id
+  assert sft.loss_mask[0].tolist() == [0] * 9 + [1] * 4
+
+
+def test_bad_jsonl_lines_are_reported_and_the_run_does_not_start(tmp_path, corpus_file):
+  path = tmp_path / "train.jsonl"
+  path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\nnot json\n{"prompt": "c", "response": "d"}\n'
+                  '{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=r"(?s)3 malformed line\(s\).*line 2:.*line 3: JSONDecodeError.*line 5:"):
+    finetune.read_jsonl(str(path))
+  data_dir = str(tmp_path / "tfds")
+  train.train(tiny_config(corpus_file, data_dir, steps=2, num_samples=0, ckpt_every=2), str(tmp_path / "base"))
+  cfg = tiny_config(corpus_file, data_dir, steps=2)
+  cfg.init.from_checkpoint = str(tmp_path / "base")
+  cfg.finetune.train_file = str(path)
+  with pytest.raises(ValueError, match="malformed"):
+    train.train(cfg, str(tmp_path / "ft"))
+  assert not os.path.exists(tmp_path / "ft" / "checkpoints")
+
+
+def tiny_llama():
+  cfg = model.ModelConfig(vocab_size=19, max_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=24, mlp="swiglu")
+  return cfg, model.init_params(cfg, jax.random.key(0))
+
+
+def test_lora_at_init_leaves_logits_unchanged():
+  cfg, params = tiny_llama()
+  lora = finetune.lora_init(params, ["q", "k", "v", "o", "mlp"], rank=4, rng=jax.random.key(1))
+  tokens = jnp.arange(10)[None] % 19
+  apply = lambda p: model.Transformer(cfg).apply({"params": p}, tokens)
+  np.testing.assert_array_equal(apply(finetune.merge(params, lora, 2.0)), apply(params))
+  assert set(lora["blocks"]["attn"]) == {"wq", "wk", "wv", "wo"} and set(lora["blocks"]["mlp"]) == {"w1", "w2", "w3"}
+  assert lora["blocks"]["attn"]["wo"]["a"].shape == (2, 16, 4)  # wo's input is heads x head_dim
+
+
+def test_merged_weights_equal_unmerged_adapter_path():
+  cfg = model.ModelConfig(vocab_size=19, max_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=24, mlp="relu")
+  x = jax.random.normal(jax.random.key(2), (1, 5, 16))
+  mlp = model.MLP(cfg)
+  params = nn.unbox(mlp.init(jax.random.key(3), x)["params"])
+  lora = finetune.lora_init(params, ["mlp"], rank=3, rng=jax.random.key(4))
+  lora = jax.tree.map(lambda a: a + 0.1, lora)  # non-zero B
+  merged = mlp.apply({"params": finetune.merge(params, lora, 0.5)}, x)[0]
+  p, l, xn = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, lora), np.asarray(x[0])
+  h = np.maximum(0, xn @ p["w1"] + 0.5 * (xn @ l["w1"]["a"]) @ l["w1"]["b"])  # adapters as a side path
+  expected = h @ p["w2"] + 0.5 * (h @ l["w2"]["a"]) @ l["w2"]["b"]
+  np.testing.assert_allclose(merged, expected, atol=1e-5)
+
+
+def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
+  data_dir = str(tmp_path / "tfds")
+  base_dir = str(tmp_path / "base")
+  base_cfg = tiny_config(corpus_file, data_dir, steps=4, num_samples=0, ckpt_every=4)
+  base_cfg.data.tokenizer = "byte"
+  train.train(base_cfg, base_dir)
+  jsonl = tmp_path / "sft.jsonl"
+  jsonl.write_text("".join(json.dumps({"prompt": f"Words: {tasks.number_words(n)}\nDigits:", "response": f" {n}"}) + "\n"
+                           for n in range(40)), encoding="utf-8")
+  cfg = tiny_config(corpus_file, data_dir, steps=6, num_samples=0, ckpt_every=6, eval_every=6)
+  cfg.init.from_checkpoint = base_dir
+  cfg.finetune.update(train_file=str(jsonl), mode="lora", lora_rank=2, lora_targets="q,v")
+  train.train(cfg, str(tmp_path / "ft"))
+  from lmjax import checkpoint
+  saved = checkpoint.load_params(str(tmp_path / "ft" / "checkpoints" / "6"))
+  leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+  assert {str(path[-1].key) for path, _ in leaves} == {"a", "b"}  # only adapters are checkpointed
+  assert any(np.abs(np.asarray(v)).max() > 0 for path, v in leaves if path[-1].key == "b")  # B moved from 0
+  base = LanguageModel.from_workdir(base_dir)
+  tuned = LanguageModel.from_workdir(str(tmp_path / "ft"))  # base + merged adapters
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), base.params, tuned.params)
+  flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(changed)[0]}
+  assert {k for k, v in flat.items() if v} == {"blocks/attn/wq", "blocks/attn/wv"}
+
+
+def test_full_finetuning_on_a_task_writes_before_after_table(tmp_path, corpus_file):
+  data_dir = str(tmp_path / "tfds")
+  base_cfg = tiny_config(corpus_file, data_dir, steps=2, num_samples=0, ckpt_every=2, seq_len=64)
+  base_cfg.data.tokenizer = "byte"
+  train.train(base_cfg, str(tmp_path / "base"))
+  cfg = tiny_config(corpus_file, data_dir, steps=40, num_samples=0, eval_every=20, seq_len=48)
+  cfg.init.from_checkpoint = str(tmp_path / "base")
+  cfg.finetune.update(task="translate", num_train=200, num_val=16, num_eval=8)
+  train.train(cfg, str(tmp_path / "ft"))
+  with open(tmp_path / "ft" / "task_eval.json") as f:
+    results = json.load(f)
+  assert set(results) == {"before", "after"} and {"chrf", "exact_match"} <= set(results["after"])
+  records = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
+  assert records[-1]["loss"] < records[0]["loss"]
+  assert "| after fine-tuning |" in (tmp_path / "ft" / "task_eval.md").read_text()
+
+
+def test_metrics_on_hand_computed_examples():
+  assert metrics.exact_match("The Cat!", "cat") == 1.0 and metrics.exact_match("a dog", "cat") == 0.0
+  assert metrics.token_f1("the cat sat", "cat sat down") == pytest.approx(0.8)  # P=1, R=2/3
+  assert metrics.token_f1("dog", "cat") == 0.0
+  assert metrics.rouge_l("a b c d", "a c d e") == pytest.approx(0.75)  # LCS a c d: P = R = 3/4
+  assert metrics.rouge_l("x y", "a b") == 0.0
+  assert metrics.chrf(["four hundred"], ["four hundred"]) == pytest.approx(100.0)
+  assert metrics.chrf(["abc"], ["xyz"]) == pytest.approx(0.0)
+  sim = np.array([[0.9, 0.1, 0.3], [0.2, 0.1, 0.8], [0.5, 0.6, 0.4]])
+  scores = metrics.retrieval_scores(sim, np.array([0, 0, 2]), ks=(1, 2))
+  # ranks of the relevant passage: 1, 2, 3
+  assert scores == pytest.approx({"recall@1": 1 / 3, "recall@2": 2 / 3, "mrr": (1 + 1 / 2 + 1 / 3) / 3})
+
+
+def test_task_generators_are_correct_and_deterministic():
+  assert [tasks.number_words(n) for n in (0, 7, 13, 40, 72, 100, 110, 406, 999)] == [
+      "zero", "seven", "thirteen", "forty", "seventy two", "one hundred", "one hundred ten", "four hundred six",
+      "nine hundred ninety nine"]
+  assert tasks.examples("qa", 5, 1) == tasks.examples("qa", 5, 1) != tasks.examples("qa", 5, 2)
+  for ex in tasks.examples("qa", 20, 3):
+    answer = ex.response.strip()
+    assert answer in ex.prompt.split("Question:")[0]  # the answer is stated in the context
+  for ex in tasks.examples("summarize", 20, 3):
+    key = ex.prompt.split("Most important: ")[1].split(".")[0] + "."
+    assert ex.response.strip() == key
