@@ -16,7 +16,7 @@ import math
 import jax
 import numpy as np
 
-from lmjax import model, sample, tasks
+from lmjax import metrics, model, sample, tasks
 
 def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
   """Greedy continuations of `prompts`, decoded."""
@@ -37,6 +37,29 @@ def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
   predictions = answer(cfg, params, tokenizer, [e.prompt for e in examples], longest + 2)
   return {**tasks.score(task, predictions, [e.response for e in examples]), "examples": len(examples),
           "sample_prediction": predictions[0].strip(), "sample_reference": examples[0].response.strip()}
+
+
+def embed(cfg: model.ModelConfig, params, tokenizer, texts) -> np.ndarray:
+  """Mean-pooled last hidden states, L2-normalised: [len(texts), d_model]."""
+  forward = jax.jit(lambda p, x, pos: model.Transformer(cfg).apply({"params": p}, x, positions_BT=pos,
+                                                                  return_hidden=True))
+  ids = [tokenizer.encode(t)[:cfg.max_len] for t in texts]
+  width = sample.bucket_length(max(len(i) for i in ids), cfg.max_len)
+  tokens = np.zeros((len(ids), width), np.int32)
+  positions = np.full((len(ids), width), -1, np.int32)
+  for row, seq in enumerate(ids):
+    tokens[row, :len(seq)], positions[row, :len(seq)] = seq, np.arange(len(seq))
+  hidden = np.asarray(forward(params, tokens, positions))
+  valid = (positions >= 0)[..., None]
+  pooled = (hidden * valid).sum(1) / valid.sum(1)
+  return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def evaluate_search(cfg, params, tokenizer, count: int = 32, seed: int = tasks.EVAL_SEED) -> dict:
+  """recall@1/5 and MRR of retrieving each query's paraphrased passage by cosine similarity."""
+  passages, queries, relevant = tasks.search_set(count, seed)
+  similarity = embed(cfg, params, tokenizer, queries) @ embed(cfg, params, tokenizer, passages).T
+  return {k: 100 * v for k, v in metrics.retrieval_scores(similarity, relevant).items()}
 
 
 def perplexity(cfg: model.ModelConfig, params, tokenizer, text: str, seq_len: int) -> dict:
@@ -73,7 +96,9 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir or --pretrained")
   lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_pretrained(f.pretrained)
   results = {}
-  if f.task:
+  if f.task == "search":
+    results["search"] = evaluate_search(lm.cfg, lm.params, lm.tokenizer, f.num_examples)
+  elif f.task:
     results[f.task] = evaluate_task(lm.cfg, lm.params, lm.tokenizer, f.task,
                                     tasks.examples(f.task, f.num_examples, tasks.EVAL_SEED))
   if f.text_file:
@@ -94,7 +119,7 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "A training or fine-tuning run (latest checkpoint).")
   flags.DEFINE_string("pretrained", None, "A pretrained model name or GGUF path.")
-  flags.DEFINE_enum("task", None, sorted(tasks.GENERATORS), "A built-in task to score.")
+  flags.DEFINE_enum("task", None, sorted(tasks.GENERATORS) + ["search"], "A built-in task to score.")
   flags.DEFINE_integer("num_examples", 64, "Task examples to score.")
   flags.DEFINE_string("text_file", None, "A UTF-8 text to compute perplexity on.")
   flags.DEFINE_integer("seq_len", 256, "Window length for perplexity.")

@@ -292,14 +292,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """Token ids -> next-token logits (fp32).
 
-  `apply({'params': p}, tokens_BT)` returns logits_BTV. Given
+  `apply({'params': p}, tokens_BT)` returns logits_BTV (`return_hidden=True`: the final hidden
+  states x_BTD instead). Given
   `cache=init_cache(...)`-shaped state it returns `(logits_BTV, new_cache)`;
   positions default to 0..T-1 (or continue after the cache's filled slots).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, cache=None, deterministic: bool = True):
+  def __call__(self, tokens_BT, positions_BT=None, cache=None, deterministic: bool = True,
+               return_hidden: bool = False):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     start = 0 if cache is None else cache["end"]
@@ -338,6 +340,8 @@ class Transformer(nn.Module):
       new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
 
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
+    if return_hidden:  # the last hidden states (after the final norm), e.g. for embeddings
+      return x_BTD.astype(jnp.float32)
     if cfg.tie_embeddings:
       logits_BTV = _dense(x_BTD, embedding_VD.T, dtype, out_dtype=jnp.float32)
     else:

@@ -6,6 +6,8 @@ examples, and names the metric that scores a model's greedy answers:
   qa         facts stated in a context, a question about one of them   -> exact match, token F1
   summarize  a short report whose key sentence is marked; summarise it  -> ROUGE-L
   translate  English number words to digits ("four hundred six" -> 406) -> chrF
+  search     passages stating facts, queries paraphrasing one of them   -> recall@k, MRR
+             (retrieval by embedding similarity; `search_set`)
 """
 from __future__ import annotations
 
@@ -101,3 +103,19 @@ def score(task: str, predictions: list, references: list) -> dict:
     return {"chrf": metrics.chrf(preds, refs),
             "exact_match": 100 * float(np.mean([p == r for p, r in zip(preds, refs)]))}
   raise ValueError(f"no metric for task {task!r}")
+
+
+def search_set(count: int, seed: int) -> tuple:
+  """(passages, queries, relevant): query i paraphrases passage relevant[i], in other words."""
+  rng = np.random.default_rng([seed, 99])
+  passages, queries = [], []
+  for i in range(count):
+    person, city, pet = NAMES[i % len(NAMES)], rng.choice(CITIES), rng.choice(PETS)
+    if i % 2:
+      passages.append(f"{person} has lived in {city} for years.")
+      queries.append(f"Which city is home to {person}?")
+    else:
+      passages.append(f"{person} takes care of a {pet} at home.")
+      queries.append(f"What animal does {person} look after?")
+  order = rng.permutation(count)
+  return [passages[j] for j in order], queries, np.argsort(order)

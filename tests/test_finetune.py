@@ -152,3 +152,18 @@ def test_task_generators_are_correct_and_deterministic():
   for ex in tasks.examples("summarize", 20, 3):
     key = ex.prompt.split("Most important: ")[1].split(".")[0] + "."
     assert ex.response.strip() == key
+
+
+def test_search_embeddings_are_mean_pooled_hidden_states():
+  from lmjax import evaluate
+  cfg, params = tiny_llama()
+  tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")  # 18 ids < vocab 19
+  texts = ["abc", "hello", "ab"]
+  emb = evaluate.embed(cfg, params, tok, texts)
+  for text, e in zip(texts, emb):  # independent: each text alone, unpadded, mean over its tokens
+    hidden = model.Transformer(cfg).apply({"params": params}, jnp.asarray([tok.encode(text)]), return_hidden=True)[0]
+    pooled = np.asarray(hidden).mean(0)
+    np.testing.assert_allclose(e, pooled / np.linalg.norm(pooled), atol=1e-5)
+  passages, queries, relevant = tasks.search_set(8, 0)
+  for q, r in zip(queries, relevant):
+    assert q.split()[-1].rstrip("?") in passages[r] or q.split()[-3] in passages[r]
