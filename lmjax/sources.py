@@ -81,6 +81,8 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
   model_cfg, base, tokenizer = load_source(cfg.init, runtime)
   if tc.seq_len >= model_cfg.max_len + 1:
     raise ValueError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")
+  if fc.task == "search":
+    return _search(cfg, model_cfg, base, tokenizer, workdir)
   if fc.task:
     train_examples = tasks.examples(fc.task, fc.num_train, cfg.seed)
     val_examples = tasks.examples(fc.task, fc.num_val, cfg.seed + 1)
@@ -98,6 +100,12 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
       val_batch=lambda i, p, n: finetune.batch_at(val_sft, cfg.seed + 1, i, tc.batch_size, p, n),
       train_tokens=int(train_sft.loss_mask.sum()), val_tokens=int(val_sft.loss_mask.sum()),
       task=fc.task or None, task_examples=tasks.examples(fc.task, fc.num_eval, tasks.EVAL_SEED) if fc.task else [])
+  return _trainable(setup, cfg, base)
+
+
+def _trainable(setup: RunSetup, cfg, base) -> RunSetup:
+  """Full fine-tuning trains the source weights; LoRA trains adapters over the frozen source."""
+  fc = cfg.finetune
   if fc.mode == "lora":
     setup.frozen = base
     setup.initial = finetune.lora_init(base, [t.strip() for t in fc.lora_targets.split(",")], fc.lora_rank,
@@ -108,6 +116,43 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
   else:
     raise ValueError(f"finetune.mode={fc.mode!r} is not supported; allowed values: ['full', 'lora']")
   return setup
+
+
+def _encode_padded(tokenizer, texts, seq_len: int):
+  """Token ids [N, seq_len] and positions (-1 = padding) for texts cut to seq_len tokens."""
+  tokens = np.zeros((len(texts), seq_len), np.int32)
+  positions = np.full((len(texts), seq_len), -1, np.int32)
+  for row, text in enumerate(texts):
+    ids = tokenizer.encode(text)[:seq_len]
+    tokens[row, :len(ids)], positions[row, :len(ids)] = ids, np.arange(len(ids))
+  return tokens, positions
+
+
+def _search(cfg, model_cfg, base, tokenizer, workdir: str) -> RunSetup:
+  """Retrieval fine-tuning: (query, paraphrased passage) pairs for an in-batch contrastive loss."""
+  fc, tc = cfg.finetune, cfg.train
+
+  def pairs(count, seed):
+    passages, queries, relevant = tasks.search_set(count, seed)
+    q, q_pos = _encode_padded(tokenizer, queries, tc.seq_len)
+    p, p_pos = _encode_padded(tokenizer, [passages[r] for r in relevant], tc.seq_len)
+    return {"query": q, "query_pos": q_pos, "passage": p, "passage_pos": p_pos}
+
+  def batch_at(arrays, seed, step, p, n):
+    rows = np.random.default_rng([seed, step]).choice(len(arrays["query"]), tc.batch_size, replace=False)
+    per = tc.batch_size // n
+    return {k: v[rows[p * per:(p + 1) * per]] for k, v in arrays.items()}
+
+  train_pairs, val_pairs = pairs(fc.num_train, cfg.seed), pairs(fc.num_val, cfg.seed + 1)
+  _write_run_model(workdir, model_cfg, cfg)
+  setup = RunSetup(
+      tokenizer=tokenizer, model_cfg=model_cfg,
+      train_batch=lambda step, p, n: batch_at(train_pairs, cfg.seed, step, p, n),
+      val_batch=lambda i, p, n: batch_at(val_pairs, cfg.seed + 1, i, p, n),
+      train_tokens=int((train_pairs["query_pos"] >= 0).sum() + (train_pairs["passage_pos"] >= 0).sum()),
+      val_tokens=int((val_pairs["query_pos"] >= 0).sum() + (val_pairs["passage_pos"] >= 0).sum()),
+      task="search", task_examples=tasks.search_set(fc.num_eval, tasks.EVAL_SEED)[1])
+  return _trainable(setup, cfg, base)
 
 
 def _write_run_model(workdir: str, model_cfg: model.ModelConfig, cfg) -> None:

@@ -105,17 +105,26 @@ def score(task: str, predictions: list, references: list) -> dict:
   raise ValueError(f"no metric for task {task!r}")
 
 
+SURNAMES = ["Stone", "Reed", "Hale", "Moss", "Lark", "Vane", "Frost", "Wren", "Birch", "Cole", "Dale", "Fenn",
+            "Grey", "Holt", "Pike", "Rowe"]
+
+
 def search_set(count: int, seed: int) -> tuple:
-  """(passages, queries, relevant): query i paraphrases passage relevant[i], in other words."""
+  """(passages, queries, relevant): query i paraphrases passage relevant[i], in other words.
+
+  Every person (first name + surname) appears once, so each query has exactly one right passage.
+  """
   rng = np.random.default_rng([seed, 99])
+  people = [f"{f} {s}" for f in NAMES for s in SURNAMES]
+  if count > len(people):
+    raise ValueError(f"at most {len(people)} search pairs")
   passages, queries = [], []
-  for i in range(count):
-    person, city, pet = NAMES[i % len(NAMES)], rng.choice(CITIES), rng.choice(PETS)
-    if i % 2:
-      passages.append(f"{person} has lived in {city} for years.")
+  for person in rng.choice(people, count, replace=False):
+    if rng.integers(2):
+      passages.append(f"{person} has lived in {rng.choice(CITIES)} for years.")
       queries.append(f"Which city is home to {person}?")
     else:
-      passages.append(f"{person} takes care of a {pet} at home.")
+      passages.append(f"{person} takes care of a {rng.choice(PETS)} at home.")
       queries.append(f"What animal does {person} look after?")
   order = rng.permutation(count)
   return [passages[j] for j in order], queries, np.argsort(order)

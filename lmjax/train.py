@@ -57,6 +57,27 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None) -> jax.Array:
   return (losses_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
+def lm_loss(run_model, batch) -> jax.Array:
+  """Next-token cross-entropy; `run_model(tokens, **kwargs)` is the model with its weights bound."""
+  return cross_entropy(run_model(batch["inputs"]), batch["targets"], batch.get("mask"))
+
+
+def mean_pooled(run_model, tokens_BT, positions_BT) -> jax.Array:
+  """L2-normalised mean of the last hidden states over real (position >= 0) tokens."""
+  hidden_BTD = run_model(tokens_BT, positions_BT=positions_BT, return_hidden=True)
+  valid_BT1 = (positions_BT >= 0)[..., None]
+  pooled_BD = (hidden_BTD * valid_BT1).sum(1) / jnp.maximum(valid_BT1.sum(1), 1)
+  return pooled_BD / jnp.linalg.norm(pooled_BD, axis=-1, keepdims=True)
+
+
+def contrastive_loss(run_model, batch, temperature: float = 0.05) -> jax.Array:
+  """InfoNCE over in-batch negatives: query i should be closest to passage i (retrieval)."""
+  q_BD = mean_pooled(run_model, batch["query"], batch["query_pos"])
+  p_BD = mean_pooled(run_model, batch["passage"], batch["passage_pos"])
+  logits_BB = q_BD @ p_BD.T / temperature
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BB, jnp.arange(logits_BB.shape[0])).mean()
+
+
 def state_shardings(model_cfg, optimizer, mesh, rules, trainable=None):
   """Abstract train state (shapes) and its shardings.
 
@@ -88,19 +109,20 @@ def init_state(model_cfg, optimizer, seed: int, shardings, params=None) -> Train
 
 
 def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding,
-                    frozen_shardings=None, model_params=None):
+                    frozen_shardings=None, model_params=None, loss=lm_loss):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`.
 
   `model_params(trainable, frozen)` builds the weights the model runs with (LoRA: the merged
-  base); by default the trainable params are the model params and `frozen` is None.
+  base); by default the trainable params are the model params and `frozen` is None. `loss(run_model,
+  batch)` is the objective (next-token prediction by default).
   """
   transformer = model.Transformer(model_cfg)
   model_params = model_params or (lambda trainable, frozen: trainable)
 
   def loss_fn(params, frozen, batch, rng):
-    logits = transformer.apply({"params": model_params(params, frozen)}, batch["inputs"], deterministic=False,
-                               rngs={"dropout": rng})
-    return cross_entropy(logits, batch["targets"], batch.get("mask"))
+    weights = {"params": model_params(params, frozen)}
+    run_model = lambda tokens, **kw: transformer.apply(weights, tokens, deterministic=False, rngs={"dropout": rng}, **kw)
+    return loss(run_model, batch)
 
   def loss_and_grads(params, frozen, batch, rng):
     if grad_accum == 1:
@@ -137,13 +159,14 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
-def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=None, model_params=None):
+def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=None, model_params=None,
+                   loss=lm_loss):
   transformer = model.Transformer(model_cfg)
   model_params = model_params or (lambda trainable, frozen: trainable)
 
   def eval_step(params, batch, frozen):
-    logits = transformer.apply({"params": model_params(params, frozen)}, batch["inputs"])
-    return cross_entropy(logits, batch["targets"], batch.get("mask"))
+    weights = {"params": model_params(params, frozen)}
+    return loss(lambda tokens, **kw: transformer.apply(weights, tokens, **kw), batch)
 
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, frozen_shardings))
 
@@ -198,7 +221,8 @@ def train(cfg, workdir: str) -> dict:
   start_step, state = ckpt.restore_latest(abstract)
   if state is None:
     start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings, setup.initial)
-  step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params)
+  step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params,
+                   loss=contrastive_loss if setup.task == "search" else lm_loss)
   train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,
                                **step_args)
   eval_step = make_eval_step(model_cfg, shardings.params, batch_sh, **step_args)
@@ -291,12 +315,15 @@ def _task_eval(setup, params, workdir: str, when: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f)
-  results[when] = evaluate.evaluate_task(setup.model_cfg, params, setup.tokenizer, setup.task, setup.task_examples)
+  if setup.task == "search":
+    results[when] = evaluate.evaluate_search(setup.model_cfg, params, setup.tokenizer, len(setup.task_examples))
+  else:
+    results[when] = evaluate.evaluate_task(setup.model_cfg, params, setup.tokenizer, setup.task, setup.task_examples)
   with open(path, "w") as f:
     json.dump(results, f, indent=2, ensure_ascii=False)
   table = evaluate.markdown_table({f"{k} fine-tuning": v for k, v in results.items()})
   with open(os.path.join(workdir, "task_eval.md"), "w") as f:
-    f.write(f"Task `{setup.task}`, {len(setup.task_examples)} held-out examples, greedy answers\n\n{table}")
+    f.write(f"Task `{setup.task}`, {len(setup.task_examples)} held-out examples\n\n{table}")
   print(f"task {setup.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True)
 
 

@@ -9,7 +9,7 @@ from lmjax import config
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
 VARIANTS = {"shakespeare_char.py": ["", "gpu"], "shakespeare_llama.py": ["", "bpe"],
-            "finetune_smollm2.py": ["qa", "summarize", "translate"]}
+            "finetune_smollm2.py": ["qa", "summarize", "translate", "search"]}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)

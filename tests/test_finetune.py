@@ -167,3 +167,18 @@ def test_search_embeddings_are_mean_pooled_hidden_states():
   passages, queries, relevant = tasks.search_set(8, 0)
   for q, r in zip(queries, relevant):
     assert q.split()[-1].rstrip("?") in passages[r] or q.split()[-3] in passages[r]
+
+
+def test_contrastive_loss_matches_numpy_infonce():
+  rng = np.random.default_rng(0)
+  hidden = {name: rng.normal(size=(4, 3, 5)).astype(np.float32) for name in ("query", "passage")}
+  positions = np.array([[0, 1, 2], [0, 1, -1], [0, -1, -1], [0, 1, 2]])
+  batch = {"query": "query", "passage": "passage", "query_pos": positions, "passage_pos": positions[::-1]}
+  run_model = lambda which, positions_BT, return_hidden: jnp.asarray(hidden[which])
+  loss = float(train.contrastive_loss(run_model, batch, temperature=0.1))
+  def pooled(h, pos):
+    v = np.stack([h[i][pos[i] >= 0].mean(0) for i in range(4)])
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+  logits = pooled(hidden["query"], positions) @ pooled(hidden["passage"], positions[::-1]).T / 0.1
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  assert loss == pytest.approx(-np.mean(np.diag(logp)), rel=1e-5)
