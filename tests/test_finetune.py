@@ -182,3 +182,32 @@ def test_contrastive_loss_matches_numpy_infonce():
   logits = pooled(hidden["query"], positions) @ pooled(hidden["passage"], positions[::-1]).T / 0.1
   logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   assert loss == pytest.approx(-np.mean(np.diag(logp)), rel=1e-5)
+
+
+def test_chat_messages_use_the_chat_template(tmp_path):
+  class TemplateTokenizer(tokenizers.ByteTokenizer):
+    chat_template = "<turns>"
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+      return "".join(f"[{m['role']}]{m['content']}" for m in messages) + ("[assistant]" if add_generation_prompt else "")
+  path = tmp_path / "chat.jsonl"
+  path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                           {"role": "assistant", "content": "Hello"}]}) + "\n", encoding="utf-8")
+  [example] = finetune.read_jsonl(str(path), TemplateTokenizer())
+  assert example == finetune.Example("[system]Be brief.[user]Hi[assistant]", "Hello")
+  with pytest.raises(ValueError, match="chat template"):
+    finetune.read_jsonl(str(path), tokenizers.ByteTokenizer())
+
+
+def test_perplexity_matches_numpy():
+  from lmjax import evaluate
+  cfg, params = tiny_llama()
+  tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")
+  text = "abcdefghijklmnopqrabcdefghijklmnopqr"[:25]
+  result = evaluate.perplexity(cfg, params, tok, text, seq_len=8)
+  ids = np.asarray(tok.encode(text))
+  losses = []
+  for start in (0, 8, 16):  # windows of 9 tokens: predict 8 each
+    logits = np.asarray(model.Transformer(cfg).apply({"params": params}, jnp.asarray(ids[start:start + 8][None])))[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    losses += [-logp[t, ids[start + t + 1]] for t in range(8)]
+  assert result["tokens"] == 24 and result["perplexity"] == pytest.approx(np.exp(np.mean(losses)), rel=1e-4)
