@@ -27,7 +27,13 @@ def load_params(step_dir: str):
     raise FileNotFoundError(f"{step_dir} is not an lmjax checkpoint step directory (no 'default' item inside); "
                             "pass <workdir>/checkpoints/<step>")
   try:
-    return ocp.StandardCheckpointer().restore(item)["params"]
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(item)
+    tree = getattr(metadata, "item_metadata", metadata)
+    # Restore onto this process's first device, whatever mesh or process count saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return checkpointer.restore(item, target)["params"]
   except Exception as err:
     raise ValueError(f"checkpoint {step_dir} could not be read ({type(err).__name__}: {str(err)[:200]}); it may be "
                      "truncated or corrupted: use an earlier step") from err

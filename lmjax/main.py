@@ -5,6 +5,7 @@ Any config field can be overridden on the command line, e.g.
 error that lists the valid ones. Re-running the same command resumes from the
 run's latest checkpoint.
 """
+import os
 import sys
 
 from absl import app, flags
@@ -14,7 +15,13 @@ from lmjax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (python), optionally `file.py:variant`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything this run writes.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured mesh and print per-device "
+                             "memory and FLOPs; no data, no weights, no training.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU only: devices per process (tests, dry runs).")
+flags.mark_flags_as_required(["config"])
 
 
 def parse_flags(argv):
@@ -31,11 +38,32 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def initialize_jax() -> None:
+  """Multi-process setup before any other JAX call: from flags, or auto-detected (SLURM, TPU pods)."""
+  import jax
+  if _DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_jax()
   from lmjax import train  # after flag parsing: importing jax is slow
-  train.train(_CONFIG.value, _WORKDIR.value)
+  cfg = _CONFIG.value
+  if _DRY_RUN.value:
+    vocab = cfg.data.vocab_size or {"byte": 259}.get(cfg.data.tokenizer, 256)
+    train.dry_run(cfg, vocab)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (except with --dry_run)")
+  train.train(cfg, _WORKDIR.value)
 
 
 if __name__ == "__main__":

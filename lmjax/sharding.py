@@ -39,6 +39,8 @@ def make_mesh(shape, devices=None) -> Mesh:
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     shape[shape.index(-1)] = len(devices) // known
+  elif int(np.prod(shape)) < len(devices) and jax.process_count() == 1:
+    devices = devices[:int(np.prod(shape))]  # a smaller mesh on one host: use the first devices
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices, "
                      f"but {len(devices)} are available")
@@ -46,10 +48,32 @@ def make_mesh(shape, devices=None) -> Mesh:
               axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+# Mesh shapes for the common layouts (`--config.mesh.shape=...`); -1 takes the remaining devices.
+PRESETS = {
+    "data_parallel": (-1, 1, 1),  # params replicated, batch split
+    "fsdp": (1, -1, 1),  # ZeRO-3: params, grads and optimizer state split along `embed`, batch split
+    "fsdp_tensor": (1, -1, 2),  # FSDP plus 2-way tensor parallel over heads / mlp / vocab
+}
+
+
+def _fit(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+  """Drops the mesh axes of any dimension they do not divide (e.g. a 78-character vocabulary
+  over 4-way tensor parallelism): that dimension is replicated instead of failing."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    fitted.append(axes if size == 1 or dim % size == 0 else None)
+  return PartitionSpec(*fitted)
+
+
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
   """NamedShardings for a tree whose leaves carry logical names (nn.Partitioned); others replicate."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
+  rules = tuple(tuple(r) for r in rules)
+  mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
+  shapes = nn.unbox(boxed_tree)
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

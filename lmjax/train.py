@@ -308,6 +308,47 @@ def train(cfg, workdir: str) -> dict:
   return metrics
 
 
+def dry_run(cfg, vocab_size: int) -> dict:
+  """Compiles the train step for the configured mesh without data or weights (AOT) and reports
+  per-device memory and FLOPs, so batch size and remat can be sized before accelerator time is spent."""
+  config_lib.validate(cfg)
+  model_cfg = config_lib.model_config(cfg, vocab_size)
+  tc = cfg.train
+  mesh = sharding.make_mesh(cfg.mesh.shape)
+  batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
+  optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
+  abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
+  step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh)
+  batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
+           for k in ("inputs", "targets")}
+  start = time.perf_counter()
+  compiled = step.lower(abstract, batch, None).compile()
+  compile_s = time.perf_counter() - start
+
+  def per_device_bytes(tree):
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  report = {
+      "devices": mesh.devices.size, "mesh": dict(mesh.shape), "params": model.param_count(model_cfg),
+      "params_bytes_per_device": per_device_bytes(abstract.params),
+      "optimizer_bytes_per_device": per_device_bytes(abstract.opt_state),
+      "temp_bytes_per_device": int(getattr(memory, "temp_size_in_bytes", 0)),
+      "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
+      "model_flops_per_step": model.train_flops_per_token(model_cfg, tc.seq_len) * tc.batch_size * tc.seq_len,
+      "compile_s": compile_s}
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  print(f"dry run: {report['params'] / 1e9:.3f}B params on mesh {report['mesh']}, batch {tc.batch_size}x{tc.seq_len}, "
+        f"remat={model_cfg.remat}, dtype={model_cfg.dtype}; compiled in {compile_s:.1f} s\n"
+        f"  per device: params {gib(report['params_bytes_per_device'])}, optimizer state "
+        f"{gib(report['optimizer_bytes_per_device'])}, temporaries {gib(report['temp_bytes_per_device'])}\n"
+        f"  FLOPs per step: model {report['model_flops_per_step'] / 1e12:.2f} TFLOP (6N + attention), "
+        f"XLA count {report['xla_flops_per_step_per_device'] / 1e12:.2f} TFLOP per device", flush=True)
+  return report
+
+
 def _task_eval(setup, params, workdir: str, when: str) -> None:
   """Scores the task on held-out examples; task_eval.json/.md hold the before/after table."""
   path = os.path.join(workdir, "task_eval.json")
