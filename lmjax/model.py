@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from lmjax import sharding
+
 POS_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
 MLP_KINDS = ("relu", "gelu", "swiglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
@@ -35,6 +37,8 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = ("float32", "bfloat16", "float16")
+# Logical names of the residual stream between blocks (sharding constraints; see sharding.py).
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 # A large finite negative instead of -inf: a fully masked row (a padding query)
 # then gives a uniform, finite softmax instead of NaNs.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -286,7 +290,7 @@ class Block(nn.Module):
         Norm(self.cfg, name="attn_norm")(x_BTD), q_pos_BT, k_pos_BS, layer_cache, cache_end)
     x_BTD = x_BTD + drop(h_BTD)
     x_BTD = x_BTD + drop(MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD)))
-    return x_BTD, new_cache
+    return sharding.constrain(x_BTD, ACTIVATION_AXES), new_cache
 
 
 class Transformer(nn.Module):
@@ -320,7 +324,7 @@ class Transformer(nn.Module):
     elif cfg.pos_encoding == "learned":
       pos_table_TD = _param(self, "pos_embedding", (cfg.max_len, cfg.d_model), ("length", "embed"), cfg.init_std)
       x_BTD = x_BTD + jnp.take(pos_table_TD, jnp.maximum(positions_BT, 0), axis=0).astype(dtype)
-    x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+    x_BTD = sharding.constrain(nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic), ACTIVATION_AXES)
 
     block = Block
     if cfg.remat != "none":

@@ -7,6 +7,9 @@ device is the mesh (1, 1, 1).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import numpy as np
 from flax import linen as nn
@@ -25,6 +28,10 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("layers", None),
+    # Activations between blocks: batch split like the data, the residual stream not split.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
 )
 
 
@@ -83,3 +90,27 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+_ACTIVE = contextvars.ContextVar("lmjax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """While tracing a step, makes `constrain` pin activations to this mesh by the rules table
+  (outside it `constrain` does nothing, e.g. in the sampler or in unit tests)."""
+  token = _ACTIVE.set((mesh, tuple(tuple(r) for r in rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """A sharding constraint on an activation, named by logical axes (see `activation_sharding`)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = _fit(nn.logical_to_mesh_axes(logical_axes, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

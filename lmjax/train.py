@@ -109,7 +109,7 @@ def init_state(model_cfg, optimizer, seed: int, shardings, params=None) -> Train
 
 
 def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding,
-                    frozen_shardings=None, model_params=None, loss=lm_loss):
+                    frozen_shardings=None, model_params=None, loss=lm_loss, rules=sharding.DEFAULT_RULES):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`.
 
   `model_params(trainable, frozen)` builds the weights the model runs with (LoRA: the merged
@@ -122,7 +122,8 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
   def loss_fn(params, frozen, batch, rng):
     weights = {"params": model_params(params, frozen)}
     run_model = lambda tokens, **kw: transformer.apply(weights, tokens, deterministic=False, rngs={"dropout": rng}, **kw)
-    return loss(run_model, batch)
+    with sharding.activation_sharding(batch_sharding.mesh, rules):
+      return loss(run_model, batch)
 
   def loss_and_grads(params, frozen, batch, rng):
     if grad_accum == 1:
@@ -160,13 +161,14 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
 
 
 def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=None, model_params=None,
-                   loss=lm_loss):
+                   loss=lm_loss, rules=sharding.DEFAULT_RULES):
   transformer = model.Transformer(model_cfg)
   model_params = model_params or (lambda trainable, frozen: trainable)
 
   def eval_step(params, batch, frozen):
     weights = {"params": model_params(params, frozen)}
-    return loss(lambda tokens, **kw: transformer.apply(weights, tokens, **kw), batch)
+    with sharding.activation_sharding(batch_sharding.mesh, rules):
+      return loss(lambda tokens, **kw: transformer.apply(weights, tokens, **kw), batch)
 
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, frozen_shardings))
 
@@ -221,7 +223,7 @@ def train(cfg, workdir: str) -> dict:
   start_step, state = ckpt.restore_latest(abstract)
   if state is None:
     start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings, setup.initial)
-  step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params,
+  step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params, rules=cfg.mesh.rules,
                    loss=contrastive_loss if setup.task == "search" else lm_loss)
   train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,
                                **step_args)
@@ -318,7 +320,8 @@ def dry_run(cfg, vocab_size: int) -> dict:
   batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
   optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
   abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
-  step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh)
+  step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,
+                         rules=cfg.mesh.rules)
   batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32, sharding=batch_sh)
            for k in ("inputs", "targets")}
   start = time.perf_counter()

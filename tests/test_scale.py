@@ -28,7 +28,10 @@ for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
   batch_sh = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
   state = train.init_state(cfg, optimizer, 0, shardings)
   step = train.make_train_step(cfg, optimizer, schedule, 0, 1, shardings, batch_sh)
-  state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()}, None)
+  placed = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+  if shape == (2, 4, 1):  # the residual stream between blocks is pinned to the batch axes
+    print("constraints", step.lower(state, placed, None).as_text().count('sdy.sharding_constraint'))
+  state, metrics = step(state, placed, None)
   results[shape] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
   if shape == (2, 2, 2):
     wq = state.params["blocks"]["attn"]["wq"]  # [layers, embed, heads, head_dim]
@@ -83,6 +86,11 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(mesh_run):
   assert "wq P(None, 'fsdp', 'tensor', None) (2, 16, 2, 8)" in mesh_run
   assert "embedding P('tensor', 'fsdp') (12, 16)" in mesh_run
   assert "adam_mu_w1 P(None, 'fsdp', 'tensor') (2, 16, 24)" in mesh_run
+
+
+def test_activations_are_constrained_at_block_boundaries(mesh_run):
+  count = int(mesh_run.split("constraints ")[1].split()[0])
+  assert count >= 3  # after the embedding and after each of the 2 blocks (forward; more in backward)
 
 
 def test_checkpoints_restore_into_another_mesh(mesh_run):
