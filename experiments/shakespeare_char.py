@@ -26,3 +26,8 @@ def get_config(variant: str = ""):
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of shakespeare_char; known: '' (CPU default), 'gpu'")
   return cfg
+
+
+def get_sweep():
+  """Learning-rate sweep of the default config: `python -m lmjax.sweep --config=experiments/shakespeare_char.py`."""
+  return {"optim.lr": [3e-4, 6e-4, 1e-3, 2e-3, 4e-3]}

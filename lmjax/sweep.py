@@ -1,0 +1,217 @@
+"""Hyperparameter sweeps: run every point of an experiment's `get_sweep()`, collect a results table.
+
+    python -m lmjax.sweep --config=experiments/shakespeare_char.py --workdir=runs/lr_sweep [--parallel=2]
+    python -m lmjax.sweep ... --print_commands        # one shell command per point, for any scheduler
+    python -m lmjax.sweep ... --emit=slurm --slurm_gpus=1 --slurm_time=01:00:00   # sbatch job array
+
+`get_sweep()` returns a grid (`{"optim.lr": [1e-3, 3e-4], "model.n_layers": [2, 4]}`), a list of
+override dicts, or `random_search(space, count, seed)`. Each point is an ordinary run of
+`lmjax.main` in its own subdirectory (named by its overrides), so it resumes from its checkpoint
+when the sweep is re-run; finished points are skipped; a failing point is recorded with its error
+and the others go on. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png and one
+DIR/val_loss_vs_<field>.png per swept field.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import importlib.util
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+_DONE = "sweep_done.json"
+
+
+def random_search(space: dict, count: int, seed: int) -> list:
+  """`count` points; a list value is a choice, a (low, high) tuple a log-uniform draw."""
+  rng = np.random.default_rng(seed)
+  points = []
+  for _ in range(count):
+    point = {}
+    for key, values in space.items():
+      if isinstance(values, tuple):
+        point[key] = float(math.exp(rng.uniform(math.log(values[0]), math.log(values[1]))))
+      else:
+        point[key] = values[int(rng.integers(len(values)))]
+    points.append(point)
+  return points
+
+
+def sweep_points(config_path: str) -> list:
+  """The override dicts of the experiment file's `get_sweep()`."""
+  spec = importlib.util.spec_from_file_location("lmjax_sweep_experiment", config_path.partition(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"{config_path} defines no get_sweep(); add one returning a grid or a list of overrides")
+  sweep = module.get_sweep()
+  if isinstance(sweep, dict):
+    keys = list(sweep)
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep[k] for k in keys))]
+  return [dict(p) for p in sweep]
+
+
+def point_name(overrides: dict) -> str:
+  return "__".join(f"{k}_{v}" for k, v in overrides.items()).replace("/", "-").replace(" ", "") or "default"
+
+
+def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+  return [sys.executable, "-m", "lmjax.main", f"--config={config}", f"--workdir={workdir}", *flags, *extra]
+
+
+def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
+  """Runs (or resumes) one point unless it has finished; returns its status record."""
+  workdir = os.path.join(sweep_dir, point_name(overrides))
+  done_path = os.path.join(workdir, _DONE)
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      return json.load(f)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
+    result = subprocess.run(point_command(config, workdir, overrides), stdout=log, stderr=subprocess.STDOUT)
+  record = {"overrides": overrides, "workdir": workdir, "wall_s": time.time() - start}
+  if result.returncode == 0:
+    record["status"] = "ok"
+    with open(done_path, "w") as f:
+      json.dump(record, f)
+  else:
+    with open(os.path.join(workdir, "sweep_log.txt")) as f:
+      lines = [l.strip() for l in f if l.strip()]
+    record.update(status="failed", error=lines[-1][:300] if lines else f"exit code {result.returncode}")
+  return record
+
+
+def summarize(record: dict) -> dict:
+  """One results row: the point's overrides and what its metrics.jsonl says."""
+  row = {**record["overrides"], "status": record["status"], "wall_s": round(record.get("wall_s", 0.0), 1)}
+  path = os.path.join(record["workdir"], "metrics.jsonl")
+  records = []
+  if os.path.exists(path):
+    from lmjax import metrics_log
+    records = metrics_log.read_metrics(record["workdir"])
+  evals = [r for r in records if "val_loss" in r]
+  row["steps"] = records[-1]["step"] if records else 0
+  row["final_val_loss"] = round(evals[-1]["val_loss"], 4) if evals else ""
+  row["best_val_loss"] = round(min(r["val_loss"] for r in evals), 4) if evals else ""
+  rates = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
+  row["tokens_per_sec"] = round(statistics.median(rates)) if rates else ""
+  if record["status"] != "ok":
+    row["error"] = record.get("error", "")
+  return row
+
+
+def write_results(sweep_dir: str, rows: list) -> None:
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def plot_results(sweep_dir: str, records: list, swept: list) -> list:
+  """val loss curves of all points on one chart, and final val loss against each swept field."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from lmjax import metrics_log
+  paths = []
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for record in records:
+    if os.path.exists(os.path.join(record["workdir"], "metrics.jsonl")):
+      points = [(r["step"], r["val_loss"]) for r in metrics_log.read_metrics(record["workdir"]) if "val_loss" in r]
+      if points:
+        ax.plot(*zip(*points), marker="o", label=point_name(record["overrides"]))
+  ax.set(xlabel="step", ylabel="validation loss", title="sweep: validation loss")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  paths.append(os.path.join(sweep_dir, "val_loss.png"))
+  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  rows = [summarize(r) for r in records]
+  for field in swept:
+    xy = [(row[field], row["final_val_loss"]) for row in rows if row["final_val_loss"] != ""]
+    if not xy or not all(isinstance(x, (int, float)) for x, _ in xy):
+      continue
+    xy.sort()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(*zip(*xy), marker="o")
+    if min(x for x, _ in xy) > 0 and max(x for x, _ in xy) / min(x for x, _ in xy) >= 10:
+      ax.set_xscale("log")
+    ax.set(xlabel=field, ylabel="final validation loss", title=f"final val loss vs {field}")
+    ax.grid(alpha=0.3)
+    paths.append(os.path.join(sweep_dir, f"val_loss_vs_{field}.png"))
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+  return paths
+
+
+def slurm_script(config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str) -> str:
+  commands = [" ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
+              for p in points]
+  header = [f"#SBATCH --job-name=lmjax-sweep", f"#SBATCH --array=0-{len(points) - 1}",
+            f"#SBATCH --gpus={gpus}", f"#SBATCH --time={time_limit}",
+            f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.out')}"]
+  if partition:
+    header.append(f"#SBATCH --partition={partition}")
+  body = "COMMANDS=(\n" + "\n".join(f"  {shlex.quote(c)}" for c in commands) + "\n)\n"
+  return ("#!/bin/bash\n" + "\n".join(header) + "\n# One array task per sweep point; re-submitting resumes "
+          "unfinished points.\n" + body + 'eval "python ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"\n')
+
+
+def main(argv):
+  from absl import app
+  del argv
+  f = FLAGS
+  points = sweep_points(f.config)
+  os.makedirs(f.workdir, exist_ok=True)
+  if f.print_commands:
+    for p in points:
+      print(shlex.join(point_command(f.config, os.path.join(f.workdir, point_name(p)), p)))
+    return
+  if f.emit == "slurm":
+    path = os.path.join(f.workdir, "sweep.sbatch")
+    with open(path, "w") as fh:
+      fh.write(slurm_script(f.config, f.workdir, points, f.slurm_gpus, f.slurm_time, f.slurm_partition))
+    print(f"wrote {path}: sbatch {path}")
+    return
+  if f.emit:
+    raise app.UsageError(f"--emit={f.emit!r}: only 'slurm' is supported")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, f.parallel)) as pool:
+    records = list(pool.map(lambda p: run_point(f.config, f.workdir, p), points))
+  rows = [summarize(r) for r in records]
+  write_results(f.workdir, rows)
+  plot_results(f.workdir, records, list(dict.fromkeys(k for p in points for k in p)))
+  with open(os.path.join(f.workdir, "results.md")) as fh:
+    print(fh.read())
+  failed = [r for r in records if r["status"] != "ok"]
+  print(f"{len(records) - len(failed)} points finished, {len(failed)} failed; results in {f.workdir}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("config", None, "Experiment file with get_sweep(), optionally file.py:variant.")
+  flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per point, results beside them.")
+  flags.DEFINE_integer("parallel", 1, "Points to run at the same time (local processes).")
+  flags.DEFINE_bool("print_commands", False, "Print one command per point instead of running.")
+  flags.DEFINE_string("emit", None, "'slurm': write a job-array sbatch script instead of running.")
+  flags.DEFINE_integer("slurm_gpus", 1, "GPUs per array task.")
+  flags.DEFINE_string("slurm_time", "04:00:00", "Time limit per array task.")
+  flags.DEFINE_string("slurm_partition", "", "SLURM partition.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  FLAGS = flags.FLAGS
+  app.run(main)

@@ -1,0 +1,79 @@
+"""Sweep runner: a 2x2 grid on the tiny experiment, results, skipping, failures, commands, SLURM."""
+import csv
+import os
+import subprocess
+import sys
+
+from conftest import REPO, TINY_EXPERIMENT
+from lmjax import sweep
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def write_experiment(tmp_path, corpus_file, grid: str) -> str:
+  path = tmp_path / "sweep_experiment.py"
+  path.write_text(f'''
+import importlib.util
+spec = importlib.util.spec_from_file_location("tiny", {TINY_EXPERIMENT!r})
+tiny = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tiny)
+
+def get_config(variant=""):
+  cfg = tiny.get_config()
+  cfg.data.text_files = {corpus_file!r}
+  cfg.data.data_dir = {str(tmp_path / "tfds")!r}
+  cfg.train.update(steps=6, log_every=3, eval_every=3, num_samples=0, ckpt_every=6, peak_tflops=1.0)
+  return cfg
+
+def get_sweep():
+  return {grid}
+''')
+  return str(path)
+
+
+def run_sweep(config, workdir, *extra):
+  return subprocess.run([sys.executable, "-m", "lmjax.sweep", f"--config={config}", f"--workdir={workdir}", *extra],
+                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_grid_sweep_results_skip_and_failure(tmp_path, corpus_file):
+  # model.n_heads=3 does not divide d_model=32: that point must fail while the others finish.
+  config = write_experiment(tmp_path, corpus_file, '{"optim.lr": [0.01, 0.003], "model.n_heads": [2, 3]}')
+  workdir = str(tmp_path / "sweep")
+  first = run_sweep(config, workdir, "--parallel=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 4
+  assert sorted(r["status"] for r in rows) == ["failed", "failed", "ok", "ok"]
+  for row in rows:
+    if row["model.n_heads"] == "3":
+      assert "n_heads=3 must divide" in row["error"]
+    else:
+      assert row["steps"] == "6" and float(row["final_val_loss"]) > 0
+  for name in ("results.md", "val_loss.png", "val_loss_vs_optim.lr.png", "val_loss_vs_model.n_heads.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  second = run_sweep(config, workdir)  # finished points are skipped, not re-run
+  assert second.returncode == 0
+  ok_dirs = [os.path.join(workdir, sweep.point_name({"optim.lr": lr, "model.n_heads": 2})) for lr in (0.01, 0.003)]
+  for d in ok_dirs:
+    with open(os.path.join(d, "sweep_log.txt")) as f:
+      assert f.read().count("starting at step 0") == 1
+
+
+def test_print_commands_and_slurm_script(tmp_path, corpus_file):
+  config = write_experiment(tmp_path, corpus_file, '[{"optim.lr": 0.01}, {"optim.lr": 0.003}, {"train.steps": 4}, {}]')
+  printed = run_sweep(config, str(tmp_path / "s"), "--print_commands")
+  commands = printed.stdout.strip().splitlines()
+  assert len(commands) == 4 and all("-m lmjax.main" in c and f"--config={config}" in c for c in commands)
+  assert "--config.optim.lr=0.003" in commands[1]
+  emitted = run_sweep(config, str(tmp_path / "s"), "--emit=slurm", "--slurm_gpus=2")
+  script = (tmp_path / "s" / "sweep.sbatch").read_text()
+  assert emitted.returncode == 0 and "#SBATCH --array=0-3" in script and "#SBATCH --gpus=2" in script
+  assert script.count("--config.optim.lr=") == 2
+
+
+def test_random_search_is_seeded_and_in_range():
+  points = sweep.random_search({"optim.lr": (1e-4, 1e-2), "model.mlp": ["gelu", "swiglu"]}, 6, seed=3)
+  assert points == sweep.random_search({"optim.lr": (1e-4, 1e-2), "model.mlp": ["gelu", "swiglu"]}, 6, seed=3)
+  assert all(1e-4 <= p["optim.lr"] <= 1e-2 and p["model.mlp"] in ("gelu", "swiglu") for p in points)
