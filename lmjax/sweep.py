@@ -163,7 +163,7 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
 def slurm_script(config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str) -> str:
   commands = [" ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
               for p in points]
-  header = [f"#SBATCH --job-name=lmjax-sweep", f"#SBATCH --array=0-{len(points) - 1}",
+  header = ["#SBATCH --job-name=lmjax-sweep", f"#SBATCH --array=0-{len(points) - 1}",
             f"#SBATCH --gpus={gpus}", f"#SBATCH --time={time_limit}",
             f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.out')}"]
   if partition:
