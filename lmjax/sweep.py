@@ -144,14 +144,17 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   plt.close(fig)
   rows = [summarize(r) for r in records]
   for field in swept:
-    xy = [(row[field], row["final_val_loss"]) for row in rows if row["final_val_loss"] != ""]
+    xy = [(row[field], row["final_val_loss"]) for row in rows if row.get(field) is not None and row["final_val_loss"] != ""]
     if not xy or not all(isinstance(x, (int, float)) for x, _ in xy):
       continue
     xy.sort()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(*zip(*xy), marker="o")
-    if min(x for x, _ in xy) > 0 and max(x for x, _ in xy) / min(x for x, _ in xy) >= 10:
+    xs = [x for x, _ in xy]
+    if min(xs) > 0 and max(xs) / min(xs) >= 10:
       ax.set_xscale("log")
+      ax.minorticks_off()
+      ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set(xlabel=field, ylabel="final validation loss", title=f"final val loss vs {field}")
     ax.grid(alpha=0.3)
     paths.append(os.path.join(sweep_dir, f"val_loss_vs_{field}.png"))

@@ -73,6 +73,17 @@ def test_print_commands_and_slurm_script(tmp_path, corpus_file):
   assert script.count("--config.optim.lr=") == 2
 
 
+def test_plots_skip_fields_a_point_does_not_set(tmp_path):
+  records = []
+  for i, overrides in enumerate([{"model.mlp": "relu"}, {"optim.lr": 0.01}, {"optim.lr": 0.1}]):
+    workdir = tmp_path / f"p{i}"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text(f'{{"step": 10, "loss": 2.0, "val_loss": {2.0 - i / 10}}}\n')
+    records.append({"overrides": overrides, "workdir": str(workdir), "status": "ok"})
+  paths = sweep.plot_results(str(tmp_path), records, ["model.mlp", "optim.lr"])
+  assert [os.path.basename(p) for p in paths] == ["val_loss.png", "val_loss_vs_optim.lr.png"]
+
+
 def test_random_search_is_seeded_and_in_range():
   points = sweep.random_search({"optim.lr": (1e-4, 1e-2), "model.mlp": ["gelu", "swiglu"]}, 6, seed=3)
   assert points == sweep.random_search({"optim.lr": (1e-4, 1e-2), "model.mlp": ["gelu", "swiglu"]}, 6, seed=3)
