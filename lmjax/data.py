@@ -60,3 +60,13 @@ def batch_at(ids: np.ndarray, seed: int, step: int, batch_size: int, seq_len: in
   starts = starts[process_index * rows:(process_index + 1) * rows]
   windows = ids[starts[:, None] + np.arange(seq_len + 1)]
   return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def encode_padded(tokenizer, texts, seq_len: int):
+  """Right-padded token ids [N, seq_len] and positions (-1 = padding), each text cut to seq_len."""
+  tokens = np.zeros((len(texts), seq_len), np.int32)
+  positions = np.full((len(texts), seq_len), -1, np.int32)
+  for row, text in enumerate(texts):
+    ids = tokenizer.encode(text)[:seq_len]
+    tokens[row, :len(ids)], positions[row, :len(ids)] = ids, np.arange(len(ids))
+  return tokens, positions

@@ -14,9 +14,10 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lmjax import metrics, model, sample, tasks
+from lmjax import data, metrics, model, sample, tasks
 
 def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
   """Greedy continuations of `prompts`, decoded."""
@@ -39,20 +40,25 @@ def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
           "sample_prediction": predictions[0].strip(), "sample_reference": examples[0].response.strip()}
 
 
+def mean_pooled(run_model, tokens_BT, positions_BT) -> jax.Array:
+  """L2-normalised mean of the last hidden states over real (position >= 0) tokens.
+
+  `run_model(tokens, **kwargs)` is the model with its weights bound; the contrastive training loss
+  (train.contrastive_loss) and `embed` share this definition.
+  """
+  hidden_BTD = run_model(tokens_BT, positions_BT=positions_BT, return_hidden=True)
+  valid_BT1 = (positions_BT >= 0)[..., None]
+  pooled_BD = (hidden_BTD * valid_BT1).sum(1) / jnp.maximum(valid_BT1.sum(1), 1)
+  return pooled_BD / jnp.linalg.norm(pooled_BD, axis=-1, keepdims=True)
+
+
 def embed(cfg: model.ModelConfig, params, tokenizer, texts) -> np.ndarray:
-  """Mean-pooled last hidden states, L2-normalised: [len(texts), d_model]."""
-  forward = jax.jit(lambda p, x, pos: model.Transformer(cfg).apply({"params": p}, x, positions_BT=pos,
-                                                                  return_hidden=True))
-  ids = [tokenizer.encode(t)[:cfg.max_len] for t in texts]
-  width = sample.bucket_length(max(len(i) for i in ids), cfg.max_len)
-  tokens = np.zeros((len(ids), width), np.int32)
-  positions = np.full((len(ids), width), -1, np.int32)
-  for row, seq in enumerate(ids):
-    tokens[row, :len(seq)], positions[row, :len(seq)] = seq, np.arange(len(seq))
-  hidden = np.asarray(forward(params, tokens, positions))
-  valid = (positions >= 0)[..., None]
-  pooled = (hidden * valid).sum(1) / valid.sum(1)
-  return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+  """Embeddings of `texts`: [len(texts), d_model] (see `mean_pooled`)."""
+  longest = max(len(tokenizer.encode(t)) for t in texts)
+  tokens, positions = data.encode_padded(tokenizer, texts, sample.bucket_length(longest, cfg.max_len))
+  forward = jax.jit(lambda p, x, pos: mean_pooled(
+      lambda t, **kw: model.Transformer(cfg).apply({"params": p}, t, **kw), x, pos))
+  return np.asarray(forward(params, tokens, positions))
 
 
 def evaluate_search(cfg, params, tokenizer, count: int = 32, seed: int = tasks.EVAL_SEED) -> dict:

@@ -60,6 +60,15 @@ def read_jsonl(path: str, tokenizer=None) -> list:
   return examples
 
 
+def hold_out(examples: list, source: str) -> tuple:
+  """(train, validation): the last 10% (at least one) is held out and not trained on."""
+  if len(examples) < 2:
+    raise ValueError(f"{source} has one example: give finetune.val_file, or more examples so that the last "
+                     "10% can be held out for validation")
+  held_out = max(1, len(examples) // 10)
+  return examples[:-held_out], examples[-held_out:]
+
+
 def _parse(record, tokenizer) -> Example:
   if not isinstance(record, dict):
     raise ValueError("each line must be a JSON object")

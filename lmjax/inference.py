@@ -31,9 +31,7 @@ class LanguageModel:
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
     if mesh is not None:
-      boxed = jax.eval_shape(lambda: model.Transformer(cfg).init(
-          jax.random.key(0), jax.numpy.zeros((1, 1), jax.numpy.int32))["params"])
-      params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
+      params = jax.device_put(params, sharding.logical_shardings(model.boxed_param_shapes(cfg), mesh, rules))
     self.params = params
 
   @classmethod

@@ -373,6 +373,12 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> d
 # Size and cost.
 
 
+def boxed_param_shapes(cfg: ModelConfig):
+  """Parameter shapes with their logical axis names (nn.Partitioned boxes), nothing allocated."""
+  tokens = jnp.zeros((1, min(cfg.max_len, 8)), jnp.int32)
+  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, batch_size: int = 1, seq_len: int | None = None):
   """Initialised parameters (logically partitioned boxes removed)."""
   tokens = jnp.zeros((batch_size, seq_len or min(cfg.max_len, 8)), jnp.int32)

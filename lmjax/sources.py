@@ -88,7 +88,10 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
     val_examples = tasks.examples(fc.task, fc.num_val, cfg.seed + 1)
   else:
     train_examples = finetune.read_jsonl(fc.train_file, tokenizer)
-    val_examples = finetune.read_jsonl(fc.val_file, tokenizer) if fc.val_file else train_examples[-max(1, len(train_examples) // 10):]
+    if fc.val_file:
+      val_examples = finetune.read_jsonl(fc.val_file, tokenizer)
+    else:
+      train_examples, val_examples = finetune.hold_out(train_examples, fc.train_file)
   train_sft, val_sft = (finetune.tokenize(e, tokenizer, tc.seq_len) for e in (train_examples, val_examples))
   if train_sft.truncated or val_sft.truncated:
     print(f"WARNING: {train_sft.truncated} training and {val_sft.truncated} validation prompts were longer than "
@@ -118,24 +121,14 @@ def _trainable(setup: RunSetup, cfg, base) -> RunSetup:
   return setup
 
 
-def _encode_padded(tokenizer, texts, seq_len: int):
-  """Token ids [N, seq_len] and positions (-1 = padding) for texts cut to seq_len tokens."""
-  tokens = np.zeros((len(texts), seq_len), np.int32)
-  positions = np.full((len(texts), seq_len), -1, np.int32)
-  for row, text in enumerate(texts):
-    ids = tokenizer.encode(text)[:seq_len]
-    tokens[row, :len(ids)], positions[row, :len(ids)] = ids, np.arange(len(ids))
-  return tokens, positions
-
-
 def _search(cfg, model_cfg, base, tokenizer, workdir: str) -> RunSetup:
   """Retrieval fine-tuning: (query, paraphrased passage) pairs for an in-batch contrastive loss."""
   fc, tc = cfg.finetune, cfg.train
 
   def pairs(count, seed):
     passages, queries, relevant = tasks.search_set(count, seed)
-    q, q_pos = _encode_padded(tokenizer, queries, tc.seq_len)
-    p, p_pos = _encode_padded(tokenizer, [passages[r] for r in relevant], tc.seq_len)
+    q, q_pos = data.encode_padded(tokenizer, queries, tc.seq_len)
+    p, p_pos = data.encode_padded(tokenizer, [passages[r] for r in relevant], tc.seq_len)
     return {"query": q, "query_pos": q_pos, "passage": p, "passage_pos": p_pos}
 
   def batch_at(arrays, seed, step, p, n):

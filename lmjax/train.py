@@ -62,18 +62,10 @@ def lm_loss(run_model, batch) -> jax.Array:
   return cross_entropy(run_model(batch["inputs"]), batch["targets"], batch.get("mask"))
 
 
-def mean_pooled(run_model, tokens_BT, positions_BT) -> jax.Array:
-  """L2-normalised mean of the last hidden states over real (position >= 0) tokens."""
-  hidden_BTD = run_model(tokens_BT, positions_BT=positions_BT, return_hidden=True)
-  valid_BT1 = (positions_BT >= 0)[..., None]
-  pooled_BD = (hidden_BTD * valid_BT1).sum(1) / jnp.maximum(valid_BT1.sum(1), 1)
-  return pooled_BD / jnp.linalg.norm(pooled_BD, axis=-1, keepdims=True)
-
-
 def contrastive_loss(run_model, batch, temperature: float = 0.05) -> jax.Array:
   """InfoNCE over in-batch negatives: query i should be closest to passage i (retrieval)."""
-  q_BD = mean_pooled(run_model, batch["query"], batch["query_pos"])
-  p_BD = mean_pooled(run_model, batch["passage"], batch["passage_pos"])
+  q_BD = evaluate.mean_pooled(run_model, batch["query"], batch["query_pos"])
+  p_BD = evaluate.mean_pooled(run_model, batch["passage"], batch["passage_pos"])
   logits_BB = q_BD @ p_BD.T / temperature
   return optax.softmax_cross_entropy_with_integer_labels(logits_BB, jnp.arange(logits_BB.shape[0])).mean()
 
@@ -84,14 +76,9 @@ def state_shardings(model_cfg, optimizer, mesh, rules, trainable=None):
   Model params shard by their logical axis names; a `trainable` tree of another shape (LoRA
   adapters, small) is replicated.
   """
-  def boxed_state():
-    if trainable is None:
-      tokens = jnp.zeros((1, min(model_cfg.max_len, 8)), jnp.int32)
-      params = model.Transformer(model_cfg).init(jax.random.key(0), tokens)["params"]
-    else:
-      params = trainable
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32))
-  boxed = jax.eval_shape(boxed_state)
+  params = model.boxed_param_shapes(model_cfg) if trainable is None else trainable
+  boxed = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p),
+                                              jnp.zeros((), jnp.int32)), params)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
@@ -216,7 +203,7 @@ def train(cfg, workdir: str) -> dict:
                                         trainable=setup.initial if lora else None)
   frozen, frozen_sh = None, None
   if setup.frozen is not None:  # the frozen base shards like model params
-    frozen_sh = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)[1].params
+    frozen_sh = sharding.logical_shardings(model.boxed_param_shapes(model_cfg), mesh, cfg.mesh.rules)
     frozen = jax.device_put(jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), setup.frozen), frozen_sh)
 
   ckpt = checkpoint.Checkpointer(workdir, tc.max_to_keep)

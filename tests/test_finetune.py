@@ -40,6 +40,14 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
   assert sft.loss_mask[0].tolist() == [0] * 9 + [1] * 4
 
 
+def test_validation_is_held_out_not_trained_on():
+  examples = [finetune.Example(f"p{i}", f"r{i}") for i in range(25)]
+  train_part, val_part = finetune.hold_out(examples, "data.jsonl")
+  assert train_part == examples[:23] and val_part == examples[23:]
+  with pytest.raises(ValueError, match="one example"):
+    finetune.hold_out(examples[:1], "data.jsonl")
+
+
 def test_bad_jsonl_lines_are_reported_and_the_run_does_not_start(tmp_path, corpus_file):
   path = tmp_path / "train.jsonl"
   path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\nnot json\n{"prompt": "c", "response": "d"}\n'
