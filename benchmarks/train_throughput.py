@@ -4,7 +4,7 @@ For each shape prints compile time, steps/s, tokens/s, model TFLOP/s and MFU
 against this machine's matmul peak, measured in the same run (fp32 and bf16).
 
   python benchmarks/train_throughput.py                      # default and :gpu shapes
-  python benchmarks/train_throughput.py --shapes=default --dtypes=float32,bfloat16
+  python benchmarks/train_throughput.py --shapes=default --precisions=fp32,bf16-matmul
 """
 import os
 import time
@@ -18,16 +18,19 @@ from lmjax import config as config_lib, flops, model, sharding, train
 _EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py")
 
 _SHAPES = flags.DEFINE_list("shapes", ["default", "gpu"], "default: 4x128, batch 12x64; gpu: 6x384, batch 16x256.")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure (params stay fp32).")
+# precision name -> (model.dtype, model.matmul_dtype); parameters stay fp32 in all of them.
+_PRECISIONS = {"fp32": ("float32", ""), "bf16-matmul": ("float32", "bfloat16"), "bf16": ("bfloat16", "")}
+_PRECISION = flags.DEFINE_list("precisions", list(_PRECISIONS),
+                               "fp32; bf16-matmul: bf16 matmul operands, fp32 activations; bf16: bf16 compute.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Measuring time per configuration.")
 _VOCAB = 78  # the Shakespeare character vocabulary
 
 
-def experiment(shape: str, dtype: str):
+def experiment(shape: str, precision: str):
   cfg = config_lib.load_experiment(_EXPERIMENT + (":gpu" if shape == "gpu" else ""))
   if shape == "gpu":
     cfg.train.batch_size = 16  # the shape of the nanoGPT reference measurement on this machine
-  cfg.model.dtype = dtype
+  cfg.model.dtype, cfg.model.matmul_dtype = _PRECISIONS[precision]
   return cfg
 
 
@@ -68,10 +71,10 @@ def main(_):
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
         f"measured matmul peak: fp32 {peaks['float32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bfloat16'] / 1e12:.3f} TFLOP/s")
   for shape in _SHAPES.value:
-    for dtype in _DTYPES.value:
-      cfg = experiment(shape, dtype)
+    for precision in _PRECISION.value:
+      cfg = experiment(shape, precision)
       r = measure(cfg)
-      print(f"{shape:7s} {dtype:8s} {r['params'] / 1e6:5.2f}M params batch {cfg.train.batch_size}x{cfg.train.seq_len}: "
+      print(f"{shape:7s} {precision:11s} {r['params'] / 1e6:5.2f}M params batch {cfg.train.batch_size}x{cfg.train.seq_len}: "
             f"compile {r['compile_s']:5.1f} s  {r['ms_per_step']:8.1f} ms/step  {1e3 / r['ms_per_step']:6.2f} steps/s  "
             f"{r['tokens_per_sec']:8.0f} tok/s  {r['model_tflops']:.3f} TFLOP/s  "
             f"MFU {100 * r['model_tflops'] * 1e12 / peaks['float32']:.1f}% of fp32 peak, "

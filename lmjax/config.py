@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
                if f.name not in DERIVED_MODEL_FIELDS}
   cfg.model.n_kv_heads = 0  # 0 = n_heads (ConfigDict fields keep one type; None would lock to None)
   cfg.model.head_dim = 0  # 0 = d_model // n_heads
+  cfg.model.matmul_dtype = ""  # '' = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmuls, fp32 elsewhere
   cfg.optim = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
                    grad_clip=1.0)
   cfg.train = dict(
@@ -79,6 +80,7 @@ def model_config(cfg, vocab_size: int) -> model.ModelConfig:
   values = {**cfg.model.to_dict(), "vocab_size": vocab_size, "max_len": cfg.train.seq_len}
   values["n_kv_heads"] = values["n_kv_heads"] or None
   values["head_dim"] = values["head_dim"] or None
+  values["matmul_dtype"] = values["matmul_dtype"] or None
   return model.ModelConfig.from_dict(values)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from lmjax import config as config_lib, data, finetune, model, tasks, tokenizers
 
 # Model fields a fine-tuning config may change on a loaded architecture.
-RUNTIME_MODEL_FIELDS = ("dtype", "dropout", "attn_dropout", "remat")
+RUNTIME_MODEL_FIELDS = ("dtype", "matmul_dtype", "dropout", "attn_dropout", "remat")
 
 
 @dataclasses.dataclass
@@ -78,6 +78,7 @@ def load_source(init_cfg, runtime: dict):
 def _finetuning(cfg, workdir: str) -> RunSetup:
   fc, tc = cfg.finetune, cfg.train
   runtime = {k: cfg.model[k] for k in RUNTIME_MODEL_FIELDS}
+  runtime["matmul_dtype"] = runtime["matmul_dtype"] or None  # '' in a config: the same as dtype
   model_cfg, base, tokenizer = load_source(cfg.init, runtime)
   if tc.seq_len >= model_cfg.max_len + 1:
     raise ValueError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")

@@ -105,12 +105,14 @@ def test_rope_matches_pair_rotation_and_is_relative():
   assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
 
 
-@pytest.mark.parametrize("n_kv_heads,bias,rope", [(4, False, False), (2, True, False), (1, False, True)])
-def test_attention_matches_numpy(n_kv_heads, bias, rope):
+@pytest.mark.parametrize("n_kv_heads,bias,rope,blocks", [(4, False, False, 0), (2, True, False, 0), (1, False, True, 0),
+                                                         (4, False, False, 1), (4, True, False, 2), (2, False, True, 4)])
+def test_attention_matches_numpy(n_kv_heads, bias, rope, blocks):
+  """blocks 0: mask from positions; >0: the training path with a constant causal mask, in blocks."""
   cfg = tiny(n_kv_heads=n_kv_heads, attn_bias=bias, pos_encoding="rope" if rope else "none")
-  x = jax.random.normal(jax.random.key(2), (1, 7, cfg.d_model))
-  pos = jnp.arange(7)[None]
-  attn = M.Attention(cfg)
+  x = jax.random.normal(jax.random.key(2), (1, 8, cfg.d_model))
+  pos = jnp.arange(8)[None]
+  attn = M.Attention(cfg, causal_blocks=blocks)
   params = nn.unbox(attn.init(jax.random.key(3), x, pos, pos)["params"])
   if bias:  # non-zero biases, so the test sees them
     params = {k: v + 0.1 * (k.endswith("bias")) for k, v in params.items()}
@@ -119,6 +121,10 @@ def test_attention_matches_numpy(n_kv_heads, bias, rope):
   expected = np_attention(np.asarray(x[0], np.float64), np_params, cfg.n_heads, n_kv_heads,
                           cfg.rope_theta if rope else None)
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
+
+
+def test_causal_query_blocks_divide_the_sequence():
+  assert [M.causal_query_blocks(t) for t in (8, 64, 127, 128, 192, 256, 1024, 4096)] == [1, 1, 1, 2, 3, 4, 8, 8]
 
 
 @pytest.mark.parametrize("kind", M.MLP_KINDS)
@@ -236,13 +242,25 @@ def test_remat_keeps_values_and_gradients(policy):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_base, g_remat)
 
 
-def test_bf16_compute_gives_fp32_logits_close_to_fp32():
-  f32, bf16 = tiny(), tiny(dtype="bfloat16")
+@pytest.mark.parametrize("low_precision", [dict(dtype="bfloat16"), dict(matmul_dtype="bfloat16")])
+def test_bf16_compute_gives_fp32_logits_close_to_fp32(low_precision):
+  f32, bf16 = tiny(), tiny(**low_precision)
   params = M.init_params(f32, jax.random.key(10))
   tokens = random_tokens(f32)
   low = M.Transformer(bf16).apply({"params": params}, tokens)
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low, Transformer_apply(f32, params, tokens), atol=0.05)
+
+
+def test_bf16_operand_matmul_gradients_match_numpy():
+  """The custom backward of the mixed-precision matmul: fp32 gradients within bf16 rounding."""
+  rng = np.random.default_rng(0)
+  x, w, g = rng.normal(size=(24, 16)), rng.normal(size=(16, 8)), rng.normal(size=(24, 8))
+  loss = lambda x, w: jnp.sum(M.matmul_fp32_accumulate(x, w, jnp.bfloat16) * g)
+  dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  assert dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(dx, g @ w.T, rtol=0, atol=0.05 * np.abs(g @ w.T).max())
+  np.testing.assert_allclose(dw, x.T @ g, rtol=0, atol=0.05 * np.abs(x.T @ g).max())
 
 
 def test_params_carry_logical_axis_names():
