@@ -9,7 +9,9 @@ override dicts, or `random_search(space, count, seed)`. Each point is an ordinar
 `lmjax.main` in its own subdirectory (named by its overrides), so it resumes from its checkpoint
 when the sweep is re-run; finished points are skipped; a failing point is recorded with its error
 and the others go on. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png and one
-DIR/val_loss_vs_<field>.png per swept field.
+DIR/val_loss_vs_<field>.png per swept field. An experiment may also define
+`analyze_sweep(sweep_dir)`, called at the end with the sweep directory (the scaling study fits
+its power law there).
 """
 from __future__ import annotations
 
@@ -46,11 +48,16 @@ def random_search(space: dict, count: int, seed: int) -> list:
   return points
 
 
-def sweep_points(config_path: str) -> list:
-  """The override dicts of the experiment file's `get_sweep()`."""
+def _experiment_module(config_path: str):
   spec = importlib.util.spec_from_file_location("lmjax_sweep_experiment", config_path.partition(":")[0])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def sweep_points(config_path: str) -> list:
+  """The override dicts of the experiment file's `get_sweep()`."""
+  module = _experiment_module(config_path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{config_path} defines no get_sweep(); add one returning a grid or a list of overrides")
   sweep = module.get_sweep()
@@ -203,6 +210,9 @@ def main(argv):
     print(fh.read())
   failed = [r for r in records if r["status"] != "ok"]
   print(f"{len(records) - len(failed)} points finished, {len(failed)} failed; results in {f.workdir}")
+  analyze = getattr(_experiment_module(f.config), "analyze_sweep", None)
+  if analyze:  # the experiment's own study on top of the table, e.g. a scaling-law fit
+    analyze(f.workdir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Datasets (config field `data.dataset`):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import os
@@ -129,6 +131,17 @@ def _files_config(data_cfg) -> TextFilesConfig:
                          val_fraction=data_cfg.val_fraction, val_file=val_file)
 
 
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: str):
+  """Serialises dataset preparation: parallel runs (a sweep) sharing a data_dir would otherwise
+  race to move their prepared copies into the same place, and all but one would fail. A builder
+  made after the lock is taken sees the other process's finished copy and prepares nothing."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".lmjax_prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 def _read_splits(builder) -> tuple[str, str]:
   sources = builder.as_data_source()
   def text(split):
@@ -167,11 +180,12 @@ def load_splits(data_cfg) -> tuple[str, str]:
   """(train_text, validation_text) for `data_cfg.dataset`, preparing it on first use."""
   data_dir = os.path.expanduser(data_cfg.get("data_dir") or DEFAULT_DATA_DIR)
   tfds.disable_progress_bar()
-  if data_cfg.dataset == "shakespeare":
-    builder = Shakespeare(data_dir=data_dir, file_format="array_record")
-  elif data_cfg.dataset == "text_files":
-    builder = TextFiles(data_dir=data_dir, file_format="array_record", config=_files_config(data_cfg))
-  else:
-    return _catalog_splits(data_cfg, data_dir)
-  builder.download_and_prepare()
-  return _read_splits(builder)
+  with _data_dir_lock(data_dir):
+    if data_cfg.dataset == "shakespeare":
+      builder = Shakespeare(data_dir=data_dir, file_format="array_record")
+    elif data_cfg.dataset == "text_files":
+      builder = TextFiles(data_dir=data_dir, file_format="array_record", config=_files_config(data_cfg))
+    else:
+      return _catalog_splits(data_cfg, data_dir)
+    builder.download_and_prepare()
+    return _read_splits(builder)

@@ -1,0 +1,52 @@
+"""Scaling-law fit (lmjax/scaling.py) against synthetic laws, and a real model-size sweep with its report."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmjax import model, scaling
+from test_sweep import run_sweep, write_experiment
+
+
+def test_fit_recovers_a_known_power_law():
+  n = np.geomspace(2e4, 3e6, 7)
+  exact = 40.0 * n ** -0.35 + 1.3
+  fit = scaling.fit_power_law(n, exact)
+  assert fit["alpha"] == pytest.approx(0.35, abs=0.01)
+  assert fit["c"] == pytest.approx(1.3, abs=0.01)
+  assert fit["a"] == pytest.approx(40.0, rel=0.05)
+  assert fit["r2"] > 0.99999 and fit["rmse"] < 1e-3
+  noisy = exact + np.random.default_rng(0).normal(0, 0.005, n.shape)
+  fit = scaling.fit_power_law(n, noisy)
+  assert fit["alpha"] == pytest.approx(0.35, abs=0.08) and fit["r2"] > 0.99
+
+
+def test_fit_needs_four_sizes():
+  with pytest.raises(ValueError, match="at least 4 model sizes"):
+    scaling.fit_power_law([1e4, 1e5, 1e6], [3.0, 2.5, 2.2])
+
+
+def test_non_embedding_count_excludes_embeddings():
+  for tie, pos in ((True, "learned"), (False, "rope")):
+    cfg = model.ModelConfig(vocab_size=50, max_len=16, d_model=24, n_layers=3, n_heads=2, d_ff=40, mlp="gelu",
+                            norm="layernorm", pos_encoding=pos, tie_embeddings=tie)
+    # per layer: q, k, v, o (4 d^2), w1 and w2 (2 d F), two LayerNorms (4 d); plus the final LayerNorm
+    assert model.non_embedding_param_count(cfg) == 3 * (4 * 24 * 24 + 2 * 24 * 40 + 4 * 24) + 2 * 24
+
+
+def test_model_size_sweep_writes_the_scaling_report(tmp_path, corpus_file):
+  config = write_experiment(tmp_path, corpus_file,
+                            '[{"model.d_model": d, "model.d_ff": 2 * d} for d in (8, 16, 24, 32)]')
+  with open(config, "a") as f:
+    f.write("\ndef analyze_sweep(sweep_dir):\n  from lmjax import scaling\n  scaling.report(sweep_dir)\n")
+  workdir = str(tmp_path / "sweep")
+  result = run_sweep(config, workdir, "--parallel=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(os.path.join(workdir, "scaling.json")) as f:
+    fit = json.load(f)
+  # the tiny experiment: 2 layers, SwiGLU (3 d F), RMSNorm (2 d per layer + final d)
+  assert [p["n"] for p in fit["points"]] == [2 * (4 * d * d + 3 * d * 2 * d + 2 * d) + d for d in (8, 16, 24, 32)]
+  assert all(p["val_loss"] > 0 for p in fit["points"]) and np.isfinite(fit["alpha"])
+  assert "L(N) =" in open(os.path.join(workdir, "scaling.md")).read()
+  assert os.path.getsize(os.path.join(workdir, "scaling.png")) > 0
