@@ -20,9 +20,11 @@ def get_config(variant: str = ""):
   cfg.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
   cfg.train.update(steps=2000, batch_size=12, seq_len=64, log_every=100, eval_every=250, eval_steps=20,
                    ckpt_every=500)
+  cfg.reference.update(step=2000, val_loss=1.886, source="nanoGPT, PyTorch fp32, 2-core CPU")
   if variant == "gpu":
     cfg.model.update(d_model=384, n_layers=6, n_heads=6, d_ff=1536, dropout=0.2)
     cfg.train.update(steps=5000, batch_size=64, seq_len=256, eval_every=250, eval_steps=200, ckpt_every=1000)
+    cfg.reference.update(step=5000, val_loss=1.47, source="nanoGPT's published GPU result")
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of shakespeare_char; known: '' (CPU default), 'gpu'")
   return cfg
@@ -30,4 +32,4 @@ def get_config(variant: str = ""):
 
 def get_sweep():
   """Learning-rate sweep of the default config: `python -m lmjax.sweep --config=experiments/shakespeare_char.py`."""
-  return {"optim.lr": [3e-4, 6e-4, 1e-3, 2e-3, 4e-3]}
+  return {"optim.lr": [3e-4, 6e-4, 1e-3, 2e-3, 4e-3, 8e-3]}

@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
       peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
   )
   cfg.mesh = dict(shape=(1, 1, 1), rules=sharding.DEFAULT_RULES)
+  # A published result the experiment reproduces (val_loss 0 = none): marked on loss.png and
+  # compared with the run's final validation loss in its last log line.
+  cfg.reference = dict(step=0, val_loss=0.0, source="")
   # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks.py) or finetune.train_file (JSONL of
   # {"prompt", "response"} or {"messages"}), and start from exactly one init source.
   cfg.init = dict(from_checkpoint="", pretrained="")

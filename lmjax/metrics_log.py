@@ -67,8 +67,11 @@ def read_metrics(workdir: str) -> list:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_loss(workdir: str) -> str:
-  """Train and validation loss against step, saved as workdir/loss.png."""
+def plot_loss(workdir: str, reference=None) -> str:
+  """Train and validation loss against step, saved as workdir/loss.png.
+
+  `reference`: a config's `reference` block (step, val_loss, source), drawn as a star.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -78,6 +81,9 @@ def plot_loss(workdir: str) -> str:
     points = [(r["step"], r[key]) for r in records if key in r]
     if points:
       ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
+  if reference and reference.val_loss:
+    ax.plot([reference.step], [reference.val_loss], "*", markersize=12, color="black",
+            label=f"reference: {reference.source or 'published'} ({reference.val_loss})")
   ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title=os.path.basename(os.path.abspath(workdir)))
   ax.grid(alpha=0.3)
   ax.legend()

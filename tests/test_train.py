@@ -44,9 +44,10 @@ def run_until_line(proc, prefix):
   raise AssertionError(f"process ended before printing {prefix!r}:\n" + "".join(seen))
 
 
-def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file):
+def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file, capsys):
   workdir = str(tmp_path / "run")
   cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=40, ckpt_every=20)
+  cfg.reference.update(step=40, val_loss=2.5, source="a test reference")
   final = train.train(cfg, workdir)
   records = read_jsonl(workdir)
   assert [r["step"] for r in records] == list(range(1, 41))
@@ -57,6 +58,8 @@ def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file):
   assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6) for r in evals)
   assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 0.5
   assert final["val_loss"] == evals[-1]["val_loss"]
+  assert (f"final val loss {evals[-1]['val_loss']:.4f} at step 40; reference 2.5 at step 40 (a test reference)"
+          in capsys.readouterr().out)
   for name in ("config.json", "tokenizer.json", "loss.png", "samples.txt"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
