@@ -3,6 +3,8 @@
 Positions (sinusoidal / learned / RoPE, with a GELU MLP) and feed-forward (ReLU / GELU / SwiGLU,
 with learned positions), at the default config's budget. SwiGLU's d_ff is 344 instead of 512 so
 that its three matrices hold as many parameters as the two of ReLU/GELU (equal parameter count).
+Sinusoidal positions are run twice: as is, and with token embeddings scaled by sqrt(d_model) as in
+the original Transformer (the table has amplitude 1, the embeddings start at std 0.02).
 
   python -m lmjax.sweep --config=experiments/arch_shakespeare.py --workdir=runs/arch
 """
@@ -18,5 +20,6 @@ def get_config(variant: str = ""):
 
 
 def get_sweep():
-  return [{"model.pos_encoding": "sinusoidal"}, {"model.pos_encoding": "learned"}, {"model.pos_encoding": "rope"},
+  return [{"model.pos_encoding": "sinusoidal"}, {"model.pos_encoding": "sinusoidal", "model.scale_embeddings": True},
+          {"model.pos_encoding": "learned"}, {"model.pos_encoding": "rope"},
           {"model.mlp": "relu"}, {"model.mlp": "swiglu", "model.d_ff": 344}]

@@ -69,6 +69,9 @@ class ModelConfig:
   attn_bias: bool = False  # biases on the q/k/v/o projections
   mlp_bias: bool = False
   tie_embeddings: bool = True
+  # Token embeddings times sqrt(d_model) on input (Vaswani et al. 2017, section 3.4), so that they
+  # are not swamped by sinusoidal positions of amplitude 1.
+  scale_embeddings: bool = False
   dropout: float = 0.0  # on embeddings and on each residual branch
   attn_dropout: float = 0.0  # on attention probabilities
   scan_layers: bool = True
@@ -403,6 +406,8 @@ class Transformer(nn.Module):
 
     embedding_VD = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    if cfg.scale_embeddings:
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
     if cfg.pos_encoding == "sinusoidal":
       x_BTD = x_BTD + sinusoidal_encoding(positions_BT, cfg.d_model).astype(dtype)
     elif cfg.pos_encoding == "learned":

@@ -123,6 +123,16 @@ def test_attention_matches_numpy(n_kv_heads, bias, rope, blocks):
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
+def test_scaled_embeddings_equal_a_table_times_sqrt_d():
+  cfg = tiny(tie_embeddings=False, pos_encoding="sinusoidal")
+  params = M.init_params(cfg, jax.random.key(4))
+  tokens = random_tokens(cfg)
+  scaled_table = {**params, "embedding": params["embedding"] * math.sqrt(cfg.d_model)}
+  np.testing.assert_allclose(Transformer_apply(tiny(tie_embeddings=False, pos_encoding="sinusoidal",
+                                                    scale_embeddings=True), params, tokens),
+                             Transformer_apply(cfg, scaled_table, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_causal_query_blocks_divide_the_sequence():
   assert [M.causal_query_blocks(t) for t in (8, 64, 127, 128, 192, 256, 1024, 4096)] == [1, 1, 1, 2, 3, 4, 8, 8]
 
