@@ -214,7 +214,7 @@ def _dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None) -> jax.Arra
   k = int(np.prod(w.shape[:in_dims]))
   lead = x.shape[:x.ndim - in_dims]
   x_MK, w_KN = x.reshape(-1, k), w.reshape(k, -1)
-  if operand_dtype == jnp.float32:
+  if operand_dtype == jnp.float32:  # plain autodiff already keeps everything fp32 (and remat sees a dot)
     y = jnp.dot(x_MK.astype(operand_dtype), w_KN.astype(operand_dtype), preferred_element_type=jnp.float32)
   else:
     y = matmul_fp32_accumulate(x_MK, w_KN, operand_dtype)
