@@ -79,11 +79,16 @@ def load_experiment(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
+def model_values(model_block) -> dict:
+  """A config's model block as ModelConfig values: the placeholders 0 and '' become None."""
+  values = model_block.to_dict()
+  for field in ("n_kv_heads", "head_dim", "matmul_dtype"):
+    values[field] = values[field] or None
+  return values
+
+
 def model_config(cfg, vocab_size: int) -> model.ModelConfig:
-  values = {**cfg.model.to_dict(), "vocab_size": vocab_size, "max_len": cfg.train.seq_len}
-  values["n_kv_heads"] = values["n_kv_heads"] or None
-  values["head_dim"] = values["head_dim"] or None
-  values["matmul_dtype"] = values["matmul_dtype"] or None
+  values = {**model_values(cfg.model), "vocab_size": vocab_size, "max_len": cfg.train.seq_len}
   return model.ModelConfig.from_dict(values)
 
 

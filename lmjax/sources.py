@@ -77,8 +77,7 @@ def load_source(init_cfg, runtime: dict):
 
 def _finetuning(cfg, workdir: str) -> RunSetup:
   fc, tc = cfg.finetune, cfg.train
-  runtime = {k: cfg.model[k] for k in RUNTIME_MODEL_FIELDS}
-  runtime["matmul_dtype"] = runtime["matmul_dtype"] or None  # '' in a config: the same as dtype
+  runtime = {k: v for k, v in config_lib.model_values(cfg.model).items() if k in RUNTIME_MODEL_FIELDS}
   model_cfg, base, tokenizer = load_source(cfg.init, runtime)
   if tc.seq_len >= model_cfg.max_len + 1:
     raise ValueError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")
