@@ -19,7 +19,7 @@ import os
 import ml_collections
 import numpy as np
 
-from lmjax import config as config_lib, metrics_log, model
+from lmjax import config as config_lib, metrics_log, model, sweep
 
 
 def fit_power_law(n, loss) -> dict:
@@ -53,7 +53,7 @@ def sweep_points(sweep_dir: str) -> list:
   points = []
   for name in sorted(os.listdir(sweep_dir)):
     workdir = os.path.join(sweep_dir, name)
-    if not os.path.exists(os.path.join(workdir, "sweep_done.json")):
+    if not os.path.exists(os.path.join(workdir, sweep.DONE_FILE)):
       continue
     with open(os.path.join(workdir, "config.json")) as f:
       cfg = ml_collections.ConfigDict(json.load(f))

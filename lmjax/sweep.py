@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-_DONE = "sweep_done.json"
+DONE_FILE = "sweep_done.json"  # in a point's workdir once it finished: re-runs skip it
 
 
 def random_search(space: dict, count: int, seed: int) -> list:
@@ -79,7 +79,7 @@ def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
 def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
   """Runs (or resumes) one point unless it has finished; returns its status record."""
   workdir = os.path.join(sweep_dir, point_name(overrides))
-  done_path = os.path.join(workdir, _DONE)
+  done_path = os.path.join(workdir, DONE_FILE)
   if os.path.exists(done_path):
     with open(done_path) as f:
       return json.load(f)
