@@ -48,7 +48,7 @@ def predict(fit: dict, n) -> np.ndarray:
   return fit["a"] * np.asarray(n, np.float64) ** (-fit["alpha"]) + fit["c"]
 
 
-def sweep_points(sweep_dir: str) -> list:
+def finished_runs(sweep_dir: str) -> list:
   """(non-embedding params, final val loss, run name) of each finished run in the sweep, by size."""
   points = []
   for name in sorted(os.listdir(sweep_dir)):
@@ -66,7 +66,10 @@ def sweep_points(sweep_dir: str) -> list:
 
 def report(sweep_dir: str) -> dict:
   """Fits the law to the sweep's runs; writes scaling.{json,md,png}; returns the fit."""
-  points = sweep_points(sweep_dir)
+  points = finished_runs(sweep_dir)
+  if len(points) < 4:
+    raise ValueError(f"{sweep_dir} has {len(points)} finished runs with a validation loss; the power-law fit "
+                     "needs at least 4 model sizes: re-run the sweep to finish (or fix) the others")
   n, loss = np.array([p[0] for p in points]), np.array([p[1] for p in points])
   fit = fit_power_law(n, loss)
   lines = ["| non-embedding params N | final val loss | fitted | run |", "|---:|---:|---:|---|"]

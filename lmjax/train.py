@@ -294,8 +294,9 @@ def train(cfg, workdir: str) -> dict:
     else:
       _write_samples(cfg, model_cfg, final_params, setup.tokenizer, workdir)
     metrics_log.plot_loss(workdir, cfg.reference)
-    evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r]
-    if cfg.reference.val_loss and evals:
+    # From metrics.jsonl, not `metrics`: a finished run re-started only re-samples and has no new eval.
+    evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if cfg.reference.val_loss else []
+    if evals:
       print(f"final val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}; reference "
             f"{cfg.reference.val_loss} at step {cfg.reference.step} ({cfg.reference.source})", flush=True)
   return metrics

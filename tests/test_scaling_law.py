@@ -27,6 +27,12 @@ def test_fit_needs_four_sizes():
     scaling.fit_power_law([1e4, 1e5, 1e6], [3.0, 2.5, 2.2])
 
 
+def test_report_on_a_sweep_without_enough_finished_runs_says_so(tmp_path):
+  (tmp_path / "unfinished_point").mkdir()
+  with pytest.raises(ValueError, match="0 finished runs with a validation loss.*at least 4"):
+    scaling.report(str(tmp_path))
+
+
 def test_non_embedding_count_excludes_embeddings():
   for tie, pos in ((True, "learned"), (False, "rope")):
     cfg = model.ModelConfig(vocab_size=50, max_len=16, d_model=24, n_layers=3, n_heads=2, d_ff=40, mlp="gelu",
