@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from lmjax import sharding
 
@@ -170,37 +171,60 @@ def _param(module: nn.Module, name: str, shape, axes, std: float | None):
                       jnp.dtype(module.cfg.param_dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul_fp32_accumulate(x_MK, w_KN, operand_dtype) -> jax.Array:
-  """x @ w with operands cast to `operand_dtype` and fp32 accumulation, forward and backward.
+def _row_major_transpose(a_XY) -> jax.Array:
+  """a.T as a physically transposed row-major array on CPU (a plain transpose elsewhere).
+
+  XLA:CPU's bf16 matmul kernels (YNNPACK) take only the plain [M, K] @ [K, N]
+  row-major form; a dot with a transposed operand is upcast to fp32 and runs at
+  the fp32 rate (measured: [4096,384] @ [1152,384]^T 18 ms, 10 ms after this
+  copy). XLA would fold a plain transpose into the dot, so the layout is pinned.
+  GPU and TPU matmuls read transposed operands natively and need no copy.
+  """
+  if jax.default_backend() != "cpu":
+    return a_XY.T
+  return with_layout_constraint(a_XY.T, Layout(major_to_minor=(0, 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul_fp32_accumulate(x_MK, w, operand_dtype, w_is_NK: bool = False) -> jax.Array:
+  """x @ w (x @ w.T when `w_is_NK`), operands cast to `operand_dtype`, fp32 accumulation.
 
   Plain autodiff of a bf16 dot with an fp32 result meets an fp32 cotangent and
   upcasts the other operand, so both backward matmuls would run at the fp32
   rate; here the cotangent is cast to the operand dtype instead (as in bf16
-  training), and the gradients come back in the dtypes of x and w.
+  training), and the gradients come back in the dtypes of x and w. Every one of
+  the three matmuls is issued in the plain row-major form (`_row_major_transpose`),
+  which is also why a [N, K] weight (the tied embedding) is passed as it is
+  stored rather than transposed by the caller: XLA would fold that transpose
+  into the weight-gradient dot after its bf16 support was decided.
   """
-  return jnp.dot(x_MK.astype(operand_dtype), w_KN.astype(operand_dtype), preferred_element_type=jnp.float32)
+  return _matmul_fwd(x_MK, w, operand_dtype, w_is_NK)[0]
 
 
-def _matmul_fwd(x_MK, w_KN, operand_dtype):
-  x_op, w_op = x_MK.astype(operand_dtype), w_KN.astype(operand_dtype)
+def _matmul_fwd(x_MK, w, operand_dtype, w_is_NK):
+  x_op, w_op = x_MK.astype(operand_dtype), w.astype(operand_dtype)
+  w_KN = _row_major_transpose(w_op) if w_is_NK else w_op
   # Zero-size arrays carry the input dtypes to the backward pass.
-  dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w_KN.dtype))
-  return jnp.dot(x_op, w_op, preferred_element_type=jnp.float32), (x_op, w_op, dtypes)
+  dtypes = (jnp.zeros((0,), x_MK.dtype), jnp.zeros((0,), w.dtype))
+  return jnp.dot(x_op, w_KN, preferred_element_type=jnp.float32), (x_op, w_op, dtypes)
 
 
-def _matmul_bwd(operand_dtype, residuals, g_MN):
+def _matmul_bwd(operand_dtype, w_is_NK, residuals, g_MN):
   x_op, w_op, (x_dtype, w_dtype) = residuals
   g_MN = g_MN.astype(operand_dtype)
-  dx_MK = jnp.dot(g_MN, w_op.T, preferred_element_type=jnp.float32).astype(x_dtype.dtype)
-  dw_KN = jnp.dot(x_op.T, g_MN, preferred_element_type=jnp.float32).astype(w_dtype.dtype)
-  return dx_MK, dw_KN
+  w_NK = w_op if w_is_NK else _row_major_transpose(w_op)
+  dx_MK = jnp.dot(g_MN, w_NK, preferred_element_type=jnp.float32)
+  if w_is_NK:
+    dw = jnp.dot(_row_major_transpose(g_MN), x_op, preferred_element_type=jnp.float32)
+  else:
+    dw = jnp.dot(_row_major_transpose(x_op), g_MN, preferred_element_type=jnp.float32)
+  return dx_MK.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
 
 
 matmul_fp32_accumulate.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None) -> jax.Array:
+def _dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None, w_is_NK: bool = False) -> jax.Array:
   """Contracts the last `in_dims` dims of x with the first `in_dims` of w, as one 2-D matmul.
 
   Flattening to [tokens, features] @ [features, out] matters on XLA:CPU: a dot
@@ -208,17 +232,24 @@ def _dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None) -> jax.Arra
   einsum) runs ~2x slower than the same matmul in 2-D. Operands are cast to
   `matmul_dtype` (default: the compute dtype) and accumulated in fp32, so bf16
   operands with fp32 activations are one setting: the matmuls run at the bf16
-  rate while norms, softmax and the residual stream stay fp32.
+  rate while norms, softmax and the residual stream stay fp32. `w_is_NK`: w is
+  [out, in] (the tied embedding as the output projection) and x contracts with
+  its last dim.
   """
   operand_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
-  k = int(np.prod(w.shape[:in_dims]))
-  lead = x.shape[:x.ndim - in_dims]
-  x_MK, w_KN = x.reshape(-1, k), w.reshape(k, -1)
-  if operand_dtype == jnp.float32:  # plain autodiff already keeps everything fp32 (and remat sees a dot)
-    y = jnp.dot(x_MK.astype(operand_dtype), w_KN.astype(operand_dtype), preferred_element_type=jnp.float32)
+  if w_is_NK:
+    k, out_dims, w_2d = w.shape[1], w.shape[:1], w
   else:
-    y = matmul_fp32_accumulate(x_MK, w_KN, operand_dtype)
-  return y.reshape(*lead, *w.shape[in_dims:]).astype(out_dtype or cfg.dtype)
+    k, out_dims = int(np.prod(w.shape[:in_dims])), w.shape[in_dims:]
+    w_2d = w.reshape(k, -1)
+  lead = x.shape[:x.ndim - in_dims]
+  x_MK = x.reshape(-1, k)
+  if operand_dtype == jnp.float32:  # plain autodiff already keeps everything fp32 (and remat sees a dot)
+    y = jnp.dot(x_MK.astype(operand_dtype), (w_2d.T if w_is_NK else w_2d).astype(operand_dtype),
+                preferred_element_type=jnp.float32)
+  else:
+    y = matmul_fp32_accumulate(x_MK, w_2d, operand_dtype, w_is_NK)
+  return y.reshape(*lead, *out_dims).astype(out_dtype or cfg.dtype)
 
 
 class Norm(nn.Module):
@@ -436,7 +467,7 @@ class Transformer(nn.Module):
     if return_hidden:  # the last hidden states (after the final norm), e.g. for embeddings
       return x_BTD.astype(jnp.float32)
     if cfg.tie_embeddings:
-      logits_BTV = _dense(x_BTD, embedding_VD.T, cfg, out_dtype=jnp.float32)
+      logits_BTV = _dense(x_BTD, embedding_VD, cfg, out_dtype=jnp.float32, w_is_NK=True)
     else:
       head_DV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
       logits_BTV = _dense(x_BTD, head_DV, cfg, out_dtype=jnp.float32)

@@ -262,15 +262,34 @@ def test_bf16_compute_gives_fp32_logits_close_to_fp32(low_precision):
   np.testing.assert_allclose(low, Transformer_apply(f32, params, tokens), atol=0.05)
 
 
-def test_bf16_operand_matmul_gradients_match_numpy():
-  """The custom backward of the mixed-precision matmul: fp32 gradients within bf16 rounding."""
+@pytest.mark.parametrize("w_is_NK", [False, True])
+def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
+  """The custom backward of the mixed-precision matmul, compiled: fp32 gradients within bf16 rounding.
+
+  Compiled because XLA:CPU rewrites the backward dots (layouts, transposes) only
+  inside one program; `w_is_NK` is the tied-embedding head, x @ w.T.
+  """
   rng = np.random.default_rng(0)
-  x, w, g = rng.normal(size=(24, 16)), rng.normal(size=(16, 8)), rng.normal(size=(24, 8))
-  loss = lambda x, w: jnp.sum(M.matmul_fp32_accumulate(x, w, jnp.bfloat16) * g)
-  dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-  assert dx.dtype == dw.dtype == jnp.float32
-  np.testing.assert_allclose(dx, g @ w.T, rtol=0, atol=0.05 * np.abs(g @ w.T).max())
-  np.testing.assert_allclose(dw, x.T @ g, rtol=0, atol=0.05 * np.abs(x.T @ g).max())
+  x, w_KN, g = rng.normal(size=(24, 16)), rng.normal(size=(16, 8)), rng.normal(size=(24, 8))
+  w = w_KN.T if w_is_NK else w_KN
+  loss = lambda x, w: jnp.sum(M.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK) * g)
+  y = jax.jit(lambda x, w: M.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(x.astype(np.float32), w.astype(np.float32))
+  dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(y, x @ w_KN, rtol=0, atol=0.05 * np.abs(x @ w_KN).max())
+  np.testing.assert_allclose(dx, g @ w_KN.T, rtol=0, atol=0.05 * np.abs(g @ w_KN.T).max())
+  dw_KN = x.T @ g
+  np.testing.assert_allclose(dw, dw_KN.T if w_is_NK else dw_KN, rtol=0, atol=0.05 * np.abs(dw_KN).max())
+
+
+def test_bf16_matmul_model_gradients_close_to_fp32():
+  """The whole compiled gradient with bf16 matmul operands (tied head included) tracks fp32."""
+  f32, bf16 = tiny(), tiny(matmul_dtype="bfloat16")
+  params = M.init_params(f32, jax.random.key(11))
+  tokens = random_tokens(f32)
+  grad = lambda cfg: jax.jit(jax.grad(lambda p: M.Transformer(cfg).apply({"params": p}, tokens).std()))(params)
+  for a, b in zip(jax.tree.leaves(grad(f32)), jax.tree.leaves(grad(bf16))):
+    np.testing.assert_allclose(b, a, rtol=0, atol=0.05 * float(np.abs(a).max()) + 1e-6)
 
 
 def test_params_carry_logical_axis_names():
