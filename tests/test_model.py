@@ -282,6 +282,30 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
   np.testing.assert_allclose(dw, dw_KN.T if w_is_NK else dw_KN, rtol=0, atol=0.05 * np.abs(dw_KN).max())
 
 
+@pytest.mark.parametrize("operand_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtype, tol, with_dropout):
+  """The hand-written backward (and the bf16-operand path) against jax.grad of the textbook formula."""
+  rng = np.random.default_rng(3)
+  q, dout = (jnp.asarray(rng.normal(size=(2, 2, 16, 8)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(2, 2, 12, 8)), jnp.float32) for _ in range(2))
+  bias = jnp.where(rng.random((2, 1, 16, 12)) < 0.3, M._MASK_VALUE, 0.0).at[..., 0].set(0.0)
+  keep = jnp.asarray((rng.random((2, 2, 16, 12)) < 0.8) / 0.8, jnp.float32) if with_dropout else None
+
+  def reference(q, k, v):
+    probs = jax.nn.softmax(jnp.einsum("bkmh,bksh->bkms", q, k) + bias, axis=-1)
+    return jnp.einsum("bkms,bksh->bkmh", probs if keep is None else probs * keep, v)
+
+  def vjp(f):
+    out, pullback = jax.vjp(f, q, k, v)
+    return (out, *pullback(dout))
+  expected = jax.jit(lambda: vjp(reference))()
+  got = jax.jit(lambda: vjp(lambda q, k, v: M.attention_core(q, k, v, bias, keep, operand_dtype)))()
+  for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
+
+
 def test_bf16_matmul_model_gradients_close_to_fp32():
   """The whole compiled gradient with bf16 matmul operands (tied head included) tracks fp32."""
   f32, bf16 = tiny(), tiny(matmul_dtype="bfloat16")
