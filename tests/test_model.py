@@ -284,13 +284,14 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
 
 @pytest.mark.parametrize("operand_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
 @pytest.mark.parametrize("with_dropout", [False, True])
-def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtype, tol, with_dropout):
+@pytest.mark.parametrize("rows", [16, M._MIN_ROWS_FOR_K_COPY])  # below / at the row-major K copy
+def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtype, tol, with_dropout, rows):
   """The hand-written backward (and the bf16-operand path) against jax.grad of the textbook formula."""
   rng = np.random.default_rng(3)
-  q, dout = (jnp.asarray(rng.normal(size=(2, 2, 16, 8)), jnp.float32) for _ in range(2))
+  q, dout = (jnp.asarray(rng.normal(size=(2, 2, rows, 8)), jnp.float32) for _ in range(2))
   k, v = (jnp.asarray(rng.normal(size=(2, 2, 12, 8)), jnp.float32) for _ in range(2))
-  bias = jnp.where(rng.random((2, 1, 16, 12)) < 0.3, M._MASK_VALUE, 0.0).at[..., 0].set(0.0)
-  keep = jnp.asarray((rng.random((2, 2, 16, 12)) < 0.8) / 0.8, jnp.float32) if with_dropout else None
+  bias = jnp.where(rng.random((2, 1, rows, 12)) < 0.3, M._MASK_VALUE, 0.0).at[..., 0].set(0.0)
+  keep = jnp.asarray((rng.random((2, 2, rows, 12)) < 0.8) / 0.8, jnp.float32) if with_dropout else None
 
   def reference(q, k, v):
     probs = jax.nn.softmax(jnp.einsum("bkmh,bksh->bkms", q, k) + bias, axis=-1)
@@ -304,6 +305,21 @@ def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtyp
   for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
+
+
+def test_attention_dropout_is_active_in_training_only():
+  """attn_dropout reaches attention_core: training outputs depend on the dropout key (and the
+  gradient is finite), evaluation equals the same model without attention dropout."""
+  cfg = tiny(attn_dropout=0.5)
+  params = M.init_params(cfg, jax.random.key(12))
+  tokens = random_tokens(cfg)
+  train = lambda p, key: M.Transformer(cfg).apply({"params": p}, tokens, deterministic=False, rngs={"dropout": key})
+  a, b = train(params, jax.random.key(1)), train(params, jax.random.key(2))
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+  np.testing.assert_allclose(M.Transformer(cfg).apply({"params": params}, tokens),
+                             Transformer_apply(tiny(), params, tokens), atol=1e-5)
+  grads = jax.jit(jax.grad(lambda p: train(p, jax.random.key(1)).mean()))(params)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 def test_bf16_matmul_model_gradients_close_to_fp32():
