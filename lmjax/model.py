@@ -28,6 +28,7 @@ from flax import linen as nn
 from jax.experimental.layout import Layout, with_layout_constraint
 
 from lmjax import sharding
+from lmjax.dropout import Dropout
 
 POS_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
 MLP_KINDS = ("relu", "gelu", "swiglu")
@@ -355,7 +356,7 @@ def causal_query_blocks(seq_len: int) -> int:
   return max(blocks, 1)
 
 
-def _attend(q_BKGTH, k_BKSH, v_BKSH, visible_TS, dropout: nn.Dropout, operand_dtype) -> jax.Array:
+def _attend(q_BKGTH, k_BKSH, v_BKSH, visible_TS, dropout: Dropout, operand_dtype) -> jax.Array:
   """`attention_core` for grouped heads; `visible_TS` broadcasts against [B, K, G, T, S]. fp32 result."""
   B, K, G, T, H = q_BKGTH.shape
   bias = jnp.where(visible_TS, 0.0, _MASK_VALUE)
@@ -412,7 +413,7 @@ class Attention(nn.Module):
     # Heads-first layout: the per-head [T, H] @ [H, S] matmuls then run on contiguous blocks.
     q_BKGTH = (q_BTNH.reshape(B, T, K, N // K, H) * jnp.asarray(H ** -0.5, dtype)).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = (c.astype(dtype).transpose(0, 2, 1, 3) for c in (k_BSKH, v_BSKH))
-    dropout = nn.Dropout(cfg.attn_dropout, deterministic=self.deterministic)
+    dropout = Dropout(cfg.attn_dropout, deterministic=self.deterministic)
     operand_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
     if self.causal_blocks:
       # Plain causal self-attention: a constant mask, and query block i sees keys [0, end of
@@ -474,7 +475,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, layer_cache, attn_inputs):
     q_pos_BT, k_pos_BS, cache_end = attn_inputs
-    drop = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+    drop = Dropout(self.cfg.dropout, deterministic=self.deterministic)
     h_BTD, new_cache = Attention(self.cfg, self.deterministic, self.causal_blocks, name="attn")(
         Norm(self.cfg, name="attn_norm")(x_BTD), q_pos_BT, k_pos_BS, layer_cache, cache_end)
     x_BTD = x_BTD + drop(h_BTD)
@@ -517,7 +518,7 @@ class Transformer(nn.Module):
     elif cfg.pos_encoding == "learned":
       pos_table_TD = _param(self, "pos_embedding", (cfg.max_len, cfg.d_model), ("length", "embed"), cfg.init_std)
       x_BTD = x_BTD + jnp.take(pos_table_TD, jnp.maximum(positions_BT, 0), axis=0).astype(dtype)
-    x_BTD = sharding.constrain(nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic), ACTIVATION_AXES)
+    x_BTD = sharding.constrain(Dropout(cfg.dropout)(x_BTD, deterministic=deterministic), ACTIVATION_AXES)
 
     block = Block
     if cfg.remat != "none":
