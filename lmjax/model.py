@@ -416,14 +416,18 @@ class Attention(nn.Module):
     dropout = Dropout(cfg.attn_dropout, deterministic=self.deterministic)
     operand_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
     if self.causal_blocks:
-      # Plain causal self-attention: a constant mask, and query block i sees keys [0, end of
-      # block i) only, so blocks above the diagonal are never computed (~40% less at 4 blocks).
-      size = T // self.causal_blocks
-      ends = range(size, T + 1, size)
+      # Plain causal self-attention: a constant mask, and query block i sees key blocks 0..i
+      # only, so blocks above the diagonal are never computed (~40% less at 4 blocks). Split
+      # rather than sliced: the backward then concatenates the blocks' gradients instead of
+      # summing zero-padded full-length copies (6x384 training step ~5% faster).
+      n, size = self.causal_blocks, T // self.causal_blocks
+      q_blocks = jnp.split(q_BKGTH, n, axis=3)
+      k_blocks, v_blocks = jnp.split(k_BKSH, n, axis=2), jnp.split(v_BKSH, n, axis=2)
       out_BKGTH = jnp.concatenate([
-          _attend(q_BKGTH[:, :, :, end - size:end], k_BKSH[:, :, :end], v_BKSH[:, :, :end],
-                  np.arange(end - size, end)[:, None] >= np.arange(end)[None, :], dropout, operand_dtype)
-          for end in ends], axis=3)
+          _attend(q_blocks[i], jnp.concatenate(k_blocks[:i + 1], axis=2), jnp.concatenate(v_blocks[:i + 1], axis=2),
+                  np.arange(i * size, (i + 1) * size)[:, None] >= np.arange((i + 1) * size)[None, :],
+                  dropout, operand_dtype)
+          for i in range(n)], axis=3)
     else:
       visible_BTS = (k_pos_BS[:, None, :] >= 0) & (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
       out_BKGTH = _attend(q_BKGTH, k_BKSH, v_BKSH, visible_BTS[:, None, None], dropout, operand_dtype)

@@ -123,6 +123,23 @@ def test_attention_matches_numpy(n_kv_heads, bias, rope, blocks):
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_causal_block_gradients_match_the_position_masked_path(n_kv_heads):
+  """The block path's backward (blocks split, key blocks concatenated) against jax.grad of the
+  one-matrix attention masked from positions, for the input and every parameter."""
+  cfg = tiny(n_kv_heads=n_kv_heads, pos_encoding="rope", attn_bias=True)
+  x = jax.random.normal(jax.random.key(2), (2, 8, cfg.d_model))
+  pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  params = nn.unbox(M.Attention(cfg).init(jax.random.key(3), x, pos, pos)["params"])
+  dout = jax.random.normal(jax.random.key(4), (2, 8, cfg.d_model))
+
+  def grads(blocks):
+    loss = lambda p, x: jnp.sum(M.Attention(cfg, causal_blocks=blocks).apply({"params": p}, x, pos, pos)[0] * dout)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  for got, expected in zip(jax.tree.leaves(grads(4)), jax.tree.leaves(grads(0))):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_scaled_embeddings_equal_a_table_times_sqrt_d():
   cfg = tiny(tie_embeddings=False, pos_encoding="sinusoidal")
   params = M.init_params(cfg, jax.random.key(4))
