@@ -1,10 +1,13 @@
 """Character-level Shakespeare: nanoGPT's "baby GPT" benchmark, the default of `make run`.
 
 Default: nanoGPT's CPU configuration (4 layers, 4 heads, d_model 128, context 64, batch 12,
-2000 steps, no dropout; nanoGPT reports val loss 1.88 on tiny-shakespeare).
-`:gpu` is its GPU configuration (6 layers, 6 heads, d_model 384, context 256, batch 64,
-5000 steps, dropout 0.2 on embeddings, residual branches and attention probabilities;
-published val loss 1.47), which needs an accelerator.
+2000 steps, no dropout; nanoGPT reports val loss 1.88 on tiny-shakespeare), with GPT-2 style
+biases on the projections and LayerNorms, which every result recorded for it uses (nanoGPT's
+train.py sets bias=False: `--config.model.attn_bias=False --config.model.mlp_bias=False
+--config.model.norm_bias=False`).
+`:gpu` is its GPU configuration exactly (6 layers, 6 heads, d_model 384, context 256, batch 64,
+5000 steps, no biases, dropout 0.2 on embeddings, residual branches and attention
+probabilities; published val loss 1.47), which needs an accelerator.
 """
 from lmjax import config
 
@@ -24,7 +27,8 @@ def get_config(variant: str = ""):
   cfg.reference.update(step=2000, val_loss=1.886, source="nanoGPT, PyTorch fp32, 2-core CPU")
   if variant == "gpu":
     # nanoGPT's dropout also drops attention probabilities (dropout_p of its attention call).
-    cfg.model.update(d_model=384, n_layers=6, n_heads=6, d_ff=1536, dropout=0.2, attn_dropout=0.2)
+    cfg.model.update(d_model=384, n_layers=6, n_heads=6, d_ff=1536, dropout=0.2, attn_dropout=0.2,
+                     attn_bias=False, mlp_bias=False, norm_bias=False)
     cfg.train.update(steps=5000, batch_size=64, seq_len=256, eval_every=250, eval_steps=200, ckpt_every=1000)
     cfg.reference.update(step=5000, val_loss=1.47, source="nanoGPT's published GPU result")
   elif variant:

@@ -72,6 +72,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   attn_bias: bool = False  # biases on the q/k/v/o projections
   mlp_bias: bool = False
+  norm_bias: bool = True  # LayerNorm's additive bias (nanoGPT's bias=False drops it; RMSNorm has none)
   tie_embeddings: bool = True
   # Token embeddings times sqrt(d_model) on input (Vaswani et al. 2017, section 3.4), so that they
   # are not swamped by sinusoidal positions of amplitude 1.
@@ -328,7 +329,7 @@ def _dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None, w_is_NK: bo
 
 
 class Norm(nn.Module):
-  """Pre-norm: LayerNorm (scale and bias) or RMSNorm (scale), computed in fp32."""
+  """Pre-norm: LayerNorm (scale, and bias unless `norm_bias` is off) or RMSNorm (scale), in fp32."""
   cfg: ModelConfig
 
   @nn.compact
@@ -339,7 +340,7 @@ class Norm(nn.Module):
       x = x - x.mean(-1, keepdims=True)
     x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.cfg.norm_eps)
     x = x * _param(self, "scale", (d,), ("embed",), None)
-    if self.cfg.norm == "layernorm":
+    if self.cfg.norm == "layernorm" and self.cfg.norm_bias:
       x = x + _param(self, "bias", (d,), ("embed",), 0)
     return x.astype(self.cfg.dtype)
 

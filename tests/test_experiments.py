@@ -36,3 +36,5 @@ def test_default_experiment_matches_nanogpt_cpu_config():
   gpu = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py:gpu"))
   assert (gpu.model.n_layers, gpu.model.d_model, gpu.train.seq_len, gpu.train.batch_size, gpu.train.steps,
           gpu.model.dropout, gpu.model.attn_dropout) == (6, 384, 256, 64, 5000, 0.2, 0.2)
+  # nanoGPT's train.py: bias=False (no biases in Linear layers or LayerNorms)
+  assert (gpu.model.attn_bias, gpu.model.mlp_bias, gpu.model.norm_bias) == (False, False, False)

@@ -182,6 +182,10 @@ def test_rmsnorm_and_layernorm_match_formula():
       {"params": {"scale": np.ones(8), "bias": np.full(8, 0.5)}}, x)
   np.testing.assert_allclose(ln, (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) + 0.5,
                              atol=1e-5)
+  ln_no_bias = M.Norm(tiny(norm="layernorm", norm_bias=False, d_model=8, norm_eps=1e-6)).apply(
+      {"params": {"scale": np.full(8, 3.0)}}, x)  # nanoGPT's LayerNorm(bias=False): a "bias" param would fail here
+  np.testing.assert_allclose(ln_no_bias, 3 * (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6),
+                             atol=1e-5)
 
 
 def test_scanned_and_unrolled_layers_agree():
@@ -200,7 +204,7 @@ def test_scanned_and_unrolled_layers_agree():
 def closed_form_params(c: M.ModelConfig) -> int:
   D, F, V, H = c.d_model, c.d_ff, c.vocab_size, c.head_dim or c.d_model // c.n_heads
   N, K = c.n_heads, c.n_kv_heads or c.n_heads
-  norm = D * (2 if c.norm == "layernorm" else 1)
+  norm = D * (2 if c.norm == "layernorm" and c.norm_bias else 1)
   attn = D * N * H * 2 + D * K * H * 2 + (N * H + 2 * K * H + D if c.attn_bias else 0)
   mlp = D * F * (3 if c.mlp == "swiglu" else 2)
   if c.mlp_bias:
@@ -213,6 +217,7 @@ def closed_form_params(c: M.ModelConfig) -> int:
 @pytest.mark.parametrize("overrides", [
     dict(),
     dict(norm="layernorm", mlp="relu", attn_bias=True, mlp_bias=True, pos_encoding="learned", tie_embeddings=False),
+    dict(norm="layernorm", norm_bias=False, pos_encoding="learned"),  # nanoGPT's bias=False
     dict(mlp="swiglu", n_kv_heads=1, head_dim=16, mlp_bias=True),
     # SmolLM2-135M's shape: the well-known 134,515,008 parameters.
     dict(vocab_size=49152, max_len=2048, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
