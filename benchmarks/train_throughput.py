@@ -5,9 +5,17 @@ against this machine's matmul peak, measured in the same run (fp32 and bf16).
 
   python benchmarks/train_throughput.py                      # default and :gpu shapes
   python benchmarks/train_throughput.py --shapes=default --precisions=fp32,bf16-matmul
+  python benchmarks/train_throughput.py --shapes=gpu --precisions=bf16-matmul \
+      --set=model.dropout=0 --set=model.attn_dropout=0   # the no-dropout comparison
 """
+import ast
 import os
 import time
+
+from lmjax import hugepages
+
+if __name__ == "__main__":  # before JAX is imported: this may re-execute the process
+  hugepages.reexec_with_huge_pages()
 
 import jax
 import numpy as np
@@ -23,6 +31,8 @@ _PRECISIONS = {"fp32": ("float32", ""), "bf16-matmul": ("float32", "bfloat16"), 
 _PRECISION = flags.DEFINE_list("precisions", list(_PRECISIONS),
                                "fp32; bf16-matmul: bf16 matmul operands, fp32 activations; bf16: bf16 compute.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Measuring time per configuration.")
+_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE config overrides for every measured configuration, "
+                                 "e.g. model.attn_dropout=0 (the readings of BUILD_NOTES' comparisons).")
 _VOCAB = 78  # the Shakespeare character vocabulary
 
 
@@ -31,6 +41,14 @@ def experiment(shape: str, precision: str):
   if shape == "gpu":
     cfg.train.batch_size = 16  # the shape of the nanoGPT reference measurement on this machine
   cfg.model.dtype, cfg.model.matmul_dtype = _PRECISIONS[precision]
+  for item in _SET.value:
+    key, _, text = item.partition("=")
+    if key not in config_lib.flat_keys(cfg):
+      raise ValueError(f"--set={item}: unknown field {key!r}; fields are {config_lib.flat_keys(cfg)}")
+    section, field = key.rsplit(".", 1)
+    old = cfg[section][field]
+    value = text if isinstance(old, str) else ast.literal_eval(text)
+    cfg[section][field] = float(value) if isinstance(old, float) else value
   return cfg
 
 

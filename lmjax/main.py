@@ -8,6 +8,10 @@ run's latest checkpoint.
 import os
 import sys
 
+if __name__ == "__main__":  # before JAX is imported: this may re-execute the process
+  from lmjax import hugepages
+  hugepages.reexec_with_huge_pages()
+
 from absl import app, flags
 from ml_collections import config_flags
 
