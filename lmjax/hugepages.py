@@ -5,7 +5,7 @@ from glibc's malloc, which maps them with 4 KiB pages; the many memory-bound pas
 over them (layout copies, norms, casts) then miss the TLB. With glibc's
 `glibc.malloc.hugetlb=1` tunable malloc asks the kernel for transparent huge pages
 (on kernels where THP is `always` or `madvise`), and the 6x384 training step ran
-1.17-1.31 s instead of 1.37-1.69 s (BUILD_NOTES, "Fifth round"). glibc reads its
+1.25-1.31 s instead of 1.37-1.69 s (BUILD_NOTES, "Fifth round"). glibc reads its
 tunables only when a process starts, so the entry points call `reexec_with_huge_pages`
 before importing JAX: it replaces the process (same PID, same arguments) with one that
 has the tunable set. `LMJAX_HUGE_PAGES=0` leaves the process as it is.
