@@ -2,7 +2,7 @@
 
 XLA:CPU takes every buffer of a step (activations, their transposed copies, gradients)
 from glibc's malloc, which maps them with 4 KiB pages; the many memory-bound passes
-over them (layout copies, norms, casts) then miss the TLB. With glibc's
+over them (layout copies, norms, casts) then, by all we measured, miss the TLB. With glibc's
 `glibc.malloc.hugetlb=1` tunable malloc asks the kernel for transparent huge pages
 (on kernels where THP is `always` or `madvise`), and the 6x384 training step ran
 1.25-1.31 s instead of 1.37-1.69 s (BUILD_NOTES, "Fifth round"). glibc reads its
