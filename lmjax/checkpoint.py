@@ -4,32 +4,85 @@ Safety rules (nothing good is ever lost):
 - Orbax writes each step to a temporary directory and renames it when
   complete; old steps beyond `max_to_keep` are removed only after a newer one
   has been committed.
-- A checkpoint that fails to restore (truncated, corrupted) is reported, moved
-  aside to `<workdir>/corrupt_checkpoints/<step>` (not deleted), and the
+- A checkpoint whose parameters have other shapes than the run asks for is a
+  config mismatch, not corruption: restoring stops with CheckpointMismatch and
+  nothing is moved.
+- Only a checkpoint that cannot be read (truncated, corrupted) is reported,
+  moved aside to `<workdir>/corrupt_checkpoints/<step>` (not deleted), and the
   previous one is tried.
+- Paths are taken literally. Orbax globs inside the checkpoint directory (the
+  per-process OCDBT merge) and tensorstore reads a backslash as a separator, so
+  a workdir named `run [v1]` would save steps that cannot be restored; such a
+  directory is handed to Orbax as `/proc/self/fd/N` of an open descriptor.
 - The state is restored into whatever shardings the caller asks for, so a run
   can resume on another mesh.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from lmjax import errors
+
+_GLOB_OR_SEPARATOR = set("[]*?\\")
+
+
+class CheckpointMismatch(errors.ConfigError):
+  """A saved step holds parameters of other names or shapes than the config builds."""
+
+
+class _LiteralDir:
+  """A directory path that Orbax and tensorstore read literally (see the module docstring)."""
+
+  def __init__(self, directory: str):
+    self.real = os.path.abspath(directory)
+    self._fd = None
+    self.path = self.real
+    if _GLOB_OR_SEPARATOR & set(self.real):
+      if not os.path.isdir("/proc/self/fd"):
+        raise errors.UserError(f"{self.real}: checkpoint paths containing any of '[', ']', '*', '?', '\\' are only "
+                               "supported on Linux; rename the directory")
+      self._fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY)
+      self.path = f"/proc/self/fd/{self._fd}"
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
+def step_dirs(workdir: str) -> list:
+  """The saved steps of a run (`<workdir>/checkpoints/<step>` directories), ascending."""
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def fingerprint(params) -> str:
+  """SHA-256 over a parameter tree's paths, dtypes, shapes and bytes: the identity of a set of weights."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda pl: jax.tree_util.keystr(pl[0])):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape};".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
 
 
 def load_params(step_dir: str):
   """The params of one saved step (`<workdir>/checkpoints/<step>`), for inference."""
-  item = os.path.join(os.path.abspath(step_dir), "default")
-  if not os.path.isdir(item):
+  if not os.path.isdir(os.path.join(step_dir, "default")):
     raise FileNotFoundError(f"{step_dir} is not an lmjax checkpoint step directory (no 'default' item inside); "
                             "pass <workdir>/checkpoints/<step>")
+  literal = _LiteralDir(step_dir)
   try:
+    item = os.path.join(literal.path, "default")
     checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(item)
-    tree = getattr(metadata, "item_metadata", metadata)
+    tree = _saved_tree(item)
     # Restore onto this process's first device, whatever mesh or process count saved it.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
@@ -37,6 +90,21 @@ def load_params(step_dir: str):
   except Exception as err:
     raise ValueError(f"checkpoint {step_dir} could not be read ({type(err).__name__}: {str(err)[:200]}); it may be "
                      "truncated or corrupted: use an earlier step") from err
+  finally:
+    literal.close()
+
+
+def _saved_tree(item: str) -> dict:
+  """The array metadata (shape, dtype) tree saved in a StandardSave item directory, without data."""
+  metadata = ocp.StandardCheckpointer().metadata(item)
+  tree = getattr(metadata, "item_metadata", metadata)
+  return getattr(tree, "tree", tree)
+
+
+def _shapes(tree) -> dict:
+  key = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(key(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpointer:
@@ -44,8 +112,10 @@ class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.quarantine = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
+    os.makedirs(self.directory, exist_ok=True)
+    self._literal = _LiteralDir(self.directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        self._literal.path,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
                                              create=True))
 
@@ -62,28 +132,50 @@ class Checkpointer:
   def restore_latest(self, abstract_state):
     """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
 
-    `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings.
+    `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings. Raises
+    CheckpointMismatch, moving nothing, when a step's parameters have other shapes than
+    `abstract_state.params`; a step that cannot be read is quarantined and the previous one tried.
     """
     for step in reversed(self.steps()):
+      try:
+        saved_tree = _saved_tree(os.path.join(self._literal.path, str(step), "default"))
+        saved_tree["params"]  # noqa: B018 (a step without params is not a train state)
+      except Exception as err:  # no readable metadata: this step cannot be trusted
+        self._quarantine(step, err)
+        continue
+      self._check_shapes(step, saved_tree, abstract_state)
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         jax.block_until_ready(state)
         return step, state
-      except Exception as err:  # any failure to read means this step cannot be trusted
-        target = os.path.join(self.quarantine, str(step))
-        logging.warning("checkpoint at step %d failed to restore (%s: %s); moved it to %s and trying the "
-                        "previous one", step, type(err).__name__, str(err)[:300], target)
-        print(f"WARNING: checkpoint at step {step} failed to restore ({type(err).__name__}); "
-              f"moved to {target}, falling back to the previous checkpoint", flush=True)
-        self._quarantine(step, target)
+      except Exception as err:  # the metadata matched, the data did not read: corrupted
+        self._quarantine(step, err)
     return None, None
 
-  def _quarantine(self, step: int, target: str) -> None:
+  def _check_shapes(self, step: int, saved_tree, abstract_state) -> None:
+    saved, wanted = _shapes(saved_tree["params"]), _shapes(abstract_state.params)
+    if saved == wanted:
+      return
+    differences = [f"{k}: saved {saved.get(k, 'absent')}, this config {wanted.get(k, 'absent')}"
+                   for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    raise CheckpointMismatch(
+        f"checkpoint step {step} in {self.directory} holds parameters of other names or shapes than this config "
+        f"builds ({len(differences)} differ):\n  " + "\n  ".join(differences[:10])
+        + "\nNothing was moved or changed. Resume with the config the run was saved with (its config.json), "
+        "or start this config in a new --workdir.")
+
+  def _quarantine(self, step: int, err: Exception) -> None:
     os.makedirs(self.quarantine, exist_ok=True)
+    target = os.path.join(self.quarantine, str(step))
     if os.path.exists(target):
       target = f"{target}.{len(os.listdir(self.quarantine))}"
+    logging.warning("checkpoint at step %d failed to restore (%s: %s); moved it to %s and trying the "
+                    "previous one", step, type(err).__name__, str(err)[:300], target)
+    print(f"WARNING: checkpoint at step {step} failed to restore ({type(err).__name__}); "
+          f"moved to {target}, falling back to the previous checkpoint", flush=True)
     shutil.move(os.path.join(self.directory, str(step)), target)
     self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()
+    self._literal.close()

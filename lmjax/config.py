@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 
 import ml_collections
 
-from lmjax import model, sharding
+from lmjax import errors, model, sharding
 
 # Model fields that the run derives: the vocabulary from the tokenizer, max_len from train.seq_len.
 DERIVED_MODEL_FIELDS = ("vocab_size", "max_len")
@@ -36,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model.head_dim = 0  # 0 = d_model // n_heads
   cfg.model.matmul_dtype = ""  # '' = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmuls, fp32 elsewhere
   cfg.optim = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
-                   grad_clip=1.0)
+                   grad_clip=1.0,
+                   decay_steps=0)  # steps of warmup + cosine decay; 0 = train.steps (then min_lr is held)
   cfg.train = dict(
       steps=2000,
       batch_size=12,  # global batch, in sequences
@@ -102,13 +104,110 @@ def flat_keys(cfg, prefix: str = "") -> list:
   return keys
 
 
+# Numeric ranges, checked before anything is prepared: (low, low included, high, high included).
+_RANGES = {
+    "seed": (0, True, None, False),
+    "data.val_fraction": (0.0, False, 1.0, False),
+    "data.vocab_size": (0, True, None, False),
+    "optim.lr": (0.0, False, None, False),
+    "optim.min_lr": (0.0, True, None, False),
+    "optim.warmup_steps": (0, True, None, False),
+    "optim.decay_steps": (0, True, None, False),
+    "optim.b1": (0.0, True, 1.0, False),
+    "optim.b2": (0.0, True, 1.0, False),
+    "optim.eps": (0.0, True, None, False),
+    "optim.weight_decay": (0.0, True, None, False),
+    "optim.grad_clip": (0.0, False, None, False),
+    "train.steps": (1, True, None, False),
+    "train.batch_size": (1, True, None, False),
+    "train.seq_len": (1, True, None, False),
+    "train.grad_accum": (1, True, None, False),
+    "train.log_every": (1, True, None, False),
+    "train.eval_every": (1, True, None, False),
+    "train.eval_steps": (1, True, None, False),
+    "train.ckpt_every": (1, True, None, False),
+    "train.max_to_keep": (1, True, None, False),
+    "train.num_samples": (0, True, None, False),
+    "train.sample_len": (0, True, None, False),
+    "train.peak_tflops": (0.0, True, None, False),
+    "finetune.num_train": (1, True, None, False),
+    "finetune.num_val": (1, True, None, False),
+    "finetune.num_eval": (1, True, None, False),
+    "finetune.lora_rank": (1, True, None, False),
+    "finetune.lora_alpha": (0.0, False, None, False),
+}
+
+# Fields a resumed run may change: how long it trains (a new schedule is announced at start), how
+# often it logs, evaluates and saves, what it writes at the end, the mesh it runs on, and where the
+# prepared data is cached. Any other difference from the saved config.json is another experiment.
+RESUMABLE_FIELDS = frozenset({
+    "train.steps", "optim.decay_steps", "train.log_every", "train.eval_every", "train.eval_steps",
+    "train.ckpt_every", "train.max_to_keep", "train.num_samples", "train.sample_len", "train.sample_prompt",
+    "train.peak_tflops", "mesh.shape", "mesh.rules", "reference.step", "reference.val_loss",
+    "reference.source", "data.data_dir"})
+
+
+def _range_text(low, low_in, high, high_in) -> str:
+  if high is None:
+    return f"{'>=' if low_in else '>'} {low}"
+  return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _get(cfg, field: str):
+  for key in field.split("."):
+    cfg = cfg[key]
+  return cfg
+
+
 def validate(cfg) -> None:
-  """Raises ValueError for keys the schema does not know, listing the valid ones."""
+  """Checks what is known before any data is read: keys, types of choices, ranges, consistency.
+
+  Raises errors.ConfigError naming the field, its value and the allowed range or values.
+  """
   valid = set(flat_keys(base_config()))
   unknown = sorted(set(flat_keys(cfg)) - valid)
   if unknown:
-    raise ValueError(f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid)))
-  if cfg.train.batch_size % cfg.train.grad_accum:
-    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
-                     f"train.grad_accum={cfg.train.grad_accum}")
-  model_config(cfg, vocab_size=2)  # validates the model fields now, not after data preparation
+    raise errors.ConfigError(f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid)))
+  for field, (low, low_in, high, high_in) in _RANGES.items():
+    value = _get(cfg, field)
+    below = value < low if low_in else value <= low
+    above = high is not None and (value > high if high_in else value >= high)
+    if below or above:
+      raise errors.ConfigError(f"{field}={value} is out of range: it must be {_range_text(low, low_in, high, high_in)}")
+  if cfg.optim.min_lr > cfg.optim.lr:
+    raise errors.ConfigError(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}: the schedule "
+                             "decays from lr to min_lr; lower min_lr")
+  tc = cfg.train
+  if tc.batch_size % tc.grad_accum:
+    raise errors.ConfigError(f"train.batch_size={tc.batch_size} must be divisible by "
+                             f"train.grad_accum={tc.grad_accum}")
+  if tc.grad_accum > 1 and cfg.finetune.task == "search":
+    raise errors.ConfigError(
+        "train.grad_accum > 1 cannot be used with finetune.task='search': its contrastive loss takes each "
+        "query's negatives from the whole batch, so micro-batches would see fewer negatives than the full "
+        "batch. Set train.grad_accum=1 (lower train.batch_size if memory is short)")
+  if cfg.finetune.mode not in ("full", "lora"):
+    raise errors.ConfigError(f"finetune.mode={cfg.finetune.mode!r} is not supported; allowed values: ['full', 'lora']")
+  try:
+    model_config(cfg, vocab_size=2)  # validates the model fields now, not after data preparation
+  except ValueError as err:
+    raise errors.ConfigError(str(err)) from None
+
+
+def resume_differences(saved, cfg) -> list:
+  """(field, saved value, new value) for each field outside RESUMABLE_FIELDS that `cfg` changes
+  from the run's `saved` config (fields the saved config predates count at their defaults)."""
+  def flat(c):
+    values = {}
+    def walk(node, prefix):
+      for key, value in node.items():
+        if isinstance(value, dict):
+          walk(value, f"{prefix}{key}.")
+        else:
+          values[prefix + key] = value
+    walk(json.loads(c.to_json_best_effort()), "")
+    return values
+  old, new = flat(base_config()), flat(cfg)
+  old.update(flat(saved))
+  return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import data, metrics, model, sample, tasks
+from lmjax import data, metrics, model, rundir, sample, tasks
 
 def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
   """Greedy continuations of `prompts`, decoded."""
@@ -115,10 +115,8 @@ def main(argv):
   print(json.dumps(results, indent=2, ensure_ascii=False))
   print(markdown_table(results))
   if f.output:
-    with open(f.output + ".json", "w", encoding="utf-8") as fh:
-      json.dump(results, fh, indent=2, ensure_ascii=False)
-    with open(f.output + ".md", "w", encoding="utf-8") as fh:
-      fh.write(markdown_table(results))
+    rundir.write_json(f.output + ".json", results)
+    rundir.write_atomic(f.output + ".md", markdown_table(results))
 
 
 if __name__ == "__main__":

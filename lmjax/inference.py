@@ -38,7 +38,7 @@ class LanguageModel:
   def from_workdir(cls, workdir: str, step: int | None = None) -> "LanguageModel":
     """The run's latest checkpoint (or `step`), with the run's tokenizer and model config."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    steps = checkpoint.step_dirs(workdir)
     if not steps:
       raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first: python -m lmjax.main --workdir={workdir}")
     if step is not None and step not in steps:
@@ -68,9 +68,9 @@ class LanguageModel:
       with open(run_model) as f:
         spec = json.load(f)
       cfg = model.ModelConfig(**spec["model"])
-      if spec["lora_scale"] is not None:
+      if spec["lora_scale"] is not None:  # the adapters merge onto the exact base they were trained on
         from lmjax import finetune, sources
-        base = sources.load_source(ml_collections.ConfigDict(spec["init"]), {})[1]
+        base = sources.load_source(ml_collections.ConfigDict(spec["init"]), {}, pinned=spec.get("base"))[1]
         params = finetune.merge(base, params, spec["lora_scale"])
       return cls(cfg, params, tokenizer)
     with open(os.path.join(workdir, "config.json")) as f:

@@ -4,6 +4,12 @@ Any config field can be overridden on the command line, e.g.
 `--config.optim.lr=3e-4 --config.train.steps=500`; an unknown field is an
 error that lists the valid ones. Re-running the same command resumes from the
 run's latest checkpoint.
+
+Exit status: 0 when the run reached train.steps; 2 for bad input (config value,
+a workdir holding another config's run or in use by another process), printed
+as `error: ...`; 128 + signal number (143 for SIGTERM, 130 for SIGINT) when a
+signal stopped the run after it saved its current step (re-run to resume); 1
+for anything else (a traceback).
 """
 import os
 import sys
@@ -15,7 +21,7 @@ if __name__ == "__main__":  # before JAX is imported: this may re-execute the pr
 from absl import app, flags
 from ml_collections import config_flags
 
-from lmjax import config as config_lib
+from lmjax import config as config_lib, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (python), optionally `file.py:variant`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything this run writes.")
@@ -61,13 +67,19 @@ def main(argv):
   initialize_jax()
   from lmjax import train  # after flag parsing: importing jax is slow
   cfg = _CONFIG.value
-  if _DRY_RUN.value:
-    vocab = cfg.data.vocab_size or {"byte": 259}.get(cfg.data.tokenizer, 256)
-    train.dry_run(cfg, vocab)
-    return
-  if not _WORKDIR.value:
+  if not _DRY_RUN.value and not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --dry_run)")
-  train.train(cfg, _WORKDIR.value)
+  try:
+    if _DRY_RUN.value:
+      train.dry_run(cfg, cfg.data.vocab_size or {"byte": 259}.get(cfg.data.tokenizer, 256))
+    else:
+      train.train(cfg, _WORKDIR.value)
+  except errors.UserError as err:  # bad input: the message names the field and the fix; no traceback
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except train.Interrupted as stopped:  # saved, not finished: a non-zero status a scheduler can requeue
+    print(f"{stopped} (exit status {stopped.exit_code})", flush=True)
+    sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from lmjax import rundir
+
 
 class MetricsLogger:
 
@@ -20,8 +22,11 @@ class MetricsLogger:
     self._start_time = time.time()
     if enabled:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_records_after(path, start_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
+      # purge_step: TensorBoard hides events at or after it that an earlier attempt wrote
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -55,6 +60,18 @@ class MetricsLogger:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Removes records of steps after `step` (the checkpoint a run resumes from): an interrupted
+  attempt logged them, the resumed run logs them again, and each step should appear once."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    rundir.write_atomic(path, "".join(kept))
 
 
 def read_metrics(workdir: str) -> list:

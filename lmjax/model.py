@@ -111,6 +111,13 @@ class ModelConfig:
     for field in ("dropout", "attn_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
         raise ValueError(f"model.{field}={getattr(self, field)} must be in [0, 1)")
+    for field in ("n_kv_heads", "head_dim"):
+      if getattr(self, field) is not None and getattr(self, field) < 1:
+        raise ValueError(f"model.{field}={getattr(self, field)} must be a positive integer (or 0 in a config: "
+                         "the default)")
+    for field in ("rope_theta", "norm_eps", "init_std"):
+      if not getattr(self, field) > 0:
+        raise ValueError(f"model.{field}={getattr(self, field)} must be > 0")
 
   @property
   def kv_heads(self) -> int:

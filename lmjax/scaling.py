@@ -19,7 +19,7 @@ import os
 import ml_collections
 import numpy as np
 
-from lmjax import config as config_lib, metrics_log, model, sweep
+from lmjax import config as config_lib, metrics_log, model, rundir
 
 
 def fit_power_law(n, loss) -> dict:
@@ -53,7 +53,7 @@ def finished_runs(sweep_dir: str) -> list:
   points = []
   for name in sorted(os.listdir(sweep_dir)):
     workdir = os.path.join(sweep_dir, name)
-    if not os.path.exists(os.path.join(workdir, sweep.DONE_FILE)):
+    if not rundir.is_finished(workdir):  # interrupted or failed runs never enter the fit
       continue
     with open(os.path.join(workdir, "config.json")) as f:
       cfg = ml_collections.ConfigDict(json.load(f))
@@ -83,10 +83,8 @@ def report(sweep_dir: str) -> dict:
     lines.append(f"Fit without the largest model: alpha = {h['alpha']:.3f}, predicts {h['predicted']:.4f} "
                  f"for N = {h['n']:,} (measured {h['measured']:.4f}).")
   fit["points"] = [dict(n=int(p[0]), val_loss=float(p[1]), run=p[2]) for p in points]
-  with open(os.path.join(sweep_dir, "scaling.json"), "w") as f:
-    json.dump(fit, f, indent=2)
-  with open(os.path.join(sweep_dir, "scaling.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  rundir.write_json(os.path.join(sweep_dir, "scaling.json"), fit)
+  rundir.write_atomic(os.path.join(sweep_dir, "scaling.md"), "\n".join(lines) + "\n")
   _plot(os.path.join(sweep_dir, "scaling.png"), n, loss, fit)
   return fit
 

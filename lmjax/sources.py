@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lmjax import config as config_lib, data, finetune, model, tasks, tokenizers
+from lmjax import checkpoint, config as config_lib, data, errors, finetune, model, rundir, tasks, tokenizers
 
 # Model fields a fine-tuning config may change on a loaded architecture.
 RUNTIME_MODEL_FIELDS = ("dtype", "matmul_dtype", "dropout", "attn_dropout", "remat")
@@ -31,6 +31,8 @@ class RunSetup:
   val_batch: Callable  # (index, process_index, process_count) -> numpy batch
   train_tokens: int
   val_tokens: int
+  train_rows: int  # distinct examples a batch row can be (windows of a token stream, SFT examples)
+  val_rows: int
   initial: Any = None  # trainable params to start from (None: fresh init)
   frozen: Any = None  # weights that do not train (LoRA base)
   lora_scale: float | None = None
@@ -58,31 +60,78 @@ def _pretraining(cfg, workdir: str) -> RunSetup:
       tokenizer=corpus.tokenizer, model_cfg=config_lib.model_config(cfg, corpus.tokenizer.vocab_size),
       train_batch=lambda step, p, n: data.batch_at(corpus.train_ids, cfg.seed, step, tc.batch_size, tc.seq_len, p, n),
       val_batch=lambda i, p, n: data.batch_at(corpus.val_ids, cfg.seed + 1, i, tc.batch_size, tc.seq_len, p, n),
-      train_tokens=len(corpus.train_ids), val_tokens=len(corpus.val_ids))
+      train_tokens=len(corpus.train_ids), val_tokens=len(corpus.val_ids),
+      train_rows=max(0, len(corpus.train_ids) - tc.seq_len), val_rows=max(0, len(corpus.val_ids) - tc.seq_len))
 
 
-def load_source(init_cfg, runtime: dict):
-  """(ModelConfig, params, tokenizer) of `init.from_checkpoint` or `init.pretrained`."""
+def load_source(init_cfg, runtime: dict, pinned: dict | None = None):
+  """(ModelConfig, params, tokenizer, origin) of `init.from_checkpoint` or `init.pretrained`.
+
+  `init.from_checkpoint` is a run directory (its latest step) or one step, `RUN/checkpoints/STEP`.
+  `origin` says exactly which weights were loaded: the run and step, or the pretrained name, and
+  the params' fingerprint (checkpoint.fingerprint). With `pinned` (an origin recorded earlier) that
+  step is loaded and its fingerprint verified, so a run keeps the base it started from even after
+  the base run trains on; ValueError when the recorded weights are gone or changed.
+  """
   if bool(init_cfg.from_checkpoint) == bool(init_cfg.pretrained):
-    raise ValueError("fine-tuning needs exactly one of init.from_checkpoint=RUN_DIR or init.pretrained=NAME")
+    raise errors.ConfigError("fine-tuning needs exactly one of init.from_checkpoint=RUN_DIR or init.pretrained=NAME")
+  from lmjax.inference import LanguageModel  # sources is imported by inference's loaders (see issue 18)
   if init_cfg.pretrained:
-    from lmjax import pretrained
-    cfg, params, tokenizer = pretrained.load(init_cfg.pretrained)
+    lm = LanguageModel.from_pretrained(init_cfg.pretrained)
+    origin = {"kind": "pretrained", "name": init_cfg.pretrained}
   else:
-    from lmjax.inference import LanguageModel
-    lm = LanguageModel.from_workdir(init_cfg.from_checkpoint)
-    cfg, params, tokenizer = lm.cfg, lm.params, lm.tokenizer
-  return dataclasses.replace(cfg, **runtime), jax.tree.map(np.asarray, params), tokenizer
+    run_dir, step = _run_and_step(init_cfg.from_checkpoint, pinned)
+    lm = LanguageModel.from_checkpoint(os.path.join(run_dir, "checkpoints", str(step)))
+    origin = {"kind": "run", "workdir": run_dir, "step": step}
+  params = jax.tree.map(np.asarray, lm.params)
+  origin["params_sha256"] = checkpoint.fingerprint(params)
+  if pinned and pinned.get("params_sha256") not in (None, origin["params_sha256"]):
+    raise ValueError(f"the base weights this run was trained on ({pinned}) have changed: {origin} now has "
+                     f"fingerprint {origin['params_sha256'][:16]}..., not {pinned['params_sha256'][:16]}...; "
+                     "restore the original base (or its file) to load this run")
+  return dataclasses.replace(lm.cfg, **runtime), params, lm.tokenizer, origin
+
+
+def _run_and_step(path: str, pinned: dict | None) -> tuple:
+  """(run directory, step) of `init.from_checkpoint`: the pinned step, the step named in the path,
+  or the run's latest."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
+    run_dir, step = os.path.dirname(parent), int(os.path.basename(path))
+  else:
+    steps = checkpoint.step_dirs(path)
+    if not steps:
+      raise FileNotFoundError(f"init.from_checkpoint={path}: no checkpoints in {path}/checkpoints; train that run "
+                              "first, or point at RUN/checkpoints/STEP")
+    run_dir, step = path, steps[-1]
+  if pinned:
+    run_dir, step = pinned["workdir"], pinned["step"]
+    if step not in checkpoint.step_dirs(run_dir):
+      raise FileNotFoundError(
+          f"this run was trained on step {step} of {run_dir}, which is no longer there (steps now: "
+          f"{checkpoint.step_dirs(run_dir)}; train.max_to_keep may have removed it). Restore that checkpoint to "
+          "load this run; merging onto another step would silently give another model")
+  return run_dir, step
+
+
+def _pinned_base(workdir: str) -> dict | None:
+  """The base recorded by this workdir's run when it has checkpoints to resume (else None)."""
+  path = os.path.join(workdir, "model.json")
+  if not os.path.exists(path) or not checkpoint.step_dirs(workdir):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("base")
 
 
 def _finetuning(cfg, workdir: str) -> RunSetup:
   fc, tc = cfg.finetune, cfg.train
   runtime = {k: v for k, v in config_lib.model_values(cfg.model).items() if k in RUNTIME_MODEL_FIELDS}
-  model_cfg, base, tokenizer = load_source(cfg.init, runtime)
+  model_cfg, base, tokenizer, origin = load_source(cfg.init, runtime, pinned=_pinned_base(workdir))
   if tc.seq_len >= model_cfg.max_len + 1:
-    raise ValueError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")
+    raise errors.ConfigError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")
   if fc.task == "search":
-    return _search(cfg, model_cfg, base, tokenizer, workdir)
+    return _search(cfg, model_cfg, base, tokenizer, workdir, origin)
   if fc.task:
     train_examples = tasks.examples(fc.task, fc.num_train, cfg.seed)
     val_examples = tasks.examples(fc.task, fc.num_val, cfg.seed + 1)
@@ -96,12 +145,13 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
   if train_sft.truncated or val_sft.truncated:
     print(f"WARNING: {train_sft.truncated} training and {val_sft.truncated} validation prompts were longer than "
           f"train.seq_len={tc.seq_len} and were cut from the left", flush=True)
-  _write_run_model(workdir, model_cfg, cfg)
+  _write_run_model(workdir, model_cfg, cfg, origin)
   setup = RunSetup(
       tokenizer=tokenizer, model_cfg=model_cfg,
       train_batch=lambda step, p, n: finetune.batch_at(train_sft, cfg.seed, step, tc.batch_size, p, n),
       val_batch=lambda i, p, n: finetune.batch_at(val_sft, cfg.seed + 1, i, tc.batch_size, p, n),
       train_tokens=int(train_sft.loss_mask.sum()), val_tokens=int(val_sft.loss_mask.sum()),
+      train_rows=len(train_sft.tokens), val_rows=len(val_sft.tokens),
       task=fc.task or None, task_examples=tasks.examples(fc.task, fc.num_eval, tasks.EVAL_SEED) if fc.task else [])
   return _trainable(setup, cfg, base)
 
@@ -114,16 +164,18 @@ def _trainable(setup: RunSetup, cfg, base) -> RunSetup:
     setup.initial = finetune.lora_init(base, [t.strip() for t in fc.lora_targets.split(",")], fc.lora_rank,
                                        jax.random.key(cfg.seed))
     setup.lora_scale = fc.lora_alpha / fc.lora_rank
-  elif fc.mode == "full":
+  else:  # 'full' (config.validate allows no other mode)
     setup.initial = base
-  else:
-    raise ValueError(f"finetune.mode={fc.mode!r} is not supported; allowed values: ['full', 'lora']")
   return setup
 
 
-def _search(cfg, model_cfg, base, tokenizer, workdir: str) -> RunSetup:
+def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> RunSetup:
   """Retrieval fine-tuning: (query, paraphrased passage) pairs for an in-batch contrastive loss."""
   fc, tc = cfg.finetune, cfg.train
+  for field in ("num_train", "num_val"):
+    if fc[field] < tc.batch_size:  # a batch holds distinct pairs (each query's negatives are the others)
+      raise errors.ConfigError(f"finetune.{field}={fc[field]} is smaller than train.batch_size={tc.batch_size}; "
+                               f"the contrastive batch draws distinct pairs: raise finetune.{field}")
 
   def pairs(count, seed):
     passages, queries, relevant = tasks.search_set(count, seed)
@@ -137,21 +189,21 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str) -> RunSetup:
     return {k: v[rows[p * per:(p + 1) * per]] for k, v in arrays.items()}
 
   train_pairs, val_pairs = pairs(fc.num_train, cfg.seed), pairs(fc.num_val, cfg.seed + 1)
-  _write_run_model(workdir, model_cfg, cfg)
+  _write_run_model(workdir, model_cfg, cfg, origin)
   setup = RunSetup(
       tokenizer=tokenizer, model_cfg=model_cfg,
       train_batch=lambda step, p, n: batch_at(train_pairs, cfg.seed, step, p, n),
       val_batch=lambda i, p, n: batch_at(val_pairs, cfg.seed + 1, i, p, n),
       train_tokens=int((train_pairs["query_pos"] >= 0).sum() + (train_pairs["passage_pos"] >= 0).sum()),
       val_tokens=int((val_pairs["query_pos"] >= 0).sum() + (val_pairs["passage_pos"] >= 0).sum()),
+      train_rows=fc.num_train, val_rows=fc.num_val,
       task="search", task_examples=tasks.search_set(fc.num_eval, tasks.EVAL_SEED)[1])
   return _trainable(setup, cfg, base)
 
 
-def _write_run_model(workdir: str, model_cfg: model.ModelConfig, cfg) -> None:
-  """model.json: the architecture a fine-tuning run uses (not cfg.model), for loading it later."""
-  os.makedirs(workdir, exist_ok=True)
-  spec = {"model": dataclasses.asdict(model_cfg), "init": cfg.init.to_dict(),
+def _write_run_model(workdir: str, model_cfg: model.ModelConfig, cfg, origin: dict) -> None:
+  """model.json: the architecture a fine-tuning run uses (not cfg.model) and the exact base weights
+  it started from (`origin` of load_source), for loading it later."""
+  spec = {"model": dataclasses.asdict(model_cfg), "init": cfg.init.to_dict(), "base": origin,
           "lora_scale": cfg.finetune.lora_alpha / cfg.finetune.lora_rank if cfg.finetune.mode == "lora" else None}
-  with open(os.path.join(workdir, "model.json"), "w") as f:
-    json.dump(spec, f, indent=2)
+  rundir.write_json(os.path.join(workdir, "model.json"), spec)

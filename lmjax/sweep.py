@@ -6,9 +6,12 @@
 
 `get_sweep()` returns a grid (`{"optim.lr": [1e-3, 3e-4], "model.n_layers": [2, 4]}`), a list of
 override dicts, or `random_search(space, count, seed)`. Each point is an ordinary run of
-`lmjax.main` in its own subdirectory (named by its overrides), so it resumes from its checkpoint
-when the sweep is re-run; finished points are skipped; a failing point is recorded with its error
-and the others go on. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png and one
+`lmjax.main` in its own subdirectory (named by its overrides, shortened with a hash when the name
+would be too long for the file system), so it resumes from its checkpoint when the sweep is re-run.
+A point counts as finished only when its run reached its train.steps (rundir.is_finished): finished
+points are skipped; a point stopped by a signal is "interrupted" and resumes on the next sweep; a
+failing point, whatever the failure, is recorded with its error and the others go on. Points drawn
+twice (random search with choices) run once. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png and one
 DIR/val_loss_vs_<field>.png per swept field. An experiment may also define
 `analyze_sweep(sweep_dir)`, called at the end with the sweep directory (the scaling study fits
 its power law there).
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -30,7 +35,12 @@ import time
 
 import numpy as np
 
-DONE_FILE = "sweep_done.json"  # in a point's workdir once it finished: re-runs skip it
+from lmjax import metrics_log, rundir
+
+# The sweep's exit status when a point was stopped by a signal (EX_TEMPFAIL): not done, re-run to resume.
+INTERRUPTED_EXIT = 75
+POINT_FILE = "sweep_point.json"  # in a point's workdir: its overrides and the wall time spent on it
+_MAX_NAME_BYTES = 200  # below NAME_MAX (255 on common file systems), with room for a hash suffix
 
 
 def random_search(space: dict, count: int, seed: int) -> list:
@@ -68,7 +78,22 @@ def sweep_points(config_path: str) -> list:
 
 
 def point_name(overrides: dict) -> str:
-  return "__".join(f"{k}_{v}" for k, v in overrides.items()).replace("/", "-").replace(" ", "") or "default"
+  """The point's directory name: its overrides, readable; when longer than _MAX_NAME_BYTES, a prefix
+  of them and a hash of the whole, so every point gets a distinct name the file system accepts."""
+  name = "__".join(f"{k}_{v}" for k, v in overrides.items()).replace("/", "-").replace(" ", "") or "default"
+  encoded = name.encode()
+  if len(encoded) <= _MAX_NAME_BYTES:
+    return name
+  digest = hashlib.sha256(encoded).hexdigest()[:12]
+  return encoded[:_MAX_NAME_BYTES - 14].decode(errors="ignore") + "__" + digest
+
+
+def distinct_points(points: list) -> list:
+  """The points in order, each distinct point once (a random search may draw one twice)."""
+  seen = {}
+  for p in points:
+    seen.setdefault(point_name(p), p)
+  return list(seen.values())
 
 
 def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
@@ -77,36 +102,43 @@ def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
 
 
 def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
-  """Runs (or resumes) one point unless it has finished; returns its status record."""
+  """Runs (or resumes) one point unless it has finished; returns its status record: status 'ok'
+  (finished), 'interrupted' (stopped by a signal; resumes next time) or 'failed', with the error.
+  Never raises: any failure, ours or the point's, is that point's result."""
   workdir = os.path.join(sweep_dir, point_name(overrides))
-  done_path = os.path.join(workdir, DONE_FILE)
-  if os.path.exists(done_path):
-    with open(done_path) as f:
-      return json.load(f)
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
-    result = subprocess.run(point_command(config, workdir, overrides), stdout=log, stderr=subprocess.STDOUT)
-  record = {"overrides": overrides, "workdir": workdir, "wall_s": time.time() - start}
-  if result.returncode == 0:
-    record["status"] = "ok"
-    with open(done_path, "w") as f:
-      json.dump(record, f)
-  else:
-    with open(os.path.join(workdir, "sweep_log.txt")) as f:
+  record = {"overrides": overrides, "workdir": workdir, "wall_s": 0.0}
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    point_path = os.path.join(workdir, POINT_FILE)
+    if os.path.exists(point_path):
+      with open(point_path, encoding="utf-8") as f:
+        record["wall_s"] = json.load(f).get("wall_s", 0.0)
+    if rundir.is_finished(workdir):
+      return {**record, "status": "ok"}
+    start = time.time()
+    with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
+      result = subprocess.run(point_command(config, workdir, overrides), stdout=log, stderr=subprocess.STDOUT)
+    record["wall_s"] += time.time() - start
+    rundir.write_json(point_path, {"overrides": overrides, "wall_s": record["wall_s"]})
+    if result.returncode == 0 and rundir.is_finished(workdir):
+      return {**record, "status": "ok"}
+    if result.returncode > 128 or result.returncode < 0:  # 128 + signal from lmjax.main; -signal if killed outright
+      return {**record, "status": "interrupted",
+              "error": f"stopped by signal {abs(result.returncode) % 128} (exit status {result.returncode}); re-run "
+                       "the sweep to resume"}
+    with open(os.path.join(workdir, "sweep_log.txt"), encoding="utf-8", errors="replace") as f:
       lines = [l.strip() for l in f if l.strip()]
-    record.update(status="failed", error=lines[-1][:300] if lines else f"exit code {result.returncode}")
-  return record
+    error = lines[-1][:300] if lines and result.returncode else f"exit code {result.returncode} but not finished"
+    return {**record, "status": "failed", "error": error}
+  except Exception as err:  # e.g. a workdir the file system refuses: this point fails, the sweep goes on
+    return {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
 
 
 def summarize(record: dict) -> dict:
   """One results row: the point's overrides and what its metrics.jsonl says."""
   row = {**record["overrides"], "status": record["status"], "wall_s": round(record.get("wall_s", 0.0), 1)}
   path = os.path.join(record["workdir"], "metrics.jsonl")
-  records = []
-  if os.path.exists(path):
-    from lmjax import metrics_log
-    records = metrics_log.read_metrics(record["workdir"])
+  records = metrics_log.read_metrics(record["workdir"]) if os.path.exists(path) else []
   evals = [r for r in records if "val_loss" in r]
   row["steps"] = records[-1]["step"] if records else 0
   row["final_val_loss"] = round(evals[-1]["val_loss"], 4) if evals else ""
@@ -120,14 +152,14 @@ def summarize(record: dict) -> dict:
 
 def write_results(sweep_dir: str, rows: list) -> None:
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  rundir.write_atomic(os.path.join(sweep_dir, "results.csv"), table.getvalue())
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  rundir.write_atomic(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
 
 
 def plot_results(sweep_dir: str, records: list, swept: list) -> list:
@@ -135,7 +167,6 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from lmjax import metrics_log
   paths = []
   fig, ax = plt.subplots(figsize=(7, 4))
   for record in records:
@@ -151,7 +182,9 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   plt.close(fig)
   rows = [summarize(r) for r in records]
   for field in swept:
-    xy = [(row[field], row["final_val_loss"]) for row in rows if row.get(field) is not None and row["final_val_loss"] != ""]
+    # finished points only: the last loss of an interrupted point is not a result
+    xy = [(row[field], row["final_val_loss"]) for row in rows
+          if row["status"] == "ok" and row.get(field) is not None and row["final_val_loss"] != ""]
     if not xy or not all(isinstance(x, (int, float)) for x, _ in xy):
       continue
     xy.sort()
@@ -187,7 +220,11 @@ def main(argv):
   from absl import app
   del argv
   f = FLAGS
-  points = sweep_points(f.config)
+  drawn = sweep_points(f.config)
+  points = distinct_points(drawn)
+  if len(points) < len(drawn):
+    print(f"{len(drawn) - len(points)} of {len(drawn)} sweep points repeat an earlier one; running the "
+          f"{len(points)} distinct points once each", flush=True)
   os.makedirs(f.workdir, exist_ok=True)
   if f.print_commands:
     for p in points:
@@ -195,8 +232,7 @@ def main(argv):
     return
   if f.emit == "slurm":
     path = os.path.join(f.workdir, "sweep.sbatch")
-    with open(path, "w") as fh:
-      fh.write(slurm_script(f.config, f.workdir, points, f.slurm_gpus, f.slurm_time, f.slurm_partition))
+    rundir.write_atomic(path, slurm_script(f.config, f.workdir, points, f.slurm_gpus, f.slurm_time, f.slurm_partition))
     print(f"wrote {path}: sbatch {path}")
     return
   if f.emit:
@@ -208,11 +244,14 @@ def main(argv):
   plot_results(f.workdir, records, list(dict.fromkeys(k for p in points for k in p)))
   with open(os.path.join(f.workdir, "results.md")) as fh:
     print(fh.read())
-  failed = [r for r in records if r["status"] != "ok"]
-  print(f"{len(records) - len(failed)} points finished, {len(failed)} failed; results in {f.workdir}")
+  counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "interrupted", "failed")}
+  print(f"{counts['ok']} points finished, {counts['interrupted']} interrupted (re-run to resume), "
+        f"{counts['failed']} failed; results in {f.workdir}")
   analyze = getattr(_experiment_module(f.config), "analyze_sweep", None)
   if analyze:  # the experiment's own study on top of the table, e.g. a scaling-law fit
     analyze(f.workdir)
+  if counts["interrupted"]:
+    sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

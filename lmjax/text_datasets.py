@@ -29,7 +29,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lmjax import shakespeare
+from lmjax import errors, shakespeare
 
 _CHUNK_CHARS = 1 << 20  # one array_record record per MiB of text
 DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
@@ -104,14 +104,22 @@ def _read_utf8(path: str) -> str:
 
 
 def resolve_paths(spec: str) -> tuple:
-  """'a.txt,dir/*.txt' -> existing files, in the order given, each glob sorted."""
+  """'a.txt,dir/*.txt' -> existing files, in the order given, each glob sorted.
+
+  A name that exists is taken literally, before any glob or comma splitting, so files named
+  `corpus [v1].txt` or `a,b.txt` are found; only a part that exists under no name is a glob.
+  """
   if not spec:
-    raise ValueError("data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list")
+    raise errors.ConfigError("data.dataset='text_files' needs data.text_files: a path, a glob, or a "
+                             "comma-separated list")
+  if os.path.isfile(os.path.expanduser(spec)):
+    return (os.path.abspath(os.path.expanduser(spec)),)
   paths = []
   for part in (p.strip() for p in spec.split(",") if p.strip()):
-    matches = sorted(glob.glob(os.path.expanduser(part)))
+    part = os.path.expanduser(part)
+    matches = [part] if os.path.isfile(part) else sorted(glob.glob(part))
     if not matches:
-      raise FileNotFoundError(f"data.text_files: {part!r} matches no file")
+      raise errors.ConfigError(f"data.text_files: {part!r} is no file and, as a glob, matches no file")
     paths.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
   return tuple(paths)
 
@@ -121,7 +129,7 @@ def _files_config(data_cfg) -> TextFilesConfig:
   paths = resolve_paths(data_cfg.text_files)
   val_file = data_cfg.get("val_file") or None
   if val_file and not os.path.isfile(val_file):
-    raise FileNotFoundError(f"data.val_file: {val_file!r} does not exist")
+    raise errors.ConfigError(f"data.val_file: {val_file!r} does not exist")
   fingerprint = hashlib.sha256()
   for path in paths + ((val_file,) if val_file else ()):
     stat = os.stat(path)

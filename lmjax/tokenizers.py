@@ -19,6 +19,8 @@ import io
 import json
 import os
 
+from lmjax import rundir
+
 _SPEC_FILE = "tokenizer.json"
 _BPE_FILE = "tokenizer.model"
 _HF_FILE = "tokenizer_hf.json"
@@ -207,8 +209,7 @@ def train(kind: str, text: str, vocab_size: int | None = None):
 
 def _write_spec(directory: str, spec: dict) -> None:
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, _SPEC_FILE), "w", encoding="utf-8") as f:
-    json.dump(spec, f, ensure_ascii=False)
+  rundir.write_json(os.path.join(directory, _SPEC_FILE), spec)
 
 
 def load(directory: str):

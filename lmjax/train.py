@@ -5,9 +5,8 @@ back from the device only at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import signal
 import time
 
@@ -17,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
-from lmjax import checkpoint, config as config_lib, evaluate, flops, metrics_log, model, sample, sharding, sources
+from lmjax import (checkpoint, config as config_lib, errors, flops, losses, metrics_log, model, preflight,
+                   rundir, run_outputs, sharding, sources)
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not.
 _DECAYED = {"embedding", "lm_head", "pos_embedding", "wq", "wk", "wv", "wo", "w1", "w2", "w3"}
@@ -36,38 +37,36 @@ def _param_name(path) -> str:
   return next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
 
 
+class Interrupted(Exception):
+  """The run stopped on a signal after saving its current step; it is not finished."""
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(f"{signal_name} received: saved step {step} and stopped; re-run the same command to resume")
+    self.signal_name, self.step = signal_name, step
+
+  @property
+  def exit_code(self) -> int:
+    """128 + the signal number, the shell's status for a process a signal ended (143 for SIGTERM),
+    so schedulers and sweep runners see a non-zero, retryable status."""
+    return 128 + signal.Signals[self.signal_name].value
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup and cosine decay to `min_lr`, after global-norm clipping."""
+  """AdamW with linear warmup and cosine decay to `min_lr`, after global-norm clipping.
+
+  The decay spans `optim.decay_steps` (0 or absent: `total_steps`); after it the rate stays at min_lr,
+  so a finished run extended to more steps can keep its original schedule.
+  """
+  decay_steps = optim_cfg.get("decay_steps") or total_steps
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
-      decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.min_lr)
+      decay_steps=max(decay_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.min_lr)
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _param_name(p) in _DECAYED, params)
   optimizer = optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
       optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                   weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   return optimizer, schedule
-
-
-def cross_entropy(logits_BTV, targets_BT, mask_BT=None) -> jax.Array:
-  """Mean next-token loss; with a mask, the mean over the masked-in tokens only (SFT responses)."""
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-  if mask_BT is None:
-    return losses_BT.mean()
-  return (losses_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
-
-
-def lm_loss(run_model, batch) -> jax.Array:
-  """Next-token cross-entropy; `run_model(tokens, **kwargs)` is the model with its weights bound."""
-  return cross_entropy(run_model(batch["inputs"]), batch["targets"], batch.get("mask"))
-
-
-def contrastive_loss(run_model, batch, temperature: float = 0.05) -> jax.Array:
-  """InfoNCE over in-batch negatives: query i should be closest to passage i (retrieval)."""
-  q_BD = evaluate.mean_pooled(run_model, batch["query"], batch["query_pos"])
-  p_BD = evaluate.mean_pooled(run_model, batch["passage"], batch["passage_pos"])
-  logits_BB = q_BD @ p_BD.T / temperature
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BB, jnp.arange(logits_BB.shape[0])).mean()
 
 
 def state_shardings(model_cfg, optimizer, mesh, rules, trainable=None):
@@ -96,12 +95,14 @@ def init_state(model_cfg, optimizer, seed: int, shardings, params=None) -> Train
 
 
 def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding,
-                    frozen_shardings=None, model_params=None, loss=lm_loss, rules=sharding.DEFAULT_RULES):
+                    frozen_shardings=None, model_params=None, loss=losses.lm_loss, rules=sharding.DEFAULT_RULES):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`.
 
   `model_params(trainable, frozen)` builds the weights the model runs with (LoRA: the merged
   base); by default the trainable params are the model params and `frozen` is None. `loss(run_model,
-  batch)` is the objective (next-token prediction by default).
+  batch)` is the objective as (loss sum, weight) (losses.py; next-token prediction by default). With
+  `grad_accum` micro-batches the sums and weights are added before dividing, so the step equals one
+  full-batch step.
   """
   transformer = model.Transformer(model_cfg)
   model_params = model_params or (lambda trainable, frozen: trainable)
@@ -112,19 +113,23 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
     with sharding.activation_sharding(batch_sharding.mesh, rules):
       return loss(run_model, batch)
 
+  sum_and_grads = jax.value_and_grad(loss_fn, has_aux=True)  # ((loss sum, weight), grads of the sum)
+
   def loss_and_grads(params, frozen, batch, rng):
     if grad_accum == 1:
-      return jax.value_and_grad(loss_fn)(params, frozen, batch, rng)
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+      (total, weight), grads = sum_and_grads(params, frozen, batch, rng)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
-    def accumulate(carry, i_and_batch):
-      i, micro_batch = i_and_batch
-      loss, grads = jax.value_and_grad(loss_fn)(params, frozen, micro_batch, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+      def accumulate(carry, i_and_batch):
+        i, micro_batch = i_and_batch
+        (total, weight), grads = sum_and_grads(params, frozen, micro_batch, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (total, weight, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
-    return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+      zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (total, weight, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    weight = jnp.maximum(weight, 1.0)
+    return total / weight, jax.tree.map(lambda g: g / weight, grads)
 
   def train_step(state: TrainState, batch: dict, frozen):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout depends on (seed, step) only
@@ -148,7 +153,8 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
 
 
 def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=None, model_params=None,
-                   loss=lm_loss, rules=sharding.DEFAULT_RULES):
+                   loss=losses.lm_loss, rules=sharding.DEFAULT_RULES):
+  """The jitted `(params, batch, frozen) -> (loss sum, weight)` on one validation batch."""
   transformer = model.Transformer(model_cfg)
   model_params = model_params or (lambda trainable, frozen: trainable)
 
@@ -176,26 +182,31 @@ class _StopRequest:
       signal.signal(s, handler)
 
 
-def _write_config(cfg, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
-
-
 def train(cfg, workdir: str) -> dict:
-  """Runs (or resumes) the experiment `cfg` in `workdir`; returns the last logged metrics."""
+  """Runs (or resumes) the experiment `cfg` in `workdir`; returns the last logged metrics.
+
+  Raises errors.ConfigError for bad values and for a workdir whose run was saved with another config
+  (before anything is written), rundir.WorkdirInUse when another process trains in `workdir`, and
+  Interrupted after saving when SIGTERM/SIGINT stopped the run early. A run that reaches train.steps
+  writes `finished.json` last.
+  """
   config_lib.validate(cfg)
-  os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
+  with rundir.lock(workdir) if primary else contextlib.nullcontext():
+    return _train(cfg, workdir, primary)
+
+
+def _train(cfg, workdir: str, primary: bool) -> dict:
+  saved_cfg = preflight.check_resume(cfg, workdir)
+  tc = cfg.train
+  mesh = preflight.mesh_for(cfg)
   if primary:
-    _write_config(cfg, workdir)
+    rundir.write_config(cfg, workdir)
   setup = sources.prepare(cfg, workdir)
+  preflight.check_sizes(cfg, setup)
   if primary:
     setup.tokenizer.save(workdir)
   model_cfg = setup.model_cfg
-  tc = cfg.train
-  mesh = sharding.make_mesh(cfg.mesh.shape)
   batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
   optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
   lora = setup.lora_scale is not None
@@ -207,11 +218,19 @@ def train(cfg, workdir: str) -> dict:
     frozen = jax.device_put(jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), setup.frozen), frozen_sh)
 
   ckpt = checkpoint.Checkpointer(workdir, tc.max_to_keep)
-  start_step, state = ckpt.restore_latest(abstract)
+  try:
+    start_step, state = ckpt.restore_latest(abstract)
+  except BaseException:
+    ckpt.close()
+    raise
   if state is None:
     start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings, setup.initial)
+  if start_step > tc.steps:
+    ckpt.close()
+    raise errors.ConfigError(f"the run in {workdir} is at step {start_step}, beyond train.steps={tc.steps}; set "
+                             f"train.steps >= {start_step} to continue it, or use a new --workdir")
   step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params, rules=cfg.mesh.rules,
-                   loss=contrastive_loss if setup.task == "search" else lm_loss)
+                   loss=losses.contrastive_loss if setup.task == "search" else losses.lm_loss)
   train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,
                                **step_args)
   eval_step = make_eval_step(model_cfg, shardings.params, batch_sh, **step_args)
@@ -220,12 +239,14 @@ def train(cfg, workdir: str) -> dict:
     local = make(index, jax.process_index(), jax.process_count())
     return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
 
-  def evaluate(params) -> float:
-    losses = [eval_step(params, global_batch(setup.val_batch, i), frozen) for i in range(tc.eval_steps)]
-    return float(np.mean(jax.device_get(losses)))
+  def evaluate(params) -> float:  # token-weighted over all eval batches, like one big batch
+    sums = jax.device_get([eval_step(params, global_batch(setup.val_batch, i), frozen) for i in range(tc.eval_steps)])
+    return float(sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1.0))
 
-  if primary and setup.task and start_step == 0:
-    _task_eval(setup, setup.model_params(state.params, frozen), workdir, "before")
+  if setup.task and start_step == 0:
+    before = _host_params(setup, state.params, frozen)  # every process takes part in the gather
+    if primary:
+      run_outputs.write_task_eval(setup, before, workdir, "before")
 
   tokens_per_step = tc.batch_size * tc.seq_len
   flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len)
@@ -236,6 +257,10 @@ def train(cfg, workdir: str) -> dict:
            + f"; data: {setup.train_tokens:,} train / {setup.val_tokens:,} val tokens, vocab "
            f"{setup.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
            + (f"resumed from step {start_step}" if start_step else "starting at step 0"))
+  if start_step and saved_cfg is not None:
+    note = preflight.schedule_change_note(saved_cfg, cfg, start_step, make_optimizer)
+    if note:
+      log.info(note)
 
   def check_health(state):
     bad = int(jax.device_get(state.first_bad_step))
@@ -254,9 +279,10 @@ def train(cfg, workdir: str) -> dict:
       if stop.signal:
         check_health(state)
         log.info(f"{stop.signal} received: saving step {step} and exiting")
-        ckpt.save(step, state)
-        last_saved = step
-        break
+        if step != last_saved:  # the signal may follow a regular save of this step
+          ckpt.save(step, state)
+        ckpt.wait()
+        raise Interrupted(stop.signal, step)
       state, step_metrics = train_step(state, global_batch(setup.train_batch, step), frozen)
       window_steps += 1
       if step == start_step:  # keep compilation out of the throughput numbers
@@ -285,21 +311,33 @@ def train(cfg, workdir: str) -> dict:
     stop.restore()
     ckpt.close()
     log.close()
-  if stop.signal or last_saved < tc.steps:
-    return metrics
+  if setup.task or tc.num_samples:
+    final_params = _host_params(setup, state.params, frozen)  # every process takes part in the gather
+    if primary and setup.task:
+      run_outputs.write_task_eval(setup, final_params, workdir, "after")
+    elif primary:
+      run_outputs.write_samples(cfg, model_cfg, final_params, setup.tokenizer, workdir)
   if primary:
-    final_params = setup.model_params(state.params, frozen)
-    if setup.task:
-      _task_eval(setup, final_params, workdir, "after")
-    else:
-      _write_samples(cfg, model_cfg, final_params, setup.tokenizer, workdir)
     metrics_log.plot_loss(workdir, cfg.reference)
     # From metrics.jsonl, not `metrics`: a finished run re-started only re-samples and has no new eval.
-    evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r] if cfg.reference.val_loss else []
-    if evals:
+    evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r]
+    if evals and cfg.reference.val_loss:
       print(f"final val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}; reference "
             f"{cfg.reference.val_loss} at step {cfg.reference.step} ({cfg.reference.source})", flush=True)
+    rundir.mark_finished(workdir, tc.steps, {"val_loss": evals[-1]["val_loss"]} if evals else {})
   return metrics
+
+
+def _host_params(setup, trainable, frozen):
+  """The weights the model runs with, as host-local arrays every process holds in full.
+
+  Parameters sharded across processes (FSDP, TP) cannot be read or run by one process alone, so
+  all processes call this together (a collective); afterwards process 0 may sample or evaluate on
+  its own devices.
+  """
+  if jax.process_count() > 1:
+    trainable, frozen = multihost_utils.process_allgather((trainable, frozen), tiled=True)
+  return setup.model_params(trainable, frozen)
 
 
 def dry_run(cfg, vocab_size: int) -> dict:
@@ -308,7 +346,7 @@ def dry_run(cfg, vocab_size: int) -> dict:
   config_lib.validate(cfg)
   model_cfg = config_lib.model_config(cfg, vocab_size)
   tc = cfg.train
-  mesh = sharding.make_mesh(cfg.mesh.shape)
+  mesh = preflight.mesh_for(cfg)
   batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
   optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
   abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
@@ -342,38 +380,3 @@ def dry_run(cfg, vocab_size: int) -> dict:
         f"  FLOPs per step: model {report['model_flops_per_step'] / 1e12:.2f} TFLOP (6N + attention), "
         f"XLA count {report['xla_flops_per_step_per_device'] / 1e12:.2f} TFLOP per device", flush=True)
   return report
-
-
-def _task_eval(setup, params, workdir: str, when: str) -> None:
-  """Scores the task on held-out examples; task_eval.json/.md hold the before/after table."""
-  path = os.path.join(workdir, "task_eval.json")
-  results = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      results = json.load(f)
-  if setup.task == "search":
-    results[when] = evaluate.evaluate_search(setup.model_cfg, params, setup.tokenizer, len(setup.task_examples))
-  else:
-    results[when] = evaluate.evaluate_task(setup.model_cfg, params, setup.tokenizer, setup.task, setup.task_examples)
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2, ensure_ascii=False)
-  table = evaluate.markdown_table({f"{k} fine-tuning": v for k, v in results.items()})
-  with open(os.path.join(workdir, "task_eval.md"), "w") as f:
-    f.write(f"Task `{setup.task}`, {len(setup.task_examples)} held-out examples\n\n{table}")
-  print(f"task {setup.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True)
-
-
-def _write_samples(cfg, model_cfg, params, tokenizer, workdir: str) -> None:
-  tc = cfg.train
-  if tc.num_samples <= 0:
-    return
-  prompt = tc.sample_prompt or "\n"
-  ids = tokenizer.encode(prompt)
-  result = sample.generate_tokens(model_cfg, params, [ids] * tc.num_samples,
-                                  min(tc.sample_len, model_cfg.max_len - len(ids)),
-                                  sample.SamplingConfig(temperature=0.8, top_k=0), seed=cfg.seed,
-                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
-  texts = [prompt + tokenizer.decode(row) for row in result.tokens]
-  with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
-    f.write("\n\n==========\n\n".join(texts) + "\n")
-  print("samples (also in samples.txt):\n" + "\n----------\n".join(texts), flush=True)

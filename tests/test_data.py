@@ -81,7 +81,7 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nope.*matches no file"):
+  with pytest.raises(ValueError, match="nope.*matches no file"):
     text_datasets.load_splits(data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "nope*.txt")))
 
 

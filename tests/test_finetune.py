@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import tiny_config
-from lmjax import finetune, metrics, model, tasks, tokenizers, train
+from lmjax import finetune, losses, metrics, model, tasks, tokenizers, train
 from lmjax.inference import LanguageModel
 
 
@@ -22,7 +22,7 @@ def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
   assert mask.tolist() == [0] * prompt_len + [1, 1, 1] + [0] * (17 - prompt_len - 3)
   batch = finetune.batch_at(sft, seed=0, step=0, batch_size=1)
   logits = jax.random.normal(jax.random.key(0), (1, 16, tok.vocab_size))
-  loss, grad = jax.value_and_grad(train.cross_entropy)(logits, batch["targets"], batch["mask"])
+  loss, grad = jax.value_and_grad(losses.cross_entropy)(logits, batch["targets"], batch["mask"])
   # Independent: numpy mean of -log softmax over the masked-in target positions.
   logp = np.asarray(jax.nn.log_softmax(logits[0]))
   picked = [-logp[t, batch["targets"][0, t]] for t in range(16) if batch["mask"][0, t]]
@@ -183,7 +183,9 @@ def test_contrastive_loss_matches_numpy_infonce():
   positions = np.array([[0, 1, 2], [0, 1, -1], [0, -1, -1], [0, 1, 2]])
   batch = {"query": "query", "passage": "passage", "query_pos": positions, "passage_pos": positions[::-1]}
   run_model = lambda which, positions_BT, return_hidden: jnp.asarray(hidden[which])
-  loss = float(train.contrastive_loss(run_model, batch, temperature=0.1))
+  loss_sum, weight = losses.contrastive_loss(run_model, batch, temperature=0.1)
+  assert float(weight) == 4  # a sum over the 4 queries
+  loss = float(loss_sum) / 4
   def pooled(h, pos):
     v = np.stack([h[i][pos[i] >= 0].mean(0) for i in range(4)])
     return v / np.linalg.norm(v, axis=1, keepdims=True)

@@ -114,9 +114,11 @@ def free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path, corpus_file):
+  # FSDP over the two processes: each holds half of every parameter, so the end-of-run sampling
+  # needs both processes (it hung when process 0 ran it alone on the sharded params).
   data_dir = str(tmp_path / "tfds")
   common = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.ckpt_every=3",
-            "--config.train.num_samples=0", "--config.mesh.shape=(2,1,1)", "--config.model.dropout=0.0"]
+            "--config.train.num_samples=1", "--config.mesh.shape=(1,2,1)", "--config.model.dropout=0.0"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   single = subprocess.run([sys.executable, "-m", "lmjax.main", *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"),
                                                                             *common), "--cpu_devices=2"],
@@ -133,6 +135,8 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   read = lambda d: [json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl"))]
   one, two = read(str(tmp_path / "one")), read(str(tmp_path / "two"))
   assert len(one) == len(two) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+  samples = [open(os.path.join(tmp_path, d, "samples.txt")).read() for d in ("one", "two")]
+  assert samples[0] == samples[1] and len(samples[0]) > 1
   from lmjax.inference import LanguageModel
   restored = LanguageModel.from_workdir(str(tmp_path / "two"))  # the 2-process checkpoint, in one process
   assert restored.generate(restored.tokenizer.encode("ROMEO"), max_new_tokens=3, do_sample=False)[0].shape == (8,)

@@ -8,19 +8,19 @@ Both use the rotate-half RoPE layout, so q/k need no permutation.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 
 import jax
 import numpy as np
 
-from lmjax import model
+from lmjax import model, rundir
 
 
 def _read_tensors(directory: str) -> dict:
   from safetensors.numpy import load_file
-  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  # listdir, not glob: a directory named like `model [v1]` is a path, not a pattern
+  files = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"no *.safetensors files in {directory} (PyTorch .bin checkpoints are not supported; "
                             "convert them with `transformers` save_pretrained(safe_serialization=True))")
@@ -154,5 +154,4 @@ def export_llama(cfg: model.ModelConfig, params, directory: str) -> None:
             "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
             "torch_dtype": "float32"}
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  rundir.write_json(os.path.join(directory, "config.json"), config)
