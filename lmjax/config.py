@@ -12,7 +12,7 @@ import json
 
 import ml_collections
 
-from lmjax import errors, model, sharding
+from lmjax import errors, finetune, model, sharding, tasks
 
 # Model fields that the run derives: the vocabulary from the tokenizer, max_len from train.seq_len.
 DERIVED_MODEL_FIELDS = ("vocab_size", "max_len")
@@ -186,12 +186,30 @@ def validate(cfg) -> None:
         "train.grad_accum > 1 cannot be used with finetune.task='search': its contrastive loss takes each "
         "query's negatives from the whole batch, so micro-batches would see fewer negatives than the full "
         "batch. Set train.grad_accum=1 (lower train.batch_size if memory is short)")
-  if cfg.finetune.mode not in ("full", "lora"):
-    raise errors.ConfigError(f"finetune.mode={cfg.finetune.mode!r} is not supported; allowed values: ['full', 'lora']")
+  _check_choices(cfg)
   try:
     model_config(cfg, vocab_size=2)  # validates the model fields now, not after data preparation
   except ValueError as err:
     raise errors.ConfigError(str(err)) from None
+
+
+def _check_choices(cfg) -> None:
+  """Named options whose allowed values are known before any data or model is loaded."""
+  choices = [("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe")),
+             ("finetune.mode", cfg.finetune.mode, ("full", "lora")),
+             ("finetune.task", cfg.finetune.task, ("", "search", *sorted(tasks.GENERATORS)))]
+  if cfg.finetune.mode == "lora":
+    choices += [("finetune.lora_targets", t.strip(), tuple(finetune.LORA_TARGETS))
+                for t in cfg.finetune.lora_targets.split(",")]
+  for field, value, allowed in choices:
+    if value not in allowed:
+      raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
+  if cfg.data.tokenizer == "bpe" and not cfg.data.vocab_size:
+    raise errors.ConfigError("data.tokenizer='bpe' needs data.vocab_size (e.g. 2048)")
+  shape = tuple(cfg.mesh.shape)
+  if len(shape) != len(sharding.MESH_AXES) or any(s < 1 and s != -1 for s in shape) or shape.count(-1) > 1:
+    raise errors.ConfigError(f"mesh.shape={shape} must give one size per axis {sharding.MESH_AXES}, each >= 1 "
+                             "(one of them may be -1: the remaining devices)")
 
 
 def resume_differences(saved, cfg) -> list:

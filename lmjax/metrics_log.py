@@ -69,17 +69,29 @@ def _drop_records_after(path: str, step: int) -> None:
     return
   with open(path, encoding="utf-8") as f:
     lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-  if len(kept) != len(lines):
+  kept = [json.dumps(r) + "\n" for r in _records(lines) if r["step"] <= step]
+  if kept != lines:
     rundir.write_atomic(path, "".join(kept))
+
+
+def _records(lines) -> list:
+  """The parsed records; a line a killed process left half-written is skipped, not fatal."""
+  records = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and "step" in record:
+      records.append(record)
+  return records
 
 
 def read_metrics(workdir: str) -> list:
   """All records of metrics.jsonl; for a step logged twice (a resumed run), the last one."""
   by_step = {}
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
+    for record in _records(f):
       by_step.setdefault(record["step"], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]
 

@@ -16,9 +16,13 @@ from lmjax import checkpoint, config as config_lib, errors, rundir, sharding
 def check_resume(cfg, workdir: str):
   """The run's saved config (None for a new run). Raises ConfigError, writing nothing, when the
   workdir holds checkpoints of a run whose config differs from `cfg` outside
-  config.RESUMABLE_FIELDS (another model, data, optimizer or seed would be mixed into it)."""
-  saved = rundir.saved_config(workdir)
-  if saved is None or not checkpoint.step_dirs(workdir):
+  config.RESUMABLE_FIELDS (another model, data, optimizer or seed would be mixed into it), or a
+  checkpoint beyond `train.steps`."""
+  saved, steps = rundir.saved_config(workdir), checkpoint.step_dirs(workdir)
+  if steps and steps[-1] > cfg.train.steps:
+    raise errors.ConfigError(f"the run in {workdir} is at step {steps[-1]}, beyond train.steps={cfg.train.steps}; "
+                             f"set train.steps >= {steps[-1]} to continue it, or use a new --workdir")
+  if saved is None or not steps:
     return saved
   differences = config_lib.resume_differences(saved, cfg)
   if differences:

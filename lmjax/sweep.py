@@ -249,7 +249,11 @@ def main(argv):
         f"{counts['failed']} failed; results in {f.workdir}")
   analyze = getattr(_experiment_module(f.config), "analyze_sweep", None)
   if analyze:  # the experiment's own study on top of the table, e.g. a scaling-law fit
-    analyze(f.workdir)
+    try:
+      analyze(f.workdir)
+    except ValueError as err:  # e.g. too few finished points for a fit: the results above stand
+      print(f"error: analyze_sweep did not complete: {err}", file=sys.stderr)
+      sys.exit(INTERRUPTED_EXIT if counts["interrupted"] else 1)
   if counts["interrupted"]:
     sys.exit(INTERRUPTED_EXIT)
 

@@ -18,7 +18,7 @@ import optax
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from lmjax import (checkpoint, config as config_lib, errors, flops, losses, metrics_log, model, preflight,
+from lmjax import (checkpoint, config as config_lib, flops, losses, metrics_log, model, preflight,
                    rundir, run_outputs, sharding, sources)
 
 # Parameters that get weight decay: the matrices. Norm scales and biases do not.
@@ -225,10 +225,6 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     raise
   if state is None:
     start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings, setup.initial)
-  if start_step > tc.steps:
-    ckpt.close()
-    raise errors.ConfigError(f"the run in {workdir} is at step {start_step}, beyond train.steps={tc.steps}; set "
-                             f"train.steps >= {start_step} to continue it, or use a new --workdir")
   step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params, rules=cfg.mesh.rules,
                    loss=losses.contrastive_loss if setup.task == "search" else losses.lm_loss)
   train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,

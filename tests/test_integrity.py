@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config, tiny_flags
-from lmjax import (checkpoint, config as config_lib, errors, model, preflight, rundir, scaling, sharding, sweep,
-                   train)
+from lmjax import (checkpoint, config as config_lib, errors, metrics_log, model, preflight, rundir, scaling, sharding,
+                   sweep, train)
 from lmjax.inference import LanguageModel
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -47,6 +47,9 @@ def test_changed_model_config_is_refused_before_anything_is_written(tmp_path, co
                                                r"now 0\.003.*new --workdir"):
     train.train(changed, workdir)
   assert listing(workdir) == before  # config.json, checkpoints, metrics: all as they were
+  with pytest.raises(errors.ConfigError, match="is at step 20, beyond train.steps=10"):
+    train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), workdir)
+  assert listing(workdir) == before
   assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
@@ -89,6 +92,13 @@ def test_paths_with_glob_characters_are_taken_literally(tmp_path, corpus_file):
   assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
   lm = LanguageModel.from_workdir(workdir)
   assert lm.params["embedding"].shape[1] == 32
+
+
+def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+  assert [r["step"] for r in metrics_log.read_metrics(str(tmp_path))] == [1, 2]
+  metrics_log.MetricsLogger(str(tmp_path), total_steps=10, start_step=1).close()  # resuming from step 1
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
 
 
 # ---------------------------------------------------------------- 2. one run per workdir
@@ -174,6 +184,22 @@ def test_out_of_range_values_name_the_field(tmp_path, corpus_file, field, value)
   section, key = field.split(".")
   cfg[section][key] = value
   with pytest.raises(errors.ConfigError, match=f"{field}={value}"):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.tokenizer": "wordpiece"}, "data.tokenizer='wordpiece' is not supported"),
+    ({"finetune.mode": "lora", "finetune.lora_targets": "q,x"}, "finetune.lora_targets='x' is not supported"),
+    ({"finetune.task": "qna"}, "finetune.task='qna' is not supported"),
+    ({"mesh.shape": (0, 1, 1)}, r"mesh.shape=\(0, 1, 1\) must give one size per axis"),
+    ({"data.tokenizer": "bpe", "data.vocab_size": 0}, "needs data.vocab_size"),
+    ({"optim.min_lr": 0.5}, "optim.min_lr=0.5 exceeds optim.lr")])
+def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, overrides, message):
+  cfg = tiny_config(corpus_file, str(tmp_path))
+  for field, value in overrides.items():
+    section, key = field.split(".")
+    cfg[section][key] = value
+  with pytest.raises(errors.ConfigError, match=message):
     config_lib.validate(cfg)
 
 
