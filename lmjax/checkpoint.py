@@ -7,9 +7,11 @@ Safety rules (nothing good is ever lost):
 - A checkpoint whose parameters have other shapes than the run asks for is a
   config mismatch, not corruption: restoring stops with CheckpointMismatch and
   nothing is moved.
-- Only a checkpoint that cannot be read (truncated, corrupted) is reported,
-  moved aside to `<workdir>/corrupt_checkpoints/<step>` (not deleted), and the
-  previous one is tried.
+- A step that fails to restore while an older one restores (truncated,
+  corrupted) is reported and moved aside to `<workdir>/corrupt_checkpoints/<step>`
+  (not deleted). When no step restores, the cause is more likely the machine
+  (memory, devices) than every checkpoint at once: restoring stops with
+  CheckpointUnreadable and nothing is moved.
 - Paths are taken literally. Orbax globs inside the checkpoint directory (the
   per-process OCDBT merge) and tensorstore reads a backslash as a separator, so
   a workdir named `run [v1]` would save steps that cannot be restored; such a
@@ -27,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from lmjax import errors
 
@@ -35,6 +38,10 @@ _GLOB_OR_SEPARATOR = set("[]*?\\")
 
 class CheckpointMismatch(errors.ConfigError):
   """A saved step holds parameters of other names or shapes than the config builds."""
+
+
+class CheckpointUnreadable(errors.UserError):
+  """The run has checkpoints and none of them restores."""
 
 
 class _LiteralDir:
@@ -102,8 +109,8 @@ def _saved_tree(item: str) -> dict:
 
 
 def _shapes(tree) -> dict:
-  key = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-  return {"/".join(key(k) for k in path): tuple(leaf.shape)
+  """{'blocks/attn/wq': shape, ...} of a params tree (nested dicts, saved or abstract)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -134,22 +141,33 @@ class Checkpointer:
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with the target shardings. Raises
     CheckpointMismatch, moving nothing, when a step's parameters have other shapes than
-    `abstract_state.params`; a step that cannot be read is quarantined and the previous one tried.
+    `abstract_state.params`. Steps newer than the one restored that failed are quarantined; if no
+    step restores, raises CheckpointUnreadable and moves nothing.
     """
+    failed = []
     for step in reversed(self.steps()):
       try:
         saved_tree = _saved_tree(os.path.join(self._literal.path, str(step), "default"))
         saved_tree["params"]  # noqa: B018 (a step without params is not a train state)
-      except Exception as err:  # no readable metadata: this step cannot be trusted
-        self._quarantine(step, err)
+      except Exception as err:  # no readable metadata
+        failed.append((step, err))
         continue
       self._check_shapes(step, saved_tree, abstract_state)
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         jax.block_until_ready(state)
-        return step, state
-      except Exception as err:  # the metadata matched, the data did not read: corrupted
-        self._quarantine(step, err)
+      except Exception as err:  # the metadata matched, the data did not read
+        failed.append((step, err))
+        continue
+      for bad_step, err in failed:
+        self._quarantine(bad_step, err)
+      return step, state
+    if failed:
+      causes = "\n  ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failed)
+      raise CheckpointUnreadable(
+          f"no checkpoint in {self.directory} restores:\n  {causes}\nNothing was moved. If the error is about "
+          "memory or devices, fix that and re-run; if the checkpoints are damaged, move them aside to start "
+          "this run over.")
     return None, None
 
   def _check_shapes(self, step: int, saved_tree, abstract_state) -> None:
@@ -169,11 +187,14 @@ class Checkpointer:
     target = os.path.join(self.quarantine, str(step))
     if os.path.exists(target):
       target = f"{target}.{len(os.listdir(self.quarantine))}"
-    logging.warning("checkpoint at step %d failed to restore (%s: %s); moved it to %s and trying the "
-                    "previous one", step, type(err).__name__, str(err)[:300], target)
+    logging.warning("checkpoint at step %d failed to restore (%s: %s); moved it to %s and using an "
+                    "earlier one", step, type(err).__name__, str(err)[:300], target)
     print(f"WARNING: checkpoint at step {step} failed to restore ({type(err).__name__}); "
           f"moved to {target}, falling back to the previous checkpoint", flush=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_index() == 0:  # one mover; the others wait for it before re-listing the steps
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"lmjax_quarantine_{step}")
     self._manager.reload()
 
   def close(self) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 
 import ml_collections
 
-from lmjax import errors, finetune, model, sharding, tasks
+from lmjax import errors, model, sharding
 
 # Model fields that the run derives: the vocabulary from the tokenizer, max_len from train.seq_len.
 DERIVED_MODEL_FIELDS = ("vocab_size", "max_len")
@@ -138,13 +139,16 @@ _RANGES = {
 }
 
 # Fields a resumed run may change: how long it trains (a new schedule is announced at start), how
-# often it logs, evaluates and saves, what it writes at the end, the mesh it runs on, and where the
-# prepared data is cached. Any other difference from the saved config.json is another experiment.
+# often it logs, evaluates and saves, what it writes at the end, the mesh it runs on, how a step is
+# computed, and where the prepared data is cached. Any other difference from the saved config.json
+# is another experiment.
 RESUMABLE_FIELDS = frozenset({
     "train.steps", "optim.decay_steps", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.ckpt_every", "train.max_to_keep", "train.num_samples", "train.sample_len", "train.sample_prompt",
     "train.peak_tflops", "mesh.shape", "mesh.rules", "reference.step", "reference.val_loss",
-    "reference.source", "data.data_dir"})
+    "reference.source", "data.data_dir",
+    # how the same step is computed: micro-batches (accumulation is exact) and rematerialisation
+    "train.grad_accum", "model.remat"})
 
 
 def _range_text(low, low_in, high, high_in) -> str:
@@ -170,9 +174,10 @@ def validate(cfg) -> None:
     raise errors.ConfigError(f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid)))
   for field, (low, low_in, high, high_in) in _RANGES.items():
     value = _get(cfg, field)
-    below = value < low if low_in else value <= low
-    above = high is not None and (value > high if high_in else value >= high)
-    if below or above:
+    # written as "not inside" so that NaN, which compares False with everything, is outside
+    inside = (value >= low if low_in else value > low) and (
+        high is None or (value <= high if high_in else value < high)) and math.isfinite(value)
+    if not inside:
       raise errors.ConfigError(f"{field}={value} is out of range: it must be {_range_text(low, low_in, high, high_in)}")
   if cfg.optim.min_lr > cfg.optim.lr:
     raise errors.ConfigError(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}: the schedule "
@@ -194,13 +199,10 @@ def validate(cfg) -> None:
 
 
 def _check_choices(cfg) -> None:
-  """Named options whose allowed values are known before any data or model is loaded."""
+  """Named options whose allowed values the config layer knows (fine-tuning tasks and LoRA targets
+  are checked by preflight.check_finetune_options, above this layer)."""
   choices = [("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe")),
-             ("finetune.mode", cfg.finetune.mode, ("full", "lora")),
-             ("finetune.task", cfg.finetune.task, ("", "search", *sorted(tasks.GENERATORS)))]
-  if cfg.finetune.mode == "lora":
-    choices += [("finetune.lora_targets", t.strip(), tuple(finetune.LORA_TARGETS))
-                for t in cfg.finetune.lora_targets.split(",")]
+             ("finetune.mode", cfg.finetune.mode, ("full", "lora"))]
   for field, value, allowed in choices:
     if value not in allowed:
       raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")

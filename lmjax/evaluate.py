@@ -44,7 +44,7 @@ def mean_pooled(run_model, tokens_BT, positions_BT) -> jax.Array:
   """L2-normalised mean of the last hidden states over real (position >= 0) tokens.
 
   `run_model(tokens, **kwargs)` is the model with its weights bound; the contrastive training loss
-  (train.contrastive_loss) and `embed` share this definition.
+  (losses.contrastive_loss) and `embed` share this definition.
   """
   hidden_BTD = run_model(tokens_BT, positions_BT=positions_BT, return_hidden=True)
   valid_BT1 = (positions_BT >= 0)[..., None]

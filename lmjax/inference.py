@@ -70,6 +70,9 @@ class LanguageModel:
       cfg = model.ModelConfig(**spec["model"])
       if spec["lora_scale"] is not None:  # the adapters merge onto the exact base they were trained on
         from lmjax import finetune, sources
+        if "base" not in spec:
+          print(f"WARNING: {run_model} predates base provenance: merging the adapters onto the base's current "
+                f"weights ({spec['init']}), which may not be the ones they were trained on", flush=True)
         base = sources.load_source(ml_collections.ConfigDict(spec["init"]), {}, pinned=spec.get("base"))[1]
         params = finetune.merge(base, params, spec["lora_scale"])
       return cls(cfg, params, tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from lmjax import checkpoint, config as config_lib, errors, rundir, sharding
+from lmjax import checkpoint, config as config_lib, errors, finetune, rundir, sharding, tasks
 
 
 def check_resume(cfg, workdir: str):
@@ -34,18 +34,29 @@ def check_resume(cfg, workdir: str):
   return saved
 
 
+def check_finetune_options(cfg) -> None:
+  """finetune.task and finetune.lora_targets name things lmjax has (checked before any loading)."""
+  choices = [("finetune.task", cfg.finetune.task, ("", "search", *sorted(tasks.GENERATORS)))]
+  if cfg.finetune.mode == "lora":
+    choices += [("finetune.lora_targets", t.strip(), tuple(finetune.LORA_TARGETS))
+                for t in cfg.finetune.lora_targets.split(",")]
+  for field, value, allowed in choices:
+    if value not in allowed:
+      raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
+
+
 def schedule_change_note(saved, cfg, step: int, make_optimizer) -> str | None:
-  """A note when the learning rate at the resume `step` differs from the saved run's schedule
-  (train.steps or optim.decay_steps changed), with the override that keeps the old decay."""
-  old = float(make_optimizer(saved.optim, saved.train.steps)[1](step))
-  new = float(make_optimizer(cfg.optim, cfg.train.steps)[1](step))
-  if np.isclose(old, new, rtol=1e-6, atol=0.0):
-    return None
+  """A note when the resumed run's learning-rate schedule differs from the saved run's (train.steps
+  or optim.decay_steps changed the decay horizon), with the override that keeps the old one."""
   old_horizon = saved.optim.get("decay_steps") or saved.train.steps
   new_horizon = cfg.optim.decay_steps or cfg.train.steps
+  old = float(make_optimizer(saved.optim, saved.train.steps)[1](step))
+  new = float(make_optimizer(cfg.optim, cfg.train.steps)[1](step))
+  if old_horizon == new_horizon and np.isclose(old, new, rtol=1e-6, atol=0.0):
+    return None
   return (f"NOTE: the learning-rate schedule changed since this run was saved: it decayed over {old_horizon} steps "
           f"and now decays over {new_horizon} (train.steps {saved.train.steps} -> {cfg.train.steps}), so at step "
-          f"{step} the learning rate is {new:.4g} instead of {old:.4g} ({new / old if old else float('inf'):.2f}x). "
+          f"{step} the learning rate is {new:.4g} instead of {old:.4g}{f' ({new / old:.2f}x)' if old else ''}. "
           f"To keep the original schedule (then min_lr), add --config.optim.decay_steps={old_horizon}.")
 
 

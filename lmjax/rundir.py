@@ -7,8 +7,9 @@ is written through `write_atomic`: a reader sees the old or the new content, nev
 two writers never share a temporary name.
 
 A run is *finished* when it reached its `train.steps` and wrote `finished.json` for that step
-count; an interrupted, failed or extended run is not. The sweep runner, the scaling fit and the
-results tables all ask `is_finished`, so a preempted point is never counted as a result.
+count; an interrupted, failed or extended run is not. The sweep runner (and through its point
+status, its results table and plots) and the scaling fit ask `is_finished`, so a preempted point is
+never counted as a result.
 """
 from __future__ import annotations
 
@@ -100,11 +101,22 @@ def mark_finished(workdir: str, steps: int, summary: dict) -> None:
   write_json(os.path.join(workdir, FINISHED_FILE), {"steps": steps, **summary})
 
 
-def is_finished(workdir: str) -> bool:
-  """True iff the run reached the train.steps its config.json asks for (an extended run is not)."""
+def clear_finished(workdir: str) -> None:
+  """Removes the finished marker when the run trains again (extended, or restarted after its
+  checkpoints were removed), so it does not vouch for steps not yet trained."""
+  path = os.path.join(workdir, FINISHED_FILE)
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def is_finished(workdir: str, steps: int | None = None) -> bool:
+  """True iff the run reached the train.steps its config.json asks for (an extended run is not),
+  and, when given, `steps` (what the caller's config asks for now, e.g. a sweep whose experiment
+  file raised train.steps since the run finished)."""
   path = os.path.join(workdir, FINISHED_FILE)
   cfg = saved_config(workdir) if os.path.exists(path) else None
   if cfg is None:
     return False
   with open(path, encoding="utf-8") as f:
-    return json.load(f).get("steps") == cfg.train.steps
+    done = json.load(f).get("steps")
+  return done == cfg.train.steps and (steps is None or done == steps)

@@ -23,6 +23,14 @@ from lmjax import checkpoint, config as config_lib, data, errors, finetune, mode
 RUNTIME_MODEL_FIELDS = ("dtype", "matmul_dtype", "dropout", "attn_dropout", "remat")
 
 
+class MissingBase(errors.UserError, FileNotFoundError):
+  """The exact base checkpoint a LoRA run was trained on is gone."""
+
+
+class BaseChanged(errors.UserError, ValueError):
+  """The base a LoRA run recorded no longer has the weights (fingerprint) it was trained on."""
+
+
 @dataclasses.dataclass
 class RunSetup:
   tokenizer: Any
@@ -38,10 +46,18 @@ class RunSetup:
   lora_scale: float | None = None
   task: str | None = None
   task_examples: list = dataclasses.field(default_factory=list)
+  run_spec: dict | None = None  # model.json of a fine-tuning run: its architecture and exact base
 
   def model_params(self, trainable, frozen):
     """The weights the model runs with."""
     return finetune.merge(frozen, trainable, self.lora_scale) if self.lora_scale is not None else trainable
+
+  def save(self, workdir: str) -> None:
+    """What loading the run needs besides checkpoints: the tokenizer and, for fine-tuning,
+    model.json. The trainer calls this once the run's checkpoint (if any) has restored."""
+    self.tokenizer.save(workdir)
+    if self.run_spec is not None:
+      rundir.write_json(os.path.join(workdir, "model.json"), self.run_spec)
 
 
 def is_finetuning(cfg) -> bool:
@@ -86,7 +102,7 @@ def load_source(init_cfg, runtime: dict, pinned: dict | None = None):
   params = jax.tree.map(np.asarray, lm.params)
   origin["params_sha256"] = checkpoint.fingerprint(params)
   if pinned and pinned.get("params_sha256") not in (None, origin["params_sha256"]):
-    raise ValueError(f"the base weights this run was trained on ({pinned}) have changed: {origin} now has "
+    raise BaseChanged(f"the base weights this run was trained on ({pinned}) have changed: {origin} now has "
                      f"fingerprint {origin['params_sha256'][:16]}..., not {pinned['params_sha256'][:16]}...; "
                      "restore the original base (or its file) to load this run")
   return dataclasses.replace(lm.cfg, **runtime), params, lm.tokenizer, origin
@@ -95,6 +111,14 @@ def load_source(init_cfg, runtime: dict, pinned: dict | None = None):
 def _run_and_step(path: str, pinned: dict | None) -> tuple:
   """(run directory, step) of `init.from_checkpoint`: the pinned step, the step named in the path,
   or the run's latest."""
+  if pinned:
+    run_dir, step = pinned["workdir"], pinned["step"]
+    if step not in checkpoint.step_dirs(run_dir):
+      raise MissingBase(
+          f"this run was trained on step {step} of {run_dir}, which is no longer there (steps now: "
+          f"{checkpoint.step_dirs(run_dir)}; train.max_to_keep may have removed it). Restore that checkpoint to "
+          "load this run; merging onto another step would silently give another model")
+    return run_dir, step
   path = os.path.abspath(path)
   parent = os.path.dirname(path)
   if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
@@ -102,26 +126,22 @@ def _run_and_step(path: str, pinned: dict | None) -> tuple:
   else:
     steps = checkpoint.step_dirs(path)
     if not steps:
-      raise FileNotFoundError(f"init.from_checkpoint={path}: no checkpoints in {path}/checkpoints; train that run "
-                              "first, or point at RUN/checkpoints/STEP")
+      raise errors.ConfigError(f"init.from_checkpoint={path}: no checkpoints in {path}/checkpoints; train that run "
+                               "first, or point at RUN/checkpoints/STEP")
     run_dir, step = path, steps[-1]
-  if pinned:
-    run_dir, step = pinned["workdir"], pinned["step"]
-    if step not in checkpoint.step_dirs(run_dir):
-      raise FileNotFoundError(
-          f"this run was trained on step {step} of {run_dir}, which is no longer there (steps now: "
-          f"{checkpoint.step_dirs(run_dir)}; train.max_to_keep may have removed it). Restore that checkpoint to "
-          "load this run; merging onto another step would silently give another model")
   return run_dir, step
 
 
 def _pinned_base(workdir: str) -> dict | None:
-  """The base recorded by this workdir's run when it has checkpoints to resume (else None)."""
+  """The base a LoRA run in `workdir` recorded, when it has checkpoints to resume (else None): its
+  adapters only make sense on that base. (A full fine-tune restores all its weights; it needs the
+  source only for the architecture and tokenizer.)"""
   path = os.path.join(workdir, "model.json")
   if not os.path.exists(path) or not checkpoint.step_dirs(workdir):
     return None
   with open(path, encoding="utf-8") as f:
-    return json.load(f).get("base")
+    spec = json.load(f)
+  return spec.get("base") if spec.get("lora_scale") is not None else None
 
 
 def _finetuning(cfg, workdir: str) -> RunSetup:
@@ -145,14 +165,14 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
   if train_sft.truncated or val_sft.truncated:
     print(f"WARNING: {train_sft.truncated} training and {val_sft.truncated} validation prompts were longer than "
           f"train.seq_len={tc.seq_len} and were cut from the left", flush=True)
-  _write_run_model(workdir, model_cfg, cfg, origin)
   setup = RunSetup(
       tokenizer=tokenizer, model_cfg=model_cfg,
       train_batch=lambda step, p, n: finetune.batch_at(train_sft, cfg.seed, step, tc.batch_size, p, n),
       val_batch=lambda i, p, n: finetune.batch_at(val_sft, cfg.seed + 1, i, tc.batch_size, p, n),
       train_tokens=int(train_sft.loss_mask.sum()), val_tokens=int(val_sft.loss_mask.sum()),
       train_rows=len(train_sft.tokens), val_rows=len(val_sft.tokens),
-      task=fc.task or None, task_examples=tasks.examples(fc.task, fc.num_eval, tasks.EVAL_SEED) if fc.task else [])
+      task=fc.task or None, task_examples=tasks.examples(fc.task, fc.num_eval, tasks.EVAL_SEED) if fc.task else [],
+      run_spec=_run_spec(model_cfg, cfg, origin))
   return _trainable(setup, cfg, base)
 
 
@@ -189,7 +209,6 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> RunS
     return {k: v[rows[p * per:(p + 1) * per]] for k, v in arrays.items()}
 
   train_pairs, val_pairs = pairs(fc.num_train, cfg.seed), pairs(fc.num_val, cfg.seed + 1)
-  _write_run_model(workdir, model_cfg, cfg, origin)
   setup = RunSetup(
       tokenizer=tokenizer, model_cfg=model_cfg,
       train_batch=lambda step, p, n: batch_at(train_pairs, cfg.seed, step, p, n),
@@ -197,13 +216,13 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> RunS
       train_tokens=int((train_pairs["query_pos"] >= 0).sum() + (train_pairs["passage_pos"] >= 0).sum()),
       val_tokens=int((val_pairs["query_pos"] >= 0).sum() + (val_pairs["passage_pos"] >= 0).sum()),
       train_rows=fc.num_train, val_rows=fc.num_val,
-      task="search", task_examples=tasks.search_set(fc.num_eval, tasks.EVAL_SEED)[1])
+      task="search", task_examples=tasks.search_set(fc.num_eval, tasks.EVAL_SEED)[1],
+      run_spec=_run_spec(model_cfg, cfg, origin))
   return _trainable(setup, cfg, base)
 
 
-def _write_run_model(workdir: str, model_cfg: model.ModelConfig, cfg, origin: dict) -> None:
+def _run_spec(model_cfg: model.ModelConfig, cfg, origin: dict) -> dict:
   """model.json: the architecture a fine-tuning run uses (not cfg.model) and the exact base weights
   it started from (`origin` of load_source), for loading it later."""
-  spec = {"model": dataclasses.asdict(model_cfg), "init": cfg.init.to_dict(), "base": origin,
+  return {"model": dataclasses.asdict(model_cfg), "init": cfg.init.to_dict(), "base": origin,
           "lora_scale": cfg.finetune.lora_alpha / cfg.finetune.lora_rank if cfg.finetune.mode == "lora" else None}
-  rundir.write_json(os.path.join(workdir, "model.json"), spec)

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from lmjax import metrics_log, rundir
+from lmjax import config as config_lib, metrics_log, rundir
 
 # The sweep's exit status when a point was stopped by a signal (EX_TEMPFAIL): not done, re-run to resume.
 INTERRUPTED_EXIT = 75
@@ -78,14 +78,15 @@ def sweep_points(config_path: str) -> list:
 
 
 def point_name(overrides: dict) -> str:
-  """The point's directory name: its overrides, readable; when longer than _MAX_NAME_BYTES, a prefix
-  of them and a hash of the whole, so every point gets a distinct name the file system accepts."""
-  name = "__".join(f"{k}_{v}" for k, v in overrides.items()).replace("/", "-").replace(" ", "") or "default"
-  encoded = name.encode()
-  if len(encoded) <= _MAX_NAME_BYTES:
+  """The point's directory name: its overrides, readable. When they had to be changed to make a
+  name ('/' and spaces) or are longer than _MAX_NAME_BYTES, a prefix of them and a hash of the
+  unchanged text, so distinct points never share a directory and the file system accepts the name."""
+  raw = "__".join(f"{k}_{v}" for k, v in overrides.items()) or "default"
+  name = raw.replace("/", "-").replace(" ", "")
+  if name == raw and len(name.encode()) <= _MAX_NAME_BYTES:
     return name
-  digest = hashlib.sha256(encoded).hexdigest()[:12]
-  return encoded[:_MAX_NAME_BYTES - 14].decode(errors="ignore") + "__" + digest
+  digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+  return name.encode()[:_MAX_NAME_BYTES - 14].decode(errors="ignore") + "__" + digest
 
 
 def distinct_points(points: list) -> list:
@@ -112,8 +113,11 @@ def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
     point_path = os.path.join(workdir, POINT_FILE)
     if os.path.exists(point_path):
       with open(point_path, encoding="utf-8") as f:
-        record["wall_s"] = json.load(f).get("wall_s", 0.0)
-    if rundir.is_finished(workdir):
+        saved = json.load(f)
+      if _canonical(saved["overrides"]) != _canonical(overrides):
+        return {**record, "status": "failed", "error": f"{workdir} holds another point: {saved['overrides']}"}
+      record["wall_s"] = saved.get("wall_s", 0.0)
+    if rundir.is_finished(workdir, steps=_point_steps(config, overrides)):
       return {**record, "status": "ok"}
     start = time.time()
     with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
@@ -128,10 +132,33 @@ def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
                        "the sweep to resume"}
     with open(os.path.join(workdir, "sweep_log.txt"), encoding="utf-8", errors="replace") as f:
       lines = [l.strip() for l in f if l.strip()]
-    error = lines[-1][:300] if lines and result.returncode else f"exit code {result.returncode} but not finished"
+    if result.returncode:
+      error = lines[-1][:300] if lines else f"exit code {result.returncode}"
+    else:
+      error = "exit code 0 without reaching train.steps (no finished.json)"
     return {**record, "status": "failed", "error": error}
   except Exception as err:  # e.g. a workdir the file system refuses: this point fails, the sweep goes on
     return {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _canonical(overrides: dict) -> str:
+  return json.dumps(overrides, sort_keys=True, default=str)
+
+
+def _point_steps(config: str, overrides: dict) -> int | None:
+  """The point's train.steps as its command will set it (None if the experiment does not load: the
+  point's own run then reports why)."""
+  try:
+    cfg = config_lib.load_experiment(config)
+    for key, value in overrides.items():
+      *parents, last = key.split(".")
+      node = cfg
+      for part in parents:
+        node = node[part]
+      node[last] = value
+    return cfg.train.steps
+  except Exception:  # noqa: BLE001 (any failure here is the point run's to report)
+    return None
 
 
 def summarize(record: dict) -> dict:
@@ -141,8 +168,9 @@ def summarize(record: dict) -> dict:
   records = metrics_log.read_metrics(record["workdir"]) if os.path.exists(path) else []
   evals = [r for r in records if "val_loss" in r]
   row["steps"] = records[-1]["step"] if records else 0
-  row["final_val_loss"] = round(evals[-1]["val_loss"], 4) if evals else ""
-  row["best_val_loss"] = round(min(r["val_loss"] for r in evals), 4) if evals else ""
+  finished = record["status"] == "ok" and evals  # an unfinished point's losses are not results
+  row["final_val_loss"] = round(evals[-1]["val_loss"], 4) if finished else ""
+  row["best_val_loss"] = round(min(r["val_loss"] for r in evals), 4) if finished else ""
   rates = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
   row["tokens_per_sec"] = round(statistics.median(rates)) if rates else ""
   if record["status"] != "ok":
@@ -182,9 +210,8 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   plt.close(fig)
   rows = [summarize(r) for r in records]
   for field in swept:
-    # finished points only: the last loss of an interrupted point is not a result
     xy = [(row[field], row["final_val_loss"]) for row in rows
-          if row["status"] == "ok" and row.get(field) is not None and row["final_val_loss"] != ""]
+          if row.get(field) is not None and row["final_val_loss"] != ""]
     if not xy or not all(isinstance(x, (int, float)) for x, _ in xy):
       continue
     xy.sort()
@@ -237,8 +264,12 @@ def main(argv):
     return
   if f.emit:
     raise app.UsageError(f"--emit={f.emit!r}: only 'slurm' is supported")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, f.parallel)) as pool:
-    records = list(pool.map(lambda p: run_point(f.config, f.workdir, p), points))
+  try:
+    with rundir.lock(f.workdir), concurrent.futures.ThreadPoolExecutor(max_workers=max(1, f.parallel)) as pool:
+      records = list(pool.map(lambda p: run_point(f.config, f.workdir, p), points))
+  except rundir.WorkdirInUse as err:  # another sweep runs in this directory
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
   rows = [summarize(r) for r in records]
   write_results(f.workdir, rows)
   plot_results(f.workdir, records, list(dict.fromkeys(k for p in points for k in p)))

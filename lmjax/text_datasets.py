@@ -117,7 +117,9 @@ def resolve_paths(spec: str) -> tuple:
   paths = []
   for part in (p.strip() for p in spec.split(",") if p.strip()):
     part = os.path.expanduser(part)
-    matches = [part] if os.path.isfile(part) else sorted(glob.glob(part))
+    head, tail = os.path.split(part)  # a pattern in an existing directory: the directory is literal
+    pattern = os.path.join(glob.escape(head), tail) if head and os.path.isdir(head) else part
+    matches = [part] if os.path.isfile(part) else sorted(glob.glob(pattern))
     if not matches:
       raise errors.ConfigError(f"data.text_files: {part!r} is no file and, as a glob, matches no file")
     paths.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))

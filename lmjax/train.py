@@ -167,7 +167,7 @@ def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit cleanly)."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then raise Interrupted)."""
 
   def __init__(self):
     self.signal = None
@@ -176,6 +176,18 @@ class _StopRequest:
   def _handle(self, signum, frame):
     del frame
     self.signal = signal.Signals(signum).name
+
+  def agreed(self, at_sync_point: bool) -> str | None:
+    """The signal to stop on, if any. One process decides at once; several processes stop only
+    together, at steps they all reach (`at_sync_point`: log and checkpoint steps), since a process
+    that stopped alone would wait forever in the checkpoint save the others never join."""
+    if jax.process_count() == 1:
+      return self.signal
+    if not at_sync_point:
+      return None
+    mine = np.int32(signal.Signals[self.signal].value if self.signal else 0)
+    first = int(np.max(multihost_utils.process_allgather(mine)))
+    return signal.Signals(first).name if first else None
 
   def restore(self):
     for s, handler in self._previous.items():
@@ -191,6 +203,7 @@ def train(cfg, workdir: str) -> dict:
   writes `finished.json` last.
   """
   config_lib.validate(cfg)
+  preflight.check_finetune_options(cfg)
   primary = jax.process_index() == 0
   with rundir.lock(workdir) if primary else contextlib.nullcontext():
     return _train(cfg, workdir, primary)
@@ -200,12 +213,8 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   saved_cfg = preflight.check_resume(cfg, workdir)
   tc = cfg.train
   mesh = preflight.mesh_for(cfg)
-  if primary:
-    rundir.write_config(cfg, workdir)
   setup = sources.prepare(cfg, workdir)
   preflight.check_sizes(cfg, setup)
-  if primary:
-    setup.tokenizer.save(workdir)
   model_cfg = setup.model_cfg
   batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
   optimizer, schedule = make_optimizer(cfg.optim, tc.steps)
@@ -225,6 +234,11 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     raise
   if state is None:
     start_step, state = 0, init_state(model_cfg, optimizer, cfg.seed, shardings, setup.initial)
+  if primary:  # only now, with every check passed and the checkpoint restored, does the run write
+    rundir.write_config(cfg, workdir)
+    setup.save(workdir)
+    if start_step < tc.steps:
+      rundir.clear_finished(workdir)
   step_args = dict(frozen_shardings=frozen_sh, model_params=setup.model_params, rules=cfg.mesh.rules,
                    loss=losses.contrastive_loss if setup.task == "search" else losses.lm_loss)
   train_step = make_train_step(model_cfg, optimizer, schedule, cfg.seed, tc.grad_accum, shardings, batch_sh,
@@ -268,17 +282,17 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
           "optim.lr, raise optim.warmup_steps, tighten optim.grad_clip, or use dtype='float32'.")
 
   stop = _StopRequest()
-  metrics, last_saved = {}, start_step
+  metrics, last_saved, stopping = {}, start_step, None
   window_start, window_steps = time.perf_counter(), 0
   try:
     for step in range(start_step, tc.steps):
-      if stop.signal:
+      if stopping:
         check_health(state)
-        log.info(f"{stop.signal} received: saving step {step} and exiting")
+        log.info(f"{stopping} received: saving step {step} and exiting")
         if step != last_saved:  # the signal may follow a regular save of this step
           ckpt.save(step, state)
         ckpt.wait()
-        raise Interrupted(stop.signal, step)
+        raise Interrupted(stopping, step)
       state, step_metrics = train_step(state, global_batch(setup.train_batch, step), frozen)
       window_steps += 1
       if step == start_step:  # keep compilation out of the throughput numbers
@@ -302,6 +316,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         check_health(state)
         ckpt.save(done, state)
         last_saved = done
+      stopping = stop.agreed(at_sync_point=done % tc.log_every == 0 or done % tc.ckpt_every == 0)
     ckpt.wait()
   finally:
     stop.restore()

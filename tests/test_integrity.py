@@ -3,6 +3,7 @@
 References are independent of the code under test: file listings, exit codes, the config's
 ranges, the warmup-cosine formula and numpy losses.
 """
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config, tiny_flags
+from conftest import REPO, TINY_EXPERIMENT, tiny_config, tiny_flags
 from lmjax import (checkpoint, config as config_lib, errors, metrics_log, model, preflight, rundir, scaling, sharding,
                    sweep, train)
 from lmjax.inference import LanguageModel
@@ -57,13 +58,27 @@ def test_checkpoint_of_other_shapes_is_a_mismatch_not_corruption(tmp_path, corpu
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), workdir)
   os.remove(os.path.join(workdir, "config.json"))  # no saved config to compare: the checkpoint itself tells
+  before = listing(workdir)
   changed = tiny_config(corpus_file, data_dir, steps=20, num_samples=0)
   changed.model.d_ff = 48
   with pytest.raises(checkpoint.CheckpointMismatch, match=r"(?s)step 10 .*w1: saved \(2, 32, 64\), this config "
                                                           r"\(2, 32, 48\)"):
     train.train(changed, workdir)
-  assert checkpoint.step_dirs(workdir) == [10]
-  assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+  assert listing(workdir) == before  # not even config.json is written for the mismatched config
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path, corpus_file):
+  data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
+  train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), workdir)
+  for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "10")):
+    for name in names:  # damage the data, keep the metadata readable
+      if name not in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding") and "metadata" not in root:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(os.path.getsize(f.name) // 3)
+  before = listing(workdir)
+  with pytest.raises(checkpoint.CheckpointUnreadable, match="(?s)no checkpoint in .* restores.*step 10.*Nothing was moved"):
+    train.train(tiny_config(corpus_file, data_dir, steps=20, num_samples=0), workdir)
+  assert listing(workdir) == before
 
 
 def test_resume_differences_ignore_resumable_fields_only():
@@ -115,18 +130,32 @@ def test_a_second_run_in_a_workdir_in_use_refuses_and_writes_nothing(tmp_path, c
 def test_atomic_writes_from_many_threads_leave_one_whole_file(tmp_path):
   path = str(tmp_path / "config.json")
   payloads = [{"writer": i, "data": "x" * 50_000} for i in range(8)]
-  threads = [threading.Thread(target=lambda p=p: [rundir.write_json(path, p) for _ in range(20)]) for p in payloads]
+  failures = []
+
+  def write_and_read(payload):
+    try:
+      for _ in range(20):
+        rundir.write_json(path, payload)
+        assert json.load(open(path)) in payloads  # a reader never sees a torn file
+    except Exception as err:  # noqa: BLE001 (reported below; a thread's exception would be lost)
+      failures.append(err)
+  threads = [threading.Thread(target=write_and_read, args=(p,)) for p in payloads]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
-  assert json.load(open(path)) in payloads
+  assert failures == [] and json.load(open(path)) in payloads
   assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left behind
 
 
-def test_repeated_sweep_points_run_once():
+def test_repeated_sweep_points_run_once_and_distinct_points_never_share_a_directory():
   drawn = [{"optim.lr": 0.01, "model.mlp": "swiglu"}] * 3 + [{"optim.lr": 0.01, "model.mlp": "gelu"}]
   assert sweep.distinct_points(drawn) == [drawn[0], drawn[3]]
+  similar = [{"data.text_files": "a/b.txt"}, {"data.text_files": "a-b.txt"}, {"train.sample_prompt": "a b"},
+             {"train.sample_prompt": "ab"}, {f"optim.f{i}": 1e-3 for i in range(40)}]
+  names = [sweep.point_name(p) for p in similar]
+  assert len(set(names)) == len(names) and all(len(n.encode()) <= 200 and "/" not in n for n in names)
+  assert sweep.distinct_points(similar) == similar
 
 
 # ---------------------------------------------------------------- 3. interrupted is not finished
@@ -150,6 +179,29 @@ def test_finished_means_reached_the_configured_steps(tmp_path):
   assert not rundir.is_finished(_fake_run(tmp_path, 40))  # interrupted: no marker
   # The scaling fit reads only the finished one of three runs.
   assert [p[2] for p in scaling.finished_runs(str(tmp_path))] == ["p40_40"]
+
+
+def test_a_finished_point_reruns_when_the_experiment_asks_for_more_steps(tmp_path, monkeypatch):
+  experiment = tmp_path / "exp.py"
+  experiment.write_text("import importlib.util\n"
+                        f"spec = importlib.util.spec_from_file_location('tiny', {TINY_EXPERIMENT!r})\n"
+                        "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
+                        "def get_config(variant=''):\n  return tiny.get_config()\n")  # train.steps = 40
+  point = {"optim.lr": 0.1}
+  workdir = tmp_path / "sweep" / sweep.point_name(point)
+  workdir.mkdir(parents=True)
+  cfg = tiny_config("unused.txt", "unused", steps=20)
+  rundir.write_config(cfg, str(workdir))
+  rundir.mark_finished(str(workdir), 20, {})
+  monkeypatch.setattr(sweep, "point_command", lambda *a: [sys.executable, "-c", "import sys; sys.exit(3)"])
+  ran = sweep.run_point(str(experiment), str(tmp_path / "sweep"), point)  # finished at 20, asked for 40
+  assert ran["status"] == "failed" and ran["error"] == "exit code 3"
+  rundir.write_config(tiny_config("unused.txt", "unused", steps=40), str(workdir))
+  rundir.mark_finished(str(workdir), 40, {})
+  assert sweep.run_point(str(experiment), str(tmp_path / "sweep"), point)["status"] == "ok"  # skipped: done
+  rundir.write_json(str(workdir / sweep.POINT_FILE), {"overrides": {"optim.lr": 0.2}, "wall_s": 1.0})
+  other = sweep.run_point(str(experiment), str(tmp_path / "sweep"), point)
+  assert other["status"] == "failed" and "holds another point" in other["error"]
 
 
 @pytest.mark.parametrize("script, status", [
@@ -178,7 +230,8 @@ def test_a_failure_of_the_runner_is_that_points_failure(tmp_path, monkeypatch):
     ("train.grad_accum", 0), ("train.eval_every", 0), ("train.log_every", 0), ("train.ckpt_every", 0),
     ("train.batch_size", 0), ("train.seq_len", 0), ("train.eval_steps", 0), ("train.steps", 0),
     ("optim.lr", -0.01), ("optim.b2", 1.0), ("optim.grad_clip", 0.0), ("data.val_fraction", 1.0),
-    ("finetune.lora_rank", 0), ("model.rope_theta", 0.0)])
+    ("finetune.lora_rank", 0), ("model.rope_theta", 0.0), ("optim.lr", float("nan")),
+    ("optim.weight_decay", float("inf")), ("train.peak_tflops", float("nan"))])
 def test_out_of_range_values_name_the_field(tmp_path, corpus_file, field, value):
   cfg = tiny_config(corpus_file, str(tmp_path))
   section, key = field.split(".")
@@ -191,6 +244,7 @@ def test_out_of_range_values_name_the_field(tmp_path, corpus_file, field, value)
     ({"data.tokenizer": "wordpiece"}, "data.tokenizer='wordpiece' is not supported"),
     ({"finetune.mode": "lora", "finetune.lora_targets": "q,x"}, "finetune.lora_targets='x' is not supported"),
     ({"finetune.task": "qna"}, "finetune.task='qna' is not supported"),
+    ({"finetune.mode": "dora"}, "finetune.mode='dora' is not supported"),
     ({"mesh.shape": (0, 1, 1)}, r"mesh.shape=\(0, 1, 1\) must give one size per axis"),
     ({"data.tokenizer": "bpe", "data.vocab_size": 0}, "needs data.vocab_size"),
     ({"optim.min_lr": 0.5}, "optim.min_lr=0.5 exceeds optim.lr")])
@@ -201,6 +255,7 @@ def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, over
     cfg[section][key] = value
   with pytest.raises(errors.ConfigError, match=message):
     config_lib.validate(cfg)
+    preflight.check_finetune_options(cfg)
 
 
 def test_bad_value_on_the_command_line_exits_2_without_traceback(tmp_path, corpus_file):
@@ -284,7 +339,12 @@ def test_lora_run_keeps_the_exact_base_it_was_trained_on(tmp_path, corpus_file):
   with open(tmp_path / "lora" / "model.json") as f:
     recorded = json.load(f)["base"]
   assert recorded["workdir"] == base and recorded["step"] == 10
-  assert recorded["params_sha256"] == checkpoint.fingerprint(checkpoint.load_params(os.path.join(base, "checkpoints", "10")))
+  saved = checkpoint.load_params(os.path.join(base, "checkpoints", "10"))
+  digest = hashlib.sha256()  # the fingerprint's definition, written out: sorted paths, dtype, shape, bytes
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(saved)[0], key=lambda pl: jax.tree_util.keystr(pl[0])):
+    leaf = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape};".encode() + leaf.tobytes())
+  assert recorded["params_sha256"] == digest.hexdigest()
   merged = jax.device_get(LanguageModel.from_workdir(str(tmp_path / "lora")).params)
   train.train(tiny_config(corpus_file, data_dir, steps=20, num_samples=0), base)  # the base trains on
   again = jax.device_get(LanguageModel.from_workdir(str(tmp_path / "lora")).params)

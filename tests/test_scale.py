@@ -2,6 +2,7 @@
 and two processes with jax.distributed."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -140,3 +141,28 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   from lmjax.inference import LanguageModel
   restored = LanguageModel.from_workdir(str(tmp_path / "two"))  # the 2-process checkpoint, in one process
   assert restored.generate(restored.tokenizer.encode("ROMEO"), max_new_tokens=3, do_sample=False)[0].shape == (8,)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, corpus_file):
+  # A preemption notice may reach one host first; a process that stopped alone would wait forever
+  # in the checkpoint save the other never joins. Both must save the same step and exit 143.
+  workdir = str(tmp_path / "run")
+  flags = tiny_flags(corpus_file, str(tmp_path / "tfds"), workdir, "--config.train.steps=100000",
+                     "--config.train.log_every=2", "--config.train.ckpt_every=100000",
+                     "--config.train.num_samples=0", "--config.mesh.shape=(1,2,1)", "--config.model.dropout=0.0")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  port = free_port()
+  with open(tmp_path / "p1.log", "w") as p1_log:
+    procs = [subprocess.Popen([sys.executable, "-m", "lmjax.main", *flags, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}", "--cpu_devices=1"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE if i == 0 else p1_log, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for line in procs[0].stdout:
+      if line.startswith("step 4/"):
+        break
+    procs[0].send_signal(signal.SIGTERM)
+    out, _ = procs[0].communicate(timeout=180)
+    procs[1].wait(timeout=180)
+  assert [p.returncode for p in procs] == [143, 143], out[-2000:] + open(tmp_path / "p1.log").read()[-2000:]
+  saved = int(out.split("SIGTERM received: saving step ")[1].split()[0])
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved)] and saved % 2 == 0

@@ -148,11 +148,11 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   resumed_from = int(second.stdout.split("resumed from step ")[1].split()[0])
   assert 10 <= resumed_from < 40
 
-  losses = {r["step"]: r["loss"] for r in read_jsonl(straight)}
+  straight_losses = {r["step"]: r["loss"] for r in read_jsonl(straight)}
   # Steps logged after the last checkpoint before the kill are dropped and logged again: each appears once.
   assert [r["step"] for r in read_jsonl(resumed)] == list(range(1, 41))
   for record in read_jsonl(resumed):
-    assert record["loss"] == losses[record["step"]], record["step"]
+    assert record["loss"] == straight_losses[record["step"]], record["step"]
   jax.tree.map(np.testing.assert_array_equal, restore_params(resumed, 40), restore_params(straight, 40))
 
 
