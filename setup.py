@@ -33,5 +33,6 @@ setup(
         "safetensors",  # Hugging Face checkpoints
         "sacrebleu",  # chrF for translation
     ],
-    extras_require={"test": ["pytest"]},
+    # hypothesis: property tests (tokenizer round trips); rouge-score: the reference ROUGE-L in tests
+    extras_require={"test": ["pytest", "hypothesis", "rouge-score"]},
 )

@@ -33,12 +33,11 @@ def timed(fn):
 def measure(name, cfg, params, batch, prompt_len, new):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-  stops = jnp.zeros((0, 0), jnp.int32)
   args = dict(sampling=_GREEDY, eos_id=-1, pad_id=0)
-  run_prefill = lambda: sample.prefill(cfg, params, tokens, positions, stops, jax.random.key(0), num_new=new, **args)
+  run_prefill = lambda: sample.prefill(cfg, params, tokens, positions, jax.random.key(0), num_new=new, **args)
   state, prefill_first = timed(run_prefill)
   _, prefill_s = timed(run_prefill)
-  run_decode = lambda: sample.decode(cfg, params, state, stops, num_new=new, **args)
+  run_decode = lambda: sample.decode(cfg, params, state, jnp.int32(new), **args)
   _, decode_first = timed(run_decode)
   _, decode_s = timed(run_decode)
   print(f"{name:16s} batch {batch}: prompt {prompt_len}, prefill {1e3 * prefill_s:7.1f} ms; decode {new - 1} steps "

@@ -69,18 +69,32 @@ def evaluate_search(cfg, params, tokenizer, count: int = 32, seed: int = tasks.E
 
 
 def perplexity(cfg: model.ModelConfig, params, tokenizer, text: str, seq_len: int) -> dict:
-  """exp(mean next-token loss) over consecutive windows of the text."""
+  """exp(mean next-token NLL) with every token of `text` after the first scored exactly once.
+
+  Windows of seq_len + 1 tokens start every seq_len tokens (disjoint targets, each predicted from up
+  to seq_len tokens of context); when they do not reach the end, one more window ends at the last
+  token and scores only the targets the others left (lm-eval's rolling loglikelihood with disjoint
+  windows; HF's strided perplexity with stride = seq_len). A text shorter than a window is one
+  window. Returns loss (nats/token), perplexity and the number of tokens scored (len(ids) - 1).
+  """
   ids = np.asarray(tokenizer.encode(text), np.int32)
-  if len(ids) < seq_len + 1:
-    raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least seq_len+1={seq_len + 1}")
-  windows = np.stack([ids[s:s + seq_len + 1] for s in range(0, len(ids) - seq_len, seq_len)])
+  if len(ids) < 2:
+    raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+  width = min(seq_len + 1, len(ids))
+  starts = list(range(0, len(ids) - width + 1, width - 1))
+  if starts[-1] + width < len(ids):
+    starts.append(len(ids) - width)
   forward = jax.jit(lambda p, x: model.Transformer(cfg).apply({"params": p}, x))
-  total, count = 0.0, 0
-  for w in windows:
-    logits = np.asarray(forward(params, w[None, :-1]))[0]
+  total, scored_until = 0.0, 0  # targets at positions <= scored_until are done
+  for start in starts:
+    window = ids[start:start + width]
+    logits = np.asarray(forward(params, window[None, :-1]), np.float64)[0]
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    total += float((logz - logits[np.arange(seq_len), w[1:]]).sum())
-    count += seq_len
+    nll = logz - logits[np.arange(width - 1), window[1:]]  # target positions start+1 .. start+width-1
+    new = start + 1 + np.arange(width - 1) > scored_until
+    total += float(nll[new].sum())
+    scored_until = start + width - 1
+  count = len(ids) - 1
   return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
 
 

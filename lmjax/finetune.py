@@ -2,8 +2,14 @@
 
 Examples are padded (right) to `seq_len + 1` tokens, one per row, so no
 attention crosses example boundaries; the loss mask is 1 exactly on the
-response tokens (and the EOS after them). A prompt too long for the row is cut
-from the left, and the number of such cuts is reported, never silent.
+response tokens and the EOS after them.
+
+Truncation policy (`tokenize`), reported in counts, never silent: the EOS is
+always in the row and in the loss, since a row without it teaches a model that
+never stops (the failure TRL users hit). When prompt, response and EOS do not
+fit, the prompt is cut from the left first, down to MIN_PROMPT_SHARE of the row
+(or all of itself if shorter); then the response is cut from the right and the
+EOS follows what is left of it.
 
 LoRA (Hu et al., 2021) is applied functionally: the trainable tree holds
 A [.., in, r] and B [.., r, out] for each targeted weight, and
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +33,22 @@ LORA_TARGETS = {"q": ("wq",), "k": ("wk",), "v": ("wv",), "o": ("wo",), "mlp": (
 _INPUT_DIMS = {"wo": 2}
 
 
+MIN_PROMPT_SHARE = 0.25  # of the row a cut prompt keeps at least (see the truncation policy)
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
-  prompt: str
+  prompt: str  # a chat prompt is the template's ChatText: its markup encodes to control tokens
   response: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTData:
-  tokens: np.ndarray  # [N, seq_len + 1] int32, right-padded
-  loss_mask: np.ndarray  # [N, seq_len + 1] float32, 1 on response tokens
-  truncated: int  # examples whose prompt was cut from the left
+  tokens: np.ndarray  # [N, seq_len + 1] int32, right-padded, one row per example
+  loss_mask: np.ndarray  # [N, seq_len + 1] float32, 1 on response tokens and EOS
+  truncated: int  # examples that lost any tokens (prompt or response)
+  prompts_cut: int  # examples whose prompt lost tokens from the left
+  responses_cut: int  # examples whose response lost tokens from the right (its EOS kept)
 
 
 def read_jsonl(path: str, tokenizer=None) -> list:
@@ -78,30 +90,35 @@ def _parse(record, tokenizer) -> Example:
       raise ValueError("'messages' must end with an assistant message (the response to learn)")
     if tokenizer is None or not getattr(tokenizer, "chat_template", ""):
       raise ValueError("'messages' needs a tokenizer with a chat template; use prompt/response instead")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    return Example(prompt, messages[-1]["content"])
+    return Example(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True), messages[-1]["content"])
   if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
     raise ValueError("expected string fields 'prompt' and 'response' (or 'messages')")
   return Example(record["prompt"], record["response"])
 
 
 def tokenize(examples, tokenizer, seq_len: int) -> SFTData:
+  """Rows of `seq_len + 1` tokens: prompt, response, EOS, padding, by the module's truncation policy."""
   row = seq_len + 1
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   tokens = np.full((len(examples), row), pad, np.int32)
   mask = np.zeros((len(examples), row), np.float32)
-  truncated = 0
+  prompts_cut = responses_cut = truncated = 0
   for i, ex in enumerate(examples):
-    prompt = tokenizer.encode(ex.prompt)
-    response = tokenizer.encode(ex.response) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-    response = response[:row - 1]  # at least one prompt token stays to predict from
-    keep = row - len(response)
-    if len(prompt) > keep:
-      prompt, truncated = prompt[len(prompt) - keep:], truncated + 1
-    ids = prompt + response
+    prompt, response = tokenizer.encode(ex.prompt), tokenizer.encode(ex.response)
+    min_prompt = min(len(prompt), max(1, math.ceil(MIN_PROMPT_SHARE * row)))
+    keep_prompt = max(min_prompt, row - len(response) - len(eos))
+    cut = False
+    if len(prompt) > keep_prompt:
+      prompt, prompts_cut, cut = prompt[len(prompt) - keep_prompt:], prompts_cut + 1, True
+    room = row - len(prompt) - len(eos)
+    if len(response) > room:
+      response, responses_cut, cut = response[:room], responses_cut + 1, True
+    truncated += cut
+    ids = prompt + response + eos
     tokens[i, :len(ids)] = ids
     mask[i, len(prompt):len(ids)] = 1.0
-  return SFTData(tokens, mask, truncated)
+  return SFTData(tokens, mask, truncated, prompts_cut, responses_cut)
 
 
 def batch_at(sft: SFTData, seed: int, step: int, batch_size: int, process_index: int = 0,

@@ -53,7 +53,9 @@ class LanguageModel:
     return cls(cfg, params, tokenizer, **kwargs)
 
   def chat_prompt(self, user_message: str, system: str | None = None) -> str:
-    """The model's chat template applied to one user turn, ready for the assistant's answer."""
+    """The model's chat template applied to one user turn, ready for the assistant's answer. Encoding
+    it gives control tokens for the template's markup only: the message stays text
+    (tokenizers.ChatText)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user_message}]
     return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -87,9 +89,13 @@ class LanguageModel:
     """Prompt + continuation ids, one array per (prompt, return sequence).
 
     `input_ids`: one prompt (list of ids) or several. `max_length` counts the prompt, `max_new_tokens`
-    does not (default 50 new tokens). `do_sample=False` is greedy. Stop sequences are strings.
-    With `return_logprobs`, also returns each generated token's log-probability under the model.
+    does not (default 50 new tokens). `do_sample=False` is greedy. `stop_sequences` are strings matched
+    on the decoded continuation, wherever the tokens fall (as HF `stop_strings` and the OpenAI `stop`
+    field): a row ends with the token that completes the first one. With `return_logprobs`, also
+    returns each generated token's log-probability under the model.
     """
+    if any(not isinstance(s, str) or not s for s in stop_sequences):
+      raise ValueError(f"stop_sequences must be non-empty strings, got {list(stop_sequences)!r}")
     single = len(input_ids) == 0 or np.isscalar(input_ids[0])
     prompts = [list(input_ids)] if single else [list(p) for p in input_ids]
     prompts = [p for p in prompts for _ in range(num_return_sequences)]
@@ -99,14 +105,37 @@ class LanguageModel:
     result = sample.generate_tokens(
         self.cfg, self.params, prompts, max_new_tokens, sampling, seed=seed,
         eos_id=self.tokenizer.eos_id if eos_token_id is None else eos_token_id,
-        stop_sequences=[self.tokenizer.encode(s) for s in stop_sequences],
+        stop_at=self._stop_at(stop_sequences) if stop_sequences else None,
         pad_id=self.tokenizer.pad_id or 0, on_token=on_token, mesh_rules=self.mesh_rules)
     sequences = [np.asarray(p + t, np.int32) for p, t in zip(prompts, result.tokens)]
     return (sequences, result.logprobs) if return_logprobs else sequences
 
-  def generate_text(self, prompts, **kwargs) -> list:
-    """Strings in, continuations (without the prompt) out."""
+  def _stop_at(self, stop_strings):
+    """sample.generate_tokens' stop_at for text stop strings: the fewest generated ids whose decoded
+    text contains one of them. Each row remembers how far it was checked, so each prefix is decoded
+    at most once after a miss."""
+    checked = {}
+
+    def stop_at(row, ids):
+      found = lambda k: any(s in self.tokenizer.decode(ids[:k]) for s in stop_strings)
+      if not found(len(ids)):
+        checked[row] = len(ids)
+        return None
+      return next(k for k in range(checked.get(row, 0) + 1, len(ids) + 1) if found(k))
+    return stop_at
+
+  def generate_text(self, prompts, stop_sequences=(), **kwargs) -> list:
+    """Strings in, continuations (without the prompt) out, each cut before the first stop string it
+    contains (the stop string itself is not returned, as with the OpenAI `stop` field and lm-eval's
+    `until`)."""
     encoded = [self.tokenizer.encode(p) for p in prompts]
-    outputs = self.generate(encoded, **kwargs)
+    outputs = self.generate(encoded, stop_sequences=stop_sequences, **kwargs)
     per_prompt = len(outputs) // len(encoded)
-    return [self.tokenizer.decode(out[len(encoded[i // per_prompt]):]) for i, out in enumerate(outputs)]
+    texts = [self.tokenizer.decode(out[len(encoded[i // per_prompt]):]) for i, out in enumerate(outputs)]
+    return [cut_at_stop(text, stop_sequences) for text in texts]
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+  """`text` up to (not including) the earliest occurrence of any of `stop_strings`."""
+  starts = [text.find(s) for s in stop_strings if s and s in text]
+  return text[:min(starts)] if starts else text

@@ -2,9 +2,13 @@
 recall@k and MRR (retrieval). Pure functions of strings / rankings.
 
 EM and F1 follow the SQuAD evaluation script's normalisation (lower case, no
-punctuation, no articles, single spaces). ROUGE-L is the F-measure of the
-longest common subsequence of tokens (Lin, 2004). chrF is sacrebleu's corpus
-chrF (character n-grams up to 6, beta 2).
+punctuation, no articles, single spaces; an empty answer matches only an empty
+one). ROUGE-L is the F-measure of the longest common subsequence of tokens (Lin,
+2004), tokenized as Google's `rouge-score` does (lower case, runs of [a-z0-9]),
+without stemming. chrF is sacrebleu's corpus chrF (character n-grams up to 6,
+beta 2). Retrieval ranks count ties against the model: a passage scored equal to
+the relevant one ranks above it, so a model that scores everything alike gets
+the worst rank, not the luck of passage order.
 """
 from __future__ import annotations
 
@@ -46,13 +50,17 @@ def _lcs_length(a: list, b: list) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-  """ROUGE-L F1 over lower-cased whitespace tokens."""
-  pred, ref = prediction.lower().split(), reference.lower().split()
+  """ROUGE-L F1 (0-1) over rouge-score's tokens: lower-cased runs of ASCII letters and digits."""
+  pred, ref = _rouge_tokens(prediction), _rouge_tokens(reference)
   lcs = _lcs_length(pred, ref)
   if lcs == 0:
     return 0.0
   precision, recall = lcs / len(pred), lcs / len(ref)
   return 2 * precision * recall / (precision + recall)
+
+
+def _rouge_tokens(text: str) -> list:
+  return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
 def chrf(predictions: list, references: list) -> float:
@@ -62,9 +70,11 @@ def chrf(predictions: list, references: list) -> float:
 
 
 def retrieval_scores(similarity_QP: np.ndarray, relevant_Q: np.ndarray, ks=(1, 5)) -> dict:
-  """recall@k and MRR when query q's single relevant passage is `relevant_Q[q]`."""
-  order_QP = np.argsort(-similarity_QP, axis=1, kind="stable")
-  rank_Q = np.argmax(order_QP == np.asarray(relevant_Q)[:, None], axis=1) + 1
+  """recall@k and MRR when query q's single relevant passage is `relevant_Q[q]`; the rank of the
+  relevant passage is 1 + the number of other passages scored at least as high (ties count against)."""
+  relevant_Q = np.asarray(relevant_Q)
+  relevant_score_Q1 = np.take_along_axis(similarity_QP, relevant_Q[:, None], axis=1)
+  rank_Q = (similarity_QP >= relevant_score_Q1).sum(axis=1)  # counts the relevant passage itself once
   scores = {f"recall@{k}": float(np.mean(rank_Q <= k)) for k in ks}
   scores["mrr"] = float(np.mean(1.0 / rank_Q))
   return scores

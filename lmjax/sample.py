@@ -67,7 +67,6 @@ class DecodeState:
   last_token_B: jax.Array
   done_B: jax.Array
   seen_BV: jax.Array  # tokens present in prompt or output (repetition penalty)
-  recent_BL: jax.Array  # the last L tokens, for stop sequences (-1 = none yet)
   tokens_BN: jax.Array
   logprobs_BN: jax.Array
   rng: jax.Array
@@ -77,7 +76,7 @@ jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in datac
                                  meta_fields=[])
 
 
-def _choose(logits_BV, state: DecodeState, sampling: SamplingConfig, eos_id: int, stops_SL, pad_id: int):
+def _choose(logits_BV, state: DecodeState, sampling: SamplingConfig, eos_id: int, pad_id: int):
   """Picks the next token per row from the model's logits and advances the bookkeeping."""
   rng, sample_rng = jax.random.split(state.rng)
   processed_BV = process_logits(logits_BV, state.seen_BV, sampling)
@@ -87,20 +86,15 @@ def _choose(logits_BV, state: DecodeState, sampling: SamplingConfig, eos_id: int
     token_B = jax.random.categorical(sample_rng, processed_BV, axis=-1)
   token_B = jnp.where(state.done_B, pad_id, token_B).astype(jnp.int32)
   logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], axis=-1)[:, 0]
-  recent_BL = jnp.concatenate([state.recent_BL[:, 1:], token_B[:, None]], axis=1)
-  stopped_B = token_B == eos_id
-  if stops_SL.shape[0]:  # stop sequences are right-aligned, -1 padded on the left (wildcard)
-    match_BSL = (stops_SL[None] == recent_BL[:, None]) | (stops_SL[None] < 0)
-    stopped_B |= jnp.any(jnp.all(match_BSL, axis=-1), axis=-1)
   return DecodeState(
-      step=state.step + 1, cache=state.cache, last_token_B=token_B, done_B=state.done_B | stopped_B,
-      seen_BV=state.seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True), recent_BL=recent_BL,
+      step=state.step + 1, cache=state.cache, last_token_B=token_B, done_B=state.done_B | (token_B == eos_id),
+      seen_BV=state.seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True),
       tokens_BN=state.tokens_BN.at[:, state.step].set(token_B),
       logprobs_BN=state.logprobs_BN.at[:, state.step].set(jnp.where(state.done_B, 0.0, logprob_B)), rng=rng)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_new", "sampling", "eos_id", "pad_id", "mesh_rules"))
-def prefill(cfg: model.ModelConfig, params, tokens_BP, positions_BP, stops_SL, rng, num_new: int,
+def prefill(cfg: model.ModelConfig, params, tokens_BP, positions_BP, rng, num_new: int,
             sampling: SamplingConfig, eos_id: int, pad_id: int, mesh_rules=None) -> DecodeState:
   """Runs the padded prompts through the model, filling the cache, and picks the first new token.
 
@@ -118,31 +112,27 @@ def prefill(cfg: model.ModelConfig, params, tokens_BP, positions_BP, stops_SL, r
       (positions_BP >= 0).astype(jnp.int32)) > 0  # add, not set: a padded id may also occur for real
   state = DecodeState(
       step=jnp.zeros((), jnp.int32), cache=cache, last_token_B=tokens_BP[:, -1], done_B=jnp.zeros((B,), bool),
-      seen_BV=seen_BV, recent_BL=jnp.full((B, max(stops_SL.shape[1], 1)), -1, jnp.int32),
-      tokens_BN=jnp.full((B, num_new), pad_id, jnp.int32), logprobs_BN=jnp.zeros((B, num_new), jnp.float32),
-      rng=rng)
-  return _choose(logits_BPV[:, -1], state, sampling, eos_id, stops_SL, pad_id)
+      seen_BV=seen_BV, tokens_BN=jnp.full((B, num_new), pad_id, jnp.int32),
+      logprobs_BN=jnp.zeros((B, num_new), jnp.float32), rng=rng)
+  return _choose(logits_BPV[:, -1], state, sampling, eos_id, pad_id)
 
 
-def decode_step(cfg: model.ModelConfig, params, state: DecodeState, stops_SL, sampling: SamplingConfig,
+def decode_step(cfg: model.ModelConfig, params, state: DecodeState, sampling: SamplingConfig,
                 eos_id: int, pad_id: int) -> DecodeState:
   """Feeds the last token (position = one past the row's previous) and picks the next one."""
   positions_B1 = jnp.max(state.cache["pos"], axis=1, keepdims=True) + 1
   logits_B1V, cache = model.Transformer(cfg).apply({"params": params}, state.last_token_B[:, None],
                                                    positions_BT=positions_B1, cache=state.cache)
-  return _choose(logits_B1V[:, 0], dataclasses.replace(state, cache=cache), sampling, eos_id, stops_SL, pad_id)
+  return _choose(logits_B1V[:, 0], dataclasses.replace(state, cache=cache), sampling, eos_id, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "sampling", "eos_id", "pad_id"))
-def decode(cfg, params, state: DecodeState, stops_SL, num_new: int, sampling: SamplingConfig, eos_id: int,
-           pad_id: int) -> DecodeState:
-  """Decodes until every row is done or `num_new` tokens exist."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_id", "pad_id"))
+def decode(cfg, params, state: DecodeState, until, sampling: SamplingConfig, eos_id: int, pad_id: int) -> DecodeState:
+  """Decodes until every row is done or `until` tokens exist (a traced count: streaming and the
+  stop-check chunks reuse one compiled loop)."""
   return jax.lax.while_loop(
-      lambda s: (s.step < num_new) & ~jnp.all(s.done_B),
-      lambda s: decode_step(cfg, params, s, stops_SL, sampling, eos_id, pad_id), state)
-
-
-_decode_one = jax.jit(decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"))
+      lambda s: (s.step < until) & ~jnp.all(s.done_B),
+      lambda s: decode_step(cfg, params, s, sampling, eos_id, pad_id), state)
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -158,9 +148,13 @@ class Generation:
 
 def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
-                    stop_sequences=(), pad_id: int = 0, on_token=None, mesh_rules=None) -> Generation:
+                    stop_at=None, pad_id: int = 0, on_token=None, mesh_rules=None) -> Generation:
   """Samples continuations of `prompts` (lists of ids). `on_token(ids_B)` streams each step.
 
+  `stop_at(row, generated_ids) -> int | None` ends a row early: it returns how many of the generated
+  ids to keep when the row must stop there (e.g. a stop string appeared in its decoded text), else
+  None. It runs on the host every `STOP_CHECK_EVERY` tokens (every token when streaming), so it may
+  see up to that many tokens past the stop; the result is cut where it says.
   `mesh_rules=(mesh, rules)` shards the KV cache like training shards activations (see `prefill`).
   """
   prompts = [list(map(int, p)) for p in prompts]
@@ -185,33 +179,49 @@ def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int
   for row, prompt in enumerate(prompts):
     tokens_BP[row, P - len(prompt):] = prompt
     positions_BP[row, P - len(prompt):] = np.arange(len(prompt))
-  stop_len = max([len(s) for s in stop_sequences] + [0])
-  stops_SL = np.full((len(stop_sequences), stop_len), -1, np.int32)
-  for i, seq in enumerate(stop_sequences):
-    stops_SL[i, stop_len - len(seq):] = seq
   eos = -1 if eos_id is None else int(eos_id)
   args = dict(sampling=sampling, eos_id=eos, pad_id=int(pad_id))
-  state = prefill(cfg, params, jnp.asarray(tokens_BP), jnp.asarray(positions_BP), jnp.asarray(stops_SL),
-                  jax.random.key(seed), num_new=max_new_tokens, mesh_rules=mesh_rules, **args)
-  if on_token is None:
-    state = decode(cfg, params, state, jnp.asarray(stops_SL), num_new=max_new_tokens, **args)
+  state = prefill(cfg, params, jnp.asarray(tokens_BP), jnp.asarray(positions_BP), jax.random.key(seed),
+                  num_new=max_new_tokens, mesh_rules=mesh_rules, **args)
+  keep = {}  # row -> generated ids to keep, from stop_at
+  if on_token is None and stop_at is None:
+    state = decode(cfg, params, state, jnp.int32(max_new_tokens), **args)
   else:
-    on_token(np.asarray(state.last_token_B))
-    while int(state.step) < max_new_tokens and not bool(jnp.all(state.done_B)):
-      state = _decode_one(cfg, params, state, jnp.asarray(stops_SL), **args)
+    if on_token is not None:
       on_token(np.asarray(state.last_token_B))
-  return _unpad(np.asarray(state.tokens_BN), np.asarray(state.logprobs_BN), int(state.step), eos,
-                [list(s) for s in stop_sequences])
-
-
-def _unpad(tokens_BN, logprobs_BN, steps: int, eos_id: int, stops) -> Generation:
-  rows, logprobs = [], []
-  for tokens, lps in zip(tokens_BN, logprobs_BN):
-    length = steps
-    for t in range(steps):  # the first EOS or completed stop sequence ends the row (it is kept)
-      if tokens[t] == eos_id or any(len(s) <= t + 1 and list(tokens[t + 1 - len(s):t + 1]) == s for s in stops):
-        length = t + 1
+    chunk = 1 if on_token is not None else STOP_CHECK_EVERY
+    while True:
+      if stop_at is not None:
+        state = _apply_stops(state, stop_at, keep)
+      step = int(state.step)
+      if step >= max_new_tokens or bool(jnp.all(state.done_B)):
         break
+      state = decode(cfg, params, state, jnp.int32(min(step + chunk, max_new_tokens)), **args)
+      if on_token is not None:
+        on_token(np.asarray(state.last_token_B))
+  return _unpad(np.asarray(state.tokens_BN), np.asarray(state.logprobs_BN), int(state.step), eos, keep)
+
+
+STOP_CHECK_EVERY = 8  # tokens decoded on device between host checks of stop_at
+
+
+def _apply_stops(state: DecodeState, stop_at, keep: dict) -> DecodeState:
+  """Asks stop_at about every row still running; marks the rows it stops as done."""
+  tokens_BN, done_B, step = np.asarray(state.tokens_BN), np.asarray(state.done_B).copy(), int(state.step)
+  for row in np.flatnonzero(~done_B):
+    kept = stop_at(int(row), tokens_BN[row, :step].tolist())
+    if kept is not None:
+      keep[int(row)], done_B[row] = kept, True
+  return dataclasses.replace(state, done_B=jnp.asarray(done_B))
+
+
+def _unpad(tokens_BN, logprobs_BN, steps: int, eos_id: int, keep: dict) -> Generation:
+  rows, logprobs = [], []
+  for row, (tokens, lps) in enumerate(zip(tokens_BN, logprobs_BN)):
+    length = keep.get(row, steps)
+    hits = np.flatnonzero(tokens[:length] == eos_id)
+    if len(hits):  # the first EOS ends the row (it is kept)
+      length = int(hits[0]) + 1
     rows.append(tokens[:length].tolist())
     logprobs.append(lps[:length].tolist())
   return Generation(rows, logprobs)
@@ -238,13 +248,16 @@ def _define_flags():
   flags.DEFINE_float("repetition_penalty", 1.0, "Penalise tokens already present (1 = off).")
   flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
   flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
-  flags.DEFINE_bool("stream", False, "Print tokens as they are generated (one prompt, one sample).")
+  flags.DEFINE_bool("stream", False, "Print text as it is generated, whole characters only (one prompt, one sample).")
+  flags.DEFINE_multi_string("stop", [], "Stop a sample when its text contains this string (repeatable); the "
+                            "printed text ends before it.")
   return flags.FLAGS
 
 
 def main(argv):
   from absl import app
-  from lmjax.inference import LanguageModel
+  from lmjax import tokenizers
+  from lmjax.inference import LanguageModel, cut_at_stop
   del argv
   f = FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
@@ -259,35 +272,40 @@ def main(argv):
       prompts += [line.rstrip("\n") for line in fh if line.strip()]
   # Shells pass "\n" literally; a prompt like "ROMEO:\n" means a newline.
   prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompts] or ["\n"]
-  questions = prompts
-  if f.chat:
-    prompts = [lm.chat_prompt(p, f.system) for p in prompts]
+  encoded = [lm.tokenizer.encode(lm.chat_prompt(p, f.system) if f.chat else p) for p in prompts]
   kwargs = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                repetition_penalty=f.repetition_penalty, do_sample=f.temperature > 0, seed=f.seed)
+                repetition_penalty=f.repetition_penalty, do_sample=f.temperature > 0, seed=f.seed,
+                stop_sequences=f.stop)
   if f.stream:
     if len(prompts) != 1 or f.num_samples != 1:
       raise app.UsageError("--stream prints one sample of one prompt")
-    ids, printed = [], ""
-    print(prompts[0], end="", flush=True)
-    def show(token_B):
-      nonlocal printed
-      ids.append(int(token_B[0]))
-      text = lm.tokenizer.decode(ids)
-      print(text[len(printed):], end="", flush=True)
-      printed = text
-    lm.generate(lm.tokenizer.encode(prompts[0]), on_token=show, **kwargs)
+    stream, shown, hold = tokenizers.TextStream(lm.tokenizer), "", max([len(s) - 1 for s in f.stop] + [0])
+    print(prompts[0] if not f.chat else f"> {prompts[0]}\n", end="", flush=True)
+
+    def show(text, final=False):  # text that could still begin a stop string is held back
+      nonlocal shown
+      visible = cut_at_stop(text, f.stop)
+      end = len(visible) if final or len(visible) < len(text) else max(len(shown), len(text) - hold)
+      print(visible[len(shown):end], end="", flush=True)
+      shown = visible[:end]
+
+    def on_token(token_B):
+      stream.push(token_B[0])
+      show(stream.released)
+    lm.generate(encoded[0], on_token=on_token, **kwargs)
+    stream.flush()
+    show(stream.released, final=True)
     print()
     return
-  encoded = [lm.tokenizer.encode(p) for p in prompts]
   outputs = lm.generate(encoded, num_return_sequences=f.num_samples, **kwargs)
   for i, out in enumerate(outputs):
     print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
-    prompt_ids = encoded[i // f.num_samples]
+    continuation = cut_at_stop(lm.tokenizer.decode(out[len(encoded[i // f.num_samples]):]), f.stop)
     if f.chat:  # show the question and the answer, not the template's markup
-      print(f"> {questions[i // f.num_samples]}")
-      print(lm.tokenizer.decode(out[len(prompt_ids):], skip_special_tokens=True).strip())
+      print(f"> {prompts[i // f.num_samples]}")
+      print(continuation.strip())
     else:
-      print(lm.tokenizer.decode(out, skip_special_tokens=True))
+      print(prompts[i // f.num_samples] + continuation)
 
 
 if __name__ == "__main__":

@@ -162,9 +162,12 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
     else:
       train_examples, val_examples = finetune.hold_out(train_examples, fc.train_file)
   train_sft, val_sft = (finetune.tokenize(e, tokenizer, tc.seq_len) for e in (train_examples, val_examples))
-  if train_sft.truncated or val_sft.truncated:
-    print(f"WARNING: {train_sft.truncated} training and {val_sft.truncated} validation prompts were longer than "
-          f"train.seq_len={tc.seq_len} and were cut from the left", flush=True)
+  for name, sft in (("training", train_sft), ("validation", val_sft)):
+    if sft.truncated:
+      print(f"WARNING: {sft.truncated} of {len(sft.tokens)} {name} examples do not fit train.seq_len={tc.seq_len}: "
+            f"{sft.prompts_cut} prompts cut from the left (each keeps at least {finetune.MIN_PROMPT_SHARE:.0%} of "
+            f"the row or all of itself), {sft.responses_cut} responses cut from the right (their EOS kept). Raise "
+            "train.seq_len to train on them whole (finetune.py: truncation policy)", flush=True)
   setup = RunSetup(
       tokenizer=tokenizer, model_cfg=model_cfg,
       train_batch=lambda step, p, n: finetune.batch_at(train_sft, cfg.seed, step, tc.batch_size, p, n),

@@ -5,6 +5,12 @@ Every tokenizer has `encode(text) -> list[int]`, `decode(ids, skip_special_token
 where it has none). A run saves its tokenizer next to its
 checkpoints (`tok.save(dir)`), and sampling later loads that same one (`load(dir)`).
 
+Promises, tested as properties over random Unicode text: `decode(encode(t)) == t` for every
+tokenizer (for `char`, within its vocabulary), and `encode` never yields a special (control) id:
+text is text. Control tokens come only from a chat template's own markup (`apply_chat_template`
+returns a `ChatText` that remembers which parts are markup), or from `encode(t,
+special_tokens=True)` when a caller asks for them explicitly.
+
   char  one id per character of the training text (nanoGPT's shakespeare_char);
         other characters are an error naming them
   byte  UTF-8 bytes 0..255, then <bos>, <eos>, <pad>: any text round-trips
@@ -67,12 +73,11 @@ class ByteTokenizer:
     return list(text.encode("utf-8"))
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
-    ids = [int(i) for i in ids]
-    if not skip_special_tokens and any(i >= 256 for i in ids):
-      names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}
-      return "".join(names[i] if i >= 256 else bytes([i]).decode("utf-8", "replace") for i in ids)
-    # A sampled sequence may cut a multi-byte character: show U+FFFD rather than fail.
-    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}
+    # Runs of bytes decode together (a character spans several); a sampled sequence may cut a
+    # multi-byte character: show U+FFFD rather than fail.
+    return _join_runs([int(i) for i in ids], lambda i: i >= 256, lambda run: bytes(run).decode("utf-8", "replace"),
+                      lambda i: "" if skip_special_tokens else names[i])
 
   def save(self, directory: str) -> None:
     _write_spec(directory, {"kind": self.kind})
@@ -113,13 +118,19 @@ class BPETokenizer:
     return self._sp.get_piece_size()
 
   def encode(self, text: str) -> list:
-    return self._sp.encode(text)
+    # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would come
+    # back as a space; it is encoded as its three UTF-8 byte pieces instead, which decode to itself.
+    parts = text.split(_SPACE_MARK)
+    mark = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
+    ids = self._sp.encode(parts[0])
+    for part in parts[1:]:
+      ids += mark + self._sp.encode(part)
+    return ids
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
-    ids = [int(i) for i in ids]
-    if skip_special_tokens:
-      ids = [i for i in ids if i not in (self.bos_id, self.eos_id, self.pad_id)]
-    return self._sp.decode(ids)
+    special = {self.bos_id, self.eos_id, self.pad_id} - {-1}
+    return _join_runs([int(i) for i in ids], special.__contains__, self._sp.decode,
+                      lambda i: "" if skip_special_tokens else self._sp.id_to_piece(i))
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -142,23 +153,49 @@ class HFTokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list:
+  def encode(self, text: str, special_tokens: bool = False) -> list:
+    """Ids of `text`. Control-token strings in it (`<|im_end|>`) are ordinary text unless
+    `special_tokens=True` (what HF's `tokenizer(text)` does by default) turns them into control ids.
+    A ChatText from `apply_chat_template` encodes its markup with control tokens and its message
+    contents as text."""
+    if isinstance(text, ChatText):
+      return [i for part, markup in text.parts for i in self.encode(part, special_tokens=markup)]
+    self._tok.encode_special_tokens = not special_tokens
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-    """Renders [{'role': ..., 'content': ...}] with the model's Jinja chat template (as HF does)."""
+  def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> "ChatText":
+    """Renders [{'role': ..., 'content': ...}] with the model's Jinja chat template (as HF does).
+
+    The result is a str (print it, compare it) that also knows which parts are the template's
+    markup, so that `encode` gives control tokens for those only: a message typing `<|im_end|>`
+    cannot close its turn. Raises ValueError if the template rewrites message contents so that they
+    cannot be found in its output.
+    """
     if not self.chat_template:
       raise ValueError("this tokenizer has no chat template; prompt the model with raw text instead")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     def raise_exception(message):
       raise ValueError(f"chat template error: {message}")
-    return env.from_string(self.chat_template).render(
+    rendered = env.from_string(self.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
         bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))
+    parts, cursor = [], 0
+    for message in messages:
+      content = message["content"]
+      start = rendered.find(content, cursor) if content else cursor
+      if start < 0:  # templates often strip contents
+        content = content.strip()
+        start = rendered.find(content, cursor)
+        if start < 0:
+          raise ValueError(f"the chat template changes message content ({message['content'][:40]!r}), so its "
+                           "markup cannot be told from the text")
+      parts += [(rendered[cursor:start], True), (content, False)]
+      cursor = start + len(content)
+    return ChatText(rendered, tuple(p for p in parts + [(rendered[cursor:], True)] if p[0]))
 
   def _token(self, token_id) -> str:
     return self._tok.id_to_token(token_id) if token_id is not None and token_id >= 0 else ""
@@ -168,6 +205,61 @@ class HFTokenizer:
     self._tok.save(os.path.join(directory, _HF_FILE))
     _write_spec(directory, {"kind": self.kind, "tokenizer_file": _HF_FILE, "bos_id": self.bos_id,
                             "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_template": self.chat_template})
+
+
+_SPACE_MARK = "\u2581"  # SentencePiece's whitespace symbol
+
+
+class ChatText(str):
+  """A rendered chat prompt: the string, plus `parts`, its (text, is_markup) pieces in order.
+  Any string operation returns a plain str, which encodes as text: markup must come from a template."""
+
+  def __new__(cls, text: str, parts: tuple):
+    obj = super().__new__(cls, text)
+    obj.parts = parts
+    return obj
+
+
+def _join_runs(ids: list, is_special, decode_run, render_special) -> str:
+  """Decodes maximal runs of ordinary ids together and renders each special id on its own."""
+  out, run = [], []
+  for i in ids:
+    if is_special(i):
+      out += [decode_run(run) if run else "", render_special(i)]
+      run = []
+    else:
+      run.append(i)
+  return "".join(out) + (decode_run(run) if run else "")
+
+
+class TextStream:
+  """The text of a growing sequence of generated ids, released in whole characters.
+
+  A character that byte-level tokens split (most CJK characters, emoji) decodes to U+FFFD until its
+  last byte arrives, so trailing U+FFFD are held back until then (as HF's TextStreamer holds
+  incomplete words); `flush()` releases what remains at the end.
+  """
+
+  def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+    self.ids, self.released = [], ""
+
+  def push(self, token_id: int) -> str:
+    """Adds one id; returns the text it completes ('' while a character is incomplete)."""
+    self.ids.append(int(token_id))
+    return self._release(self._text().rstrip("\ufffd"))
+
+  def flush(self) -> str:
+    return self._release(self._text())
+
+  def _text(self) -> str:
+    return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+
+  def _release(self, text: str) -> str:
+    if not text.startswith(self.released):  # a decoder that rewrote earlier text: release nothing new
+      return ""
+    new, self.released = text[len(self.released):], text
+    return new
 
 
 def from_gguf_metadata(tokens, token_types, merges, model_kind: str, pre: str, bos_id: int, eos_id: int,

@@ -34,10 +34,25 @@ def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
 def test_long_prompts_are_cut_from_the_left_and_counted():
   tok = tokenizers.ByteTokenizer()
   sft = finetune.tokenize([finetune.Example("x" * 30 + "END:", " ok"), finetune.Example("short:", " ok")], tok, 12)
-  assert sft.truncated == 1
+  assert (sft.truncated, sft.prompts_cut, sft.responses_cut) == (1, 1, 0)
   # 13 tokens per row: the 4 response tokens (" ok" + EOS) keep only the last 9 prompt bytes.
   assert bytes(sft.tokens[0][:12].tolist()) == b"xxxxxEND: ok" and sft.tokens[0][12] == tok.eos_id
   assert sft.loss_mask[0].tolist() == [0] * 9 + [1] * 4
+
+
+def test_truncation_keeps_the_eos_and_reports_each_cut():
+  tok = tokenizers.ByteTokenizer()
+  # seq_len 16: rows of 17; a cut prompt keeps at least ceil(17 / 4) = 5 tokens.
+  examples = [finetune.Example("Q: hi\nA:", " " + "a long answer " * 3),  # prompt -> 5, response -> 11, EOS
+              finetune.Example("Question: what?\nA:", " ten chars"),  # prompt -> 6, response whole
+              finetune.Example("Q: ok\nA:", " yes")]  # fits
+  sft = finetune.tokenize(examples, tok, seq_len=16)
+  assert (sft.truncated, sft.prompts_cut, sft.responses_cut) == (2, 2, 1)
+  expected = [(b"hi\nA:", b" a long ans"), (b"what?\nA:"[-6:], b" ten chars"), (b"Q: ok\nA:", b" yes")]
+  for row, mask, (prompt, response) in zip(sft.tokens, sft.loss_mask, expected):
+    ids = list(prompt + response) + [tok.eos_id]
+    assert row[:len(ids)].tolist() == ids  # the EOS is in every row, right after what is kept of the response
+    assert mask.tolist() == [0] * len(prompt) + [1] * (len(response) + 1) + [0] * (17 - len(ids))
 
 
 def test_validation_is_held_out_not_trained_on():

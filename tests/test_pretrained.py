@@ -81,11 +81,12 @@ def reference():
 def test_smollm2_tokenizer_matches_reference_ids(smollm2, reference):
   _, _, tokenizer = smollm2
   for case in reference[0]["tokenizer_cases"]:
-    assert tokenizer.encode(case["text"]) == case["ids"], case["text"]
+    # HF's tokenizer(text) parses control-token strings; lmjax does so only when asked
+    assert tokenizer.encode(case["text"], special_tokens=True) == case["ids"], case["text"]
     assert tokenizer.decode(case["ids"], skip_special_tokens=False) == case["text"]
-  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Translate to French: The library opens at nine."}])
-  assert chat == reference[0]["prompts"]["chat_translate"]
-  assert tokenizer.encode(chat) == reference[1]["chat_translate_ids"].tolist()
+  messages = [{"role": "user", "content": "Translate to French: The library opens at nine."}]
+  assert tokenizer.apply_chat_template(messages) == reference[0]["prompts"]["chat_translate"]
+  assert tokenizer.encode(tokenizer.apply_chat_template(messages)) == reference[1]["chat_translate_ids"].tolist()
 
 
 @needs_smollm2

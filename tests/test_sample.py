@@ -105,14 +105,16 @@ def test_eos_stops_one_row_while_others_continue():
   assert stopped[1:] == free[1:]
 
 
-def test_stop_sequence_ends_a_row():
+def test_stop_at_ends_a_row_where_it_says():
   cfg, params = tiny_model()
   greedy = sample.SamplingConfig(temperature=0.0)
-  free = sample.generate_tokens(cfg, params, PROMPTS[:1], 10, greedy).tokens[0]
-  stop = free[3:5]
-  first = next(i for i in range(1, 10) if free[i - 1:i + 1] == stop)
-  stopped = sample.generate_tokens(cfg, params, PROMPTS[:1], 10, greedy, stop_sequences=[stop]).tokens[0]
-  assert stopped == free[:first + 1]
+  free = sample.generate_tokens(cfg, params, PROMPTS, 20, greedy).tokens
+  # Row 0 stops once 11 tokens exist (checked every STOP_CHECK_EVERY tokens), keeping 5; row 1 runs on.
+  seen = []
+  stop_at = lambda row, ids: (seen.append(len(ids)), 5 if row == 0 and len(ids) >= 11 else None)[1]
+  stopped = sample.generate_tokens(cfg, params, PROMPTS, 20, greedy, stop_at=stop_at).tokens
+  assert stopped[0] == free[0][:5] and stopped[1:] == free[1:]
+  assert seen[0] == 1 and all(b - a <= sample.STOP_CHECK_EVERY for a, b in zip(seen, seen[1:]))
 
 
 def test_repetition_penalty_avoids_seen_tokens():
@@ -194,8 +196,8 @@ sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, 
 sharded = sample.generate_tokens(cfg, sharded_params, prompts, 8, greedy, mesh_rules=(mesh, rules)).tokens
 assert sharded == single, (sharded, single)
 tokens = np.zeros((4, 16), np.int32); positions = np.tile(np.arange(16), (4, 1))
-state = sample.prefill(cfg, sharded_params, tokens, positions, np.zeros((0, 0), np.int32), jax.random.key(0),
-                       num_new=4, sampling=greedy, eos_id=-1, pad_id=0, mesh_rules=(mesh, rules))
+state = sample.prefill(cfg, sharded_params, tokens, positions, jax.random.key(0), num_new=4, sampling=greedy,
+                       eos_id=-1, pad_id=0, mesh_rules=(mesh, rules))
 print("cache", state.cache["k"].sharding.spec, state.cache["k"].addressable_shards[0].data.shape)
 """
 
