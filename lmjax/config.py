@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
                if f.name not in DERIVED_MODEL_FIELDS}
   cfg.model.n_kv_heads = 0  # 0 = n_heads (ConfigDict fields keep one type; None would lock to None)
   cfg.model.head_dim = 0  # 0 = d_model // n_heads
+  cfg.model.sliding_window = 0  # 0 = full causal attention; W: each position attends to the last W
   cfg.model.matmul_dtype = ""  # '' = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmuls, fp32 elsewhere
   cfg.optim = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
                    grad_clip=1.0,
@@ -85,7 +86,7 @@ def load_experiment(spec: str):
 def model_values(model_block) -> dict:
   """A config's model block as ModelConfig values: the placeholders 0 and '' become None."""
   values = model_block.to_dict()
-  for field in ("n_kv_heads", "head_dim", "matmul_dtype"):
+  for field in ("n_kv_heads", "head_dim", "sliding_window", "matmul_dtype"):
     values[field] = values[field] or None
   return values
 

@@ -77,6 +77,9 @@ class ModelConfig:
   # Token embeddings times sqrt(d_model) on input (Vaswani et al. 2017, section 3.4), so that they
   # are not swamped by sinusoidal positions of amplitude 1.
   scale_embeddings: bool = False
+  # Attention to the last `sliding_window` positions only (Mistral): a key at position k is visible
+  # to a query at q iff 0 <= q - k < sliding_window. None: full causal attention.
+  sliding_window: int | None = None
   dropout: float = 0.0  # on embeddings and on each residual branch
   attn_dropout: float = 0.0  # on attention probabilities
   scan_layers: bool = True
@@ -111,7 +114,7 @@ class ModelConfig:
     for field in ("dropout", "attn_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
         raise ValueError(f"model.{field}={getattr(self, field)} must be in [0, 1)")
-    for field in ("n_kv_heads", "head_dim"):
+    for field in ("n_kv_heads", "head_dim", "sliding_window"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(f"model.{field}={getattr(self, field)} must be a positive integer (or 0 in a config: "
                          "the default)")
@@ -364,6 +367,12 @@ def causal_query_blocks(seq_len: int) -> int:
   return max(blocks, 1)
 
 
+def _visible(q_pos, k_pos, window: int | None):
+  """The causal (and sliding-window) rule on broadcasting query/key positions, numpy or jax."""
+  visible = k_pos <= q_pos
+  return visible if window is None else visible & (q_pos - k_pos < window)
+
+
 def _attend(q_BKGTH, k_BKSH, v_BKSH, visible_TS, dropout: Dropout, operand_dtype) -> jax.Array:
   """`attention_core` for grouped heads; `visible_TS` broadcasts against [B, K, G, T, S]. fp32 result."""
   B, K, G, T, H = q_BKGTH.shape
@@ -433,11 +442,12 @@ class Attention(nn.Module):
       k_blocks, v_blocks = jnp.split(k_BKSH, n, axis=2), jnp.split(v_BKSH, n, axis=2)
       out_BKGTH = jnp.concatenate([
           _attend(q_blocks[i], jnp.concatenate(k_blocks[:i + 1], axis=2), jnp.concatenate(v_blocks[:i + 1], axis=2),
-                  np.arange(i * size, (i + 1) * size)[:, None] >= np.arange((i + 1) * size)[None, :],
-                  dropout, operand_dtype)
+                  _visible(np.arange(i * size, (i + 1) * size)[:, None], np.arange((i + 1) * size)[None, :],
+                           cfg.sliding_window), dropout, operand_dtype)
           for i in range(n)], axis=3)
     else:
-      visible_BTS = (k_pos_BS[:, None, :] >= 0) & (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
+      visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :],
+                                                           cfg.sliding_window)
       out_BKGTH = _attend(q_BKGTH, k_BKSH, v_BKSH, visible_BTS[:, None, None], dropout, operand_dtype)
     out_BTKGH = out_BKGTH.astype(dtype).transpose(0, 3, 1, 2, 4)
 

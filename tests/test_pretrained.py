@@ -126,9 +126,11 @@ def np_layernorm(x, w, b, eps):
   return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b
 
 
-def np_causal_attention(q, k, v):  # [T, N, H] each (k, v already repeated to N heads)
+def np_causal_attention(q, k, v, window=None):  # [T, N, H] each (k, v already repeated to N heads)
   T, _, H = q.shape
-  scores = np.einsum("tnh,snh->nts", q, k) / np.sqrt(H) + np.triu(np.full((T, T), -np.inf), 1)
+  offset = np.arange(T)[:, None] - np.arange(T)[None, :]  # query position - key position
+  hidden = (offset < 0) | ((offset >= window) if window else False)  # Mistral: only the last `window` keys
+  scores = np.einsum("tnh,snh->nts", q, k) / np.sqrt(H) + np.where(hidden, -np.inf, 0.0)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   return np.einsum("nts,snh->tnh", probs, v)
@@ -150,7 +152,8 @@ def np_llama_forward(config, t, ids):
     k = (h @ w("self_attn.k_proj.weight").T).reshape(T, K, H)
     v = (h @ w("self_attn.v_proj.weight").T).reshape(T, K, H)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    attn = np_causal_attention(q, np.repeat(k, N // K, 1), np.repeat(v, N // K, 1)).reshape(T, N * H)
+    attn = np_causal_attention(q, np.repeat(k, N // K, 1), np.repeat(v, N // K, 1),
+                               config.get("sliding_window")).reshape(T, N * H)
     x = x + attn @ w("self_attn.o_proj.weight").T
     h = np_rms(x, w("post_attention_layernorm.weight"), eps)
     gate = h @ w("mlp.gate_proj.weight").T
@@ -256,5 +259,70 @@ def test_unsupported_architecture_is_named(tmp_path):
   write_checkpoint(str(tmp_path), {"architectures": ["BertForMaskedLM"]}, {"x": np.zeros(1)})
   with pytest.raises(ValueError, match="'BertForMaskedLM' is not supported; supported: \\['GPT2LMHeadModel'"):
     hf.load(str(tmp_path))
-  with pytest.raises(ValueError, match="only Llama-style models export"):
-    hf.export_llama(model.ModelConfig(pos_encoding="learned"), {}, str(tmp_path / "out"))
+  llama = dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm")
+  for option in ({"pos_encoding": "learned"}, {"scale_embeddings": True}, {"sliding_window": 4}):
+    with pytest.raises(ValueError, match=f"options {{'{next(iter(option))}'.*no LlamaForCausalLM equivalent"):
+      hf.export_llama(model.ModelConfig(**{**llama, **option}), {}, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_mistral_sliding_window_is_honoured(tmp_path):
+  config, tensors = random_llama(False)
+  config.update(architectures=["MistralForCausalLM"], sliding_window=3)  # IDS has 7 tokens: the window binds
+  write_checkpoint(str(tmp_path), config, tensors)
+  cfg, params = hf.load(str(tmp_path))
+  assert cfg.sliding_window == 3
+  expected = np_llama_forward(config, tensors, IDS)
+  np.testing.assert_allclose(lmjax_logits(cfg, params), expected, atol=1e-4)  # causal-block mask
+  with_positions = model.Transformer(cfg).apply({"params": params}, np.asarray([IDS], np.int32),
+                                                positions_BT=np.arange(len(IDS))[None])[0]  # position mask
+  np.testing.assert_allclose(np.asarray(with_positions), expected, atol=1e-4)
+  assert np.abs(np_llama_forward({**config, "sliding_window": None}, tensors, IDS) - expected).max() > 1e-2
+
+
+@pytest.mark.parametrize("layout", [{"rope_theta": 5e5}, {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+                                    {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}])
+def test_rope_theta_is_read_from_every_config_layout(tmp_path, layout):
+  config, tensors = random_llama(True)
+  del config["rope_theta"]
+  write_checkpoint(str(tmp_path), {**config, **layout}, tensors)  # transformers v4 and v5 layouts
+  cfg, params = hf.load(str(tmp_path))
+  assert cfg.rope_theta == 5e5
+  np.testing.assert_allclose(lmjax_logits(cfg, params), np_llama_forward({**config, "rope_theta": 5e5}, tensors, IDS),
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling"),
+    ({"sliding_window": 4}, r"fields \['sliding_window'\] of this LlamaForCausalLM"),  # Llama has no window
+    ({"logit_softcapping": 30.0}, "logit_softcapping"), ({"hidden_act": "gelu"}, "hidden_act='gelu'")])
+def test_llama_config_fields_that_change_outputs_are_refused(tmp_path, extra, message):
+  config, tensors = random_llama(True)
+  write_checkpoint(str(tmp_path), {**config, **extra}, tensors)
+  with pytest.raises(ValueError, match=message):
+    hf.load(str(tmp_path))
+
+
+def test_gguf_metadata_that_changes_outputs_is_refused(tmp_path):
+  import gguf as gguf_lib
+  from lmjax.pretrained import gguf
+
+  def reader(**extra):
+    path = str(tmp_path / f"m{len(extra)}.gguf")
+    writer = gguf_lib.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.attention.head_count", 4)
+    writer.add_uint32("llama.embedding_length", 32)
+    for key, value in extra.items():
+      (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf_lib.GGUFReader(path)
+  gguf.check_metadata(reader())
+  gguf.check_metadata(reader(**{"llama.attention.key_length": 8}))  # = 32 / 4: what lmjax computes
+  with pytest.raises(ValueError, match="'llama.expert_count': 4"):
+    gguf.check_metadata(reader(**{"llama.expert_count": 4}))
+  with pytest.raises(ValueError, match=r"fields \['llama.attention.sliding_window'\]"):
+    gguf.check_metadata(reader(**{"llama.attention.sliding_window": 4, "llama.rope.scaling.factor": 1.0}))

@@ -80,11 +80,46 @@ def _field(reader, key, default=None):
   return field.parts[field.data[0]].tolist()[0]
 
 
+# Metadata read into the ModelConfig / tokenizer, or checked to hold the value lmjax computes with.
+_READ = {"llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+         "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+         "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count", "llama.vocab_size",
+         "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+         "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+         "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.chat_template"}
+# Metadata that must have this value (absent is fine): anything else changes what llama.cpp computes.
+_REQUIRED = {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0, "llama.expert_count": 0,
+             "llama.expert_used_count": 0, "tokenizer.ggml.add_space_prefix": False,
+             "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
+_NO_EFFECT_PREFIXES = ("GGUF.", "general.", "tokenizer.ggml.scores", "quantize.")
+
+
+def check_metadata(reader) -> None:
+  """Every metadata field is read, holds the one value lmjax supports, or does not change the model
+  (file bookkeeping, names, licences); otherwise ValueError naming the fields."""
+  head_dim = None
+  if "llama.attention.head_count" in reader.fields:
+    head_dim = int(_field(reader, "llama.rope.dimension_count", 0)) or (
+        int(_field(reader, "llama.embedding_length")) // int(_field(reader, "llama.attention.head_count")))
+  required = {**_REQUIRED, "llama.attention.key_length": head_dim, "llama.attention.value_length": head_dim}
+  wrong = {k: _field(reader, k) for k, v in required.items() if k in reader.fields and _field(reader, k) != v}
+  unknown = sorted(k for k in reader.fields
+                   if k not in _READ and k not in required and not k.startswith(_NO_EFFECT_PREFIXES))
+  if wrong or unknown:
+    raise ValueError(f"this GGUF file sets {wrong or ''}{' and ' if wrong and unknown else ''}"
+                     f"{'fields ' + str(unknown) if unknown else ''}, which lmjax does not support "
+                     f"(supported values: {required}); loading it anyway would compute another model")
+
+
 def read_config(reader) -> model.ModelConfig:
   arch = _field(reader, "general.architecture")
   if arch != "llama":
     raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: ['llama'] (Llama, SmolLM, Mistral-"
                      "style models)")
+  check_metadata(reader)
+  if "llama.vocab_size" in reader.fields and int(_field(reader, "llama.vocab_size")) != len(
+      _field(reader, "tokenizer.ggml.tokens")):
+    raise ValueError("llama.vocab_size differs from the number of tokenizer.ggml.tokens")
   d_model = int(_field(reader, "llama.embedding_length"))
   n_heads = int(_field(reader, "llama.attention.head_count"))
   tensors = {t.name for t in reader.tensors}

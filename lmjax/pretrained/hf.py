@@ -1,10 +1,15 @@
 """Hugging Face checkpoints (config.json + *.safetensors) in and out of lmjax.
 
-Import: `LlamaForCausalLM` (Llama, SmolLM, Mistral-style) and `GPT2LMHeadModel`.
-Export: lmjax Llama-style models (RoPE, RMSNorm, SwiGLU, no biases) to a
-`LlamaForCausalLM` directory that `transformers` loads. HF stores Linear
-weights as [out, in] (GPT-2's Conv1D as [in, out]); lmjax as [in, ...out].
-Both use the rotate-half RoPE layout, so q/k need no permutation.
+Import: `LlamaForCausalLM` (Llama, SmolLM), `MistralForCausalLM` (with its
+sliding window) and `GPT2LMHeadModel`. Export: lmjax Llama-style models (RoPE,
+RMSNorm, SwiGLU) to a `LlamaForCausalLM` directory that `transformers` loads.
+HF stores Linear weights as [out, in] (GPT-2's Conv1D as [in, out]); lmjax as
+[in, ...out]. Both use the rotate-half RoPE layout, so q/k need no permutation.
+
+A model file means what it says, both ways: every config.json field is either
+read into the ModelConfig, known not to change the forward pass (metadata,
+training-only settings), or refused with a message naming it; an lmjax option
+that the HF architecture cannot express (e.g. scale_embeddings) refuses export.
 """
 from __future__ import annotations
 
@@ -34,20 +39,63 @@ def _stack(layers: list) -> dict:
   return jax.tree.map(lambda *xs: np.stack(xs), *layers)
 
 
+# config.json fields that do not change the forward pass: bookkeeping, tokens' ids, training-time
+# settings (dropout, init), runtime switches, and fields transformers itself ignores for these models.
+_NO_EFFECT = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "use_cache", "initializer_range", "attention_dropout",
+    "pretraining_tp",  # splits the projections' matmuls, same result
+    "is_llama_config", "rope_interleaved",  # nanotron's notes in SmolLM configs; HF Llama reads neither
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "task_specific_params", "n_ctx", "reorder_and_upcast_attn",
+    "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "id2label", "label2id",
+    "torchscript"}
+_LLAMA_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                 "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings"}
+_GPT2_FIELDS = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "tie_word_embeddings"}
+
+
+def _check_fields(config: dict, read: set, architecture: str) -> None:
+  unknown = sorted(set(config) - read - _NO_EFFECT)
+  if unknown:
+    raise ValueError(f"config.json fields {unknown} of this {architecture} are not supported by lmjax's importer: it "
+                     "cannot tell whether they change the model's outputs, so it refuses rather than ignore them")
+
+
+def _rope_theta(config: dict) -> float:
+  """RoPE base from transformers v4 (`rope_theta`, `rope_scaling`) or v5 (`rope_parameters`) layouts;
+  scaled RoPE (linear, dynamic, YaRN, Llama 3) is refused."""
+  parameters = config.get("rope_parameters") or {}
+  for scaling in (config.get("rope_scaling"), parameters):
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind != "default":
+      raise ValueError(f"rope scaling {scaling} is not supported (plain RoPE only)")
+  theta = config.get("rope_theta")
+  if theta is None:
+    theta = parameters.get("rope_theta", 10000.0)
+  elif parameters.get("rope_theta") not in (None, theta):
+    raise ValueError(f"rope_theta={theta} and rope_parameters.rope_theta={parameters['rope_theta']} disagree")
+  return float(theta)
+
+
 def _llama(config: dict, t: dict):
+  mistral = (config.get("architectures") or [""])[0] == "MistralForCausalLM"
+  _check_fields(config, _LLAMA_FIELDS | ({"sliding_window"} if mistral else set()),
+                "MistralForCausalLM" if mistral else "LlamaForCausalLM")
   D, N = config["hidden_size"], config["num_attention_heads"]
   K = config.get("num_key_value_heads") or N
   H = config.get("head_dim") or D // N
-  if config.get("rope_scaling"):
-    raise ValueError(f"rope_scaling={config['rope_scaling']} is not supported (plain RoPE only)")
   if config.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported for Llama (silu only)")
   cfg = model.ModelConfig(
       vocab_size=config["vocab_size"], max_len=config.get("max_position_embeddings", 2048), d_model=D,
       n_layers=config["num_hidden_layers"], n_heads=N, n_kv_heads=K, head_dim=H, d_ff=config["intermediate_size"],
-      pos_encoding="rope", rope_theta=float(config.get("rope_theta", 10000.0)), mlp="swiglu", norm="rmsnorm",
+      pos_encoding="rope", rope_theta=_rope_theta(config), mlp="swiglu", norm="rmsnorm",
       norm_eps=float(config.get("rms_norm_eps", 1e-6)), attn_bias=bool(config.get("attention_bias", False)),
-      mlp_bias=bool(config.get("mlp_bias", False)), tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+      mlp_bias=bool(config.get("mlp_bias", False)), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+      sliding_window=config.get("sliding_window") if mistral else None)
   pre = "model.layers.{}."
 
   def layer(i):
@@ -71,10 +119,15 @@ def _llama(config: dict, t: dict):
 
 
 def _gpt2(config: dict, t: dict):
+  _check_fields(config, _GPT2_FIELDS, "GPT2LMHeadModel")
   D, N = config["n_embd"], config["n_head"]
   H = D // N
   if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
     raise ValueError(f"activation_function={config['activation_function']!r} is not supported (gelu_new only)")
+  for field, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("tie_word_embeddings", True)):
+    if config.get(field, supported) != supported:
+      raise ValueError(f"{field}={config[field]} is not supported (only {supported}, GPT-2's)")
   cfg = model.ModelConfig(
       vocab_size=config["vocab_size"], max_len=config["n_positions"], d_model=D, n_layers=config["n_layer"],
       n_heads=N, d_ff=config.get("n_inner") or 4 * D, pos_encoding="learned", mlp="gelu", norm="layernorm",
@@ -116,10 +169,17 @@ def load(directory: str):
 
 
 def export_llama(cfg: model.ModelConfig, params, directory: str) -> None:
-  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory."""
-  if (cfg.pos_encoding, cfg.mlp, cfg.norm) != ("rope", "swiglu", "rmsnorm"):
-    raise ValueError(f"only Llama-style models export (rope, swiglu, rmsnorm); this one is "
-                     f"({cfg.pos_encoding}, {cfg.mlp}, {cfg.norm})")
+  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory.
+
+  Raises ValueError for any ModelConfig option Llama cannot express (the exported model would load
+  and compute something else): a non-Llama architecture, scale_embeddings, sliding_window.
+  """
+  expressible = {"pos_encoding": "rope", "mlp": "swiglu", "norm": "rmsnorm", "scale_embeddings": False,
+                 "sliding_window": None}
+  differ = {k: getattr(cfg, k) for k, v in expressible.items() if getattr(cfg, k) != v}
+  if differ:
+    raise ValueError(f"model options {differ} have no LlamaForCausalLM equivalent (it needs {expressible}); "
+                     "exporting would give a model with other outputs")
   from safetensors.numpy import save_file
   D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
