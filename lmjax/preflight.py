@@ -45,6 +45,39 @@ def check_finetune_options(cfg) -> None:
       raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
 
 
+def check_fields_used(cfg) -> None:
+  """A field set (away from its default) where this run never reads it is an error, not silence:
+  pretraining ignores init.* and finetune.*, and each data field belongs to some datasets and
+  tokenizers only. (Fine-tuning's model and data fields are checked against the source model in
+  sources._finetuning.)"""
+  base, data = config_lib.base_config(), cfg.data
+  if cfg.finetune.task or cfg.finetune.train_file:
+    rules = [(f"finetune.{k}", "finetune.task is set: its generated examples are used")
+             for k in ("train_file", "val_file") if cfg.finetune.task]
+    rules += [(f"finetune.{k}", "finetune.mode is not 'lora'") for k in ("lora_rank", "lora_alpha", "lora_targets")
+              if cfg.finetune.mode != "lora"]
+  else:
+    why = "only fine-tuning reads it (set finetune.task or finetune.train_file)"
+    rules = [(f"init.{k}", why) for k in cfg.init] + [(f"finetune.{k}", why) for k in cfg.finetune]
+    if data.dataset != "text_files":
+      rules += [(f"data.{k}", "data.dataset is not 'text_files'") for k in ("text_files", "val_file", "val_fraction")]
+    elif data.val_file:
+      rules.append(("data.val_fraction", "data.val_file is set: it is the validation split"))
+    if data.dataset in ("shakespeare", "text_files"):
+      rules.append(("data.text_key", "only TFDS catalog datasets have a text feature to choose"))
+    if data.tokenizer != "bpe":
+      rules.append(("data.vocab_size", "only data.tokenizer='bpe' has a vocabulary size to choose"))
+  unused = [f"{field}={_value(cfg, field)!r} ({why})" for field, why in rules if _value(cfg, field) != _value(base, field)]
+  if unused:
+    raise errors.ConfigError("config fields this run would ignore (remove them, or set what makes them "
+                             "apply):\n  " + "\n  ".join(unused))
+
+
+def _value(cfg, field: str):
+  section, key = field.split(".")
+  return cfg[section][key]
+
+
 def schedule_change_note(saved, cfg, step: int, make_optimizer) -> str | None:
   """A note when the resumed run's learning-rate schedule differs from the saved run's (train.steps
   or optim.decay_steps changed the decay horizon), with the override that keeps the old one."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from lmjax import model
+from lmjax import model, tokenizers
 
 _MIN_BUCKET = 16
 
@@ -256,8 +256,7 @@ def _define_flags():
 
 def main(argv):
   from absl import app
-  from lmjax import tokenizers
-  from lmjax.inference import LanguageModel, cut_at_stop
+  from lmjax.inference import LanguageModel, cut_at_stop  # inference imports this module
   del argv
   f = FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:

@@ -148,6 +148,7 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
   fc, tc = cfg.finetune, cfg.train
   runtime = {k: v for k, v in config_lib.model_values(cfg.model).items() if k in RUNTIME_MODEL_FIELDS}
   model_cfg, base, tokenizer, origin = load_source(cfg.init, runtime, pinned=_pinned_base(workdir))
+  _check_architecture_fields(cfg, model_cfg)
   if tc.seq_len >= model_cfg.max_len + 1:
     raise errors.ConfigError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")
   if fc.task == "search":
@@ -177,6 +178,24 @@ def _finetuning(cfg, workdir: str) -> RunSetup:
       task=fc.task or None, task_examples=tasks.examples(fc.task, fc.num_eval, tasks.EVAL_SEED) if fc.task else [],
       run_spec=_run_spec(model_cfg, cfg, origin))
   return _trainable(setup, cfg, base)
+
+
+def _check_architecture_fields(cfg, source_cfg: model.ModelConfig) -> None:
+  """The architecture comes from the source: a model field set away from its default to something
+  the source does not have would be ignored, so it is an error. data.* is never read here: noted."""
+  defaults = config_lib.model_values(config_lib.base_config().model)
+  conflicts = [f"model.{k}={v!r} (the source has {getattr(source_cfg, k)!r})"
+               for k, v in config_lib.model_values(cfg.model).items()
+               if k not in RUNTIME_MODEL_FIELDS and v != defaults[k] and v != getattr(source_cfg, k)]
+  if conflicts:
+    raise errors.ConfigError(
+        "fine-tuning takes the architecture from its source model (init.*), so these fields would be ignored: "
+        f"{', '.join(conflicts)}. Remove them; only {list(RUNTIME_MODEL_FIELDS)} may change.")
+  base_data = config_lib.base_config().data
+  set_data = {k: v for k, v in cfg.data.items() if v != base_data[k]}
+  if set_data:
+    print(f"NOTE: fine-tuning reads its examples from finetune.*; the data fields {set_data} are not used",
+          flush=True)
 
 
 def _trainable(setup: RunSetup, cfg, base) -> RunSetup:

@@ -204,6 +204,7 @@ def train(cfg, workdir: str) -> dict:
   """
   config_lib.validate(cfg)
   preflight.check_finetune_options(cfg)
+  preflight.check_fields_used(cfg)
   primary = jax.process_index() == 0
   with rundir.lock(workdir) if primary else contextlib.nullcontext():
     return _train(cfg, workdir, primary)

@@ -203,3 +203,39 @@ def test_retrieval_ties_count_against_the_model():
       {"recall@1": 0.0, "recall@3": 1.0, "mrr": 1 / 3})
   tied = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9]])  # ranks 2 and 2
   assert metrics.retrieval_scores(tied, np.array([0, 2]), ks=(1,)) == pytest.approx({"recall@1": 0.0, "mrr": 0.5})
+
+
+# ---------------------------------------------------------------- an accepted option takes effect or is refused
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"init.from_checkpoint": "runs/x"}, "init.from_checkpoint"),  # pretraining never reads init.*
+    ({"finetune.mode": "lora"}, "finetune.mode"),
+    ({"data.dataset": "shakespeare", "data.val_fraction": 0.2}, "data.val_fraction"),  # a fixed 10% tail
+    ({"data.val_file": "v.txt", "data.val_fraction": 0.3}, "data.val_fraction"),
+    ({"data.vocab_size": 512}, "data.vocab_size"),  # char tokenizer
+    ({"data.text_key": "content"}, "data.text_key"),
+    ({"finetune.task": "qa", "finetune.train_file": "x.jsonl", "init.pretrained": "p"}, "finetune.train_file"),
+    ({"finetune.task": "qa", "finetune.lora_rank": 4, "init.pretrained": "p"}, "finetune.lora_rank")])
+def test_fields_a_run_would_ignore_are_refused(overrides, field):
+  from lmjax import config as config_lib, errors, preflight
+  cfg = config_lib.base_config()
+  cfg.data.update(dataset="text_files", text_files="corpus.txt")
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  with pytest.raises(errors.ConfigError, match=f"{field}="):
+    preflight.check_fields_used(cfg)
+
+
+def test_fine_tuning_refuses_architecture_fields_the_source_does_not_have(capsys):
+  from lmjax import config as config_lib, errors, sources
+  source = model.ModelConfig(vocab_size=50, max_len=64, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+  cfg = config_lib.base_config()
+  cfg.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.1)  # as the source (or runtime): fine
+  cfg.data.tokenizer = "byte"
+  sources._check_architecture_fields(cfg, source)
+  assert "data fields {'tokenizer': 'byte'} are not used" in capsys.readouterr().out
+  cfg.model.d_model = 48
+  with pytest.raises(errors.ConfigError, match=r"model.d_model=48 \(the source has 32\)"):
+    sources._check_architecture_fields(cfg, source)
