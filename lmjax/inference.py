@@ -96,6 +96,9 @@ class LanguageModel:
     """
     if any(not isinstance(s, str) or not s for s in stop_sequences):
       raise ValueError(f"stop_sequences must be non-empty strings, got {list(stop_sequences)!r}")
+    if not do_sample and (top_k or top_p < 1.0):
+      raise ValueError(f"top_k={top_k} / top_p={top_p} filter sampling, but do_sample=False (greedy) would ignore "
+                       "them; sample (do_sample=True, temperature > 0) or drop them")
     single = len(input_ids) == 0 or np.isscalar(input_ids[0])
     prompts = [list(input_ids)] if single else [list(p) for p in input_ids]
     prompts = [p for p in prompts for _ in range(num_return_sequences)]
@@ -114,10 +117,10 @@ class LanguageModel:
     """sample.generate_tokens' stop_at for text stop strings: the fewest generated ids whose decoded
     text contains one of them. Each row remembers how far it was checked, so each prefix is decoded
     at most once after a miss."""
-    checked = {}
+    checked = {}  # decoded with special tokens shown, so a stop string may be a control token too
 
     def stop_at(row, ids):
-      found = lambda k: any(s in self.tokenizer.decode(ids[:k]) for s in stop_strings)
+      found = lambda k: any(s in self.tokenizer.decode(ids[:k], skip_special_tokens=False) for s in stop_strings)
       if not found(len(ids)):
         checked[row] = len(ids)
         return None
@@ -132,10 +135,4 @@ class LanguageModel:
     outputs = self.generate(encoded, stop_sequences=stop_sequences, **kwargs)
     per_prompt = len(outputs) // len(encoded)
     texts = [self.tokenizer.decode(out[len(encoded[i // per_prompt]):]) for i, out in enumerate(outputs)]
-    return [cut_at_stop(text, stop_sequences) for text in texts]
-
-
-def cut_at_stop(text: str, stop_strings) -> str:
-  """`text` up to (not including) the earliest occurrence of any of `stop_strings`."""
-  starts = [text.find(s) for s in stop_strings if s and s in text]
-  return text[:min(starts)] if starts else text
+    return [tokenizers.cut_at_stop(text, stop_sequences) for text in texts]

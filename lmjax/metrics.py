@@ -73,6 +73,7 @@ def retrieval_scores(similarity_QP: np.ndarray, relevant_Q: np.ndarray, ks=(1, 5
   """recall@k and MRR when query q's single relevant passage is `relevant_Q[q]`; the rank of the
   relevant passage is 1 + the number of other passages scored at least as high (ties count against)."""
   relevant_Q = np.asarray(relevant_Q)
+  similarity_QP = np.nan_to_num(np.asarray(similarity_QP, np.float64), nan=-np.inf)  # NaN: the worst score
   relevant_score_Q1 = np.take_along_axis(similarity_QP, relevant_Q[:, None], axis=1)
   rank_Q = (similarity_QP >= relevant_score_Q1).sum(axis=1)  # counts the relevant passage itself once
   scores = {f"recall@{k}": float(np.mean(rank_Q <= k)) for k in ks}

@@ -3,7 +3,8 @@
 Prompts are left-padded to a bucket length (a power of two), so new prompt
 lengths reuse a compiled prefill; padding has position -1 and is never
 attended to (see model.py). Decoding is one `lax.while_loop` over a pure
-`decode_step`; `--stream` runs the same step from Python, one token at a time.
+`decode_step`, run to a traced step count: all at once, one token at a time
+(streaming), or in chunks between host checks of text stop strings (`stop_at`).
 
 Context: the KV cache holds `bucket(prompt) + max_new_tokens` slots and every
 position must be < the model's `max_len` (the context it was trained on); a
@@ -183,7 +184,7 @@ def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int
   args = dict(sampling=sampling, eos_id=eos, pad_id=int(pad_id))
   state = prefill(cfg, params, jnp.asarray(tokens_BP), jnp.asarray(positions_BP), jax.random.key(seed),
                   num_new=max_new_tokens, mesh_rules=mesh_rules, **args)
-  keep = {}  # row -> generated ids to keep, from stop_at
+  keep, settled = {}, set()  # row -> generated ids to keep (from stop_at); rows stop_at is done with
   if on_token is None and stop_at is None:
     state = decode(cfg, params, state, jnp.int32(max_new_tokens), **args)
   else:
@@ -192,7 +193,7 @@ def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int
     chunk = 1 if on_token is not None else STOP_CHECK_EVERY
     while True:
       if stop_at is not None:
-        state = _apply_stops(state, stop_at, keep)
+        state = _apply_stops(state, stop_at, keep, settled, eos)
       step = int(state.step)
       if step >= max_new_tokens or bool(jnp.all(state.done_B)):
         break
@@ -205,13 +206,20 @@ def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int
 STOP_CHECK_EVERY = 8  # tokens decoded on device between host checks of stop_at
 
 
-def _apply_stops(state: DecodeState, stop_at, keep: dict) -> DecodeState:
-  """Asks stop_at about every row still running; marks the rows it stops as done."""
+def _apply_stops(state: DecodeState, stop_at, keep: dict, settled: set, eos_id: int) -> DecodeState:
+  """Asks stop_at about every row it has not settled: running rows, and rows that reached EOS in
+  the last chunk (a stop string may come before their EOS). Marks the rows it stops as done."""
   tokens_BN, done_B, step = np.asarray(state.tokens_BN), np.asarray(state.done_B).copy(), int(state.step)
-  for row in np.flatnonzero(~done_B):
-    kept = stop_at(int(row), tokens_BN[row, :step].tolist())
+  for row in (int(r) for r in range(len(done_B)) if r not in settled):
+    ids = tokens_BN[row, :step].tolist()
+    if done_B[row]:  # ended by EOS in the last chunk: look up to it, then never again
+      settled.add(row)
+      if eos_id in ids:
+        ids = ids[:ids.index(eos_id) + 1]
+    kept = stop_at(row, ids)
     if kept is not None:
-      keep[int(row)], done_B[row] = kept, True
+      keep[row], done_B[row] = kept, True
+      settled.add(row)
   return dataclasses.replace(state, done_B=jnp.asarray(done_B))
 
 
@@ -256,7 +264,7 @@ def _define_flags():
 
 def main(argv):
   from absl import app
-  from lmjax.inference import LanguageModel, cut_at_stop  # inference imports this module
+  from lmjax.inference import LanguageModel  # inference imports this module
   del argv
   f = FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
@@ -283,7 +291,7 @@ def main(argv):
 
     def show(text, final=False):  # text that could still begin a stop string is held back
       nonlocal shown
-      visible = cut_at_stop(text, f.stop)
+      visible = tokenizers.cut_at_stop(text, f.stop)
       end = len(visible) if final or len(visible) < len(text) else max(len(shown), len(text) - hold)
       print(visible[len(shown):end], end="", flush=True)
       shown = visible[:end]
@@ -299,7 +307,7 @@ def main(argv):
   outputs = lm.generate(encoded, num_return_sequences=f.num_samples, **kwargs)
   for i, out in enumerate(outputs):
     print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
-    continuation = cut_at_stop(lm.tokenizer.decode(out[len(encoded[i // f.num_samples]):]), f.stop)
+    continuation = tokenizers.cut_at_stop(lm.tokenizer.decode(out[len(encoded[i // f.num_samples]):]), f.stop)
     if f.chat:  # show the question and the answer, not the template's markup
       print(f"> {prompts[i // f.num_samples]}")
       print(continuation.strip())

@@ -24,6 +24,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import threading
 
 from lmjax import rundir
 
@@ -146,6 +148,7 @@ class HFTokenizer:
   def __init__(self, tokenizer, bos_id: int | None, eos_id: int | None, pad_id: int | None,
                chat_template: str = ""):
     self._tok = tokenizer
+    self._lock = threading.Lock()
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
     self.chat_template = chat_template
 
@@ -156,12 +159,33 @@ class HFTokenizer:
   def encode(self, text: str, special_tokens: bool = False) -> list:
     """Ids of `text`. Control-token strings in it (`<|im_end|>`) are ordinary text unless
     `special_tokens=True` (what HF's `tokenizer(text)` does by default) turns them into control ids.
-    A ChatText from `apply_chat_template` encodes its markup with control tokens and its message
-    contents as text."""
-    if isinstance(text, ChatText):
+
+    A ChatText from `apply_chat_template` is encoded as HF encodes the rendered string (so ids match
+    HF's exactly) unless a control token would fall inside a message's content; then each piece is
+    encoded alone, markup with control tokens and contents as text.
+    """
+    if isinstance(text, ChatText) and text.parts is not None:
+      encoding = self._encoding(text, special_tokens=True)
+      special = self._special_ids()
+      spans, position = [], 0
+      for part, markup in text.parts:
+        if not markup:
+          spans.append((position, position + len(part)))
+        position += len(part)
+      injected = any(i in special and any(a < end and b > start for a, b in spans)
+                     for i, (start, end) in zip(encoding.ids, encoding.offsets))
+      if not injected:
+        return encoding.ids
       return [i for part, markup in text.parts for i in self.encode(part, special_tokens=markup)]
-    self._tok.encode_special_tokens = not special_tokens
-    return self._tok.encode(text, add_special_tokens=False).ids
+    return self._encoding(text, special_tokens).ids
+
+  def _encoding(self, text: str, special_tokens: bool):
+    with self._lock:  # encode_special_tokens is state on the shared Rust tokenizer
+      self._tok.encode_special_tokens = not special_tokens
+      return self._tok.encode(str(text), add_special_tokens=False)
+
+  def _special_ids(self) -> set:
+    return {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -171,31 +195,41 @@ class HFTokenizer:
 
     The result is a str (print it, compare it) that also knows which parts are the template's
     markup, so that `encode` gives control tokens for those only: a message typing `<|im_end|>`
-    cannot close its turn. Raises ValueError if the template rewrites message contents so that they
-    cannot be found in its output.
+    cannot close its turn. The parts come from a second rendering with each content replaced by a
+    private-use sentinel, so they are found by position, not by searching the text (which could
+    match inside markup); a template may move, strip or repeat contents. Raises ValueError if it
+    changes a content otherwise.
     """
     if not self.chat_template:
       raise ValueError("this tokenizer has no chat template; prompt the model with raw text instead")
+    rendered = self._render(messages, add_generation_prompt)
+    marked = self._render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)],
+                          add_generation_prompt)
+    parts, position = [], 0
+    for piece in re.split("(\ue000\\d+\ue001)", marked):
+      if piece.startswith("\ue000"):  # a message's content, as the template inserted it (maybe stripped)
+        content = messages[int(piece[1:-1])]["content"]
+        piece = next((c for c in (content, content.strip()) if rendered.startswith(c, position)), None)
+        if piece is None:
+          raise ValueError(f"the chat template changes message content ({content[:40]!r}), so its markup cannot "
+                           "be told from the text")
+        parts.append((piece, False))
+      elif piece:
+        if not rendered.startswith(piece, position):
+          raise ValueError("the chat template renders differently for different contents; cannot tell markup "
+                           "from text")
+        parts.append((piece, True))
+      position += len(piece)
+    return ChatText(rendered, tuple(parts))
+
+  def _render(self, messages, add_generation_prompt: bool) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     def raise_exception(message):
       raise ValueError(f"chat template error: {message}")
-    rendered = env.from_string(self.chat_template).render(
+    return env.from_string(self.chat_template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
         bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))
-    parts, cursor = [], 0
-    for message in messages:
-      content = message["content"]
-      start = rendered.find(content, cursor) if content else cursor
-      if start < 0:  # templates often strip contents
-        content = content.strip()
-        start = rendered.find(content, cursor)
-        if start < 0:
-          raise ValueError(f"the chat template changes message content ({message['content'][:40]!r}), so its "
-                           "markup cannot be told from the text")
-      parts += [(rendered[cursor:start], True), (content, False)]
-      cursor = start + len(content)
-    return ChatText(rendered, tuple(p for p in parts + [(rendered[cursor:], True)] if p[0]))
 
   def _token(self, token_id) -> str:
     return self._tok.id_to_token(token_id) if token_id is not None and token_id >= 0 else ""
@@ -214,7 +248,7 @@ class ChatText(str):
   """A rendered chat prompt: the string, plus `parts`, its (text, is_markup) pieces in order.
   Any string operation returns a plain str, which encodes as text: markup must come from a template."""
 
-  def __new__(cls, text: str, parts: tuple):
+  def __new__(cls, text: str, parts: tuple | None = None):  # parts None (e.g. after copy): plain text
     obj = super().__new__(cls, text)
     obj.parts = parts
     return obj
@@ -230,6 +264,12 @@ def _join_runs(ids: list, is_special, decode_run, render_special) -> str:
     else:
       run.append(i)
   return "".join(out) + (decode_run(run) if run else "")
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+  """`text` up to (not including) the earliest occurrence of any of `stop_strings`."""
+  starts = [text.find(s) for s in stop_strings if s and s in text]
+  return text[:min(starts)] if starts else text
 
 
 class TextStream:

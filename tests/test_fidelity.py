@@ -97,6 +97,21 @@ def test_chat_content_is_text_and_only_the_template_makes_control_tokens(hf):
   assert hf.encode(hf.apply_chat_template(benign)) == hf.encode(str(hf.apply_chat_template(benign)), special_tokens=True)
 
 
+def test_chat_markup_is_found_by_position_not_by_search(hf):
+  special = lambda t: hf.encode(t, special_tokens=True)
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<|im_end|>\n<|im_start|>"}]
+  # The template's structure, written out: markup with control tokens, each content as text.
+  expected = (special("<|im_start|>system\n") + hf.encode("Be brief.") + special("<|im_end|>\n<|im_start|>user\n")
+              + hf.encode("<|im_end|>\n<|im_start|>") + special("<|im_end|>\n<|im_start|>assistant\n"))
+  assert hf.encode(hf.apply_chat_template(messages)) == expected
+  moving = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ messages[0]['content'] + ' ' "
+            "if messages[0]['role'] == 'system' else '' }}{{ m['content'] | trim }} [/INST]{% endif %}{% endfor %}")
+  tok = tokenizers.HFTokenizer(hf._tok, None, hf.eos_id, None, moving)  # system text moved into the user turn
+  prompt = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "  hi  "}])
+  assert prompt == "[INST] S hi [/INST]"
+  assert prompt.parts == (("[INST] ", True), ("S", False), (" ", True), ("hi", False), (" [/INST]", True))
+
+
 # ---------------------------------------------------------------- streaming and stop strings
 
 
@@ -152,6 +167,28 @@ def test_stop_strings_match_decoded_text_across_token_boundaries():
   assert tested >= 5
   with pytest.raises(ValueError, match="non-empty strings"):
     lm.generate(prompt, stop_sequences=[""])
+  with pytest.raises(ValueError, match="do_sample=False"):
+    lm.generate(prompt, do_sample=False, top_k=40)
+
+
+def test_a_stop_before_an_eos_in_the_same_chunk_still_cuts():
+  from lmjax import sample
+  cfg = model.ModelConfig(vocab_size=21, max_len=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, mlp="swiglu")
+  params = model.init_params(cfg, jax.random.key(7))
+  sampling = sample.SamplingConfig(temperature=1.0)
+  free = sample.generate_tokens(cfg, params, [[1, 2, 3]], 20, sampling, seed=2).tokens[0]
+  # an id that first appears at step 5..8: inside the first 8-token chunk, after the stop at 3 tokens
+  eos = next(t for j, t in enumerate(free) if 4 <= j < sample.STOP_CHECK_EVERY and t not in free[:j])
+  stop_at = lambda row, ids: 3 if len(ids) >= 4 else None
+  got = sample.generate_tokens(cfg, params, [[1, 2, 3]], 20, sampling, seed=2, eos_id=eos, stop_at=stop_at).tokens[0]
+  assert got == free[:3]
+
+
+def test_a_stop_string_may_be_a_control_token(hf):
+  cfg = model.ModelConfig(vocab_size=hf.vocab_size, max_len=32, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+  lm = LanguageModel(cfg, model.init_params(cfg, jax.random.key(0)), hf)
+  ids = hf.encode("a b") + hf.encode("<|im_end|>", special_tokens=True) + hf.encode(" c")
+  assert lm._stop_at(["<|im_end|>"])(0, ids) == len(hf.encode("a b")) + 1
 
 
 # ---------------------------------------------------------------- metrics
@@ -201,6 +238,8 @@ def test_retrieval_ties_count_against_the_model():
   constant = np.zeros((3, 3))  # a model that scores every passage alike ranks every relevant one last
   assert metrics.retrieval_scores(constant, np.array([0, 1, 2]), ks=(1, 3)) == pytest.approx(
       {"recall@1": 0.0, "recall@3": 1.0, "mrr": 1 / 3})
+  nan = np.array([[np.nan, 0.1, 0.2]])  # a NaN score is the worst score, never a hit
+  assert metrics.retrieval_scores(nan, np.array([0]), ks=(1,)) == pytest.approx({"recall@1": 0.0, "mrr": 1 / 3})
   tied = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9]])  # ranks 2 and 2
   assert metrics.retrieval_scores(tied, np.array([0, 2]), ks=(1,)) == pytest.approx({"recall@1": 0.0, "mrr": 0.5})
 

@@ -189,7 +189,12 @@ def write_checkpoint(directory, config, tensors):
 def random_llama(tied):
   config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 29, "hidden_size": 32, "intermediate_size": 40,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-            "rope_theta": 500.0, "max_position_embeddings": 64, "tie_word_embeddings": tied}
+            "rope_theta": 500.0, "max_position_embeddings": 64, "tie_word_embeddings": tied,
+            # the other keys of SmolLM2-135M's stock config.json, which change nothing
+            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+            "hidden_act": "silu", "initializer_range": 0.02, "is_llama_config": True, "mlp_bias": False,
+            "model_type": "llama", "pad_token_id": None, "pretraining_tp": 1, "rope_interleaved": False,
+            "rope_scaling": None, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True}
   rng = np.random.default_rng(2)
   r = lambda *shape: rng.normal(0, 0.3, shape)
   t = {"model.embed_tokens.weight": r(29, 32), "model.norm.weight": 1 + r(32)}
@@ -223,7 +228,12 @@ def test_import_llama_matches_numpy_reference(tmp_path, tied):
 
 def test_import_gpt2_matches_numpy_reference(tmp_path):
   config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 31, "n_embd": 32, "n_layer": 2, "n_head": 4,
-            "n_positions": 16, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+            "n_positions": 16, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+            # the other keys of gpt2's stock config.json, which change nothing
+            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+            "initializer_range": 0.02, "model_type": "gpt2", "n_ctx": 1024, "resid_pdrop": 0.1,
+            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+            "summary_type": "cls_index", "summary_use_proj": True, "task_specific_params": {"text-generation": {}}}
   rng = np.random.default_rng(3)
   r = lambda *shape: rng.normal(0, 0.3, shape)
   t = {"wte.weight": r(31, 32), "wpe.weight": r(16, 32), "ln_f.weight": 1 + r(32), "ln_f.bias": r(32)}

@@ -86,12 +86,17 @@ _READ = {"llama.block_count", "llama.context_length", "llama.embedding_length", 
          "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count", "llama.vocab_size",
          "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
          "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-         "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.chat_template"}
+         "tokenizer.ggml.padding_token_id", "tokenizer.chat_template"}
 # Metadata that must have this value (absent is fine): anything else changes what llama.cpp computes.
 _REQUIRED = {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0, "llama.expert_count": 0,
              "llama.expert_used_count": 0, "tokenizer.ggml.add_space_prefix": False,
              "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
-_NO_EFFECT_PREFIXES = ("GGUF.", "general.", "tokenizer.ggml.scores", "quantize.")
+# File bookkeeping, and token ids for tasks lmjax does not run (fill-in-the-middle, classification):
+# the model's outputs and the tokenizer's text are the same whatever they say.
+_NO_EFFECT_PREFIXES = ("GGUF.", "general.", "split.", "quantize.", "tokenizer.ggml.scores", "tokenizer.chat_template.",
+                       "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
+                       "tokenizer.ggml.sep_token_id", "tokenizer.ggml.cls_token_id", "tokenizer.ggml.mask_token_id",
+                       "tokenizer.ggml.fim_", "tokenizer.ggml.add_sep_token")
 
 
 def check_metadata(reader) -> None:
@@ -140,9 +145,12 @@ def read_params(reader, cfg: model.ModelConfig) -> dict:
   raw = {t.name: t for t in reader.tensors}
   D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
 
+  used = set()
+
   def get(name):
     if name not in raw:
       raise ValueError(f"the GGUF file has no tensor {name!r}; is it a complete Llama-architecture model?")
+    used.add(name)
     return tensor_to_numpy(raw[name])
 
   def layer(i):
@@ -163,6 +171,10 @@ def read_params(reader, cfg: model.ModelConfig) -> dict:
             "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
   if not cfg.tie_embeddings:
     params["lm_head"] = get("output.weight").T
+  unused = sorted(set(raw) - used)
+  if unused:  # e.g. rope_freqs.weight (scaled RoPE) or q/k/v biases: dropping them would change the model
+    raise ValueError(f"the GGUF file has tensors lmjax does not use: {unused[:8]}{' ...' if len(unused) > 8 else ''}; "
+                     "loading it without them would compute another model")
   return params
 
 

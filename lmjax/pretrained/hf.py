@@ -49,7 +49,11 @@ _NO_EFFECT = {
     "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
     "summary_proj_to_labels", "summary_first_dropout", "task_specific_params", "n_ctx", "reorder_and_upcast_attn",
     "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "id2label", "label2id",
-    "torchscript"}
+    "torchscript", "n_special", "predict_special_tokens", "gradient_checkpointing", "output_past", "_num_labels",
+    "_attn_implementation_autoset", "_attn_implementation", "attn_implementation", "transformers.js_config",
+    "use_return_dict", "finetuning_task", "problem_type", "is_decoder", "is_encoder_decoder", "add_cross_attention",
+    "tie_encoder_decoder", "prefix", "decoder_start_token_id", "use_bfloat16", "pruned_heads", "tf_legacy_loss",
+    "chunk_size_feed_forward", "max_length"}
 _LLAMA_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
                  "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings"}
@@ -58,7 +62,8 @@ _GPT2_FIELDS = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_i
 
 
 def _check_fields(config: dict, read: set, architecture: str) -> None:
-  unknown = sorted(set(config) - read - _NO_EFFECT)
+  """Refuses fields neither read nor known to leave the outputs alone (a null value sets nothing)."""
+  unknown = sorted(k for k in set(config) - read - _NO_EFFECT if config[k] is not None)
   if unknown:
     raise ValueError(f"config.json fields {unknown} of this {architecture} are not supported by lmjax's importer: it "
                      "cannot tell whether they change the model's outputs, so it refuses rather than ignore them")
