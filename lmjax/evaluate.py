@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import data, metrics, model, rundir, sample, tasks
+from lmjax import cli, data, metrics, model, rundir, sample, tasks
 
 def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
   """Greedy continuations of `prompts`, decoded."""
@@ -111,6 +111,7 @@ def main(argv):
   from absl import app, flags
   from lmjax.inference import LanguageModel
   del argv
+  cli.quiet_library_logging()
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.pretrained):
     raise app.UsageError("give exactly one of --workdir or --pretrained")

@@ -21,7 +21,7 @@ if __name__ == "__main__":  # before JAX is imported: this may re-execute the pr
 from absl import app, flags
 from ml_collections import config_flags
 
-from lmjax import config as config_lib, errors
+from lmjax import cli, config as config_lib, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (python), optionally `file.py:variant`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything this run writes.")
@@ -64,6 +64,7 @@ def initialize_jax() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logging()
   initialize_jax()
   from lmjax import train  # after flag parsing: importing jax is slow
   cfg = _CONFIG.value

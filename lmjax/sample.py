@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from lmjax import model, tokenizers
+from lmjax import cli, model, tokenizers
 
 _MIN_BUCKET = 16
 
@@ -266,6 +266,7 @@ def main(argv):
   from absl import app
   from lmjax.inference import LanguageModel  # inference imports this module
   del argv
+  cli.quiet_library_logging()
   f = FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
     raise app.UsageError("give exactly one of --workdir, --checkpoint or --pretrained")

