@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lmjax import model as M
+from lmjax import kernels, model as M
 
 TINY = dict(vocab_size=37, max_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=48)
 
@@ -294,8 +294,8 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
   rng = np.random.default_rng(0)
   x, w_KN, g = rng.normal(size=(24, 16)), rng.normal(size=(16, 8)), rng.normal(size=(24, 8))
   w = w_KN.T if w_is_NK else w_KN
-  loss = lambda x, w: jnp.sum(M.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK) * g)
-  y = jax.jit(lambda x, w: M.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(x.astype(np.float32), w.astype(np.float32))
+  loss = lambda x, w: jnp.sum(kernels.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK) * g)
+  y = jax.jit(lambda x, w: kernels.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(x.astype(np.float32), w.astype(np.float32))
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
   assert y.dtype == dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_allclose(y, x @ w_KN, rtol=0, atol=0.05 * np.abs(x @ w_KN).max())
@@ -306,7 +306,7 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
 
 @pytest.mark.parametrize("operand_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
 @pytest.mark.parametrize("with_dropout", [False, True])
-@pytest.mark.parametrize("rows", [16, M._MIN_ROWS_FOR_K_COPY])  # below / at the row-major K copy
+@pytest.mark.parametrize("rows", [16, kernels._MIN_ROWS_FOR_K_COPY])  # below / at the row-major K copy
 def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtype, tol, with_dropout, rows):
   """The hand-written backward (and the bf16-operand path) against jax.grad of the textbook formula."""
   rng = np.random.default_rng(3)
@@ -323,7 +323,7 @@ def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtyp
     out, pullback = jax.vjp(f, q, k, v)
     return (out, *pullback(dout))
   expected = jax.jit(lambda: vjp(reference))()
-  got = jax.jit(lambda: vjp(lambda q, k, v: M.attention_core(q, k, v, bias, keep, operand_dtype)))()
+  got = jax.jit(lambda: vjp(lambda q, k, v: kernels.attention_core(q, k, v, bias, keep, operand_dtype)))()
   for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
