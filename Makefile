@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test test-fast lint install clean
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,17 @@ $(STAMP): setup.py Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m lmjax.main --config=experiments/shakespeare_char.py --workdir=runs/shakespeare_char
+	$(VENV)/bin/lmjax-train --config=experiments/shakespeare_char.py --workdir=runs/shakespeare_char
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the subprocess, multi-device and end-to-end tests (markers in pytest.ini).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lmjax tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) runs

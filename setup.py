@@ -33,6 +33,9 @@ setup(
         "safetensors",  # Hugging Face checkpoints
         "sacrebleu",  # chrF for translation
     ],
-    # hypothesis: property tests (tokenizer round trips); rouge-score: the reference ROUGE-L in tests
-    extras_require={"test": ["pytest", "hypothesis", "rouge-score"]},
+    # hypothesis: property tests (tokenizer round trips); rouge-score: the reference ROUGE-L in tests;
+    # ruff: `make lint`
+    extras_require={"test": ["pytest", "hypothesis", "rouge-score", "ruff"]},
+    entry_points={"console_scripts": [f"lmjax-{name}=lmjax.cli.{name}:run"
+                                      for name in ("train", "sample", "evaluate", "sweep", "scaling")]},
 )

@@ -12,7 +12,7 @@ import ast
 import os
 import time
 
-from lmjax import hugepages
+from lmjax.core import hugepages
 
 if __name__ == "__main__":  # before JAX is imported: this may re-execute the process
   hugepages.reexec_with_huge_pages()
@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from lmjax import config as config_lib, flops, model, sharding, train
+from lmjax import model, train
+from lmjax.run import config as config_lib
 
 _EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py")
 
@@ -64,12 +65,10 @@ def _time_steps(compiled, state, batches, steps: int, first: int = 0):
 def measure(cfg) -> dict:
   model_cfg = config_lib.model_config(cfg, _VOCAB)
   tc = cfg.train
-  mesh = sharding.make_mesh(cfg.mesh.shape)
-  batch_sh = sharding.batch_sharding(mesh, cfg.mesh.rules)
-  optimizer, schedule = train.make_optimizer(cfg.optim, tc.steps)
-  _, shardings = train.state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules)
-  state = train.init_state(model_cfg, optimizer, 0, shardings)
-  step_fn = train.make_train_step(model_cfg, optimizer, schedule, 0, tc.grad_accum, shardings, batch_sh)
+  run = train.setup(cfg, model_cfg)
+  state = train.init_state(model_cfg, run.optimizer, 0, run.shardings)
+  step_fn = train.make_train_step(model_cfg, run.optimizer, run.schedule, 0, tc.grad_accum, run.shardings,
+                                  run.batch_sharding)
   rng = np.random.default_rng(0)
   batches = [{k: rng.integers(0, _VOCAB, (tc.batch_size, tc.seq_len)).astype(np.int32) for k in ("inputs", "targets")}
              for _ in range(4)]
@@ -95,7 +94,7 @@ def measure(cfg) -> dict:
 
 
 def main(_):
-  peaks = {d: flops.measure_matmul_peak(d) for d in ("float32", "bfloat16")}
+  peaks = {d: model.measure_matmul_peak(d) for d in ("float32", "bfloat16")}
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
         f"measured matmul peak: fp32 {peaks['float32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bfloat16'] / 1e12:.3f} TFLOP/s")
   for shape in _SHAPES.value:

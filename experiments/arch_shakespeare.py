@@ -6,9 +6,9 @@ that its three matrices hold as many parameters as the two of ReLU/GELU (equal p
 Sinusoidal positions are run twice: as is, and with token embeddings scaled by sqrt(d_model) as in
 the original Transformer (the table has amplitude 1, the embeddings start at std 0.02).
 
-  python -m lmjax.sweep --config=experiments/arch_shakespeare.py --workdir=runs/arch
+  lmjax-sweep --config=experiments/arch_shakespeare.py --workdir=runs/arch
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):

@@ -4,7 +4,7 @@ English number words into digits ("four hundred six" -> "406"), all weights trai
 Needs the pretrained run first: `make run` (writes runs/shakespeare_char). The table of chrF and
 exact match before/after fine-tuning is written to the workdir's task_eval.md.
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):

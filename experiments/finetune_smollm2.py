@@ -6,7 +6,7 @@ digits; chrF), `:search` (retrieve the passage a query paraphrases by embedding 
 with an in-batch contrastive loss; recall@k, MRR). Adapters of rank 8 on q, k, v, o; the base model stays frozen. task_eval.md in the
 workdir holds the before/after table.
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = "qa"):

@@ -1,11 +1,11 @@
 """A 1.1B-parameter Llama-style model (TinyLlama's shape), for sizing runs on accelerators.
 
-  python -m lmjax.main --config=experiments/llama_1b.py --dry_run --cpu_devices=8
+  lmjax-train --config=experiments/llama_1b.py --dry_run --cpu_devices=8
 compiles the train step on 8 simulated devices with FSDP and prints per-device memory and FLOPs,
 without allocating the model. Train it on a GPU/TPU node with a real corpus
 (`--config.data.dataset=text_files --config.data.text_files=...`).
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):

@@ -2,14 +2,14 @@
 
 Seven models from 25k to 2.7M non-embedding parameters, each trained on the same 1.54M tokens
 (2000 steps of 12x64, the default experiment's budget), then L(N) = a * N^(-alpha) + c is
-fitted to their final validation losses (lmjax/scaling.py):
+fitted to their final validation losses (lmjax/research/scaling.py):
 
-  python -m lmjax.sweep --config=experiments/scaling_shakespeare.py --workdir=runs/scaling
+  lmjax-sweep --config=experiments/scaling_shakespeare.py --workdir=runs/scaling
 
 writes the usual sweep table and plots plus scaling.md / scaling.json / scaling.png.
 About 20 minutes on a 2-core CPU.
 """
-from lmjax import config
+from lmjax.run import config
 
 # (d_model, n_layers, n_heads): head size 16-32, d_ff = 4 * d_model.
 SIZES = [(32, 2, 2), (48, 3, 3), (64, 4, 4), (96, 4, 4), (128, 4, 4), (160, 6, 5), (192, 6, 6)]
@@ -33,7 +33,7 @@ def get_sweep():
 
 
 def analyze_sweep(sweep_dir: str) -> None:
-  from lmjax import scaling
+  from lmjax.research import scaling
   fit = scaling.report(sweep_dir)
   print(f"scaling law: L(N) = {fit['a']:.3g} * N^(-{fit['alpha']:.3f}) + {fit['c']:.3f}, R^2 {fit['r2']:.4f}; "
         f"see {sweep_dir}/scaling.md and scaling.png")

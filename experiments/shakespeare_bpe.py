@@ -6,7 +6,7 @@ embedding, token embeddings scaled by sqrt(d_model) as in the paper (without it 
 position table swamps them: 2.41 vs 1.92 val loss in the architecture sweep), over a
 SentencePiece BPE vocabulary of 2048 trained on the train split.
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):

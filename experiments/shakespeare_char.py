@@ -9,7 +9,7 @@ train.py sets bias=False: `--config.model.attn_bias=False --config.model.mlp_bia
 5000 steps, no biases, dropout 0.2 on embeddings, residual branches and attention
 probabilities; published val loss 1.47), which needs an accelerator.
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):
@@ -37,5 +37,5 @@ def get_config(variant: str = ""):
 
 
 def get_sweep():
-  """Learning-rate sweep of the default config: `python -m lmjax.sweep --config=experiments/shakespeare_char.py`."""
+  """Learning-rate sweep of the default config: `lmjax-sweep --config=experiments/shakespeare_char.py`."""
   return {"optim.lr": [3e-4, 6e-4, 1e-3, 2e-3, 4e-3, 8e-3]}

@@ -5,7 +5,7 @@ architectures compare directly. d_ff is set so that the SwiGLU MLP (three matric
 has about the parameters of the GELU MLP (two matrices of d_ff=512). `:bpe` uses the
 BPE tokenizer of shakespeare_bpe instead.
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):

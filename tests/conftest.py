@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from lmjax import config
+from lmjax.run import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EXPERIMENT = os.path.join(REPO, "tests", "tiny_experiment.py")

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lmjax import data, shakespeare, text_datasets, tokenizers
+from lmjax.data import corpus as corpus_lib, shakespeare, text_datasets, tokenizers
 
 CHINESE = "什么是人工智能？"
 ODD_TEXTS = [CHINESE, "emoji 🙂👍🏽 and café", "  two  spaces\tand tabs\n\n", "数学公式 $PE_{(i,2j)} = \\sin(i)$", ""]
@@ -92,7 +92,7 @@ def test_unknown_dataset_is_a_clear_error(tmp_path):
 
 def test_corpus_shorter_than_one_sequence_is_a_clear_error():
   with pytest.raises(ValueError, match="fewer than one sequence"):
-    data.batch_at(np.arange(10, dtype=np.int32), seed=0, step=0, batch_size=2, seq_len=10)
+    corpus_lib.batch_at(np.arange(10, dtype=np.int32), seed=0, step=0, batch_size=2, seq_len=10)
 
 
 @pytest.mark.parametrize("text", ODD_TEXTS)
@@ -139,7 +139,7 @@ def test_unknown_tokenizer_kind():
 
 def test_batches_are_shifted_windows_of_the_stream():
   ids = np.arange(1000, dtype=np.int32)  # token i has value i, so windows are easy to check
-  batch = data.batch_at(ids, seed=3, step=7, batch_size=5, seq_len=16)
+  batch = corpus_lib.batch_at(ids, seed=3, step=7, batch_size=5, seq_len=16)
   assert batch["inputs"].shape == batch["targets"].shape == (5, 16)
   np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
   np.testing.assert_array_equal(np.diff(batch["inputs"], axis=1), 1)
@@ -147,7 +147,7 @@ def test_batches_are_shifted_windows_of_the_stream():
 
 def test_batches_are_a_function_of_seed_and_step():
   ids = np.random.default_rng(0).integers(0, 50, 5000).astype(np.int32)
-  batch = lambda seed, step: data.batch_at(ids, seed, step, 4, 32)["inputs"]
+  batch = lambda seed, step: corpus_lib.batch_at(ids, seed, step, 4, 32)["inputs"]
   np.testing.assert_array_equal(batch(1, 5), batch(1, 5))
   assert not np.array_equal(batch(1, 5), batch(1, 6))
   assert not np.array_equal(batch(1, 5), batch(2, 5))
@@ -156,15 +156,15 @@ def test_batches_are_a_function_of_seed_and_step():
 @pytest.mark.parametrize("processes", [2, 4])
 def test_global_batch_independent_of_process_count(processes):
   ids = np.random.default_rng(1).integers(0, 50, 5000).astype(np.int32)
-  whole = data.batch_at(ids, 0, 11, 8, 32)["inputs"]
-  slices = [data.batch_at(ids, 0, 11, 8, 32, p, processes)["inputs"] for p in range(processes)]
+  whole = corpus_lib.batch_at(ids, 0, 11, 8, 32)["inputs"]
+  slices = [corpus_lib.batch_at(ids, 0, 11, 8, 32, p, processes)["inputs"] for p in range(processes)]
   assert all(s.shape == (8 // processes, 32) for s in slices)
   np.testing.assert_array_equal(np.concatenate(slices), whole)
 
 
 def test_load_corpus_tokenizes_both_splits(tmp_path):
   (tmp_path / "t.txt").write_text("abcabcabd" * 20, encoding="utf-8")
-  corpus = data.load_corpus(data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "t.txt")))
+  corpus = corpus_lib.load_corpus(data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "t.txt")))
   assert corpus.tokenizer.vocab_size == 4
   assert corpus.tokenizer.decode(corpus.train_ids) + corpus.tokenizer.decode(corpus.val_ids) == "abcabcabd" * 20
   assert corpus.train_ids.dtype == np.int32

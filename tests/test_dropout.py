@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lmjax import dropout
+from lmjax.ops import dropout
 
 
 @pytest.mark.parametrize("key, count, expected", [

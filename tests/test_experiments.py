@@ -4,8 +4,9 @@ import os
 
 import pytest
 
+from lmjax.run import config
+
 from conftest import REPO
-from lmjax import config
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
 VARIANTS = {"shakespeare_char.py": ["", "gpu"], "shakespeare_llama.py": ["", "bpe"],

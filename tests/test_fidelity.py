@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lmjax import evaluate, metrics, model, tokenizers
-from lmjax.inference import LanguageModel
+from lmjax import model
+from lmjax.core import errors
+from lmjax.data import hf_tokenizer, tokenizer_base, tokenizers
+from lmjax.inference import LanguageModel, sampler
+from lmjax.run import config as config_lib
+from lmjax.tasks import evaluators, finetuning, metrics
+from lmjax.train import preflight
 
 TRAIN_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
               + "You are all resolved rather to die than to famish?\n" * 40)
@@ -32,7 +37,7 @@ def hf():
   tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]
   tokens += ["<|im_start|>", "<|im_end|>"]
   types = [1] * (len(tokens) - 2) + [3, 3]
-  return tokenizers.from_gguf_metadata(tokens, types, merges, "gpt2", "gpt2", -1, len(tokens) - 1, -1, CHATML)
+  return hf_tokenizer.from_gguf_metadata(tokens, types, merges, "gpt2", "gpt2", -1, len(tokens) - 1, -1, CHATML)
 
 
 def all_tokenizers(bpe, hf):
@@ -106,7 +111,7 @@ def test_chat_markup_is_found_by_position_not_by_search(hf):
   assert hf.encode(hf.apply_chat_template(messages)) == expected
   moving = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ messages[0]['content'] + ' ' "
             "if messages[0]['role'] == 'system' else '' }}{{ m['content'] | trim }} [/INST]{% endif %}{% endfor %}")
-  tok = tokenizers.HFTokenizer(hf._tok, None, hf.eos_id, None, moving)  # system text moved into the user turn
+  tok = hf_tokenizer.HFTokenizer(hf._tok, None, hf.eos_id, None, moving)  # system text moved into the user turn
   prompt = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "  hi  "}])
   assert prompt == "[INST] S hi [/INST]"
   assert prompt.parts == (("[INST] ", True), ("S", False), (" ", True), ("hi", False), (" [/INST]", True))
@@ -118,7 +123,7 @@ def test_chat_markup_is_found_by_position_not_by_search(hf):
 @pytest.mark.parametrize("text", ["它可以用于生成神经元🙂 ok", "ascii only", "é\u0301 mixed 生"])
 def test_stream_releases_whole_characters_only(hf, text):
   for tok in (tokenizers.ByteTokenizer(), hf):
-    stream = tokenizers.TextStream(tok)
+    stream = tokenizer_base.TextStream(tok)
     pieces = [stream.push(i) for i in tok.encode(text)] + [stream.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
@@ -172,15 +177,14 @@ def test_stop_strings_match_decoded_text_across_token_boundaries():
 
 
 def test_a_stop_before_an_eos_in_the_same_chunk_still_cuts():
-  from lmjax import sample
   cfg = model.ModelConfig(vocab_size=21, max_len=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, mlp="swiglu")
   params = model.init_params(cfg, jax.random.key(7))
-  sampling = sample.SamplingConfig(temperature=1.0)
-  free = sample.generate_tokens(cfg, params, [[1, 2, 3]], 20, sampling, seed=2).tokens[0]
+  sampling = sampler.SamplingConfig(temperature=1.0)
+  free = sampler.generate_tokens(cfg, params, [[1, 2, 3]], 20, sampling, seed=2).tokens[0]
   # an id that first appears at step 5..8: inside the first 8-token chunk, after the stop at 3 tokens
-  eos = next(t for j, t in enumerate(free) if 4 <= j < sample.STOP_CHECK_EVERY and t not in free[:j])
+  eos = next(t for j, t in enumerate(free) if 4 <= j < sampler.STOP_CHECK_EVERY and t not in free[:j])
   stop_at = lambda row, ids: 3 if len(ids) >= 4 else None
-  got = sample.generate_tokens(cfg, params, [[1, 2, 3]], 20, sampling, seed=2, eos_id=eos, stop_at=stop_at).tokens[0]
+  got = sampler.generate_tokens(cfg, params, [[1, 2, 3]], 20, sampling, seed=2, eos_id=eos, stop_at=stop_at).tokens[0]
   assert got == free[:3]
 
 
@@ -200,7 +204,7 @@ def test_perplexity_scores_every_token_once(length):
   params = model.init_params(cfg, jax.random.key(0))
   tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")
   text = ("abcdefghijklmnopqr" * 3)[:length]
-  result = evaluate.perplexity(cfg, params, tok, text, seq_len=8)
+  result = evaluators.perplexity(cfg, params, tok, text, seq_len=8)
   ids = np.asarray(tok.encode(text))
   nll = {}  # target position -> NLL, from the first window (of up to 9 tokens) that predicts it
   starts = list(range(0, max(len(ids) - 8, 1), 8))
@@ -257,7 +261,6 @@ def test_retrieval_ties_count_against_the_model():
     ({"finetune.task": "qa", "finetune.train_file": "x.jsonl", "init.pretrained": "p"}, "finetune.train_file"),
     ({"finetune.task": "qa", "finetune.lora_rank": 4, "init.pretrained": "p"}, "finetune.lora_rank")])
 def test_fields_a_run_would_ignore_are_refused(overrides, field):
-  from lmjax import config as config_lib, errors, preflight
   cfg = config_lib.base_config()
   cfg.data.update(dataset="text_files", text_files="corpus.txt")
   for key, value in overrides.items():
@@ -268,13 +271,12 @@ def test_fields_a_run_would_ignore_are_refused(overrides, field):
 
 
 def test_fine_tuning_refuses_architecture_fields_the_source_does_not_have(capsys):
-  from lmjax import config as config_lib, errors, sources
   source = model.ModelConfig(vocab_size=50, max_len=64, d_model=32, n_layers=2, n_heads=2, d_ff=64)
   cfg = config_lib.base_config()
   cfg.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.1)  # as the source (or runtime): fine
   cfg.data.tokenizer = "byte"
-  sources._check_architecture_fields(cfg, source)
+  finetuning._check_architecture_fields(cfg, source)
   assert "data fields {'tokenizer': 'byte'} are not used" in capsys.readouterr().out
   cfg.model.d_model = 48
   with pytest.raises(errors.ConfigError, match=r"model.d_model=48 \(the source has 32\)"):
-    sources._check_architecture_fields(cfg, source)
+    finetuning._check_architecture_fields(cfg, source)

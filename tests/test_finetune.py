@@ -8,19 +8,24 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import tiny_config
-from lmjax import finetune, losses, metrics, model, tasks, tokenizers, train
+from lmjax import model, train
+from lmjax.data import sft as sft_lib, tokenizers
 from lmjax.inference import LanguageModel
+from lmjax.model import lora as lora_lib
+from lmjax.run import checkpoint
+from lmjax.tasks import evaluators, generators, losses, metrics
+
+from conftest import tiny_config
 
 
 def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
   tok = tokenizers.ByteTokenizer()
-  sft = finetune.tokenize([finetune.Example("Q: 2+2?\nA:", " 4")], tok, seq_len=16)
+  sft = sft_lib.tokenize([sft_lib.Example("Q: 2+2?\nA:", " 4")], tok, seq_len=16)
   ids, mask = sft.tokens[0], sft.loss_mask[0]
   prompt_len = len("Q: 2+2?\nA:")
   assert list(ids[:prompt_len + 3]) == list(b"Q: 2+2?\nA: 4") + [tok.eos_id]
   assert mask.tolist() == [0] * prompt_len + [1, 1, 1] + [0] * (17 - prompt_len - 3)
-  batch = finetune.batch_at(sft, seed=0, step=0, batch_size=1)
+  batch = sft_lib.batch_at(sft, seed=0, step=0, batch_size=1)
   logits = jax.random.normal(jax.random.key(0), (1, 16, tok.vocab_size))
   loss, grad = jax.value_and_grad(losses.cross_entropy)(logits, batch["targets"], batch["mask"])
   # Independent: numpy mean of -log softmax over the masked-in target positions.
@@ -33,7 +38,7 @@ def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
 
 def test_long_prompts_are_cut_from_the_left_and_counted():
   tok = tokenizers.ByteTokenizer()
-  sft = finetune.tokenize([finetune.Example("x" * 30 + "END:", " ok"), finetune.Example("short:", " ok")], tok, 12)
+  sft = sft_lib.tokenize([sft_lib.Example("x" * 30 + "END:", " ok"), sft_lib.Example("short:", " ok")], tok, 12)
   assert (sft.truncated, sft.prompts_cut, sft.responses_cut) == (1, 1, 0)
   # 13 tokens per row: the 4 response tokens (" ok" + EOS) keep only the last 9 prompt bytes.
   assert bytes(sft.tokens[0][:12].tolist()) == b"xxxxxEND: ok" and sft.tokens[0][12] == tok.eos_id
@@ -43,10 +48,10 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
 def test_truncation_keeps_the_eos_and_reports_each_cut():
   tok = tokenizers.ByteTokenizer()
   # seq_len 16: rows of 17; a cut prompt keeps at least ceil(17 / 4) = 5 tokens.
-  examples = [finetune.Example("Q: hi\nA:", " " + "a long answer " * 3),  # prompt -> 5, response -> 11, EOS
-              finetune.Example("Question: what?\nA:", " ten chars"),  # prompt -> 6, response whole
-              finetune.Example("Q: ok\nA:", " yes")]  # fits
-  sft = finetune.tokenize(examples, tok, seq_len=16)
+  examples = [sft_lib.Example("Q: hi\nA:", " " + "a long answer " * 3),  # prompt -> 5, response -> 11, EOS
+              sft_lib.Example("Question: what?\nA:", " ten chars"),  # prompt -> 6, response whole
+              sft_lib.Example("Q: ok\nA:", " yes")]  # fits
+  sft = sft_lib.tokenize(examples, tok, seq_len=16)
   assert (sft.truncated, sft.prompts_cut, sft.responses_cut) == (2, 2, 1)
   expected = [(b"hi\nA:", b" a long ans"), (b"what?\nA:"[-6:], b" ten chars"), (b"Q: ok\nA:", b" yes")]
   for row, mask, (prompt, response) in zip(sft.tokens, sft.loss_mask, expected):
@@ -56,11 +61,11 @@ def test_truncation_keeps_the_eos_and_reports_each_cut():
 
 
 def test_validation_is_held_out_not_trained_on():
-  examples = [finetune.Example(f"p{i}", f"r{i}") for i in range(25)]
-  train_part, val_part = finetune.hold_out(examples, "data.jsonl")
+  examples = [sft_lib.Example(f"p{i}", f"r{i}") for i in range(25)]
+  train_part, val_part = sft_lib.hold_out(examples, "data.jsonl")
   assert train_part == examples[:23] and val_part == examples[23:]
   with pytest.raises(ValueError, match="one example"):
-    finetune.hold_out(examples[:1], "data.jsonl")
+    sft_lib.hold_out(examples[:1], "data.jsonl")
 
 
 def test_bad_jsonl_lines_are_reported_and_the_run_does_not_start(tmp_path, corpus_file):
@@ -68,7 +73,7 @@ def test_bad_jsonl_lines_are_reported_and_the_run_does_not_start(tmp_path, corpu
   path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\nnot json\n{"prompt": "c", "response": "d"}\n'
                   '{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
   with pytest.raises(ValueError, match=r"(?s)3 malformed line\(s\).*line 2:.*line 3: JSONDecodeError.*line 5:"):
-    finetune.read_jsonl(str(path))
+    sft_lib.read_jsonl(str(path))
   data_dir = str(tmp_path / "tfds")
   train.train(tiny_config(corpus_file, data_dir, steps=2, num_samples=0, ckpt_every=2), str(tmp_path / "base"))
   cfg = tiny_config(corpus_file, data_dir, steps=2)
@@ -86,10 +91,10 @@ def tiny_llama():
 
 def test_lora_at_init_leaves_logits_unchanged():
   cfg, params = tiny_llama()
-  lora = finetune.lora_init(params, ["q", "k", "v", "o", "mlp"], rank=4, rng=jax.random.key(1))
+  lora = lora_lib.lora_init(params, ["q", "k", "v", "o", "mlp"], rank=4, rng=jax.random.key(1))
   tokens = jnp.arange(10)[None] % 19
   apply = lambda p: model.Transformer(cfg).apply({"params": p}, tokens)
-  np.testing.assert_array_equal(apply(finetune.merge(params, lora, 2.0)), apply(params))
+  np.testing.assert_array_equal(apply(lora_lib.merge(params, lora, 2.0)), apply(params))
   assert set(lora["blocks"]["attn"]) == {"wq", "wk", "wv", "wo"} and set(lora["blocks"]["mlp"]) == {"w1", "w2", "w3"}
   assert lora["blocks"]["attn"]["wo"]["a"].shape == (2, 16, 4)  # wo's input is heads x head_dim
 
@@ -99,9 +104,9 @@ def test_merged_weights_equal_unmerged_adapter_path():
   x = jax.random.normal(jax.random.key(2), (1, 5, 16))
   mlp = model.MLP(cfg)
   params = nn.unbox(mlp.init(jax.random.key(3), x)["params"])
-  lora = finetune.lora_init(params, ["mlp"], rank=3, rng=jax.random.key(4))
+  lora = lora_lib.lora_init(params, ["mlp"], rank=3, rng=jax.random.key(4))
   lora = jax.tree.map(lambda a: a + 0.1, lora)  # non-zero B
-  merged = mlp.apply({"params": finetune.merge(params, lora, 0.5)}, x)[0]
+  merged = mlp.apply({"params": lora_lib.merge(params, lora, 0.5)}, x)[0]
   p, l, xn = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, lora), np.asarray(x[0])
   h = np.maximum(0, xn @ p["w1"] + 0.5 * (xn @ l["w1"]["a"]) @ l["w1"]["b"])  # adapters as a side path
   expected = h @ p["w2"] + 0.5 * (h @ l["w2"]["a"]) @ l["w2"]["b"]
@@ -115,13 +120,12 @@ def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
   base_cfg.data.tokenizer = "byte"
   train.train(base_cfg, base_dir)
   jsonl = tmp_path / "sft.jsonl"
-  jsonl.write_text("".join(json.dumps({"prompt": f"Words: {tasks.number_words(n)}\nDigits:", "response": f" {n}"}) + "\n"
+  jsonl.write_text("".join(json.dumps({"prompt": f"Words: {generators.number_words(n)}\nDigits:", "response": f" {n}"}) + "\n"
                            for n in range(40)), encoding="utf-8")
   cfg = tiny_config(corpus_file, data_dir, steps=6, num_samples=0, ckpt_every=6, eval_every=6)
   cfg.init.from_checkpoint = base_dir
   cfg.finetune.update(train_file=str(jsonl), mode="lora", lora_rank=2, lora_targets="q,v")
   train.train(cfg, str(tmp_path / "ft"))
-  from lmjax import checkpoint
   saved = checkpoint.load_params(str(tmp_path / "ft" / "checkpoints" / "6"))
   leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
   assert {str(path[-1].key) for path, _ in leaves} == {"a", "b"}  # only adapters are checkpointed
@@ -165,29 +169,28 @@ def test_metrics_on_hand_computed_examples():
 
 
 def test_task_generators_are_correct_and_deterministic():
-  assert [tasks.number_words(n) for n in (0, 7, 13, 40, 72, 100, 110, 406, 999)] == [
+  assert [generators.number_words(n) for n in (0, 7, 13, 40, 72, 100, 110, 406, 999)] == [
       "zero", "seven", "thirteen", "forty", "seventy two", "one hundred", "one hundred ten", "four hundred six",
       "nine hundred ninety nine"]
-  assert tasks.examples("qa", 5, 1) == tasks.examples("qa", 5, 1) != tasks.examples("qa", 5, 2)
-  for ex in tasks.examples("qa", 20, 3):
+  assert generators.examples("qa", 5, 1) == generators.examples("qa", 5, 1) != generators.examples("qa", 5, 2)
+  for ex in generators.examples("qa", 20, 3):
     answer = ex.response.strip()
     assert answer in ex.prompt.split("Question:")[0]  # the answer is stated in the context
-  for ex in tasks.examples("summarize", 20, 3):
+  for ex in generators.examples("summarize", 20, 3):
     key = ex.prompt.split("Most important: ")[1].split(".")[0] + "."
     assert ex.response.strip() == key
 
 
 def test_search_embeddings_are_mean_pooled_hidden_states():
-  from lmjax import evaluate
   cfg, params = tiny_llama()
   tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")  # 18 ids < vocab 19
   texts = ["abc", "hello", "ab"]
-  emb = evaluate.embed(cfg, params, tok, texts)
+  emb = evaluators.embed(cfg, params, tok, texts)
   for text, e in zip(texts, emb):  # independent: each text alone, unpadded, mean over its tokens
     hidden = model.Transformer(cfg).apply({"params": params}, jnp.asarray([tok.encode(text)]), return_hidden=True)[0]
     pooled = np.asarray(hidden).mean(0)
     np.testing.assert_allclose(e, pooled / np.linalg.norm(pooled), atol=1e-5)
-  passages, queries, relevant = tasks.search_set(8, 0)
+  passages, queries, relevant = generators.search_set(8, 0)
   for q, r in zip(queries, relevant):
     assert q.split()[-1].rstrip("?") in passages[r] or q.split()[-3] in passages[r]
 
@@ -217,18 +220,17 @@ def test_chat_messages_use_the_chat_template(tmp_path):
   path = tmp_path / "chat.jsonl"
   path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                            {"role": "assistant", "content": "Hello"}]}) + "\n", encoding="utf-8")
-  [example] = finetune.read_jsonl(str(path), TemplateTokenizer())
-  assert example == finetune.Example("[system]Be brief.[user]Hi[assistant]", "Hello")
+  [example] = sft_lib.read_jsonl(str(path), TemplateTokenizer())
+  assert example == sft_lib.Example("[system]Be brief.[user]Hi[assistant]", "Hello")
   with pytest.raises(ValueError, match="chat template"):
-    finetune.read_jsonl(str(path), tokenizers.ByteTokenizer())
+    sft_lib.read_jsonl(str(path), tokenizers.ByteTokenizer())
 
 
 def test_perplexity_matches_numpy():
-  from lmjax import evaluate
   cfg, params = tiny_llama()
   tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")
   text = "abcdefghijklmnopqrabcdefghijklmnopqr"[:25]
-  result = evaluate.perplexity(cfg, params, tok, text, seq_len=8)
+  result = evaluators.perplexity(cfg, params, tok, text, seq_len=8)
   ids = np.asarray(tok.encode(text))
   losses = []
   for start in (0, 8, 16):  # windows of 9 tokens: predict 8 each

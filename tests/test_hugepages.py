@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lmjax import hugepages
+from lmjax.core import hugepages
 
 THP_AVAILABLE = os.path.exists(hugepages._THP_SETTING) and "[never]" not in open(hugepages._THP_SETTING).read()
 
@@ -33,7 +33,7 @@ def test_no_thp_means_no_reexec(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not THP_AVAILABLE, reason="transparent huge pages are off or absent on this machine")
 def test_reexec_runs_the_same_command_once_with_the_tunable():
-  script = ("import os, sys; print('start', flush=True); from lmjax import hugepages; "
+  script = ("import os, sys; print('start', flush=True); from lmjax.core import hugepages; "
             "hugepages.reexec_with_huge_pages(); print('pid', os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGE_PAGES")}
   proc = subprocess.Popen([sys.executable, "-c", script, "arg1"], env=env, stdout=subprocess.PIPE, text=True)

@@ -16,10 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_EXPERIMENT, tiny_config, tiny_flags
-from lmjax import (checkpoint, config as config_lib, errors, metrics_log, model, preflight, rundir, scaling, sharding,
-                   sweep, train)
+from lmjax import model, train
+from lmjax.core import errors, files as files_lib, sharding
 from lmjax.inference import LanguageModel
+from lmjax.research import scaling, sweep
+from lmjax.run import checkpoint, config as config_lib, rundir
+from lmjax.train import metrics_log, preflight
+
+from conftest import REPO, TINY_EXPERIMENT, tiny_config, tiny_flags
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -29,7 +33,7 @@ def listing(workdir):
   files = {}
   for root, _, names in os.walk(workdir):
     for name in names:
-      if name != rundir.LOCK_FILE:
+      if name != files_lib.LOCK_FILE:
         path = os.path.join(root, name)
         files[os.path.relpath(path, workdir)] = open(path, "rb").read()
   return files
@@ -99,7 +103,7 @@ def test_paths_with_glob_characters_are_taken_literally(tmp_path, corpus_file):
   train.train(tiny_config(str(corpus), data_dir, steps=10, ckpt_every=10, num_samples=0), workdir)
   flags = tiny_flags(str(corpus), data_dir, workdir, "--config.train.steps=20", "--config.train.ckpt_every=10",
                      "--config.train.num_samples=0")
-  second = subprocess.run([sys.executable, "-m", "lmjax.main", *flags], cwd=REPO, env=ENV, capture_output=True,
+  second = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *flags], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=300)
   assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
   assert "resumed from step 10" in second.stdout and "failed to restore" not in second.stdout
@@ -121,10 +125,10 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
 
 def test_a_second_run_in_a_workdir_in_use_refuses_and_writes_nothing(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
-  with rundir.lock(workdir):
-    with pytest.raises(rundir.WorkdirInUse, match=f"in use by another lmjax process: pid {os.getpid()}"):
+  with files_lib.lock(workdir):
+    with pytest.raises(files_lib.WorkdirInUse, match=f"in use by another lmjax process: pid {os.getpid()}"):
       train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=2), workdir)
-  assert os.listdir(workdir) == [rundir.LOCK_FILE]
+  assert os.listdir(workdir) == [files_lib.LOCK_FILE]
 
 
 def test_atomic_writes_from_many_threads_leave_one_whole_file(tmp_path):
@@ -135,7 +139,7 @@ def test_atomic_writes_from_many_threads_leave_one_whole_file(tmp_path):
   def write_and_read(payload):
     try:
       for _ in range(20):
-        rundir.write_json(path, payload)
+        files_lib.write_json(path, payload)
         assert json.load(open(path)) in payloads  # a reader never sees a torn file
     except Exception as err:  # noqa: BLE001 (reported below; a thread's exception would be lost)
       failures.append(err)
@@ -199,7 +203,7 @@ def test_a_finished_point_reruns_when_the_experiment_asks_for_more_steps(tmp_pat
   rundir.write_config(tiny_config("unused.txt", "unused", steps=40), str(workdir))
   rundir.mark_finished(str(workdir), 40, {})
   assert sweep.run_point(str(experiment), str(tmp_path / "sweep"), point)["status"] == "ok"  # skipped: done
-  rundir.write_json(str(workdir / sweep.POINT_FILE), {"overrides": {"optim.lr": 0.2}, "wall_s": 1.0})
+  files_lib.write_json(str(workdir / sweep.POINT_FILE), {"overrides": {"optim.lr": 0.2}, "wall_s": 1.0})
   other = sweep.run_point(str(experiment), str(tmp_path / "sweep"), point)
   assert other["status"] == "failed" and "holds another point" in other["error"]
 
@@ -260,7 +264,7 @@ def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, over
 
 def test_bad_value_on_the_command_line_exits_2_without_traceback(tmp_path, corpus_file):
   workdir = tmp_path / "run"
-  result = subprocess.run([sys.executable, "-m", "lmjax.main", *tiny_flags(
+  result = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *tiny_flags(
       corpus_file, str(tmp_path), str(workdir), "--config.train.grad_accum=0")], cwd=REPO, env=ENV,
       capture_output=True, text=True, timeout=120)
   assert result.returncode == 2

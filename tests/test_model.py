@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lmjax import kernels, model as M
+from lmjax import model as M
+from lmjax.ops import attention as attention_lib, matmul as matmul_lib
 
 TINY = dict(vocab_size=37, max_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=48)
 
@@ -105,14 +106,16 @@ def test_rope_matches_pair_rotation_and_is_relative():
   assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
 
 
-@pytest.mark.parametrize("n_kv_heads,bias,rope,blocks", [(4, False, False, 0), (2, True, False, 0), (1, False, True, 0),
-                                                         (4, False, False, 1), (4, True, False, 2), (2, False, True, 4)])
-def test_attention_matches_numpy(n_kv_heads, bias, rope, blocks):
-  """blocks 0: mask from positions; >0: the training path with a constant causal mask, in blocks."""
-  cfg = tiny(n_kv_heads=n_kv_heads, attn_bias=bias, pos_encoding="rope" if rope else "none")
+@pytest.mark.parametrize("impl", ["xla_cpu", "xla"])
+@pytest.mark.parametrize("n_kv_heads,bias,rope,causal", [(4, False, False, False), (2, True, False, False),
+                                                         (1, False, True, False), (4, True, False, True),
+                                                         (2, False, True, True)])
+def test_attention_matches_numpy(n_kv_heads, bias, rope, causal, impl):
+  """causal False: the mask from positions; True: the training path with a constant causal mask."""
+  cfg = tiny(n_kv_heads=n_kv_heads, attn_bias=bias, pos_encoding="rope" if rope else "none", attention_impl=impl)
   x = jax.random.normal(jax.random.key(2), (1, 8, cfg.d_model))
   pos = jnp.arange(8)[None]
-  attn = M.Attention(cfg, causal_blocks=blocks)
+  attn = M.Attention(cfg, causal=causal)
   params = nn.unbox(attn.init(jax.random.key(3), x, pos, pos)["params"])
   if bias:  # non-zero biases, so the test sees them
     params = {k: v + 0.1 * (k.endswith("bias")) for k, v in params.items()}
@@ -123,23 +126,6 @@ def test_attention_matches_numpy(n_kv_heads, bias, rope, blocks):
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_causal_block_gradients_match_the_position_masked_path(n_kv_heads):
-  """The block path's backward (blocks split, key blocks concatenated) against jax.grad of the
-  one-matrix attention masked from positions, for the input and every parameter."""
-  cfg = tiny(n_kv_heads=n_kv_heads, pos_encoding="rope", attn_bias=True)
-  x = jax.random.normal(jax.random.key(2), (2, 8, cfg.d_model))
-  pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-  params = nn.unbox(M.Attention(cfg).init(jax.random.key(3), x, pos, pos)["params"])
-  dout = jax.random.normal(jax.random.key(4), (2, 8, cfg.d_model))
-
-  def grads(blocks):
-    loss = lambda p, x: jnp.sum(M.Attention(cfg, causal_blocks=blocks).apply({"params": p}, x, pos, pos)[0] * dout)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-  for got, expected in zip(jax.tree.leaves(grads(4)), jax.tree.leaves(grads(0))):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_scaled_embeddings_equal_a_table_times_sqrt_d():
   cfg = tiny(tie_embeddings=False, pos_encoding="sinusoidal")
   params = M.init_params(cfg, jax.random.key(4))
@@ -148,10 +134,6 @@ def test_scaled_embeddings_equal_a_table_times_sqrt_d():
   np.testing.assert_allclose(Transformer_apply(tiny(tie_embeddings=False, pos_encoding="sinusoidal",
                                                     scale_embeddings=True), params, tokens),
                              Transformer_apply(cfg, scaled_table, tokens), rtol=1e-5, atol=1e-5)
-
-
-def test_causal_query_blocks_divide_the_sequence():
-  assert [M.causal_query_blocks(t) for t in (8, 64, 127, 128, 192, 256, 1024, 4096)] == [1, 1, 1, 2, 3, 4, 8, 8]
 
 
 @pytest.mark.parametrize("kind", M.MLP_KINDS)
@@ -194,7 +176,7 @@ def test_scanned_and_unrolled_layers_agree():
   params = M.init_params(scanned_cfg, jax.random.key(6))
   unrolled = {k: v for k, v in params.items() if k != "blocks"}
   for i in range(3):
-    unrolled[f"block_{i}"] = jax.tree.map(lambda w: w[i], params["blocks"])
+    unrolled[f"block_{i}"] = jax.tree.map(lambda w, i=i: w[i], params["blocks"])
   assert jax.tree.structure(unrolled) == jax.tree.structure(M.init_params(unrolled_cfg, jax.random.key(0)))
   tokens = random_tokens(scanned_cfg)
   np.testing.assert_allclose(Transformer_apply(scanned_cfg, params, tokens),
@@ -294,8 +276,8 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
   rng = np.random.default_rng(0)
   x, w_KN, g = rng.normal(size=(24, 16)), rng.normal(size=(16, 8)), rng.normal(size=(24, 8))
   w = w_KN.T if w_is_NK else w_KN
-  loss = lambda x, w: jnp.sum(kernels.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK) * g)
-  y = jax.jit(lambda x, w: kernels.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(x.astype(np.float32), w.astype(np.float32))
+  loss = lambda x, w: jnp.sum(matmul_lib.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK) * g)
+  y = jax.jit(lambda x, w: matmul_lib.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(x.astype(np.float32), w.astype(np.float32))
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
   assert y.dtype == dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_allclose(y, x @ w_KN, rtol=0, atol=0.05 * np.abs(x @ w_KN).max())
@@ -306,13 +288,13 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
 
 @pytest.mark.parametrize("operand_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
 @pytest.mark.parametrize("with_dropout", [False, True])
-@pytest.mark.parametrize("rows", [16, kernels._MIN_ROWS_FOR_K_COPY])  # below / at the row-major K copy
+@pytest.mark.parametrize("rows", [16, attention_lib._MIN_ROWS_FOR_K_COPY])  # below / at the row-major K copy
 def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtype, tol, with_dropout, rows):
   """The hand-written backward (and the bf16-operand path) against jax.grad of the textbook formula."""
   rng = np.random.default_rng(3)
   q, dout = (jnp.asarray(rng.normal(size=(2, 2, rows, 8)), jnp.float32) for _ in range(2))
   k, v = (jnp.asarray(rng.normal(size=(2, 2, 12, 8)), jnp.float32) for _ in range(2))
-  bias = jnp.where(rng.random((2, 1, rows, 12)) < 0.3, M._MASK_VALUE, 0.0).at[..., 0].set(0.0)
+  bias = jnp.where(rng.random((2, 1, rows, 12)) < 0.3, attention_lib._MASK_VALUE, 0.0).at[..., 0].set(0.0)
   keep = jnp.asarray((rng.random((2, 2, rows, 12)) < 0.8) / 0.8, jnp.float32) if with_dropout else None
 
   def reference(q, k, v):
@@ -323,7 +305,7 @@ def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtyp
     out, pullback = jax.vjp(f, q, k, v)
     return (out, *pullback(dout))
   expected = jax.jit(lambda: vjp(reference))()
-  got = jax.jit(lambda: vjp(lambda q, k, v: kernels.attention_core(q, k, v, bias, keep, operand_dtype)))()
+  got = jax.jit(lambda: vjp(lambda q, k, v: attention_lib.attention_core(q, k, v, bias, keep, operand_dtype)))()
   for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)

@@ -1,4 +1,4 @@
-"""Pretrained models: GGUF dequantization, SmolLM2 against HF transformers' outputs, HF import/export."""
+"""Pretrained models: GGUF files (K-quants included), SmolLM2 against HF transformers' outputs, HF import/export."""
 import importlib.util
 import json
 import os
@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from lmjax import model, pretrained
+from lmjax.inference import sampler
+from lmjax.pretrained import gguf, gguf as gguf_loader, hf
+
 from conftest import REPO
-from lmjax import model, pretrained, sample
-from lmjax.pretrained import gguf as gguf_loader
-from lmjax.pretrained import hf
 
 # Hugging Face transformers' outputs for SmolLM2-135M-Instruct (the independent reference), kept in the repo.
 REFERENCE = os.path.join(REPO, "tests", "data", "smollm2_dev_reference")
@@ -26,20 +27,88 @@ needs_reference = pytest.mark.skipif(not os.path.exists(REFERENCE + ".npz"),
 
 # ---------------------------------------------------------------- GGUF formats
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1", "Q4_0"])
-def test_dequantize_matches_gguf_reference(kind):
+def quantize_q4_k(x_RC: np.ndarray) -> np.ndarray:
+  """A plain Q4_K encoder (the test's own, from llama.cpp's block_q4_K layout): super-blocks of 256
+  values in 8 sub-blocks of 32, x ~ d * sc_j * q - dmin * m_j with 6-bit sc_j, m_j and 4-bit q.
+  Bytes per super-block: f16 d, f16 dmin, 12 bytes of packed scales/mins, 128 bytes of nibbles."""
+  rows = x_RC.shape[0]
+  blocks = x_RC.reshape(-1, 8, 32).astype(np.float32)
+  low, high = np.minimum(blocks.min(-1), 0.0), blocks.max(-1)
+  scale, mins = (high - low) / 15, -low
+  d = (scale.max(-1, keepdims=True) / 63).astype(np.float16)
+  dmin = (mins.max(-1, keepdims=True) / 63).astype(np.float16)
+  safe = lambda a: np.where(a > 0, a, 1.0)
+  sc = np.clip(np.round(scale / safe(d.astype(np.float32))), 0, 63).astype(np.uint8)
+  m = np.clip(np.round(mins / safe(dmin.astype(np.float32))), 0, 63).astype(np.uint8)
+  step, offset = d.astype(np.float32) * sc, dmin.astype(np.float32) * m
+  q = np.clip(np.round((blocks + offset[..., None]) / safe(step)[..., None]), 0, 15).astype(np.uint8)
+  scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6),
+                           (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)
+  nibbles = np.concatenate([q[:, 2 * c] | (q[:, 2 * c + 1] << 4) for c in range(4)], axis=1)
+  out = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, nibbles], axis=1)
+  return out.reshape(rows, -1)
+
+
+def test_q4_k_test_encoder_round_trips_through_gguf():
+  from gguf import GGMLQuantizationType, quants
+  x = np.random.default_rng(0).normal(size=(3, 512)).astype(np.float32)
+  back = quants.dequantize(quantize_q4_k(x), GGMLQuantizationType.Q4_K)
+  per_block_range = np.ptp(x.reshape(-1, 32), axis=-1).max()
+  assert np.abs(back - x).max() <= per_block_range / 15  # within a few quantization steps of 4 bits
+  assert np.corrcoef(back.ravel(), x.ravel())[0, 1] > 0.99
+
+
+def write_k_quant_smollm2(path: str) -> int:
+  """SmolLM2's GGUF with every tensor whose rows hold whole 256-value super-blocks (ffn_down: 1536 in)
+  re-encoded as Q4_K, the rest copied as they are (llama.cpp's Q4_K_M mixes types the same way).
+  Returns the number of Q4_K tensors."""
+  import gguf as gguf_package
+  reader = gguf_package.GGUFReader(pretrained.resolve("smollm2-135m-instruct"))
+  writer = gguf_package.GGUFWriter(path, "llama")
+  for field in reader.fields.values():
+    if field.name.startswith("GGUF.") or field.name == "general.architecture":
+      continue
+    sub_type = field.types[-1] if field.types[0] == gguf_package.GGUFValueType.ARRAY else None
+    writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+  k_quant = 0
+  for tensor in reader.tensors:
+    # raw_dtype set: the writer reads the logical shape off the byte rows
+    if tensor.name.endswith("ffn_down.weight") and int(tensor.shape[0]) % 256 == 0:
+      values = gguf.tensor_to_numpy(tensor)
+      writer.add_tensor(tensor.name, quantize_q4_k(values), raw_dtype=gguf_package.GGMLQuantizationType.Q4_K)
+      k_quant += 1
+    else:
+      writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return k_quant
+
+
+@needs_smollm2
+@needs_reference
+def test_k_quant_gguf_loads_with_logits_close_to_the_q4_1_reference(tmp_path, reference):
+  path = str(tmp_path / "smollm2-q4_k.gguf")
+  assert write_k_quant_smollm2(path) == 30
+  cfg, params, _ = pretrained.load(path)
+  ids = reference[1]["chat_translate_ids"]
+  logits = np.asarray(jax.jit(lambda p, t: model.Transformer(cfg).apply({"params": p}, t))(params, ids[None]))[0]
+  top_idx = reference[1]["chat_translate_top10_idx"]
+  # Re-quantizing 30 MLP output projections to 4 bits moves the logits by its rounding, not more:
+  # within 5% of their range, almost perfectly correlated, the same top token nearly everywhere.
+  ref_last = reference[1]["chat_translate_last_logits"]
+  assert np.abs(logits[-1] - ref_last).max() <= 0.05 * np.ptp(ref_last)
+  assert np.corrcoef(logits[-1], ref_last)[0, 1] > 0.995
+  assert (logits.argmax(-1) == top_idx[:, 0]).mean() >= 0.9
+
+
+def test_unsupported_quantization_is_named():
   from gguf import GGMLQuantizationType
-  from gguf.quants import dequantize
-  qtype = GGMLQuantizationType[kind]
-  block_bytes = {"Q8_0": 34, "Q4_1": 20, "Q4_0": 18}[kind]
-  raw = np.random.default_rng(0).integers(0, 256, (6, 4 * block_bytes), dtype=np.uint8)
-  for scale_offset in range(0, raw.shape[1], block_bytes):  # keep the f16 scales finite
-    raw[:, scale_offset + 1] &= 0x3B
-    if kind == "Q4_1":
-      raw[:, scale_offset + 3] &= 0x3B
-  expected = dequantize(raw, qtype)
-  ours = getattr(gguf_loader, f"dequantize_{kind.lower()}")(raw).reshape(expected.shape)
-  np.testing.assert_array_equal(ours, expected)
+  fake = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=GGMLQuantizationType.Q8_K,
+                         shape=np.array([256, 2]), data=np.zeros((2, 292), np.uint8))
+  with pytest.raises(ValueError, match="quantized as Q8_K, which the installed gguf package cannot dequantize"):
+    gguf_loader.tensor_to_numpy(fake)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -48,12 +117,6 @@ def test_unpermute_inverts_llama_cpp_permutation():
   # llama.cpp convert_hf_to_gguf.py: reshape(n_head, 2, dim // n_head // 2, *rest).swapaxes(1, 2)
   permuted = w.reshape(n_head, 2, w.shape[0] // n_head // 2, 5).swapaxes(1, 2).reshape(w.shape)
   np.testing.assert_array_equal(gguf_loader.unpermute_rope_rows(permuted, n_head), w)
-
-
-def test_unsupported_quantization_names_supported_ones():
-  fake = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=SimpleNamespace(name="Q5_K"))
-  with pytest.raises(ValueError, match="Q5_K; supported: \\['F16', 'F32', 'Q4_0', 'Q4_1', 'Q8_0'\\]"):
-    gguf_loader.tensor_to_numpy(fake)
 
 
 def test_missing_package_says_how_to_install():
@@ -102,19 +165,35 @@ def test_smollm2_logits_and_greedy_match_reference(smollm2, reference, prompt):
   assert np.abs(np.take_along_axis(logits, top_idx, -1) - top_val).max() <= 2e-3
   np.testing.assert_array_equal(logits.argmax(-1), top_idx[:, 0])
   assert np.abs(logits[-1] - ref[f"{prompt}_last_logits"]).max() <= 2e-3
-  greedy = sample.generate_tokens(cfg, params, [ids.tolist()], 16, sample.SamplingConfig(temperature=0.0)).tokens[0]
+  greedy = sampler.generate_tokens(cfg, params, [ids.tolist()], 16, sampler.SamplingConfig(temperature=0.0)).tokens[0]
   assert greedy == ref[f"{prompt}_greedy16"].tolist()
   assert tokenizer.decode(greedy) == reference[0][prompt]["greedy_text"]
 
 
 @needs_smollm2
 def test_pretrained_chat_cli_answers():
-  result = subprocess.run([sys.executable, "-m", "lmjax.sample", "--pretrained=smollm2-135m-instruct", "--chat",
+  result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", "--pretrained=smollm2-135m-instruct", "--chat",
                            "--prompt", "What is artificial intelligence?", "--temperature=0", "--max_new_tokens=12"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   answer = result.stdout.split("> What is artificial intelligence?\n")[1]
   assert "intelligence" in answer.lower() and "<|im" not in answer
+
+
+@needs_smollm2
+def test_sample_answers_from_a_hugging_face_directory(tmp_path, smollm2):
+  """SmolLM2 exported as a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
+  tokenizer_config.json) answers through `sample --pretrained=DIR` as the GGUF it came from does."""
+  cfg, params, tokenizer = smollm2
+  hf.export_llama(cfg, params, str(tmp_path / "hf"), tokenizer)
+  answers = []
+  for source in ("smollm2-135m-instruct", str(tmp_path / "hf")):
+    result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", f"--pretrained={source}", "--chat",
+                             "--prompt", "What is the capital of France?", "--temperature=0", "--max_new_tokens=10"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers.append(result.stdout.split("> What is the capital of France?\n")[1])
+  assert answers[0] == answers[1] and "Paris" in answers[1]
 
 
 # ---------------------------------------------------------------- Hugging Face import / export
@@ -147,7 +226,7 @@ def np_llama_forward(config, t, ids):
   rotate_half = lambda x: np.concatenate([-x[..., H // 2:], x[..., :H // 2]], -1)
   x = t["model.embed_tokens.weight"][ids]
   for i in range(config["num_hidden_layers"]):
-    w = lambda n: t[f"model.layers.{i}.{n}"]
+    w = lambda n, i=i: t[f"model.layers.{i}.{n}"]
     h = np_rms(x, w("input_layernorm.weight"), eps)
     q = (h @ w("self_attn.q_proj.weight").T).reshape(T, N, H)
     k = (h @ w("self_attn.k_proj.weight").T).reshape(T, K, H)
@@ -169,7 +248,7 @@ def np_gpt2_forward(config, t, ids):
   gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
   x = t["wte.weight"][ids] + t["wpe.weight"][:T]
   for i in range(config["n_layer"]):
-    w = lambda n: t[f"h.{i}.{n}"]
+    w = lambda n, i=i: t[f"h.{i}.{n}"]
     h = np_layernorm(x, w("ln_1.weight"), w("ln_1.bias"), eps)
     q, k, v = np.split(h @ w("attn.c_attn.weight") + w("attn.c_attn.bias"), 3, -1)
     attn = np_causal_attention(*(a.reshape(T, N, D // N) for a in (q, k, v))).reshape(T, D)
@@ -317,7 +396,7 @@ def test_llama_config_fields_that_change_outputs_are_refused(tmp_path, extra, me
 
 def test_gguf_metadata_that_changes_outputs_is_refused(tmp_path):
   import gguf as gguf_lib
-  from lmjax.pretrained import gguf
+
 
   def reader(**extra):
     path = str(tmp_path / f"m{len(extra)}.gguf")

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
+from lmjax import model, train
+from lmjax.data import tokenizers
+from lmjax.inference import LanguageModel, sampler
+
 from conftest import REPO, tiny_config
-from lmjax import model, sample, train
-from lmjax.inference import LanguageModel
 
 V = 23
 
@@ -46,7 +48,7 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_greedy_equals_argmax_of_full_forward_with_matching_logprobs(pos):
   cfg, params = tiny_model(pos)
-  result = sample.generate_tokens(cfg, params, PROMPTS, 12, sample.SamplingConfig(temperature=0.0))
+  result = sampler.generate_tokens(cfg, params, PROMPTS, 12, sampler.SamplingConfig(temperature=0.0))
   for prompt, tokens, logprobs in zip(PROMPTS, result.tokens, result.logprobs):
     assert len(tokens) == 12
     logits = step_logits(cfg, params, prompt, tokens)
@@ -58,13 +60,13 @@ def test_greedy_equals_argmax_of_full_forward_with_matching_logprobs(pos):
 
 def sampled_rows(cfg, params, sampling, seed=0, rows=24, steps=6):
   prompts = [[1 + (i % 5), 2 + (i % 3)] for i in range(rows)]
-  result = sample.generate_tokens(cfg, params, prompts, steps, sampling, seed=seed)
+  result = sampler.generate_tokens(cfg, params, prompts, steps, sampling, seed=seed)
   return prompts, result.tokens
 
 
 def test_top_k_never_leaves_the_top_k():
   cfg, params = tiny_model()
-  prompts, outputs = sampled_rows(cfg, params, sample.SamplingConfig(temperature=1.5, top_k=3))
+  prompts, outputs = sampled_rows(cfg, params, sampler.SamplingConfig(temperature=1.5, top_k=3))
   for prompt, tokens in zip(prompts, outputs):
     for token, logits in zip(tokens, step_logits(cfg, params, prompt, tokens)):
       assert token in np.argsort(-logits)[:3]
@@ -73,7 +75,7 @@ def test_top_k_never_leaves_the_top_k():
 def test_top_p_never_leaves_the_nucleus():
   cfg, params = tiny_model()
   temperature, top_p = 1.3, 0.6
-  prompts, outputs = sampled_rows(cfg, params, sample.SamplingConfig(temperature=temperature, top_p=top_p))
+  prompts, outputs = sampled_rows(cfg, params, sampler.SamplingConfig(temperature=temperature, top_p=top_p))
   for prompt, tokens in zip(prompts, outputs):
     for token, logits in zip(tokens, step_logits(cfg, params, prompt, tokens)):
       probs = np.exp(log_softmax(logits / temperature))
@@ -85,7 +87,7 @@ def test_top_p_never_leaves_the_nucleus():
 
 def test_seed_reproducible_and_different_seeds_differ():
   cfg, params = tiny_model()
-  sampling = sample.SamplingConfig(temperature=1.0)
+  sampling = sampler.SamplingConfig(temperature=1.0)
   _, a = sampled_rows(cfg, params, sampling, seed=1)
   _, b = sampled_rows(cfg, params, sampling, seed=1)
   _, c = sampled_rows(cfg, params, sampling, seed=2)
@@ -94,33 +96,33 @@ def test_seed_reproducible_and_different_seeds_differ():
 
 def test_eos_stops_one_row_while_others_continue():
   cfg, params = tiny_model()
-  greedy = sample.SamplingConfig(temperature=0.0)
-  free = sample.generate_tokens(cfg, params, PROMPTS, 10, greedy).tokens
+  greedy = sampler.SamplingConfig(temperature=0.0)
+  free = sampler.generate_tokens(cfg, params, PROMPTS, 10, greedy).tokens
   # An id that row 0 emits at step j but the other rows never emit becomes EOS.
   candidates = [(j, t) for j, t in enumerate(free[0]) if all(t not in row for row in free[1:])]
   assert candidates, "test model too uniform"
   j, eos = candidates[0]
-  stopped = sample.generate_tokens(cfg, params, PROMPTS, 10, greedy, eos_id=eos).tokens
+  stopped = sampler.generate_tokens(cfg, params, PROMPTS, 10, greedy, eos_id=eos).tokens
   assert stopped[0] == free[0][:j + 1]  # stops right after EOS (kept)
   assert stopped[1:] == free[1:]
 
 
 def test_stop_at_ends_a_row_where_it_says():
   cfg, params = tiny_model()
-  greedy = sample.SamplingConfig(temperature=0.0)
-  free = sample.generate_tokens(cfg, params, PROMPTS, 20, greedy).tokens
+  greedy = sampler.SamplingConfig(temperature=0.0)
+  free = sampler.generate_tokens(cfg, params, PROMPTS, 20, greedy).tokens
   # Row 0 stops once 11 tokens exist (checked every STOP_CHECK_EVERY tokens), keeping 5; row 1 runs on.
   seen = []
   stop_at = lambda row, ids: (seen.append(len(ids)), 5 if row == 0 and len(ids) >= 11 else None)[1]
-  stopped = sample.generate_tokens(cfg, params, PROMPTS, 20, greedy, stop_at=stop_at).tokens
+  stopped = sampler.generate_tokens(cfg, params, PROMPTS, 20, greedy, stop_at=stop_at).tokens
   assert stopped[0] == free[0][:5] and stopped[1:] == free[1:]
-  assert seen[0] == 1 and all(b - a <= sample.STOP_CHECK_EVERY for a, b in zip(seen, seen[1:]))
+  assert seen[0] == 1 and all(b - a <= sampler.STOP_CHECK_EVERY for a, b in zip(seen, seen[1:]))
 
 
 def test_repetition_penalty_avoids_seen_tokens():
   cfg, params = tiny_model()
   prompt = [1, 2, 3]
-  tokens = sample.generate_tokens(cfg, params, [prompt], 12, sample.SamplingConfig(
+  tokens = sampler.generate_tokens(cfg, params, [prompt], 12, sampler.SamplingConfig(
       temperature=0.0, repetition_penalty=1e6)).tokens[0]
   assert len(set(tokens)) == len(tokens) and not set(tokens) & set(prompt)
 
@@ -128,21 +130,21 @@ def test_repetition_penalty_avoids_seen_tokens():
 def test_prompt_errors_and_context_limit():
   cfg, params = tiny_model(max_len=20)
   with pytest.raises(ValueError, match="model's context is 20 tokens"):
-    sample.generate_tokens(cfg, params, [list(range(20))], 1)
+    sampler.generate_tokens(cfg, params, [list(range(20))], 1)
   with pytest.raises(ValueError, match="prompt is empty"):
-    sample.generate_tokens(cfg, params, [[]], 1)
+    sampler.generate_tokens(cfg, params, [[]], 1)
   with pytest.warns(UserWarning, match="max_new_tokens=50 cut to 15"):
-    result = sample.generate_tokens(cfg, params, [[1, 2, 3, 4, 5]], 50, sample.SamplingConfig(temperature=0.0))
+    result = sampler.generate_tokens(cfg, params, [[1, 2, 3, 4, 5]], 50, sampler.SamplingConfig(temperature=0.0))
   assert len(result.tokens[0]) == 15
 
 
 def test_prompt_lengths_share_bucketed_compilations():
   cfg, params = tiny_model(seed=5)
-  greedy = sample.SamplingConfig(temperature=0.0)
-  before = sample.prefill._cache_size()
+  greedy = sampler.SamplingConfig(temperature=0.0)
+  before = sampler.prefill._cache_size()
   for length in (3, 5, 9, 14, 30):  # buckets: 16, 16, 16, 16, 32
-    sample.generate_tokens(cfg, params, [list(range(1, length + 1))], 4, greedy)
-  assert sample.prefill._cache_size() - before == 2
+    sampler.generate_tokens(cfg, params, [list(range(1, length + 1))], 4, greedy)
+  assert sampler.prefill._cache_size() - before == 2
 
 
 def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
@@ -156,12 +158,12 @@ def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
   texts = lm.generate_text(["JULIET:"], max_new_tokens=5, do_sample=False)
   assert len(texts) == 1 and len(texts[0]) == 5
 
-  result = subprocess.run([sys.executable, "-m", "lmjax.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
+  result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
                            "--prompt=JULIET:", "--max_new_tokens=8", "--num_samples=2", "--seed=3"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.count("=====") == 8 and "ROMEO:" in result.stdout and "JULIET:" in result.stdout
-  streamed = subprocess.run([sys.executable, "-m", "lmjax.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
+  streamed = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
                              "--max_new_tokens=8", "--temperature=0", "--stream"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
   assert streamed.returncode == 0, streamed.stderr
@@ -173,7 +175,6 @@ def test_tokenizer_checkpoint_mismatch_is_a_clear_error(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
   train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=2, num_samples=0, ckpt_every=2), workdir)
   lm = LanguageModel.from_workdir(workdir)
-  from lmjax import tokenizers
   with pytest.raises(ValueError, match="tokenizer/checkpoint mismatch"):
     LanguageModel(lm.cfg, lm.params, tokenizers.ByteTokenizer())
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
@@ -183,20 +184,24 @@ def test_tokenizer_checkpoint_mismatch_is_a_clear_error(tmp_path, corpus_file):
 
 _SHARDED_SCRIPT = """
 import jax, numpy as np
-from lmjax import model, sample, sharding
+from lmjax import model
+from lmjax import train
+from lmjax.core import sharding
+from lmjax.data import tokenizers
+from lmjax.inference import sampler
 cfg = model.ModelConfig(vocab_size=24, max_len=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
 params = jax.tree.map(lambda p: p * 4, model.init_params(cfg, jax.random.key(0)))
 prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
-greedy = sample.SamplingConfig(temperature=0.0)
-single = sample.generate_tokens(cfg, params, prompts, 8, greedy).tokens
+greedy = sampler.SamplingConfig(temperature=0.0)
+single = sampler.generate_tokens(cfg, params, prompts, 8, greedy).tokens
 mesh = sharding.make_mesh((2, 2, 2))
 rules = sharding.DEFAULT_RULES
 boxed = jax.eval_shape(lambda: model.Transformer(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
 sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
-sharded = sample.generate_tokens(cfg, sharded_params, prompts, 8, greedy, mesh_rules=(mesh, rules)).tokens
+sharded = sampler.generate_tokens(cfg, sharded_params, prompts, 8, greedy, mesh_rules=(mesh, rules)).tokens
 assert sharded == single, (sharded, single)
 tokens = np.zeros((4, 16), np.int32); positions = np.tile(np.arange(16), (4, 1))
-state = sample.prefill(cfg, sharded_params, tokens, positions, jax.random.key(0), num_new=4, sampling=greedy,
+state = sampler.prefill(cfg, sharded_params, tokens, positions, jax.random.key(0), num_new=4, sampling=greedy,
                        eos_id=-1, pad_id=0, mesh_rules=(mesh, rules))
 print("cache", state.cache["k"].sharding.spec, state.cache["k"].addressable_shards[0].data.shape)
 """

@@ -9,11 +9,15 @@ import sys
 
 import pytest
 
+from lmjax.inference import LanguageModel
+
 from conftest import REPO, tiny_flags
 
 _MESH_SCRIPT = r"""
 import jax, numpy as np, ml_collections
-from lmjax import model, sharding, train, checkpoint
+from lmjax import model, train
+from lmjax.core import sharding
+from lmjax.run import checkpoint
 cfg = model.ModelConfig(vocab_size=24, max_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                         dropout=0.1)
 # lr 1e-3: Adam's first step is ~lr * sign(g), so reduction-order noise in tiny gradients moves params by ~lr.
@@ -100,7 +104,7 @@ def test_checkpoints_restore_into_another_mesh(mesh_run):
 
 
 def test_dry_run_sizes_a_1b_model_without_allocating_it():
-  result = subprocess.run([sys.executable, "-m", "lmjax.main", "--config=experiments/llama_1b.py", "--dry_run",
+  result = subprocess.run([sys.executable, "-m", "lmjax.cli.train", "--config=experiments/llama_1b.py", "--dry_run",
                            "--cpu_devices=8"], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -121,12 +125,12 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   common = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.ckpt_every=3",
             "--config.train.num_samples=1", "--config.mesh.shape=(1,2,1)", "--config.model.dropout=0.0"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  single = subprocess.run([sys.executable, "-m", "lmjax.main", *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"),
+  single = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"),
                                                                             *common), "--cpu_devices=2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "lmjax.main",
+  procs = [subprocess.Popen([sys.executable, "-m", "lmjax.cli.train",
                              *tiny_flags(corpus_file, data_dir, str(tmp_path / "two"), *common),
                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
                              "--cpu_devices=1"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -138,7 +142,6 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   assert len(one) == len(two) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
   samples = [open(os.path.join(tmp_path, d, "samples.txt")).read() for d in ("one", "two")]
   assert samples[0] == samples[1] and len(samples[0]) > 1
-  from lmjax.inference import LanguageModel
   restored = LanguageModel.from_workdir(str(tmp_path / "two"))  # the 2-process checkpoint, in one process
   assert restored.generate(restored.tokenizer.encode("ROMEO"), max_new_tokens=3, do_sample=False)[0].shape == (8,)
 
@@ -153,7 +156,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   port = free_port()
   with open(tmp_path / "p1.log", "w") as p1_log:
-    procs = [subprocess.Popen([sys.executable, "-m", "lmjax.main", *flags, f"--coordinator_address=127.0.0.1:{port}",
+    procs = [subprocess.Popen([sys.executable, "-m", "lmjax.cli.train", *flags, f"--coordinator_address=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}", "--cpu_devices=1"], cwd=REPO, env=env,
                               stdout=subprocess.PIPE if i == 0 else p1_log, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

@@ -4,9 +4,10 @@ import os
 
 import numpy as np
 import pytest
-
-from lmjax import model, scaling
 from test_sweep import run_sweep, write_experiment
+
+from lmjax import model
+from lmjax.research import scaling
 
 
 def test_fit_recovers_a_known_power_law():
@@ -45,7 +46,7 @@ def test_model_size_sweep_writes_the_scaling_report(tmp_path, corpus_file):
   config = write_experiment(tmp_path, corpus_file,
                             '[{"model.d_model": d, "model.d_ff": 2 * d} for d in (8, 16, 24, 32)]')
   with open(config, "a") as f:
-    f.write("\ndef analyze_sweep(sweep_dir):\n  from lmjax import scaling\n  scaling.report(sweep_dir)\n")
+    f.write("\ndef analyze_sweep(sweep_dir):\n  from lmjax.research import scaling\n  scaling.report(sweep_dir)\n")
   workdir = str(tmp_path / "sweep")
   result = run_sweep(config, workdir, "--parallel=2")
   assert result.returncode == 0, result.stderr[-2000:]

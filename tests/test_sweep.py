@@ -4,8 +4,9 @@ import os
 import subprocess
 import sys
 
+from lmjax.research import sweep
+
 from conftest import REPO, TINY_EXPERIMENT
-from lmjax import sweep
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
@@ -32,7 +33,7 @@ def get_sweep():
 
 
 def run_sweep(config, workdir, *extra):
-  return subprocess.run([sys.executable, "-m", "lmjax.sweep", f"--config={config}", f"--workdir={workdir}", *extra],
+  return subprocess.run([sys.executable, "-m", "lmjax.cli.sweep", f"--config={config}", f"--workdir={workdir}", *extra],
                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
@@ -65,7 +66,7 @@ def test_print_commands_and_slurm_script(tmp_path, corpus_file):
   config = write_experiment(tmp_path, corpus_file, '[{"optim.lr": 0.01}, {"optim.lr": 0.003}, {"train.steps": 4}, {}]')
   printed = run_sweep(config, str(tmp_path / "s"), "--print_commands")
   commands = printed.stdout.strip().splitlines()
-  assert len(commands) == 4 and all("-m lmjax.main" in c and f"--config={config}" in c for c in commands)
+  assert len(commands) == 4 and all("-m lmjax.cli.train" in c and f"--config={config}" in c for c in commands)
   assert "--config.optim.lr=0.003" in commands[1]
   emitted = run_sweep(config, str(tmp_path / "s"), "--emit=slurm", "--slurm_gpus=2")
   script = (tmp_path / "s" / "sweep.sbatch").read_text()

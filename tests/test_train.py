@@ -13,8 +13,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from lmjax import model, train
+from lmjax.core import sharding
+from lmjax.run import config as config_lib, rundir
+from lmjax.tasks import losses
+from lmjax.train import metrics_log
+
 from conftest import REPO, tiny_config, tiny_flags
-from lmjax import config as config_lib, losses, metrics_log, model, rundir, train
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
 
@@ -30,7 +35,7 @@ def restore_params(workdir, step):
 
 
 def launch(flags):
-  return subprocess.Popen([sys.executable, "-m", "lmjax.main", *flags], cwd=REPO, env=ENV,
+  return subprocess.Popen([sys.executable, "-m", "lmjax.cli.train", *flags], cwd=REPO, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -104,7 +109,6 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   optim = ml_collections.ConfigDict(dict(lr=1e-2, min_lr=1e-3, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
                                          weight_decay=0.1, grad_clip=1.0))
   optimizer, schedule = train.make_optimizer(optim, 10)
-  from lmjax import sharding
   mesh = sharding.make_mesh((1, 1, 1))
   _, shardings = train.state_shardings(cfg, optimizer, mesh, sharding.DEFAULT_RULES)
   batch_sh = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
@@ -142,7 +146,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   run_until_line(proc, "step 25/40")
   proc.kill()  # SIGKILL: no chance to save anything
   proc.wait()
-  second = subprocess.run([sys.executable, "-m", "lmjax.main", *flags], cwd=REPO, env=ENV,
+  second = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *flags], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
   assert second.returncode == 0, second.stdout + second.stderr
   resumed_from = int(second.stdout.split("resumed from step ")[1].split()[0])
@@ -206,7 +210,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpu
 
 
 def test_unknown_override_fails_listing_valid_fields(tmp_path, corpus_file):
-  result = subprocess.run([sys.executable, "-m", "lmjax.main",
+  result = subprocess.run([sys.executable, "-m", "lmjax.cli.train",
                            *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3")],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0

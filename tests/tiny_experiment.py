@@ -2,7 +2,7 @@
 
 Set `--config.data.text_files=PATH` (and a `data.data_dir`) when running it.
 """
-from lmjax import config
+from lmjax.run import config
 
 
 def get_config(variant: str = ""):

@@ -10,52 +10,27 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from gguf import quants
 
-from lmjax import model, tokenizers
-
-QK = 32  # values per quantization block (Q4_0, Q4_1, Q8_0)
-
-
-def _f16(raw: np.ndarray) -> np.ndarray:
-  return raw.view(np.float16).astype(np.float32)
-
-
-def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-  """Blocks of [f16 scale d, 32 x int8 q]: value = d * q."""
-  blocks = raw.reshape(-1, 2 + QK)
-  return (_f16(blocks[:, :2]) * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
-
-
-def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
-  """Blocks of [f16 d, f16 m, 16 bytes]: value = d * q + m, q = low nibbles (first 16) then high nibbles."""
-  blocks = raw.reshape(-1, 4 + QK // 2)
-  d, m, packed = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), blocks[:, 4:]
-  q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
-  return (d * q + m).reshape(-1)
-
-
-def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
-  """Blocks of [f16 d, 16 bytes]: value = d * (q - 8)."""
-  blocks = raw.reshape(-1, 2 + QK // 2)
-  packed = blocks[:, 2:]
-  q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32) - 8
-  return (_f16(blocks[:, :2]) * q).reshape(-1)
-
-
-_DEQUANTIZE = {"F32": lambda raw: raw.astype(np.float32).reshape(-1),
-               "F16": lambda raw: raw.view(np.float16).astype(np.float32).reshape(-1),
-               "Q8_0": dequantize_q8_0, "Q4_1": dequantize_q4_1, "Q4_0": dequantize_q4_0}
+from lmjax import model
+from lmjax.data import hf_tokenizer
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:
-  """A gguf ReaderTensor -> fp32 array in row-major [rows, ..., columns] (= the HF/PyTorch layout)."""
-  kind = tensor.tensor_type.name
-  if kind not in _DEQUANTIZE:
-    raise ValueError(f"tensor {tensor.name} is quantized as {kind}; supported: {sorted(_DEQUANTIZE)}. "
-                     "Re-quantize the model with llama.cpp to one of these, or use an F16/F32 GGUF")
+  """A gguf ReaderTensor -> fp32 array in row-major [rows, ..., columns] (= the HF/PyTorch layout).
+
+  Dequantized by the `gguf` package's `quants.dequantize` (llama.cpp's reference formulas in numpy:
+  F32, F16, BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the K-quants Q2_K-Q6_K, ...). Raises ValueError for a
+  type it cannot dequantize, naming it.
+  """
   shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dim first
-  return _DEQUANTIZE[kind](np.ascontiguousarray(tensor.data).view(np.uint8)
-                           if kind not in ("F32", "F16") else np.ascontiguousarray(tensor.data)).reshape(shape)
+  try:
+    values = quants.dequantize(tensor.data, tensor.tensor_type)
+  except NotImplementedError:
+    raise ValueError(f"tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which the installed gguf "
+                     "package cannot dequantize; re-quantize the model with llama.cpp (e.g. Q8_0, Q4_K) or use "
+                     "an F16/F32 GGUF") from None
+  return np.asarray(values, np.float32).reshape(shape)
 
 
 def unpermute_rope_rows(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -183,7 +158,7 @@ def load(path: str):
   from gguf import GGUFReader
   reader = GGUFReader(path)
   cfg = read_config(reader)
-  tokenizer = tokenizers.from_gguf_metadata(
+  tokenizer = hf_tokenizer.from_gguf_metadata(
       tokens=_field(reader, "tokenizer.ggml.tokens"), token_types=_field(reader, "tokenizer.ggml.token_type"),
       merges=_field(reader, "tokenizer.ggml.merges"), model_kind=_field(reader, "tokenizer.ggml.model"),
       pre=_field(reader, "tokenizer.ggml.pre", "default"),

@@ -19,7 +19,9 @@ import os
 import jax
 import numpy as np
 
-from lmjax import model, rundir
+from lmjax import model
+from lmjax.core import files
+from lmjax.data import hf_tokenizer
 
 
 def _read_tensors(directory: str) -> dict:
@@ -173,8 +175,9 @@ def load(directory: str):
     raise ValueError(f"{directory}: tensor {err} is missing for a {architecture} checkpoint") from None
 
 
-def export_llama(cfg: model.ModelConfig, params, directory: str) -> None:
-  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory.
+def export_llama(cfg: model.ModelConfig, params, directory: str, tokenizer=None) -> None:
+  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory, with its
+  byte-level BPE tokenizer (tokenizers.HFTokenizer) as tokenizer.json + tokenizer_config.json.
 
   Raises ValueError for any ModelConfig option Llama cannot express (the exported model would load
   and compute something else): a non-Llama architecture, scale_embeddings, sliding_window.
@@ -191,7 +194,7 @@ def export_llama(cfg: model.ModelConfig, params, directory: str) -> None:
   blocks = p["blocks"] if "blocks" in p else _stack([p[f"block_{i}"] for i in range(cfg.n_layers)])
   t = {"model.embed_tokens.weight": p["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
   for i in range(cfg.n_layers):
-    a, m = jax.tree.map(lambda x: x[i], blocks["attn"]), jax.tree.map(lambda x: x[i], blocks["mlp"])
+    a, m = (jax.tree.map(lambda x, i=i: x[i], blocks[name]) for name in ("attn", "mlp"))
     pre = f"model.layers.{i}."
     t.update({pre + "self_attn.q_proj.weight": a["wq"].reshape(D, N * H).T,
               pre + "self_attn.k_proj.weight": a["wk"].reshape(D, K * H).T,
@@ -219,4 +222,7 @@ def export_llama(cfg: model.ModelConfig, params, directory: str) -> None:
             "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
             "torch_dtype": "float32"}
-  rundir.write_json(os.path.join(directory, "config.json"), config)
+  if tokenizer is not None:
+    config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    hf_tokenizer.save_hf_directory(tokenizer, directory)
+  files.write_json(os.path.join(directory, "config.json"), config)

@@ -1,0 +1,93 @@
+"""`lmjax-sample` (python -m lmjax.cli.sample): text from a run, a checkpoint or a pretrained model.
+
+  lmjax-sample --workdir=runs/shakespeare_char --prompt="ROMEO:" --stream
+  lmjax-sample --pretrained=smollm2-135m-instruct --chat --prompt="What is the capital of France?"
+  lmjax-sample --pretrained=/path/to/hf_model_dir --prompt="Once upon a time"
+"""
+from absl import app, flags
+
+from lmjax import cli
+from lmjax.data import tokenizer_base
+from lmjax.inference.language_model import LanguageModel
+
+flags.DEFINE_string("workdir", None, "A training run: sample from its latest checkpoint.")
+flags.DEFINE_string("checkpoint", None, "One checkpoint step directory (<workdir>/checkpoints/<step>).")
+flags.DEFINE_string("pretrained", None, "A registered name (smollm2-135m-instruct), a .gguf file, a Hugging Face directory or a run.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter/compute dtype of a --pretrained model.")
+flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template (instruct models).")
+flags.DEFINE_string("system", None, "System message for --chat (default: the template's own).")
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (cut to fit the context).")
+flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+flags.DEFINE_float("repetition_penalty", 1.0, "Penalise tokens already present (1 = off).")
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
+flags.DEFINE_bool("stream", False, "Print text as it is generated, whole characters only (one prompt, one sample).")
+flags.DEFINE_multi_string("stop", [], "Stop a sample when its text contains this string (repeatable); the "
+                          "printed text ends before it.")
+
+
+def main(argv):
+  """Samples as the flags say (`run()` parses them first; call `run([...])` from Python)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logging()
+  f = flags.FLAGS
+  if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
+    raise app.UsageError("give exactly one of --workdir, --checkpoint or --pretrained")
+  if f.pretrained:
+    lm = LanguageModel.from_pretrained(f.pretrained, dtype=f.dtype)
+  else:
+    lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_checkpoint(f.checkpoint)
+  prompts = list(f.prompt)
+  if f.prompt_file:
+    with open(f.prompt_file, encoding="utf-8") as fh:
+      prompts += [line.rstrip("\n") for line in fh if line.strip()]
+  # Shells pass "\n" literally; a prompt like "ROMEO:\n" means a newline.
+  prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompts] or ["\n"]
+  encoded = [lm.tokenizer.encode(lm.chat_prompt(p, f.system) if f.chat else p) for p in prompts]
+  kwargs = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                repetition_penalty=f.repetition_penalty, do_sample=f.temperature > 0, seed=f.seed,
+                stop_sequences=f.stop)
+  if f.stream:
+    if len(prompts) != 1 or f.num_samples != 1:
+      raise app.UsageError("--stream prints one sample of one prompt")
+    stream, shown, hold = tokenizer_base.TextStream(lm.tokenizer), "", max([len(s) - 1 for s in f.stop] + [0])
+    print(prompts[0] if not f.chat else f"> {prompts[0]}\n", end="", flush=True)
+
+    def show(text, final=False):  # text that could still begin a stop string is held back
+      nonlocal shown
+      visible = tokenizer_base.cut_at_stop(text, f.stop)
+      end = len(visible) if final or len(visible) < len(text) else max(len(shown), len(text) - hold)
+      print(visible[len(shown):end], end="", flush=True)
+      shown = visible[:end]
+
+    def on_token(token_B):
+      stream.push(token_B[0])
+      show(stream.released)
+    lm.generate(encoded[0], on_token=on_token, **kwargs)
+    stream.flush()
+    show(stream.released, final=True)
+    print()
+    return
+  outputs = lm.generate(encoded, num_return_sequences=f.num_samples, **kwargs)
+  for i, out in enumerate(outputs):
+    print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
+    continuation = tokenizer_base.cut_at_stop(lm.tokenizer.decode(out[len(encoded[i // f.num_samples]):]), f.stop)
+    if f.chat:  # show the question and the answer, not the template's markup
+      print(f"> {prompts[i // f.num_samples]}")
+      print(continuation.strip())
+    else:
+      print(prompts[i // f.num_samples] + continuation)
+
+
+def run(argv=None):
+  """The console script: parses `argv` (default sys.argv) and runs `main`."""
+  cli.run(main, argv)
+
+
+if __name__ == "__main__":
+  run()

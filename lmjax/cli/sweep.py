@@ -1,0 +1,65 @@
+"""`lmjax-sweep` (python -m lmjax.cli.sweep): run every point of an experiment's `get_sweep()`.
+
+  lmjax-sweep --config=experiments/shakespeare_char.py --workdir=runs/lr_sweep [--parallel=2]
+  lmjax-sweep ... --print_commands        # one shell command per point, for any scheduler
+  lmjax-sweep ... --emit=slurm --slurm_gpus=1 --slurm_time=01:00:00   # sbatch job array
+
+See research/sweep.py for what a point, its status and the results are.
+"""
+import os
+import shlex
+import sys
+
+from absl import app, flags
+
+from lmjax import cli
+from lmjax.core import files
+from lmjax.research import sweep
+
+flags.DEFINE_string("config", None, "Experiment file with get_sweep(), optionally file.py:variant.")
+flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per point, results beside them.")
+flags.DEFINE_integer("parallel", 1, "Points to run at the same time (local processes).")
+flags.DEFINE_bool("print_commands", False, "Print one command per point instead of running.")
+flags.DEFINE_string("emit", None, "'slurm': write a job-array sbatch script instead of running.")
+flags.DEFINE_integer("slurm_gpus", 1, "GPUs per array task.")
+flags.DEFINE_string("slurm_time", "04:00:00", "Time limit per array task.")
+flags.DEFINE_string("slurm_partition", "", "SLURM partition.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  """Runs, prints or emits the sweep as the flags say; exits with the sweep's status."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logging()
+  f = flags.FLAGS
+  drawn = sweep.sweep_points(f.config)
+  points = sweep.distinct_points(drawn)
+  if len(points) < len(drawn):
+    print(f"{len(drawn) - len(points)} of {len(drawn)} sweep points repeat an earlier one; running the "
+          f"{len(points)} distinct points once each", flush=True)
+  os.makedirs(f.workdir, exist_ok=True)
+  if f.print_commands:
+    for p in points:
+      print(shlex.join(sweep.point_command(f.config, os.path.join(f.workdir, sweep.point_name(p)), p)))
+    return
+  if f.emit == "slurm":
+    path = os.path.join(f.workdir, "sweep.sbatch")
+    files.write_atomic(path, sweep.slurm_script(f.config, f.workdir, points, f.slurm_gpus, f.slurm_time,
+                                                f.slurm_partition))
+    print(f"wrote {path}: sbatch {path}")
+    return
+  if f.emit:
+    raise app.UsageError(f"--emit={f.emit!r}: only 'slurm' is supported")
+  status = sweep.run_sweep(f.config, f.workdir, points, f.parallel)
+  if status:
+    sys.exit(status)
+
+
+def run(argv=None):
+  """The console script: parses `argv` (default sys.argv) and runs `main`."""
+  cli.run(main, argv)
+
+
+if __name__ == "__main__":
+  run()

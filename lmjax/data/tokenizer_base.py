@@ -1,0 +1,96 @@
+"""What every tokenizer shares: the `Tokenizer` protocol, the spec file a run saves it under, and
+text helpers for generated ids (whole-character streaming, stop strings, chat markup).
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol, runtime_checkable
+
+from lmjax.core import files
+
+SPEC_FILE = "tokenizer.json"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """The interface every lmjax tokenizer implements (tokenizers.py, hf_tokenizer.py).
+
+  `encode` never yields a special (control) id for ordinary text; `decode(encode(t)) == t`.
+  `bos_id`/`eos_id`/`pad_id` are None where the tokenizer has none.
+  """
+  kind: str
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int | None
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  def encode(self, text: str) -> list: ...
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str: ...
+
+  def save(self, directory: str) -> None: ...
+
+
+def write_spec(directory: str, spec: dict) -> None:
+  os.makedirs(directory, exist_ok=True)
+  files.write_json(os.path.join(directory, SPEC_FILE), spec)
+
+
+class ChatText(str):
+  """A rendered chat prompt: the string, plus `parts`, its (text, is_markup) pieces in order.
+  Any string operation returns a plain str, which encodes as text: markup must come from a template."""
+
+  def __new__(cls, text: str, parts: tuple | None = None):  # parts None (e.g. after copy): plain text
+    obj = super().__new__(cls, text)
+    obj.parts = parts
+    return obj
+
+
+def join_runs(ids: list, is_special, decode_run, render_special) -> str:
+  """Decodes maximal runs of ordinary ids together and renders each special id on its own."""
+  out, run = [], []
+  for i in ids:
+    if is_special(i):
+      out += [decode_run(run) if run else "", render_special(i)]
+      run = []
+    else:
+      run.append(i)
+  return "".join(out) + (decode_run(run) if run else "")
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+  """`text` up to (not including) the earliest occurrence of any of `stop_strings`."""
+  starts = [text.find(s) for s in stop_strings if s and s in text]
+  return text[:min(starts)] if starts else text
+
+
+class TextStream:
+  """The text of a growing sequence of generated ids, released in whole characters.
+
+  A character that byte-level tokens split (most CJK characters, emoji) decodes to U+FFFD until its
+  last byte arrives, so trailing U+FFFD are held back until then (as HF's TextStreamer holds
+  incomplete words); `flush()` releases what remains at the end.
+  """
+
+  def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+    self.ids, self.released = [], ""
+
+  def push(self, token_id: int) -> str:
+    """Adds one id; returns the text it completes ('' while a character is incomplete)."""
+    self.ids.append(int(token_id))
+    return self._release(self._text().rstrip("\ufffd"))
+
+  def flush(self) -> str:
+    return self._release(self._text())
+
+  def _text(self) -> str:
+    return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+
+  def _release(self, text: str) -> str:
+    if not text.startswith(self.released):  # a decoder that rewrote earlier text: release nothing new
+      return ""
+    new, self.released = text[len(self.released):], text
+    return new

@@ -1,0 +1,172 @@
+"""Tokenizers behind one small interface.
+
+Every tokenizer has `encode(text) -> list[int]`, `decode(ids, skip_special_tokens=True)
+-> str`, `vocab_size`, and the special ids `bos_id`, `eos_id`, `pad_id` (None
+where it has none). A run saves its tokenizer next to its
+checkpoints (`tok.save(dir)`), and sampling later loads that same one (`load(dir)`).
+
+Promises, tested as properties over random Unicode text: `decode(encode(t)) == t` for every
+tokenizer (for `char`, within its vocabulary), and `encode` never yields a special (control) id:
+text is text. Control tokens come only from a chat template's own markup (`apply_chat_template`
+returns a `ChatText` that remembers which parts are markup), or from `encode(t,
+special_tokens=True)` when a caller asks for them explicitly.
+
+  char  one id per character of the training text (nanoGPT's shakespeare_char);
+        other characters are an error naming them
+  byte  UTF-8 bytes 0..255, then <bos>, <eos>, <pad>: any text round-trips
+  bpe   SentencePiece BPE trained on the training split, with byte fallback so
+        any text (Chinese, emoji) round-trips; saved as a `.model` file
+  hf    a pretrained byte-level BPE (GPT-2 style, e.g. SmolLM2's, read from GGUF
+        metadata) run by the Hugging Face `tokenizers` library, with its chat template
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from lmjax.data import hf_tokenizer
+from lmjax.data.tokenizer_base import SPEC_FILE, join_runs, write_spec
+
+_BPE_FILE = "tokenizer.model"
+KINDS = ("char", "byte", "bpe", "hf")
+
+
+class CharTokenizer:
+  kind = "char"
+  bos_id = eos_id = pad_id = None
+
+  def __init__(self, chars: str):
+    self.chars = "".join(sorted(set(chars)))
+    if not self.chars:
+      raise ValueError("cannot build a char tokenizer from an empty text")
+    self._index = {c: i for i, c in enumerate(self.chars)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars)
+
+  def encode(self, text: str) -> list:
+    try:
+      return [self._index[c] for c in text]
+    except KeyError:
+      unknown = sorted(set(text) - set(self._index))
+      raise ValueError(f"characters {unknown!r} are not in this char tokenizer's vocabulary (built from the "
+                       "training text); use data.tokenizer='byte' or 'bpe' for open text") from None
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    del skip_special_tokens  # a char vocabulary has no special tokens
+    return "".join(self.chars[int(i)] for i in ids)
+
+  def save(self, directory: str) -> None:
+    write_spec(directory, {"kind": self.kind, "chars": self.chars})
+
+
+class ByteTokenizer:
+  kind = "byte"
+  bos_id, eos_id, pad_id = 256, 257, 258
+  vocab_size = 259
+
+  def encode(self, text: str) -> list:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}
+    # Runs of bytes decode together (a character spans several); a sampled sequence may cut a
+    # multi-byte character: show U+FFFD rather than fail.
+    return join_runs([int(i) for i in ids], lambda i: i >= 256, lambda run: bytes(run).decode("utf-8", "replace"),
+                      lambda i: "" if skip_special_tokens else names[i])
+
+  def save(self, directory: str) -> None:
+    write_spec(directory, {"kind": self.kind})
+
+
+class BPETokenizer:
+  """SentencePiece BPE; identity normalisation and byte fallback make it lossless."""
+  kind = "bpe"
+
+  def __init__(self, model_proto: bytes):
+    import sentencepiece as spm
+    self.model_proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+
+  @classmethod
+  def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    import sentencepiece as spm
+    lines = [line for line in text.split("\n") if line]
+    if not lines:
+      raise ValueError("cannot train a BPE tokenizer on an empty text")
+    model = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+          byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+          add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+          split_digits=True, user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+          max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as err:
+      raise ValueError(f"SentencePiece could not train a BPE vocabulary of {vocab_size} on this text: {err}. "
+                       "A vocabulary must exceed 256 byte pieces + 5 specials and fit the text; "
+                       "lower data.vocab_size or use more text") from None
+    return cls(model.getvalue())
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list:
+    # SentencePiece writes spaces as U+2581 internally, so a literal U+2581 in the text would come
+    # back as a space; it is encoded as its three UTF-8 byte pieces instead, which decode to itself.
+    parts = text.split(_SPACE_MARK)
+    mark = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE_MARK.encode("utf-8")]
+    ids = self._sp.encode(parts[0])
+    for part in parts[1:]:
+      ids += mark + self._sp.encode(part)
+    return ids
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    special = {self.bos_id, self.eos_id, self.pad_id} - {-1}
+    return join_runs([int(i) for i in ids], special.__contains__, self._sp.decode,
+                      lambda i: "" if skip_special_tokens else self._sp.id_to_piece(i))
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, _BPE_FILE), "wb") as f:
+      f.write(self.model_proto)
+    write_spec(directory, {"kind": self.kind, "model_file": _BPE_FILE})
+
+
+_SPACE_MARK = "\u2581"  # SentencePiece's whitespace symbol
+
+
+def train(kind: str, text: str, vocab_size: int | None = None):
+  """A tokenizer of `kind` fitted to the training text `text`."""
+  if kind == "char":
+    return CharTokenizer(text)
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "bpe":
+    if not vocab_size:
+      raise ValueError("data.tokenizer='bpe' needs data.vocab_size (e.g. 2048)")
+    return BPETokenizer.train(text, vocab_size)
+  raise ValueError(f"data.tokenizer={kind!r} is not supported; allowed values: {list(KINDS[:3])}")
+
+
+def load(directory: str):
+  path = os.path.join(directory, SPEC_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no tokenizer saved at {path}; was this directory written by an lmjax run?")
+  with open(path, encoding="utf-8") as f:
+    spec = json.load(f)
+  kind = spec.get("kind")
+  if kind == "char":
+    return CharTokenizer(spec["chars"])
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "bpe":
+    with open(os.path.join(directory, spec["model_file"]), "rb") as f:
+      return BPETokenizer(f.read())
+  if kind == "hf":
+    return hf_tokenizer.HFTokenizer.from_spec(directory, spec)
+  raise ValueError(f"unknown tokenizer kind {kind!r} in {path}; known kinds: {list(KINDS)}")

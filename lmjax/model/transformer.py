@@ -1,0 +1,112 @@
+"""A decoder-only Transformer in Flax Linen, and its KV cache and initialisation.
+
+Attention masks are computed from token *positions*: a key is visible to a query when
+`0 <= key_pos <= query_pos`. Position -1 marks padding. The same rule serves training (positions
+0..T-1), left-padded prompts and the KV cache, so the sampler needs no second attention path.
+Shape suffixes: see layers.py.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lmjax.core import sharding
+from lmjax.model.config import REMAT_POLICIES, ModelConfig
+from lmjax.model.layers import ACTIVATION_AXES, Block, Norm, dense, make_param, sinusoidal_encoding
+from lmjax.ops.dropout import Dropout
+
+
+class Transformer(nn.Module):
+  """Token ids -> next-token logits (fp32).
+
+  `apply({'params': p}, tokens_BT)` returns logits_BTV (`return_hidden=True`: the final hidden
+  states x_BTD instead). Given
+  `cache=init_cache(...)`-shaped state it returns `(logits_BTV, new_cache)`;
+  positions default to 0..T-1 (or continue after the cache's filled slots).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT=None, cache=None, deterministic: bool = True,
+               return_hidden: bool = False):
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, T = tokens_BT.shape
+    start = 0 if cache is None else cache["end"]
+    # Default positions and no cache: plain causal self-attention (the kernel may skip masked blocks).
+    causal = positions_BT is None and cache is None
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cache is None:
+      k_pos_BS, layer_caches = positions_BT, None
+    else:
+      k_pos_BS = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT.astype(jnp.int32), start, 1)
+      layer_caches = (cache["k"], cache["v"])
+
+    embedding_VD = make_param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    if cfg.scale_embeddings:
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+    if cfg.pos_encoding == "sinusoidal":
+      x_BTD = x_BTD + sinusoidal_encoding(positions_BT, cfg.d_model).astype(dtype)
+    elif cfg.pos_encoding == "learned":
+      pos_table_TD = make_param(self, "pos_embedding", (cfg.max_len, cfg.d_model), ("length", "embed"), cfg.init_std)
+      x_BTD = x_BTD + jnp.take(pos_table_TD, jnp.maximum(positions_BT, 0), axis=0).astype(dtype)
+    x_BTD = sharding.constrain(Dropout(cfg.dropout)(x_BTD, deterministic=deterministic), ACTIVATION_AXES)
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    attn_inputs = (positions_BT, k_pos_BS, start)
+    if cfg.scan_layers:
+      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, new_layer_caches = blocks(cfg, deterministic, causal, name="blocks")(x_BTD, layer_caches, attn_inputs)
+    else:
+      per_layer = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], layer_caches)
+        x_BTD, new_cache = block(cfg, deterministic, causal, name=f"block_{i}")(x_BTD, layer_cache, attn_inputs)
+        per_layer.append(new_cache)
+      new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+
+    x_BTD = Norm(cfg, name="final_norm")(x_BTD)
+    if return_hidden:  # the last hidden states (after the final norm), e.g. for embeddings
+      return x_BTD.astype(jnp.float32)
+    if cfg.tie_embeddings:
+      logits_BTV = dense(x_BTD, embedding_VD, cfg, out_dtype=jnp.float32, w_is_NK=True)
+    else:
+      head_DV = make_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+      logits_BTV = dense(x_BTD, head_DV, cfg, out_dtype=jnp.float32)
+    if cache is None:
+      return logits_BTV
+    return logits_BTV, {"k": new_layer_caches[0], "v": new_layer_caches[1], "pos": k_pos_BS, "end": start + T}
+
+
+# Logical names of the cache dimensions, so the cache shards by the same rules as the parameters.
+CACHE_AXES = {"k": ("layers", "batch", "length", "heads", "kv"), "v": ("layers", "batch", "length", "heads", "kv"),
+              "pos": ("batch", "length"), "end": ()}
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache: k/v [L, B, S, K, H], key positions [B, S] (-1 = empty), fill level."""
+  shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "pos": jnp.full((batch_size, max_len), -1, jnp.int32), "end": jnp.zeros((), jnp.int32)}
+
+
+
+def boxed_param_shapes(cfg: ModelConfig):
+  """Parameter shapes with their logical axis names (nn.Partitioned boxes), nothing allocated."""
+  tokens = jnp.zeros((1, min(cfg.max_len, 8)), jnp.int32)
+  return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, batch_size: int = 1, seq_len: int | None = None):
+  """Initialised parameters (logically partitioned boxes removed)."""
+  tokens = jnp.zeros((batch_size, seq_len or min(cfg.max_len, 8)), jnp.int32)
+  return nn.unbox(Transformer(cfg).init(rng, tokens)["params"])

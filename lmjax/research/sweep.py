@@ -1,0 +1,270 @@
+"""Hyperparameter sweeps: run every point of an experiment's `get_sweep()`, collect a results table.
+
+    lmjax-sweep --config=experiments/shakespeare_char.py --workdir=runs/lr_sweep [--parallel=2]
+    lmjax-sweep ... --print_commands        # one shell command per point, for any scheduler
+    lmjax-sweep ... --emit=slurm --slurm_gpus=1 --slurm_time=01:00:00   # sbatch job array
+
+`get_sweep()` returns a grid (`{"optim.lr": [1e-3, 3e-4], "model.n_layers": [2, 4]}`), a list of
+override dicts, or `random_search(space, count, seed)`. Each point is an ordinary run of
+`lmjax-train` in its own subdirectory (named by its overrides, shortened with a hash when the name
+would be too long for the file system), so it resumes from its checkpoint when the sweep is re-run.
+A point counts as finished only when its run reached its train.steps (rundir.is_finished): finished
+points are skipped; a point stopped by a signal is "interrupted" and resumes on the next sweep; a
+failing point, whatever the failure, is recorded with its error and the others go on. Points drawn
+twice (random search with choices) run once. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png and one
+DIR/val_loss_vs_<field>.png per swept field. An experiment may also define
+`analyze_sweep(sweep_dir)`, called at the end with the sweep directory (the scaling study fits
+its power law there).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from lmjax.core import files
+from lmjax.run import config as config_lib, rundir
+from lmjax.train import metrics_log
+
+# The sweep's exit status when a point was stopped by a signal (EX_TEMPFAIL): not done, re-run to resume.
+INTERRUPTED_EXIT = 75
+POINT_FILE = "sweep_point.json"  # in a point's workdir: its overrides and the wall time spent on it
+_MAX_NAME_BYTES = 200  # below NAME_MAX (255 on common file systems), with room for a hash suffix
+
+
+def random_search(space: dict, count: int, seed: int) -> list:
+  """`count` points; a list value is a choice, a (low, high) tuple a log-uniform draw."""
+  rng = np.random.default_rng(seed)
+  points = []
+  for _ in range(count):
+    point = {}
+    for key, values in space.items():
+      if isinstance(values, tuple):
+        point[key] = float(math.exp(rng.uniform(math.log(values[0]), math.log(values[1]))))
+      else:
+        point[key] = values[int(rng.integers(len(values)))]
+    points.append(point)
+  return points
+
+
+def _experiment_module(config_path: str):
+  spec = importlib.util.spec_from_file_location("lmjax_sweep_experiment", config_path.partition(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def sweep_points(config_path: str) -> list:
+  """The override dicts of the experiment file's `get_sweep()`."""
+  module = _experiment_module(config_path)
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"{config_path} defines no get_sweep(); add one returning a grid or a list of overrides")
+  sweep = module.get_sweep()
+  if isinstance(sweep, dict):
+    keys = list(sweep)
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep[k] for k in keys))]
+  return [dict(p) for p in sweep]
+
+
+def point_name(overrides: dict) -> str:
+  """The point's directory name: its overrides, readable. When they had to be changed to make a
+  name ('/' and spaces) or are longer than _MAX_NAME_BYTES, a prefix of them and a hash of the
+  unchanged text, so distinct points never share a directory and the file system accepts the name."""
+  raw = "__".join(f"{k}_{v}" for k, v in overrides.items()) or "default"
+  name = raw.replace("/", "-").replace(" ", "")
+  if name == raw and len(name.encode()) <= _MAX_NAME_BYTES:
+    return name
+  digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+  return name.encode()[:_MAX_NAME_BYTES - 14].decode(errors="ignore") + "__" + digest
+
+
+def distinct_points(points: list) -> list:
+  """The points in order, each distinct point once (a random search may draw one twice)."""
+  seen = {}
+  for p in points:
+    seen.setdefault(point_name(p), p)
+  return list(seen.values())
+
+
+def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+  return [sys.executable, "-m", "lmjax.cli.train", f"--config={config}", f"--workdir={workdir}", *flags, *extra]
+
+
+def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
+  """Runs (or resumes) one point unless it has finished; returns its status record: status 'ok'
+  (finished), 'interrupted' (stopped by a signal; resumes next time) or 'failed', with the error.
+  Never raises: any failure, ours or the point's, is that point's result."""
+  workdir = os.path.join(sweep_dir, point_name(overrides))
+  record = {"overrides": overrides, "workdir": workdir, "wall_s": 0.0}
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    point_path = os.path.join(workdir, POINT_FILE)
+    if os.path.exists(point_path):
+      with open(point_path, encoding="utf-8") as f:
+        saved = json.load(f)
+      if _canonical(saved["overrides"]) != _canonical(overrides):
+        return {**record, "status": "failed", "error": f"{workdir} holds another point: {saved['overrides']}"}
+      record["wall_s"] = saved.get("wall_s", 0.0)
+    if rundir.is_finished(workdir, steps=_point_steps(config, overrides)):
+      return {**record, "status": "ok"}
+    start = time.time()
+    with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
+      result = subprocess.run(point_command(config, workdir, overrides), stdout=log, stderr=subprocess.STDOUT)
+    record["wall_s"] += time.time() - start
+    files.write_json(point_path, {"overrides": overrides, "wall_s": record["wall_s"]})
+    if result.returncode == 0 and rundir.is_finished(workdir):
+      return {**record, "status": "ok"}
+    if result.returncode > 128 or result.returncode < 0:  # 128 + signal from lmjax.main; -signal if killed outright
+      return {**record, "status": "interrupted",
+              "error": f"stopped by signal {abs(result.returncode) % 128} (exit status {result.returncode}); re-run "
+                       "the sweep to resume"}
+    with open(os.path.join(workdir, "sweep_log.txt"), encoding="utf-8", errors="replace") as f:
+      lines = [l.strip() for l in f if l.strip()]
+    if result.returncode:
+      error = lines[-1][:300] if lines else f"exit code {result.returncode}"
+    else:
+      error = "exit code 0 without reaching train.steps (no finished.json)"
+    return {**record, "status": "failed", "error": error}
+  except Exception as err:  # e.g. a workdir the file system refuses: this point fails, the sweep goes on
+    return {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _canonical(overrides: dict) -> str:
+  return json.dumps(overrides, sort_keys=True, default=str)
+
+
+def _point_steps(config: str, overrides: dict) -> int | None:
+  """The point's train.steps as its command will set it (None if the experiment does not load: the
+  point's own run then reports why)."""
+  try:
+    cfg = config_lib.load_experiment(config)
+    for key, value in overrides.items():
+      *parents, last = key.split(".")
+      node = cfg
+      for part in parents:
+        node = node[part]
+      node[last] = value
+    return cfg.train.steps
+  except Exception:  # noqa: BLE001 (any failure here is the point run's to report)
+    return None
+
+
+def summarize(record: dict) -> dict:
+  """One results row: the point's overrides and what its metrics.jsonl says."""
+  row = {**record["overrides"], "status": record["status"], "wall_s": round(record.get("wall_s", 0.0), 1)}
+  path = os.path.join(record["workdir"], "metrics.jsonl")
+  records = metrics_log.read_metrics(record["workdir"]) if os.path.exists(path) else []
+  evals = [r for r in records if "val_loss" in r]
+  row["steps"] = records[-1]["step"] if records else 0
+  finished = record["status"] == "ok" and evals  # an unfinished point's losses are not results
+  row["final_val_loss"] = round(evals[-1]["val_loss"], 4) if finished else ""
+  row["best_val_loss"] = round(min(r["val_loss"] for r in evals), 4) if finished else ""
+  rates = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
+  row["tokens_per_sec"] = round(statistics.median(rates)) if rates else ""
+  if record["status"] != "ok":
+    row["error"] = record.get("error", "")
+  return row
+
+
+def write_results(sweep_dir: str, rows: list) -> None:
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  files.write_atomic(os.path.join(sweep_dir, "results.csv"), table.getvalue())
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+  files.write_atomic(os.path.join(sweep_dir, "results.md"), "\n".join(lines) + "\n")
+
+
+def plot_results(sweep_dir: str, records: list, swept: list) -> list:
+  """val loss curves of all points on one chart, and final val loss against each swept field."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  paths = []
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for record in records:
+    if os.path.exists(os.path.join(record["workdir"], "metrics.jsonl")):
+      points = [(r["step"], r["val_loss"]) for r in metrics_log.read_metrics(record["workdir"]) if "val_loss" in r]
+      if points:
+        ax.plot(*zip(*points), marker="o", label=point_name(record["overrides"]))
+  ax.set(xlabel="step", ylabel="validation loss", title="sweep: validation loss")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  paths.append(os.path.join(sweep_dir, "val_loss.png"))
+  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  rows = [summarize(r) for r in records]
+  for field in swept:
+    xy = [(row[field], row["final_val_loss"]) for row in rows
+          if row.get(field) is not None and row["final_val_loss"] != ""]
+    if not xy or not all(isinstance(x, (int, float)) for x, _ in xy):
+      continue
+    xy.sort()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(*zip(*xy), marker="o")
+    xs = [x for x, _ in xy]
+    if min(xs) > 0 and max(xs) / min(xs) >= 10:
+      ax.set_xscale("log")
+      ax.minorticks_off()
+      ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set(xlabel=field, ylabel="final validation loss", title=f"final val loss vs {field}")
+    ax.grid(alpha=0.3)
+    paths.append(os.path.join(sweep_dir, f"val_loss_vs_{field}.png"))
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+  return paths
+
+
+def slurm_script(config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str) -> str:
+  commands = [" ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
+              for p in points]
+  header = ["#SBATCH --job-name=lmjax-sweep", f"#SBATCH --array=0-{len(points) - 1}",
+            f"#SBATCH --gpus={gpus}", f"#SBATCH --time={time_limit}",
+            f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.out')}"]
+  if partition:
+    header.append(f"#SBATCH --partition={partition}")
+  body = "COMMANDS=(\n" + "\n".join(f"  {shlex.quote(c)}" for c in commands) + "\n)\n"
+  return ("#!/bin/bash\n" + "\n".join(header) + "\n# One array task per sweep point; re-submitting resumes "
+          "unfinished points.\n" + body + 'eval "python ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"\n')
+
+
+def run_sweep(config: str, sweep_dir: str, points: list, parallel: int = 1) -> int:
+  """Runs `points` (override dicts) of experiment `config` into `sweep_dir` (locked while it runs),
+  writes the results table and plots, calls the experiment's `analyze_sweep`, and returns the exit
+  status: 0 when every point finished, INTERRUPTED_EXIT when one was stopped by a signal, 1 when
+  the analysis failed. Raises files.WorkdirInUse when another sweep runs in `sweep_dir`."""
+  with files.lock(sweep_dir), concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    records = list(pool.map(lambda p: run_point(config, sweep_dir, p), points))
+  rows = [summarize(r) for r in records]
+  write_results(sweep_dir, rows)
+  plot_results(sweep_dir, records, list(dict.fromkeys(k for p in points for k in p)))
+  with open(os.path.join(sweep_dir, "results.md")) as fh:
+    print(fh.read())
+  counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "interrupted", "failed")}
+  print(f"{counts['ok']} points finished, {counts['interrupted']} interrupted (re-run to resume), "
+        f"{counts['failed']} failed; results in {sweep_dir}")
+  analyze = getattr(_experiment_module(config), "analyze_sweep", None)
+  if analyze:  # the experiment's own study on top of the table, e.g. a scaling-law fit
+    try:
+      analyze(sweep_dir)
+    except ValueError as err:  # e.g. too few finished points for a fit: the results above stand
+      print(f"error: analyze_sweep did not complete: {err}", file=sys.stderr)
+      return INTERRUPTED_EXIT if counts["interrupted"] else 1
+  return INTERRUPTED_EXIT if counts["interrupted"] else 0

@@ -1,0 +1,18 @@
+"""Layer `tasks`: what a run trains and how it is scored: the Task the trainer receives (`task.py`),
+pretraining (`pretraining.py`), SFT and retrieval fine-tuning (`finetuning.py`), the objectives
+(`losses.py`), generated tasks with checkable answers (`generators.py`), metrics (`metrics.py`) and
+evaluators (`evaluators.py`).
+
+May import: `core`, `ops`, `model`, `data`, `run`, `pretrained`, `inference`.
+"""
+from lmjax.tasks import finetuning, pretraining
+from lmjax.tasks.task import Task, is_finetuning
+
+
+def prepare(cfg, workdir: str) -> Task:
+  """The task `cfg` asks for: fine-tuning when finetune.task or finetune.train_file is set, else
+  pretraining on cfg.data. `workdir` supplies what a resumed run saved (tokenizer, LoRA base)."""
+  return (finetuning if is_finetuning(cfg) else pretraining).prepare(cfg, workdir)
+
+
+__all__ = ["Task", "is_finetuning", "prepare"]

@@ -1,0 +1,153 @@
+"""Evaluation: task metrics from greedy answers, and perplexity on a text.
+
+Used by the trainer (before/after task scores, end-of-run samples) and by `lmjax-evaluate`
+(cli/evaluate.py) on any run or pretrained model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from lmjax import model
+from lmjax.core import files
+from lmjax.data import corpus
+from lmjax.inference import sampler
+from lmjax.tasks import generators, metrics
+from lmjax.tasks.losses import mean_pooled
+
+
+def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
+  """Greedy continuations of `prompts`, decoded."""
+  answers, room = [], cfg.max_len - max_new_tokens  # prompts too long keep their end, as in training
+  if room < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {cfg.max_len}-token context")
+  for start in range(0, len(prompts), batch_size):
+    chunk = [tokenizer.encode(p)[-room:] for p in prompts[start:start + batch_size]]
+    result = sampler.generate_tokens(cfg, params, chunk, max_new_tokens, sampler.SamplingConfig(temperature=0.0),
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
+    answers += [tokenizer.decode(t) for t in result.tokens]
+  return answers
+
+
+def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
+  """Scores greedy answers to the examples' prompts against their responses."""
+  longest = max(len(tokenizer.encode(e.response)) for e in examples)
+  predictions = answer(cfg, params, tokenizer, [e.prompt for e in examples], longest + 2)
+  return {**generators.score(task, predictions, [e.response for e in examples]), "examples": len(examples),
+          "sample_prediction": predictions[0].strip(), "sample_reference": examples[0].response.strip()}
+
+
+def embed(cfg: model.ModelConfig, params, tokenizer, texts) -> np.ndarray:
+  """Embeddings of `texts`: [len(texts), d_model] (see `mean_pooled`)."""
+  longest = max(len(tokenizer.encode(t)) for t in texts)
+  tokens, positions = corpus.encode_padded(tokenizer, texts, sampler.bucket_length(longest, cfg.max_len))
+  forward = jax.jit(lambda p, x, pos: mean_pooled(
+      lambda t, **kw: model.Transformer(cfg).apply({"params": p}, t, **kw), x, pos))
+  return np.asarray(forward(params, tokens, positions))
+
+
+def evaluate_search(cfg, params, tokenizer, count: int = 32, seed: int = generators.EVAL_SEED) -> dict:
+  """recall@1/5 and MRR of retrieving each query's paraphrased passage by cosine similarity."""
+  passages, queries, relevant = generators.search_set(count, seed)
+  similarity = embed(cfg, params, tokenizer, queries) @ embed(cfg, params, tokenizer, passages).T
+  return {k: 100 * v for k, v in metrics.retrieval_scores(similarity, relevant).items()}
+
+
+def perplexity(cfg: model.ModelConfig, params, tokenizer, text: str, seq_len: int) -> dict:
+  """exp(mean next-token NLL) with every token of `text` after the first scored exactly once.
+
+  Windows of seq_len + 1 tokens start every seq_len tokens (disjoint targets, each predicted from up
+  to seq_len tokens of context); when they do not reach the end, one more window ends at the last
+  token and scores only the targets the others left (lm-eval's rolling loglikelihood with disjoint
+  windows; HF's strided perplexity with stride = seq_len). A text shorter than a window is one
+  window. Returns loss (nats/token), perplexity and the number of tokens scored (len(ids) - 1).
+  """
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  if len(ids) < 2:
+    raise ValueError(f"the text has {len(ids)} tokens; perplexity needs at least 2")
+  width = min(seq_len + 1, len(ids))
+  starts = list(range(0, len(ids) - width + 1, width - 1))
+  if starts[-1] + width < len(ids):
+    starts.append(len(ids) - width)
+  forward = jax.jit(lambda p, x: model.Transformer(cfg).apply({"params": p}, x))
+  total, scored_until = 0.0, 0  # targets at positions <= scored_until are done
+  for start in starts:
+    window = ids[start:start + width]
+    logits = np.asarray(forward(params, window[None, :-1]), np.float64)[0]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = logz - logits[np.arange(width - 1), window[1:]]  # target positions start+1 .. start+width-1
+    new = start + 1 + np.arange(width - 1) > scored_until
+    total += float(nll[new].sum())
+    scored_until = start + width - 1
+  count = len(ids) - 1
+  return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def markdown_table(rows: dict) -> str:
+  """{row name: {metric: value}} -> a markdown table (numbers to 2 decimals)."""
+  columns = sorted({k for r in rows.values() for k, v in r.items() if isinstance(v, float)})
+  lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for c in columns) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# Evaluators a task declares: called by the trainer at the points named in `when` ("before":
+# step 0 of a fresh run, "after": the end), on process 0 only, with host-local weights (the trainer
+# gathers them on every process first).
+
+
+@dataclasses.dataclass
+class TaskScores:
+  """Scores a built-in task on held-out examples; task_eval.json/.md hold the before/after table."""
+  task: str
+  examples: list
+  model_cfg: model.ModelConfig
+  tokenizer: object
+  when: tuple = ("before", "after")
+
+  def __call__(self, params, workdir: str, when: str) -> None:
+    path = os.path.join(workdir, "task_eval.json")
+    results = {}
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    if self.task == "search":
+      results[when] = evaluate_search(self.model_cfg, params, self.tokenizer, len(self.examples))
+    else:
+      results[when] = evaluate_task(self.model_cfg, params, self.tokenizer, self.task, self.examples)
+    files.write_json(path, results)
+    table = markdown_table({f"{k} fine-tuning": v for k, v in results.items()})
+    files.write_atomic(os.path.join(workdir, "task_eval.md"),
+                       f"Task `{self.task}`, {len(self.examples)} held-out examples\n\n{table}")
+    print(f"task {self.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True)
+
+
+@dataclasses.dataclass
+class Samples:
+  """`count` continuations of `prompt` (temperature 0.8) into samples.txt. preflight.check_sizes has
+  checked that the prompt encodes and leaves room in the context."""
+  count: int
+  prompt: str
+  max_new_tokens: int
+  seed: int
+  model_cfg: model.ModelConfig
+  tokenizer: object
+  when: tuple = ("after",)
+
+  def __call__(self, params, workdir: str, when: str) -> None:
+    del when
+    prompt, tokenizer = self.prompt or "\n", self.tokenizer
+    ids = tokenizer.encode(prompt)
+    result = sampler.generate_tokens(self.model_cfg, params, [ids] * self.count,
+                                     min(self.max_new_tokens, self.model_cfg.max_len - len(ids)),
+                                     sampler.SamplingConfig(temperature=0.8, top_k=0), seed=self.seed,
+                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
+    texts = [prompt + tokenizer.decode(row) for row in result.tokens]
+    files.write_atomic(os.path.join(workdir, "samples.txt"), "\n\n==========\n\n".join(texts) + "\n")
+    print("samples (also in samples.txt):\n" + "\n----------\n".join(texts), flush=True)

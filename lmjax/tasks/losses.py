@@ -1,0 +1,59 @@
+"""Training objectives, each returned as a token-weighted sum and its weight.
+
+A loss is `(loss_sum, weight)` rather than a mean so that gradient accumulation and evaluation
+over several batches reduce exactly as the full batch would: the mean is `sum(loss_sums) /
+sum(weights)` (a mean of per-micro-batch means is not, when micro-batches hold different numbers
+of masked-in tokens, as SFT batches do).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_loss_sum(logits_BTV, targets_BT, mask_BT=None) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token cross-entropies over the masked-in tokens, their count), both fp32 scalars.
+
+  Without a mask every token counts (pretraining); with one, only tokens where mask_BT is 1 (SFT
+  responses).
+  """
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  if mask_BT is None:
+    return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+  return (losses_BT * mask_BT).sum(), mask_BT.sum().astype(jnp.float32)
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT=None) -> jax.Array:
+  """Mean next-token loss over the masked-in tokens (all tokens without a mask)."""
+  total, count = token_loss_sum(logits_BTV, targets_BT, mask_BT)
+  return total / jnp.maximum(count, 1.0)
+
+
+def lm_loss(run_model, batch) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy (sum, token count); `run_model(tokens, **kwargs)` is the model with its
+  weights bound; `batch` holds inputs/targets [B, T] and optionally a loss mask [B, T]."""
+  return token_loss_sum(run_model(batch["inputs"]), batch["targets"], batch.get("mask"))
+
+
+def contrastive_loss(run_model, batch, temperature: float = 0.05) -> tuple[jax.Array, jax.Array]:
+  """InfoNCE over in-batch negatives (query i should be closest to passage i), as (sum over the B
+  queries, B). Its negatives are the whole batch, so it cannot be accumulated over micro-batches
+  (config.validate refuses train.grad_accum > 1 with it). van den Oord et al. 2018, eq. 4."""
+  q_BD = mean_pooled(run_model, batch["query"], batch["query_pos"])
+  p_BD = mean_pooled(run_model, batch["passage"], batch["passage_pos"])
+  logits_BB = q_BD @ p_BD.T / temperature
+  losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BB, jnp.arange(logits_BB.shape[0]))
+  return losses_B.sum(), jnp.asarray(losses_B.shape[0], jnp.float32)
+
+
+def mean_pooled(run_model, tokens_BT, positions_BT) -> jax.Array:
+  """L2-normalised mean of the last hidden states over real (position >= 0) tokens.
+
+  `run_model(tokens, **kwargs)` is the model with its weights bound; the contrastive training loss
+  (`contrastive_loss`) and evaluators.embed share this definition.
+  """
+  hidden_BTD = run_model(tokens_BT, positions_BT=positions_BT, return_hidden=True)
+  valid_BT1 = (positions_BT >= 0)[..., None]
+  pooled_BD = (hidden_BTD * valid_BT1).sum(1) / jnp.maximum(valid_BT1.sum(1), 1)
+  return pooled_BD / jnp.linalg.norm(pooled_BD, axis=-1, keepdims=True)

@@ -1,0 +1,110 @@
+"""The kernel seam (ops/): every attention and matmul implementation gives the reference's values and
+gradients, and the model computes the same with any of them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import model as M
+from lmjax.ops import attention as attention_lib, matmul as matmul_lib
+
+
+def qkv(n_heads=4, kv_heads=2, T=16, H=8, B=2, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(B, T, n_heads, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(B, T, kv_heads, H)), jnp.float32) for _ in range(2))
+  return q, k, v
+
+
+def values_and_grads(fn, q, k, v, seed=1):
+  dout = jnp.asarray(np.random.default_rng(seed).normal(size=q.shape), jnp.float32)
+  out, pullback = jax.vjp(fn, q, k, v)
+  return (out, *pullback(dout))
+
+
+def assert_close(got, expected, tol):
+  for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+@pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 5)])
+def test_blocked_causal_attention_matches_the_xla_reference(blocks, kv_heads, window):
+  """The xla_cpu block split (blocks above the diagonal skipped, its own VJP) against
+  jax.nn.dot_product_attention(implementation='xla'), values and gradients, with GQA/MQA and a
+  sliding window."""
+  q, k, v = qkv(kv_heads=kv_heads)
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  common = dict(causal=True, window=window, dropout=None, operand_dtype=jnp.float32)
+  got = jax.jit(lambda: values_and_grads(lambda q, k, v: attention_lib._blocked(
+      q, k, v, pos, pos, blocks=blocks, **common), q, k, v))()
+  expected = jax.jit(lambda: values_and_grads(lambda q, k, v: attention_lib.attention(
+      q, k, v, pos, pos, impl="xla", **common), q, k, v))()
+  assert_close(got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("operand_dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
+def test_position_masked_attention_matches_the_xla_reference(operand_dtype, tol):
+  """Left padding (position -1) and a KV cache longer than the queries: the mask from positions."""
+  q, k, v = qkv(T=16)
+  q = q[:, -4:]  # 4 new queries over 16 cache slots
+  k_pos = jnp.asarray([[-1] * 6 + list(range(10)), list(range(16))], jnp.int32)
+  q_pos = k_pos[:, -4:]
+  common = dict(causal=False, window=None, dropout=None, operand_dtype=operand_dtype)
+  got, expected = (jax.jit(lambda impl=impl: values_and_grads(lambda q, k, v: attention_lib.attention(
+      q, k, v, q_pos, k_pos, impl=impl, **common), q, k, v))() for impl in ("xla_cpu", "xla"))
+  assert_close(got, expected, tol)
+
+
+@pytest.mark.parametrize("w_is_NK", [False, True])
+def test_matmul_implementations_agree(w_is_NK):
+  """matmul_fp32_accumulate (xla_cpu) against jnp.dot with fp32 accumulation and JAX's autodiff (xla),
+  bf16 operands: the same values (to fp32 rounding); gradients within bf16 rounding of the cotangent."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(32, 24)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 24) if w_is_NK else (24, 16)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+
+  def run(impl):
+    f = lambda x, w: matmul_lib.matmul(x, w, jnp.bfloat16, w_is_NK, impl=impl)
+    out, pullback = jax.vjp(f, x, w)
+    return (out, *pullback(g))
+  got, expected = jax.jit(lambda: run("xla_cpu"))(), jax.jit(lambda: run("xla"))()
+  np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)  # fp32 sums in another order
+  for name, a, b in zip(("dx", "dw"), got[1:], expected[1:]):
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_the_model_computes_the_same_with_either_kernel():
+  """The Transformer's logits and parameter gradients with attention_impl/matmul_impl 'xla' (the
+  references) equal the default kernels' (fp32: to rounding)."""
+  base = dict(vocab_size=37, max_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 37)
+  params = M.init_params(M.ModelConfig(**base), jax.random.key(1))
+
+  def run(**impls):
+    cfg = M.ModelConfig(**base, **impls)
+    loss = lambda p: M.Transformer(cfg).apply({"params": p}, tokens).std()
+    return jax.jit(jax.value_and_grad(loss))(params)
+  (a, grads_a), (b, grads_b) = run(), run(attention_impl="xla", matmul_impl="xla")
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_causal_query_blocks_divide_the_sequence():
+  assert [attention_lib.causal_query_blocks(t) for t in (8, 64, 127, 128, 192, 256, 1024, 4096)] == [
+      1, 1, 1, 2, 3, 4, 8, 8]
+
+
+def test_unknown_kernels_and_unsupported_options_are_refused():
+  with pytest.raises(ValueError, match=r"model.attention_impl='flash' is not supported; allowed values: \['xla', "):
+    M.ModelConfig(attention_impl="flash")
+  with pytest.raises(ValueError, match=r"model.matmul_impl='cublas' is not supported"):
+    M.ModelConfig(matmul_impl="cublas")
+  cfg = M.ModelConfig(vocab_size=37, max_len=16, d_model=32, n_layers=1, n_heads=4, d_ff=48, attn_dropout=0.1,
+                      attention_impl="xla")
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = M.init_params(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="attention_impl='xla' has no attention dropout"):
+    M.Transformer(cfg).apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
