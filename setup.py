@@ -32,10 +32,10 @@ setup(
         "jinja2",  # chat templates
         "safetensors",  # Hugging Face checkpoints
         "sacrebleu",  # chrF for translation
+        "rouge-score",  # ROUGE-L for summarization
     ],
-    # hypothesis: property tests (tokenizer round trips); rouge-score: the reference ROUGE-L in tests;
-    # ruff: `make lint`
-    extras_require={"test": ["pytest", "hypothesis", "rouge-score", "ruff"]},
+    # hypothesis: property tests (tokenizer round trips); ruff: `make lint`
+    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
     entry_points={"console_scripts": [f"lmjax-{name}=lmjax.cli.{name}:run"
                                       for name in ("train", "sample", "evaluate", "sweep", "scaling")]},
 )

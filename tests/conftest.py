@@ -1,9 +1,13 @@
 """Shared fixtures: a small corpus and the tiny experiment config."""
 import os
 
+import jax
 import pytest
 
 from lmjax.run import config
+
+# Implicit rank promotion (adding a [T] array to a [B, T] one) hides shape bugs: an error in tests.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EXPERIMENT = os.path.join(REPO, "tests", "tiny_experiment.py")

@@ -68,6 +68,7 @@ def test_validation_is_held_out_not_trained_on():
     sft_lib.hold_out(examples[:1], "data.jsonl")
 
 
+@pytest.mark.slow
 def test_bad_jsonl_lines_are_reported_and_the_run_does_not_start(tmp_path, corpus_file):
   path = tmp_path / "train.jsonl"
   path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\nnot json\n{"prompt": "c", "response": "d"}\n'
@@ -89,6 +90,7 @@ def tiny_llama():
   return cfg, model.init_params(cfg, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_lora_at_init_leaves_logits_unchanged():
   cfg, params = tiny_llama()
   lora = lora_lib.lora_init(params, ["q", "k", "v", "o", "mlp"], rank=4, rng=jax.random.key(1))
@@ -113,6 +115,7 @@ def test_merged_weights_equal_unmerged_adapter_path():
   np.testing.assert_allclose(merged, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
   data_dir = str(tmp_path / "tfds")
   base_dir = str(tmp_path / "base")
@@ -137,6 +140,7 @@ def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
   assert {k for k, v in flat.items() if v} == {"blocks/attn/wq", "blocks/attn/wv"}
 
 
+@pytest.mark.slow
 def test_full_finetuning_on_a_task_writes_before_after_table(tmp_path, corpus_file):
   data_dir = str(tmp_path / "tfds")
   base_cfg = tiny_config(corpus_file, data_dir, steps=2, num_samples=0, ckpt_every=2, seq_len=64)
@@ -181,6 +185,7 @@ def test_task_generators_are_correct_and_deterministic():
     assert ex.response.strip() == key
 
 
+@pytest.mark.slow
 def test_search_embeddings_are_mean_pooled_hidden_states():
   cfg, params = tiny_llama()
   tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")  # 18 ids < vocab 19
@@ -226,6 +231,7 @@ def test_chat_messages_use_the_chat_template(tmp_path):
     sft_lib.read_jsonl(str(path), tokenizers.ByteTokenizer())
 
 
+@pytest.mark.slow
 def test_perplexity_matches_numpy():
   cfg, params = tiny_llama()
   tok = tokenizers.CharTokenizer("abcdefghijklmnopqr")

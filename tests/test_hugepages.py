@@ -31,6 +31,7 @@ def test_no_thp_means_no_reexec(monkeypatch, tmp_path):
   assert hugepages.huge_pages_env({}) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not THP_AVAILABLE, reason="transparent huge pages are off or absent on this machine")
 def test_reexec_runs_the_same_command_once_with_the_tunable():
   script = ("import os, sys; print('start', flush=True); from lmjax.core import hugepages; "

@@ -42,6 +42,7 @@ def listing(workdir):
 # ---------------------------------------------------------------- 1. a good checkpoint is never lost
 
 
+@pytest.mark.slow
 def test_changed_model_config_is_refused_before_anything_is_written(tmp_path, corpus_file):
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   train.train(tiny_config(corpus_file, data_dir, steps=20, num_samples=0), workdir)
@@ -58,6 +59,7 @@ def test_changed_model_config_is_refused_before_anything_is_written(tmp_path, co
   assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_shapes_is_a_mismatch_not_corruption(tmp_path, corpus_file):
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), workdir)
@@ -71,6 +73,7 @@ def test_checkpoint_of_other_shapes_is_a_mismatch_not_corruption(tmp_path, corpu
   assert listing(workdir) == before  # not even config.json is written for the mismatched config
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path, corpus_file):
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), workdir)
@@ -94,6 +97,7 @@ def test_resume_differences_ignore_resumable_fields_only():
   assert config_lib.resume_differences(saved, cfg) == [("data.tokenizer", "char", "byte"), ("seed", 0, 5)]
 
 
+@pytest.mark.slow
 def test_paths_with_glob_characters_are_taken_literally(tmp_path, corpus_file):
   corpus = tmp_path / "spécial dir" / "corpus [v1].txt"
   corpus.parent.mkdir()
@@ -262,6 +266,7 @@ def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, over
     preflight.check_finetune_options(cfg)
 
 
+@pytest.mark.slow
 def test_bad_value_on_the_command_line_exits_2_without_traceback(tmp_path, corpus_file):
   workdir = tmp_path / "run"
   result = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *tiny_flags(
@@ -296,6 +301,7 @@ def test_sizes_implied_by_data_mesh_and_prompt_are_checked_before_training(tmp_p
 # ---------------------------------------------------------------- 7. accumulation equals the full batch
 
 
+@pytest.mark.slow
 def test_masked_loss_accumulates_to_the_full_batch_token_mean():
   cfg = model.ModelConfig(vocab_size=50, max_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64)
   optim = config_lib.base_config().optim
@@ -330,6 +336,7 @@ def test_masked_loss_accumulates_to_the_full_batch_token_mean():
 # ---------------------------------------------------------------- 8. provenance of a LoRA base
 
 
+@pytest.mark.slow
 def test_lora_run_keeps_the_exact_base_it_was_trained_on(tmp_path, corpus_file):
   data_dir, base = str(tmp_path / "tfds"), str(tmp_path / "base")
   train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), base)
@@ -370,6 +377,7 @@ def _cosine(step, total, peak=1e-2, end=1e-3, warmup=5):  # tiny experiment's op
   return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
 
 
+@pytest.mark.slow
 def test_extending_a_run_announces_the_new_schedule_and_can_keep_the_old(tmp_path, corpus_file, capsys):
   data_dir = str(tmp_path / "tfds")
   for name in ("extended", "kept"):

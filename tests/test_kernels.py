@@ -27,6 +27,7 @@ def assert_close(got, expected, tol):
     np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 @pytest.mark.parametrize("kv_heads,window", [(4, None), (2, None), (1, 5)])
 def test_blocked_causal_attention_matches_the_xla_reference(blocks, kv_heads, window):
@@ -75,6 +76,7 @@ def test_matmul_implementations_agree(w_is_NK):
     np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * float(jnp.abs(b).max()), err_msg=name)
 
 
+@pytest.mark.slow
 def test_the_model_computes_the_same_with_either_kernel():
   """The Transformer's logits and parameter gradients with attention_impl/matmul_impl 'xla' (the
   references) equal the default kernels' (fp32: to rounding)."""
@@ -97,6 +99,7 @@ def test_causal_query_blocks_divide_the_sequence():
       1, 1, 1, 2, 3, 4, 8, 8]
 
 
+@pytest.mark.slow
 def test_unknown_kernels_and_unsupported_options_are_refused():
   with pytest.raises(ValueError, match=r"model.attention_impl='flash' is not supported; allowed values: \['xla', "):
     M.ModelConfig(attention_impl="flash")

@@ -62,6 +62,7 @@ def np_attention(x_TD, p, n_heads, n_kv_heads, rope_theta=None):
 
 # ---------------------------------------------------------------- tests
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", M.POS_ENCODINGS)
 def test_causality(pos):
   cfg = tiny(pos_encoding=pos, n_kv_heads=2)
@@ -110,6 +111,7 @@ def test_rope_matches_pair_rotation_and_is_relative():
 @pytest.mark.parametrize("n_kv_heads,bias,rope,causal", [(4, False, False, False), (2, True, False, False),
                                                          (1, False, True, False), (4, True, False, True),
                                                          (2, False, True, True)])
+@pytest.mark.slow
 def test_attention_matches_numpy(n_kv_heads, bias, rope, causal, impl):
   """causal False: the mask from positions; True: the training path with a constant causal mask."""
   cfg = tiny(n_kv_heads=n_kv_heads, attn_bias=bias, pos_encoding="rope" if rope else "none", attention_impl=impl)
@@ -126,6 +128,7 @@ def test_attention_matches_numpy(n_kv_heads, bias, rope, causal, impl):
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scaled_embeddings_equal_a_table_times_sqrt_d():
   cfg = tiny(tie_embeddings=False, pos_encoding="sinusoidal")
   params = M.init_params(cfg, jax.random.key(4))
@@ -170,6 +173,7 @@ def test_rmsnorm_and_layernorm_match_formula():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_layers_agree():
   scanned_cfg = tiny(n_layers=3, n_kv_heads=2, scan_layers=True)
   unrolled_cfg = tiny(n_layers=3, n_kv_heads=2, scan_layers=False)
@@ -218,6 +222,7 @@ def test_train_flops_per_token_formula():
   assert M.train_flops_per_token(cfg, 16) == 6 * n_matmul + 12 * cfg.n_layers * 16 * cfg.d_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos,scan", [("rope", True), ("learned", False)])
 def test_kv_cache_decode_matches_full_forward(pos, scan):
   cfg = tiny(pos_encoding=pos, n_kv_heads=2, scan_layers=scan)
@@ -234,6 +239,7 @@ def test_kv_cache_decode_matches_full_forward(pos, scan):
   assert np.abs(np.concatenate(steps, 1) - full).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_padding_positions_are_masked():
   cfg = tiny(n_kv_heads=2)
   params = M.init_params(cfg, jax.random.key(8))
@@ -245,6 +251,7 @@ def test_padding_positions_are_masked():
   np.testing.assert_allclose(got[:, 3:], plain, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_keeps_values_and_gradients(policy):
   base, remat = tiny(), tiny(remat=policy)
@@ -256,6 +263,7 @@ def test_remat_keeps_values_and_gradients(policy):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_base, g_remat)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("low_precision", [dict(dtype="bfloat16"), dict(matmul_dtype="bfloat16")])
 def test_bf16_compute_gives_fp32_logits_close_to_fp32(low_precision):
   f32, bf16 = tiny(), tiny(**low_precision)
@@ -311,6 +319,7 @@ def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtyp
     np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
 
 
+@pytest.mark.slow
 def test_attention_dropout_is_active_in_training_only():
   """attn_dropout reaches attention_core: training outputs depend on the dropout key (and the
   gradient is finite), evaluation equals the same model without attention dropout."""
@@ -326,6 +335,7 @@ def test_attention_dropout_is_active_in_training_only():
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_bf16_matmul_model_gradients_close_to_fp32():
   """The whole compiled gradient with bf16 matmul operands (tied head included) tracks fp32."""
   f32, bf16 = tiny(), tiny(matmul_dtype="bfloat16")
@@ -336,6 +346,7 @@ def test_bf16_matmul_model_gradients_close_to_fp32():
     np.testing.assert_allclose(b, a, rtol=0, atol=0.05 * float(np.abs(a).max()) + 1e-6)
 
 
+@pytest.mark.slow
 def test_params_carry_logical_axis_names():
   cfg = tiny(mlp="swiglu", tie_embeddings=False)
   boxed = M.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]

@@ -86,6 +86,7 @@ def write_k_quant_smollm2(path: str) -> int:
   return k_quant
 
 
+@pytest.mark.slow
 @needs_smollm2
 @needs_reference
 def test_k_quant_gguf_loads_with_logits_close_to_the_q4_1_reference(tmp_path, reference):
@@ -140,6 +141,7 @@ def reference():
     return json.load(f), np.load(REFERENCE + ".npz")
 
 
+@pytest.mark.slow
 @needs_smollm2
 @needs_reference
 def test_smollm2_tokenizer_matches_reference_ids(smollm2, reference):
@@ -153,6 +155,7 @@ def test_smollm2_tokenizer_matches_reference_ids(smollm2, reference):
   assert tokenizer.encode(tokenizer.apply_chat_template(messages)) == reference[1]["chat_translate_ids"].tolist()
 
 
+@pytest.mark.slow
 @needs_smollm2
 @needs_reference
 @pytest.mark.parametrize("prompt", ["chat_translate", "plain_zh"])
@@ -170,6 +173,7 @@ def test_smollm2_logits_and_greedy_match_reference(smollm2, reference, prompt):
   assert tokenizer.decode(greedy) == reference[0][prompt]["greedy_text"]
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_pretrained_chat_cli_answers():
   result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", "--pretrained=smollm2-135m-instruct", "--chat",
@@ -180,6 +184,7 @@ def test_pretrained_chat_cli_answers():
   assert "intelligence" in answer.lower() and "<|im" not in answer
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_sample_answers_from_a_hugging_face_directory(tmp_path, smollm2):
   """SmolLM2 exported as a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
@@ -327,6 +332,7 @@ def test_import_gpt2_matches_numpy_reference(tmp_path):
   np.testing.assert_allclose(lmjax_logits(cfg, params), np_gpt2_forward(config, t, IDS), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_then_import_reproduces_logits_exactly(tmp_path):
   cfg = model.ModelConfig(vocab_size=29, max_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40,
                           pos_encoding="rope", mlp="swiglu", norm="rmsnorm", tie_embeddings=False)

@@ -45,6 +45,7 @@ def log_softmax(x):
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_greedy_equals_argmax_of_full_forward_with_matching_logprobs(pos):
   cfg, params = tiny_model(pos)
@@ -64,6 +65,7 @@ def sampled_rows(cfg, params, sampling, seed=0, rows=24, steps=6):
   return prompts, result.tokens
 
 
+@pytest.mark.slow
 def test_top_k_never_leaves_the_top_k():
   cfg, params = tiny_model()
   prompts, outputs = sampled_rows(cfg, params, sampler.SamplingConfig(temperature=1.5, top_k=3))
@@ -72,6 +74,7 @@ def test_top_k_never_leaves_the_top_k():
       assert token in np.argsort(-logits)[:3]
 
 
+@pytest.mark.slow
 def test_top_p_never_leaves_the_nucleus():
   cfg, params = tiny_model()
   temperature, top_p = 1.3, 0.6
@@ -85,6 +88,7 @@ def test_top_p_never_leaves_the_nucleus():
       assert token in nucleus
 
 
+@pytest.mark.slow
 def test_seed_reproducible_and_different_seeds_differ():
   cfg, params = tiny_model()
   sampling = sampler.SamplingConfig(temperature=1.0)
@@ -94,6 +98,7 @@ def test_seed_reproducible_and_different_seeds_differ():
   assert a == b and a != c
 
 
+@pytest.mark.slow
 def test_eos_stops_one_row_while_others_continue():
   cfg, params = tiny_model()
   greedy = sampler.SamplingConfig(temperature=0.0)
@@ -107,6 +112,7 @@ def test_eos_stops_one_row_while_others_continue():
   assert stopped[1:] == free[1:]
 
 
+@pytest.mark.slow
 def test_stop_at_ends_a_row_where_it_says():
   cfg, params = tiny_model()
   greedy = sampler.SamplingConfig(temperature=0.0)
@@ -119,6 +125,7 @@ def test_stop_at_ends_a_row_where_it_says():
   assert seen[0] == 1 and all(b - a <= sampler.STOP_CHECK_EVERY for a, b in zip(seen, seen[1:]))
 
 
+@pytest.mark.slow
 def test_repetition_penalty_avoids_seen_tokens():
   cfg, params = tiny_model()
   prompt = [1, 2, 3]
@@ -127,6 +134,7 @@ def test_repetition_penalty_avoids_seen_tokens():
   assert len(set(tokens)) == len(tokens) and not set(tokens) & set(prompt)
 
 
+@pytest.mark.slow
 def test_prompt_errors_and_context_limit():
   cfg, params = tiny_model(max_len=20)
   with pytest.raises(ValueError, match="model's context is 20 tokens"):
@@ -138,6 +146,7 @@ def test_prompt_errors_and_context_limit():
   assert len(result.tokens[0]) == 15
 
 
+@pytest.mark.slow
 def test_prompt_lengths_share_bucketed_compilations():
   cfg, params = tiny_model(seed=5)
   greedy = sampler.SamplingConfig(temperature=0.0)
@@ -147,6 +156,7 @@ def test_prompt_lengths_share_bucketed_compilations():
   assert sampler.prefill._cache_size() - before == 2
 
 
+@pytest.mark.slow
 def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
   train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=20, num_samples=0), workdir)
@@ -171,6 +181,7 @@ def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
   assert streamed.stdout.strip("\n") == ("ROMEO:" + greedy).strip("\n")
 
 
+@pytest.mark.slow
 def test_tokenizer_checkpoint_mismatch_is_a_clear_error(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
   train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=2, num_samples=0, ckpt_every=2), workdir)
@@ -207,6 +218,7 @@ print("cache", state.cache["k"].sharding.spec, state.cache["k"].addressable_shar
 """
 
 
+@pytest.mark.slow
 def test_sampling_on_a_mesh_matches_one_device_and_shards_the_cache():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,

@@ -78,6 +78,7 @@ def mesh_run():
   return result.stdout
 
 
+@pytest.mark.slow
 def test_one_step_is_the_same_on_every_mesh(mesh_run):
   lines = [l for l in mesh_run.splitlines() if l.startswith("mesh")]
   assert len(lines) == 4
@@ -86,6 +87,7 @@ def test_one_step_is_the_same_on_every_mesh(mesh_run):
     assert loss_diff <= 1e-5 and param_diff <= 1e-5, line
 
 
+@pytest.mark.slow
 def test_params_and_optimizer_state_are_sharded_by_the_rules(mesh_run):
   # mesh (data 2, fsdp 2, tensor 2): embed over fsdp, heads/mlp/vocab over tensor.
   assert "wq P(None, 'fsdp', 'tensor', None) (2, 16, 2, 8)" in mesh_run
@@ -93,16 +95,19 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(mesh_run):
   assert "adam_mu_w1 P(None, 'fsdp', 'tensor') (2, 16, 24)" in mesh_run
 
 
+@pytest.mark.slow
 def test_activations_are_constrained_at_block_boundaries(mesh_run):
   count = int(mesh_run.split("constraints ")[1].split()[0])
   assert count >= 3  # after the embedding and after each of the 2 blocks (forward; more in backward)
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_into_another_mesh(mesh_run):
   assert "reshard (1, 8, 1) -> (1, 1, 1) step 5 equal True devices 1" in mesh_run
   assert "reshard (1, 1, 1) -> (2, 2, 2) step 5 equal True devices 8" in mesh_run
 
 
+@pytest.mark.slow
 def test_dry_run_sizes_a_1b_model_without_allocating_it():
   result = subprocess.run([sys.executable, "-m", "lmjax.cli.train", "--config=experiments/llama_1b.py", "--dry_run",
                            "--cpu_devices=8"], cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -118,6 +123,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, corpus_file):
   # FSDP over the two processes: each holds half of every parameter, so the end-of-run sampling
   # needs both processes (it hung when process 0 ran it alone on the sharded params).
@@ -146,6 +152,7 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   assert restored.generate(restored.tokenizer.encode("ROMEO"), max_new_tokens=3, do_sample=False)[0].shape == (8,)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, corpus_file):
   # A preemption notice may reach one host first; a process that stopped alone would wait forever
   # in the checkpoint save the other never joins. Both must save the same step and exit 143.

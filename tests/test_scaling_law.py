@@ -42,6 +42,7 @@ def test_non_embedding_count_excludes_embeddings():
     assert model.non_embedding_param_count(cfg) == 3 * (4 * 24 * 24 + 2 * 24 * 40 + 4 * 24) + 2 * 24
 
 
+@pytest.mark.slow
 def test_model_size_sweep_writes_the_scaling_report(tmp_path, corpus_file):
   config = write_experiment(tmp_path, corpus_file,
                             '[{"model.d_model": d, "model.d_ff": 2 * d} for d in (8, 16, 24, 32)]')

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lmjax.research import sweep
 
 from conftest import REPO, TINY_EXPERIMENT
@@ -37,6 +39,7 @@ def run_sweep(config, workdir, *extra):
                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_grid_sweep_results_skip_and_failure(tmp_path, corpus_file):
   # model.n_heads=3 does not divide d_model=32: that point must fail while the others finish.
   config = write_experiment(tmp_path, corpus_file, '{"optim.lr": [0.01, 0.003], "model.n_heads": [2, 3]}')
@@ -62,6 +65,7 @@ def test_grid_sweep_results_skip_and_failure(tmp_path, corpus_file):
       assert f.read().count("starting at step 0") == 1
 
 
+@pytest.mark.slow
 def test_print_commands_and_slurm_script(tmp_path, corpus_file):
   config = write_experiment(tmp_path, corpus_file, '[{"optim.lr": 0.01}, {"optim.lr": 0.003}, {"train.steps": 4}, {}]')
   printed = run_sweep(config, str(tmp_path / "s"), "--print_commands")

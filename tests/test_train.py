@@ -49,6 +49,7 @@ def run_until_line(proc, prefix):
   raise AssertionError(f"process ended before printing {prefix!r}:\n" + "".join(seen))
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file, capsys):
   workdir = str(tmp_path / "run")
   cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=40, ckpt_every=20)
@@ -74,6 +75,7 @@ def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file, capsys
     assert ml_collections.ConfigDict(json.load(f)).to_dict() == json.loads(cfg.to_json_best_effort())
 
 
+@pytest.mark.slow
 def test_evaluation_runs_on_its_own_schedule(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
   train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=12, log_every=5, eval_every=4,
@@ -104,6 +106,7 @@ def test_weight_decay_applies_to_matrices_only():
   np.testing.assert_allclose(updates["blocks"]["mlp_norm"]["scale"], 0.0)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   cfg = model.ModelConfig(vocab_size=11, max_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=32)
   optim = ml_collections.ConfigDict(dict(lr=1e-2, min_lr=1e-3, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
@@ -125,6 +128,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, results[0][1])
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_fp32_master_params_trains(tmp_path, corpus_file):
   cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=20, eval_every=20, num_samples=0)
   cfg.model.dtype = "bfloat16"
@@ -135,6 +139,7 @@ def test_bf16_compute_with_fp32_master_params_trains(tmp_path, corpus_file):
   assert {np.asarray(p).dtype for p in jax.tree.leaves(params)} == {np.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   data_dir = str(tmp_path / "tfds")
   straight = str(tmp_path / "straight")
@@ -160,6 +165,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   jax.tree.map(np.testing.assert_array_equal, restore_params(resumed, 40), restore_params(straight, 40))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_143_unfinished(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
   proc = launch(tiny_flags(corpus_file, str(tmp_path / "tfds"), workdir, "--config.train.steps=100000",
@@ -173,6 +179,7 @@ def test_sigterm_saves_current_step_and_exits_143_unfinished(tmp_path, corpus_fi
   assert saved_step >= 5 and not rundir.is_finished(workdir)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus_file, capsys):
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   train.train(tiny_config(corpus_file, data_dir, steps=20, num_samples=0), workdir)
@@ -190,6 +197,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus_file,
   assert sorted(map(int, os.listdir(os.path.join(workdir, "checkpoints")))) == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
   real_token_loss_sum = losses.token_loss_sum
 
@@ -209,6 +217,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpu
   jax.tree.map(np.testing.assert_array_equal, restore_params(workdir, 12), good)
 
 
+@pytest.mark.slow
 def test_unknown_override_fails_listing_valid_fields(tmp_path, corpus_file):
   result = subprocess.run([sys.executable, "-m", "lmjax.cli.train",
                            *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3")],

@@ -35,7 +35,7 @@ ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 def sinusoidal_encoding(positions_BT: jax.Array, d_model: int) -> jax.Array:
   """PE(i, 2j) = sin(i / 10000^(2j/d)), PE(i, 2j+1) = cos(i / 10000^(2j/d))."""
   inv_freq_J = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
-  angle_BTJ = positions_BT[..., None].astype(jnp.float32) * inv_freq_J
+  angle_BTJ = positions_BT[..., None].astype(jnp.float32) * inv_freq_J[None, None]
   pe_BTJ2 = jnp.stack([jnp.sin(angle_BTJ), jnp.cos(angle_BTJ)], axis=-1)  # interleave sin, cos
   return pe_BTJ2.reshape(*positions_BT.shape, d_model)
 
@@ -49,7 +49,7 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
   """
   half = x_BTNH.shape[-1] // 2
   inv_freq_J = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x_BTNH.shape[-1]))
-  angle_BTJ = positions_BT[..., None].astype(jnp.float32) * inv_freq_J
+  angle_BTJ = positions_BT[..., None].astype(jnp.float32) * inv_freq_J[None, None]
   sin_BT1J, cos_BT1J = jnp.sin(angle_BTJ)[:, :, None], jnp.cos(angle_BTJ)[:, :, None]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos_BT1J - x2 * sin_BT1J, x2 * cos_BT1J + x1 * sin_BT1J], axis=-1)
@@ -70,6 +70,12 @@ def make_param(module: nn.Module, name: str, shape, axes, std: float | None):
     init = nn.initializers.normal(std)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape,
                       jnp.dtype(module.cfg.param_dtype))
+
+
+def lead(v: jax.Array, ndim: int) -> jax.Array:
+  """`v` with leading unit axes up to rank `ndim`: explicit broadcasting of a [.., D] parameter
+  against activations (tests run with jax_numpy_rank_promotion='raise')."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
 def dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None, w_is_NK: bool = False) -> jax.Array:
@@ -106,9 +112,9 @@ class Norm(nn.Module):
     if self.cfg.norm == "layernorm":
       x = x - x.mean(-1, keepdims=True)
     x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.cfg.norm_eps)
-    x = x * make_param(self, "scale", (d,), ("embed",), None)
+    x = x * lead(make_param(self, "scale", (d,), ("embed",), None), x.ndim)
     if self.cfg.norm == "layernorm" and self.cfg.norm_bias:
-      x = x + make_param(self, "bias", (d,), ("embed",), 0)
+      x = x + lead(make_param(self, "bias", (d,), ("embed",), 0), x.ndim)
     return x.astype(self.cfg.dtype)
 
 
@@ -140,7 +146,7 @@ class Attention(nn.Module):
     else:
       q_BTNH, k_BTKH, v_BTKH = (dense(x_BTD, w, cfg) for w in w_DKH)
     if cfg.attn_bias:
-      q_BTNH, k_BTKH, v_BTKH = (y + make_param(self, name + "_bias", (heads, H), ("heads", "kv"), 0).astype(dtype)
+      q_BTNH, k_BTKH, v_BTKH = (y + lead(make_param(self, name + "_bias", (heads, H), ("heads", "kv"), 0), 4).astype(dtype)
                                 for y, name, heads in zip((q_BTNH, k_BTKH, v_BTKH), names, (N, K, K)))
     if cfg.pos_encoding == "rope":
       q_BTNH = apply_rope(q_BTNH, q_pos_BT, cfg.rope_theta)
@@ -160,7 +166,7 @@ class Attention(nn.Module):
     wo_NHD = make_param(self, "wo", (N, H, D), ("heads", "kv", "embed"), out_std)
     out_BTD = dense(out_BTNH, wo_NHD, cfg, in_dims=2)
     if cfg.attn_bias:
-      out_BTD = out_BTD + make_param(self, "wo_bias", (D,), ("embed",), 0).astype(dtype)
+      out_BTD = out_BTD + lead(make_param(self, "wo_bias", (D,), ("embed",), 0), 3).astype(dtype)
     return out_BTD, new_cache
 
 
@@ -175,7 +181,7 @@ class MLP(nn.Module):
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
     def bias(name, size, axis):
-      return make_param(self, name, (size,), (axis,), 0).astype(dtype) if cfg.mlp_bias else 0
+      return lead(make_param(self, name, (size,), (axis,), 0), 3).astype(dtype) if cfg.mlp_bias else 0
 
     h_BTF = dense(x_BTD, make_param(self, "w1", (D, F), ("embed", "mlp"), cfg.init_std), cfg)
     h_BTF = h_BTF + bias("b1", F, "mlp")

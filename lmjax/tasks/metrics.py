@@ -17,6 +17,9 @@ import re
 import string
 
 import numpy as np
+from rouge_score import rouge_scorer
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"])
 
 
 def normalize_answer(text: str) -> str:
@@ -40,27 +43,11 @@ def token_f1(prediction: str, reference: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
-def _lcs_length(a: list, b: list) -> int:
-  row = [0] * (len(b) + 1)
-  for x in a:
-    diagonal = 0
-    for j, y in enumerate(b, 1):
-      diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
-  return row[-1]
-
-
 def rouge_l(prediction: str, reference: str) -> float:
-  """ROUGE-L F1 (0-1) over rouge-score's tokens: lower-cased runs of ASCII letters and digits."""
-  pred, ref = _rouge_tokens(prediction), _rouge_tokens(reference)
-  lcs = _lcs_length(pred, ref)
-  if lcs == 0:
-    return 0.0
-  precision, recall = lcs / len(pred), lcs / len(ref)
-  return 2 * precision * recall / (precision + recall)
-
-
-def _rouge_tokens(text: str) -> list:
-  return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+  """ROUGE-L F1 (0-1) with Google's rouge-score, the reference implementation (Lin 2004): the LCS of
+  lower-cased runs of ASCII letters and digits, no stemming. Its cost (~15 us a pair) is nothing next
+  to generating the answers; our own LCS matched it exactly and was dropped (BUILD_NOTES)."""
+  return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
 
 
 def chrf(predictions: list, references: list) -> float:
