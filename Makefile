@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmjax tests benchmarks experiments
+	$(VENV)/bin/ruff format --check lmjax tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) runs

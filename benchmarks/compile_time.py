@@ -5,6 +5,7 @@ block whatever the depth; unrolled, compile time grows with the layer count.
 
   python benchmarks/compile_time.py --layers=4,24
 """
+
 import time
 
 import jax
@@ -33,9 +34,18 @@ def main(_):
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})")
   for scan in _SCAN.value:
     for n_layers in map(int, _LAYERS.value):
-      cfg = model.ModelConfig(vocab_size=256, max_len=64, d_model=128, n_layers=n_layers, n_heads=4,
-                              d_ff=512, scan_layers=scan == "true")
-      print(f"scan_layers={scan:5s} n_layers={n_layers:3d}: compile {compile_seconds(cfg):6.2f} s", flush=True)
+      cfg = model.ModelConfig(
+        vocab_size=256,
+        max_len=64,
+        d_model=128,
+        n_layers=n_layers,
+        n_heads=4,
+        d_ff=512,
+        scan_layers=scan == "true",
+      )
+      print(
+        f"scan_layers={scan:5s} n_layers={n_layers:3d}: compile {compile_seconds(cfg):6.2f} s", flush=True
+      )
 
 
 if __name__ == "__main__":

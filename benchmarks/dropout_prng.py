@@ -7,6 +7,7 @@ threefry2x32, rbg and unsafe_rbg key implementations (`jax_default_prng_impl`), 
 Prints the median and best ms per mask (jitted, inputs on device, compile excluded), interleaving the
 implementations in each repeat because this machine's speed drifts.
 """
+
 import time
 
 import jax
@@ -23,8 +24,10 @@ def mask_fns(shape):
   """name -> (jitted fn, key) producing a keep mask of `shape` with p = 0.8."""
   fns = {"lmjax unrolled threefry": (jax.jit(lambda k: dropout.bernoulli(k, 0.8, shape)), jax.random.key(0))}
   for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-    fns[f"jax.random.bernoulli {impl}"] = (jax.jit(lambda k: jax.random.bernoulli(k, 0.8, shape)),
-                                           jax.random.key(0, impl=impl))
+    fns[f"jax.random.bernoulli {impl}"] = (
+      jax.jit(lambda k: jax.random.bernoulli(k, 0.8, shape)),
+      jax.random.key(0, impl=impl),
+    )
   return fns
 
 

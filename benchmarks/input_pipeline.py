@@ -5,6 +5,7 @@ than the train step itself (compare with steps/s from benchmarks/train_throughpu
 
   python benchmarks/input_pipeline.py
 """
+
 import time
 
 import ml_collections
@@ -18,10 +19,13 @@ _SECONDS = flags.DEFINE_float("seconds", 2.0, "Measuring time per shape.")
 
 def main(_):
   start = time.perf_counter()
-  corpus = corpus_lib.load_corpus(ml_collections.ConfigDict(dict(dataset="shakespeare", val_fraction=0.1,
-                                                           tokenizer="char")))
-  print(f"corpus: {len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val tokens, "
-        f"vocab {corpus.tokenizer.vocab_size}, loaded in {time.perf_counter() - start:.1f} s")
+  corpus = corpus_lib.load_corpus(
+    ml_collections.ConfigDict(dict(dataset="shakespeare", val_fraction=0.1, tokenizer="char"))
+  )
+  print(
+    f"corpus: {len(corpus.train_ids):,} train / {len(corpus.val_ids):,} val tokens, "
+    f"vocab {corpus.tokenizer.vocab_size}, loaded in {time.perf_counter() - start:.1f} s"
+  )
   for shape in _SHAPES.value:
     batch_size, seq_len = map(int, shape.split("x"))
     steps, start = 0, time.perf_counter()
@@ -29,7 +33,9 @@ def main(_):
       corpus_lib.batch_at(corpus.train_ids, 0, steps, batch_size, seq_len)
       steps += 1
     rate = steps / (time.perf_counter() - start)
-    print(f"batch {batch_size:3d} x {seq_len:4d}: {rate:9.0f} batches/s  {rate * batch_size:11.0f} sequences/s")
+    print(
+      f"batch {batch_size:3d} x {seq_len:4d}: {rate:9.0f} batches/s  {rate * batch_size:11.0f} sequences/s"
+    )
 
 
 if __name__ == "__main__":

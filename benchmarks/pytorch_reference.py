@@ -14,6 +14,7 @@ attention probabilities as nanoGPT passes it), exact GELU MLP of width 4*d, drop
 on the embeddings and both residual branches, tied head, AdamW and norm clipping.
 Prints the median and the best of ~5-step windows.
 """
+
 import argparse
 import time
 
@@ -23,32 +24,36 @@ from torch import nn
 
 
 class Block(nn.Module):
-
   def __init__(self, d_model, heads, dropout, attn_dropout):
     super().__init__()
     self.heads, self.dropout, self.attn_dropout = heads, dropout, attn_dropout
     self.ln1, self.ln2 = nn.LayerNorm(d_model, bias=False), nn.LayerNorm(d_model, bias=False)
     self.qkv, self.proj = nn.Linear(d_model, 3 * d_model, bias=False), nn.Linear(d_model, d_model, bias=False)
-    self.fc, self.out = nn.Linear(d_model, 4 * d_model, bias=False), nn.Linear(4 * d_model, d_model, bias=False)
+    self.fc, self.out = (
+      nn.Linear(d_model, 4 * d_model, bias=False),
+      nn.Linear(4 * d_model, d_model, bias=False),
+    )
 
   def forward(self, x):
     b, t, d = x.shape
-    q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-               for z in self.qkv(self.ln1(x)).split(d, dim=2))
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
-                                       is_causal=True)
+    q, k, v = (
+      z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(d, dim=2)
+    )
+    y = F.scaled_dot_product_attention(
+      q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
+    )
     x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)), self.dropout, self.training)
     return x + F.dropout(self.out(F.gelu(self.fc(self.ln2(x)))), self.dropout, self.training)
 
 
 class GPT(nn.Module):
-
   def __init__(self, args):
     super().__init__()
     self.dropout = args.dropout
     self.wte, self.wpe = nn.Embedding(args.vocab, args.d_model), nn.Embedding(args.seq_len, args.d_model)
-    self.blocks = nn.ModuleList(Block(args.d_model, args.heads, args.dropout, args.attn_dropout)
-                                for _ in range(args.layers))
+    self.blocks = nn.ModuleList(
+      Block(args.d_model, args.heads, args.dropout, args.attn_dropout) for _ in range(args.layers)
+    )
     self.ln = nn.LayerNorm(args.d_model, bias=False)
     self.head = nn.Linear(args.d_model, args.vocab, bias=False)
     self.head.weight = self.wte.weight
@@ -63,8 +68,15 @@ class GPT(nn.Module):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  for name, default in [("layers", 4), ("heads", 4), ("d_model", 128), ("seq_len", 64), ("batch", 12),
-                        ("vocab", 78), ("threads", 2)]:
+  for name, default in [
+    ("layers", 4),
+    ("heads", 4),
+    ("d_model", 128),
+    ("seq_len", 64),
+    ("batch", 12),
+    ("vocab", 78),
+    ("threads", 2),
+  ]:
     parser.add_argument(f"--{name}", type=int, default=default)
   for name, default in [("dropout", 0.0), ("attn_dropout", 0.0), ("seconds", 10.0)]:
     parser.add_argument(f"--{name}", type=float, default=default)
@@ -91,8 +103,10 @@ def main():
       step()
     windows_ms.append((time.perf_counter() - t) / steps_per_window * 1e3)
   median = sorted(windows_ms)[len(windows_ms) // 2]
-  print(f"torch {torch.__version__} {vars(args)}: median {median:.1f} ms/step "
-        f"({args.batch * args.seq_len / median * 1e3:.0f} tokens/s), best window {min(windows_ms):.1f} ms")
+  print(
+    f"torch {torch.__version__} {vars(args)}: median {median:.1f} ms/step "
+    f"({args.batch * args.seq_len / median * 1e3:.0f} tokens/s), best window {min(windows_ms):.1f} ms"
+  )
 
 
 if __name__ == "__main__":

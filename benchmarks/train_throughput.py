@@ -8,6 +8,7 @@ against this machine's matmul peak, measured in the same run (fp32 and bf16).
   python benchmarks/train_throughput.py --shapes=gpu --precisions=bf16-matmul \
       --set=model.dropout=0 --set=model.attn_dropout=0   # the no-dropout comparison
 """
+
 import ast
 import os
 import time
@@ -26,14 +27,23 @@ from lmjax.run import config as config_lib
 
 _EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py")
 
-_SHAPES = flags.DEFINE_list("shapes", ["default", "gpu"], "default: 4x128, batch 12x64; gpu: 6x384, batch 16x256.")
+_SHAPES = flags.DEFINE_list(
+  "shapes", ["default", "gpu"], "default: 4x128, batch 12x64; gpu: 6x384, batch 16x256."
+)
 # precision name -> (model.dtype, model.matmul_dtype); parameters stay fp32 in all of them.
 _PRECISIONS = {"fp32": ("float32", ""), "bf16-matmul": ("float32", "bfloat16"), "bf16": ("bfloat16", "")}
-_PRECISION = flags.DEFINE_list("precisions", list(_PRECISIONS),
-                               "fp32; bf16-matmul: bf16 matmul operands, fp32 activations; bf16: bf16 compute.")
+_PRECISION = flags.DEFINE_list(
+  "precisions",
+  list(_PRECISIONS),
+  "fp32; bf16-matmul: bf16 matmul operands, fp32 activations; bf16: bf16 compute.",
+)
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Measuring time per configuration.")
-_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE config overrides for every measured configuration, "
-                                 "e.g. model.attn_dropout=0 (the readings of BUILD_NOTES' comparisons).")
+_SET = flags.DEFINE_multi_string(
+  "set",
+  [],
+  "FIELD=VALUE config overrides for every measured configuration, "
+  "e.g. model.attn_dropout=0 (the readings of BUILD_NOTES' comparisons).",
+)
 _VOCAB = 78  # the Shakespeare character vocabulary
 
 
@@ -67,11 +77,14 @@ def measure(cfg) -> dict:
   tc = cfg.train
   run = train.setup(cfg, model_cfg)
   state = train.init_state(model_cfg, run.optimizer, 0, run.shardings)
-  step_fn = train.make_train_step(model_cfg, run.optimizer, run.schedule, 0, tc.grad_accum, run.shardings,
-                                  run.batch_sharding)
+  step_fn = train.make_train_step(
+    model_cfg, run.optimizer, run.schedule, 0, tc.grad_accum, run.shardings, run.batch_sharding
+  )
   rng = np.random.default_rng(0)
-  batches = [{k: rng.integers(0, _VOCAB, (tc.batch_size, tc.seq_len)).astype(np.int32) for k in ("inputs", "targets")}
-             for _ in range(4)]
+  batches = [
+    {k: rng.integers(0, _VOCAB, (tc.batch_size, tc.seq_len)).astype(np.int32) for k in ("inputs", "targets")}
+    for _ in range(4)
+  ]
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batches[0], None).compile()
@@ -89,23 +102,37 @@ def measure(cfg) -> dict:
   seconds, best = float(np.median(windows)), min(windows)
   tokens_per_sec = tc.batch_size * tc.seq_len / seconds
   model_flops = tokens_per_sec * model.train_flops_per_token(model_cfg, tc.seq_len)
-  return dict(compile_s=compile_s, ms_per_step=1e3 * seconds, best_ms_per_step=1e3 * best, tokens_per_sec=tokens_per_sec,
-              model_tflops=model_flops / 1e12, params=model.param_count(model_cfg))
+  return dict(
+    compile_s=compile_s,
+    ms_per_step=1e3 * seconds,
+    best_ms_per_step=1e3 * best,
+    tokens_per_sec=tokens_per_sec,
+    model_tflops=model_flops / 1e12,
+    params=model.param_count(model_cfg),
+  )
 
 
 def main(_):
   peaks = {d: model.measure_matmul_peak(d) for d in ("float32", "bfloat16")}
-  print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
-        f"measured matmul peak: fp32 {peaks['float32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bfloat16'] / 1e12:.3f} TFLOP/s")
+  print(
+    f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), {jax.device_count()} device(s); "
+    f"measured matmul peak: fp32 {peaks['float32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bfloat16'] / 1e12:.3f} "
+    "TFLOP/s"
+  )
   for shape in _SHAPES.value:
     for precision in _PRECISION.value:
       cfg = experiment(shape, precision)
       r = measure(cfg)
-      print(f"{shape:7s} {precision:11s} {r['params'] / 1e6:5.2f}M params batch {cfg.train.batch_size}x{cfg.train.seq_len}: "
-            f"compile {r['compile_s']:5.1f} s  {r['ms_per_step']:8.1f} ms/step (best {r['best_ms_per_step']:.1f})  {1e3 / r['ms_per_step']:6.2f} steps/s  "
-            f"{r['tokens_per_sec']:8.0f} tok/s  {r['model_tflops']:.3f} TFLOP/s  "
-            f"MFU {100 * r['model_tflops'] * 1e12 / peaks['float32']:.1f}% of fp32 peak, "
-            f"{100 * r['model_tflops'] * 1e12 / peaks['bfloat16']:.1f}% of bf16 peak", flush=True)
+      print(
+        f"{shape:7s} {precision:11s} {r['params'] / 1e6:5.2f}M params batch "
+        f"{cfg.train.batch_size}x{cfg.train.seq_len}: "
+        f"compile {r['compile_s']:5.1f} s  {r['ms_per_step']:8.1f} ms/step (best "
+        f"{r['best_ms_per_step']:.1f})  {1e3 / r['ms_per_step']:6.2f} steps/s  "
+        f"{r['tokens_per_sec']:8.0f} tok/s  {r['model_tflops']:.3f} TFLOP/s  "
+        f"MFU {100 * r['model_tflops'] * 1e12 / peaks['float32']:.1f}% of fp32 peak, "
+        f"{100 * r['model_tflops'] * 1e12 / peaks['bfloat16']:.1f}% of bf16 peak",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the original Transformer (the table has amplitude 1, the embeddings start at std
 
   lmjax-sweep --config=experiments/arch_shakespeare.py --workdir=runs/arch
 """
+
 from lmjax.run import config
 
 
@@ -20,6 +21,11 @@ def get_config(variant: str = ""):
 
 
 def get_sweep():
-  return [{"model.pos_encoding": "sinusoidal"}, {"model.pos_encoding": "sinusoidal", "model.scale_embeddings": True},
-          {"model.pos_encoding": "learned"}, {"model.pos_encoding": "rope"},
-          {"model.mlp": "relu"}, {"model.mlp": "swiglu", "model.d_ff": 344}]
+  return [
+    {"model.pos_encoding": "sinusoidal"},
+    {"model.pos_encoding": "sinusoidal", "model.scale_embeddings": True},
+    {"model.pos_encoding": "learned"},
+    {"model.pos_encoding": "rope"},
+    {"model.mlp": "relu"},
+    {"model.mlp": "swiglu", "model.d_ff": 344},
+  ]

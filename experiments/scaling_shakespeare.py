@@ -9,6 +9,7 @@ fitted to their final validation losses (lmjax/research/scaling.py):
 writes the usual sweep table and plots plus scaling.md / scaling.json / scaling.png.
 About 20 minutes on a 2-core CPU.
 """
+
 from lmjax.run import config
 
 # (d_model, n_layers, n_heads): head size 16-32, d_ff = 4 * d_model.
@@ -28,12 +29,17 @@ def get_config(variant: str = ""):
 
 
 def get_sweep():
-  return [{"model.d_model": d, "model.n_layers": layers, "model.n_heads": heads, "model.d_ff": 4 * d}
-          for d, layers, heads in SIZES]
+  return [
+    {"model.d_model": d, "model.n_layers": layers, "model.n_heads": heads, "model.d_ff": 4 * d}
+    for d, layers, heads in SIZES
+  ]
 
 
 def analyze_sweep(sweep_dir: str) -> None:
   from lmjax.research import scaling
+
   fit = scaling.report(sweep_dir)
-  print(f"scaling law: L(N) = {fit['a']:.3g} * N^(-{fit['alpha']:.3f}) + {fit['c']:.3f}, R^2 {fit['r2']:.4f}; "
-        f"see {sweep_dir}/scaling.md and scaling.png")
+  print(
+    f"scaling law: L(N) = {fit['a']:.3g} * N^(-{fit['alpha']:.3f}) + {fit['c']:.3f}, R^2 {fit['r2']:.4f}; "
+    f"see {sweep_dir}/scaling.md and scaling.png"
+  )

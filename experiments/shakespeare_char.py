@@ -9,6 +9,7 @@ train.py sets bias=False: `--config.model.attn_bias=False --config.model.mlp_bia
 5000 steps, no biases, dropout 0.2 on embeddings, residual branches and attention
 probabilities; published val loss 1.47), which needs an accelerator.
 """
+
 from lmjax.run import config
 
 
@@ -16,19 +17,40 @@ def get_config(variant: str = ""):
   cfg = config.base_config()
   cfg.seed = 1337
   cfg.data.update(dataset="shakespeare", tokenizer="char")
-  cfg.model.update(d_model=128, n_layers=4, n_heads=4, d_ff=512, pos_encoding="learned", mlp="gelu",
-                   norm="layernorm", attn_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.0,
-                   # Unrolled: at this depth XLA:CPU runs the step ~30% faster without the scan's
-                   # per-layer stacking of residuals, and compile time is still ~2 s (BUILD_NOTES).
-                   scan_layers=False)
+  cfg.model.update(
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    d_ff=512,
+    pos_encoding="learned",
+    mlp="gelu",
+    norm="layernorm",
+    attn_bias=True,
+    mlp_bias=True,
+    tie_embeddings=True,
+    dropout=0.0,
+    # Unrolled: at this depth XLA:CPU runs the step ~30% faster without the scan's
+    # per-layer stacking of residuals, and compile time is still ~2 s (BUILD_NOTES).
+    scan_layers=False,
+  )
   cfg.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
-  cfg.train.update(steps=2000, batch_size=12, seq_len=64, log_every=100, eval_every=250, eval_steps=20,
-                   ckpt_every=500)
+  cfg.train.update(
+    steps=2000, batch_size=12, seq_len=64, log_every=100, eval_every=250, eval_steps=20, ckpt_every=500
+  )
   cfg.reference.update(step=2000, val_loss=1.886, source="nanoGPT, PyTorch fp32, 2-core CPU")
   if variant == "gpu":
     # nanoGPT's dropout also drops attention probabilities (dropout_p of its attention call).
-    cfg.model.update(d_model=384, n_layers=6, n_heads=6, d_ff=1536, dropout=0.2, attn_dropout=0.2,
-                     attn_bias=False, mlp_bias=False, norm_bias=False)
+    cfg.model.update(
+      d_model=384,
+      n_layers=6,
+      n_heads=6,
+      d_ff=1536,
+      dropout=0.2,
+      attn_dropout=0.2,
+      attn_bias=False,
+      mlp_bias=False,
+      norm_bias=False,
+    )
     cfg.train.update(steps=5000, batch_size=64, seq_len=256, eval_every=250, eval_steps=200, ckpt_every=1000)
     cfg.reference.update(step=5000, val_loss=1.47, source="nanoGPT's published GPU result")
   elif variant:

@@ -15,4 +15,5 @@ by tests/test_layout.py), and each subpackage's docstring says what it owns:
   research    sweeps and scaling-law fits over runs
   cli         the entry points: lmjax-train, -sample, -evaluate, -sweep, -scaling
 """
+
 __version__ = "0.1.0"

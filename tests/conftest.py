@@ -1,4 +1,5 @@
 """Shared fixtures: a small corpus and the tiny experiment config."""
+
 import os
 
 import jax
@@ -44,5 +45,10 @@ def tiny_config(corpus_file: str, data_dir: str, **train_overrides):
 
 
 def tiny_flags(corpus_file: str, data_dir: str, workdir: str, *extra):
-  return ["--config=" + TINY_EXPERIMENT, "--workdir=" + workdir, "--config.data.text_files=" + corpus_file,
-          "--config.data.data_dir=" + data_dir, *extra]
+  return [
+    "--config=" + TINY_EXPERIMENT,
+    "--workdir=" + workdir,
+    "--config.data.text_files=" + corpus_file,
+    "--config.data.data_dir=" + data_dir,
+    *extra,
+  ]

@@ -1,4 +1,5 @@
 """Data tests: TFDS builders, splits, tokenizers, step-indexed batches."""
+
 import os
 import sys
 
@@ -9,12 +10,26 @@ import pytest
 from lmjax.data import corpus as corpus_lib, shakespeare, text_datasets, tokenizers
 
 CHINESE = "什么是人工智能？"
-ODD_TEXTS = [CHINESE, "emoji 🙂👍🏽 and café", "  two  spaces\tand tabs\n\n", "数学公式 $PE_{(i,2j)} = \\sin(i)$", ""]
+ODD_TEXTS = [
+  CHINESE,
+  "emoji 🙂👍🏽 and café",
+  "  two  spaces\tand tabs\n\n",
+  "数学公式 $PE_{(i,2j)} = \\sin(i)$",
+  "",
+]
 
 
 def data_cfg(tmp_path, **overrides):
-  values = dict(dataset="shakespeare", text_files="", val_file="", val_fraction=0.1, text_key="text",
-                data_dir=str(tmp_path / "tfds"), tokenizer="char", vocab_size=0)
+  values = dict(
+    dataset="shakespeare",
+    text_files="",
+    val_file="",
+    val_fraction=0.1,
+    text_key="text",
+    data_dir=str(tmp_path / "tfds"),
+    tokenizer="char",
+    vocab_size=0,
+  )
   return ml_collections.ConfigDict({**values, **overrides})
 
 
@@ -48,9 +63,13 @@ def test_text_files_builder_with_globs_and_tail_split(tmp_path):
   (corpus / "a.txt").write_text("First file. " * 50 + CHINESE, encoding="utf-8")
   (corpus / "b.txt").write_text("Second file 🙂. " * 50, encoding="utf-8")
   (tmp_path / "c.txt").write_text("third\n" * 20, encoding="utf-8")
-  cfg = data_cfg(tmp_path, dataset="text_files", text_files=f"{corpus}/*.txt, {tmp_path}/c.txt", val_fraction=0.2)
+  cfg = data_cfg(
+    tmp_path, dataset="text_files", text_files=f"{corpus}/*.txt, {tmp_path}/c.txt", val_fraction=0.2
+  )
   train, val = text_datasets.load_splits(cfg)
-  source = "".join(p.read_text(encoding="utf-8") for p in [corpus / "a.txt", corpus / "b.txt", tmp_path / "c.txt"])
+  source = "".join(
+    p.read_text(encoding="utf-8") for p in [corpus / "a.txt", corpus / "b.txt", tmp_path / "c.txt"]
+  )
   assert train + val == source
   assert len(val) == len(source) - int(len(source) * 0.8)
 
@@ -58,8 +77,9 @@ def test_text_files_builder_with_globs_and_tail_split(tmp_path):
 def test_text_files_explicit_validation_file(tmp_path):
   (tmp_path / "train.txt").write_text("training text\n" * 10, encoding="utf-8")
   (tmp_path / "val.txt").write_text("validation text\n", encoding="utf-8")
-  cfg = data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "train.txt"),
-                 val_file=str(tmp_path / "val.txt"))
+  cfg = data_cfg(
+    tmp_path, dataset="text_files", text_files=str(tmp_path / "train.txt"), val_file=str(tmp_path / "val.txt")
+  )
   assert text_datasets.load_splits(cfg) == ("training text\n" * 10, "validation text\n")
 
 
@@ -77,12 +97,16 @@ def test_edited_file_is_prepared_again(tmp_path):
 def test_empty_corpus_is_a_clear_error(tmp_path):
   (tmp_path / "empty.txt").write_text("", encoding="utf-8")
   with pytest.raises(ValueError, match="corpus is empty"):
-    text_datasets.load_splits(data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "empty.txt")))
+    text_datasets.load_splits(
+      data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "empty.txt"))
+    )
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="nope.*matches no file"):
-    text_datasets.load_splits(data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "nope*.txt")))
+    text_datasets.load_splits(
+      data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "nope*.txt"))
+    )
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
@@ -164,7 +188,11 @@ def test_global_batch_independent_of_process_count(processes):
 
 def test_load_corpus_tokenizes_both_splits(tmp_path):
   (tmp_path / "t.txt").write_text("abcabcabd" * 20, encoding="utf-8")
-  corpus = corpus_lib.load_corpus(data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "t.txt")))
+  corpus = corpus_lib.load_corpus(
+    data_cfg(tmp_path, dataset="text_files", text_files=str(tmp_path / "t.txt"))
+  )
   assert corpus.tokenizer.vocab_size == 4
-  assert corpus.tokenizer.decode(corpus.train_ids) + corpus.tokenizer.decode(corpus.val_ids) == "abcabcabd" * 20
+  assert (
+    corpus.tokenizer.decode(corpus.train_ids) + corpus.tokenizer.decode(corpus.val_ids) == "abcabcabd" * 20
+  )
   assert corpus.train_ids.dtype == np.int32

@@ -1,4 +1,5 @@
 """The unrolled Threefry dropout against Random123's answers, jax.random and flax.linen.Dropout."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,12 +9,15 @@ from flax import linen as nn
 from lmjax.ops import dropout
 
 
-@pytest.mark.parametrize("key, count, expected", [
+@pytest.mark.parametrize(
+  "key, count, expected",
+  [
     # Known-answer vectors of Threefry-2x32-20 from the Random123 distribution (kat_vectors).
     ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
     ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
     ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
-])
+  ],
+)
 def test_threefry2x32_known_answers(key, count, expected):
   words = jax.jit(dropout.threefry2x32)(*(np.uint32(w) for w in (*key, *count)))
   assert tuple(int(w) for w in words) == expected

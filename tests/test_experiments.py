@@ -1,4 +1,5 @@
 """Every experiment file loads, validates, and builds its model."""
+
 import glob
 import os
 
@@ -9,8 +10,11 @@ from lmjax.run import config
 from conftest import REPO
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
-VARIANTS = {"shakespeare_char.py": ["", "gpu"], "shakespeare_llama.py": ["", "bpe"],
-            "finetune_smollm2.py": ["qa", "summarize", "translate", "search"]}
+VARIANTS = {
+  "shakespeare_char.py": ["", "gpu"],
+  "shakespeare_llama.py": ["", "bpe"],
+  "finetune_smollm2.py": ["qa", "summarize", "translate", "search"],
+}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
@@ -30,12 +34,32 @@ def test_default_experiment_matches_nanogpt_cpu_config():
   cfg = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py"))
   m, t, o = cfg.model, cfg.train, cfg.optim
   assert (m.n_layers, m.n_heads, m.d_model, t.seq_len, t.batch_size, t.steps) == (4, 4, 128, 64, 12, 2000)
-  assert (o.lr, o.min_lr, o.warmup_steps, o.b1, o.b2, o.weight_decay, o.grad_clip) == (1e-3, 1e-4, 100, 0.9, 0.99,
-                                                                                        0.1, 1.0)
-  assert (m.dropout, m.pos_encoding, m.mlp, m.norm, t.eval_every, t.eval_steps) == (0.0, "learned", "gelu",
-                                                                                    "layernorm", 250, 20)
+  assert (o.lr, o.min_lr, o.warmup_steps, o.b1, o.b2, o.weight_decay, o.grad_clip) == (
+    1e-3,
+    1e-4,
+    100,
+    0.9,
+    0.99,
+    0.1,
+    1.0,
+  )
+  assert (m.dropout, m.pos_encoding, m.mlp, m.norm, t.eval_every, t.eval_steps) == (
+    0.0,
+    "learned",
+    "gelu",
+    "layernorm",
+    250,
+    20,
+  )
   gpu = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py:gpu"))
-  assert (gpu.model.n_layers, gpu.model.d_model, gpu.train.seq_len, gpu.train.batch_size, gpu.train.steps,
-          gpu.model.dropout, gpu.model.attn_dropout) == (6, 384, 256, 64, 5000, 0.2, 0.2)
+  assert (
+    gpu.model.n_layers,
+    gpu.model.d_model,
+    gpu.train.seq_len,
+    gpu.train.batch_size,
+    gpu.train.steps,
+    gpu.model.dropout,
+    gpu.model.attn_dropout,
+  ) == (6, 384, 256, 64, 5000, 0.2, 0.2)
   # nanoGPT's train.py: bias=False (no biases in Linear layers or LayerNorms)
   assert (gpu.model.attn_bias, gpu.model.mlp_bias, gpu.model.norm_bias) == (False, False, False)

@@ -1,4 +1,5 @@
 """Fine-tuning: loss mask, truncation, LoRA, metrics, JSONL errors, an SFT run end to end."""
+
 import json
 import os
 
@@ -23,7 +24,7 @@ def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
   sft = sft_lib.tokenize([sft_lib.Example("Q: 2+2?\nA:", " 4")], tok, seq_len=16)
   ids, mask = sft.tokens[0], sft.loss_mask[0]
   prompt_len = len("Q: 2+2?\nA:")
-  assert list(ids[:prompt_len + 3]) == list(b"Q: 2+2?\nA: 4") + [tok.eos_id]
+  assert list(ids[: prompt_len + 3]) == list(b"Q: 2+2?\nA: 4") + [tok.eos_id]
   assert mask.tolist() == [0] * prompt_len + [1, 1, 1] + [0] * (17 - prompt_len - 3)
   batch = sft_lib.batch_at(sft, seed=0, step=0, batch_size=1)
   logits = jax.random.normal(jax.random.key(0), (1, 16, tok.vocab_size))
@@ -38,7 +39,9 @@ def test_loss_mask_covers_response_only_with_zero_prompt_gradient():
 
 def test_long_prompts_are_cut_from_the_left_and_counted():
   tok = tokenizers.ByteTokenizer()
-  sft = sft_lib.tokenize([sft_lib.Example("x" * 30 + "END:", " ok"), sft_lib.Example("short:", " ok")], tok, 12)
+  sft = sft_lib.tokenize(
+    [sft_lib.Example("x" * 30 + "END:", " ok"), sft_lib.Example("short:", " ok")], tok, 12
+  )
   assert (sft.truncated, sft.prompts_cut, sft.responses_cut) == (1, 1, 0)
   # 13 tokens per row: the 4 response tokens (" ok" + EOS) keep only the last 9 prompt bytes.
   assert bytes(sft.tokens[0][:12].tolist()) == b"xxxxxEND: ok" and sft.tokens[0][12] == tok.eos_id
@@ -48,15 +51,19 @@ def test_long_prompts_are_cut_from_the_left_and_counted():
 def test_truncation_keeps_the_eos_and_reports_each_cut():
   tok = tokenizers.ByteTokenizer()
   # seq_len 16: rows of 17; a cut prompt keeps at least ceil(17 / 4) = 5 tokens.
-  examples = [sft_lib.Example("Q: hi\nA:", " " + "a long answer " * 3),  # prompt -> 5, response -> 11, EOS
-              sft_lib.Example("Question: what?\nA:", " ten chars"),  # prompt -> 6, response whole
-              sft_lib.Example("Q: ok\nA:", " yes")]  # fits
+  examples = [
+    sft_lib.Example("Q: hi\nA:", " " + "a long answer " * 3),  # prompt -> 5, response -> 11, EOS
+    sft_lib.Example("Question: what?\nA:", " ten chars"),  # prompt -> 6, response whole
+    sft_lib.Example("Q: ok\nA:", " yes"),
+  ]  # fits
   sft = sft_lib.tokenize(examples, tok, seq_len=16)
   assert (sft.truncated, sft.prompts_cut, sft.responses_cut) == (2, 2, 1)
   expected = [(b"hi\nA:", b" a long ans"), (b"what?\nA:"[-6:], b" ten chars"), (b"Q: ok\nA:", b" yes")]
   for row, mask, (prompt, response) in zip(sft.tokens, sft.loss_mask, expected):
     ids = list(prompt + response) + [tok.eos_id]
-    assert row[:len(ids)].tolist() == ids  # the EOS is in every row, right after what is kept of the response
+    assert (
+      row[: len(ids)].tolist() == ids
+    )  # the EOS is in every row, right after what is kept of the response
     assert mask.tolist() == [0] * len(prompt) + [1] * (len(response) + 1) + [0] * (17 - len(ids))
 
 
@@ -71,12 +78,19 @@ def test_validation_is_held_out_not_trained_on():
 @pytest.mark.slow
 def test_bad_jsonl_lines_are_reported_and_the_run_does_not_start(tmp_path, corpus_file):
   path = tmp_path / "train.jsonl"
-  path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\nnot json\n{"prompt": "c", "response": "d"}\n'
-                  '{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
-  with pytest.raises(ValueError, match=r"(?s)3 malformed line\(s\).*line 2:.*line 3: JSONDecodeError.*line 5:"):
+  path.write_text(
+    '{"prompt": "a", "response": "b"}\n{"prompt": "a"}\nnot json\n{"prompt": "c", "response": "d"}\n'
+    '{"messages": [{"role": "user", "content": "hi"}]}\n',
+    encoding="utf-8",
+  )
+  with pytest.raises(
+    ValueError, match=r"(?s)3 malformed line\(s\).*line 2:.*line 3: JSONDecodeError.*line 5:"
+  ):
     sft_lib.read_jsonl(str(path))
   data_dir = str(tmp_path / "tfds")
-  train.train(tiny_config(corpus_file, data_dir, steps=2, num_samples=0, ckpt_every=2), str(tmp_path / "base"))
+  train.train(
+    tiny_config(corpus_file, data_dir, steps=2, num_samples=0, ckpt_every=2), str(tmp_path / "base")
+  )
   cfg = tiny_config(corpus_file, data_dir, steps=2)
   cfg.init.from_checkpoint = str(tmp_path / "base")
   cfg.finetune.train_file = str(path)
@@ -97,7 +111,11 @@ def test_lora_at_init_leaves_logits_unchanged():
   tokens = jnp.arange(10)[None] % 19
   apply = lambda p: model.Transformer(cfg).apply({"params": p}, tokens)
   np.testing.assert_array_equal(apply(lora_lib.merge(params, lora, 2.0)), apply(params))
-  assert set(lora["blocks"]["attn"]) == {"wq", "wk", "wv", "wo"} and set(lora["blocks"]["mlp"]) == {"w1", "w2", "w3"}
+  assert set(lora["blocks"]["attn"]) == {"wq", "wk", "wv", "wo"} and set(lora["blocks"]["mlp"]) == {
+    "w1",
+    "w2",
+    "w3",
+  }
   assert lora["blocks"]["attn"]["wo"]["a"].shape == (2, 16, 4)  # wo's input is heads x head_dim
 
 
@@ -123,8 +141,13 @@ def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
   base_cfg.data.tokenizer = "byte"
   train.train(base_cfg, base_dir)
   jsonl = tmp_path / "sft.jsonl"
-  jsonl.write_text("".join(json.dumps({"prompt": f"Words: {generators.number_words(n)}\nDigits:", "response": f" {n}"}) + "\n"
-                           for n in range(40)), encoding="utf-8")
+  jsonl.write_text(
+    "".join(
+      json.dumps({"prompt": f"Words: {generators.number_words(n)}\nDigits:", "response": f" {n}"}) + "\n"
+      for n in range(40)
+    ),
+    encoding="utf-8",
+  )
   cfg = tiny_config(corpus_file, data_dir, steps=6, num_samples=0, ckpt_every=6, eval_every=6)
   cfg.init.from_checkpoint = base_dir
   cfg.finetune.update(train_file=str(jsonl), mode="lora", lora_rank=2, lora_targets="q,v")
@@ -136,7 +159,9 @@ def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
   base = LanguageModel.from_workdir(base_dir)
   tuned = LanguageModel.from_workdir(str(tmp_path / "ft"))  # base + merged adapters
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), base.params, tuned.params)
-  flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(changed)[0]}
+  flat = {
+    "/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(changed)[0]
+  }
   assert {k for k, v in flat.items() if v} == {"blocks/attn/wq", "blocks/attn/wv"}
 
 
@@ -174,8 +199,16 @@ def test_metrics_on_hand_computed_examples():
 
 def test_task_generators_are_correct_and_deterministic():
   assert [generators.number_words(n) for n in (0, 7, 13, 40, 72, 100, 110, 406, 999)] == [
-      "zero", "seven", "thirteen", "forty", "seventy two", "one hundred", "one hundred ten", "four hundred six",
-      "nine hundred ninety nine"]
+    "zero",
+    "seven",
+    "thirteen",
+    "forty",
+    "seventy two",
+    "one hundred",
+    "one hundred ten",
+    "four hundred six",
+    "nine hundred ninety nine",
+  ]
   assert generators.examples("qa", 5, 1) == generators.examples("qa", 5, 1) != generators.examples("qa", 5, 2)
   for ex in generators.examples("qa", 20, 3):
     answer = ex.response.strip()
@@ -192,7 +225,9 @@ def test_search_embeddings_are_mean_pooled_hidden_states():
   texts = ["abc", "hello", "ab"]
   emb = evaluators.embed(cfg, params, tok, texts)
   for text, e in zip(texts, emb):  # independent: each text alone, unpadded, mean over its tokens
-    hidden = model.Transformer(cfg).apply({"params": params}, jnp.asarray([tok.encode(text)]), return_hidden=True)[0]
+    hidden = model.Transformer(cfg).apply(
+      {"params": params}, jnp.asarray([tok.encode(text)]), return_hidden=True
+    )[0]
     pooled = np.asarray(hidden).mean(0)
     np.testing.assert_allclose(e, pooled / np.linalg.norm(pooled), atol=1e-5)
   passages, queries, relevant = generators.search_set(8, 0)
@@ -209,9 +244,11 @@ def test_contrastive_loss_matches_numpy_infonce():
   loss_sum, weight = losses.contrastive_loss(run_model, batch, temperature=0.1)
   assert float(weight) == 4  # a sum over the 4 queries
   loss = float(loss_sum) / 4
+
   def pooled(h, pos):
     v = np.stack([h[i][pos[i] >= 0].mean(0) for i in range(4)])
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
   logits = pooled(hidden["query"], positions) @ pooled(hidden["passage"], positions[::-1]).T / 0.1
   logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   assert loss == pytest.approx(-np.mean(np.diag(logp)), rel=1e-5)
@@ -220,11 +257,26 @@ def test_contrastive_loss_matches_numpy_infonce():
 def test_chat_messages_use_the_chat_template(tmp_path):
   class TemplateTokenizer(tokenizers.ByteTokenizer):
     chat_template = "<turns>"
+
     def apply_chat_template(self, messages, add_generation_prompt=True):
-      return "".join(f"[{m['role']}]{m['content']}" for m in messages) + ("[assistant]" if add_generation_prompt else "")
+      return "".join(f"[{m['role']}]{m['content']}" for m in messages) + (
+        "[assistant]" if add_generation_prompt else ""
+      )
+
   path = tmp_path / "chat.jsonl"
-  path.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                           {"role": "assistant", "content": "Hello"}]}) + "\n", encoding="utf-8")
+  path.write_text(
+    json.dumps(
+      {
+        "messages": [
+          {"role": "system", "content": "Be brief."},
+          {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello"},
+        ]
+      }
+    )
+    + "\n",
+    encoding="utf-8",
+  )
   [example] = sft_lib.read_jsonl(str(path), TemplateTokenizer())
   assert example == sft_lib.Example("[system]Be brief.[user]Hi[assistant]", "Hello")
   with pytest.raises(ValueError, match="chat template"):
@@ -240,7 +292,13 @@ def test_perplexity_matches_numpy():
   ids = np.asarray(tok.encode(text))
   losses = []
   for start in (0, 8, 16):  # windows of 9 tokens: predict 8 each
-    logits = np.asarray(model.Transformer(cfg).apply({"params": params}, jnp.asarray(ids[start:start + 8][None])))[0]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logits = np.asarray(
+      model.Transformer(cfg).apply({"params": params}, jnp.asarray(ids[start : start + 8][None]))
+    )[0]
+    logp = (
+      logits
+      - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - logits.max(-1, keepdims=True)
+    )
     losses += [-logp[t, ids[start + t + 1]] for t in range(8)]
   assert result["tokens"] == 24 and result["perplexity"] == pytest.approx(np.exp(np.mean(losses)), rel=1e-4)

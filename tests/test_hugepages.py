@@ -1,4 +1,5 @@
 """The huge-pages re-exec: which environment it asks for, and that a real re-exec happens once."""
+
 import os
 import subprocess
 import sys
@@ -7,7 +8,9 @@ import pytest
 
 from lmjax.core import hugepages
 
-THP_AVAILABLE = os.path.exists(hugepages._THP_SETTING) and "[never]" not in open(hugepages._THP_SETTING).read()
+THP_AVAILABLE = (
+  os.path.exists(hugepages._THP_SETTING) and "[never]" not in open(hugepages._THP_SETTING).read()
+)
 
 
 @pytest.mark.skipif(not THP_AVAILABLE, reason="transparent huge pages are off or absent on this machine")
@@ -18,7 +21,9 @@ def test_env_adds_the_tunable_and_keeps_others():
 
 
 def test_nothing_to_do_when_set_or_switched_off():
-  assert hugepages.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice stands
+  assert (
+    hugepages.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  )  # the user's choice stands
   assert hugepages.huge_pages_env({"LMJAX_HUGE_PAGES": "0"}) is None
 
 
@@ -34,8 +39,11 @@ def test_no_thp_means_no_reexec(monkeypatch, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not THP_AVAILABLE, reason="transparent huge pages are off or absent on this machine")
 def test_reexec_runs_the_same_command_once_with_the_tunable():
-  script = ("import os, sys; print('start', flush=True); from lmjax.core import hugepages; "
-            "hugepages.reexec_with_huge_pages(); print('pid', os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+  script = (
+    "import os, sys; print('start', flush=True); from lmjax.core import hugepages; "
+    "hugepages.reexec_with_huge_pages(); print('pid', os.getpid(), os.environ['GLIBC_TUNABLES'], "
+    "sys.argv[1:])"
+  )
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LMJAX_HUGE_PAGES")}
   proc = subprocess.Popen([sys.executable, "-c", script, "arg1"], env=env, stdout=subprocess.PIPE, text=True)
   out, _ = proc.communicate(timeout=60)

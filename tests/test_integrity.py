@@ -3,6 +3,7 @@
 References are independent of the code under test: file listings, exit codes, the config's
 ranges, the warmup-cosine formula and numpy losses.
 """
+
 import hashlib
 import json
 import math
@@ -49,8 +50,11 @@ def test_changed_model_config_is_refused_before_anything_is_written(tmp_path, co
   before = listing(workdir)
   changed = tiny_config(corpus_file, data_dir, steps=30, num_samples=0)
   changed.model.d_model, changed.optim.lr = 48, 3e-3
-  with pytest.raises(errors.ConfigError, match=r"(?s)model\.d_model: saved 32, now 48.*optim\.lr: saved 0\.01, "
-                                               r"now 0\.003.*new --workdir"):
+  with pytest.raises(
+    errors.ConfigError,
+    match=r"(?s)model\.d_model: saved 32, now 48.*optim\.lr: saved 0\.01, "
+    r"now 0\.003.*new --workdir",
+  ):
     train.train(changed, workdir)
   assert listing(workdir) == before  # config.json, checkpoints, metrics: all as they were
   with pytest.raises(errors.ConfigError, match="is at step 20, beyond train.steps=10"):
@@ -67,8 +71,11 @@ def test_checkpoint_of_other_shapes_is_a_mismatch_not_corruption(tmp_path, corpu
   before = listing(workdir)
   changed = tiny_config(corpus_file, data_dir, steps=20, num_samples=0)
   changed.model.d_ff = 48
-  with pytest.raises(checkpoint.CheckpointMismatch, match=r"(?s)step 10 .*w1: saved \(2, 32, 64\), this config "
-                                                          r"\(2, 32, 48\)"):
+  with pytest.raises(
+    checkpoint.CheckpointMismatch,
+    match=r"(?s)step 10 .*w1: saved \(2, 32, 64\), this config "
+    r"\(2, 32, 48\)",
+  ):
     train.train(changed, workdir)
   assert listing(workdir) == before  # not even config.json is written for the mismatched config
 
@@ -83,7 +90,9 @@ def test_when_no_checkpoint_restores_nothing_is_moved(tmp_path, corpus_file):
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(os.path.getsize(f.name) // 3)
   before = listing(workdir)
-  with pytest.raises(checkpoint.CheckpointUnreadable, match="(?s)no checkpoint in .* restores.*step 10.*Nothing was moved"):
+  with pytest.raises(
+    checkpoint.CheckpointUnreadable, match="(?s)no checkpoint in .* restores.*step 10.*Nothing was moved"
+  ):
     train.train(tiny_config(corpus_file, data_dir, steps=20, num_samples=0), workdir)
   assert listing(workdir) == before
 
@@ -105,10 +114,22 @@ def test_paths_with_glob_characters_are_taken_literally(tmp_path, corpus_file):
   workdir = str(tmp_path / "run [v1] \\x 100%")
   data_dir = str(tmp_path / "tfds")
   train.train(tiny_config(str(corpus), data_dir, steps=10, ckpt_every=10, num_samples=0), workdir)
-  flags = tiny_flags(str(corpus), data_dir, workdir, "--config.train.steps=20", "--config.train.ckpt_every=10",
-                     "--config.train.num_samples=0")
-  second = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *flags], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+  flags = tiny_flags(
+    str(corpus),
+    data_dir,
+    workdir,
+    "--config.train.steps=20",
+    "--config.train.ckpt_every=10",
+    "--config.train.num_samples=0",
+  )
+  second = subprocess.run(
+    [sys.executable, "-m", "lmjax.cli.train", *flags],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
   assert "resumed from step 10" in second.stdout and "failed to restore" not in second.stdout
   assert checkpoint.step_dirs(workdir) == [10, 20]
@@ -118,7 +139,9 @@ def test_paths_with_glob_characters_are_taken_literally(tmp_path, corpus_file):
 
 
 def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo'
+  )
   assert [r["step"] for r in metrics_log.read_metrics(str(tmp_path))] == [1, 2]
   metrics_log.MetricsLogger(str(tmp_path), total_steps=10, start_step=1).close()  # resuming from step 1
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
@@ -147,6 +170,7 @@ def test_atomic_writes_from_many_threads_leave_one_whole_file(tmp_path):
         assert json.load(open(path)) in payloads  # a reader never sees a torn file
     except Exception as err:  # noqa: BLE001 (reported below; a thread's exception would be lost)
       failures.append(err)
+
   threads = [threading.Thread(target=write_and_read, args=(p,)) for p in payloads]
   for t in threads:
     t.start()
@@ -159,8 +183,13 @@ def test_atomic_writes_from_many_threads_leave_one_whole_file(tmp_path):
 def test_repeated_sweep_points_run_once_and_distinct_points_never_share_a_directory():
   drawn = [{"optim.lr": 0.01, "model.mlp": "swiglu"}] * 3 + [{"optim.lr": 0.01, "model.mlp": "gelu"}]
   assert sweep.distinct_points(drawn) == [drawn[0], drawn[3]]
-  similar = [{"data.text_files": "a/b.txt"}, {"data.text_files": "a-b.txt"}, {"train.sample_prompt": "a b"},
-             {"train.sample_prompt": "ab"}, {f"optim.f{i}": 1e-3 for i in range(40)}]
+  similar = [
+    {"data.text_files": "a/b.txt"},
+    {"data.text_files": "a-b.txt"},
+    {"train.sample_prompt": "a b"},
+    {"train.sample_prompt": "ab"},
+    {f"optim.f{i}": 1e-3 for i in range(40)},
+  ]
   names = [sweep.point_name(p) for p in similar]
   assert len(set(names)) == len(names) and all(len(n.encode()) <= 200 and "/" not in n for n in names)
   assert sweep.distinct_points(similar) == similar
@@ -175,7 +204,9 @@ def _fake_run(tmp_path, steps_in_config, finished_steps=None, val_loss=2.0):
   cfg = tiny_config("unused.txt", "unused")
   cfg.train.steps = steps_in_config
   rundir.write_config(cfg, str(workdir))
-  (workdir / "metrics.jsonl").write_text(json.dumps({"step": finished_steps or 5, "val_loss": val_loss}) + "\n")
+  (workdir / "metrics.jsonl").write_text(
+    json.dumps({"step": finished_steps or 5, "val_loss": val_loss}) + "\n"
+  )
   if finished_steps is not None:
     rundir.mark_finished(str(workdir), finished_steps, {})
   return str(workdir)
@@ -191,10 +222,12 @@ def test_finished_means_reached_the_configured_steps(tmp_path):
 
 def test_a_finished_point_reruns_when_the_experiment_asks_for_more_steps(tmp_path, monkeypatch):
   experiment = tmp_path / "exp.py"
-  experiment.write_text("import importlib.util\n"
-                        f"spec = importlib.util.spec_from_file_location('tiny', {TINY_EXPERIMENT!r})\n"
-                        "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
-                        "def get_config(variant=''):\n  return tiny.get_config()\n")  # train.steps = 40
+  experiment.write_text(
+    "import importlib.util\n"
+    f"spec = importlib.util.spec_from_file_location('tiny', {TINY_EXPERIMENT!r})\n"
+    "tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)\n"
+    "def get_config(variant=''):\n  return tiny.get_config()\n"
+  )  # train.steps = 40
   point = {"optim.lr": 0.1}
   workdir = tmp_path / "sweep" / sweep.point_name(point)
   workdir.mkdir(parents=True)
@@ -212,11 +245,15 @@ def test_a_finished_point_reruns_when_the_experiment_asks_for_more_steps(tmp_pat
   assert other["status"] == "failed" and "holds another point" in other["error"]
 
 
-@pytest.mark.parametrize("script, status", [
+@pytest.mark.parametrize(
+  "script, status",
+  [
     ("import sys; sys.exit(143)", "interrupted"),
     ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "interrupted"),
     ("pass", "failed"),  # exit 0 without reaching train.steps is not a result
-    ("raise SystemExit('boom')", "failed")])
+    ("raise SystemExit('boom')", "failed"),
+  ],
+)
 def test_sweep_records_a_point_by_how_it_ended(tmp_path, monkeypatch, script, status):
   monkeypatch.setattr(sweep, "point_command", lambda *a: [sys.executable, "-c", script])
   record = sweep.run_point("unused.py", str(tmp_path), {"optim.lr": 0.1})
@@ -226,20 +263,38 @@ def test_sweep_records_a_point_by_how_it_ended(tmp_path, monkeypatch, script, st
 def test_a_failure_of_the_runner_is_that_points_failure(tmp_path, monkeypatch):
   def broken(*args):
     raise OSError(36, "File name too long")
+
   monkeypatch.setattr(sweep, "point_command", broken)
   record = sweep.run_point("unused.py", str(tmp_path), {"optim.lr": 0.1})
   assert record["status"] == "failed" and "File name too long" in record["error"]
 
 
-# ---------------------------------------------------------------- 4. what is known at start is checked at start
+# ---------------------------------------------------------------- 4. what is known at start is
+# checked at start
 
 
-@pytest.mark.parametrize("field, value", [
-    ("train.grad_accum", 0), ("train.eval_every", 0), ("train.log_every", 0), ("train.ckpt_every", 0),
-    ("train.batch_size", 0), ("train.seq_len", 0), ("train.eval_steps", 0), ("train.steps", 0),
-    ("optim.lr", -0.01), ("optim.b2", 1.0), ("optim.grad_clip", 0.0), ("data.val_fraction", 1.0),
-    ("finetune.lora_rank", 0), ("model.rope_theta", 0.0), ("optim.lr", float("nan")),
-    ("optim.weight_decay", float("inf")), ("train.peak_tflops", float("nan"))])
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("train.grad_accum", 0),
+    ("train.eval_every", 0),
+    ("train.log_every", 0),
+    ("train.ckpt_every", 0),
+    ("train.batch_size", 0),
+    ("train.seq_len", 0),
+    ("train.eval_steps", 0),
+    ("train.steps", 0),
+    ("optim.lr", -0.01),
+    ("optim.b2", 1.0),
+    ("optim.grad_clip", 0.0),
+    ("data.val_fraction", 1.0),
+    ("finetune.lora_rank", 0),
+    ("model.rope_theta", 0.0),
+    ("optim.lr", float("nan")),
+    ("optim.weight_decay", float("inf")),
+    ("train.peak_tflops", float("nan")),
+  ],
+)
 def test_out_of_range_values_name_the_field(tmp_path, corpus_file, field, value):
   cfg = tiny_config(corpus_file, str(tmp_path))
   section, key = field.split(".")
@@ -248,14 +303,18 @@ def test_out_of_range_values_name_the_field(tmp_path, corpus_file, field, value)
     config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"data.tokenizer": "wordpiece"}, "data.tokenizer='wordpiece' is not supported"),
     ({"finetune.mode": "lora", "finetune.lora_targets": "q,x"}, "finetune.lora_targets='x' is not supported"),
     ({"finetune.task": "qna"}, "finetune.task='qna' is not supported"),
     ({"finetune.mode": "dora"}, "finetune.mode='dora' is not supported"),
     ({"mesh.shape": (0, 1, 1)}, r"mesh.shape=\(0, 1, 1\) must give one size per axis"),
     ({"data.tokenizer": "bpe", "data.vocab_size": 0}, "needs data.vocab_size"),
-    ({"optim.min_lr": 0.5}, "optim.min_lr=0.5 exceeds optim.lr")])
+    ({"optim.min_lr": 0.5}, "optim.min_lr=0.5 exceeds optim.lr"),
+  ],
+)
 def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, overrides, message):
   cfg = tiny_config(corpus_file, str(tmp_path))
   for field, value in overrides.items():
@@ -269,9 +328,19 @@ def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, over
 @pytest.mark.slow
 def test_bad_value_on_the_command_line_exits_2_without_traceback(tmp_path, corpus_file):
   workdir = tmp_path / "run"
-  result = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *tiny_flags(
-      corpus_file, str(tmp_path), str(workdir), "--config.train.grad_accum=0")], cwd=REPO, env=ENV,
-      capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.train",
+      *tiny_flags(corpus_file, str(tmp_path), str(workdir), "--config.train.grad_accum=0"),
+    ],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2
   assert "error: train.grad_accum=0 is out of range: it must be >= 1" in result.stderr
   assert "Traceback" not in result.stderr and not workdir.exists()
@@ -314,7 +383,7 @@ def test_masked_loss_accumulates_to_the_full_batch_token_mean():
   inputs, targets = (rng.integers(0, 50, (4, 16)).astype(np.int32) for _ in range(2))
   mask = np.zeros((4, 16), np.float32)
   for row, n in enumerate([14, 12, 2, 1]):  # the micro-batches hold very different numbers of response tokens
-    mask[row, 16 - n:] = 1.0
+    mask[row, 16 - n :] = 1.0
   batch = {"inputs": inputs, "targets": targets, "mask": mask}
   params0 = jax.device_get(train.init_state(cfg, optimizer, 0, shardings).params)
   logits = np.asarray(model.Transformer(cfg).apply({"params": params0}, inputs), np.float64)
@@ -341,8 +410,9 @@ def test_lora_run_keeps_the_exact_base_it_was_trained_on(tmp_path, corpus_file):
   data_dir, base = str(tmp_path / "tfds"), str(tmp_path / "base")
   train.train(tiny_config(corpus_file, data_dir, steps=10, num_samples=0), base)
   sft = tmp_path / "sft.jsonl"
-  sft.write_text("".join(json.dumps({"prompt": f"ROMEO {'ab'[i % 2]}:", "response": " soft\n"}) + "\n"
-                         for i in range(20)))
+  sft.write_text(
+    "".join(json.dumps({"prompt": f"ROMEO {'ab'[i % 2]}:", "response": " soft\n"}) + "\n" for i in range(20))
+  )
   lora_cfg = tiny_config(corpus_file, data_dir, steps=4, eval_every=4, num_samples=0, ckpt_every=4)
   lora_cfg.init.from_checkpoint = base
   lora_cfg.finetune.update(train_file=str(sft), mode="lora")
@@ -352,7 +422,9 @@ def test_lora_run_keeps_the_exact_base_it_was_trained_on(tmp_path, corpus_file):
   assert recorded["workdir"] == base and recorded["step"] == 10
   saved = checkpoint.load_params(os.path.join(base, "checkpoints", "10"))
   digest = hashlib.sha256()  # the fingerprint's definition, written out: sorted paths, dtype, shape, bytes
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(saved)[0], key=lambda pl: jax.tree_util.keystr(pl[0])):
+  for path, leaf in sorted(
+    jax.tree_util.tree_flatten_with_path(saved)[0], key=lambda pl: jax.tree_util.keystr(pl[0])
+  ):
     leaf = np.asarray(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape};".encode() + leaf.tobytes())
   assert recorded["params_sha256"] == digest.hexdigest()
@@ -374,7 +446,9 @@ def test_lora_run_keeps_the_exact_base_it_was_trained_on(tmp_path, corpus_file):
 def _cosine(step, total, peak=1e-2, end=1e-3, warmup=5):  # tiny experiment's optimizer settings
   if step < warmup:
     return peak * step / warmup
-  return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
+  return end + (peak - end) * 0.5 * (
+    1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup))
+  )
 
 
 @pytest.mark.slow
@@ -385,8 +459,12 @@ def test_extending_a_run_announces_the_new_schedule_and_can_keep_the_old(tmp_pat
   capsys.readouterr()
   train.train(tiny_config(corpus_file, data_dir, steps=30, num_samples=0), str(tmp_path / "extended"))
   note = capsys.readouterr().out
-  now, before = map(float, re.search(r"at step 20 the learning rate is (\S+) instead of (\S+) ", note).groups())
-  assert now == pytest.approx(_cosine(20, 30), rel=1e-3) and before == pytest.approx(_cosine(20, 20), rel=1e-3)
+  now, before = map(
+    float, re.search(r"at step 20 the learning rate is (\S+) instead of (\S+) ", note).groups()
+  )
+  assert now == pytest.approx(_cosine(20, 30), rel=1e-3) and before == pytest.approx(
+    _cosine(20, 20), rel=1e-3
+  )
   assert "--config.optim.decay_steps=20" in note
   kept = tiny_config(corpus_file, data_dir, steps=30, num_samples=0)
   kept.optim.decay_steps = 20

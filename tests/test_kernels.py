@@ -1,5 +1,6 @@
 """The kernel seam (ops/): every attention and matmul implementation gives the reference's values and
 gradients, and the model computes the same with any of them."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,10 +38,16 @@ def test_blocked_causal_attention_matches_the_xla_reference(blocks, kv_heads, wi
   q, k, v = qkv(kv_heads=kv_heads)
   pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
   common = dict(causal=True, window=window, dropout=None, operand_dtype=jnp.float32)
-  got = jax.jit(lambda: values_and_grads(lambda q, k, v: attention_lib._blocked(
-      q, k, v, pos, pos, blocks=blocks, **common), q, k, v))()
-  expected = jax.jit(lambda: values_and_grads(lambda q, k, v: attention_lib.attention(
-      q, k, v, pos, pos, impl="xla", **common), q, k, v))()
+  got = jax.jit(
+    lambda: values_and_grads(
+      lambda q, k, v: attention_lib._blocked(q, k, v, pos, pos, blocks=blocks, **common), q, k, v
+    )
+  )()
+  expected = jax.jit(
+    lambda: values_and_grads(
+      lambda q, k, v: attention_lib.attention(q, k, v, pos, pos, impl="xla", **common), q, k, v
+    )
+  )()
   assert_close(got, expected, 1e-5)
 
 
@@ -52,8 +59,14 @@ def test_position_masked_attention_matches_the_xla_reference(operand_dtype, tol)
   k_pos = jnp.asarray([[-1] * 6 + list(range(10)), list(range(16))], jnp.int32)
   q_pos = k_pos[:, -4:]
   common = dict(causal=False, window=None, dropout=None, operand_dtype=operand_dtype)
-  got, expected = (jax.jit(lambda impl=impl: values_and_grads(lambda q, k, v: attention_lib.attention(
-      q, k, v, q_pos, k_pos, impl=impl, **common), q, k, v))() for impl in ("xla_cpu", "xla"))
+  got, expected = (
+    jax.jit(
+      lambda impl=impl: values_and_grads(
+        lambda q, k, v: attention_lib.attention(q, k, v, q_pos, k_pos, impl=impl, **common), q, k, v
+      )
+    )()
+    for impl in ("xla_cpu", "xla")
+  )
   assert_close(got, expected, tol)
 
 
@@ -70,6 +83,7 @@ def test_matmul_implementations_agree(w_is_NK):
     f = lambda x, w: matmul_lib.matmul(x, w, jnp.bfloat16, w_is_NK, impl=impl)
     out, pullback = jax.vjp(f, x, w)
     return (out, *pullback(g))
+
   got, expected = jax.jit(lambda: run("xla_cpu"))(), jax.jit(lambda: run("xla"))()
   np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-6)  # fp32 sums in another order
   for name, a, b in zip(("dx", "dw"), got[1:], expected[1:]):
@@ -88,6 +102,7 @@ def test_the_model_computes_the_same_with_either_kernel():
     cfg = M.ModelConfig(**base, **impls)
     loss = lambda p: M.Transformer(cfg).apply({"params": p}, tokens).std()
     return jax.jit(jax.value_and_grad(loss))(params)
+
   (a, grads_a), (b, grads_b) = run(), run(attention_impl="xla", matmul_impl="xla")
   np.testing.assert_allclose(a, b, rtol=1e-5)
   for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
@@ -96,18 +111,38 @@ def test_the_model_computes_the_same_with_either_kernel():
 
 def test_causal_query_blocks_divide_the_sequence():
   assert [attention_lib.causal_query_blocks(t) for t in (8, 64, 127, 128, 192, 256, 1024, 4096)] == [
-      1, 1, 1, 2, 3, 4, 8, 8]
+    1,
+    1,
+    1,
+    2,
+    3,
+    4,
+    8,
+    8,
+  ]
 
 
 @pytest.mark.slow
 def test_unknown_kernels_and_unsupported_options_are_refused():
-  with pytest.raises(ValueError, match=r"model.attention_impl='flash' is not supported; allowed values: \['xla', "):
+  with pytest.raises(
+    ValueError, match=r"model.attention_impl='flash' is not supported; allowed values: \['xla', "
+  ):
     M.ModelConfig(attention_impl="flash")
   with pytest.raises(ValueError, match=r"model.matmul_impl='cublas' is not supported"):
     M.ModelConfig(matmul_impl="cublas")
-  cfg = M.ModelConfig(vocab_size=37, max_len=16, d_model=32, n_layers=1, n_heads=4, d_ff=48, attn_dropout=0.1,
-                      attention_impl="xla")
+  cfg = M.ModelConfig(
+    vocab_size=37,
+    max_len=16,
+    d_model=32,
+    n_layers=1,
+    n_heads=4,
+    d_ff=48,
+    attn_dropout=0.1,
+    attention_impl="xla",
+  )
   tokens = jnp.zeros((1, 8), jnp.int32)
   params = M.init_params(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match="attention_impl='xla' has no attention dropout"):
-    M.Transformer(cfg).apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    M.Transformer(cfg).apply(
+      {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )

@@ -1,5 +1,6 @@
 """The package's shape checks itself: layers import only downwards, no module cycle, no import
 hidden inside a function, no file over 400 lines (BUILD_NOTES.md, "Layout")."""
+
 import ast
 import pathlib
 
@@ -7,7 +8,19 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmjax"
 # Bottom to top: a module may import its own layer and the layers before it, never one after it.
-LAYERS = ("core", "ops", "model", "data", "run", "pretrained", "inference", "tasks", "train", "research", "cli")
+LAYERS = (
+  "core",
+  "ops",
+  "model",
+  "data",
+  "run",
+  "pretrained",
+  "inference",
+  "tasks",
+  "train",
+  "research",
+  "cli",
+)
 MAX_LINES = 400
 
 
@@ -52,18 +65,25 @@ def test_every_module_belongs_to_a_layer():
 def test_imports_go_down_the_layers_and_stay_at_module_level(name):
   path, tree = MODULES[name]
   top = set(lmjax_imports(tree, top_level_only=True))
-  hidden = [f"line {line}: {mod}" for line, mod in lmjax_imports(tree, top_level_only=False) if (line, mod) not in top]
+  hidden = [
+    f"line {line}: {mod}" for line, mod in lmjax_imports(tree, top_level_only=False) if (line, mod) not in top
+  ]
   assert not hidden, f"{path}: lmjax imports inside functions (a dodged cycle?): {hidden}"
   if layer(name) is None:
     return
-  upward = [f"line {line}: {mod} ({LAYERS[layer(mod)]})" for line, mod in top
-            if layer(mod) is not None and layer(mod) > layer(name)]
+  upward = [
+    f"line {line}: {mod} ({LAYERS[layer(mod)]})"
+    for line, mod in top
+    if layer(mod) is not None and layer(mod) > layer(name)
+  ]
   assert not upward, f"{path} ({LAYERS[layer(name)]}) imports upward: {upward}"
 
 
 def test_no_import_cycle():
-  graph = {name: {mod for _, mod in lmjax_imports(tree, True) if mod in MODULES and mod != name}
-           for name, (_, tree) in MODULES.items()}
+  graph = {
+    name: {mod for _, mod in lmjax_imports(tree, True) if mod in MODULES and mod != name}
+    for name, (_, tree) in MODULES.items()
+  }
   state = {}
 
   def visit(node, stack):
@@ -72,17 +92,21 @@ def test_no_import_cycle():
       if nxt.startswith(node + "."):  # a package importing its own submodules (re-exports) is no cycle
         continue
       if state.get(nxt) == "open":
-        cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+        cycle = stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt]
         pytest.fail(f"import cycle: {' -> '.join(cycle)}")
       if nxt not in state:
         visit(nxt, stack + [nxt])
     state[node] = "done"
+
   for name in graph:
     if name not in state:
       visit(name, [name])
 
 
 def test_no_file_over_the_line_limit():
-  long = {str(p.relative_to(PACKAGE.parent)): n for p, _ in MODULES.values()
-          if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+  long = {
+    str(p.relative_to(PACKAGE.parent)): n
+    for p, _ in MODULES.values()
+    if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+  }
   assert long == {}, f"files over {MAX_LINES} lines: {long}"

@@ -1,4 +1,5 @@
 """Model tests against independent references: formulas and numpy re-implementations."""
+
 import math
 
 import jax
@@ -22,6 +23,7 @@ def random_tokens(cfg, batch=2, length=10, seed=0):
 
 
 # ---------------------------------------------------------------- numpy references
+
 
 def np_softmax(x, axis=-1):
   e = np.exp(x - x.max(axis, keepdims=True))
@@ -62,6 +64,7 @@ def np_attention(x_TD, p, n_heads, n_kv_heads, rope_theta=None):
 
 # ---------------------------------------------------------------- tests
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pos", M.POS_ENCODINGS)
 def test_causality(pos):
@@ -99,22 +102,33 @@ def test_rope_matches_pair_rotation_and_is_relative():
   np.testing.assert_allclose(got, np_rope(x[0].astype(np.float64), pos, 100.0), atol=1e-5)
   # q.k after rotation depends only on the distance between the two positions.
   q, k = rng.normal(size=(1, 1, 1, 8)), rng.normal(size=(1, 1, 1, 8))
+
   def score(i, j):
     rq = M.apply_rope(jnp.asarray(q, jnp.float32), jnp.array([[i]]), 100.0)
     rk = M.apply_rope(jnp.asarray(k, jnp.float32), jnp.array([[j]]), 100.0)
     return float(jnp.sum(rq * rk))
+
   assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-4)
   assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
 
 
 @pytest.mark.parametrize("impl", ["xla_cpu", "xla"])
-@pytest.mark.parametrize("n_kv_heads,bias,rope,causal", [(4, False, False, False), (2, True, False, False),
-                                                         (1, False, True, False), (4, True, False, True),
-                                                         (2, False, True, True)])
+@pytest.mark.parametrize(
+  "n_kv_heads,bias,rope,causal",
+  [
+    (4, False, False, False),
+    (2, True, False, False),
+    (1, False, True, False),
+    (4, True, False, True),
+    (2, False, True, True),
+  ],
+)
 @pytest.mark.slow
 def test_attention_matches_numpy(n_kv_heads, bias, rope, causal, impl):
   """causal False: the mask from positions; True: the training path with a constant causal mask."""
-  cfg = tiny(n_kv_heads=n_kv_heads, attn_bias=bias, pos_encoding="rope" if rope else "none", attention_impl=impl)
+  cfg = tiny(
+    n_kv_heads=n_kv_heads, attn_bias=bias, pos_encoding="rope" if rope else "none", attention_impl=impl
+  )
   x = jax.random.normal(jax.random.key(2), (1, 8, cfg.d_model))
   pos = jnp.arange(8)[None]
   attn = M.Attention(cfg, causal=causal)
@@ -123,8 +137,9 @@ def test_attention_matches_numpy(n_kv_heads, bias, rope, causal, impl):
     params = {k: v + 0.1 * (k.endswith("bias")) for k, v in params.items()}
   got, _ = attn.apply({"params": params}, x, pos, pos)
   np_params = {k: np.asarray(v, np.float64) for k, v in params.items()}
-  expected = np_attention(np.asarray(x[0], np.float64), np_params, cfg.n_heads, n_kv_heads,
-                          cfg.rope_theta if rope else None)
+  expected = np_attention(
+    np.asarray(x[0], np.float64), np_params, cfg.n_heads, n_kv_heads, cfg.rope_theta if rope else None
+  )
   np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
@@ -134,9 +149,14 @@ def test_scaled_embeddings_equal_a_table_times_sqrt_d():
   params = M.init_params(cfg, jax.random.key(4))
   tokens = random_tokens(cfg)
   scaled_table = {**params, "embedding": params["embedding"] * math.sqrt(cfg.d_model)}
-  np.testing.assert_allclose(Transformer_apply(tiny(tie_embeddings=False, pos_encoding="sinusoidal",
-                                                    scale_embeddings=True), params, tokens),
-                             Transformer_apply(cfg, scaled_table, tokens), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    Transformer_apply(
+      tiny(tie_embeddings=False, pos_encoding="sinusoidal", scale_embeddings=True), params, tokens
+    ),
+    Transformer_apply(cfg, scaled_table, tokens),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("kind", M.MLP_KINDS)
@@ -152,7 +172,7 @@ def test_mlp_matches_formula(kind):
   if kind == "relu":
     h = np.maximum(0, h)
   elif kind == "gelu":  # tanh approximation, as in GPT-2
-    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
   else:
     h = h / (1 + np.exp(-h)) * (xn @ p["w3"] + p["b3"])
   expected = h @ p["w2"] + p["b2"]
@@ -161,16 +181,22 @@ def test_mlp_matches_formula(kind):
 
 def test_rmsnorm_and_layernorm_match_formula():
   x = np.random.default_rng(1).normal(size=(1, 3, 8)).astype(np.float32)
-  rms = M.Norm(tiny(norm="rmsnorm", d_model=8, norm_eps=1e-6)).apply({"params": {"scale": np.full(8, 2.0)}}, x)
-  np.testing.assert_allclose(rms, 2 * x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6), atol=1e-5)
+  rms = M.Norm(tiny(norm="rmsnorm", d_model=8, norm_eps=1e-6)).apply(
+    {"params": {"scale": np.full(8, 2.0)}}, x
+  )
+  np.testing.assert_allclose(rms, 2 * x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6), atol=1e-5)
   ln = M.Norm(tiny(norm="layernorm", d_model=8, norm_eps=1e-6)).apply(
-      {"params": {"scale": np.ones(8), "bias": np.full(8, 0.5)}}, x)
-  np.testing.assert_allclose(ln, (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) + 0.5,
-                             atol=1e-5)
+    {"params": {"scale": np.ones(8), "bias": np.full(8, 0.5)}}, x
+  )
+  np.testing.assert_allclose(
+    ln, (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) + 0.5, atol=1e-5
+  )
   ln_no_bias = M.Norm(tiny(norm="layernorm", norm_bias=False, d_model=8, norm_eps=1e-6)).apply(
-      {"params": {"scale": np.full(8, 3.0)}}, x)  # nanoGPT's LayerNorm(bias=False): a "bias" param would fail here
-  np.testing.assert_allclose(ln_no_bias, 3 * (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6),
-                             atol=1e-5)
+    {"params": {"scale": np.full(8, 3.0)}}, x
+  )  # nanoGPT's LayerNorm(bias=False): a "bias" param would fail here
+  np.testing.assert_allclose(
+    ln_no_bias, 3 * (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6), atol=1e-5
+  )
 
 
 @pytest.mark.slow
@@ -183,8 +209,11 @@ def test_scanned_and_unrolled_layers_agree():
     unrolled[f"block_{i}"] = jax.tree.map(lambda w, i=i: w[i], params["blocks"])
   assert jax.tree.structure(unrolled) == jax.tree.structure(M.init_params(unrolled_cfg, jax.random.key(0)))
   tokens = random_tokens(scanned_cfg)
-  np.testing.assert_allclose(Transformer_apply(scanned_cfg, params, tokens),
-                             Transformer_apply(unrolled_cfg, unrolled, tokens), atol=1e-5)
+  np.testing.assert_allclose(
+    Transformer_apply(scanned_cfg, params, tokens),
+    Transformer_apply(unrolled_cfg, unrolled, tokens),
+    atol=1e-5,
+  )
 
 
 def closed_form_params(c: M.ModelConfig) -> int:
@@ -200,15 +229,33 @@ def closed_form_params(c: M.ModelConfig) -> int:
   return V * D + pos + c.n_layers * per_layer + norm + (0 if c.tie_embeddings else D * V)
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     dict(),
-    dict(norm="layernorm", mlp="relu", attn_bias=True, mlp_bias=True, pos_encoding="learned", tie_embeddings=False),
+    dict(
+      norm="layernorm",
+      mlp="relu",
+      attn_bias=True,
+      mlp_bias=True,
+      pos_encoding="learned",
+      tie_embeddings=False,
+    ),
     dict(norm="layernorm", norm_bias=False, pos_encoding="learned"),  # nanoGPT's bias=False
     dict(mlp="swiglu", n_kv_heads=1, head_dim=16, mlp_bias=True),
     # SmolLM2-135M's shape: the well-known 134,515,008 parameters.
-    dict(vocab_size=49152, max_len=2048, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
-         mlp="swiglu"),
-])
+    dict(
+      vocab_size=49152,
+      max_len=2048,
+      d_model=576,
+      n_layers=30,
+      n_heads=9,
+      n_kv_heads=3,
+      d_ff=1536,
+      mlp="swiglu",
+    ),
+  ],
+)
 def test_param_count_closed_form(overrides):
   cfg = tiny(**overrides)
   assert M.param_count(cfg) == closed_form_params(cfg)
@@ -234,7 +281,7 @@ def test_kv_cache_decode_matches_full_forward(pos, scan):
   prefill, cache = model.apply({"params": params}, tokens[:, :5], cache=cache)
   steps = [prefill]
   for t in range(5, 9):
-    logits, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+    logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], cache=cache)
     steps.append(logits)
   assert np.abs(np.concatenate(steps, 1) - full).max() < 1e-4
 
@@ -257,8 +304,10 @@ def test_remat_keeps_values_and_gradients(policy):
   base, remat = tiny(), tiny(remat=policy)
   params = M.init_params(base, jax.random.key(9))
   tokens = random_tokens(base)
+
   def loss(cfg, p):
     return M.Transformer(cfg).apply({"params": p}, tokens).mean()
+
   g_base, g_remat = jax.grad(lambda p: loss(base, p))(params), jax.grad(lambda p: loss(remat, p))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_base, g_remat)
 
@@ -285,7 +334,9 @@ def test_bf16_operand_matmul_gradients_match_numpy(w_is_NK):
   x, w_KN, g = rng.normal(size=(24, 16)), rng.normal(size=(16, 8)), rng.normal(size=(24, 8))
   w = w_KN.T if w_is_NK else w_KN
   loss = lambda x, w: jnp.sum(matmul_lib.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK) * g)
-  y = jax.jit(lambda x, w: matmul_lib.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(x.astype(np.float32), w.astype(np.float32))
+  y = jax.jit(lambda x, w: matmul_lib.matmul_fp32_accumulate(x, w, jnp.bfloat16, w_is_NK))(
+    x.astype(np.float32), w.astype(np.float32)
+  )
   dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
   assert y.dtype == dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_allclose(y, x @ w_KN, rtol=0, atol=0.05 * np.abs(x @ w_KN).max())
@@ -312,8 +363,11 @@ def test_attention_core_matches_autodiff_of_plain_softmax_attention(operand_dtyp
   def vjp(f):
     out, pullback = jax.vjp(f, q, k, v)
     return (out, *pullback(dout))
+
   expected = jax.jit(lambda: vjp(reference))()
-  got = jax.jit(lambda: vjp(lambda q, k, v: attention_lib.attention_core(q, k, v, bias, keep, operand_dtype)))()
+  got = jax.jit(
+    lambda: vjp(lambda q, k, v: attention_lib.attention_core(q, k, v, bias, keep, operand_dtype))
+  )()
   for name, e, g in zip(("out", "dq", "dk", "dv"), expected, got):
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(g, e, rtol=0, atol=tol * float(jnp.abs(e).max()), err_msg=name)
@@ -326,11 +380,14 @@ def test_attention_dropout_is_active_in_training_only():
   cfg = tiny(attn_dropout=0.5)
   params = M.init_params(cfg, jax.random.key(12))
   tokens = random_tokens(cfg)
-  train = lambda p, key: M.Transformer(cfg).apply({"params": p}, tokens, deterministic=False, rngs={"dropout": key})
+  train = lambda p, key: M.Transformer(cfg).apply(
+    {"params": p}, tokens, deterministic=False, rngs={"dropout": key}
+  )
   a, b = train(params, jax.random.key(1)), train(params, jax.random.key(2))
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
-  np.testing.assert_allclose(M.Transformer(cfg).apply({"params": params}, tokens),
-                             Transformer_apply(tiny(), params, tokens), atol=1e-5)
+  np.testing.assert_allclose(
+    M.Transformer(cfg).apply({"params": params}, tokens), Transformer_apply(tiny(), params, tokens), atol=1e-5
+  )
   grads = jax.jit(jax.grad(lambda p: train(p, jax.random.key(1)).mean()))(params)
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
@@ -341,7 +398,9 @@ def test_bf16_matmul_model_gradients_close_to_fp32():
   f32, bf16 = tiny(), tiny(matmul_dtype="bfloat16")
   params = M.init_params(f32, jax.random.key(11))
   tokens = random_tokens(f32)
-  grad = lambda cfg: jax.jit(jax.grad(lambda p: M.Transformer(cfg).apply({"params": p}, tokens).std()))(params)
+  grad = lambda cfg: jax.jit(jax.grad(lambda p: M.Transformer(cfg).apply({"params": p}, tokens).std()))(
+    params
+  )
   for a, b in zip(jax.tree.leaves(grad(f32)), jax.tree.leaves(grad(bf16))):
     np.testing.assert_allclose(b, a, rtol=0, atol=0.05 * float(np.abs(a).max()) + 1e-6)
 
@@ -359,7 +418,9 @@ def test_params_carry_logical_axis_names():
     assert all(axis is not None for axis in spec), f"unnamed dimension in {spec}"
 
 
-@pytest.mark.parametrize("overrides,field", [
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
     (dict(pos_encoding="alibi"), "pos_encoding"),
     (dict(d_model=30, n_heads=4), "n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
@@ -367,7 +428,8 @@ def test_params_carry_logical_axis_names():
     (dict(norm="batchnorm"), "norm"),
     (dict(remat="some"), "remat"),
     (dict(dtype="float8"), "dtype"),
-])
+  ],
+)
 def test_bad_config_values_name_field_and_allowed_values(overrides, field):
   with pytest.raises(ValueError, match=f"model.{field}") as err:
     tiny(**overrides)

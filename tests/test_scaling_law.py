@@ -1,4 +1,5 @@
 """Scaling-law fit (lmjax/scaling.py) against synthetic laws, and a real model-size sweep with its report."""
+
 import json
 import os
 
@@ -12,7 +13,7 @@ from lmjax.research import scaling
 
 def test_fit_recovers_a_known_power_law():
   n = np.geomspace(2e4, 3e6, 7)
-  exact = 40.0 * n ** -0.35 + 1.3
+  exact = 40.0 * n**-0.35 + 1.3
   fit = scaling.fit_power_law(n, exact)
   assert fit["alpha"] == pytest.approx(0.35, abs=0.01)
   assert fit["c"] == pytest.approx(1.3, abs=0.01)
@@ -36,25 +37,40 @@ def test_report_on_a_sweep_without_enough_finished_runs_says_so(tmp_path):
 
 def test_non_embedding_count_excludes_embeddings():
   for tie, pos in ((True, "learned"), (False, "rope")):
-    cfg = model.ModelConfig(vocab_size=50, max_len=16, d_model=24, n_layers=3, n_heads=2, d_ff=40, mlp="gelu",
-                            norm="layernorm", pos_encoding=pos, tie_embeddings=tie)
+    cfg = model.ModelConfig(
+      vocab_size=50,
+      max_len=16,
+      d_model=24,
+      n_layers=3,
+      n_heads=2,
+      d_ff=40,
+      mlp="gelu",
+      norm="layernorm",
+      pos_encoding=pos,
+      tie_embeddings=tie,
+    )
     # per layer: q, k, v, o (4 d^2), w1 and w2 (2 d F), two LayerNorms (4 d); plus the final LayerNorm
     assert model.non_embedding_param_count(cfg) == 3 * (4 * 24 * 24 + 2 * 24 * 40 + 4 * 24) + 2 * 24
 
 
 @pytest.mark.slow
 def test_model_size_sweep_writes_the_scaling_report(tmp_path, corpus_file):
-  config = write_experiment(tmp_path, corpus_file,
-                            '[{"model.d_model": d, "model.d_ff": 2 * d} for d in (8, 16, 24, 32)]')
+  config = write_experiment(
+    tmp_path, corpus_file, '[{"model.d_model": d, "model.d_ff": 2 * d} for d in (8, 16, 24, 32)]'
+  )
   with open(config, "a") as f:
-    f.write("\ndef analyze_sweep(sweep_dir):\n  from lmjax.research import scaling\n  scaling.report(sweep_dir)\n")
+    f.write(
+      "\ndef analyze_sweep(sweep_dir):\n  from lmjax.research import scaling\n  scaling.report(sweep_dir)\n"
+    )
   workdir = str(tmp_path / "sweep")
   result = run_sweep(config, workdir, "--parallel=2")
   assert result.returncode == 0, result.stderr[-2000:]
   with open(os.path.join(workdir, "scaling.json")) as f:
     fit = json.load(f)
   # the tiny experiment: 2 layers, SwiGLU (3 d F), RMSNorm (2 d per layer + final d)
-  assert [p["n"] for p in fit["points"]] == [2 * (4 * d * d + 3 * d * 2 * d + 2 * d) + d for d in (8, 16, 24, 32)]
+  assert [p["n"] for p in fit["points"]] == [
+    2 * (4 * d * d + 3 * d * 2 * d + 2 * d) + d for d in (8, 16, 24, 32)
+  ]
   assert all(p["val_loss"] > 0 for p in fit["points"]) and np.isfinite(fit["alpha"])
   assert "L(N) =" in open(os.path.join(workdir, "scaling.md")).read()
   assert os.path.getsize(os.path.join(workdir, "scaling.png")) > 0

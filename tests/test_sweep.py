@@ -1,4 +1,5 @@
 """Sweep runner: a 2x2 grid on the tiny experiment, results, skipping, failures, commands, SLURM."""
+
 import csv
 import os
 import subprocess
@@ -15,7 +16,7 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 def write_experiment(tmp_path, corpus_file, grid: str) -> str:
   path = tmp_path / "sweep_experiment.py"
-  path.write_text(f'''
+  path.write_text(f"""
 import importlib.util
 spec = importlib.util.spec_from_file_location("tiny", {TINY_EXPERIMENT!r})
 tiny = importlib.util.module_from_spec(spec)
@@ -30,13 +31,19 @@ def get_config(variant=""):
 
 def get_sweep():
   return {grid}
-''')
+""")
   return str(path)
 
 
 def run_sweep(config, workdir, *extra):
-  return subprocess.run([sys.executable, "-m", "lmjax.cli.sweep", f"--config={config}", f"--workdir={workdir}", *extra],
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "lmjax.cli.sweep", f"--config={config}", f"--workdir={workdir}", *extra],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 @pytest.mark.slow
@@ -59,7 +66,9 @@ def test_grid_sweep_results_skip_and_failure(tmp_path, corpus_file):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   second = run_sweep(config, workdir)  # finished points are skipped, not re-run
   assert second.returncode == 0
-  ok_dirs = [os.path.join(workdir, sweep.point_name({"optim.lr": lr, "model.n_heads": 2})) for lr in (0.01, 0.003)]
+  ok_dirs = [
+    os.path.join(workdir, sweep.point_name({"optim.lr": lr, "model.n_heads": 2})) for lr in (0.01, 0.003)
+  ]
   for d in ok_dirs:
     with open(os.path.join(d, "sweep_log.txt")) as f:
       assert f.read().count("starting at step 0") == 1
@@ -67,7 +76,9 @@ def test_grid_sweep_results_skip_and_failure(tmp_path, corpus_file):
 
 @pytest.mark.slow
 def test_print_commands_and_slurm_script(tmp_path, corpus_file):
-  config = write_experiment(tmp_path, corpus_file, '[{"optim.lr": 0.01}, {"optim.lr": 0.003}, {"train.steps": 4}, {}]')
+  config = write_experiment(
+    tmp_path, corpus_file, '[{"optim.lr": 0.01}, {"optim.lr": 0.003}, {"train.steps": 4}, {}]'
+  )
   printed = run_sweep(config, str(tmp_path / "s"), "--print_commands")
   commands = printed.stdout.strip().splitlines()
   assert len(commands) == 4 and all("-m lmjax.cli.train" in c and f"--config={config}" in c for c in commands)

@@ -1,4 +1,5 @@
 """End-to-end training tests: loss, logs, checkpoints, exact resume, signals, NaNs, configs."""
+
 import json
 import math
 import os
@@ -35,8 +36,14 @@ def restore_params(workdir, step):
 
 
 def launch(flags):
-  return subprocess.Popen([sys.executable, "-m", "lmjax.cli.train", *flags], cwd=REPO, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "lmjax.cli.train", *flags],
+    cwd=REPO,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def run_until_line(proc, prefix):
@@ -64,8 +71,10 @@ def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file, capsys
   assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6) for r in evals)
   assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 0.5
   assert final["val_loss"] == evals[-1]["val_loss"]
-  assert (f"final val loss {evals[-1]['val_loss']:.4f} at step 40; reference 2.5 at step 40 (a test reference)"
-          in capsys.readouterr().out)
+  assert (
+    f"final val loss {evals[-1]['val_loss']:.4f} at step 40; reference 2.5 at step 40 (a test reference)"
+    in capsys.readouterr().out
+  )
   for name in ("config.json", "tokenizer.json", "loss.png", "samples.txt"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
@@ -78,25 +87,31 @@ def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file, capsys
 @pytest.mark.slow
 def test_evaluation_runs_on_its_own_schedule(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
-  train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=12, log_every=5, eval_every=4,
-                          num_samples=0), workdir)
+  train.train(
+    tiny_config(corpus_file, str(tmp_path / "tfds"), steps=12, log_every=5, eval_every=4, num_samples=0),
+    workdir,
+  )
   records = read_jsonl(workdir)
   assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
   assert [r["step"] for r in records] == [4, 5, 8, 10, 12]
 
 
 def test_learning_rate_schedule_matches_formula():
-  optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, b1=0.9, b2=0.99, eps=1e-8,
-                                         weight_decay=0.1, grad_clip=1.0))
+  optim = ml_collections.ConfigDict(
+    dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+  )
   _, schedule = train.make_optimizer(optim, total_steps=110)
   for t in (0, 5, 10, 35, 60, 110):
-    expected = 1e-3 * t / 10 if t < 10 else 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (t - 10) / 100))
+    expected = (
+      1e-3 * t / 10 if t < 10 else 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (t - 10) / 100))
+    )
     assert float(schedule(t)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_weight_decay_applies_to_matrices_only():
-  optim = ml_collections.ConfigDict(dict(lr=0.1, min_lr=0.1, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
-                                         weight_decay=0.5, grad_clip=1.0))
+  optim = ml_collections.ConfigDict(
+    dict(lr=0.1, min_lr=0.1, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.5, grad_clip=1.0)
+  )
   optimizer, _ = train.make_optimizer(optim, total_steps=10)
   params = {"blocks": {"attn": {"wq": jnp.ones((2, 2))}, "mlp_norm": {"scale": jnp.ones(2)}}}
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -109,8 +124,9 @@ def test_weight_decay_applies_to_matrices_only():
 @pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   cfg = model.ModelConfig(vocab_size=11, max_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=32)
-  optim = ml_collections.ConfigDict(dict(lr=1e-2, min_lr=1e-3, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
-                                         weight_decay=0.1, grad_clip=1.0))
+  optim = ml_collections.ConfigDict(
+    dict(lr=1e-2, min_lr=1e-3, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+  )
   optimizer, schedule = train.make_optimizer(optim, 10)
   mesh = sharding.make_mesh((1, 1, 1))
   _, shardings = train.state_shardings(cfg, optimizer, mesh, sharding.DEFAULT_RULES)
@@ -151,8 +167,14 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   run_until_line(proc, "step 25/40")
   proc.kill()  # SIGKILL: no chance to save anything
   proc.wait()
-  second = subprocess.run([sys.executable, "-m", "lmjax.cli.train", *flags], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+  second = subprocess.run(
+    [sys.executable, "-m", "lmjax.cli.train", *flags],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert second.returncode == 0, second.stdout + second.stderr
   resumed_from = int(second.stdout.split("resumed from step ")[1].split()[0])
   assert 10 <= resumed_from < 40
@@ -168,8 +190,15 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
 @pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_143_unfinished(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
-  proc = launch(tiny_flags(corpus_file, str(tmp_path / "tfds"), workdir, "--config.train.steps=100000",
-                           "--config.train.ckpt_every=100000"))
+  proc = launch(
+    tiny_flags(
+      corpus_file,
+      str(tmp_path / "tfds"),
+      workdir,
+      "--config.train.steps=100000",
+      "--config.train.ckpt_every=100000",
+    )
+  )
   run_until_line(proc, "step 5/")
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
@@ -204,6 +233,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpu
   def poisoned(logits, targets, mask=None):  # the loss turns NaN from step 13 on (lr is still positive)
     total, count = real_token_loss_sum(logits, targets, mask)
     return (jnp.where(jnp.abs(logits).max() > 0, total * jnp.nan, total) if poisoned.armed else total), count
+
   poisoned.armed = False
   monkeypatch.setattr(losses, "token_loss_sum", poisoned)
 
@@ -219,9 +249,19 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpu
 
 @pytest.mark.slow
 def test_unknown_override_fails_listing_valid_fields(tmp_path, corpus_file):
-  result = subprocess.run([sys.executable, "-m", "lmjax.cli.train",
-                           *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3")],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lmjax.cli.train",
+      *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3"),
+    ],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "lrr" in result.stderr and "valid config fields" in result.stderr and "optim.lr" in result.stderr
   assert not os.path.exists(tmp_path / "run")
@@ -241,5 +281,7 @@ def test_unknown_key_in_experiment_file_is_rejected(tmp_path, corpus_file):
 def test_metrics_reader_prefers_latest_record_per_step(tmp_path):
   with open(tmp_path / "metrics.jsonl", "w") as f:
     f.write('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.6}\n')
-  assert metrics_log.read_metrics(str(tmp_path)) == [{"step": 1, "loss": 3.0},
-                                                     {"step": 2, "loss": 2.5, "val_loss": 2.6}]
+  assert metrics_log.read_metrics(str(tmp_path)) == [
+    {"step": 1, "loss": 3.0},
+    {"step": 2, "loss": 2.5, "val_loss": 2.6},
+  ]

@@ -10,6 +10,7 @@ Every entry point starts with a quiet console: libraries log at INFO through abs
 progress lines and the libraries' INFO lines appear only with `--verbosity=1` (or higher), their
 warnings always. Bad input (errors.UserError) prints `error: ...` and exits with status 2.
 """
+
 import os
 import sys
 
@@ -21,7 +22,8 @@ def _started_as_command() -> bool:
   program (or test) that imports the package."""
   argv = sys.orig_argv[1:]
   return (bool(argv) and os.path.basename(argv[0]).startswith("lmjax-")) or (
-      len(argv) > 1 and argv[0] == "-m" and argv[1].startswith("lmjax.cli."))
+    len(argv) > 1 and argv[0] == "-m" and argv[1].startswith("lmjax.cli.")
+  )
 
 
 if _started_as_command():  # before any entry point imports JAX: this may re-execute the process
@@ -41,10 +43,12 @@ def quiet_library_logging() -> None:
 def run(main, argv=None, flags_parser=app.parse_flags_with_usage) -> None:
   """absl's app.run(main) for `argv` (default sys.argv), with errors.UserError printed as one
   `error: ...` block and exit status 2 (no traceback)."""
+
   def guarded(args):
     try:
       return main(args)
     except errors.UserError as err:
       print(f"error: {err}", file=sys.stderr, flush=True)
       sys.exit(2)
+
   app.run(guarded, argv=argv, flags_parser=flags_parser)

@@ -6,6 +6,7 @@
 
 Results are printed and written as JSON and as a markdown table (--output).
 """
+
 import json
 
 from absl import app, flags
@@ -37,11 +38,18 @@ def main(argv):
   if f.task == "search":
     results["search"] = evaluators.evaluate_search(lm.cfg, lm.params, lm.tokenizer, f.num_examples)
   elif f.task:
-    results[f.task] = evaluators.evaluate_task(lm.cfg, lm.params, lm.tokenizer, f.task,
-                                    generators.examples(f.task, f.num_examples, generators.EVAL_SEED))
+    results[f.task] = evaluators.evaluate_task(
+      lm.cfg,
+      lm.params,
+      lm.tokenizer,
+      f.task,
+      generators.examples(f.task, f.num_examples, generators.EVAL_SEED),
+    )
   if f.text_file:
     with open(f.text_file, encoding="utf-8") as fh:
-      results["text"] = evaluators.perplexity(lm.cfg, lm.params, lm.tokenizer, fh.read(), min(f.seq_len, lm.cfg.max_len - 1))
+      results["text"] = evaluators.perplexity(
+        lm.cfg, lm.params, lm.tokenizer, fh.read(), min(f.seq_len, lm.cfg.max_len - 1)
+      )
   if not results:
     raise app.UsageError("nothing to evaluate: give --task and/or --text_file")
   print(json.dumps(results, indent=2, ensure_ascii=False))

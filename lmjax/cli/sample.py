@@ -1,9 +1,10 @@
 """`lmjax-sample` (python -m lmjax.cli.sample): text from a run, a checkpoint or a pretrained model.
 
-  lmjax-sample --workdir=runs/shakespeare_char --prompt="ROMEO:" --stream
-  lmjax-sample --pretrained=smollm2-135m-instruct --chat --prompt="What is the capital of France?"
-  lmjax-sample --pretrained=/path/to/hf_model_dir --prompt="Once upon a time"
+lmjax-sample --workdir=runs/shakespeare_char --prompt="ROMEO:" --stream
+lmjax-sample --pretrained=smollm2-135m-instruct --chat --prompt="What is the capital of France?"
+lmjax-sample --pretrained=/path/to/hf_model_dir --prompt="Once upon a time"
 """
+
 from absl import app, flags
 
 from lmjax import cli
@@ -12,8 +13,14 @@ from lmjax.inference.language_model import LanguageModel
 
 flags.DEFINE_string("workdir", None, "A training run: sample from its latest checkpoint.")
 flags.DEFINE_string("checkpoint", None, "One checkpoint step directory (<workdir>/checkpoints/<step>).")
-flags.DEFINE_string("pretrained", None, "A registered name (smollm2-135m-instruct), a .gguf file, a Hugging Face directory or a run.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter/compute dtype of a --pretrained model.")
+flags.DEFINE_string(
+  "pretrained",
+  None,
+  "A registered name (smollm2-135m-instruct), a .gguf file, a Hugging Face directory or a run.",
+)
+flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Parameter/compute dtype of a --pretrained model."
+)
 flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template (instruct models).")
 flags.DEFINE_string("system", None, "System message for --chat (default: the template's own).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -25,9 +32,14 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 flags.DEFINE_float("repetition_penalty", 1.0, "Penalise tokens already present (1 = off).")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
-flags.DEFINE_bool("stream", False, "Print text as it is generated, whole characters only (one prompt, one sample).")
-flags.DEFINE_multi_string("stop", [], "Stop a sample when its text contains this string (repeatable); the "
-                          "printed text ends before it.")
+flags.DEFINE_bool(
+  "stream", False, "Print text as it is generated, whole characters only (one prompt, one sample)."
+)
+flags.DEFINE_multi_string(
+  "stop",
+  [],
+  "Stop a sample when its text contains this string (repeatable); the printed text ends before it.",
+)
 
 
 def main(argv):
@@ -49,9 +61,16 @@ def main(argv):
   # Shells pass "\n" literally; a prompt like "ROMEO:\n" means a newline.
   prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompts] or ["\n"]
   encoded = [lm.tokenizer.encode(lm.chat_prompt(p, f.system) if f.chat else p) for p in prompts]
-  kwargs = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                repetition_penalty=f.repetition_penalty, do_sample=f.temperature > 0, seed=f.seed,
-                stop_sequences=f.stop)
+  kwargs = dict(
+    max_new_tokens=f.max_new_tokens,
+    temperature=f.temperature,
+    top_k=f.top_k,
+    top_p=f.top_p,
+    repetition_penalty=f.repetition_penalty,
+    do_sample=f.temperature > 0,
+    seed=f.seed,
+    stop_sequences=f.stop,
+  )
   if f.stream:
     if len(prompts) != 1 or f.num_samples != 1:
       raise app.UsageError("--stream prints one sample of one prompt")
@@ -62,12 +81,13 @@ def main(argv):
       nonlocal shown
       visible = tokenizer_base.cut_at_stop(text, f.stop)
       end = len(visible) if final or len(visible) < len(text) else max(len(shown), len(text) - hold)
-      print(visible[len(shown):end], end="", flush=True)
+      print(visible[len(shown) : end], end="", flush=True)
       shown = visible[:end]
 
     def on_token(token_B):
       stream.push(token_B[0])
       show(stream.released)
+
     lm.generate(encoded[0], on_token=on_token, **kwargs)
     stream.flush()
     show(stream.released, final=True)
@@ -76,7 +96,9 @@ def main(argv):
   outputs = lm.generate(encoded, num_return_sequences=f.num_samples, **kwargs)
   for i, out in enumerate(outputs):
     print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
-    continuation = tokenizer_base.cut_at_stop(lm.tokenizer.decode(out[len(encoded[i // f.num_samples]):]), f.stop)
+    continuation = tokenizer_base.cut_at_stop(
+      lm.tokenizer.decode(out[len(encoded[i // f.num_samples]) :]), f.stop
+    )
     if f.chat:  # show the question and the answer, not the template's markup
       print(f"> {prompts[i // f.num_samples]}")
       print(continuation.strip())

@@ -1,7 +1,8 @@
 """`lmjax-scaling` (python -m lmjax.cli.scaling): fit L(N) = a * N^(-alpha) + c to a finished sweep.
 
-  lmjax-scaling --sweep_dir=runs/scaling
+lmjax-scaling --sweep_dir=runs/scaling
 """
+
 import os
 
 from absl import app, flags

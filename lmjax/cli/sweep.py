@@ -6,6 +6,7 @@
 
 See research/sweep.py for what a point, its status and the results are.
 """
+
 import os
 import shlex
 import sys
@@ -36,8 +37,11 @@ def main(argv):
   drawn = sweep.sweep_points(f.config)
   points = sweep.distinct_points(drawn)
   if len(points) < len(drawn):
-    print(f"{len(drawn) - len(points)} of {len(drawn)} sweep points repeat an earlier one; running the "
-          f"{len(points)} distinct points once each", flush=True)
+    print(
+      f"{len(drawn) - len(points)} of {len(drawn)} sweep points repeat an earlier one; running the "
+      f"{len(points)} distinct points once each",
+      flush=True,
+    )
   os.makedirs(f.workdir, exist_ok=True)
   if f.print_commands:
     for p in points:
@@ -45,8 +49,9 @@ def main(argv):
     return
   if f.emit == "slurm":
     path = os.path.join(f.workdir, "sweep.sbatch")
-    files.write_atomic(path, sweep.slurm_script(f.config, f.workdir, points, f.slurm_gpus, f.slurm_time,
-                                                f.slurm_partition))
+    files.write_atomic(
+      path, sweep.slurm_script(f.config, f.workdir, points, f.slurm_gpus, f.slurm_time, f.slurm_partition)
+    )
     print(f"wrote {path}: sbatch {path}")
     return
   if f.emit:

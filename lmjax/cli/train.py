@@ -11,6 +11,7 @@ as `error: ...`; 128 + signal number (143 for SIGTERM, 130 for SIGINT) when a
 signal stopped the run after it saved its current step (re-run to resume); 1
 for anything else (a traceback).
 """
+
 import os
 import sys
 
@@ -21,10 +22,16 @@ from ml_collections import config_flags
 from lmjax import cli, train
 from lmjax.run import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (python), optionally `file.py:variant`.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment file (python), optionally `file.py:variant`."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything this run writes.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the configured mesh and print per-device "
-                             "memory and FLOPs; no data, no weights, no training.")
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Compile the train step for the configured mesh and print per-device "
+  "memory and FLOPs; no data, no weights, no training.",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -38,7 +45,7 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     message = str(err).replace("\\n", "\n").replace("\\'", "'").strip("'\"")
-    overrides = [a.split("=")[0][len("--config."):] for a in argv[1:] if a.startswith("--config.")]
+    overrides = [a.split("=")[0][len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
     if overrides:
       valid = "\n  ".join(config_lib.flat_keys(config_lib.base_config()))
       message += f"\n(overridden fields: {overrides}); valid config fields are:\n  {valid}"
@@ -52,8 +59,9 @@ def initialize_jax() -> None:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
   elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize()
 

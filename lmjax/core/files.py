@@ -6,6 +6,7 @@ a temporary name. `lock` holds `.lmjax.lock` (an exclusive flock) in a run or sw
 two commands started into one directory never interleave their files; the second one refuses,
 naming the holder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,12 +65,18 @@ def lock(workdir: str):
     except BlockingIOError:
       holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(no details written yet)"
       raise WorkdirInUse(
-          f"workdir {workdir} is in use by another lmjax process: {holder}. Wait for it to finish (or stop it), "
-          "or give this run its own --workdir.") from None
+        f"workdir {workdir} is in use by another lmjax process: {holder}. Wait for it to finish (or stop "
+        "it), "
+        "or give this run its own --workdir."
+      ) from None
     os.ftruncate(fd, 0)
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}, command: "
-              f"{' '.join(sys.argv)}\n".encode(), 0)
+    os.pwrite(
+      fd,
+      f"pid {os.getpid()} on {socket.gethostname()}, started {started}, command: "
+      f"{' '.join(sys.argv)}\n".encode(),
+      0,
+    )
     yield
   finally:
     os.close(fd)  # closing the descriptor releases the lock

@@ -12,6 +12,7 @@ arguments) with one that has the tunable set. Only on CPU hosts: where a GPU or 
 host's malloc is not on the step's path, so the process is left as it is, as it is with
 `LMJAX_HUGE_PAGES=0`.
 """
+
 import glob
 import os
 import sys
@@ -23,7 +24,9 @@ _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 def huge_pages_env(environ) -> dict | None:
   """The environment to re-execute with, or None when there is nothing to switch on."""
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if environ.get("LMJAX_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables or accelerator_host(environ):
+  if (
+    environ.get("LMJAX_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables or accelerator_host(environ)
+  ):
     return None
   try:
     with open(_THP_SETTING) as f:
@@ -40,7 +43,9 @@ def accelerator_host(environ) -> bool:
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() not in ("cpu", "")
-  return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  return bool(
+    glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+  )
 
 
 def reexec_with_huge_pages() -> None:

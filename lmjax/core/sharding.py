@@ -5,6 +5,7 @@ rules table below maps those names to the mesh axes `data`, `fsdp`, `tensor`;
 data parallel, FSDP and tensor parallel differ only in the mesh shape. One
 device is the mesh (1, 1, 1).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,18 +21,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # (logical name, mesh axes). Batches split over data and fsdp; parameters are
 # sharded along `embed` over fsdp (ZeRO-3) and along heads/mlp/vocab over tensor.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    # Activations between blocks: batch split like the data, the residual stream not split.
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("layers", None),
+  # Activations between blocks: batch split like the data, the residual stream not split.
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
 )
 
 
@@ -47,12 +48,14 @@ def make_mesh(shape, devices=None) -> Mesh:
     known = int(np.prod([s for s in shape if s != -1]))
     shape[shape.index(-1)] = len(devices) // known
   elif int(np.prod(shape)) < len(devices) and jax.process_count() == 1:
-    devices = devices[:int(np.prod(shape))]  # a smaller mesh on one host: use the first devices
+    devices = devices[: int(np.prod(shape))]  # a smaller mesh on one host: use the first devices
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"but {len(devices)} are available")
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    raise ValueError(
+      f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices, but {len(devices)} are available"
+    )
+  return Mesh(
+    np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def _fit(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
@@ -71,8 +74,12 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules):
   rules = tuple(tuple(r) for r in rules)
   mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
   shapes = nn.unbox(boxed_tree)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, shapes,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(
+    lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+    mesh_specs,
+    shapes,
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

@@ -14,6 +14,7 @@ would repeat the same 64-token windows each epoch, (b) it needs no epoch or
 permutation bookkeeping to stay a pure function of the step, and (c) it is the
 sampler of the nanoGPT results we compare against.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,21 +44,30 @@ def load_corpus(data_cfg, tokenizer=None) -> Corpus:
   return Corpus(tokenizer, encode(train_text), encode(val_text))
 
 
-def batch_at(ids: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int,
-             process_index: int = 0, process_count: int = 1) -> dict:
+def batch_at(
+  ids: np.ndarray,
+  seed: int,
+  step: int,
+  batch_size: int,
+  seq_len: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> dict:
   """This process's rows of the global batch for `step`: inputs/targets [rows, seq_len].
 
   The window offsets of the whole global batch are drawn on every process (a
   few integers), then each process gathers only its contiguous block of rows.
   """
   if len(ids) < seq_len + 1:
-    raise ValueError(f"the token stream has {len(ids)} tokens, fewer than one sequence of seq_len+1="
-                     f"{seq_len + 1}; use a longer corpus or a smaller train.seq_len")
+    raise ValueError(
+      f"the token stream has {len(ids)} tokens, fewer than one sequence of seq_len+1="
+      f"{seq_len + 1}; use a longer corpus or a smaller train.seq_len"
+    )
   if batch_size % process_count:
     raise ValueError(f"the global batch size {batch_size} must be divisible by the {process_count} processes")
   rows = batch_size // process_count
   starts = np.random.default_rng([seed, step]).integers(0, len(ids) - seq_len, size=batch_size)
-  starts = starts[process_index * rows:(process_index + 1) * rows]
+  starts = starts[process_index * rows : (process_index + 1) * rows]
   windows = ids[starts[:, None] + np.arange(seq_len + 1)]
   return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
@@ -68,5 +78,5 @@ def encode_padded(tokenizer, texts, seq_len: int):
   positions = np.full((len(texts), seq_len), -1, np.int32)
   for row, text in enumerate(texts):
     ids = tokenizer.encode(text)[:seq_len]
-    tokens[row, :len(ids)], positions[row, :len(ids)] = ids, np.arange(len(ids))
+    tokens[row, : len(ids)], positions[row, : len(ids)] = ids, np.arange(len(ids))
   return tokens, positions

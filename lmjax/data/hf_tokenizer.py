@@ -3,6 +3,7 @@
 (`from_gguf_metadata`) or a Hugging Face directory (`from_hf_directory`), and written back as one
 (`save_hf_directory`).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,12 @@ _PRE_TOKENIZERS = ("gpt2", "smollm")  # GGUF `tokenizer.ggml.pre` values we repr
 
 class HFTokenizer:
   """A `tokenizers.Tokenizer` (byte-level BPE) with special ids and a chat template."""
+
   kind = "hf"
 
-  def __init__(self, tokenizer, bos_id: int | None, eos_id: int | None, pad_id: int | None,
-               chat_template: str = ""):
+  def __init__(
+    self, tokenizer, bos_id: int | None, eos_id: int | None, pad_id: int | None, chat_template: str = ""
+  ):
     self._tok = tokenizer
     self._lock = threading.Lock()
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
@@ -48,8 +51,10 @@ class HFTokenizer:
         if not markup:
           spans.append((position, position + len(part)))
         position += len(part)
-      injected = any(i in special and any(a < end and b > start for a, b in spans)
-                     for i, (start, end) in zip(encoding.ids, encoding.offsets))
+      injected = any(
+        i in special and any(a < end and b > start for a, b in spans)
+        for i, (start, end) in zip(encoding.ids, encoding.offsets)
+      )
       if not injected:
         return encoding.ids
       return [i for part, markup in text.parts for i in self.encode(part, special_tokens=markup)]
@@ -79,33 +84,44 @@ class HFTokenizer:
     if not self.chat_template:
       raise ValueError("this tokenizer has no chat template; prompt the model with raw text instead")
     rendered = self._render(messages, add_generation_prompt)
-    marked = self._render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)],
-                          add_generation_prompt)
+    marked = self._render(
+      [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)], add_generation_prompt
+    )
     parts, position = [], 0
     for piece in re.split("(\ue000\\d+\ue001)", marked):
       if piece.startswith("\ue000"):  # a message's content, as the template inserted it (maybe stripped)
         content = messages[int(piece[1:-1])]["content"]
         piece = next((c for c in (content, content.strip()) if rendered.startswith(c, position)), None)
         if piece is None:
-          raise ValueError(f"the chat template changes message content ({content[:40]!r}), so its markup cannot "
-                           "be told from the text")
+          raise ValueError(
+            f"the chat template changes message content ({content[:40]!r}), so its markup cannot "
+            "be told from the text"
+          )
         parts.append((piece, False))
       elif piece:
         if not rendered.startswith(piece, position):
-          raise ValueError("the chat template renders differently for different contents; cannot tell markup "
-                           "from text")
+          raise ValueError(
+            "the chat template renders differently for different contents; cannot tell markup from text"
+          )
         parts.append((piece, True))
       position += len(piece)
     return ChatText(rendered, tuple(parts))
 
   def _render(self, messages, add_generation_prompt: bool) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
     def raise_exception(message):
       raise ValueError(f"chat template error: {message}")
+
     return env.from_string(self.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
-        bos_token=self._token(self.bos_id), eos_token=self._token(self.eos_id))
+      messages=messages,
+      add_generation_prompt=add_generation_prompt,
+      raise_exception=raise_exception,
+      bos_token=self._token(self.bos_id),
+      eos_token=self._token(self.eos_id),
+    )
 
   def _token(self, token_id) -> str:
     return self._tok.id_to_token(token_id) if token_id is not None and token_id >= 0 else ""
@@ -114,36 +130,73 @@ class HFTokenizer:
   def from_spec(cls, directory: str, spec: dict) -> "HFTokenizer":
     """The tokenizer `save` wrote into `directory` (its tokenizer.json spec is `spec`)."""
     from tokenizers import Tokenizer
-    return cls(Tokenizer.from_file(os.path.join(directory, spec["tokenizer_file"])), spec["bos_id"], spec["eos_id"],
-               spec["pad_id"], spec.get("chat_template", ""))
+
+    return cls(
+      Tokenizer.from_file(os.path.join(directory, spec["tokenizer_file"])),
+      spec["bos_id"],
+      spec["eos_id"],
+      spec["pad_id"],
+      spec.get("chat_template", ""),
+    )
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     self._tok.save(os.path.join(directory, _HF_FILE))
-    write_spec(directory, {"kind": self.kind, "tokenizer_file": _HF_FILE, "bos_id": self.bos_id,
-                            "eos_id": self.eos_id, "pad_id": self.pad_id, "chat_template": self.chat_template})
+    write_spec(
+      directory,
+      {
+        "kind": self.kind,
+        "tokenizer_file": _HF_FILE,
+        "bos_id": self.bos_id,
+        "eos_id": self.eos_id,
+        "pad_id": self.pad_id,
+        "chat_template": self.chat_template,
+      },
+    )
 
 
-def from_gguf_metadata(tokens, token_types, merges, model_kind: str, pre: str, bos_id: int, eos_id: int,
-                       pad_id: int, chat_template: str) -> HFTokenizer:
+def from_gguf_metadata(
+  tokens,
+  token_types,
+  merges,
+  model_kind: str,
+  pre: str,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int,
+  chat_template: str,
+) -> HFTokenizer:
   """Builds the byte-level BPE that a GGUF file describes (llama.cpp's `tokenizer.ggml.*` fields)."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
   if model_kind != "gpt2":
-    raise ValueError(f"GGUF tokenizer model {model_kind!r} is not supported; supported: ['gpt2'] (byte-level BPE)")
+    raise ValueError(
+      f"GGUF tokenizer model {model_kind!r} is not supported; supported: ['gpt2'] (byte-level BPE)"
+    )
   if pre not in _PRE_TOKENIZERS:
     raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {list(_PRE_TOKENIZERS)}")
-  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                             merges=[tuple(m.split(" ", 1)) for m in merges]))
+  tok = Tokenizer(
+    models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges])
+  )
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   # SmolLM splits every digit on its own before the GPT-2 regex (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
-  tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                       if pre == "smollm" else byte_level)
+  tok.pre_tokenizer = (
+    pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre == "smollm"
+    else byte_level
+  )
   tok.decoder = decoders.ByteLevel()
   control, user_defined = 3, 4  # llama.cpp token types
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                          for t, kind in zip(tokens, token_types) if kind == control])
-  tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                  for t, kind in zip(tokens, token_types) if kind == user_defined])
+  tok.add_special_tokens(
+    [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == control]
+  )
+  tok.add_tokens(
+    [
+      AddedToken(t, special=False, normalized=False)
+      for t, kind in zip(tokens, token_types)
+      if kind == user_defined
+    ]
+  )
   as_id = lambda i: int(i) if i is not None and int(i) >= 0 else None
   return HFTokenizer(tok, as_id(bos_id), as_id(eos_id), as_id(pad_id), chat_template)
 
@@ -163,10 +216,13 @@ def from_hf_directory(directory: str) -> HFTokenizer:
       return {}
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(path):
-    raise errors.UserError(f"{directory} has no tokenizer.json; write one with transformers: "
-                           "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+    raise errors.UserError(
+      f"{directory} has no tokenizer.json; write one with transformers: "
+      "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+    )
   tok, settings, model_config = Tokenizer.from_file(path), read("tokenizer_config.json"), read("config.json")
 
   def token_id(kind):
@@ -174,6 +230,7 @@ def from_hf_directory(directory: str) -> HFTokenizer:
     token = token.get("content") if isinstance(token, dict) else token
     found = tok.token_to_id(token) if token else None
     return found if found is not None else model_config.get(f"{kind}_token_id")
+
   template = settings.get("chat_template") or ""
   template_file = os.path.join(directory, "chat_template.jinja")
   if not template and os.path.exists(template_file):

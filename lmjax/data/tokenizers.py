@@ -19,6 +19,7 @@ special_tokens=True)` when a caller asks for them explicitly.
   hf    a pretrained byte-level BPE (GPT-2 style, e.g. SmolLM2's, read from GGUF
         metadata) run by the Hugging Face `tokenizers` library, with its chat template
 """
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,10 @@ class CharTokenizer:
       return [self._index[c] for c in text]
     except KeyError:
       unknown = sorted(set(text) - set(self._index))
-      raise ValueError(f"characters {unknown!r} are not in this char tokenizer's vocabulary (built from the "
-                       "training text); use data.tokenizer='byte' or 'bpe' for open text") from None
+      raise ValueError(
+        f"characters {unknown!r} are not in this char tokenizer's vocabulary (built from the "
+        "training text); use data.tokenizer='byte' or 'bpe' for open text"
+      ) from None
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     del skip_special_tokens  # a char vocabulary has no special tokens
@@ -74,8 +77,12 @@ class ByteTokenizer:
     names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}
     # Runs of bytes decode together (a character spans several); a sampled sequence may cut a
     # multi-byte character: show U+FFFD rather than fail.
-    return join_runs([int(i) for i in ids], lambda i: i >= 256, lambda run: bytes(run).decode("utf-8", "replace"),
-                      lambda i: "" if skip_special_tokens else names[i])
+    return join_runs(
+      [int(i) for i in ids],
+      lambda i: i >= 256,
+      lambda run: bytes(run).decode("utf-8", "replace"),
+      lambda i: "" if skip_special_tokens else names[i],
+    )
 
   def save(self, directory: str) -> None:
     write_spec(directory, {"kind": self.kind})
@@ -83,10 +90,12 @@ class ByteTokenizer:
 
 class BPETokenizer:
   """SentencePiece BPE; identity normalisation and byte fallback make it lossless."""
+
   kind = "bpe"
 
   def __init__(self, model_proto: bytes):
     import sentencepiece as spm
+
     self.model_proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
@@ -94,21 +103,39 @@ class BPETokenizer:
   @classmethod
   def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
     import sentencepiece as spm
+
     lines = [line for line in text.split("\n") if line]
     if not lines:
       raise ValueError("cannot train a BPE tokenizer on an empty text")
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-          byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-          add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-          split_digits=True, user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-          max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        max_sentence_length=1 << 16,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+      )
     except RuntimeError as err:
-      raise ValueError(f"SentencePiece could not train a BPE vocabulary of {vocab_size} on this text: {err}. "
-                       "A vocabulary must exceed 256 byte pieces + 5 specials and fit the text; "
-                       "lower data.vocab_size or use more text") from None
+      raise ValueError(
+        f"SentencePiece could not train a BPE vocabulary of {vocab_size} on this text: {err}. "
+        "A vocabulary must exceed 256 byte pieces + 5 specials and fit the text; "
+        "lower data.vocab_size or use more text"
+      ) from None
     return cls(model.getvalue())
 
   @property
@@ -127,8 +154,12 @@ class BPETokenizer:
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     special = {self.bos_id, self.eos_id, self.pad_id} - {-1}
-    return join_runs([int(i) for i in ids], special.__contains__, self._sp.decode,
-                      lambda i: "" if skip_special_tokens else self._sp.id_to_piece(i))
+    return join_runs(
+      [int(i) for i in ids],
+      special.__contains__,
+      self._sp.decode,
+      lambda i: "" if skip_special_tokens else self._sp.id_to_piece(i),
+    )
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)

@@ -3,6 +3,7 @@
 
 May import: `core`, `ops`, `model`, `data`, `run`, `pretrained`.
 """
+
 from lmjax.inference.language_model import LanguageModel
 
 __all__ = ["LanguageModel"]

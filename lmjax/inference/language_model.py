@@ -8,6 +8,7 @@
 `generate` follows the familiar Hugging Face shape: it returns, per sequence,
 the prompt ids followed by the generated ids.
 """
+
 from __future__ import annotations
 
 import jax
@@ -21,13 +22,14 @@ from lmjax.run import rundir
 
 
 class LanguageModel:
-
   def __init__(self, cfg: model.ModelConfig, params, tokenizer, mesh=None, rules=sharding.DEFAULT_RULES):
     """`mesh`: shard params and KV cache over it by the logical-axis `rules` (default: one device)."""
     rows = params["embedding"].shape[0]
     if rows != tokenizer.vocab_size:
-      raise ValueError(f"tokenizer/checkpoint mismatch: the tokenizer has {tokenizer.vocab_size} ids but the "
-                       f"model's embedding has {rows} rows; load the tokenizer saved with this checkpoint")
+      raise ValueError(
+        f"tokenizer/checkpoint mismatch: the tokenizer has {tokenizer.vocab_size} ids but the "
+        f"model's embedding has {rows} rows; load the tokenizer saved with this checkpoint"
+      )
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
     if mesh is not None:
@@ -55,13 +57,27 @@ class LanguageModel:
     it gives control tokens for the template's markup only: the message stays text
     (tokenizer_base.ChatText)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user_message}]
+      {"role": "user", "content": user_message}
+    ]
     return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-  def generate(self, input_ids, max_length: int | None = None, max_new_tokens: int | None = None,
-               num_return_sequences: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               repetition_penalty: float = 1.0, do_sample: bool = True, eos_token_id: int | None = None,
-               stop_sequences=(), seed: int = 0, on_token=None, return_logprobs: bool = False):
+  def generate(
+    self,
+    input_ids,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
+    num_return_sequences: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = True,
+    eos_token_id: int | None = None,
+    stop_sequences=(),
+    seed: int = 0,
+    on_token=None,
+    return_logprobs: bool = False,
+  ):
     """Prompt + continuation ids, one array per (prompt, return sequence).
 
     `input_ids`: one prompt (list of ids) or several. `max_length` counts the prompt, `max_new_tokens`
@@ -73,8 +89,10 @@ class LanguageModel:
     if any(not isinstance(s, str) or not s for s in stop_sequences):
       raise ValueError(f"stop_sequences must be non-empty strings, got {list(stop_sequences)!r}")
     if not do_sample and (top_k or top_p < 1.0):
-      raise ValueError(f"top_k={top_k} / top_p={top_p} filter sampling, but do_sample=False (greedy) would ignore "
-                       "them; sample (do_sample=True, temperature > 0) or drop them")
+      raise ValueError(
+        f"top_k={top_k} / top_p={top_p} filter sampling, but do_sample=False (greedy) would ignore "
+        "them; sample (do_sample=True, temperature > 0) or drop them"
+      )
     single = len(input_ids) == 0 or np.isscalar(input_ids[0])
     prompts = [list(input_ids)] if single else [list(p) for p in input_ids]
     prompts = [p for p in prompts for _ in range(num_return_sequences)]
@@ -82,10 +100,18 @@ class LanguageModel:
       max_new_tokens = max_length - max(len(p) for p in prompts) if max_length else 50
     sampling = sampler.SamplingConfig(temperature if do_sample else 0.0, top_k, top_p, repetition_penalty)
     result = sampler.generate_tokens(
-        self.cfg, self.params, prompts, max_new_tokens, sampling, seed=seed,
-        eos_id=self.tokenizer.eos_id if eos_token_id is None else eos_token_id,
-        stop_at=self._stop_at(stop_sequences) if stop_sequences else None,
-        pad_id=self.tokenizer.pad_id or 0, on_token=on_token, mesh_rules=self.mesh_rules)
+      self.cfg,
+      self.params,
+      prompts,
+      max_new_tokens,
+      sampling,
+      seed=seed,
+      eos_id=self.tokenizer.eos_id if eos_token_id is None else eos_token_id,
+      stop_at=self._stop_at(stop_sequences) if stop_sequences else None,
+      pad_id=self.tokenizer.pad_id or 0,
+      on_token=on_token,
+      mesh_rules=self.mesh_rules,
+    )
     sequences = [np.asarray(p + t, np.int32) for p, t in zip(prompts, result.tokens)]
     return (sequences, result.logprobs) if return_logprobs else sequences
 
@@ -96,11 +122,14 @@ class LanguageModel:
     checked = {}  # decoded with special tokens shown, so a stop string may be a control token too
 
     def stop_at(row, ids):
-      found = lambda k: any(s in self.tokenizer.decode(ids[:k], skip_special_tokens=False) for s in stop_strings)
+      found = lambda k: any(
+        s in self.tokenizer.decode(ids[:k], skip_special_tokens=False) for s in stop_strings
+      )
       if not found(len(ids)):
         checked[row] = len(ids)
         return None
       return next(k for k in range(checked.get(row, 0) + 1, len(ids) + 1) if found(k))
+
     return stop_at
 
   def generate_text(self, prompts, stop_sequences=(), **kwargs) -> list:
@@ -110,5 +139,5 @@ class LanguageModel:
     encoded = [self.tokenizer.encode(p) for p in prompts]
     outputs = self.generate(encoded, stop_sequences=stop_sequences, **kwargs)
     per_prompt = len(outputs) // len(encoded)
-    texts = [self.tokenizer.decode(out[len(encoded[i // per_prompt]):]) for i, out in enumerate(outputs)]
+    texts = [self.tokenizer.decode(out[len(encoded[i // per_prompt]) :]) for i, out in enumerate(outputs)]
     return [tokenizer_base.cut_at_stop(text, stop_sequences) for text in texts]

@@ -11,6 +11,7 @@ position must be < the model's `max_len` (the context it was trained on); a
 prompt longer than that is an error, and `max_new_tokens` is cut to fit with a
 warning.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ _MIN_BUCKET = 16
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """temperature 0 = greedy. top_k 0 and top_p 1 disable those filters; repetition_penalty 1 = off."""
+
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
@@ -37,15 +39,18 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-      raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, "
-                       "0 < top_p <= 1, repetition_penalty > 0")
+      raise ValueError(
+        f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, "
+        "0 < top_p <= 1, repetition_penalty > 0"
+      )
 
 
 def process_logits(logits_BV, seen_BV, sampling: SamplingConfig):
   """Repetition penalty (CTRL/HF rule), temperature, then top-k and top-p filtering (-inf outside)."""
   if sampling.repetition_penalty != 1.0:
-    penalised = jnp.where(logits_BV > 0, logits_BV / sampling.repetition_penalty,
-                          logits_BV * sampling.repetition_penalty)
+    penalised = jnp.where(
+      logits_BV > 0, logits_BV / sampling.repetition_penalty, logits_BV * sampling.repetition_penalty
+    )
     logits_BV = jnp.where(seen_BV, penalised, logits_BV)
   logits_BV = logits_BV / max(sampling.temperature, 1e-6)
   if sampling.top_k:
@@ -73,8 +78,9 @@ class DecodeState:
   rng: jax.Array
 
 
-jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)], meta_fields=[]
+)
 
 
 def _choose(logits_BV, state: DecodeState, sampling: SamplingConfig, eos_id: int, pad_id: int):
@@ -88,15 +94,30 @@ def _choose(logits_BV, state: DecodeState, sampling: SamplingConfig, eos_id: int
   token_B = jnp.where(state.done_B, pad_id, token_B).astype(jnp.int32)
   logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, -1), token_B[:, None], axis=-1)[:, 0]
   return DecodeState(
-      step=state.step + 1, cache=state.cache, last_token_B=token_B, done_B=state.done_B | (token_B == eos_id),
-      seen_BV=state.seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True),
-      tokens_BN=state.tokens_BN.at[:, state.step].set(token_B),
-      logprobs_BN=state.logprobs_BN.at[:, state.step].set(jnp.where(state.done_B, 0.0, logprob_B)), rng=rng)
+    step=state.step + 1,
+    cache=state.cache,
+    last_token_B=token_B,
+    done_B=state.done_B | (token_B == eos_id),
+    seen_BV=state.seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True),
+    tokens_BN=state.tokens_BN.at[:, state.step].set(token_B),
+    logprobs_BN=state.logprobs_BN.at[:, state.step].set(jnp.where(state.done_B, 0.0, logprob_B)),
+    rng=rng,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_new", "sampling", "eos_id", "pad_id", "mesh_rules"))
-def prefill(cfg: model.ModelConfig, params, tokens_BP, positions_BP, rng, num_new: int,
-            sampling: SamplingConfig, eos_id: int, pad_id: int, mesh_rules=None) -> DecodeState:
+def prefill(
+  cfg: model.ModelConfig,
+  params,
+  tokens_BP,
+  positions_BP,
+  rng,
+  num_new: int,
+  sampling: SamplingConfig,
+  eos_id: int,
+  pad_id: int,
+  mesh_rules=None,
+) -> DecodeState:
   """Runs the padded prompts through the model, filling the cache, and picks the first new token.
 
   With `mesh_rules=(mesh, rules)` the cache is sharded by the logical-axis rules (batch over the data
@@ -106,34 +127,53 @@ def prefill(cfg: model.ModelConfig, params, tokens_BP, positions_BP, rng, num_ne
   cache = model.init_cache(cfg, B, P + num_new)
   if mesh_rules is not None:
     mesh, rules = mesh_rules
-    cache = {k: nn.with_logical_constraint(v, model.CACHE_AXES[k], rules=rules, mesh=mesh) for k, v in cache.items()}
-  logits_BPV, cache = model.Transformer(cfg).apply({"params": params}, tokens_BP, positions_BT=positions_BP,
-                                                   cache=cache)
-  seen_BV = jnp.zeros((B, cfg.vocab_size), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(
-      (positions_BP >= 0).astype(jnp.int32)) > 0  # add, not set: a padded id may also occur for real
+    cache = {
+      k: nn.with_logical_constraint(v, model.CACHE_AXES[k], rules=rules, mesh=mesh) for k, v in cache.items()
+    }
+  logits_BPV, cache = model.Transformer(cfg).apply(
+    {"params": params}, tokens_BP, positions_BT=positions_BP, cache=cache
+  )
+  seen_BV = (
+    jnp.zeros((B, cfg.vocab_size), jnp.int32)
+    .at[jnp.arange(B)[:, None], tokens_BP]
+    .add((positions_BP >= 0).astype(jnp.int32))
+    > 0
+  )  # add, not set: a padded id may also occur for real
   state = DecodeState(
-      step=jnp.zeros((), jnp.int32), cache=cache, last_token_B=tokens_BP[:, -1], done_B=jnp.zeros((B,), bool),
-      seen_BV=seen_BV, tokens_BN=jnp.full((B, num_new), pad_id, jnp.int32),
-      logprobs_BN=jnp.zeros((B, num_new), jnp.float32), rng=rng)
+    step=jnp.zeros((), jnp.int32),
+    cache=cache,
+    last_token_B=tokens_BP[:, -1],
+    done_B=jnp.zeros((B,), bool),
+    seen_BV=seen_BV,
+    tokens_BN=jnp.full((B, num_new), pad_id, jnp.int32),
+    logprobs_BN=jnp.zeros((B, num_new), jnp.float32),
+    rng=rng,
+  )
   return _choose(logits_BPV[:, -1], state, sampling, eos_id, pad_id)
 
 
-def decode_step(cfg: model.ModelConfig, params, state: DecodeState, sampling: SamplingConfig,
-                eos_id: int, pad_id: int) -> DecodeState:
+def decode_step(
+  cfg: model.ModelConfig, params, state: DecodeState, sampling: SamplingConfig, eos_id: int, pad_id: int
+) -> DecodeState:
   """Feeds the last token (position = one past the row's previous) and picks the next one."""
   positions_B1 = jnp.max(state.cache["pos"], axis=1, keepdims=True) + 1
-  logits_B1V, cache = model.Transformer(cfg).apply({"params": params}, state.last_token_B[:, None],
-                                                   positions_BT=positions_B1, cache=state.cache)
+  logits_B1V, cache = model.Transformer(cfg).apply(
+    {"params": params}, state.last_token_B[:, None], positions_BT=positions_B1, cache=state.cache
+  )
   return _choose(logits_B1V[:, 0], dataclasses.replace(state, cache=cache), sampling, eos_id, pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "eos_id", "pad_id"))
-def decode(cfg, params, state: DecodeState, until, sampling: SamplingConfig, eos_id: int, pad_id: int) -> DecodeState:
+def decode(
+  cfg, params, state: DecodeState, until, sampling: SamplingConfig, eos_id: int, pad_id: int
+) -> DecodeState:
   """Decodes until every row is done or `until` tokens exist (a traced count: streaming and the
   stop-check chunks reuse one compiled loop)."""
   return jax.lax.while_loop(
-      lambda s: (s.step < until) & ~jnp.all(s.done_B),
-      lambda s: decode_step(cfg, params, s, sampling, eos_id, pad_id), state)
+    lambda s: (s.step < until) & ~jnp.all(s.done_B),
+    lambda s: decode_step(cfg, params, s, sampling, eos_id, pad_id),
+    state,
+  )
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -147,9 +187,19 @@ class Generation:
   logprobs: list  # per row: log p(token) under the model (before temperature and filtering)
 
 
-def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int,
-                    sampling: SamplingConfig = SamplingConfig(), seed: int = 0, eos_id: int | None = None,
-                    stop_at=None, pad_id: int = 0, on_token=None, mesh_rules=None) -> Generation:
+def generate_tokens(
+  cfg: model.ModelConfig,
+  params,
+  prompts,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  seed: int = 0,
+  eos_id: int | None = None,
+  stop_at=None,
+  pad_id: int = 0,
+  on_token=None,
+  mesh_rules=None,
+) -> Generation:
   """Samples continuations of `prompts` (lists of ids). `on_token(ids_B)` streams each step.
 
   `stop_at(row, generated_ids) -> int | None` ends a row early: it returns how many of the generated
@@ -165,25 +215,37 @@ def generate_tokens(cfg: model.ModelConfig, params, prompts, max_new_tokens: int
     raise ValueError("a prompt is empty: give at least one token (a BOS token, for a tokenizer that has one)")
   longest = max(len(p) for p in prompts)
   if longest >= cfg.max_len:
-    raise ValueError(f"a prompt has {longest} tokens but the model's context is {cfg.max_len} tokens "
-                     "(prompt plus at least one new token must fit); shorten the prompt")
+    raise ValueError(
+      f"a prompt has {longest} tokens but the model's context is {cfg.max_len} tokens "
+      "(prompt plus at least one new token must fit); shorten the prompt"
+    )
   P = bucket_length(longest, cfg.max_len - 1)
   room = cfg.max_len - longest
   if max_new_tokens > room:
-    warnings.warn(f"max_new_tokens={max_new_tokens} cut to {room}: the model's context is {cfg.max_len} tokens "
-                  f"and the longest prompt has {longest}")
+    warnings.warn(
+      f"max_new_tokens={max_new_tokens} cut to {room}: the model's context is {cfg.max_len} tokens "
+      f"and the longest prompt has {longest}"
+    )
     max_new_tokens = room
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
   tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
   positions_BP = np.full((len(prompts), P), -1, np.int32)
   for row, prompt in enumerate(prompts):
-    tokens_BP[row, P - len(prompt):] = prompt
-    positions_BP[row, P - len(prompt):] = np.arange(len(prompt))
+    tokens_BP[row, P - len(prompt) :] = prompt
+    positions_BP[row, P - len(prompt) :] = np.arange(len(prompt))
   eos = -1 if eos_id is None else int(eos_id)
   args = dict(sampling=sampling, eos_id=eos, pad_id=int(pad_id))
-  state = prefill(cfg, params, jnp.asarray(tokens_BP), jnp.asarray(positions_BP), jax.random.key(seed),
-                  num_new=max_new_tokens, mesh_rules=mesh_rules, **args)
+  state = prefill(
+    cfg,
+    params,
+    jnp.asarray(tokens_BP),
+    jnp.asarray(positions_BP),
+    jax.random.key(seed),
+    num_new=max_new_tokens,
+    mesh_rules=mesh_rules,
+    **args,
+  )
   keep, settled = {}, set()  # row -> generated ids to keep (from stop_at); rows stop_at is done with
   if on_token is None and stop_at is None:
     state = decode(cfg, params, state, jnp.int32(max_new_tokens), **args)
@@ -215,7 +277,7 @@ def _apply_stops(state: DecodeState, stop_at, keep: dict, settled: set, eos_id: 
     if done_B[row]:  # ended by EOS in the last chunk: look up to it, then never again
       settled.add(row)
       if eos_id in ids:
-        ids = ids[:ids.index(eos_id) + 1]
+        ids = ids[: ids.index(eos_id) + 1]
     kept = stop_at(row, ids)
     if kept is not None:
       keep[row], done_B[row] = kept, True

@@ -4,6 +4,7 @@ The peak is measured, not looked up: a large square matmul in the given dtype (a
 fp32), the best of a few runs. On a CPU that is what XLA can actually reach; on an accelerator it
 comes close to the datasheet number.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,7 +57,7 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int =
     start = time.perf_counter()
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return 2 * size**3 / best
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> float:

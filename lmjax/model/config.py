@@ -4,6 +4,7 @@ Every field has the default of a small model; `from_dict` builds one from a conf
 unknown keys. The kernel fields (`attention_impl`, `matmul_impl`) choose implementations that give
 the same values and gradients (ops/).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,10 +19,10 @@ POS_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
 MLP_KINDS = ("relu", "gelu", "swiglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,  # no rematerialisation: keep every activation
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,6 +35,7 @@ def _choice(field: str, value: Any, allowed) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a decoder-only Transformer. Validated on construction."""
+
   vocab_size: int = 256
   max_len: int = 256  # longest sequence the model is used on (learned PE table size)
   d_model: int = 128
@@ -83,12 +85,16 @@ class ModelConfig:
       if getattr(self, field) < 1:
         raise ValueError(f"model.{field}={getattr(self, field)} must be a positive integer")
     if self.head_dim is None and self.d_model % self.n_heads:
-      raise ValueError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} "
-                       f"(or set model.head_dim explicitly); allowed n_heads: "
-                       f"{[n for n in range(1, self.d_model + 1) if self.d_model % n == 0]}")
+      raise ValueError(
+        f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} "
+        f"(or set model.head_dim explicitly); allowed n_heads: "
+        f"{[n for n in range(1, self.d_model + 1) if self.d_model % n == 0]}"
+      )
     if self.n_heads % self.kv_heads:
-      raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}; "
-                       f"allowed n_kv_heads: {[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}")
+      raise ValueError(
+        f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}; "
+        f"allowed n_kv_heads: {[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}"
+      )
     if self.pos_encoding == "rope" and self.dim_per_head % 2:
       raise ValueError(f"model.pos_encoding='rope' needs an even head_dim, got {self.dim_per_head}")
     if self.pos_encoding == "sinusoidal" and self.d_model % 2:
@@ -98,8 +104,9 @@ class ModelConfig:
         raise ValueError(f"model.{field}={getattr(self, field)} must be in [0, 1)")
     for field in ("n_kv_heads", "head_dim", "sliding_window"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
-        raise ValueError(f"model.{field}={getattr(self, field)} must be a positive integer (or 0 in a config: "
-                         "the default)")
+        raise ValueError(
+          f"model.{field}={getattr(self, field)} must be a positive integer (or 0 in a config: the default)"
+        )
     for field in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, field) > 0:
         raise ValueError(f"model.{field}={getattr(self, field)} must be > 0")

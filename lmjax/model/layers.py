@@ -9,6 +9,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `voca
 `layers`) so that sharding is one table in the config (DESIGN.md property 3); the layers never name
 a mesh axis. Matmuls and attention go through ops/ (`model.matmul_impl`, `model.attention_impl`).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,9 @@ def make_param(module: nn.Module, name: str, shape, axes, std: float | None):
     init = nn.initializers.zeros
   else:
     init = nn.initializers.normal(std)
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                      jnp.dtype(module.cfg.param_dtype))
+  return module.param(
+    name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype)
+  )
 
 
 def lead(v: jax.Array, ndim: int) -> jax.Array:
@@ -96,13 +98,14 @@ def dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None, w_is_NK: boo
   else:
     k, out_dims = int(np.prod(w.shape[:in_dims])), w.shape[in_dims:]
     w_2d = w.reshape(k, -1)
-  lead = x.shape[:x.ndim - in_dims]
+  lead = x.shape[: x.ndim - in_dims]
   y = matmul(x.reshape(-1, k), w_2d, operand_dtype, w_is_NK, impl=cfg.matmul_impl)
   return y.reshape(*lead, *out_dims).astype(out_dtype or cfg.dtype)
 
 
 class Norm(nn.Module):
   """Pre-norm: LayerNorm (scale, and bias unless `norm_bias` is off) or RMSNorm (scale), in fp32."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -125,6 +128,7 @@ class Attention(nn.Module):
   cache at slot `cache_end` and the queries attend over the whole cache; the
   updated cache is returned (None without a cache).
   """
+
   cfg: ModelConfig
   deterministic: bool = True
   # True: plain causal self-attention (positions 0..T-1, no cache); False: the mask comes from the
@@ -138,30 +142,47 @@ class Attention(nn.Module):
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
     names = ("wq", "wk", "wv")
-    w_DKH = [make_param(self, name, (D, heads, H), ("embed", "heads", "kv"), cfg.init_std)
-             for name, heads in zip(names, (N, K, K))]
+    w_DKH = [
+      make_param(self, name, (D, heads, H), ("embed", "heads", "kv"), cfg.init_std)
+      for name, heads in zip(names, (N, K, K))
+    ]
     if N == K:  # one [D, 3*N*H] matmul instead of three: small matmuls run far below peak
       qkv_BT3NH = dense(x_BTD, jnp.stack(w_DKH, axis=1), cfg)
       q_BTNH, k_BTKH, v_BTKH = (qkv_BT3NH[:, :, i] for i in range(3))
     else:
       q_BTNH, k_BTKH, v_BTKH = (dense(x_BTD, w, cfg) for w in w_DKH)
     if cfg.attn_bias:
-      q_BTNH, k_BTKH, v_BTKH = (y + lead(make_param(self, name + "_bias", (heads, H), ("heads", "kv"), 0), 4).astype(dtype)
-                                for y, name, heads in zip((q_BTNH, k_BTKH, v_BTKH), names, (N, K, K)))
+      q_BTNH, k_BTKH, v_BTKH = (
+        y + lead(make_param(self, name + "_bias", (heads, H), ("heads", "kv"), 0), 4).astype(dtype)
+        for y, name, heads in zip((q_BTNH, k_BTKH, v_BTKH), names, (N, K, K))
+      )
     if cfg.pos_encoding == "rope":
       q_BTNH = apply_rope(q_BTNH, q_pos_BT, cfg.rope_theta)
       k_BTKH = apply_rope(k_BTKH, q_pos_BT, cfg.rope_theta)
     if layer_cache is not None:
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k_BTKH.astype(layer_cache[0].dtype), cache_end, 1)
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v_BTKH.astype(layer_cache[1].dtype), cache_end, 1)
+      k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+        layer_cache[0], k_BTKH.astype(layer_cache[0].dtype), cache_end, 1
+      )
+      v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+        layer_cache[1], v_BTKH.astype(layer_cache[1].dtype), cache_end, 1
+      )
       new_cache = (k_BSKH, v_BSKH)
     else:
       k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
 
     B, T = q_BTNH.shape[:2]
-    out_BTNH = attention(q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), q_pos_BT, k_pos_BS, causal=self.causal,
-                         window=cfg.sliding_window, dropout=Dropout(cfg.attn_dropout, deterministic=self.deterministic),
-                         operand_dtype=jnp.dtype(cfg.matmul_dtype or cfg.dtype), impl=cfg.attention_impl)
+    out_BTNH = attention(
+      q_BTNH,
+      k_BSKH.astype(dtype),
+      v_BSKH.astype(dtype),
+      q_pos_BT,
+      k_pos_BS,
+      causal=self.causal,
+      window=cfg.sliding_window,
+      dropout=Dropout(cfg.attn_dropout, deterministic=self.deterministic),
+      operand_dtype=jnp.dtype(cfg.matmul_dtype or cfg.dtype),
+      impl=cfg.attention_impl,
+    )
 
     wo_NHD = make_param(self, "wo", (N, H, D), ("heads", "kv", "embed"), out_std)
     out_BTD = dense(out_BTNH, wo_NHD, cfg, in_dims=2)
@@ -172,6 +193,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   """relu: max(0, xW1+b1)W2+b2; gelu: GELU(xW1+b1)W2+b2; swiglu: (silu(xW1) * xW3)W2."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -202,6 +224,7 @@ class Block(nn.Module):
   The signature (carry, per-layer input, broadcast input) -> (carry, per-layer
   output) is the one `nn.scan` needs, so the same block runs scanned or unrolled.
   """
+
   cfg: ModelConfig
   deterministic: bool = True
   causal: bool = False
@@ -211,7 +234,8 @@ class Block(nn.Module):
     q_pos_BT, k_pos_BS, cache_end = attn_inputs
     drop = Dropout(self.cfg.dropout, deterministic=self.deterministic)
     h_BTD, new_cache = Attention(self.cfg, self.deterministic, self.causal, name="attn")(
-        Norm(self.cfg, name="attn_norm")(x_BTD), q_pos_BT, k_pos_BS, layer_cache, cache_end)
+      Norm(self.cfg, name="attn_norm")(x_BTD), q_pos_BT, k_pos_BS, layer_cache, cache_end
+    )
     x_BTD = x_BTD + drop(h_BTD)
     x_BTD = x_BTD + drop(MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD)))
     return sharding.constrain(x_BTD, ACTIVATION_AXES), new_cache

@@ -4,6 +4,7 @@ and `merge(base, lora, scale)` returns W + scale * A @ B for the forward pass, s
 unchanged and merging for export is the same function. B starts at zero, so at initialisation the
 model is exactly the base model.
 """
+
 from __future__ import annotations
 
 import jax
@@ -20,7 +21,9 @@ def _targets(names) -> set:
   wanted = set()
   for name in names:
     if name not in LORA_TARGETS:
-      raise ValueError(f"finetune.lora_targets: {name!r} is not a LoRA target; allowed: {sorted(LORA_TARGETS)}")
+      raise ValueError(
+        f"finetune.lora_targets: {name!r} is not a LoRA target; allowed: {sorted(LORA_TARGETS)}"
+      )
     wanted.update(LORA_TARGETS[name])
   return wanted
 
@@ -34,8 +37,8 @@ def lora_init(params, targets, rank: int, rng) -> dict:
     layered = path[0] == "blocks"  # scanned params carry a leading layer axis
     lead = w.shape[:1] if layered else ()
     k = _INPUT_DIMS.get(path[-1], 1)
-    fan_in = int(np.prod(w.shape[len(lead):len(lead) + k]))
-    fan_out = int(np.prod(w.shape[len(lead) + k:]))
+    fan_in = int(np.prod(w.shape[len(lead) : len(lead) + k]))
+    fan_out = int(np.prod(w.shape[len(lead) + k :]))
     rng, sub = jax.random.split(rng)
     lora[path + ("a",)] = jax.random.normal(sub, (*lead, fan_in, rank), jnp.float32) / np.sqrt(fan_in)
     lora[path + ("b",)] = jnp.zeros((*lead, rank, fan_out), jnp.float32)

@@ -5,6 +5,7 @@ Attention masks are computed from token *positions*: a key is visible to a query
 0..T-1), left-padded prompts and the KV cache, so the sampler needs no second attention path.
 Shape suffixes: see layers.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,13 @@ class Transformer(nn.Module):
   `cache=init_cache(...)`-shaped state it returns `(logits_BTV, new_cache)`;
   positions default to 0..T-1 (or continue after the cache's filled slots).
   """
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, cache=None, deterministic: bool = True,
-               return_hidden: bool = False):
+  def __call__(
+    self, tokens_BT, positions_BT=None, cache=None, deterministic: bool = True, return_hidden: bool = False
+  ):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     start = 0 if cache is None else cache["end"]
@@ -45,14 +48,18 @@ class Transformer(nn.Module):
       k_pos_BS = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT.astype(jnp.int32), start, 1)
       layer_caches = (cache["k"], cache["v"])
 
-    embedding_VD = make_param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    embedding_VD = make_param(
+      self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std
+    )
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
     if cfg.scale_embeddings:
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
     if cfg.pos_encoding == "sinusoidal":
       x_BTD = x_BTD + sinusoidal_encoding(positions_BT, cfg.d_model).astype(dtype)
     elif cfg.pos_encoding == "learned":
-      pos_table_TD = make_param(self, "pos_embedding", (cfg.max_len, cfg.d_model), ("length", "embed"), cfg.init_std)
+      pos_table_TD = make_param(
+        self, "pos_embedding", (cfg.max_len, cfg.d_model), ("length", "embed"), cfg.init_std
+      )
       x_BTD = x_BTD + jnp.take(pos_table_TD, jnp.maximum(positions_BT, 0), axis=0).astype(dtype)
     x_BTD = sharding.constrain(Dropout(cfg.dropout)(x_BTD, deterministic=deterministic), ACTIVATION_AXES)
 
@@ -61,15 +68,24 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     attn_inputs = (positions_BT, k_pos_BS, start)
     if cfg.scan_layers:
-      blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=(0, nn.broadcast), length=cfg.n_layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, new_layer_caches = blocks(cfg, deterministic, causal, name="blocks")(x_BTD, layer_caches, attn_inputs)
+      blocks = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x_BTD, new_layer_caches = blocks(cfg, deterministic, causal, name="blocks")(
+        x_BTD, layer_caches, attn_inputs
+      )
     else:
       per_layer = []
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], layer_caches)
-        x_BTD, new_cache = block(cfg, deterministic, causal, name=f"block_{i}")(x_BTD, layer_cache, attn_inputs)
+        x_BTD, new_cache = block(cfg, deterministic, causal, name=f"block_{i}")(
+          x_BTD, layer_cache, attn_inputs
+        )
         per_layer.append(new_cache)
       new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
 
@@ -87,17 +103,24 @@ class Transformer(nn.Module):
 
 
 # Logical names of the cache dimensions, so the cache shards by the same rules as the parameters.
-CACHE_AXES = {"k": ("layers", "batch", "length", "heads", "kv"), "v": ("layers", "batch", "length", "heads", "kv"),
-              "pos": ("batch", "length"), "end": ()}
+CACHE_AXES = {
+  "k": ("layers", "batch", "length", "heads", "kv"),
+  "v": ("layers", "batch", "length", "heads", "kv"),
+  "pos": ("batch", "length"),
+  "end": (),
+}
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache: k/v [L, B, S, K, H], key positions [B, S] (-1 = empty), fill level."""
   shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
   dtype = jnp.dtype(dtype or cfg.dtype)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "pos": jnp.full((batch_size, max_len), -1, jnp.int32), "end": jnp.zeros((), jnp.int32)}
-
+  return {
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "pos": jnp.full((batch_size, max_len), -1, jnp.int32),
+    "end": jnp.zeros((), jnp.int32),
+  }
 
 
 def boxed_param_shapes(cfg: ModelConfig):

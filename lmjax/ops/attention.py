@@ -14,6 +14,7 @@ it); accelerator kernels (cuDNN flash attention, TPU splash attention) are furth
 read); otherwise a key at position k is visible to a query at q iff k >= 0 and 0 <= q - k (and
 q - k < window with a sliding window). Position -1 marks padding.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,19 @@ _MIN_ROWS_FOR_K_COPY = 64
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, causal: bool, window: int | None = None,
-              dropout=None, operand_dtype=jnp.float32, impl: str = "xla_cpu") -> jax.Array:
+def attention(
+  q_BTNH,
+  k_BSKH,
+  v_BSKH,
+  q_pos_BT,
+  k_pos_BS,
+  *,
+  causal: bool,
+  window: int | None = None,
+  dropout=None,
+  operand_dtype=jnp.float32,
+  impl: str = "xla_cpu",
+) -> jax.Array:
   """softmax(q k^T / sqrt(H) + mask) v with grouped KV heads (K divides N) -> [B, T, N, H] in q's dtype.
 
   `dropout`: None or a flax Dropout module applied to the attention probabilities (a mask of
@@ -41,19 +53,33 @@ def attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, *, causal: bool, windo
   implementation that has none. Vaswani et al. 2017, eq. 1; GQA: Ainslie et al. 2023.
   """
   if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"model.attention_impl={impl!r} is not supported; allowed values: {sorted(ATTENTION_IMPLS)}")
-  return ATTENTION_IMPLS[impl](q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype)
+    raise ValueError(
+      f"model.attention_impl={impl!r} is not supported; allowed values: {sorted(ATTENTION_IMPLS)}"
+    )
+  return ATTENTION_IMPLS[impl](
+    q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype
+  )
 
 
-def _blocked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype,
-             blocks: int | None = None):
+def _blocked(
+  q_BTNH,
+  k_BSKH,
+  v_BSKH,
+  q_pos_BT,
+  k_pos_BS,
+  causal,
+  window,
+  dropout,
+  operand_dtype,
+  blocks: int | None = None,
+):
   """The xla_cpu implementation (see the module docstring); `blocks`: query blocks of the causal
   path (default `causal_query_blocks(T)`; tests set more to check the block split on short inputs)."""
   dtype = q_BTNH.dtype
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   # Heads-first layout: the per-head [T, H] @ [H, S] matmuls then run on contiguous blocks.
-  q_BKGTH = (q_BTNH.reshape(B, T, K, N // K, H) * jnp.asarray(H ** -0.5, dtype)).transpose(0, 2, 3, 1, 4)
+  q_BKGTH = (q_BTNH.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, dtype)).transpose(0, 2, 3, 1, 4)
   k_BKSH, v_BKSH = (c.transpose(0, 2, 1, 3) for c in (k_BSKH, v_BSKH))
   if causal:
     # Plain causal self-attention: a constant mask, and query block i sees key blocks 0..i
@@ -64,11 +90,20 @@ def _blocked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout
     size = T // n
     q_blocks = jnp.split(q_BKGTH, n, axis=3)
     k_blocks, v_blocks = jnp.split(k_BKSH, n, axis=2), jnp.split(v_BKSH, n, axis=2)
-    out_BKGTH = jnp.concatenate([
-        _attend(q_blocks[i], jnp.concatenate(k_blocks[:i + 1], axis=2), jnp.concatenate(v_blocks[:i + 1], axis=2),
-                _visible(np.arange(i * size, (i + 1) * size)[:, None], np.arange((i + 1) * size)[None, :], window),
-                dropout, operand_dtype)
-        for i in range(n)], axis=3)
+    out_BKGTH = jnp.concatenate(
+      [
+        _attend(
+          q_blocks[i],
+          jnp.concatenate(k_blocks[: i + 1], axis=2),
+          jnp.concatenate(v_blocks[: i + 1], axis=2),
+          _visible(np.arange(i * size, (i + 1) * size)[:, None], np.arange((i + 1) * size)[None, :], window),
+          dropout,
+          operand_dtype,
+        )
+        for i in range(n)
+      ],
+      axis=3,
+    )
   else:
     visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window)
     out_BKGTH = _attend(q_BKGTH, k_BKSH, v_BKSH, visible_BTS[:, None, None], dropout, operand_dtype)
@@ -78,14 +113,19 @@ def _blocked(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout
 def _reference(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype):
   """The xla implementation: jax.nn.dot_product_attention with the mask materialised."""
   if dropout is not None and not dropout.deterministic and dropout.rate > 0:
-    raise ValueError("model.attention_impl='xla' has no attention dropout; set model.attn_dropout=0 or use "
-                     "attention_impl='xla_cpu'")
+    raise ValueError(
+      "model.attention_impl='xla' has no attention dropout; set model.attn_dropout=0 or use "
+      "attention_impl='xla_cpu'"
+    )
   if causal:
     T = q_BTNH.shape[1]
     q_pos_BT = k_pos_BS = jnp.arange(T, dtype=jnp.int32)[None]
   visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window)
-  out_BTNH = jax.nn.dot_product_attention(*(x.astype(operand_dtype) for x in (q_BTNH, k_BSKH, v_BSKH)),
-                                          mask=visible_BTS[:, None], implementation="xla")
+  out_BTNH = jax.nn.dot_product_attention(
+    *(x.astype(operand_dtype) for x in (q_BTNH, k_BSKH, v_BSKH)),
+    mask=visible_BTS[:, None],
+    implementation="xla",
+  )
   return out_BTNH.astype(q_BTNH.dtype)
 
 
@@ -112,11 +152,15 @@ def _attend(q_BKGTH, k_BKSH, v_BKSH, visible_TS, dropout, operand_dtype) -> jax.
   B, K, G, T, H = q_BKGTH.shape
   bias = jnp.where(visible_TS, 0.0, _MASK_VALUE)
   bias = bias.reshape((1,) * (5 - bias.ndim) + bias.shape)
-  bias_BKMS = jnp.broadcast_to(bias, (*bias.shape[:2], G, T, bias.shape[-1])).reshape(*bias.shape[:2], G * T, -1)
+  bias_BKMS = jnp.broadcast_to(bias, (*bias.shape[:2], G, T, bias.shape[-1])).reshape(
+    *bias.shape[:2], G * T, -1
+  )
   keep_BKMS = None
   if dropout is not None and not dropout.deterministic and dropout.rate > 0:
     keep_BKMS = dropout(jnp.ones((B, K, G * T, k_BKSH.shape[2]), jnp.float32))
-  out_BKMH = attention_core(q_BKGTH.reshape(B, K, G * T, H), k_BKSH, v_BKSH, bias_BKMS, keep_BKMS, operand_dtype)
+  out_BKMH = attention_core(
+    q_BKGTH.reshape(B, K, G * T, H), k_BKSH, v_BKSH, bias_BKMS, keep_BKMS, operand_dtype
+  )
   return out_BKMH.reshape(B, K, G, T, H)
 
 
@@ -163,7 +207,9 @@ def _attention_bwd(operand_dtype, residuals, dout_BKMH):
   dlogits_BKMS = dlogits_BKMS.astype(operand_dtype)
   dq = batched_matmul(dlogits_BKMS, k)
   dk = swap_minor_of_product(batched_matmul(swap_minor(q), dlogits_BKMS), operand_dtype)
-  dv = swap_minor_of_product(batched_matmul(swap_minor(dout), probs_kept.astype(operand_dtype)), operand_dtype)
+  dv = swap_minor_of_product(
+    batched_matmul(swap_minor(dout), probs_kept.astype(operand_dtype)), operand_dtype
+  )
   return (*(d.astype(dtype.dtype) for d in (dq, dk, dv)), None, None)
 
 

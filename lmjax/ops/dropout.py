@@ -10,6 +10,7 @@ the counters `jax.random` uses, so masks, losses and checkpoints are the same
 as with `flax.linen.Dropout`; keys of another PRNG implementation, or arrays of
 2**32 elements or more, go to `jax.random.bernoulli` itself.
 """
+
 from __future__ import annotations
 
 import jax
@@ -58,6 +59,7 @@ class Dropout(nn.Module):
 
   Fields as flax's, except `broadcast_dims` (lmjax never shares a mask across an axis).
   """
+
   rate: float
   deterministic: bool | None = None
   rng_collection: str = "dropout"

@@ -9,6 +9,7 @@
 Both give x @ w with operands in `operand_dtype` and an fp32 result; tests assert they agree in
 values and gradients. fp32 operands take the plain dot in both (autodiff already keeps fp32).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,11 @@ def matmul(x_MK, w, operand_dtype, w_is_NK: bool = False, impl: str = "xla_cpu")
   if impl not in MATMUL_IMPLS:
     raise ValueError(f"model.matmul_impl={impl!r} is not supported; allowed values: {list(MATMUL_IMPLS)}")
   if jnp.dtype(operand_dtype) == jnp.float32 or impl == "xla":
-    return jnp.dot(x_MK.astype(operand_dtype), (w.T if w_is_NK else w).astype(operand_dtype),
-                   preferred_element_type=jnp.float32)
+    return jnp.dot(
+      x_MK.astype(operand_dtype),
+      (w.T if w_is_NK else w).astype(operand_dtype),
+      preferred_element_type=jnp.float32,
+    )
   return matmul_fp32_accumulate(x_MK, w, operand_dtype, w_is_NK)
 
 
@@ -71,8 +75,9 @@ def swap_minor_of_product(y, operand_dtype) -> jax.Array:
 def batched_matmul(a, b) -> jax.Array:
   """[..., M, K] @ [..., K, N] with fp32 accumulation; the leading dims are batch dims."""
   batch = tuple(range(a.ndim - 2))
-  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (a.ndim - 2,)), (batch, batch)),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(
+    a, b, (((a.ndim - 1,), (a.ndim - 2,)), (batch, batch)), preferred_element_type=jnp.float32
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -12,6 +12,7 @@ installs them), anything else from its path.
 
 May import: `lmjax.core`, `lmjax.ops`, `lmjax.model`, `lmjax.data`, `lmjax.run`.
 """
+
 from lmjax.pretrained.loading import BaseChanged, MissingBase, load, load_init, load_run
 from lmjax.pretrained.registry import REGISTRY, Registered, resolve
 

@@ -6,6 +6,7 @@ rows of the q and k projections so that its interleaved-pair RoPE reproduces
 Hugging Face's rotate-half RoPE; lmjax uses the rotate-half layout (model.py),
 so the permutation is undone here.
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,9 +28,11 @@ def tensor_to_numpy(tensor) -> np.ndarray:
   try:
     values = quants.dequantize(tensor.data, tensor.tensor_type)
   except NotImplementedError:
-    raise ValueError(f"tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which the installed gguf "
-                     "package cannot dequantize; re-quantize the model with llama.cpp (e.g. Q8_0, Q4_K) or use "
-                     "an F16/F32 GGUF") from None
+    raise ValueError(
+      f"tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which the installed gguf "
+      "package cannot dequantize; re-quantize the model with llama.cpp (e.g. Q8_0, Q4_K) or use "
+      "an F16/F32 GGUF"
+    ) from None
   return np.asarray(values, np.float32).reshape(shape)
 
 
@@ -46,6 +49,7 @@ def _field(reader, key, default=None):
       raise ValueError(f"the GGUF file has no metadata field {key!r}")
     return default
   from gguf import GGUFValueType
+
   if field.types[0] == GGUFValueType.STRING:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
   if field.types[0] == GGUFValueType.ARRAY:
@@ -56,22 +60,55 @@ def _field(reader, key, default=None):
 
 
 # Metadata read into the ModelConfig / tokenizer, or checked to hold the value lmjax computes with.
-_READ = {"llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
-         "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
-         "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count", "llama.vocab_size",
-         "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-         "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-         "tokenizer.ggml.padding_token_id", "tokenizer.chat_template"}
+_READ = {
+  "llama.block_count",
+  "llama.context_length",
+  "llama.embedding_length",
+  "llama.feed_forward_length",
+  "llama.attention.head_count",
+  "llama.attention.head_count_kv",
+  "llama.rope.freq_base",
+  "llama.attention.layer_norm_rms_epsilon",
+  "llama.rope.dimension_count",
+  "llama.vocab_size",
+  "tokenizer.ggml.model",
+  "tokenizer.ggml.pre",
+  "tokenizer.ggml.tokens",
+  "tokenizer.ggml.token_type",
+  "tokenizer.ggml.merges",
+  "tokenizer.ggml.bos_token_id",
+  "tokenizer.ggml.eos_token_id",
+  "tokenizer.ggml.padding_token_id",
+  "tokenizer.chat_template",
+}
 # Metadata that must have this value (absent is fine): anything else changes what llama.cpp computes.
-_REQUIRED = {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0, "llama.expert_count": 0,
-             "llama.expert_used_count": 0, "tokenizer.ggml.add_space_prefix": False,
-             "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False}
+_REQUIRED = {
+  "llama.rope.scaling.type": "none",
+  "llama.rope.scaling.factor": 1.0,
+  "llama.expert_count": 0,
+  "llama.expert_used_count": 0,
+  "tokenizer.ggml.add_space_prefix": False,
+  "tokenizer.ggml.add_bos_token": False,
+  "tokenizer.ggml.add_eos_token": False,
+}
 # File bookkeeping, and token ids for tasks lmjax does not run (fill-in-the-middle, classification):
 # the model's outputs and the tokenizer's text are the same whatever they say.
-_NO_EFFECT_PREFIXES = ("GGUF.", "general.", "split.", "quantize.", "tokenizer.ggml.scores", "tokenizer.chat_template.",
-                       "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
-                       "tokenizer.ggml.sep_token_id", "tokenizer.ggml.cls_token_id", "tokenizer.ggml.mask_token_id",
-                       "tokenizer.ggml.fim_", "tokenizer.ggml.add_sep_token")
+_NO_EFFECT_PREFIXES = (
+  "GGUF.",
+  "general.",
+  "split.",
+  "quantize.",
+  "tokenizer.ggml.scores",
+  "tokenizer.chat_template.",
+  "tokenizer.ggml.unknown_token_id",
+  "tokenizer.ggml.eot_token_id",
+  "tokenizer.ggml.eom_token_id",
+  "tokenizer.ggml.sep_token_id",
+  "tokenizer.ggml.cls_token_id",
+  "tokenizer.ggml.mask_token_id",
+  "tokenizer.ggml.fim_",
+  "tokenizer.ggml.add_sep_token",
+)
 
 
 def check_metadata(reader) -> None:
@@ -80,39 +117,55 @@ def check_metadata(reader) -> None:
   head_dim = None
   if "llama.attention.head_count" in reader.fields:
     head_dim = int(_field(reader, "llama.rope.dimension_count", 0)) or (
-        int(_field(reader, "llama.embedding_length")) // int(_field(reader, "llama.attention.head_count")))
+      int(_field(reader, "llama.embedding_length")) // int(_field(reader, "llama.attention.head_count"))
+    )
   required = {**_REQUIRED, "llama.attention.key_length": head_dim, "llama.attention.value_length": head_dim}
   wrong = {k: _field(reader, k) for k, v in required.items() if k in reader.fields and _field(reader, k) != v}
-  unknown = sorted(k for k in reader.fields
-                   if k not in _READ and k not in required and not k.startswith(_NO_EFFECT_PREFIXES))
+  unknown = sorted(
+    k for k in reader.fields if k not in _READ and k not in required and not k.startswith(_NO_EFFECT_PREFIXES)
+  )
   if wrong or unknown:
-    raise ValueError(f"this GGUF file sets {wrong or ''}{' and ' if wrong and unknown else ''}"
-                     f"{'fields ' + str(unknown) if unknown else ''}, which lmjax does not support "
-                     f"(supported values: {required}); loading it anyway would compute another model")
+    raise ValueError(
+      f"this GGUF file sets {wrong or ''}{' and ' if wrong and unknown else ''}"
+      f"{'fields ' + str(unknown) if unknown else ''}, which lmjax does not support "
+      f"(supported values: {required}); loading it anyway would compute another model"
+    )
 
 
 def read_config(reader) -> model.ModelConfig:
   arch = _field(reader, "general.architecture")
   if arch != "llama":
-    raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: ['llama'] (Llama, SmolLM, Mistral-"
-                     "style models)")
+    raise ValueError(
+      f"GGUF architecture {arch!r} is not supported; supported: ['llama'] (Llama, SmolLM, Mistral-"
+      "style models)"
+    )
   check_metadata(reader)
   if "llama.vocab_size" in reader.fields and int(_field(reader, "llama.vocab_size")) != len(
-      _field(reader, "tokenizer.ggml.tokens")):
+    _field(reader, "tokenizer.ggml.tokens")
+  ):
     raise ValueError("llama.vocab_size differs from the number of tokenizer.ggml.tokens")
   d_model = int(_field(reader, "llama.embedding_length"))
   n_heads = int(_field(reader, "llama.attention.head_count"))
   tensors = {t.name for t in reader.tensors}
   return model.ModelConfig(
-      vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
-      max_len=int(_field(reader, "llama.context_length")),
-      d_model=d_model, n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,
-      n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-      head_dim=int(_field(reader, "llama.rope.dimension_count", d_model // n_heads)),
-      d_ff=int(_field(reader, "llama.feed_forward_length")), pos_encoding="rope",
-      rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)), mlp="swiglu", norm="rmsnorm",
-      norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")), attn_bias=False,
-      mlp_bias=False, tie_embeddings="output.weight" not in tensors, scan_layers=True)
+    vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
+    max_len=int(_field(reader, "llama.context_length")),
+    d_model=d_model,
+    n_layers=int(_field(reader, "llama.block_count")),
+    n_heads=n_heads,
+    n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+    head_dim=int(_field(reader, "llama.rope.dimension_count", d_model // n_heads)),
+    d_ff=int(_field(reader, "llama.feed_forward_length")),
+    pos_encoding="rope",
+    rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+    mlp="swiglu",
+    norm="rmsnorm",
+    norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+    attn_bias=False,
+    mlp_bias=False,
+    tie_embeddings="output.weight" not in tensors,
+    scan_layers=True,
+  )
 
 
 def read_params(reader, cfg: model.ModelConfig) -> dict:
@@ -132,37 +185,53 @@ def read_params(reader, cfg: model.ModelConfig) -> dict:
     wq = unpermute_rope_rows(get(f"blk.{i}.attn_q.weight"), N)  # [N*H, D] (out, in)
     wk = unpermute_rope_rows(get(f"blk.{i}.attn_k.weight"), K)
     return {
-        "attn": {"wq": wq.T.reshape(D, N, H), "wk": wk.T.reshape(D, K, H),
-                 "wv": get(f"blk.{i}.attn_v.weight").T.reshape(D, K, H),
-                 "wo": get(f"blk.{i}.attn_output.weight").T.reshape(N, H, D)},
-        "attn_norm": {"scale": get(f"blk.{i}.attn_norm.weight")},
-        "mlp": {"w1": get(f"blk.{i}.ffn_gate.weight").T, "w3": get(f"blk.{i}.ffn_up.weight").T,
-                "w2": get(f"blk.{i}.ffn_down.weight").T},
-        "mlp_norm": {"scale": get(f"blk.{i}.ffn_norm.weight")},
+      "attn": {
+        "wq": wq.T.reshape(D, N, H),
+        "wk": wk.T.reshape(D, K, H),
+        "wv": get(f"blk.{i}.attn_v.weight").T.reshape(D, K, H),
+        "wo": get(f"blk.{i}.attn_output.weight").T.reshape(N, H, D),
+      },
+      "attn_norm": {"scale": get(f"blk.{i}.attn_norm.weight")},
+      "mlp": {
+        "w1": get(f"blk.{i}.ffn_gate.weight").T,
+        "w3": get(f"blk.{i}.ffn_up.weight").T,
+        "w2": get(f"blk.{i}.ffn_down.weight").T,
+      },
+      "mlp_norm": {"scale": get(f"blk.{i}.ffn_norm.weight")},
     }
 
   layers = [layer(i) for i in range(cfg.n_layers)]
-  params = {"embedding": get("token_embd.weight"), "final_norm": {"scale": get("output_norm.weight")},
-            "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+  params = {
+    "embedding": get("token_embd.weight"),
+    "final_norm": {"scale": get("output_norm.weight")},
+    "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers),
+  }
   if not cfg.tie_embeddings:
     params["lm_head"] = get("output.weight").T
   unused = sorted(set(raw) - used)
   if unused:  # e.g. rope_freqs.weight (scaled RoPE) or q/k/v biases: dropping them would change the model
-    raise ValueError(f"the GGUF file has tensors lmjax does not use: {unused[:8]}{' ...' if len(unused) > 8 else ''}; "
-                     "loading it without them would compute another model")
+    raise ValueError(
+      f"the GGUF file has tensors lmjax does not use: {unused[:8]}{' ...' if len(unused) > 8 else ''}; "
+      "loading it without them would compute another model"
+    )
   return params
 
 
 def load(path: str):
   """(ModelConfig, params, tokenizer) from a GGUF file."""
   from gguf import GGUFReader
+
   reader = GGUFReader(path)
   cfg = read_config(reader)
   tokenizer = hf_tokenizer.from_gguf_metadata(
-      tokens=_field(reader, "tokenizer.ggml.tokens"), token_types=_field(reader, "tokenizer.ggml.token_type"),
-      merges=_field(reader, "tokenizer.ggml.merges"), model_kind=_field(reader, "tokenizer.ggml.model"),
-      pre=_field(reader, "tokenizer.ggml.pre", "default"),
-      bos_id=_field(reader, "tokenizer.ggml.bos_token_id", -1), eos_id=_field(reader, "tokenizer.ggml.eos_token_id", -1),
-      pad_id=_field(reader, "tokenizer.ggml.padding_token_id", -1),
-      chat_template=_field(reader, "tokenizer.chat_template", ""))
+    tokens=_field(reader, "tokenizer.ggml.tokens"),
+    token_types=_field(reader, "tokenizer.ggml.token_type"),
+    merges=_field(reader, "tokenizer.ggml.merges"),
+    model_kind=_field(reader, "tokenizer.ggml.model"),
+    pre=_field(reader, "tokenizer.ggml.pre", "default"),
+    bos_id=_field(reader, "tokenizer.ggml.bos_token_id", -1),
+    eos_id=_field(reader, "tokenizer.ggml.eos_token_id", -1),
+    pad_id=_field(reader, "tokenizer.ggml.padding_token_id", -1),
+    chat_template=_field(reader, "tokenizer.chat_template", ""),
+  )
   return cfg, read_params(reader, cfg), tokenizer

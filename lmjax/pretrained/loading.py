@@ -6,6 +6,7 @@ A LoRA run's model.json pins its base: the run directory and step, or the pretra
 base params' fingerprint (run.checkpoint.fingerprint). Loading the run loads that step and checks
 the fingerprint, so adapters are never merged onto weights they were not trained on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,10 @@ def load(name_or_path: str, dtype: str | None = None):
     cfg, params = hf.load(path)
     tokenizer = hf_tokenizer.from_hf_directory(path)
   else:
-    raise errors.ConfigError(f"{path}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors + "
-                             "tokenizer.json) or an lmjax run directory (with checkpoints/)")
+    raise errors.ConfigError(
+      f"{path}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors + "
+      "tokenizer.json) or an lmjax run directory (with checkpoints/)"
+    )
   if dtype is None:
     return cfg, params, tokenizer
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
@@ -67,8 +70,12 @@ def load_run(path: str):
   cfg, spec = rundir.read_model(workdir)
   if spec.get("lora_scale") is not None:
     if "base" not in spec:
-      print(f"WARNING: {workdir}/{rundir.MODEL_FILE} predates base provenance: merging the adapters onto the base's "
-            f"current weights ({spec['init']}), which may not be the ones they were trained on", flush=True)
+      print(
+        f"WARNING: {workdir}/{rundir.MODEL_FILE} predates base provenance: merging the adapters onto the "
+        "base's "
+        f"current weights ({spec['init']}), which may not be the ones they were trained on",
+        flush=True,
+      )
     base = load_init(ml_collections.ConfigDict(spec["init"]), {}, pinned=spec.get("base"))[1]
     params = lora.merge(base, params, spec["lora_scale"])
   return cfg, params, tokenizer
@@ -86,7 +93,9 @@ def load_init(init_cfg, runtime: dict, pinned: dict | None = None):
   the pinned step is gone, BaseChanged when its weights changed.
   """
   if bool(init_cfg.from_checkpoint) == bool(init_cfg.pretrained):
-    raise errors.ConfigError("fine-tuning needs exactly one of init.from_checkpoint=RUN_DIR or init.pretrained=NAME")
+    raise errors.ConfigError(
+      "fine-tuning needs exactly one of init.from_checkpoint=RUN_DIR or init.pretrained=NAME"
+    )
   if init_cfg.pretrained:
     cfg, params, tokenizer = load(init_cfg.pretrained, dtype="float32")
     origin = {"kind": "pretrained", "name": init_cfg.pretrained}
@@ -97,9 +106,11 @@ def load_init(init_cfg, runtime: dict, pinned: dict | None = None):
   params = jax.tree.map(np.asarray, params)
   origin["params_sha256"] = checkpoint.fingerprint(params)
   if pinned and pinned.get("params_sha256") not in (None, origin["params_sha256"]):
-    raise BaseChanged(f"the base weights this run was trained on ({pinned}) have changed: {origin} now has "
-                      f"fingerprint {origin['params_sha256'][:16]}..., not {pinned['params_sha256'][:16]}...; "
-                      "restore the original base (or its file) to load this run")
+    raise BaseChanged(
+      f"the base weights this run was trained on ({pinned}) have changed: {origin} now has "
+      f"fingerprint {origin['params_sha256'][:16]}..., not {pinned['params_sha256'][:16]}...; "
+      "restore the original base (or its file) to load this run"
+    )
   return dataclasses.replace(cfg, **runtime), params, tokenizer, origin
 
 
@@ -110,15 +121,18 @@ def _run_and_step(path: str, pinned: dict | None) -> tuple:
     run_dir, step = pinned["workdir"], pinned["step"]
     if step not in rundir.steps(run_dir):
       raise MissingBase(
-          f"this run was trained on step {step} of {run_dir}, which is no longer there (steps now: "
-          f"{rundir.steps(run_dir)}; train.max_to_keep may have removed it). Restore that checkpoint to "
-          "load this run; merging onto another step would silently give another model")
+        f"this run was trained on step {step} of {run_dir}, which is no longer there (steps now: "
+        f"{rundir.steps(run_dir)}; train.max_to_keep may have removed it). Restore that checkpoint to "
+        "load this run; merging onto another step would silently give another model"
+      )
     return run_dir, step
   run_dir, step = rundir.split_step_dir(path)
   if step is None:
     steps = rundir.steps(run_dir)
     if not steps:
-      raise errors.ConfigError(f"init.from_checkpoint={run_dir}: no checkpoints in {run_dir}/checkpoints; train that "
-                               "run first, or point at RUN/checkpoints/STEP")
+      raise errors.ConfigError(
+        f"init.from_checkpoint={run_dir}: no checkpoints in {run_dir}/checkpoints; train that "
+        "run first, or point at RUN/checkpoints/STEP"
+      )
     step = steps[-1]
   return run_dir, step

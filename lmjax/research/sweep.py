@@ -11,11 +11,12 @@ would be too long for the file system), so it resumes from its checkpoint when t
 A point counts as finished only when its run reached its train.steps (rundir.is_finished): finished
 points are skipped; a point stopped by a signal is "interrupted" and resumes on the next sweep; a
 failing point, whatever the failure, is recorded with its error and the others go on. Points drawn
-twice (random search with choices) run once. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png and one
-DIR/val_loss_vs_<field>.png per swept field. An experiment may also define
+twice (random search with choices) run once. Results: DIR/results.csv, DIR/results.md, DIR/val_loss.png
+and one DIR/val_loss_vs_<field>.png per swept field. An experiment may also define
 `analyze_sweep(sweep_dir)`, called at the end with the sweep directory (the scaling study fits
 its power law there).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -88,7 +89,7 @@ def point_name(overrides: dict) -> str:
   if name == raw and len(name.encode()) <= _MAX_NAME_BYTES:
     return name
   digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
-  return name.encode()[:_MAX_NAME_BYTES - 14].decode(errors="ignore") + "__" + digest
+  return name.encode()[: _MAX_NAME_BYTES - 14].decode(errors="ignore") + "__" + digest
 
 
 def distinct_points(points: list) -> list:
@@ -101,7 +102,15 @@ def distinct_points(points: list) -> list:
 
 def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-  return [sys.executable, "-m", "lmjax.cli.train", f"--config={config}", f"--workdir={workdir}", *flags, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "lmjax.cli.train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *flags,
+    *extra,
+  ]
 
 
 def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
@@ -128,10 +137,15 @@ def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
     files.write_json(point_path, {"overrides": overrides, "wall_s": record["wall_s"]})
     if result.returncode == 0 and rundir.is_finished(workdir):
       return {**record, "status": "ok"}
-    if result.returncode > 128 or result.returncode < 0:  # 128 + signal from lmjax.main; -signal if killed outright
-      return {**record, "status": "interrupted",
-              "error": f"stopped by signal {abs(result.returncode) % 128} (exit status {result.returncode}); re-run "
-                       "the sweep to resume"}
+    if (
+      result.returncode > 128 or result.returncode < 0
+    ):  # 128 + signal from lmjax.main; -signal if killed outright
+      return {
+        **record,
+        "status": "interrupted",
+        "error": f"stopped by signal {abs(result.returncode) % 128} (exit status {result.returncode}); "
+        "re-run the sweep to resume",
+      }
     with open(os.path.join(workdir, "sweep_log.txt"), encoding="utf-8", errors="replace") as f:
       lines = [l.strip() for l in f if l.strip()]
     if result.returncode:
@@ -195,13 +209,17 @@ def write_results(sweep_dir: str, rows: list) -> None:
 def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   """val loss curves of all points on one chart, and final val loss against each swept field."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   paths = []
   fig, ax = plt.subplots(figsize=(7, 4))
   for record in records:
     if os.path.exists(os.path.join(record["workdir"], "metrics.jsonl")):
-      points = [(r["step"], r["val_loss"]) for r in metrics_log.read_metrics(record["workdir"]) if "val_loss" in r]
+      points = [
+        (r["step"], r["val_loss"]) for r in metrics_log.read_metrics(record["workdir"]) if "val_loss" in r
+      ]
       if points:
         ax.plot(*zip(*points), marker="o", label=point_name(record["overrides"]))
   ax.set(xlabel="step", ylabel="validation loss", title="sweep: validation loss")
@@ -212,8 +230,11 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   plt.close(fig)
   rows = [summarize(r) for r in records]
   for field in swept:
-    xy = [(row[field], row["final_val_loss"]) for row in rows
-          if row.get(field) is not None and row["final_val_loss"] != ""]
+    xy = [
+      (row[field], row["final_val_loss"])
+      for row in rows
+      if row.get(field) is not None and row["final_val_loss"] != ""
+    ]
     if not xy or not all(isinstance(x, (int, float)) for x, _ in xy):
       continue
     xy.sort()
@@ -232,17 +253,27 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   return paths
 
 
-def slurm_script(config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str) -> str:
-  commands = [" ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
-              for p in points]
-  header = ["#SBATCH --job-name=lmjax-sweep", f"#SBATCH --array=0-{len(points) - 1}",
-            f"#SBATCH --gpus={gpus}", f"#SBATCH --time={time_limit}",
-            f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.out')}"]
+def slurm_script(
+  config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str
+) -> str:
+  commands = [
+    " ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
+    for p in points
+  ]
+  header = [
+    "#SBATCH --job-name=lmjax-sweep",
+    f"#SBATCH --array=0-{len(points) - 1}",
+    f"#SBATCH --gpus={gpus}",
+    f"#SBATCH --time={time_limit}",
+    f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.out')}",
+  ]
   if partition:
     header.append(f"#SBATCH --partition={partition}")
   body = "COMMANDS=(\n" + "\n".join(f"  {shlex.quote(c)}" for c in commands) + "\n)\n"
-  return ("#!/bin/bash\n" + "\n".join(header) + "\n# One array task per sweep point; re-submitting resumes "
-          "unfinished points.\n" + body + 'eval "python ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"\n')
+  return (
+    "#!/bin/bash\n" + "\n".join(header) + "\n# One array task per sweep point; re-submitting resumes "
+    "unfinished points.\n" + body + 'eval "python ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"\n'
+  )
 
 
 def run_sweep(config: str, sweep_dir: str, points: list, parallel: int = 1) -> int:
@@ -258,8 +289,10 @@ def run_sweep(config: str, sweep_dir: str, points: list, parallel: int = 1) -> i
   with open(os.path.join(sweep_dir, "results.md")) as fh:
     print(fh.read())
   counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "interrupted", "failed")}
-  print(f"{counts['ok']} points finished, {counts['interrupted']} interrupted (re-run to resume), "
-        f"{counts['failed']} failed; results in {sweep_dir}")
+  print(
+    f"{counts['ok']} points finished, {counts['interrupted']} interrupted (re-run to resume), "
+    f"{counts['failed']} failed; results in {sweep_dir}"
+  )
   analyze = getattr(_experiment_module(config), "analyze_sweep", None)
   if analyze:  # the experiment's own study on top of the table, e.g. a scaling-law fit
     try:

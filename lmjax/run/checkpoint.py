@@ -19,6 +19,7 @@ Safety rules (nothing good is ever lost):
 - The state is restored into whatever shardings the caller asks for, so a run
   can resume on another mesh.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,10 @@ class _LiteralDir:
     self.path = self.real
     if _GLOB_OR_SEPARATOR & set(self.real):
       if not os.path.isdir("/proc/self/fd"):
-        raise errors.UserError(f"{self.real}: checkpoint paths containing any of '[', ']', '*', '?', '\\' are only "
-                               "supported on Linux; rename the directory")
+        raise errors.UserError(
+          f"{self.real}: checkpoint paths containing any of '[', ']', '*', '?', '\\' are only "
+          "supported on Linux; rename the directory"
+        )
       self._fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY)
       self.path = f"/proc/self/fd/{self._fd}"
 
@@ -73,7 +76,9 @@ def step_dirs(workdir: str) -> list:
 def fingerprint(params) -> str:
   """SHA-256 over a parameter tree's paths, dtypes, shapes and bytes: the identity of a set of weights."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda pl: jax.tree_util.keystr(pl[0])):
+  for path, leaf in sorted(
+    jax.tree_util.tree_flatten_with_path(params)[0], key=lambda pl: jax.tree_util.keystr(pl[0])
+  ):
     array = np.ascontiguousarray(np.asarray(leaf))
     digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape};".encode())
     digest.update(array.tobytes())
@@ -83,8 +88,10 @@ def fingerprint(params) -> str:
 def load_params(step_dir: str):
   """The params of one saved step (`<workdir>/checkpoints/<step>`), for inference."""
   if not os.path.isdir(os.path.join(step_dir, "default")):
-    raise FileNotFoundError(f"{step_dir} is not an lmjax checkpoint step directory (no 'default' item inside); "
-                            "pass <workdir>/checkpoints/<step>")
+    raise FileNotFoundError(
+      f"{step_dir} is not an lmjax checkpoint step directory (no 'default' item inside); "
+      "pass <workdir>/checkpoints/<step>"
+    )
   literal = _LiteralDir(step_dir)
   try:
     item = os.path.join(literal.path, "default")
@@ -95,8 +102,10 @@ def load_params(step_dir: str):
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     return checkpointer.restore(item, target)["params"]
   except Exception as err:
-    raise ValueError(f"checkpoint {step_dir} could not be read ({type(err).__name__}: {str(err)[:200]}); it may be "
-                     "truncated or corrupted: use an earlier step") from err
+    raise ValueError(
+      f"checkpoint {step_dir} could not be read ({type(err).__name__}: {str(err)[:200]}); it may be "
+      "truncated or corrupted: use an earlier step"
+    ) from err
   finally:
     literal.close()
 
@@ -110,21 +119,24 @@ def _saved_tree(item: str) -> dict:
 
 def _shapes(tree) -> dict:
   """{'blocks/attn/wq': shape, ...} of a params tree (nested dicts, saved or abstract)."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str, max_to_keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.quarantine = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
     os.makedirs(self.directory, exist_ok=True)
     self._literal = _LiteralDir(self.directory)
     self._manager = ocp.CheckpointManager(
-        self._literal.path,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
-                                             create=True))
+      self._literal.path,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True
+      ),
+    )
 
   def steps(self) -> list:
     return sorted(self._manager.all_steps())
@@ -165,32 +177,47 @@ class Checkpointer:
     if failed:
       causes = "\n  ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failed)
       raise CheckpointUnreadable(
-          f"no checkpoint in {self.directory} restores:\n  {causes}\nNothing was moved. If the error is about "
-          "memory or devices, fix that and re-run; if the checkpoints are damaged, move them aside to start "
-          "this run over.")
+        f"no checkpoint in {self.directory} restores:\n  {causes}\nNothing was moved. If the error is about "
+        "memory or devices, fix that and re-run; if the checkpoints are damaged, move them aside to start "
+        "this run over."
+      )
     return None, None
 
   def _check_shapes(self, step: int, saved_tree, abstract_state) -> None:
     saved, wanted = _shapes(saved_tree["params"]), _shapes(abstract_state.params)
     if saved == wanted:
       return
-    differences = [f"{k}: saved {saved.get(k, 'absent')}, this config {wanted.get(k, 'absent')}"
-                   for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    differences = [
+      f"{k}: saved {saved.get(k, 'absent')}, this config {wanted.get(k, 'absent')}"
+      for k in sorted(set(saved) | set(wanted))
+      if saved.get(k) != wanted.get(k)
+    ]
     raise CheckpointMismatch(
-        f"checkpoint step {step} in {self.directory} holds parameters of other names or shapes than this config "
-        f"builds ({len(differences)} differ):\n  " + "\n  ".join(differences[:10])
-        + "\nNothing was moved or changed. Resume with the config the run was saved with (its config.json), "
-        "or start this config in a new --workdir.")
+      f"checkpoint step {step} in {self.directory} holds parameters of other names or shapes than this "
+      "config "
+      f"builds ({len(differences)} differ):\n  "
+      + "\n  ".join(differences[:10])
+      + "\nNothing was moved or changed. Resume with the config the run was saved with (its config.json), "
+      "or start this config in a new --workdir."
+    )
 
   def _quarantine(self, step: int, err: Exception) -> None:
     os.makedirs(self.quarantine, exist_ok=True)
     target = os.path.join(self.quarantine, str(step))
     if os.path.exists(target):
       target = f"{target}.{len(os.listdir(self.quarantine))}"
-    logging.warning("checkpoint at step %d failed to restore (%s: %s); moved it to %s and using an "
-                    "earlier one", step, type(err).__name__, str(err)[:300], target)
-    print(f"WARNING: checkpoint at step {step} failed to restore ({type(err).__name__}); "
-          f"moved to {target}, falling back to the previous checkpoint", flush=True)
+    logging.warning(
+      "checkpoint at step %d failed to restore (%s: %s); moved it to %s and using an earlier one",
+      step,
+      type(err).__name__,
+      str(err)[:300],
+      target,
+    )
+    print(
+      f"WARNING: checkpoint at step {step} failed to restore ({type(err).__name__}); "
+      f"moved to {target}, falling back to the previous checkpoint",
+      flush=True,
+    )
     if jax.process_index() == 0:  # one mover; the others wait for it before re-listing the steps
       shutil.move(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:

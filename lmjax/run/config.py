@@ -4,6 +4,7 @@ Experiment files start from `base_config()` and change what they need;
 `validate` rejects any key the schema does not know, naming the valid ones, so
 a typo never silently does nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,38 +25,49 @@ def base_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
   cfg.data = dict(
-      dataset="shakespeare",  # 'shakespeare', 'text_files', or a TFDS catalog name
-      text_files="",  # for text_files: a path, a glob, or a comma-separated list
-      val_file="",  # optional separate validation file
-      val_fraction=0.1,  # contiguous tail held out for validation
-      text_key="text",  # text feature of a TFDS catalog dataset
-      data_dir="",  # prepared-dataset cache; '' = ~/tensorflow_datasets
-      tokenizer="char",  # 'char', 'byte' or 'bpe'
-      vocab_size=0,  # for bpe
+    dataset="shakespeare",  # 'shakespeare', 'text_files', or a TFDS catalog name
+    text_files="",  # for text_files: a path, a glob, or a comma-separated list
+    val_file="",  # optional separate validation file
+    val_fraction=0.1,  # contiguous tail held out for validation
+    text_key="text",  # text feature of a TFDS catalog dataset
+    data_dir="",  # prepared-dataset cache; '' = ~/tensorflow_datasets
+    tokenizer="char",  # 'char', 'byte' or 'bpe'
+    vocab_size=0,  # for bpe
   )
-  cfg.model = {f.name: f.default for f in dataclasses.fields(model.ModelConfig)
-               if f.name not in DERIVED_MODEL_FIELDS}
+  cfg.model = {
+    f.name: f.default for f in dataclasses.fields(model.ModelConfig) if f.name not in DERIVED_MODEL_FIELDS
+  }
   cfg.model.n_kv_heads = 0  # 0 = n_heads (ConfigDict fields keep one type; None would lock to None)
   cfg.model.head_dim = 0  # 0 = d_model // n_heads
   cfg.model.sliding_window = 0  # 0 = full causal attention; W: each position attends to the last W
-  cfg.model.matmul_dtype = ""  # '' = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmuls, fp32 elsewhere
-  cfg.optim = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1,
-                   grad_clip=1.0,
-                   decay_steps=0)  # steps of warmup + cosine decay; 0 = train.steps (then min_lr is held)
+  cfg.model.matmul_dtype = (
+    ""  # '' = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmuls, fp32 elsewhere
+  )
+  cfg.optim = dict(
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=100,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    decay_steps=0,
+  )  # steps of warmup + cosine decay; 0 = train.steps (then min_lr is held)
   cfg.train = dict(
-      steps=2000,
-      batch_size=12,  # global batch, in sequences
-      seq_len=64,
-      grad_accum=1,  # micro-batches per optimizer step (batch_size must divide by it)
-      log_every=100,
-      eval_every=250,
-      eval_steps=20,  # validation batches per evaluation
-      ckpt_every=500,
-      max_to_keep=3,
-      num_samples=3,  # text samples written to samples.txt at the end
-      sample_len=200,
-      sample_prompt="\n",
-      peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
+    steps=2000,
+    batch_size=12,  # global batch, in sequences
+    seq_len=64,
+    grad_accum=1,  # micro-batches per optimizer step (batch_size must divide by it)
+    log_every=100,
+    eval_every=250,
+    eval_steps=20,  # validation batches per evaluation
+    ckpt_every=500,
+    max_to_keep=3,
+    num_samples=3,  # text samples written to samples.txt at the end
+    sample_len=200,
+    sample_prompt="\n",
+    peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
   )
   cfg.mesh = dict(shape=(1, 1, 1), rules=sharding.DEFAULT_RULES)
   # A published result the experiment reproduces (val_loss 0 = none): marked on loss.png and
@@ -65,10 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
   # {"prompt", "response"} or {"messages"}), and start from exactly one init source.
   cfg.init = dict(from_checkpoint="", pretrained="")
   cfg.finetune = dict(
-      task="", train_file="", val_file="",
-      num_train=2000, num_val=128, num_eval=64,  # sizes of generated task sets
-      mode="full",  # 'full' or 'lora'
-      lora_rank=8, lora_alpha=16.0, lora_targets="q,k,v,o",  # targets from q, k, v, o, mlp
+    task="",
+    train_file="",
+    val_file="",
+    num_train=2000,
+    num_val=128,
+    num_eval=64,  # sizes of generated task sets
+    mode="full",  # 'full' or 'lora'
+    lora_rank=8,
+    lora_alpha=16.0,
+    lora_targets="q,k,v,o",  # targets from q, k, v, o, mlp
   )
   return cfg
 
@@ -109,48 +127,67 @@ def flat_keys(cfg, prefix: str = "") -> list:
 
 # Numeric ranges, checked before anything is prepared: (low, low included, high, high included).
 _RANGES = {
-    "seed": (0, True, None, False),
-    "data.val_fraction": (0.0, False, 1.0, False),
-    "data.vocab_size": (0, True, None, False),
-    "optim.lr": (0.0, False, None, False),
-    "optim.min_lr": (0.0, True, None, False),
-    "optim.warmup_steps": (0, True, None, False),
-    "optim.decay_steps": (0, True, None, False),
-    "optim.b1": (0.0, True, 1.0, False),
-    "optim.b2": (0.0, True, 1.0, False),
-    "optim.eps": (0.0, True, None, False),
-    "optim.weight_decay": (0.0, True, None, False),
-    "optim.grad_clip": (0.0, False, None, False),
-    "train.steps": (1, True, None, False),
-    "train.batch_size": (1, True, None, False),
-    "train.seq_len": (1, True, None, False),
-    "train.grad_accum": (1, True, None, False),
-    "train.log_every": (1, True, None, False),
-    "train.eval_every": (1, True, None, False),
-    "train.eval_steps": (1, True, None, False),
-    "train.ckpt_every": (1, True, None, False),
-    "train.max_to_keep": (1, True, None, False),
-    "train.num_samples": (0, True, None, False),
-    "train.sample_len": (0, True, None, False),
-    "train.peak_tflops": (0.0, True, None, False),
-    "finetune.num_train": (1, True, None, False),
-    "finetune.num_val": (1, True, None, False),
-    "finetune.num_eval": (1, True, None, False),
-    "finetune.lora_rank": (1, True, None, False),
-    "finetune.lora_alpha": (0.0, False, None, False),
+  "seed": (0, True, None, False),
+  "data.val_fraction": (0.0, False, 1.0, False),
+  "data.vocab_size": (0, True, None, False),
+  "optim.lr": (0.0, False, None, False),
+  "optim.min_lr": (0.0, True, None, False),
+  "optim.warmup_steps": (0, True, None, False),
+  "optim.decay_steps": (0, True, None, False),
+  "optim.b1": (0.0, True, 1.0, False),
+  "optim.b2": (0.0, True, 1.0, False),
+  "optim.eps": (0.0, True, None, False),
+  "optim.weight_decay": (0.0, True, None, False),
+  "optim.grad_clip": (0.0, False, None, False),
+  "train.steps": (1, True, None, False),
+  "train.batch_size": (1, True, None, False),
+  "train.seq_len": (1, True, None, False),
+  "train.grad_accum": (1, True, None, False),
+  "train.log_every": (1, True, None, False),
+  "train.eval_every": (1, True, None, False),
+  "train.eval_steps": (1, True, None, False),
+  "train.ckpt_every": (1, True, None, False),
+  "train.max_to_keep": (1, True, None, False),
+  "train.num_samples": (0, True, None, False),
+  "train.sample_len": (0, True, None, False),
+  "train.peak_tflops": (0.0, True, None, False),
+  "finetune.num_train": (1, True, None, False),
+  "finetune.num_val": (1, True, None, False),
+  "finetune.num_eval": (1, True, None, False),
+  "finetune.lora_rank": (1, True, None, False),
+  "finetune.lora_alpha": (0.0, False, None, False),
 }
 
 # Fields a resumed run may change: how long it trains (a new schedule is announced at start), how
 # often it logs, evaluates and saves, what it writes at the end, the mesh it runs on, how a step is
 # computed, and where the prepared data is cached. Any other difference from the saved config.json
 # is another experiment.
-RESUMABLE_FIELDS = frozenset({
-    "train.steps", "optim.decay_steps", "train.log_every", "train.eval_every", "train.eval_steps",
-    "train.ckpt_every", "train.max_to_keep", "train.num_samples", "train.sample_len", "train.sample_prompt",
-    "train.peak_tflops", "mesh.shape", "mesh.rules", "reference.step", "reference.val_loss",
-    "reference.source", "data.data_dir",
+RESUMABLE_FIELDS = frozenset(
+  {
+    "train.steps",
+    "optim.decay_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_steps",
+    "train.ckpt_every",
+    "train.max_to_keep",
+    "train.num_samples",
+    "train.sample_len",
+    "train.sample_prompt",
+    "train.peak_tflops",
+    "mesh.shape",
+    "mesh.rules",
+    "reference.step",
+    "reference.val_loss",
+    "reference.source",
+    "data.data_dir",
     # how the same step is computed: micro-batches (accumulation is exact), rematerialisation, kernels
-    "train.grad_accum", "model.remat", "model.attention_impl", "model.matmul_impl"})
+    "train.grad_accum",
+    "model.remat",
+    "model.attention_impl",
+    "model.matmul_impl",
+  }
+)
 
 
 def _range_text(low, low_in, high, high_in) -> str:
@@ -173,26 +210,37 @@ def validate(cfg) -> None:
   valid = set(flat_keys(base_config()))
   unknown = sorted(set(flat_keys(cfg)) - valid)
   if unknown:
-    raise errors.ConfigError(f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid)))
+    raise errors.ConfigError(
+      f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid))
+    )
   for field, (low, low_in, high, high_in) in _RANGES.items():
     value = _get(cfg, field)
     # written as "not inside" so that NaN, which compares False with everything, is outside
-    inside = (value >= low if low_in else value > low) and (
-        high is None or (value <= high if high_in else value < high)) and math.isfinite(value)
+    inside = (
+      (value >= low if low_in else value > low)
+      and (high is None or (value <= high if high_in else value < high))
+      and math.isfinite(value)
+    )
     if not inside:
-      raise errors.ConfigError(f"{field}={value} is out of range: it must be {_range_text(low, low_in, high, high_in)}")
+      raise errors.ConfigError(
+        f"{field}={value} is out of range: it must be {_range_text(low, low_in, high, high_in)}"
+      )
   if cfg.optim.min_lr > cfg.optim.lr:
-    raise errors.ConfigError(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}: the schedule "
-                             "decays from lr to min_lr; lower min_lr")
+    raise errors.ConfigError(
+      f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}: the schedule "
+      "decays from lr to min_lr; lower min_lr"
+    )
   tc = cfg.train
   if tc.batch_size % tc.grad_accum:
-    raise errors.ConfigError(f"train.batch_size={tc.batch_size} must be divisible by "
-                             f"train.grad_accum={tc.grad_accum}")
+    raise errors.ConfigError(
+      f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}"
+    )
   if tc.grad_accum > 1 and cfg.finetune.task == "search":
     raise errors.ConfigError(
-        "train.grad_accum > 1 cannot be used with finetune.task='search': its contrastive loss takes each "
-        "query's negatives from the whole batch, so micro-batches would see fewer negatives than the full "
-        "batch. Set train.grad_accum=1 (lower train.batch_size if memory is short)")
+      "train.grad_accum > 1 cannot be used with finetune.task='search': its contrastive loss takes each "
+      "query's negatives from the whole batch, so micro-batches would see fewer negatives than the full "
+      "batch. Set train.grad_accum=1 (lower train.batch_size if memory is short)"
+    )
   _check_choices(cfg)
   try:
     model_config(cfg, vocab_size=2)  # validates the model fields now, not after data preparation
@@ -203,8 +251,10 @@ def validate(cfg) -> None:
 def _check_choices(cfg) -> None:
   """Named options whose allowed values the config layer knows (fine-tuning tasks and LoRA targets
   are checked by preflight.check_finetune_options, above this layer)."""
-  choices = [("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe")),
-             ("finetune.mode", cfg.finetune.mode, ("full", "lora"))]
+  choices = [
+    ("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe")),
+    ("finetune.mode", cfg.finetune.mode, ("full", "lora")),
+  ]
   for field, value, allowed in choices:
     if value not in allowed:
       raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
@@ -212,24 +262,33 @@ def _check_choices(cfg) -> None:
     raise errors.ConfigError("data.tokenizer='bpe' needs data.vocab_size (e.g. 2048)")
   shape = tuple(cfg.mesh.shape)
   if len(shape) != len(sharding.MESH_AXES) or any(s < 1 and s != -1 for s in shape) or shape.count(-1) > 1:
-    raise errors.ConfigError(f"mesh.shape={shape} must give one size per axis {sharding.MESH_AXES}, each >= 1 "
-                             "(one of them may be -1: the remaining devices)")
+    raise errors.ConfigError(
+      f"mesh.shape={shape} must give one size per axis {sharding.MESH_AXES}, each >= 1 "
+      "(one of them may be -1: the remaining devices)"
+    )
 
 
 def resume_differences(saved, cfg) -> list:
   """(field, saved value, new value) for each field outside RESUMABLE_FIELDS that `cfg` changes
   from the run's `saved` config (fields the saved config predates count at their defaults)."""
+
   def flat(c):
     values = {}
+
     def walk(node, prefix):
       for key, value in node.items():
         if isinstance(value, dict):
           walk(value, f"{prefix}{key}.")
         else:
           values[prefix + key] = value
+
     walk(json.loads(c.to_json_best_effort()), "")
     return values
+
   old, new = flat(base_config()), flat(cfg)
   old.update(flat(saved))
-  return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
+  return [
+    (k, old.get(k), new.get(k))
+    for k in sorted(set(old) | set(new))
+    if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
+  ]

@@ -15,6 +15,7 @@ never counted as a result.
 Runs written before model.json existed for pretraining runs are read by deriving the architecture
 from config.json and the tokenizer's vocabulary (the rule `config.model_config` applies).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,9 @@ def is_run(path: str) -> bool:
   """Whether `path` is an lmjax run directory (or one of its checkpoint steps): it has checkpoints,
   model.json or the lock every run takes (a Hugging Face directory has none of them)."""
   workdir, _ = split_step_dir(path)
-  return any(os.path.exists(os.path.join(workdir, name)) for name in ("checkpoints", MODEL_FILE, files.LOCK_FILE))
+  return any(
+    os.path.exists(os.path.join(workdir, name)) for name in ("checkpoints", MODEL_FILE, files.LOCK_FILE)
+  )
 
 
 def save_tokenizer(workdir: str, tokenizer) -> None:
@@ -92,8 +95,14 @@ def load_tokenizer(workdir: str):
   return tokenizers.load(workdir)
 
 
-def write_model(workdir: str, model_cfg: ModelConfig, *, init: dict | None = None, base: dict | None = None,
-                lora_scale: float | None = None) -> None:
+def write_model(
+  workdir: str,
+  model_cfg: ModelConfig,
+  *,
+  init: dict | None = None,
+  base: dict | None = None,
+  lora_scale: float | None = None,
+) -> None:
   """model.json: the architecture the run trains (for fine-tuning: its source's, not cfg.model), and
   for fine-tuning the init fields and the exact base weights it started from (`base`: the origin of
   pretrained.load_init) and the LoRA scale (None: full weights)."""

@@ -5,6 +5,7 @@ evaluators (`evaluators.py`).
 
 May import: `core`, `ops`, `model`, `data`, `run`, `pretrained`, `inference`.
 """
+
 from lmjax.tasks import finetuning, pretraining
 from lmjax.tasks.task import Task, is_finetuning
 

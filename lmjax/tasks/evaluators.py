@@ -3,6 +3,7 @@
 Used by the trainer (before/after task scores, end-of-run samples) and by `lmjax-evaluate`
 (cli/evaluate.py) on any run or pretrained model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,11 +26,20 @@ def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int
   """Greedy continuations of `prompts`, decoded."""
   answers, room = [], cfg.max_len - max_new_tokens  # prompts too long keep their end, as in training
   if room < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {cfg.max_len}-token context")
+    raise ValueError(
+      f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {cfg.max_len}-token context"
+    )
   for start in range(0, len(prompts), batch_size):
-    chunk = [tokenizer.encode(p)[-room:] for p in prompts[start:start + batch_size]]
-    result = sampler.generate_tokens(cfg, params, chunk, max_new_tokens, sampler.SamplingConfig(temperature=0.0),
-                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
+    chunk = [tokenizer.encode(p)[-room:] for p in prompts[start : start + batch_size]]
+    result = sampler.generate_tokens(
+      cfg,
+      params,
+      chunk,
+      max_new_tokens,
+      sampler.SamplingConfig(temperature=0.0),
+      eos_id=tokenizer.eos_id,
+      pad_id=tokenizer.pad_id or 0,
+    )
     answers += [tokenizer.decode(t) for t in result.tokens]
   return answers
 
@@ -38,16 +48,23 @@ def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
   """Scores greedy answers to the examples' prompts against their responses."""
   longest = max(len(tokenizer.encode(e.response)) for e in examples)
   predictions = answer(cfg, params, tokenizer, [e.prompt for e in examples], longest + 2)
-  return {**generators.score(task, predictions, [e.response for e in examples]), "examples": len(examples),
-          "sample_prediction": predictions[0].strip(), "sample_reference": examples[0].response.strip()}
+  return {
+    **generators.score(task, predictions, [e.response for e in examples]),
+    "examples": len(examples),
+    "sample_prediction": predictions[0].strip(),
+    "sample_reference": examples[0].response.strip(),
+  }
 
 
 def embed(cfg: model.ModelConfig, params, tokenizer, texts) -> np.ndarray:
   """Embeddings of `texts`: [len(texts), d_model] (see `mean_pooled`)."""
   longest = max(len(tokenizer.encode(t)) for t in texts)
   tokens, positions = corpus.encode_padded(tokenizer, texts, sampler.bucket_length(longest, cfg.max_len))
-  forward = jax.jit(lambda p, x, pos: mean_pooled(
-      lambda t, **kw: model.Transformer(cfg).apply({"params": p}, t, **kw), x, pos))
+  forward = jax.jit(
+    lambda p, x, pos: mean_pooled(
+      lambda t, **kw: model.Transformer(cfg).apply({"params": p}, t, **kw), x, pos
+    )
+  )
   return np.asarray(forward(params, tokens, positions))
 
 
@@ -77,7 +94,7 @@ def perplexity(cfg: model.ModelConfig, params, tokenizer, text: str, seq_len: in
   forward = jax.jit(lambda p, x: model.Transformer(cfg).apply({"params": p}, x))
   total, scored_until = 0.0, 0  # targets at positions <= scored_until are done
   for start in starts:
-    window = ids[start:start + width]
+    window = ids[start : start + width]
     logits = np.asarray(forward(params, window[None, :-1]), np.float64)[0]
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = logz - logits[np.arange(width - 1), window[1:]]  # target positions start+1 .. start+width-1
@@ -105,6 +122,7 @@ def markdown_table(rows: dict) -> str:
 @dataclasses.dataclass
 class TaskScores:
   """Scores a built-in task on held-out examples; task_eval.json/.md hold the before/after table."""
+
   task: str
   examples: list
   model_cfg: model.ModelConfig
@@ -123,15 +141,20 @@ class TaskScores:
       results[when] = evaluate_task(self.model_cfg, params, self.tokenizer, self.task, self.examples)
     files.write_json(path, results)
     table = markdown_table({f"{k} fine-tuning": v for k, v in results.items()})
-    files.write_atomic(os.path.join(workdir, "task_eval.md"),
-                       f"Task `{self.task}`, {len(self.examples)} held-out examples\n\n{table}")
-    print(f"task {self.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True)
+    files.write_atomic(
+      os.path.join(workdir, "task_eval.md"),
+      f"Task `{self.task}`, {len(self.examples)} held-out examples\n\n{table}",
+    )
+    print(
+      f"task {self.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True
+    )
 
 
 @dataclasses.dataclass
 class Samples:
   """`count` continuations of `prompt` (temperature 0.8) into samples.txt. preflight.check_sizes has
   checked that the prompt encodes and leaves room in the context."""
+
   count: int
   prompt: str
   max_new_tokens: int
@@ -144,10 +167,16 @@ class Samples:
     del when
     prompt, tokenizer = self.prompt or "\n", self.tokenizer
     ids = tokenizer.encode(prompt)
-    result = sampler.generate_tokens(self.model_cfg, params, [ids] * self.count,
-                                     min(self.max_new_tokens, self.model_cfg.max_len - len(ids)),
-                                     sampler.SamplingConfig(temperature=0.8, top_k=0), seed=self.seed,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0)
+    result = sampler.generate_tokens(
+      self.model_cfg,
+      params,
+      [ids] * self.count,
+      min(self.max_new_tokens, self.model_cfg.max_len - len(ids)),
+      sampler.SamplingConfig(temperature=0.8, top_k=0),
+      seed=self.seed,
+      eos_id=tokenizer.eos_id,
+      pad_id=tokenizer.pad_id or 0,
+    )
     texts = [prompt + tokenizer.decode(row) for row in result.tokens]
     files.write_atomic(os.path.join(workdir, "samples.txt"), "\n\n==========\n\n".join(texts) + "\n")
     print("samples (also in samples.txt):\n" + "\n----------\n".join(texts), flush=True)

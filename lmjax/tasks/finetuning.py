@@ -6,6 +6,7 @@ examples and starts from `init.from_checkpoint` (an lmjax run) or
 come from that source. In LoRA mode the trainable tree is the adapters and the
 source weights stay frozen.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,15 @@ from lmjax.tasks import evaluators, generators, losses
 from lmjax.tasks.task import Task
 
 # Model fields a fine-tuning config may change on a loaded architecture.
-RUNTIME_MODEL_FIELDS = ("dtype", "matmul_dtype", "dropout", "attn_dropout", "remat", "attention_impl", "matmul_impl")
+RUNTIME_MODEL_FIELDS = (
+  "dtype",
+  "matmul_dtype",
+  "dropout",
+  "attn_dropout",
+  "remat",
+  "attention_impl",
+  "matmul_impl",
+)
 
 
 def _pinned_base(workdir: str) -> dict | None:
@@ -42,7 +51,9 @@ def prepare(cfg, workdir: str) -> Task:
   model_cfg, base, tokenizer, origin = pretrained.load_init(cfg.init, runtime, pinned=_pinned_base(workdir))
   _check_architecture_fields(cfg, model_cfg)
   if tc.seq_len >= model_cfg.max_len + 1:
-    raise errors.ConfigError(f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})")
+    raise errors.ConfigError(
+      f"train.seq_len={tc.seq_len} exceeds the source model's context ({model_cfg.max_len})"
+    )
   if fc.task == "search":
     return _search(cfg, model_cfg, base, tokenizer, workdir, origin)
   if fc.task:
@@ -57,22 +68,37 @@ def prepare(cfg, workdir: str) -> Task:
   train_sft, val_sft = (sft.tokenize(e, tokenizer, tc.seq_len) for e in (train_examples, val_examples))
   for name, rows in (("training", train_sft), ("validation", val_sft)):
     if rows.truncated:
-      print(f"WARNING: {rows.truncated} of {len(rows.tokens)} {name} examples do not fit train.seq_len={tc.seq_len}: "
-            f"{rows.prompts_cut} prompts cut from the left (each keeps at least {sft.MIN_PROMPT_SHARE:.0%} of "
-            f"the row or all of itself), {rows.responses_cut} responses cut from the right (their EOS kept). Raise "
-            "train.seq_len to train on them whole (data/sft.py: truncation policy)", flush=True)
+      print(
+        f"WARNING: {rows.truncated} of {len(rows.tokens)} {name} examples do not fit "
+        f"train.seq_len={tc.seq_len}: "
+        f"{rows.prompts_cut} prompts cut from the left (each keeps at least {sft.MIN_PROMPT_SHARE:.0%} of "
+        f"the row or all of itself), {rows.responses_cut} responses cut from the right (their EOS kept). "
+        "Raise "
+        "train.seq_len to train on them whole (data/sft.py: truncation policy)",
+        flush=True,
+      )
   setup = Task(
-      tokenizer=tokenizer, model_cfg=model_cfg,
-      train_batch=lambda step, p, n: sft.batch_at(train_sft, cfg.seed, step, tc.batch_size, p, n),
-      val_batch=lambda i, p, n: sft.batch_at(val_sft, cfg.seed + 1, i, tc.batch_size, p, n),
-      train_tokens=int(train_sft.loss_mask.sum()), val_tokens=int(val_sft.loss_mask.sum()),
-      train_rows=len(train_sft.tokens), val_rows=len(val_sft.tokens),
-      task=fc.task or None,
-      evaluators=[evaluators.TaskScores(fc.task, generators.examples(fc.task, fc.num_eval, generators.EVAL_SEED),
-                                        model_cfg, tokenizer)] if fc.task else
-      [evaluators.Samples(tc.num_samples, tc.sample_prompt, tc.sample_len, cfg.seed, model_cfg, tokenizer)]
-      if tc.num_samples else [],
-      init=cfg.init.to_dict(), base=origin)
+    tokenizer=tokenizer,
+    model_cfg=model_cfg,
+    train_batch=lambda step, p, n: sft.batch_at(train_sft, cfg.seed, step, tc.batch_size, p, n),
+    val_batch=lambda i, p, n: sft.batch_at(val_sft, cfg.seed + 1, i, tc.batch_size, p, n),
+    train_tokens=int(train_sft.loss_mask.sum()),
+    val_tokens=int(val_sft.loss_mask.sum()),
+    train_rows=len(train_sft.tokens),
+    val_rows=len(val_sft.tokens),
+    task=fc.task or None,
+    evaluators=[
+      evaluators.TaskScores(
+        fc.task, generators.examples(fc.task, fc.num_eval, generators.EVAL_SEED), model_cfg, tokenizer
+      )
+    ]
+    if fc.task
+    else [evaluators.Samples(tc.num_samples, tc.sample_prompt, tc.sample_len, cfg.seed, model_cfg, tokenizer)]
+    if tc.num_samples
+    else [],
+    init=cfg.init.to_dict(),
+    base=origin,
+  )
   return _trainable(setup, cfg, base)
 
 
@@ -80,18 +106,23 @@ def _check_architecture_fields(cfg, source_cfg: model.ModelConfig) -> None:
   """The architecture comes from the source: a model field set away from its default to something
   the source does not have would be ignored, so it is an error. data.* is never read here: noted."""
   defaults = config_lib.model_values(config_lib.base_config().model)
-  conflicts = [f"model.{k}={v!r} (the source has {getattr(source_cfg, k)!r})"
-               for k, v in config_lib.model_values(cfg.model).items()
-               if k not in RUNTIME_MODEL_FIELDS and v != defaults[k] and v != getattr(source_cfg, k)]
+  conflicts = [
+    f"model.{k}={v!r} (the source has {getattr(source_cfg, k)!r})"
+    for k, v in config_lib.model_values(cfg.model).items()
+    if k not in RUNTIME_MODEL_FIELDS and v != defaults[k] and v != getattr(source_cfg, k)
+  ]
   if conflicts:
     raise errors.ConfigError(
-        "fine-tuning takes the architecture from its source model (init.*), so these fields would be ignored: "
-        f"{', '.join(conflicts)}. Remove them; only {list(RUNTIME_MODEL_FIELDS)} may change.")
+      "fine-tuning takes the architecture from its source model (init.*), so these fields would be ignored: "
+      f"{', '.join(conflicts)}. Remove them; only {list(RUNTIME_MODEL_FIELDS)} may change."
+    )
   base_data = config_lib.base_config().data
   set_data = {k: v for k, v in cfg.data.items() if v != base_data[k]}
   if set_data:
-    print(f"NOTE: fine-tuning reads its examples from finetune.*; the data fields {set_data} are not used",
-          flush=True)
+    print(
+      f"NOTE: fine-tuning reads its examples from finetune.*; the data fields {set_data} are not used",
+      flush=True,
+    )
 
 
 def _trainable(setup: Task, cfg, base) -> Task:
@@ -99,8 +130,9 @@ def _trainable(setup: Task, cfg, base) -> Task:
   fc = cfg.finetune
   if fc.mode == "lora":
     setup.frozen = base
-    setup.initial = lora.lora_init(base, [t.strip() for t in fc.lora_targets.split(",")], fc.lora_rank,
-                                       jax.random.key(cfg.seed))
+    setup.initial = lora.lora_init(
+      base, [t.strip() for t in fc.lora_targets.split(",")], fc.lora_rank, jax.random.key(cfg.seed)
+    )
     setup.lora_scale = fc.lora_alpha / fc.lora_rank
   else:  # 'full' (config.validate allows no other mode)
     setup.initial = base
@@ -112,8 +144,10 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task
   fc, tc = cfg.finetune, cfg.train
   for field in ("num_train", "num_val"):
     if fc[field] < tc.batch_size:  # a batch holds distinct pairs (each query's negatives are the others)
-      raise errors.ConfigError(f"finetune.{field}={fc[field]} is smaller than train.batch_size={tc.batch_size}; "
-                               f"the contrastive batch draws distinct pairs: raise finetune.{field}")
+      raise errors.ConfigError(
+        f"finetune.{field}={fc[field]} is smaller than train.batch_size={tc.batch_size}; "
+        f"the contrastive batch draws distinct pairs: raise finetune.{field}"
+      )
 
   def pairs(count, seed):
     passages, queries, relevant = generators.search_set(count, seed)
@@ -124,18 +158,26 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task
   def batch_at(arrays, seed, step, p, n):
     rows = np.random.default_rng([seed, step]).choice(len(arrays["query"]), tc.batch_size, replace=False)
     per = tc.batch_size // n
-    return {k: v[rows[p * per:(p + 1) * per]] for k, v in arrays.items()}
+    return {k: v[rows[p * per : (p + 1) * per]] for k, v in arrays.items()}
 
   train_pairs, val_pairs = pairs(fc.num_train, cfg.seed), pairs(fc.num_val, cfg.seed + 1)
   setup = Task(
-      tokenizer=tokenizer, model_cfg=model_cfg,
-      train_batch=lambda step, p, n: batch_at(train_pairs, cfg.seed, step, p, n),
-      val_batch=lambda i, p, n: batch_at(val_pairs, cfg.seed + 1, i, p, n),
-      train_tokens=int((train_pairs["query_pos"] >= 0).sum() + (train_pairs["passage_pos"] >= 0).sum()),
-      val_tokens=int((val_pairs["query_pos"] >= 0).sum() + (val_pairs["passage_pos"] >= 0).sum()),
-      train_rows=fc.num_train, val_rows=fc.num_val,
-      loss=losses.contrastive_loss, task="search",
-      evaluators=[evaluators.TaskScores("search", generators.search_set(fc.num_eval, generators.EVAL_SEED)[1],
-                                        model_cfg, tokenizer)],
-      init=cfg.init.to_dict(), base=origin)
+    tokenizer=tokenizer,
+    model_cfg=model_cfg,
+    train_batch=lambda step, p, n: batch_at(train_pairs, cfg.seed, step, p, n),
+    val_batch=lambda i, p, n: batch_at(val_pairs, cfg.seed + 1, i, p, n),
+    train_tokens=int((train_pairs["query_pos"] >= 0).sum() + (train_pairs["passage_pos"] >= 0).sum()),
+    val_tokens=int((val_pairs["query_pos"] >= 0).sum() + (val_pairs["passage_pos"] >= 0).sum()),
+    train_rows=fc.num_train,
+    val_rows=fc.num_val,
+    loss=losses.contrastive_loss,
+    task="search",
+    evaluators=[
+      evaluators.TaskScores(
+        "search", generators.search_set(fc.num_eval, generators.EVAL_SEED)[1], model_cfg, tokenizer
+      )
+    ],
+    init=cfg.init.to_dict(),
+    base=origin,
+  )
   return _trainable(setup, cfg, base)

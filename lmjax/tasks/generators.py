@@ -9,6 +9,7 @@ examples, and names the metric that scores a model's greedy answers:
   search     passages stating facts, queries paraphrasing one of them   -> recall@k, MRR
              (retrieval by embedding similarity; `search_set`)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,20 +17,95 @@ import numpy as np
 from lmjax.data import sft
 from lmjax.tasks import metrics
 
-NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivo", "Jude", "Kai", "Lena", "Milo", "Nora",
-         "Otto", "Pia", "Quin", "Rosa", "Sam", "Tess"]
-CITIES = ["Paris", "Rome", "Lima", "Oslo", "Cairo", "Quito", "Dublin", "Vienna", "Madrid", "Athens", "Berlin",
-          "Prague", "Lisbon", "Warsaw", "Sofia", "Kyiv"]
+NAMES = [
+  "Ada",
+  "Ben",
+  "Cleo",
+  "Dan",
+  "Eve",
+  "Finn",
+  "Gus",
+  "Hana",
+  "Ivo",
+  "Jude",
+  "Kai",
+  "Lena",
+  "Milo",
+  "Nora",
+  "Otto",
+  "Pia",
+  "Quin",
+  "Rosa",
+  "Sam",
+  "Tess",
+]
+CITIES = [
+  "Paris",
+  "Rome",
+  "Lima",
+  "Oslo",
+  "Cairo",
+  "Quito",
+  "Dublin",
+  "Vienna",
+  "Madrid",
+  "Athens",
+  "Berlin",
+  "Prague",
+  "Lisbon",
+  "Warsaw",
+  "Sofia",
+  "Kyiv",
+]
 PETS = ["cat", "dog", "horse", "parrot", "rabbit", "goat", "tortoise", "hamster"]
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+  "zero",
+  "one",
+  "two",
+  "three",
+  "four",
+  "five",
+  "six",
+  "seven",
+  "eight",
+  "nine",
+  "ten",
+  "eleven",
+  "twelve",
+  "thirteen",
+  "fourteen",
+  "fifteen",
+  "sixteen",
+  "seventeen",
+  "eighteen",
+  "nineteen",
+]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-SUBJECTS = ["The river", "The old bridge", "The market", "The harvest", "The library", "The north road", "The mill",
-            "The school", "The harbour", "The orchard"]
-EVENTS = ["floods in spring", "closes at dusk", "needs new stone", "opens on Mondays", "was rebuilt last year",
-          "draws many travellers", "is short of workers", "sells fresh fish", "fails in dry years",
-          "lies under snow in winter"]
+SUBJECTS = [
+  "The river",
+  "The old bridge",
+  "The market",
+  "The harvest",
+  "The library",
+  "The north road",
+  "The mill",
+  "The school",
+  "The harbour",
+  "The orchard",
+]
+EVENTS = [
+  "floods in spring",
+  "closes at dusk",
+  "needs new stone",
+  "opens on Mondays",
+  "was rebuilt last year",
+  "draws many travellers",
+  "is short of workers",
+  "sells fresh fish",
+  "fails in dry years",
+  "lies under snow in winter",
+]
 
 
 def _qa(rng) -> sft.Example:
@@ -42,7 +118,9 @@ def _qa(rng) -> sft.Example:
     elif kind == 1:
       facts.append((person, f"{person} keeps a {rng.choice(PETS)}.", f"What pet does {person} keep?"))
     else:
-      facts.append((person, f"{person} likes the colour {rng.choice(COLOURS)}.", f"What colour does {person} like?"))
+      facts.append(
+        (person, f"{person} likes the colour {rng.choice(COLOURS)}.", f"What colour does {person} like?")
+      )
   asked = facts[rng.integers(3)]
   answer = asked[1].rstrip(".").split()[-1]
   context = " ".join(f[1] for f in facts)
@@ -96,18 +174,38 @@ def score(task: str, predictions: list, references: list) -> dict:
   preds = [p.strip().split("\n")[0].strip() for p in predictions]
   refs = [r.strip() for r in references]
   if task == "qa":
-    return {"exact_match": 100 * float(np.mean([metrics.exact_match(p, r) for p, r in zip(preds, refs)])),
-            "token_f1": 100 * float(np.mean([metrics.token_f1(p, r) for p, r in zip(preds, refs)]))}
+    return {
+      "exact_match": 100 * float(np.mean([metrics.exact_match(p, r) for p, r in zip(preds, refs)])),
+      "token_f1": 100 * float(np.mean([metrics.token_f1(p, r) for p, r in zip(preds, refs)])),
+    }
   if task == "summarize":
     return {"rouge_l": 100 * float(np.mean([metrics.rouge_l(p, r) for p, r in zip(preds, refs)]))}
   if task == "translate":
-    return {"chrf": metrics.chrf(preds, refs),
-            "exact_match": 100 * float(np.mean([p == r for p, r in zip(preds, refs)]))}
+    return {
+      "chrf": metrics.chrf(preds, refs),
+      "exact_match": 100 * float(np.mean([p == r for p, r in zip(preds, refs)])),
+    }
   raise ValueError(f"no metric for task {task!r}")
 
 
-SURNAMES = ["Stone", "Reed", "Hale", "Moss", "Lark", "Vane", "Frost", "Wren", "Birch", "Cole", "Dale", "Fenn",
-            "Grey", "Holt", "Pike", "Rowe"]
+SURNAMES = [
+  "Stone",
+  "Reed",
+  "Hale",
+  "Moss",
+  "Lark",
+  "Vane",
+  "Frost",
+  "Wren",
+  "Birch",
+  "Cole",
+  "Dale",
+  "Fenn",
+  "Grey",
+  "Holt",
+  "Pike",
+  "Rowe",
+]
 
 
 def search_set(count: int, seed: int) -> tuple:

@@ -5,6 +5,7 @@ over several batches reduce exactly as the full batch would: the mean is `sum(lo
 sum(weights)` (a mean of per-micro-batch means is not, when micro-batches hold different numbers
 of masked-in tokens, as SFT batches do).
 """
+
 from __future__ import annotations
 
 import jax

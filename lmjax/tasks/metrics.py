@@ -10,6 +10,7 @@ beta 2). Retrieval ranks count ties against the model: a passage scored equal to
 the relevant one ranks above it, so a model that scores everything alike gets
 the worst rank, not the luck of passage order.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,6 +54,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 def chrf(predictions: list, references: list) -> float:
   """Corpus chrF (0-100) with sacrebleu, the reference implementation."""
   import sacrebleu
+
   return sacrebleu.corpus_chrf(list(predictions), [list(references)]).score
 
 

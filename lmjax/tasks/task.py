@@ -6,6 +6,7 @@ frozen weights, and what to score before and after training. `prepare(cfg, workd
 one the config asks for: pretraining on a text corpus (pretraining.py) or fine-tuning from a
 pretrained model or run (finetuning.py: SFT on prompt/response examples, or retrieval).
 """
+
 from __future__ import annotations
 
 import dataclasses

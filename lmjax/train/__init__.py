@@ -5,11 +5,24 @@ and signal handling (`loop.py`), start-of-run checks (`preflight.py`), metrics l
 
 May import: every layer but `research` and `cli`.
 """
+
 from lmjax.train.dry_run import dry_run
 from lmjax.train.loop import Interrupted, train
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import Setup, TrainState, batch_spec, init_state, setup, state_shardings
 from lmjax.train.step import make_eval_step, make_train_step
 
-__all__ = ["Interrupted", "Setup", "TrainState", "batch_spec", "dry_run", "init_state", "make_eval_step",
-           "make_optimizer", "make_train_step", "setup", "state_shardings", "train"]
+__all__ = [
+  "Interrupted",
+  "Setup",
+  "TrainState",
+  "batch_spec",
+  "dry_run",
+  "init_state",
+  "make_eval_step",
+  "make_optimizer",
+  "make_train_step",
+  "setup",
+  "state_shardings",
+  "train",
+]

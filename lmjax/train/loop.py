@@ -4,6 +4,7 @@ The loop dispatches steps without waiting for them; the host reads values back f
 at log, eval and checkpoint steps. The trainer receives its Task (tasks.prepare) and knows nothing
 task-specific: batches, loss, weights and evaluators come from it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,9 @@ class Interrupted(Exception):
   """The run stopped on a signal after saving its current step; it is not finished."""
 
   def __init__(self, signal_name: str, step: int):
-    super().__init__(f"{signal_name} received: saved step {step} and stopped; re-run the same command to resume")
+    super().__init__(
+      f"{signal_name} received: saved step {step} and stopped; re-run the same command to resume"
+    )
     self.signal_name, self.step = signal_name, step
 
   @property
@@ -98,7 +101,9 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   frozen, frozen_sh = None, None
   if task.frozen is not None:  # the frozen base shards like model params
     frozen_sh = sharding.logical_shardings(model.boxed_param_shapes(model_cfg), mesh, cfg.mesh.rules)
-    frozen = jax.device_put(jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), task.frozen), frozen_sh)
+    frozen = jax.device_put(
+      jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), task.frozen), frozen_sh
+    )
 
   ckpt = rundir.checkpointer(workdir, tc.max_to_keep)
   try:
@@ -113,9 +118,12 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     task.save(workdir)
     if start_step < tc.steps:
       rundir.clear_finished(workdir)
-  step_args = dict(frozen_shardings=frozen_sh, model_params=task.model_params, rules=cfg.mesh.rules, loss=task.loss)
-  train_step = step_lib.make_train_step(model_cfg, run.optimizer, run.schedule, cfg.seed, tc.grad_accum, shardings,
-                                        batch_sh, **step_args)
+  step_args = dict(
+    frozen_shardings=frozen_sh, model_params=task.model_params, rules=cfg.mesh.rules, loss=task.loss
+  )
+  train_step = step_lib.make_train_step(
+    model_cfg, run.optimizer, run.schedule, cfg.seed, tc.grad_accum, shardings, batch_sh, **step_args
+  )
   eval_step = step_lib.make_eval_step(model_cfg, shardings.params, batch_sh, **step_args)
 
   def global_batch(make, index):
@@ -123,7 +131,9 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
 
   def evaluate(params) -> float:  # token-weighted over all eval batches, like one big batch
-    sums = jax.device_get([eval_step(params, global_batch(task.val_batch, i), frozen) for i in range(tc.eval_steps)])
+    sums = jax.device_get(
+      [eval_step(params, global_batch(task.val_batch, i), frozen) for i in range(tc.eval_steps)]
+    )
     return float(sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1.0))
 
   if start_step == 0:
@@ -133,11 +143,13 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len)
   peak = tc.peak_tflops * 1e12 or model.measure_matmul_peak(model_cfg.dtype)
   log = metrics_log.MetricsLogger(workdir, tc.steps, start_step, enabled=primary)
-  log.info(f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token"
-           + (f", training {sum(x.size for x in jax.tree.leaves(state.params)):,} LoRA parameters" if lora else "")
-           + f"; data: {task.train_tokens:,} train / {task.val_tokens:,} val tokens, vocab "
-           f"{task.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
-           + (f"resumed from step {start_step}" if start_step else "starting at step 0"))
+  log.info(
+    f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token"
+    + (f", training {sum(x.size for x in jax.tree.leaves(state.params)):,} LoRA parameters" if lora else "")
+    + f"; data: {task.train_tokens:,} train / {task.val_tokens:,} val tokens, vocab "
+    f"{task.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
+    + (f"resumed from step {start_step}" if start_step else "starting at step 0")
+  )
   if start_step and saved_cfg is not None:
     note = preflight.schedule_change_note(saved_cfg, cfg, start_step, optimizer_lib.make_optimizer)
     if note:
@@ -148,9 +160,10 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     if bad >= 0:
       saved = ckpt.steps()
       raise FloatingPointError(
-          f"the loss or gradient became NaN/Inf at step {bad + 1}; stopping. The last good checkpoint "
-          f"({'step ' + str(saved[-1]) if saved else 'none yet'}) is kept in {ckpt.directory}. Lower "
-          "optim.lr, raise optim.warmup_steps, tighten optim.grad_clip, or use dtype='float32'.")
+        f"the loss or gradient became NaN/Inf at step {bad + 1}; stopping. The last good checkpoint "
+        f"({'step ' + str(saved[-1]) if saved else 'none yet'}) is kept in {ckpt.directory}. Lower "
+        "optim.lr, raise optim.warmup_steps, tighten optim.grad_clip, or use dtype='float32'."
+      )
 
   stop = _StopRequest()
   metrics, last_saved, stopping = {}, start_step, None
@@ -199,8 +212,11 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     # From metrics.jsonl, not `metrics`: a finished run re-started only re-samples and has no new eval.
     evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r]
     if evals and cfg.reference.val_loss:
-      print(f"final val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}; reference "
-            f"{cfg.reference.val_loss} at step {cfg.reference.step} ({cfg.reference.source})", flush=True)
+      print(
+        f"final val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}; reference "
+        f"{cfg.reference.val_loss} at step {cfg.reference.step} ({cfg.reference.source})",
+        flush=True,
+      )
     rundir.mark_finished(workdir, tc.steps, {"val_loss": evals[-1]["val_loss"]} if evals else {})
   return metrics
 

@@ -3,6 +3,7 @@
 Only process 0 writes (the others get a logger that prints nothing), so a
 multi-host run leaves one copy of everything in its workdir.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from lmjax.core import files
 
 
 class MetricsLogger:
-
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
     self.enabled = enabled
     self.total_steps, self.start_step = total_steps, start_step
@@ -22,11 +22,14 @@ class MetricsLogger:
     self._start_time = time.time()
     if enabled:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_records_after(path, start_step)
       self._jsonl = open(path, "a", encoding="utf-8")
       # purge_step: TensorBoard hides events at or after it that an earlier attempt wrote
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
+      )
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -102,8 +105,10 @@ def plot_loss(workdir: str, reference=None) -> str:
   `reference`: a config's `reference` block (step, val_loss, source), drawn as a star.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   records = read_metrics(workdir)
   fig, ax = plt.subplots(figsize=(7, 4))
   for key, label in (("loss", "train"), ("val_loss", "validation")):
@@ -111,9 +116,17 @@ def plot_loss(workdir: str, reference=None) -> str:
     if points:
       ax.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
   if reference and reference.val_loss:
-    ax.plot([reference.step], [reference.val_loss], "*", markersize=12, color="black",
-            label=f"reference: {reference.source or 'published'} ({reference.val_loss})")
-  ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title=os.path.basename(os.path.abspath(workdir)))
+    ax.plot(
+      [reference.step],
+      [reference.val_loss],
+      "*",
+      markersize=12,
+      color="black",
+      label=f"reference: {reference.source or 'published'} ({reference.val_loss})",
+    )
+  ax.set(
+    xlabel="step", ylabel="cross-entropy loss (nats/token)", title=os.path.basename(os.path.abspath(workdir))
+  )
   ax.grid(alpha=0.3)
   ax.legend()
   path = os.path.join(workdir, "loss.png")

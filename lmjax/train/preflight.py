@@ -5,6 +5,7 @@ in the workdir (same experiment? a changed schedule?), the devices (does the mes
 batch divide over it) and the data (does each split hold a sequence, does the sample prompt fit).
 Each raises errors.ConfigError naming the field and the fix, before anything is trained or written.
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,17 +24,21 @@ def check_resume(cfg, workdir: str):
   checkpoint beyond `train.steps`."""
   saved, steps = rundir.saved_config(workdir), rundir.steps(workdir)
   if steps and steps[-1] > cfg.train.steps:
-    raise errors.ConfigError(f"the run in {workdir} is at step {steps[-1]}, beyond train.steps={cfg.train.steps}; "
-                             f"set train.steps >= {steps[-1]} to continue it, or use a new --workdir")
+    raise errors.ConfigError(
+      f"the run in {workdir} is at step {steps[-1]}, beyond train.steps={cfg.train.steps}; "
+      f"set train.steps >= {steps[-1]} to continue it, or use a new --workdir"
+    )
   if saved is None or not steps:
     return saved
   differences = config_lib.resume_differences(saved, cfg)
   if differences:
     lines = "\n  ".join(f"{field}: saved {old!r}, now {new!r}" for field, old, new in differences)
     raise errors.ConfigError(
-        f"{workdir} holds a run saved with another config ({rundir.CONFIG_FILE}); resuming it with this one "
-        f"would mix two experiments:\n  {lines}\nTo continue that run, re-run with its saved values (drop these "
-        "overrides); to train this config, use a new --workdir. Nothing in the workdir was changed.")
+      f"{workdir} holds a run saved with another config ({rundir.CONFIG_FILE}); resuming it with this one "
+      f"would mix two experiments:\n  {lines}\nTo continue that run, re-run with its saved values (drop "
+      "these "
+      "overrides); to train this config, use a new --workdir. Nothing in the workdir was changed."
+    )
   return saved
 
 
@@ -41,8 +46,10 @@ def check_finetune_options(cfg) -> None:
   """finetune.task and finetune.lora_targets name things lmjax has (checked before any loading)."""
   choices = [("finetune.task", cfg.finetune.task, ("", "search", *sorted(generators.GENERATORS)))]
   if cfg.finetune.mode == "lora":
-    choices += [("finetune.lora_targets", t.strip(), tuple(lora.LORA_TARGETS))
-                for t in cfg.finetune.lora_targets.split(",")]
+    choices += [
+      ("finetune.lora_targets", t.strip(), tuple(lora.LORA_TARGETS))
+      for t in cfg.finetune.lora_targets.split(",")
+    ]
   for field, value, allowed in choices:
     if value not in allowed:
       raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
@@ -55,25 +62,39 @@ def check_fields_used(cfg) -> None:
   sources._finetuning.)"""
   base, data = config_lib.base_config(), cfg.data
   if cfg.finetune.task or cfg.finetune.train_file:
-    rules = [(f"finetune.{k}", "finetune.task is set: its generated examples are used")
-             for k in ("train_file", "val_file") if cfg.finetune.task]
-    rules += [(f"finetune.{k}", "finetune.mode is not 'lora'") for k in ("lora_rank", "lora_alpha", "lora_targets")
-              if cfg.finetune.mode != "lora"]
+    rules = [
+      (f"finetune.{k}", "finetune.task is set: its generated examples are used")
+      for k in ("train_file", "val_file")
+      if cfg.finetune.task
+    ]
+    rules += [
+      (f"finetune.{k}", "finetune.mode is not 'lora'")
+      for k in ("lora_rank", "lora_alpha", "lora_targets")
+      if cfg.finetune.mode != "lora"
+    ]
   else:
     why = "only fine-tuning reads it (set finetune.task or finetune.train_file)"
     rules = [(f"init.{k}", why) for k in cfg.init] + [(f"finetune.{k}", why) for k in cfg.finetune]
     if data.dataset != "text_files":
-      rules += [(f"data.{k}", "data.dataset is not 'text_files'") for k in ("text_files", "val_file", "val_fraction")]
+      rules += [
+        (f"data.{k}", "data.dataset is not 'text_files'") for k in ("text_files", "val_file", "val_fraction")
+      ]
     elif data.val_file:
       rules.append(("data.val_fraction", "data.val_file is set: it is the validation split"))
     if data.dataset in ("shakespeare", "text_files"):
       rules.append(("data.text_key", "only TFDS catalog datasets have a text feature to choose"))
     if data.tokenizer != "bpe":
       rules.append(("data.vocab_size", "only data.tokenizer='bpe' has a vocabulary size to choose"))
-  unused = [f"{field}={_value(cfg, field)!r} ({why})" for field, why in rules if _value(cfg, field) != _value(base, field)]
+  unused = [
+    f"{field}={_value(cfg, field)!r} ({why})"
+    for field, why in rules
+    if _value(cfg, field) != _value(base, field)
+  ]
   if unused:
-    raise errors.ConfigError("config fields this run would ignore (remove them, or set what makes them "
-                             "apply):\n  " + "\n  ".join(unused))
+    raise errors.ConfigError(
+      "config fields this run would ignore (remove them, or set what makes them "
+      "apply):\n  " + "\n  ".join(unused)
+    )
 
 
 def _value(cfg, field: str):
@@ -90,10 +111,12 @@ def schedule_change_note(saved, cfg, step: int, make_optimizer) -> str | None:
   new = float(make_optimizer(cfg.optim, cfg.train.steps)[1](step))
   if old_horizon == new_horizon and np.isclose(old, new, rtol=1e-6, atol=0.0):
     return None
-  return (f"NOTE: the learning-rate schedule changed since this run was saved: it decayed over {old_horizon} steps "
-          f"and now decays over {new_horizon} (train.steps {saved.train.steps} -> {cfg.train.steps}), so at step "
-          f"{step} the learning rate is {new:.4g} instead of {old:.4g}{f' ({new / old:.2f}x)' if old else ''}. "
-          f"To keep the original schedule (then min_lr), add --config.optim.decay_steps={old_horizon}.")
+  return (
+    f"NOTE: the learning-rate schedule changed since this run was saved: it decayed over {old_horizon} steps "
+    f"and now decays over {new_horizon} (train.steps {saved.train.steps} -> {cfg.train.steps}), so at step "
+    f"{step} the learning rate is {new:.4g} instead of {old:.4g}{f' ({new / old:.2f}x)' if old else ''}. "
+    f"To keep the original schedule (then min_lr), add --config.optim.decay_steps={old_horizon}."
+  )
 
 
 def mesh_for(cfg):
@@ -107,12 +130,15 @@ def mesh_for(cfg):
   axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
   shards = int(np.prod([mesh.shape[a] for a in axes]))
   tc = cfg.train
-  for parts, what in ((shards, f"the {shards} batch shards of mesh {dict(mesh.shape)}"),
-                      (jax.process_count(), f"the {jax.process_count()} processes")):
+  for parts, what in (
+    (shards, f"the {shards} batch shards of mesh {dict(mesh.shape)}"),
+    (jax.process_count(), f"the {jax.process_count()} processes"),
+  ):
     if tc.batch_size % parts or (tc.batch_size // tc.grad_accum) % parts:
       raise errors.ConfigError(
-          f"train.batch_size={tc.batch_size} (micro-batches of {tc.batch_size // tc.grad_accum} with "
-          f"train.grad_accum={tc.grad_accum}) does not divide over {what}; use a multiple of {parts}")
+        f"train.batch_size={tc.batch_size} (micro-batches of {tc.batch_size // tc.grad_accum} with "
+        f"train.grad_accum={tc.grad_accum}) does not divide over {what}; use a multiple of {parts}"
+      )
   return mesh
 
 
@@ -123,9 +149,11 @@ def check_sizes(cfg, setup) -> None:
   for name, rows in (("train", setup.train_rows), ("validation", setup.val_rows)):
     if rows < 1:
       raise errors.ConfigError(
-          f"the {name} split holds no complete sequence of train.seq_len={tc.seq_len} (+1 target) tokens: "
-          f"{setup.train_tokens if name == 'train' else setup.val_tokens} tokens. Lower train.seq_len, use more "
-          "text, or (validation) raise data.val_fraction")
+        f"the {name} split holds no complete sequence of train.seq_len={tc.seq_len} (+1 target) tokens: "
+        f"{setup.train_tokens if name == 'train' else setup.val_tokens} tokens. Lower train.seq_len, use "
+        "more "
+        "text, or (validation) raise data.val_fraction"
+      )
   if tc.num_samples and not setup.task:
     try:
       prompt_ids = setup.tokenizer.encode(tc.sample_prompt or "\n")
@@ -133,5 +161,6 @@ def check_sizes(cfg, setup) -> None:
       raise errors.ConfigError(f"train.sample_prompt={tc.sample_prompt!r} cannot be encoded: {err}") from None
     if len(prompt_ids) >= setup.model_cfg.max_len:
       raise errors.ConfigError(
-          f"train.sample_prompt is {len(prompt_ids)} tokens, leaving no room in the model's context of "
-          f"{setup.model_cfg.max_len} (train.seq_len): shorten the prompt, or set train.num_samples=0")
+        f"train.sample_prompt is {len(prompt_ids)} tokens, leaving no room in the model's context of "
+        f"{setup.model_cfg.max_len} (train.seq_len): shorten the prompt, or set train.num_samples=0"
+      )

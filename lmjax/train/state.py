@@ -1,6 +1,7 @@
 """The train state and the one setup path for mesh, optimizer, abstract state and shardings, used by
 the trainer, the dry run and the benchmarks (`setup`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ class TrainState:
 class Setup:
   """Everything a step is compiled against: the mesh, the batch sharding, the optimizer and its
   schedule, the abstract train state (shapes with shardings) and its shardings."""
+
   mesh: jax.sharding.Mesh
   batch_sharding: jax.sharding.NamedSharding
   optimizer: optax.GradientTransformation
@@ -60,19 +62,23 @@ def state_shardings(model_cfg, optimizer, mesh, rules, trainable=None):
   adapters, small) is replicated.
   """
   params = model.boxed_param_shapes(model_cfg) if trainable is None else trainable
-  boxed = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p),
-                                              jnp.zeros((), jnp.int32)), params)
+  boxed = jax.eval_shape(
+    lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), jnp.zeros((), jnp.int32)), params
+  )
   shardings = sharding.logical_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
   return abstract, shardings
 
 
 def init_state(model_cfg, optimizer, seed: int, shardings, params=None) -> TrainState:
   """A fresh state: newly initialised params, or the given ones (fine-tuning)."""
+
   def init(params):
     if params is None:
       params = model.init_params(model_cfg, jax.random.key(seed))
     params = jax.tree.map(lambda x: x.astype(model_cfg.param_dtype), params)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.full((), -1, jnp.int32))
+
   return jax.jit(init, out_shardings=shardings)(params)

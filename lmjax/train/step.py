@@ -1,5 +1,6 @@
 """The compiled train and eval steps: loss, gradients (accumulated over micro-batches), NaN guard,
 optimizer update. A step is a pure function of (state, batch, frozen weights)."""
+
 from __future__ import annotations
 
 import jax
@@ -12,8 +13,19 @@ from lmjax.tasks import losses
 from lmjax.train.state import TrainState
 
 
-def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, shardings, batch_sharding,
-                    frozen_shardings=None, model_params=None, loss=losses.lm_loss, rules=sharding.DEFAULT_RULES):
+def make_train_step(
+  model_cfg,
+  optimizer,
+  schedule,
+  seed: int,
+  grad_accum: int,
+  shardings,
+  batch_sharding,
+  frozen_shardings=None,
+  model_params=None,
+  loss=losses.lm_loss,
+  rules=sharding.DEFAULT_RULES,
+):
   """The jitted step `(state, batch, frozen) -> (state, metrics)`.
 
   `model_params(trainable, frozen)` builds the weights the model runs with (LoRA: the merged
@@ -27,7 +39,9 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
 
   def loss_fn(params, frozen, batch, rng):
     weights = {"params": model_params(params, frozen)}
-    run_model = lambda tokens, **kw: transformer.apply(weights, tokens, deterministic=False, rngs={"dropout": rng}, **kw)
+    run_model = lambda tokens, **kw: transformer.apply(
+      weights, tokens, deterministic=False, rngs={"dropout": rng}, **kw
+    )
     with sharding.activation_sharding(batch_sharding.mesh, rules):
       return loss(run_model, batch)
 
@@ -66,12 +80,23 @@ def make_train_step(model_cfg, optimizer, schedule, seed: int, grad_accum: int, 
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, first_bad), metrics
 
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding, frozen_shardings),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(shardings, batch_sharding, frozen_shardings),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
 
 
-def make_eval_step(model_cfg, param_shardings, batch_sharding, frozen_shardings=None, model_params=None,
-                   loss=losses.lm_loss, rules=sharding.DEFAULT_RULES):
+def make_eval_step(
+  model_cfg,
+  param_shardings,
+  batch_sharding,
+  frozen_shardings=None,
+  model_params=None,
+  loss=losses.lm_loss,
+  rules=sharding.DEFAULT_RULES,
+):
   """The jitted `(params, batch, frozen) -> (loss sum, weight)` on one validation batch."""
   transformer = model.Transformer(model_cfg)
   model_params = model_params or (lambda trainable, frozen: trainable)
