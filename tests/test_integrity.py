@@ -14,6 +14,7 @@ import sys
 import threading
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -474,3 +475,15 @@ def test_extending_a_run_announces_the_new_schedule_and_can_keep_the_old(tmp_pat
     lr = {r["step"]: r["lr"] for r in map(json.loads, f)}
   for step in (21, 25, 30):  # the logged lr of step s is the schedule at s - 1
     assert lr[step] == pytest.approx(_cosine(step - 1, 20), rel=1e-5)
+
+
+def test_configs_saved_with_the_old_unset_values_read_as_unset():
+  """Optional fields are None until set; config.json files written when they were 0 / '' resume
+  and rebuild the same model."""
+  legacy = json.loads(config_lib.base_config().to_json_best_effort())
+  legacy["model"].update(n_kv_heads=0, head_dim=0, sliding_window=0, matmul_dtype="")
+  legacy["optim"]["decay_steps"], legacy["data"]["vocab_size"] = 0, 0
+  saved = ml_collections.ConfigDict(legacy)
+  assert config_lib.resume_differences(saved, config_lib.base_config()) == []
+  assert config_lib.model_config(saved, 10) == config_lib.model_config(config_lib.base_config(), 10)
+  assert config_lib.base_config().model.n_kv_heads is None

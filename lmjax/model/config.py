@@ -105,7 +105,7 @@ class ModelConfig:
     for field in ("n_kv_heads", "head_dim", "sliding_window"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(
-          f"model.{field}={getattr(self, field)} must be a positive integer (or 0 in a config: the default)"
+          f"model.{field}={getattr(self, field)} must be a positive integer (or unset: the default)"
         )
     for field in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, field) > 0:

@@ -13,6 +13,7 @@ import json
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 from lmjax import model
 from lmjax.core import errors, sharding
@@ -32,17 +33,17 @@ def base_config() -> ml_collections.ConfigDict:
     text_key="text",  # text feature of a TFDS catalog dataset
     data_dir="",  # prepared-dataset cache; '' = ~/tensorflow_datasets
     tokenizer="char",  # 'char', 'byte' or 'bpe'
-    vocab_size=0,  # for bpe
+    vocab_size=config_dict.placeholder(int),  # for bpe (None: unset)
   )
   cfg.model = {
     f.name: f.default for f in dataclasses.fields(model.ModelConfig) if f.name not in DERIVED_MODEL_FIELDS
   }
-  cfg.model.n_kv_heads = 0  # 0 = n_heads (ConfigDict fields keep one type; None would lock to None)
-  cfg.model.head_dim = 0  # 0 = d_model // n_heads
-  cfg.model.sliding_window = 0  # 0 = full causal attention; W: each position attends to the last W
-  cfg.model.matmul_dtype = (
-    ""  # '' = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmuls, fp32 elsewhere
-  )
+  # Optional fields are typed placeholders (None until set; the command line parses the type).
+  cfg.model.n_kv_heads = config_dict.placeholder(int)  # None = n_heads (MHA); 1 = MQA; else GQA
+  cfg.model.head_dim = config_dict.placeholder(int)  # None = d_model // n_heads
+  cfg.model.sliding_window = config_dict.placeholder(int)  # None = full causal; W = the last W positions
+  # None = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmul operands, fp32 elsewhere
+  cfg.model.matmul_dtype = config_dict.placeholder(str)
   cfg.optim = dict(
     lr=1e-3,
     min_lr=1e-4,
@@ -52,8 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     eps=1e-8,
     weight_decay=0.1,
     grad_clip=1.0,
-    decay_steps=0,
-  )  # steps of warmup + cosine decay; 0 = train.steps (then min_lr is held)
+    # steps of warmup + cosine decay; None = train.steps (after them min_lr is held)
+    decay_steps=config_dict.placeholder(int),
+  )
   cfg.train = dict(
     steps=2000,
     batch_size=12,  # global batch, in sequences
@@ -102,12 +104,26 @@ def load_experiment(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
+# Fields that are None until set. Configs saved before they were placeholders hold 0 or '' for
+# unset; `unset_is_none` reads those as None.
+OPTIONAL_FIELDS = (
+  "data.vocab_size",
+  "model.n_kv_heads",
+  "model.head_dim",
+  "model.sliding_window",
+  "model.matmul_dtype",
+  "optim.decay_steps",
+)
+
+
+def unset_is_none(field: str, value):
+  """`value` of `field`, with the legacy unset values 0 and '' of OPTIONAL_FIELDS read as None."""
+  return None if field in OPTIONAL_FIELDS and value in (0, "") else value
+
+
 def model_values(model_block) -> dict:
-  """A config's model block as ModelConfig values: the placeholders 0 and '' become None."""
-  values = model_block.to_dict()
-  for field in ("n_kv_heads", "head_dim", "sliding_window", "matmul_dtype"):
-    values[field] = values[field] or None
-  return values
+  """A config's model block as ModelConfig values (unset optional fields as None)."""
+  return {k: unset_is_none(f"model.{k}", v) for k, v in model_block.to_dict().items()}
 
 
 def model_config(cfg, vocab_size: int) -> model.ModelConfig:
@@ -215,6 +231,8 @@ def validate(cfg) -> None:
     )
   for field, (low, low_in, high, high_in) in _RANGES.items():
     value = _get(cfg, field)
+    if value is None and field in OPTIONAL_FIELDS:
+      continue
     # written as "not inside" so that NaN, which compares False with everything, is outside
     inside = (
       (value >= low if low_in else value > low)
@@ -280,7 +298,7 @@ def resume_differences(saved, cfg) -> list:
         if isinstance(value, dict):
           walk(value, f"{prefix}{key}.")
         else:
-          values[prefix + key] = value
+          values[prefix + key] = unset_is_none(prefix + key, value)
 
     walk(json.loads(c.to_json_best_effort()), "")
     return values

@@ -16,7 +16,7 @@ def _param_name(path) -> str:
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup and cosine decay to `min_lr`, after global-norm clipping.
 
-  The decay spans `optim.decay_steps` (0 or absent: `total_steps`); after it the rate stays at min_lr,
+  The decay spans `optim.decay_steps` (None, 0 or absent: `total_steps`); after it the rate stays at min_lr,
   so a finished run extended to more steps can keep its original schedule.
   """
   decay_steps = optim_cfg.get("decay_steps") or total_steps

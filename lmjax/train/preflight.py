@@ -99,7 +99,7 @@ def check_fields_used(cfg) -> None:
 
 def _value(cfg, field: str):
   section, key = field.split(".")
-  return cfg[section][key]
+  return config_lib.unset_is_none(field, cfg[section][key])
 
 
 def schedule_change_note(saved, cfg, step: int, make_optimizer) -> str | None:
