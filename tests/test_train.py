@@ -15,9 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lmjax import model, train
-from lmjax.core import sharding
+from lmjax.core import errors, sharding
+from lmjax.inference import LanguageModel
 from lmjax.run import config as config_lib, rundir
-from lmjax.tasks import losses
+from lmjax.tasks import evaluators, losses
 from lmjax.train import metrics_log
 
 from conftest import REPO, tiny_config, tiny_flags
@@ -285,3 +286,29 @@ def test_metrics_reader_prefers_latest_record_per_step(tmp_path):
     {"step": 1, "loss": 3.0},
     {"step": 2, "loss": 2.5, "val_loss": 2.6},
   ]
+
+
+@pytest.mark.slow
+def test_evaluators_declared_in_the_config_run_during_training_and_at_the_end(tmp_path, corpus_file):
+  """cfg.evals: a perplexity evaluator every 4 steps and samples every 6 run at those steps and at
+  the end; the last perplexity is the final weights' perplexity on that text."""
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=10, ckpt_every=10, num_samples=0)
+  cfg.evals.ppl = dict(kind="perplexity", every=4, text_file=corpus_file, seq_len=16)
+  cfg.evals.peek = dict(kind="samples", every=6, count=2, length=5)
+  train.train(cfg, workdir)
+  with open(os.path.join(workdir, "evals.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [(r["eval"], r["step"]) for r in records] == [("ppl", 4), ("ppl", 8), ("ppl", 10)]
+  lm = LanguageModel.from_workdir(workdir)
+  with open(corpus_file, encoding="utf-8") as f:
+    expected = evaluators.perplexity(lm.cfg, lm.params, lm.tokenizer, f.read(), 16)
+  assert records[-1]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+  assert sorted(n for n in os.listdir(workdir) if n.startswith("samples")) == [
+    "samples_peek.txt",
+    "samples_peek_step6.txt",
+  ]
+  with pytest.raises(errors.ConfigError, match=r"evals.bad \(kind 'perplexity'\): missing \['text_file'\]"):
+    bad = tiny_config(corpus_file, str(tmp_path / "tfds"))
+    bad.evals.bad = dict(kind="perplexity", every=2)
+    train.train(bad, str(tmp_path / "bad"))

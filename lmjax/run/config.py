@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks.py) or finetune.train_file (JSONL of
   # {"prompt", "response"} or {"messages"}), and start from exactly one init source.
   cfg.init = dict(from_checkpoint="", pretrained="")
+  # Evaluators run during training and at the end, big_vision's style: {name: dict(kind=..., every=N,
+  # options)}, e.g. evals.ppl = dict(kind="perplexity", every=500, text_file="val.txt"); EVAL_OPTIONS
+  # lists the kinds and their options (tasks/evaluators.py runs them). every=0: at the end only.
+  cfg.evals = ml_collections.ConfigDict()
   cfg.finetune = dict(
     task="",
     train_file="",
@@ -218,13 +222,42 @@ def _get(cfg, field: str):
   return cfg
 
 
+# Evaluator kinds of cfg.evals and the options each takes (the first ones listed are required).
+EVAL_OPTIONS = {
+  "perplexity": (("text_file",), ("every", "seq_len")),
+  "samples": ((), ("every", "count", "prompt", "length")),
+  "task": (("task",), ("every", "num_examples")),
+}
+
+
+def _check_evals(evals) -> None:
+  for name, spec in evals.items():
+    if not isinstance(spec, ml_collections.ConfigDict) or spec.get("kind") not in EVAL_OPTIONS:
+      raise errors.ConfigError(
+        f"evals.{name} must be dict(kind=..., every=..., options) with kind one of {sorted(EVAL_OPTIONS)}"
+      )
+    required, optional = EVAL_OPTIONS[spec.kind]
+    missing = [k for k in required if k not in spec]
+    unknown = sorted(set(spec) - {"kind", *required, *optional})
+    if missing or unknown:
+      raise errors.ConfigError(
+        f"evals.{name} (kind {spec.kind!r}): missing {missing}, unknown {unknown}; it takes "
+        f"{list(required)} and optionally {list(optional)}"
+      )
+    for key in ("every", "seq_len", "count", "length", "num_examples"):
+      if key in spec and (not isinstance(spec[key], int) or spec[key] < (0 if key == "every" else 1)):
+        raise errors.ConfigError(
+          f"evals.{name}.{key}={spec[key]!r} must be an integer >= {0 if key == 'every' else 1}"
+        )
+
+
 def validate(cfg) -> None:
   """Checks what is known before any data is read: keys, types of choices, ranges, consistency.
 
   Raises errors.ConfigError naming the field, its value and the allowed range or values.
   """
   valid = set(flat_keys(base_config()))
-  unknown = sorted(set(flat_keys(cfg)) - valid)
+  unknown = sorted(k for k in set(flat_keys(cfg)) - valid if not k.startswith("evals."))
   if unknown:
     raise errors.ConfigError(
       f"unknown config keys {unknown}; valid keys are:\n  " + "\n  ".join(sorted(valid))
@@ -260,6 +293,7 @@ def validate(cfg) -> None:
       "batch. Set train.grad_accum=1 (lower train.batch_size if memory is short)"
     )
   _check_choices(cfg)
+  _check_evals(cfg.get("evals", ml_collections.ConfigDict()))
   try:
     model_config(cfg, vocab_size=2)  # validates the model fields now, not after data preparation
   except ValueError as err:
@@ -308,5 +342,5 @@ def resume_differences(saved, cfg) -> list:
   return [
     (k, old.get(k), new.get(k))
     for k in sorted(set(old) | set(new))
-    if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
+    if k not in RESUMABLE_FIELDS and not k.startswith("evals.") and old.get(k) != new.get(k)
   ]

@@ -6,14 +6,17 @@ evaluators (`evaluators.py`).
 May import: `core`, `ops`, `model`, `data`, `run`, `pretrained`, `inference`.
 """
 
-from lmjax.tasks import finetuning, pretraining
+from lmjax.tasks import evaluators, finetuning, pretraining
 from lmjax.tasks.task import Task, is_finetuning
 
 
 def prepare(cfg, workdir: str) -> Task:
   """The task `cfg` asks for: fine-tuning when finetune.task or finetune.train_file is set, else
-  pretraining on cfg.data. `workdir` supplies what a resumed run saved (tokenizer, LoRA base)."""
-  return (finetuning if is_finetuning(cfg) else pretraining).prepare(cfg, workdir)
+  pretraining on cfg.data; with the evaluators `cfg.evals` declares added to the task's own.
+  `workdir` supplies what a resumed run saved (tokenizer, LoRA base)."""
+  task = (finetuning if is_finetuning(cfg) else pretraining).prepare(cfg, workdir)
+  task.evaluators += evaluators.from_config(cfg.get("evals", {}), task.model_cfg, task.tokenizer, cfg.seed)
+  return task
 
 
 __all__ = ["Task", "is_finetuning", "prepare"]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from lmjax import model
-from lmjax.core import files
+from lmjax.core import errors, files
 from lmjax.data import corpus
 from lmjax.inference import sampler
 from lmjax.tasks import generators, metrics
@@ -114,9 +114,11 @@ def markdown_table(rows: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-# Evaluators a task declares: called by the trainer at the points named in `when` ("before":
-# step 0 of a fresh run, "after": the end), on process 0 only, with host-local weights (the trainer
-# gathers them on every process first).
+# Evaluators: objects the trainer calls as `evaluator(params, workdir, when, step)` at the points
+# named in `.when` ("before": step 0 of a fresh run, "after": the end) and, during training, every
+# `.every` steps (when = "step"; 0: never), on process 0 only, with host-local weights (the trainer
+# gathers them on every process first). A task brings its own (task scores, end-of-run samples);
+# the config declares more in `cfg.evals` (`from_config`, big_vision's style).
 
 
 @dataclasses.dataclass
@@ -128,8 +130,10 @@ class TaskScores:
   model_cfg: model.ModelConfig
   tokenizer: object
   when: tuple = ("before", "after")
+  every: int = 0
 
-  def __call__(self, params, workdir: str, when: str) -> None:
+  def __call__(self, params, workdir: str, when: str, step: int) -> None:
+    when = f"step {step}" if when == "step" else when
     path = os.path.join(workdir, "task_eval.json")
     results = {}
     if os.path.exists(path):
@@ -162,9 +166,10 @@ class Samples:
   model_cfg: model.ModelConfig
   tokenizer: object
   when: tuple = ("after",)
+  every: int = 0
+  filename: str = "samples.txt"
 
-  def __call__(self, params, workdir: str, when: str) -> None:
-    del when
+  def __call__(self, params, workdir: str, when: str, step: int) -> None:
     prompt, tokenizer = self.prompt or "\n", self.tokenizer
     ids = tokenizer.encode(prompt)
     result = sampler.generate_tokens(
@@ -178,5 +183,81 @@ class Samples:
       pad_id=tokenizer.pad_id or 0,
     )
     texts = [prompt + tokenizer.decode(row) for row in result.tokens]
-    files.write_atomic(os.path.join(workdir, "samples.txt"), "\n\n==========\n\n".join(texts) + "\n")
-    print("samples (also in samples.txt):\n" + "\n----------\n".join(texts), flush=True)
+    name = self.filename if when == "after" else self.filename.replace(".txt", f"_step{step}.txt")
+    files.write_atomic(os.path.join(workdir, name), "\n\n==========\n\n".join(texts) + "\n")
+    print(f"samples at step {step} (also in {name}):\n" + "\n----------\n".join(texts), flush=True)
+
+
+@dataclasses.dataclass
+class Perplexity:
+  """Perplexity of a text file (`perplexity`), appended to evals.jsonl as {"eval", "step", "loss",
+  "perplexity", "tokens"} and printed."""
+
+  name: str
+  text: str
+  seq_len: int
+  model_cfg: model.ModelConfig
+  tokenizer: object
+  when: tuple = ("after",)
+  every: int = 0
+
+  def __call__(self, params, workdir: str, when: str, step: int) -> None:
+    result = {
+      "eval": self.name,
+      "step": step,
+      **perplexity(self.model_cfg, params, self.tokenizer, self.text, self.seq_len),
+    }
+    with open(os.path.join(workdir, EVALS_FILE), "a", encoding="utf-8") as f:
+      f.write(json.dumps(result) + "\n")
+    print(
+      f"eval {self.name} at step {step}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}",
+      flush=True,
+    )
+
+
+EVALS_FILE = "evals.jsonl"
+
+
+def from_config(evals_cfg, model_cfg: model.ModelConfig, tokenizer, seed: int) -> list:
+  """The evaluators `cfg.evals` declares: {name: {kind, every, options}} with kinds
+  perplexity (text_file, seq_len), samples (count, prompt, length) and task (task, num_examples);
+  each runs every `every` steps (0: at the end only) and at the end. config.validate has checked
+  kinds and options; raises errors.ConfigError for a text file that cannot be read or an unknown task."""
+  built = []
+  for name, spec in evals_cfg.items():
+    every = spec.get("every", 0)
+    if spec.kind == "perplexity":
+      try:
+        with open(spec.text_file, encoding="utf-8") as f:
+          text = f.read()
+      except OSError as err:
+        raise errors.ConfigError(f"evals.{name}.text_file={spec.text_file!r} cannot be read: {err}") from None
+      seq_len = min(spec.get("seq_len", model_cfg.max_len - 1), model_cfg.max_len - 1)
+      built.append(Perplexity(name, text, seq_len, model_cfg, tokenizer, every=every))
+    elif spec.kind == "samples":
+      built.append(
+        Samples(
+          spec.get("count", 3),
+          spec.get("prompt", "\n"),
+          spec.get("length", 200),
+          seed,
+          model_cfg,
+          tokenizer,
+          every=every,
+          filename=f"samples_{name}.txt",
+        )
+      )
+    else:  # "task"
+      if spec.task not in generators.GENERATORS and spec.task != "search":
+        raise errors.ConfigError(
+          f"evals.{name}.task={spec.task!r} is not a built-in task; known: "
+          f"{sorted(generators.GENERATORS) + ['search']}"
+        )
+      count = spec.get("num_examples", 64)
+      examples = (
+        generators.search_set(count, generators.EVAL_SEED)[1]
+        if spec.task == "search"
+        else generators.examples(spec.task, count, generators.EVAL_SEED)
+      )
+      built.append(TaskScores(spec.task, examples, model_cfg, tokenizer, when=("after",), every=every))
+  return built

@@ -137,7 +137,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     return float(sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1.0))
 
   if start_step == 0:
-    _run_evaluators(task, state.params, frozen, workdir, "before", primary)
+    _run_evaluators(task, state.params, frozen, workdir, "before", 0, primary)
 
   tokens_per_step = tc.batch_size * tc.seq_len
   flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len)
@@ -200,13 +200,15 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         check_health(state)
         ckpt.save(done, state)
         last_saved = done
+      if done < tc.steps:  # the end is the "after" point
+        _run_evaluators(task, state.params, frozen, workdir, "step", done, primary)
       stopping = stop.agreed(at_sync_point=done % tc.log_every == 0 or done % tc.ckpt_every == 0)
     ckpt.wait()
   finally:
     stop.restore()
     ckpt.close()
     log.close()
-  _run_evaluators(task, state.params, frozen, workdir, "after", primary)
+  _run_evaluators(task, state.params, frozen, workdir, "after", tc.steps, primary)
   if primary:
     metrics_log.plot_loss(workdir, cfg.reference)
     # From metrics.jsonl, not `metrics`: a finished run re-started only re-samples and has no new eval.
@@ -221,14 +223,18 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   return metrics
 
 
-def _run_evaluators(task, trainable, frozen, workdir: str, when: str, primary: bool) -> None:
-  """Runs the task's evaluators that run at `when` ("before": step 0 of a fresh run, "after": the end).
+def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int, primary: bool) -> None:
+  """Runs the task's evaluators due at `when`: "before" (step 0 of a fresh run), "after" (the end),
+  or "step" (during training: those whose `every` divides `step`).
 
   Parameters sharded across processes (FSDP, TP) cannot be read or run by one process alone, so
   every process takes part in gathering the weights (a collective); then process 0 evaluates on
   its own devices.
   """
-  due = [e for e in task.evaluators if when in e.when]
+  if when == "step":
+    due = [e for e in task.evaluators if e.every and step % e.every == 0]
+  else:
+    due = [e for e in task.evaluators if when in e.when]
   if not due:
     return
   if jax.process_count() > 1:
@@ -236,4 +242,4 @@ def _run_evaluators(task, trainable, frozen, workdir: str, when: str, primary: b
   params = task.model_params(trainable, frozen)
   if primary:
     for evaluator in due:
-      evaluator(params, workdir, when)
+      evaluator(params, workdir, when, step)
