@@ -45,6 +45,7 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def write_json(path: str, value, **kwargs) -> None:
+  """`value` as indented UTF-8 JSON (non-ASCII kept) at `path`, written atomically (`write_atomic`)."""
   write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False, **kwargs) + "\n")
 
 

@@ -26,6 +26,8 @@ from lmjax.data import text_datasets, tokenizers
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
+  """A tokenized text corpus: the tokenizer and the int32 token streams of the train and validation splits."""
+
   tokenizer: object
   train_ids: np.ndarray  # int32 token stream of the train split
   val_ids: np.ndarray  # int32 token stream of the validation split

@@ -25,12 +25,16 @@ MIN_PROMPT_SHARE = 0.25  # of the row a cut prompt keeps at least (see the trunc
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+  """One fine-tuning example: the prompt (context, not trained on) and the response (trained on)."""
+
   prompt: str  # a chat prompt is the template's ChatText: its markup encodes to control tokens
   response: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTData:
+  """Tokenized fine-tuning rows with their loss mask and what truncation cut (`tokenize`)."""
+
   tokens: np.ndarray  # [N, seq_len + 1] int32, right-padded, one row per example
   loss_mask: np.ndarray  # [N, seq_len + 1] float32, 1 on response tokens and EOS
   truncated: int  # examples that lost any tokens (prompt or response)

@@ -34,6 +34,10 @@ KINDS = ("char", "byte", "bpe", "hf")
 
 
 class CharTokenizer:
+  """One id per distinct character of the training text (nanoGPT's shakespeare_char); no special ids.
+
+  Raises ValueError from `encode` for characters outside the vocabulary, naming them."""
+
   kind = "char"
   bos_id = eos_id = pad_id = None
 
@@ -66,6 +70,8 @@ class CharTokenizer:
 
 
 class ByteTokenizer:
+  """UTF-8 bytes as ids 0..255, then <bos> 256, <eos> 257, <pad> 258: any text round-trips."""
+
   kind = "byte"
   bos_id, eos_id, pad_id = 256, 257, 258
   vocab_size = 259
@@ -102,6 +108,8 @@ class BPETokenizer:
 
   @classmethod
   def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    """A SentencePiece BPE of `vocab_size` pieces fitted to `text`, with byte fallback (any text
+    round-trips)."""
     import sentencepiece as spm
 
     lines = [line for line in text.split("\n") if line]
@@ -185,6 +193,9 @@ def train(kind: str, text: str, vocab_size: int | None = None):
 
 
 def load(directory: str):
+  """The tokenizer a run saved in `directory` (tokenizer.json names its kind).
+
+  Raises FileNotFoundError when there is none, ValueError for an unknown kind."""
   path = os.path.join(directory, SPEC_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no tokenizer saved at {path}; was this directory written by an lmjax run?")

@@ -2,7 +2,7 @@
 
 Prompts are left-padded to a bucket length (a power of two), so new prompt
 lengths reuse a compiled prefill; padding has position -1 and is never
-attended to (see model.py). Decoding is one `lax.while_loop` over a pure
+attended to (see model/transformer.py). Decoding is one `lax.while_loop` over a pure
 `decode_step`, run to a traced step count: all at once, one token at a time
 (streaming), or in chunks between host checks of text stop strings (`stop_at`).
 
@@ -68,6 +68,9 @@ def process_logits(logits_BV, seen_BV, sampling: SamplingConfig):
 
 @dataclasses.dataclass
 class DecodeState:
+  """The decode loop's carry: step count, KV cache, last token [B], done flags [B], seen-token mask [B, V],
+  generated tokens and their log-probabilities [B, N], and the RNG key."""
+
   step: jax.Array  # tokens generated so far
   cache: dict
   last_token_B: jax.Array
@@ -183,6 +186,9 @@ def bucket_length(n: int, limit: int) -> int:
 
 @dataclasses.dataclass
 class Generation:
+  """What `generate_tokens` returns: per row, the generated ids (up to and including EOS or a stop) and their
+  log-probabilities under the model (natural log)."""
+
   tokens: list  # per row: the generated ids (without the prompt), up to and including EOS / stop
   logprobs: list  # per row: log p(token) under the model (before temperature and filtering)
 

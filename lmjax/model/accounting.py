@@ -61,4 +61,5 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int =
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> float:
+  """Model FLOPs utilisation (0-1): tokens/s x training FLOPs per token / peak FLOP/s."""
   return tokens_per_sec * flops_per_token / peak_flops

@@ -113,10 +113,12 @@ class ModelConfig:
 
   @property
   def kv_heads(self) -> int:
+    """Key/value heads K (n_kv_heads, or n_heads when unset)."""
     return self.n_kv_heads or self.n_heads
 
   @property
   def dim_per_head(self) -> int:
+    """Head dimension H (head_dim, or d_model // n_heads when unset)."""
     return self.head_dim or self.d_model // self.n_heads
 
   @classmethod

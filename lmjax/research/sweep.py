@@ -101,6 +101,7 @@ def distinct_points(points: list) -> list:
 
 
 def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
+  """The argv that trains one sweep point: `lmjax-train` with the experiment, its workdir and overrides."""
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]
   return [
     sys.executable,
@@ -139,7 +140,7 @@ def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
       return {**record, "status": "ok"}
     if (
       result.returncode > 128 or result.returncode < 0
-    ):  # 128 + signal from lmjax.main; -signal if killed outright
+    ):  # 128 + signal from lmjax-train; -signal if killed outright
       return {
         **record,
         "status": "interrupted",
@@ -195,6 +196,7 @@ def summarize(record: dict) -> dict:
 
 
 def write_results(sweep_dir: str, rows: list) -> None:
+  """results.csv and results.md (one row per point) in the sweep directory, written atomically."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
   table = io.StringIO()
   writer = csv.DictWriter(table, fieldnames=columns)
@@ -256,6 +258,7 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
 def slurm_script(
   config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str
 ) -> str:
+  """An sbatch job array with one task per point (re-submitting resumes unfinished points)."""
   commands = [
     " ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
     for p in points

@@ -126,6 +126,9 @@ def _shapes(tree) -> dict:
 
 
 class Checkpointer:
+  """Saves the train state every few steps (async, keep the newest `max_to_keep`) and restores the latest
+  step that reads, by the rules in the module docstring."""
+
   def __init__(self, workdir: str, max_to_keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.quarantine = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")

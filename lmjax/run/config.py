@@ -23,6 +23,7 @@ DERIVED_MODEL_FIELDS = ("vocab_size", "max_len")
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every config field with its default: experiments start from this and change what they need."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
   cfg.data = dict(
@@ -75,8 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A published result the experiment reproduces (val_loss 0 = none): marked on loss.png and
   # compared with the run's final validation loss in its last log line.
   cfg.reference = dict(step=0, val_loss=0.0, source="")
-  # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks.py) or finetune.train_file (JSONL of
-  # {"prompt", "response"} or {"messages"}), and start from exactly one init source.
+  # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks/generators.py) or finetune.train_file
+  # (JSONL of {"prompt", "response"} or {"messages"}), and start from exactly one init source.
   cfg.init = dict(from_checkpoint="", pretrained="")
   # Evaluators run during training and at the end, big_vision's style: {name: dict(kind=..., every=N,
   # options)}, e.g. evals.ppl = dict(kind="perplexity", every=500, text_file="val.txt"); EVAL_OPTIONS
@@ -131,11 +132,14 @@ def model_values(model_block) -> dict:
 
 
 def model_config(cfg, vocab_size: int) -> model.ModelConfig:
+  """The ModelConfig of experiment config `cfg`, with the tokenizer's `vocab_size` and
+  max_len = train.seq_len. Raises ValueError for model values ModelConfig refuses."""
   values = {**model_values(cfg.model), "vocab_size": vocab_size, "max_len": cfg.train.seq_len}
   return model.ModelConfig.from_dict(values)
 
 
 def flat_keys(cfg, prefix: str = "") -> list:
+  """Every leaf of `cfg` as a dotted name ('optim.lr'), in order."""
   keys = []
   for key, value in cfg.items():
     if isinstance(value, ml_collections.ConfigDict):

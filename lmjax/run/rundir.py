@@ -39,6 +39,7 @@ class NoCheckpoint(errors.UserError, FileNotFoundError):
 
 
 def checkpoint_dir(workdir: str, step: int) -> str:
+  """`<workdir>/checkpoints/<step>`."""
   return os.path.join(workdir, "checkpoints", str(step))
 
 
@@ -84,14 +85,17 @@ def is_run(path: str) -> bool:
 
 
 def save_tokenizer(workdir: str, tokenizer) -> None:
+  """Writes the run's tokenizer (tokenizer.json, plus its model file) into `workdir`."""
   tokenizer.save(workdir)
 
 
 def has_tokenizer(workdir: str) -> bool:
+  """Whether `workdir` holds a saved tokenizer."""
   return os.path.exists(os.path.join(workdir, tokenizers.SPEC_FILE))
 
 
 def load_tokenizer(workdir: str):
+  """The tokenizer saved in `workdir` (data.tokenizers.load)."""
   return tokenizers.load(workdir)
 
 
@@ -136,6 +140,7 @@ def saved_config(workdir: str):
 
 
 def write_config(cfg, workdir: str) -> None:
+  """config.json: the experiment config the run was started with (atomic)."""
   files.write_atomic(os.path.join(workdir, CONFIG_FILE), cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 

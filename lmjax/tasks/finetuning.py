@@ -77,7 +77,7 @@ def prepare(cfg, workdir: str) -> Task:
         "train.seq_len to train on them whole (data/sft.py: truncation policy)",
         flush=True,
       )
-  setup = Task(
+  task = Task(
     tokenizer=tokenizer,
     model_cfg=model_cfg,
     train_batch=lambda step, p, n: sft.batch_at(train_sft, cfg.seed, step, tc.batch_size, p, n),
@@ -99,7 +99,7 @@ def prepare(cfg, workdir: str) -> Task:
     init=cfg.init.to_dict(),
     base=origin,
   )
-  return _trainable(setup, cfg, base)
+  return _trainable(task, cfg, base)
 
 
 def _check_architecture_fields(cfg, source_cfg: model.ModelConfig) -> None:
@@ -125,18 +125,18 @@ def _check_architecture_fields(cfg, source_cfg: model.ModelConfig) -> None:
     )
 
 
-def _trainable(setup: Task, cfg, base) -> Task:
+def _trainable(task: Task, cfg, base) -> Task:
   """Full fine-tuning trains the source weights; LoRA trains adapters over the frozen source."""
   fc = cfg.finetune
   if fc.mode == "lora":
-    setup.frozen = base
-    setup.initial = lora.lora_init(
+    task.frozen = base
+    task.initial = lora.lora_init(
       base, [t.strip() for t in fc.lora_targets.split(",")], fc.lora_rank, jax.random.key(cfg.seed)
     )
-    setup.lora_scale = fc.lora_alpha / fc.lora_rank
+    task.lora_scale = fc.lora_alpha / fc.lora_rank
   else:  # 'full' (config.validate allows no other mode)
-    setup.initial = base
-  return setup
+    task.initial = base
+  return task
 
 
 def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task:
@@ -161,7 +161,7 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task
     return {k: v[rows[p * per : (p + 1) * per]] for k, v in arrays.items()}
 
   train_pairs, val_pairs = pairs(fc.num_train, cfg.seed), pairs(fc.num_val, cfg.seed + 1)
-  setup = Task(
+  task = Task(
     tokenizer=tokenizer,
     model_cfg=model_cfg,
     train_batch=lambda step, p, n: batch_at(train_pairs, cfg.seed, step, p, n),
@@ -180,4 +180,4 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task
     init=cfg.init.to_dict(),
     base=origin,
   )
-  return _trainable(setup, cfg, base)
+  return _trainable(task, cfg, base)

@@ -163,6 +163,9 @@ GENERATORS = {"qa": _qa, "summarize": _summarize, "translate": _translate}
 
 
 def examples(task: str, count: int, seed: int) -> list:
+  """`count` examples of built-in `task`, a pure function of (task, count, seed).
+
+  Raises ValueError naming the known tasks for an unknown one."""
   if task not in GENERATORS:
     raise ValueError(f"finetune.task={task!r} is not a built-in task; known: {sorted(GENERATORS)}")
   rng = np.random.default_rng([seed, sorted(GENERATORS).index(task)])

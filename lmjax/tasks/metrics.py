@@ -24,16 +24,19 @@ _ROUGE = rouge_scorer.RougeScorer(["rougeL"])
 
 
 def normalize_answer(text: str) -> str:
+  """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
   text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
   text = re.sub(r"\b(a|an|the)\b", " ", text)
   return " ".join(text.split())
 
 
 def exact_match(prediction: str, reference: str) -> float:
+  """1.0 when the normalised prediction equals the normalised reference (SQuAD EM), else 0.0."""
   return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
 def token_f1(prediction: str, reference: str) -> float:
+  """SQuAD's token F1 (0-1) between the normalised prediction and reference."""
   pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
   if not pred or not ref:
     return float(pred == ref)

@@ -20,6 +20,9 @@ from lmjax.tasks import losses
 
 @dataclasses.dataclass
 class Task:
+  """What the trainer trains: model config, step-indexed batches (pure functions of the step, sliced per
+  process), the loss, starting and frozen weights (LoRA), and evaluators (see the module docstring)."""
+
   tokenizer: Any
   model_cfg: model.ModelConfig
   train_batch: Callable  # (step, process_index, process_count) -> numpy batch
@@ -50,4 +53,5 @@ class Task:
 
 
 def is_finetuning(cfg) -> bool:
+  """Whether `cfg` fine-tunes (finetune.task or finetune.train_file set) rather than pretrains."""
   return bool(cfg.finetune.task or cfg.finetune.train_file)

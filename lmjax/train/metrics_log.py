@@ -15,6 +15,8 @@ from lmjax.core import files
 
 
 class MetricsLogger:
+  """Writes metrics.jsonl, TensorBoard events and console lines on process 0 (a silent logger elsewhere)."""
+
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
     self.enabled = enabled
     self.total_steps, self.start_step = total_steps, start_step

@@ -59,7 +59,7 @@ def check_fields_used(cfg) -> None:
   """A field set (away from its default) where this run never reads it is an error, not silence:
   pretraining ignores init.* and finetune.*, and each data field belongs to some datasets and
   tokenizers only. (Fine-tuning's model and data fields are checked against the source model in
-  sources._finetuning.)"""
+  tasks/finetuning.py.)"""
   base, data = config_lib.base_config(), cfg.data
   if cfg.finetune.task or cfg.finetune.train_file:
     rules = [
@@ -142,25 +142,25 @@ def mesh_for(cfg):
   return mesh
 
 
-def check_sizes(cfg, setup) -> None:
+def check_sizes(cfg, task) -> None:
   """Sizes the data and the model imply: a split must hold one training sequence; the sample
   prompt must encode with the run's tokenizer and leave room for a token in the context."""
   tc = cfg.train
-  for name, rows in (("train", setup.train_rows), ("validation", setup.val_rows)):
+  for name, rows in (("train", task.train_rows), ("validation", task.val_rows)):
     if rows < 1:
       raise errors.ConfigError(
         f"the {name} split holds no complete sequence of train.seq_len={tc.seq_len} (+1 target) tokens: "
-        f"{setup.train_tokens if name == 'train' else setup.val_tokens} tokens. Lower train.seq_len, use "
+        f"{task.train_tokens if name == 'train' else task.val_tokens} tokens. Lower train.seq_len, use "
         "more "
         "text, or (validation) raise data.val_fraction"
       )
-  if tc.num_samples and not setup.task:
+  if tc.num_samples and not task.task:
     try:
-      prompt_ids = setup.tokenizer.encode(tc.sample_prompt or "\n")
+      prompt_ids = task.tokenizer.encode(tc.sample_prompt or "\n")
     except ValueError as err:
       raise errors.ConfigError(f"train.sample_prompt={tc.sample_prompt!r} cannot be encoded: {err}") from None
-    if len(prompt_ids) >= setup.model_cfg.max_len:
+    if len(prompt_ids) >= task.model_cfg.max_len:
       raise errors.ConfigError(
         f"train.sample_prompt is {len(prompt_ids)} tokens, leaving no room in the model's context of "
-        f"{setup.model_cfg.max_len} (train.seq_len): shorten the prompt, or set train.num_samples=0"
+        f"{task.model_cfg.max_len} (train.seq_len): shorten the prompt, or set train.num_samples=0"
       )

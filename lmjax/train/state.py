@@ -20,6 +20,9 @@ from lmjax.train.preflight import mesh_for
 
 @flax.struct.dataclass
 class TrainState:
+  """The whole training state, one pytree: step, params, optimizer state, and the first step whose loss
+  or gradient was NaN/Inf (-1 if none), so a poisoned state is detected before it is saved."""
+
   step: jax.Array
   params: dict
   opt_state: optax.OptState
