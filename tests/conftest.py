@@ -7,7 +7,9 @@ import pytest
 
 from lmjax.run import config
 
-# Implicit rank promotion (adding a [T] array to a [B, T] one) hides shape bugs: an error in tests.
+# Implicit rank promotion (adding a [T] array to a [B, T] one) hides shape bugs: an error in tests,
+# and (through the environment) in every command a test starts.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -51,3 +51,18 @@ def test_reexec_runs_the_same_command_once_with_the_tunable():
   # Printed before the re-exec and again in the new image; then once with the tunable, same PID.
   assert lines[:2] == ["start", "start"]
   assert lines[2] == f"pid {proc.pid} glibc.malloc.hugetlb=1 ['arg1']"
+
+
+def test_lmjax_commands_are_recognised_however_python_is_started():
+  from lmjax import cli
+
+  py = "/usr/bin/python3"
+  for argv in (
+    [py, "/venv/bin/lmjax-train", "--config=x"],
+    [py, "-m", "lmjax.cli.sample"],
+    [py, "-u", "-X", "importtime", "-m", "lmjax.cli.train"],
+    [py, "-mlmjax.cli.evaluate"],
+  ):
+    assert cli._started_as_command(argv), argv
+  for argv in ([py, "-m", "pytest", "tests"], [py, "-c", "import lmjax.cli"], [py, "script.py"], [py]):
+    assert not cli._started_as_command(argv), argv

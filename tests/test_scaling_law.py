@@ -1,4 +1,5 @@
-"""Scaling-law fit (lmjax/scaling.py) against synthetic laws, and a real model-size sweep with its report."""
+"""Scaling-law fit (lmjax/research/scaling.py) against synthetic laws, and a real model-size sweep with
+its report."""
 
 import json
 import os

@@ -312,3 +312,10 @@ def test_evaluators_declared_in_the_config_run_during_training_and_at_the_end(tm
     bad = tiny_config(corpus_file, str(tmp_path / "tfds"))
     bad.evals.bad = dict(kind="perplexity", every=2)
     train.train(bad, str(tmp_path / "bad"))
+  unencodable = tiny_config(corpus_file, str(tmp_path / "tfds"))
+  unencodable.evals.peek = dict(kind="samples", prompt="\u65e5\u672c")  # not in the char vocabulary
+  with pytest.raises(errors.ConfigError, match="evals.peek: its text cannot be encoded"):
+    train.train(unencodable, str(tmp_path / "unencodable"))
+  assert not os.path.exists(tmp_path / "unencodable" / "config.json")  # refused before anything is written
+  with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+    LanguageModel.from_workdir(str(tmp_path / "never_trained"))

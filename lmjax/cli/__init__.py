@@ -17,16 +17,26 @@ import sys
 from lmjax.core import hugepages
 
 
-def _started_as_command() -> bool:
-  """Whether this process is an lmjax command (`lmjax-*` or `python -m lmjax.cli.*`), not a Python
-  program (or test) that imports the package."""
-  argv = sys.orig_argv[1:]
-  return (bool(argv) and os.path.basename(argv[0]).startswith("lmjax-")) or (
-    len(argv) > 1 and argv[0] == "-m" and argv[1].startswith("lmjax.cli.")
-  )
+def _started_as_command(orig_argv) -> bool:
+  """Whether the interpreter's command line (`sys.orig_argv`) runs an lmjax command (`lmjax-*`, or
+  `python [options] -m lmjax.cli.*`), not a Python program (or test) that imports the package."""
+  args = list(orig_argv[1:])
+  while args:
+    arg = args.pop(0)
+    if arg == "-m":
+      return bool(args) and args[0].startswith("lmjax.cli.")
+    if arg.startswith("-m"):
+      return arg[2:].startswith("lmjax.cli.")
+    if arg == "-c":
+      return False
+    if arg in ("-X", "-W"):  # options that take a value
+      args = args[1:]
+    elif not arg.startswith("-"):
+      return os.path.basename(arg).startswith("lmjax-")
+  return False
 
 
-if _started_as_command():  # before any entry point imports JAX: this may re-execute the process
+if _started_as_command(sys.orig_argv):  # before any entry point imports JAX: this may re-execute the process
   hugepages.reexec_with_huge_pages()
 
 from absl import app, flags, logging  # noqa: E402 (after the re-exec above)

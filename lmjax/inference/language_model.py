@@ -11,6 +11,8 @@ the prompt ids followed by the generated ids.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -37,23 +39,39 @@ class LanguageModel:
     self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
     if mesh is not None:
       params = jax.device_put(params, sharding.logical_shardings(model.boxed_param_shapes(cfg), mesh, rules))
+    else:  # on the device once, not re-uploaded by every prefill/decode call
+      params = jax.device_put(params)
     self.params = params
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> "LanguageModel":
     """The run's latest checkpoint (or `step`), with the run's tokenizer and architecture (a LoRA run's
-    adapters merged onto the base it was trained on). Raises rundir.NoCheckpoint without one."""
-    return cls.from_pretrained(workdir if step is None else rundir.checkpoint_dir(workdir, step), **kwargs)
+    adapters merged onto the base it was trained on). Raises rundir.NoCheckpoint (a FileNotFoundError)
+    when the run has no checkpoint, or not that step."""
+    return cls.from_checkpoint(workdir if step is None else rundir.checkpoint_dir(workdir, step), **kwargs)
 
   @classmethod
-  def from_pretrained(cls, name_or_path: str, dtype: str | None = None, **kwargs) -> "LanguageModel":
+  def from_checkpoint(cls, path: str, mesh=None, rules=sharding.DEFAULT_RULES, **model_overrides):
+    """A run directory (its latest step) or one step, RUN/checkpoints/STEP (pretrained.load_run).
+    `model_overrides`: ModelConfig fields to change at load (dtype, attention_impl, ...)."""
+    cfg, params, tokenizer = pretrained.load_run(path)
+    return cls(dataclasses.replace(cfg, **model_overrides), params, tokenizer, mesh, rules)
+
+  @classmethod
+  def from_pretrained(
+    cls,
+    name_or_path: str,
+    dtype: str | None = None,
+    mesh=None,
+    rules=sharding.DEFAULT_RULES,
+    **model_overrides,
+  ) -> "LanguageModel":
     """Anything `pretrained.load` takes: a registered name (e.g. 'smollm2-135m-instruct'), a GGUF file, a
     Hugging Face directory, or an lmjax run or checkpoint step. `dtype` (e.g. 'bfloat16') replaces the
-    parameter and compute dtype; None keeps the source's."""
+    parameter and compute dtype (None keeps the source's); `model_overrides` other ModelConfig fields
+    that only change how the model runs (attention_impl, matmul_impl, ...)."""
     cfg, params, tokenizer = pretrained.load(name_or_path, dtype=dtype)
-    return cls(cfg, params, tokenizer, **kwargs)
-
-  from_checkpoint = from_pretrained  # a checkpoint step directory, RUN/checkpoints/STEP
+    return cls(dataclasses.replace(cfg, **model_overrides), params, tokenizer, mesh, rules)
 
   def chat_prompt(self, user_message: str, system: str | None = None) -> str:
     """The model's chat template applied to one user turn, ready for the assistant's answer. Encoding

@@ -258,7 +258,7 @@ def load(directory: str):
 
 def export_llama(cfg: model.ModelConfig, params, directory: str, tokenizer=None) -> None:
   """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory, with its
-  byte-level BPE tokenizer (tokenizers.HFTokenizer) as tokenizer.json + tokenizer_config.json.
+  byte-level BPE tokenizer (hf_tokenizer.HFTokenizer) as tokenizer.json + tokenizer_config.json.
 
   Raises ValueError for any ModelConfig option Llama cannot express (the exported model would load
   and compute something else): a non-Llama architecture, scale_embeddings, sliding_window.

@@ -42,14 +42,15 @@ def load(name_or_path: str, dtype: str | None = None):
   the source's (fp32 for GGUF and HF files, the run's own for runs). Raises errors.ConfigError for a
   name or path that is none of these, ValueError for files whose contents lmjax cannot vouch for.
   """
-  path = name_or_path if rundir.is_run(name_or_path) else resolve(name_or_path)
+  hf_dir = os.path.isdir(name_or_path) and glob.glob(os.path.join(glob.escape(name_or_path), "*.safetensors"))
+  path = name_or_path if hf_dir or rundir.is_run(name_or_path) else resolve(name_or_path)
   if os.path.isfile(path) and path.endswith(".gguf"):
     cfg, params, tokenizer = gguf.load(path)
-  elif rundir.is_run(path):
-    cfg, params, tokenizer = load_run(path)
-  elif os.path.isdir(path) and glob.glob(os.path.join(glob.escape(path), "*.safetensors")):
+  elif hf_dir:  # (an lmjax run never holds safetensors)
     cfg, params = hf.load(path)
     tokenizer = hf_tokenizer.from_hf_directory(path)
+  elif rundir.is_run(path):
+    cfg, params, tokenizer = load_run(path)
   else:
     raise errors.ConfigError(
       f"{path}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors + "
@@ -65,8 +66,8 @@ def load_run(path: str):
   """(ModelConfig, params, tokenizer) of an lmjax run: its latest checkpoint, or the step `path`
   names (`RUN/checkpoints/STEP`). A LoRA run's adapters are merged onto its pinned base."""
   workdir, step = rundir.split_step_dir(path)
+  params = rundir.load_params(workdir, step)  # first: a run without checkpoints says so (NoCheckpoint)
   tokenizer = rundir.load_tokenizer(workdir)
-  params = rundir.load_params(workdir, step)
   cfg, spec = rundir.read_model(workdir)
   if spec.get("lora_scale") is not None:
     if "base" not in spec:
@@ -96,6 +97,8 @@ def load_init(init_cfg, runtime: dict, pinned: dict | None = None):
     raise errors.ConfigError(
       "fine-tuning needs exactly one of init.from_checkpoint=RUN_DIR or init.pretrained=NAME"
     )
+  if init_cfg.pretrained and rundir.is_run(init_cfg.pretrained):  # a run: pinned by run and step
+    init_cfg = ml_collections.ConfigDict({"from_checkpoint": init_cfg.pretrained, "pretrained": ""})
   if init_cfg.pretrained:
     cfg, params, tokenizer = load(init_cfg.pretrained, dtype="float32")
     origin = {"kind": "pretrained", "name": init_cfg.pretrained}

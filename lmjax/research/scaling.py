@@ -14,15 +14,13 @@ calls it when its sweep finishes.
 
 from __future__ import annotations
 
-import json
 import os
 
-import ml_collections
 import numpy as np
 
 from lmjax import model
 from lmjax.core import files
-from lmjax.run import config as config_lib, rundir
+from lmjax.run import rundir
 from lmjax.train import metrics_log
 
 
@@ -60,16 +58,10 @@ def finished_runs(sweep_dir: str) -> list:
     workdir = os.path.join(sweep_dir, name)
     if not rundir.is_finished(workdir):  # interrupted or failed runs never enter the fit
       continue
-    with open(os.path.join(workdir, "config.json")) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
     evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r]
     if evals:
       points.append(
-        (
-          model.non_embedding_param_count(config_lib.model_config(cfg, vocab_size=1)),
-          evals[-1]["val_loss"],
-          name,
-        )
+        (model.non_embedding_param_count(rundir.read_model(workdir)[0]), evals[-1]["val_loss"], name)
       )
   return sorted(points)
 

@@ -1,4 +1,7 @@
-"""The run directory's one owner: every file a run keeps is written and read here.
+"""The run directory's one owner: what describes a run (its config, architecture, tokenizer,
+checkpoints and finished marker) is written and read here. Logs and results (metrics.jsonl,
+TensorBoard, loss.png, samples, task_eval, evals.jsonl) are written by their producers
+(train/metrics_log.py, tasks/evaluators.py) through core/files.py.
 
     <workdir>/config.json        the experiment config the run was started with (write_config)
     <workdir>/model.json         its architecture, and for fine-tuning the exact base it started from
@@ -54,7 +57,7 @@ def checkpointer(workdir: str, max_to_keep: int) -> checkpoint.Checkpointer:
 
 
 def load_params(workdir: str, step: int | None = None):
-  """The params of checkpoint `step` (default: the latest) as host arrays.
+  """The params of checkpoint `step` (default: the latest) on the default device.
 
   Raises NoCheckpoint when the run has no checkpoint (or not that step)."""
   saved = steps(workdir)

@@ -7,6 +7,7 @@ Used by the trainer (before/after task scores, end-of-run samples) and by `lmjax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -60,12 +61,21 @@ def embed(cfg: model.ModelConfig, params, tokenizer, texts) -> np.ndarray:
   """Embeddings of `texts`: [len(texts), d_model] (see `mean_pooled`)."""
   longest = max(len(tokenizer.encode(t)) for t in texts)
   tokens, positions = corpus.encode_padded(tokenizer, texts, sampler.bucket_length(longest, cfg.max_len))
-  forward = jax.jit(
-    lambda p, x, pos: mean_pooled(
-      lambda t, **kw: model.Transformer(cfg).apply({"params": p}, t, **kw), x, pos
-    )
+  return np.asarray(_pooled(cfg, params, tokens, positions))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(cfg: model.ModelConfig, params, tokens_BT, positions_BT):
+  """mean_pooled hidden states, compiled once per (config, shapes) and reused by later calls."""
+  return mean_pooled(
+    lambda t, **kw: model.Transformer(cfg).apply({"params": params}, t, **kw), tokens_BT, positions_BT
   )
-  return np.asarray(forward(params, tokens, positions))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg: model.ModelConfig, params, tokens_BT):
+  """Next-token logits [B, T, V], compiled once per (config, shapes) (periodic evaluations reuse it)."""
+  return model.Transformer(cfg).apply({"params": params}, tokens_BT)
 
 
 def evaluate_search(cfg, params, tokenizer, count: int = 32, seed: int = generators.EVAL_SEED) -> dict:
@@ -91,11 +101,10 @@ def perplexity(cfg: model.ModelConfig, params, tokenizer, text: str, seq_len: in
   starts = list(range(0, len(ids) - width + 1, width - 1))
   if starts[-1] + width < len(ids):
     starts.append(len(ids) - width)
-  forward = jax.jit(lambda p, x: model.Transformer(cfg).apply({"params": p}, x))
   total, scored_until = 0.0, 0  # targets at positions <= scored_until are done
   for start in starts:
     window = ids[start : start + width]
-    logits = np.asarray(forward(params, window[None, :-1]), np.float64)[0]
+    logits = np.asarray(_logits(cfg, params, window[None, :-1]), np.float64)[0]
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = logz - logits[np.arange(width - 1), window[1:]]  # target positions start+1 .. start+width-1
     new = start + 1 + np.arange(width - 1) > scored_until
@@ -131,10 +140,12 @@ class TaskScores:
   tokenizer: object
   when: tuple = ("before", "after")
   every: int = 0
+  filename: str = "task_eval"  # FILENAME.json / .md, one per evaluator
+  row_label: str = "{} fine-tuning"  # the table's row name, given `when`
 
   def __call__(self, params, workdir: str, when: str, step: int) -> None:
     when = f"step {step}" if when == "step" else when
-    path = os.path.join(workdir, "task_eval.json")
+    path = os.path.join(workdir, f"{self.filename}.json")
     results = {}
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
@@ -144,9 +155,9 @@ class TaskScores:
     else:
       results[when] = evaluate_task(self.model_cfg, params, self.tokenizer, self.task, self.examples)
     files.write_json(path, results)
-    table = markdown_table({f"{k} fine-tuning": v for k, v in results.items()})
+    table = markdown_table({self.row_label.format(k): v for k, v in results.items()})
     files.write_atomic(
-      os.path.join(workdir, "task_eval.md"),
+      os.path.join(workdir, f"{self.filename}.md"),
       f"Task `{self.task}`, {len(self.examples)} held-out examples\n\n{table}",
     )
     print(
@@ -207,7 +218,10 @@ class Perplexity:
       "step": step,
       **perplexity(self.model_cfg, params, self.tokenizer, self.text, self.seq_len),
     }
-    with open(os.path.join(workdir, EVALS_FILE), "a", encoding="utf-8") as f:
+    path = os.path.join(workdir, EVALS_FILE)
+    if (self.name, step) in _recorded(path):  # a finished run re-started: its result is on record
+      return
+    with open(path, "a", encoding="utf-8") as f:
       f.write(json.dumps(result) + "\n")
     print(
       f"eval {self.name} at step {step}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}",
@@ -215,7 +229,30 @@ class Perplexity:
     )
 
 
-EVALS_FILE = "evals.jsonl"
+EVALS_FILE = "evals.jsonl"  # the trainer drops records after the step a run resumes from
+
+
+def _recorded(path: str) -> set:
+  """(eval, step) of every complete record in an evals.jsonl file."""
+  if not os.path.exists(path):
+    return set()
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.endswith("\n")]
+  return {(r["eval"], r["step"]) for r in map(json.loads, lines)}
+
+
+def _check_prompt(name: str, tokenizer, text: str, room: int) -> None:
+  """ConfigError, before training, when `text` does not encode or leaves no room in the context."""
+  try:
+    ids = tokenizer.encode(text)
+  except ValueError as err:
+    raise errors.ConfigError(
+      f"evals.{name}: its text cannot be encoded by the run's tokenizer: {err}"
+    ) from None
+  if len(ids) >= room:
+    raise errors.ConfigError(
+      f"evals.{name}: a prompt of {len(ids)} tokens leaves no room in the context of {room}"
+    )
 
 
 def from_config(evals_cfg, model_cfg: model.ModelConfig, tokenizer, seed: int) -> list:
@@ -233,8 +270,12 @@ def from_config(evals_cfg, model_cfg: model.ModelConfig, tokenizer, seed: int) -
       except OSError as err:
         raise errors.ConfigError(f"evals.{name}.text_file={spec.text_file!r} cannot be read: {err}") from None
       seq_len = min(spec.get("seq_len", model_cfg.max_len - 1), model_cfg.max_len - 1)
+      _check_prompt(name, tokenizer, text, room=len(text) + 2)  # encodes (any length is windowed)
+      if len(tokenizer.encode(text)) < 2:
+        raise errors.ConfigError(f"evals.{name}.text_file={spec.text_file!r} has fewer than 2 tokens")
       built.append(Perplexity(name, text, seq_len, model_cfg, tokenizer, every=every))
     elif spec.kind == "samples":
+      _check_prompt(name, tokenizer, spec.get("prompt", "\n"), room=model_cfg.max_len)
       built.append(
         Samples(
           spec.get("count", 3),
@@ -259,5 +300,20 @@ def from_config(evals_cfg, model_cfg: model.ModelConfig, tokenizer, seed: int) -
         if spec.task == "search"
         else generators.examples(spec.task, count, generators.EVAL_SEED)
       )
-      built.append(TaskScores(spec.task, examples, model_cfg, tokenizer, when=("after",), every=every))
+      for example in examples:
+        _check_prompt(
+          name, tokenizer, example if spec.task == "search" else example.prompt, model_cfg.max_len
+        )
+      built.append(
+        TaskScores(
+          spec.task,
+          examples,
+          model_cfg,
+          tokenizer,
+          when=("after",),
+          every=every,
+          filename=f"task_eval_{name}",
+          row_label="{}",
+        )
+      )
   return built

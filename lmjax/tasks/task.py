@@ -36,7 +36,7 @@ class Task:
   lora_scale: float | None = None
   loss: Callable = losses.lm_loss  # (run_model, batch) -> (loss sum, weight); losses.py
   task: str | None = None  # the built-in task (generators.py), if any
-  # Called with (params, workdir, when) at the points each names in `.when` (evaluators.py).
+  # Called as evaluator(params, workdir, when, step) at the points in `.when` and every `.every` steps.
   evaluators: list = dataclasses.field(default_factory=list)
   init: dict | None = None  # fine-tuning: the init.* fields and the exact base weights (`origin`)
   base: dict | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 from lmjax import model, tasks
 from lmjax.core import files, sharding
 from lmjax.run import config as config_lib, rundir
+from lmjax.tasks import evaluators
 from lmjax.train import (
   metrics_log,
   optimizer as optimizer_lib,
@@ -118,6 +120,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     task.save(workdir)
     if start_step < tc.steps:
       rundir.clear_finished(workdir)
+    metrics_log.drop_records_after(os.path.join(workdir, evaluators.EVALS_FILE), start_step)
   step_args = dict(
     frozen_shardings=frozen_sh, model_params=task.model_params, rules=cfg.mesh.rules, loss=task.loss
   )
@@ -239,7 +242,7 @@ def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int,
     return
   if jax.process_count() > 1:
     trainable, frozen = multihost_utils.process_allgather((trainable, frozen), tiled=True)
-  params = task.model_params(trainable, frozen)
   if primary:
+    params = task.model_params(trainable, frozen)
     for evaluator in due:
       evaluator(params, workdir, when, step)

@@ -26,7 +26,7 @@ class MetricsLogger:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
       path = os.path.join(workdir, "metrics.jsonl")
-      _drop_records_after(path, start_step)
+      drop_records_after(path, start_step)
       self._jsonl = open(path, "a", encoding="utf-8")
       # purge_step: TensorBoard hides events at or after it that an earlier attempt wrote
       self._tb = SummaryWriter(
@@ -67,7 +67,7 @@ class MetricsLogger:
       self._tb.close()
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def drop_records_after(path: str, step: int) -> None:
   """Removes records of steps after `step` (the checkpoint a run resumes from): an interrupted
   attempt logged them, the resumed run logs them again, and each step should appear once."""
   if not os.path.exists(path):
