@@ -7,39 +7,17 @@ position table swamps them: 2.41 vs 1.92 val loss in the architecture sweep), ov
 SentencePiece BPE vocabulary of 2048 trained on the train split.
 """
 
+import os
+
 from lmjax.run import config
 
 
 def get_config(variant: str = ""):
   if variant:
     raise ValueError(f"shakespeare_bpe has no variants (got {variant!r})")
-  cfg = config.base_config()
-  cfg.seed = 1337
-  cfg.data.update(dataset="shakespeare", tokenizer="bpe", vocab_size=2048)
-  cfg.model.update(
-    d_model=128,
-    n_layers=4,
-    n_heads=4,
-    d_ff=512,
-    pos_encoding="sinusoidal",
-    mlp="relu",
-    norm="layernorm",
-    attn_bias=True,
-    mlp_bias=True,
-    tie_embeddings=False,
-    scale_embeddings=True,
-    dropout=0.0,
-    scan_layers=False,
-  )
-  cfg.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
-  cfg.train.update(
-    steps=2000,
-    batch_size=12,
-    seq_len=64,
-    log_every=100,
-    eval_every=250,
-    eval_steps=20,
-    ckpt_every=500,
-    sample_prompt="ROMEO:\n",
-  )
+  cfg = config.load_experiment(os.path.join(os.path.dirname(__file__), "shakespeare_char.py"))
+  cfg.data.update(tokenizer="bpe", vocab_size=2048)
+  cfg.model.update(pos_encoding="sinusoidal", mlp="relu", tie_embeddings=False, scale_embeddings=True)
+  cfg.train.sample_prompt = "ROMEO:\n"
+  cfg.reference.update(step=0, val_loss=0.0, source="")  # nanoGPT's result is for the char GPT-2
   return cfg

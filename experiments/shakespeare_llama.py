@@ -6,33 +6,17 @@ has about the parameters of the GELU MLP (two matrices of d_ff=512). `:bpe` uses
 BPE tokenizer of shakespeare_bpe instead.
 """
 
+import os
+
 from lmjax.run import config
 
 
 def get_config(variant: str = ""):
-  cfg = config.base_config()
-  cfg.seed = 1337
-  cfg.data.update(dataset="shakespeare", tokenizer="char")
+  cfg = config.load_experiment(os.path.join(os.path.dirname(__file__), "shakespeare_char.py"))
   cfg.model.update(
-    d_model=128,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=344,
-    pos_encoding="rope",
-    rope_theta=10000.0,
-    mlp="swiglu",
-    norm="rmsnorm",
-    attn_bias=False,
-    mlp_bias=False,
-    tie_embeddings=True,
-    dropout=0.0,
-    scan_layers=False,
+    n_kv_heads=2, d_ff=344, pos_encoding="rope", mlp="swiglu", norm="rmsnorm", attn_bias=False, mlp_bias=False
   )
-  cfg.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
-  cfg.train.update(
-    steps=2000, batch_size=12, seq_len=64, log_every=100, eval_every=250, eval_steps=20, ckpt_every=500
-  )
+  cfg.reference.update(step=0, val_loss=0.0, source="")  # nanoGPT's result is for the GPT-2 architecture
   if variant == "bpe":
     cfg.data.update(tokenizer="bpe", vocab_size=2048)
     cfg.train.sample_prompt = "ROMEO:\n"

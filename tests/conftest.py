@@ -1,6 +1,8 @@
 """Shared fixtures: a small corpus and the tiny experiment config."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -54,3 +56,10 @@ def tiny_flags(corpus_file: str, data_dir: str, workdir: str, *extra):
     "--config.data.data_dir=" + data_dir,
     *extra,
   ]
+
+
+def run_lmjax(name: str, *args, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs `python -m lmjax.cli.NAME ARGS` from the repository root (CPU only), capturing its text."""
+  env = env or {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  command = [sys.executable, "-m", f"lmjax.cli.{name}", *args]
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

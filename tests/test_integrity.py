@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import threading
 
@@ -25,7 +24,7 @@ from lmjax.research import scaling, sweep
 from lmjax.run import checkpoint, config as config_lib, rundir
 from lmjax.train import metrics_log, preflight
 
-from conftest import REPO, TINY_EXPERIMENT, tiny_config, tiny_flags
+from conftest import TINY_EXPERIMENT, run_lmjax, tiny_config, tiny_flags
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -123,14 +122,7 @@ def test_paths_with_glob_characters_are_taken_literally(tmp_path, corpus_file):
     "--config.train.ckpt_every=10",
     "--config.train.num_samples=0",
   )
-  second = subprocess.run(
-    [sys.executable, "-m", "lmjax.cli.train", *flags],
-    cwd=REPO,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  second = run_lmjax("train", *flags, env=ENV)
   assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
   assert "resumed from step 10" in second.stdout and "failed to restore" not in second.stdout
   assert checkpoint.step_dirs(workdir) == [10, 20]
@@ -205,6 +197,7 @@ def _fake_run(tmp_path, steps_in_config, finished_steps=None, val_loss=2.0):
   cfg = tiny_config("unused.txt", "unused")
   cfg.train.steps = steps_in_config
   rundir.write_config(cfg, str(workdir))
+  rundir.write_model(str(workdir), config_lib.model_config(cfg, vocab_size=20))  # as every run writes it
   (workdir / "metrics.jsonl").write_text(
     json.dumps({"step": finished_steps or 5, "val_loss": val_loss}) + "\n"
   )
@@ -329,17 +322,10 @@ def test_bad_choices_and_combinations_name_the_field(tmp_path, corpus_file, over
 @pytest.mark.slow
 def test_bad_value_on_the_command_line_exits_2_without_traceback(tmp_path, corpus_file):
   workdir = tmp_path / "run"
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.train",
-      *tiny_flags(corpus_file, str(tmp_path), str(workdir), "--config.train.grad_accum=0"),
-    ],
-    cwd=REPO,
+  result = run_lmjax(
+    "train",
+    *tiny_flags(corpus_file, str(tmp_path), str(workdir), "--config.train.grad_accum=0"),
     env=ENV,
-    capture_output=True,
-    text=True,
     timeout=120,
   )
   assert result.returncode == 2

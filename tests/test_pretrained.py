@@ -4,8 +4,6 @@ import/export."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import jax
@@ -16,7 +14,7 @@ from lmjax import model, pretrained
 from lmjax.inference import sampler
 from lmjax.pretrained import gguf, gguf as gguf_loader, hf
 
-from conftest import REPO
+from conftest import REPO, run_lmjax
 
 # Hugging Face transformers' outputs for SmolLM2-135M-Instruct (the independent reference), kept in the repo.
 REFERENCE = os.path.join(REPO, "tests", "data", "smollm2_dev_reference")
@@ -202,28 +200,25 @@ def test_smollm2_logits_and_greedy_match_reference(smollm2, reference, prompt):
   assert tokenizer.decode(greedy) == reference[0][prompt]["greedy_text"]
 
 
+def chat_answer(source: str, question: str, max_new_tokens: int) -> str:
+  """The greedy answer `lmjax-sample --pretrained=SOURCE --chat` prints to `question`."""
+  result = run_lmjax(
+    "sample",
+    f"--pretrained={source}",
+    "--chat",
+    "--prompt",
+    question,
+    "--temperature=0",
+    f"--max_new_tokens={max_new_tokens}",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout.split(f"> {question}\n")[1]
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_pretrained_chat_cli_answers():
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.sample",
-      "--pretrained=smollm2-135m-instruct",
-      "--chat",
-      "--prompt",
-      "What is artificial intelligence?",
-      "--temperature=0",
-      "--max_new_tokens=12",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  answer = result.stdout.split("> What is artificial intelligence?\n")[1]
+  answer = chat_answer("smollm2-135m-instruct", "What is artificial intelligence?", 12)
   assert "intelligence" in answer.lower() and "<|im" not in answer
 
 
@@ -234,27 +229,8 @@ def test_sample_answers_from_a_hugging_face_directory(tmp_path, smollm2):
   tokenizer_config.json) answers through `sample --pretrained=DIR` as the GGUF it came from does."""
   cfg, params, tokenizer = smollm2
   hf.export_llama(cfg, params, str(tmp_path / "hf"), tokenizer)
-  answers = []
-  for source in ("smollm2-135m-instruct", str(tmp_path / "hf")):
-    result = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "lmjax.cli.sample",
-        f"--pretrained={source}",
-        "--chat",
-        "--prompt",
-        "What is the capital of France?",
-        "--temperature=0",
-        "--max_new_tokens=10",
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    answers.append(result.stdout.split("> What is the capital of France?\n")[1])
+  question = "What is the capital of France?"
+  answers = [chat_answer(source, question, 10) for source in ("smollm2-135m-instruct", str(tmp_path / "hf"))]
   assert answers[0] == answers[1] and "Paris" in answers[1]
 
 

@@ -13,7 +13,7 @@ from lmjax import model, train
 from lmjax.data import tokenizers
 from lmjax.inference import LanguageModel, sampler
 
-from conftest import REPO, tiny_config
+from conftest import REPO, run_lmjax, tiny_config
 
 V = 23
 
@@ -181,39 +181,25 @@ def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
   texts = lm.generate_text(["JULIET:"], max_new_tokens=5, do_sample=False)
   assert len(texts) == 1 and len(texts[0]) == 5
 
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.sample",
-      f"--workdir={workdir}",
-      "--prompt=ROMEO:",
-      "--prompt=JULIET:",
-      "--max_new_tokens=8",
-      "--num_samples=2",
-      "--seed=3",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  result = run_lmjax(
+    "sample",
+    f"--workdir={workdir}",
+    "--prompt=ROMEO:",
+    "--prompt=JULIET:",
+    "--max_new_tokens=8",
+    "--num_samples=2",
+    "--seed=3",
     timeout=120,
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.count("=====") == 8 and "ROMEO:" in result.stdout and "JULIET:" in result.stdout
-  streamed = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.sample",
-      f"--workdir={workdir}",
-      "--prompt=ROMEO:",
-      "--max_new_tokens=8",
-      "--temperature=0",
-      "--stream",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  streamed = run_lmjax(
+    "sample",
+    f"--workdir={workdir}",
+    "--prompt=ROMEO:",
+    "--max_new_tokens=8",
+    "--temperature=0",
+    "--stream",
     timeout=120,
   )
   assert streamed.returncode == 0, streamed.stderr

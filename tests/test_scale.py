@@ -12,7 +12,7 @@ import pytest
 
 from lmjax.inference import LanguageModel
 
-from conftest import REPO, tiny_flags
+from conftest import REPO, run_lmjax, tiny_flags
 
 _MESH_SCRIPT = r"""
 import jax, numpy as np, ml_collections
@@ -114,24 +114,32 @@ def test_checkpoints_restore_into_another_mesh(mesh_run):
 
 @pytest.mark.slow
 def test_dry_run_sizes_a_1b_model_without_allocating_it():
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.train",
-      "--config=experiments/llama_1b.py",
-      "--dry_run",
-      "--cpu_devices=8",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  result = run_lmjax(
+    "train",
+    "--config=experiments/llama_1b.py",
+    "--dry_run",
+    "--cpu_devices=8",
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "1.100B params on mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in result.stdout
   assert "per device: params 0.51 GiB, optimizer state 1.02 GiB" in result.stdout  # fp32, 1/8 each, Adam 2x
+
+
+def start_process(flags, port: int, index: int, env, stdout) -> subprocess.Popen:
+  """Process `index` of a two-process `lmjax-train` run, one CPU device each, coordinated on `port`."""
+  command = [
+    sys.executable,
+    "-m",
+    "lmjax.cli.train",
+    *flags,
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+    f"--process_id={index}",
+    "--cpu_devices=1",
+  ]
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
 
 
 def free_port() -> int:
@@ -154,42 +162,17 @@ def test_two_processes_train_like_one(tmp_path, corpus_file):
     "--config.model.dropout=0.0",
   ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  single = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.train",
-      *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"), *common),
-      "--cpu_devices=2",
-    ],
-    cwd=REPO,
+  single = run_lmjax(
+    "train",
+    *tiny_flags(corpus_file, data_dir, str(tmp_path / "one"), *common),
+    "--cpu_devices=2",
     env=env,
-    capture_output=True,
-    text=True,
     timeout=300,
   )
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "lmjax.cli.train",
-        *tiny_flags(corpus_file, data_dir, str(tmp_path / "two"), *common),
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        "--cpu_devices=1",
-      ],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  two_flags = tiny_flags(corpus_file, data_dir, str(tmp_path / "two"), *common)
+  procs = [start_process(two_flags, port, i, env, subprocess.PIPE) for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
   read = lambda d: [json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl"))]
@@ -222,26 +205,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   port = free_port()
   with open(tmp_path / "p1.log", "w") as p1_log:
-    procs = [
-      subprocess.Popen(
-        [
-          sys.executable,
-          "-m",
-          "lmjax.cli.train",
-          *flags,
-          f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2",
-          f"--process_id={i}",
-          "--cpu_devices=1",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE if i == 0 else p1_log,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-      for i in range(2)
-    ]
+    procs = [start_process(flags, port, i, env, subprocess.PIPE if i == 0 else p1_log) for i in range(2)]
     for line in procs[0].stdout:
       if line.startswith("step 4/"):
         break

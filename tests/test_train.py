@@ -21,7 +21,7 @@ from lmjax.run import config as config_lib, rundir
 from lmjax.tasks import evaluators, losses
 from lmjax.train import metrics_log
 
-from conftest import REPO, tiny_config, tiny_flags
+from conftest import REPO, run_lmjax, tiny_config, tiny_flags
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
 
@@ -168,14 +168,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   run_until_line(proc, "step 25/40")
   proc.kill()  # SIGKILL: no chance to save anything
   proc.wait()
-  second = subprocess.run(
-    [sys.executable, "-m", "lmjax.cli.train", *flags],
-    cwd=REPO,
-    env=ENV,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  second = run_lmjax("train", *flags, env=ENV)
   assert second.returncode == 0, second.stdout + second.stderr
   resumed_from = int(second.stdout.split("resumed from step ")[1].split()[0])
   assert 10 <= resumed_from < 40
@@ -250,17 +243,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpu
 
 @pytest.mark.slow
 def test_unknown_override_fails_listing_valid_fields(tmp_path, corpus_file):
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lmjax.cli.train",
-      *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3"),
-    ],
-    cwd=REPO,
+  result = run_lmjax(
+    "train",
+    *tiny_flags(corpus_file, str(tmp_path), str(tmp_path / "run"), "--config.optim.lrr=3"),
     env=ENV,
-    capture_output=True,
-    text=True,
     timeout=120,
   )
   assert result.returncode != 0
