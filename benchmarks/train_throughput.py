@@ -81,10 +81,8 @@ def measure(cfg) -> dict:
     model_cfg, run.optimizer, run.schedule, 0, tc.grad_accum, run.shardings, run.batch_sharding
   )
   rng = np.random.default_rng(0)
-  batches = [
-    {k: rng.integers(0, _VOCAB, (tc.batch_size, tc.seq_len)).astype(np.int32) for k in ("inputs", "targets")}
-    for _ in range(4)
-  ]
+  spec = train.batch_spec(cfg, run.batch_sharding)
+  batches = [{k: rng.integers(0, _VOCAB, s.shape).astype(s.dtype) for k, s in spec.items()} for _ in range(4)]
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batches[0], None).compile()

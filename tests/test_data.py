@@ -7,7 +7,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lmjax.data import corpus as corpus_lib, shakespeare, text_datasets, tokenizers
+from lmjax.data import (
+  corpus as corpus_lib,
+  hf_tokenizer,
+  shakespeare,
+  text_datasets,
+  tokenizer_base,
+  tokenizers,
+)
 
 CHINESE = "什么是人工智能？"
 ODD_TEXTS = [
@@ -196,3 +203,22 @@ def test_load_corpus_tokenizes_both_splits(tmp_path):
     corpus.tokenizer.decode(corpus.train_ids) + corpus.tokenizer.decode(corpus.val_ids) == "abcabcabd" * 20
   )
   assert corpus.train_ids.dtype == np.int32
+
+
+def test_every_tokenizer_kind_implements_the_protocol_and_loads_back(bpe, tmp_path):
+  """char, byte, bpe and hf tokenizers all satisfy data.tokenizer_base.Tokenizer and come back from
+  what they save with the same ids (the hf one is a two-token byte-level BPE built from GGUF-style
+  metadata)."""
+  hf = hf_tokenizer.from_gguf_metadata(
+    [chr(c) for c in range(256)] + ["<|im_end|>"], [1] * 256 + [3], [], "gpt2", "gpt2", -1, 256, -1, ""
+  )
+  for tok in (tokenizers.CharTokenizer("abc \n"), tokenizers.ByteTokenizer(), bpe, hf):
+    assert isinstance(tok, tokenizer_base.Tokenizer), tok.kind
+    directory = tmp_path / tok.kind
+    tok.save(str(directory))
+    again = tokenizers.load(str(directory))
+    assert (again.kind, again.vocab_size, again.encode("abc a")) == (
+      tok.kind,
+      tok.vocab_size,
+      tok.encode("abc a"),
+    )

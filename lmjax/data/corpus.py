@@ -22,13 +22,14 @@ import dataclasses
 import numpy as np
 
 from lmjax.data import text_datasets, tokenizers
+from lmjax.data.tokenizer_base import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """A tokenized text corpus: the tokenizer and the int32 token streams of the train and validation splits."""
 
-  tokenizer: object
+  tokenizer: Tokenizer
   train_ids: np.ndarray  # int32 token stream of the train split
   val_ids: np.ndarray  # int32 token stream of the validation split
 

@@ -27,7 +27,14 @@ class LanguageModel:
   """A model (ModelConfig + params) with its tokenizer, for sampling and scoring: `generate` (Hugging Face's
   shape: prompt ids + continuation ids per sequence) and `generate_text` (strings in, continuations out)."""
 
-  def __init__(self, cfg: model.ModelConfig, params, tokenizer, mesh=None, rules=sharding.DEFAULT_RULES):
+  def __init__(
+    self,
+    cfg: model.ModelConfig,
+    params,
+    tokenizer: tokenizer_base.Tokenizer,
+    mesh=None,
+    rules=sharding.DEFAULT_RULES,
+  ):
     """`mesh`: shard params and KV cache over it by the logical-axis `rules` (default: one device)."""
     rows = params["embedding"].shape[0]
     if rows != tokenizer.vocab_size:

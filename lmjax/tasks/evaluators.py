@@ -18,6 +18,7 @@ import numpy as np
 from lmjax import model
 from lmjax.core import errors, files
 from lmjax.data import corpus
+from lmjax.data.tokenizer_base import Tokenizer
 from lmjax.inference import sampler
 from lmjax.tasks import generators, metrics
 from lmjax.tasks.losses import mean_pooled
@@ -137,7 +138,7 @@ class TaskScores:
   task: str
   examples: list
   model_cfg: model.ModelConfig
-  tokenizer: object
+  tokenizer: Tokenizer
   when: tuple = ("before", "after")
   every: int = 0
   filename: str = "task_eval"  # FILENAME.json / .md, one per evaluator
@@ -175,7 +176,7 @@ class Samples:
   max_new_tokens: int
   seed: int
   model_cfg: model.ModelConfig
-  tokenizer: object
+  tokenizer: Tokenizer
   when: tuple = ("after",)
   every: int = 0
   filename: str = "samples.txt"
@@ -208,7 +209,7 @@ class Perplexity:
   text: str
   seq_len: int
   model_cfg: model.ModelConfig
-  tokenizer: object
+  tokenizer: Tokenizer
   when: tuple = ("after",)
   every: int = 0
 

@@ -8,9 +8,31 @@ of masked-in tokens, as SFT batches do).
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import jax
 import jax.numpy as jnp
 import optax
+
+
+class LMBatch(TypedDict, total=False):
+  """The batch of next-token objectives (pretraining, SFT): every array [B, T], B the batch rows of
+  this process (or micro-batch), T = train.seq_len. The data layer builds it as numpy
+  (data/corpus.py `batch_at`, data/sft.py `batch_at`); the trainer places it on the mesh."""
+
+  inputs: jax.Array  # int32 token ids
+  targets: jax.Array  # int32 ids of the next tokens (inputs shifted by one)
+  mask: jax.Array  # float32, 1 on tokens that count (SFT responses and EOS); absent: all count
+
+
+class PairBatch(TypedDict):
+  """The batch of the contrastive objective (retrieval): B (query, passage) pairs, each [B, T] with
+  positions -1 on padding (tasks/finetuning.py)."""
+
+  query: jax.Array  # int32
+  query_pos: jax.Array  # int32
+  passage: jax.Array  # int32
+  passage_pos: jax.Array  # int32
 
 
 def token_loss_sum(logits_BTV, targets_BT, mask_BT=None) -> tuple[jax.Array, jax.Array]:
@@ -31,13 +53,13 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
 
 
-def lm_loss(run_model, batch) -> tuple[jax.Array, jax.Array]:
+def lm_loss(run_model, batch: LMBatch) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy (sum, token count); `run_model(tokens, **kwargs)` is the model with its
   weights bound; `batch` holds inputs/targets [B, T] and optionally a loss mask [B, T]."""
   return token_loss_sum(run_model(batch["inputs"]), batch["targets"], batch.get("mask"))
 
 
-def contrastive_loss(run_model, batch, temperature: float = 0.05) -> tuple[jax.Array, jax.Array]:
+def contrastive_loss(run_model, batch: PairBatch, temperature: float = 0.05) -> tuple[jax.Array, jax.Array]:
   """InfoNCE over in-batch negatives (query i should be closest to passage i), as (sum over the B
   queries, B). Its negatives are the whole batch, so it cannot be accumulated over micro-batches
   (config.validate refuses train.grad_accum > 1 with it). van den Oord et al. 2018, eq. 4."""

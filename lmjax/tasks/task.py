@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Callable
 
 from lmjax import model
+from lmjax.data.tokenizer_base import Tokenizer
 from lmjax.model import lora
 from lmjax.run import rundir
 from lmjax.tasks import losses
@@ -23,7 +24,7 @@ class Task:
   """What the trainer trains: model config, step-indexed batches (pure functions of the step, sliced per
   process), the loss, starting and frozen weights (LoRA), and evaluators (see the module docstring)."""
 
-  tokenizer: Any
+  tokenizer: Tokenizer
   model_cfg: model.ModelConfig
   train_batch: Callable  # (step, process_index, process_count) -> numpy batch
   val_batch: Callable  # (index, process_index, process_count) -> numpy batch

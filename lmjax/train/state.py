@@ -52,8 +52,9 @@ def setup(cfg, model_cfg: model.ModelConfig, trainable=None) -> Setup:
 
 
 def batch_spec(cfg, batch_sharding) -> dict:
-  """The abstract pretraining batch of `cfg`: inputs/targets int32 [train.batch_size, train.seq_len],
-  sharded over the batch axes (the batch layout of losses.lm_loss; SFT adds a float32 `mask`)."""
+  """The abstract global pretraining batch of `cfg` (tasks.losses.LMBatch without a mask): inputs and
+  targets int32 [train.batch_size, train.seq_len], sharded over the batch axes. Used by the dry run
+  and the throughput benchmark."""
   shape = (cfg.train.batch_size, cfg.train.seq_len)
   return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for k in ("inputs", "targets")}
 
