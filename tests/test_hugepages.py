@@ -62,6 +62,7 @@ def test_lmjax_commands_are_recognised_however_python_is_started():
     [py, "-m", "lmjax.cli.sample"],
     [py, "-u", "-X", "importtime", "-m", "lmjax.cli.train"],
     [py, "-mlmjax.cli.evaluate"],
+    [py, "-m", "lmjax.main", "--config=x"],
   ):
     assert cli._started_as_command(argv), argv
   for argv in ([py, "-m", "pytest", "tests"], [py, "-c", "import lmjax.cli"], [py, "script.py"], [py]):

@@ -52,7 +52,13 @@ def lmjax_imports(tree, top_level_only: bool) -> list:
   return found
 
 
+# Top-level modules: the commands' names before the cli layer (`python -m lmjax.main`), aliases of it.
+COMMAND_ALIASES = ("lmjax.main", "lmjax.sample", "lmjax.evaluate", "lmjax.sweep", "lmjax.scaling")
+
+
 def layer(module: str) -> int | None:
+  if module in COMMAND_ALIASES:
+    return LAYERS.index("cli")
   parts = module.split(".")
   return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
 

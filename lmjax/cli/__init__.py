@@ -16,6 +16,13 @@ import sys
 
 from lmjax.core import hugepages
 
+# The commands' modules before the cli layer (lmjax/main.py, ...): aliases of lmjax.cli.*.
+_ALIASES = ("lmjax.main", "lmjax.sample", "lmjax.evaluate", "lmjax.sweep", "lmjax.scaling")
+
+
+def _is_command_module(name: str) -> bool:
+  return name.startswith("lmjax.cli.") or name in _ALIASES
+
 
 def _started_as_command(orig_argv) -> bool:
   """Whether the interpreter's command line (`sys.orig_argv`) runs an lmjax command (`lmjax-*`, or
@@ -24,9 +31,9 @@ def _started_as_command(orig_argv) -> bool:
   while args:
     arg = args.pop(0)
     if arg == "-m":
-      return bool(args) and args[0].startswith("lmjax.cli.")
+      return bool(args) and _is_command_module(args[0])
     if arg.startswith("-m"):
-      return arg[2:].startswith("lmjax.cli.")
+      return _is_command_module(arg[2:])
     if arg == "-c":
       return False
     if arg in ("-X", "-W"):  # options that take a value
