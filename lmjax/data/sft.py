@@ -121,7 +121,9 @@ def tokenize(examples, tokenizer, seq_len: int) -> SFTData:
 def batch_at(
   sft: SFTData, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> dict:
-  """Rows for `step`: epochs of a seeded permutation, a pure function of (seed, step)."""
+  """This process's rows for `step` as {inputs, targets: int32 [B, T], mask: float32 [B, T]} with
+  B = batch_size / process_count and T = seq_len: epochs of a seeded permutation of the examples, a
+  pure function of (seed, step). batch_size must divide by process_count (preflight checks it)."""
   n = len(sft.tokens)
   flat = np.arange(step * batch_size, (step + 1) * batch_size)
   epochs = flat // n

@@ -158,7 +158,10 @@ def prefill(
 def decode_step(
   cfg: model.ModelConfig, params, state: DecodeState, sampling: SamplingConfig, eos_id: int, pad_id: int
 ) -> DecodeState:
-  """Feeds the last token (position = one past the row's previous) and picks the next one."""
+  """One decode step for all B rows: feeds last_token_B at one past each row's last cache position,
+  writes its keys/values into the cache, picks the next token (greedy or sampled by `sampling`),
+  and records it and its log-probability at column `step` of tokens_BN / logprobs_BN. Rows already
+  done emit `pad_id`; a row emitting `eos_id` is done."""
   positions_B1 = jnp.max(state.cache["pos"], axis=1, keepdims=True) + 1
   logits_B1V, cache = model.Transformer(cfg).apply(
     {"params": params}, state.last_token_B[:, None], positions_BT=positions_B1, cache=state.cache

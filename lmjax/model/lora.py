@@ -29,7 +29,9 @@ def _targets(names) -> set:
 
 
 def lora_init(params, targets, rank: int, rng) -> dict:
-  """Adapters for every targeted weight: A ~ N(0, 1/in), B = 0 (so the model starts unchanged)."""
+  """Adapters for every targeted weight W [(layers,) in..., out...]: A [(layers,) in, rank] ~ N(0, 1/in)
+  and B [(layers,) rank, out] = 0, fp32 (so the model starts unchanged). `targets` are names of
+  LORA_TARGETS. Raises ValueError for an unknown target or when nothing matches."""
   wanted, flat, lora = _targets(targets), traverse_util.flatten_dict(params), {}
   for path, w in flat.items():
     if path[-1] not in wanted:
@@ -48,7 +50,8 @@ def lora_init(params, targets, rank: int, rng) -> dict:
 
 
 def merge(params, lora, scale: float):
-  """params with W + scale * A @ B for each adapted weight (the others untouched)."""
+  """`params` with W + scale * A @ B (reshaped to W's shape, cast to W's dtype) for each adapted weight;
+  the others untouched. Used in the forward pass of LoRA training and to load or export a LoRA run."""
   flat, adapters = traverse_util.flatten_dict(params), traverse_util.flatten_dict(lora)
   for path, a in adapters.items():
     if path[-1] == "a":

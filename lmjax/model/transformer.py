@@ -130,6 +130,7 @@ def boxed_param_shapes(cfg: ModelConfig):
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, batch_size: int = 1, seq_len: int | None = None):
-  """Initialised parameters (logically partitioned boxes removed)."""
+  """Initialised parameters (logically partitioned boxes removed). `batch_size` and `seq_len` only shape
+  the dummy input of flax's init (parameters do not depend on them; seq_len defaults to min(max_len, 8))."""
   tokens = jnp.zeros((batch_size, seq_len or min(cfg.max_len, 8)), jnp.int32)
   return nn.unbox(Transformer(cfg).init(rng, tokens)["params"])

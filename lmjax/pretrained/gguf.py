@@ -220,7 +220,10 @@ def read_params(reader, cfg: model.ModelConfig) -> dict:
 
 
 def load(path: str):
-  """(ModelConfig, params, tokenizer) from a GGUF file."""
+  """(ModelConfig, fp32 numpy params with scanned layers, tokenizer) from a Llama-architecture GGUF file.
+
+  Raises ValueError for metadata that would change the outputs (named), a tensor type the gguf package
+  cannot dequantize, or tensors lmjax would not use."""
   from gguf import GGUFReader
 
   reader = GGUFReader(path)

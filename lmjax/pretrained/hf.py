@@ -244,7 +244,10 @@ _IMPORTERS = {"LlamaForCausalLM": _llama, "MistralForCausalLM": _llama, "GPT2LMH
 
 
 def load(directory: str):
-  """(ModelConfig with scanned layers, fp32 numpy params) from a Hugging Face model directory."""
+  """(ModelConfig with scanned layers, fp32 numpy params) from a Hugging Face model directory.
+
+  Raises ValueError for an unsupported architecture, a config.json field that would change the outputs
+  and that lmjax cannot express, or a missing tensor (each named)."""
   with open(os.path.join(directory, "config.json")) as f:
     config = json.load(f)
   architecture = (config.get("architectures") or ["?"])[0]

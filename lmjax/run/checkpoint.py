@@ -86,7 +86,8 @@ def fingerprint(params) -> str:
 
 
 def load_params(step_dir: str):
-  """The params of one saved step (`<workdir>/checkpoints/<step>`), for inference."""
+  """The params of one saved step (`<workdir>/checkpoints/<step>`), for inference: restored without the
+  optimizer state onto the default device. Raises FileNotFoundError when the step holds no state."""
   if not os.path.isdir(os.path.join(step_dir, "default")):
     raise FileNotFoundError(
       f"{step_dir} is not an lmjax checkpoint step directory (no 'default' item inside); "

@@ -25,7 +25,11 @@ from lmjax.tasks.losses import mean_pooled
 
 
 def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int = 32) -> list:
-  """Greedy continuations of `prompts`, decoded."""
+  """Greedy continuations (strings, without the prompt) of `prompts`, `batch_size` at a time.
+
+  A prompt longer than the context leaves for `max_new_tokens` keeps its end (as training cuts from
+  the left). Raises ValueError when `max_new_tokens` leaves no room for any prompt (>= cfg.max_len).
+  """
   answers, room = [], cfg.max_len - max_new_tokens  # prompts too long keep their end, as in training
   if room < 1:
     raise ValueError(
@@ -47,7 +51,8 @@ def answer(cfg, params, tokenizer, prompts, max_new_tokens: int, batch_size: int
 
 
 def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
-  """Scores greedy answers to the examples' prompts against their responses."""
+  """The task's metrics (generators.score: percentages, 0-100) of greedy answers to the examples'
+  prompts against their responses, with the example count and the first prediction and reference."""
   longest = max(len(tokenizer.encode(e.response)) for e in examples)
   predictions = answer(cfg, params, tokenizer, [e.prompt for e in examples], longest + 2)
   return {
@@ -80,7 +85,8 @@ def _logits(cfg: model.ModelConfig, params, tokens_BT):
 
 
 def evaluate_search(cfg, params, tokenizer, count: int = 32, seed: int = generators.EVAL_SEED) -> dict:
-  """recall@1/5 and MRR of retrieving each query's paraphrased passage by cosine similarity."""
+  """recall@1, recall@5 and MRR (percentages, 0-100) of retrieving each of `count` queries' paraphrased
+  passage among all passages by cosine similarity of mean-pooled embeddings (metrics.retrieval_scores)."""
   passages, queries, relevant = generators.search_set(count, seed)
   similarity = embed(cfg, params, tokenizer, queries) @ embed(cfg, params, tokenizer, passages).T
   return {k: 100 * v for k, v in metrics.retrieval_scores(similarity, relevant).items()}

@@ -173,7 +173,9 @@ def examples(task: str, count: int, seed: int) -> list:
 
 
 def score(task: str, predictions: list, references: list) -> dict:
-  """The task's metrics for greedy answers (first line, stripped) against the references."""
+  """The task's metrics, as percentages (0-100), of greedy answers (first line, stripped) against the
+  references: qa -> exact_match, token_f1; summarize -> rouge_l; translate -> chrf, exact_match.
+  Raises ValueError for a task without a metric."""
   preds = [p.strip().split("\n")[0].strip() for p in predictions]
   refs = [r.strip() for r in references]
   if task == "qa":
