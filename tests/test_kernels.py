@@ -146,3 +146,27 @@ def test_unknown_kernels_and_unsupported_options_are_refused():
     M.Transformer(cfg).apply(
       {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)}
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla_cpu", "xla"])
+def test_every_kernel_lowers_for_gpu_and_tpu_from_this_host(impl):
+  """jax.export of a bf16-matmul training gradient for cuda and tpu: the XLA:CPU layout pins are
+  chosen per lowering platform, so nothing CPU-only reaches an accelerator's program."""
+  cfg = M.ModelConfig(
+    vocab_size=64,
+    max_len=128,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=128,
+    attention_impl=impl,
+    matmul_impl=impl,
+    matmul_dtype="bfloat16",
+  )
+  params = M.init_params(cfg, jax.random.key(0))
+  grad = jax.jit(jax.grad(lambda p, t: M.Transformer(cfg).apply({"params": p}, t).mean()))
+  for platform in ("cuda", "tpu"):
+    exported = jax.export.export(grad, platforms=[platform])(params, jnp.zeros((2, 128), jnp.int32))
+    assert exported.platforms == (platform,)

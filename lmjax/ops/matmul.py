@@ -38,14 +38,21 @@ def matmul(x_MK, w, operand_dtype, w_is_NK: bool = False, impl: str = "xla_cpu")
 
 
 def _needs_row_major(operand_dtype) -> bool:
-  """Whether dots with these operands must see plain row-major [.., M, K] @ [.., K, N].
+  """Whether dots with these operands must see plain row-major [.., M, K] @ [.., K, N] on XLA:CPU.
 
   XLA:CPU's bf16 matmul kernels (YNNPACK) take only that form; a dot with a
   transposed bf16 operand is upcast to fp32 and runs at the fp32 rate (measured:
   [4096,384] @ [1152,384]^T 18 ms, 10 ms after a row-major copy). fp32 dots, GPUs
-  and TPUs read transposed operands natively.
+  and TPUs read transposed operands natively, so the layout pins below apply to the CPU
+  lowering only (`jax.lax.platform_dependent`: decided per lowering platform, not by the host's
+  default backend, so code traced on a CPU host still lowers cleanly for cuda and tpu).
   """
-  return jax.default_backend() == "cpu" and jnp.dtype(operand_dtype) != jnp.float32
+  return jnp.dtype(operand_dtype) != jnp.float32
+
+
+def _on_cpu(pinned, plain, x) -> jax.Array:
+  """`pinned(x)` where the computation is lowered for CPU, `plain(x)` for any other platform."""
+  return jax.lax.platform_dependent(x, cpu=pinned, default=plain)
 
 
 def swap_minor(a) -> jax.Array:
@@ -56,7 +63,10 @@ def swap_minor(a) -> jax.Array:
   perm = (*range(a.ndim - 2), a.ndim - 1, a.ndim - 2)
   if not _needs_row_major(a.dtype):
     return a.transpose(perm)
-  return with_layout_constraint(a.transpose(perm), Layout(major_to_minor=tuple(range(a.ndim))))
+  row_major = Layout(major_to_minor=tuple(range(a.ndim)))
+  return _on_cpu(
+    lambda x: with_layout_constraint(x.transpose(perm), row_major), lambda x: x.transpose(perm), a
+  )
 
 
 def swap_minor_of_product(y, operand_dtype) -> jax.Array:
@@ -68,7 +78,8 @@ def swap_minor_of_product(y, operand_dtype) -> jax.Array:
   """
   n = y.ndim
   if _needs_row_major(operand_dtype):
-    y = with_layout_constraint(y, Layout(major_to_minor=(*range(n - 2), n - 1, n - 2)))
+    column_major = Layout(major_to_minor=(*range(n - 2), n - 1, n - 2))
+    y = _on_cpu(lambda x: with_layout_constraint(x, column_major), lambda x: x, y)
   return jnp.swapaxes(y, -1, -2)
 
 
