@@ -93,13 +93,13 @@ def train(cfg, workdir: str) -> dict:
 def _train(cfg, workdir: str, primary: bool) -> dict:
   saved_cfg = preflight.check_resume(cfg, workdir)
   tc = cfg.train
-  preflight.mesh_for(cfg)  # a mesh that does not fit fails before any data is read
+  mesh = preflight.mesh_for(cfg)  # a mesh that does not fit fails before any data is read
   task = tasks.prepare(cfg, workdir)
   preflight.check_sizes(cfg, task)
   model_cfg = task.model_cfg
   lora = task.lora_scale is not None
-  run = state_lib.setup(cfg, model_cfg, trainable=task.initial if lora else None)
-  mesh, batch_sh, shardings = run.mesh, run.batch_sharding, run.shardings
+  run = state_lib.setup(cfg, model_cfg, trainable=task.initial if lora else None, mesh=mesh)
+  batch_sh, shardings = run.batch_sharding, run.shardings
   frozen, frozen_sh = None, None
   if task.frozen is not None:  # the frozen base shards like model params
     frozen_sh = sharding.logical_shardings(model.boxed_param_shapes(model_cfg), mesh, cfg.mesh.rules)

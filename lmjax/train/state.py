@@ -42,10 +42,11 @@ class Setup:
   shardings: TrainState
 
 
-def setup(cfg, model_cfg: model.ModelConfig, trainable=None) -> Setup:
+def setup(cfg, model_cfg: model.ModelConfig, trainable=None, mesh=None) -> Setup:
   """The setup of config `cfg` for `model_cfg`; `trainable`: a trainable tree other than the model's
-  params (LoRA adapters). Raises errors.ConfigError when the mesh does not fit the devices or batch."""
-  mesh = mesh_for(cfg)
+  params (LoRA adapters); `mesh`: the one `preflight.mesh_for(cfg)` built already, if any. Raises
+  errors.ConfigError when the mesh does not fit the devices or batch."""
+  mesh = mesh if mesh is not None else mesh_for(cfg)
   optimizer, schedule = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
   abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules, trainable)
   return Setup(mesh, sharding.batch_sharding(mesh, cfg.mesh.rules), optimizer, schedule, abstract, shardings)
