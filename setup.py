@@ -34,13 +34,16 @@ setup(
     "safetensors",  # Hugging Face checkpoints
     "sacrebleu",  # chrF for translation
     "rouge-score",  # ROUGE-L for summarization
+    "grain",  # background prefetch of training batches
+    "pyarrow",  # Parquet sources
+    "tqdm",  # preparation progress
   ],
   # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
   # formatter's output is what the check compares against
   extras_require={"test": ["pytest", "hypothesis", "ruff==0.17.6"]},
   entry_points={
     "console_scripts": [
-      f"lmjax-{name}=lmjax.cli.{name}:run" for name in ("train", "sample", "evaluate", "sweep", "scaling")
+      f"lmjax-{name}=lmjax.cli.{name}:run" for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling")
     ]
   },
 )

@@ -53,7 +53,14 @@ def lmjax_imports(tree, top_level_only: bool) -> list:
 
 
 # Top-level modules: the commands' names before the cli layer (`python -m lmjax.main`), aliases of it.
-COMMAND_ALIASES = ("lmjax.main", "lmjax.sample", "lmjax.evaluate", "lmjax.sweep", "lmjax.scaling")
+COMMAND_ALIASES = (
+  "lmjax.main",
+  "lmjax.prepare",
+  "lmjax.sample",
+  "lmjax.evaluate",
+  "lmjax.sweep",
+  "lmjax.scaling",
+)
 
 
 def layer(module: str) -> int | None:

@@ -27,14 +27,14 @@ class WorkdirInUse(errors.UserError):
   """Another live process holds the workdir's lock."""
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` (UTF-8) to `path` via a uniquely named temporary file in the same directory
-  and one `os.replace`, so readers and concurrent writers never see a partial file."""
+def write_atomic(path: str, text: str | bytes) -> None:
+  """Writes `text` (str as UTF-8, or bytes) to `path` via a uniquely named temporary file in the same
+  directory and one `os.replace`, so readers and concurrent writers never see a partial file."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(text.encode("utf-8") if isinstance(text, str) else text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -11,6 +11,8 @@ import os
 import re
 import threading
 
+import numpy as np
+
 from lmjax.core import errors, files
 from lmjax.data.tokenizer_base import ChatText, write_spec
 
@@ -59,6 +61,14 @@ class HFTokenizer:
         return encoding.ids
       return [i for part, markup in text.parts for i in self.encode(part, special_tokens=markup)]
     return self._encoding(text, special_tokens).ids
+
+  def encode_batch(self, texts) -> list:
+    """`encode` of each text as int32 arrays, in parallel (the `tokenizers` library's Rust threads;
+    corpus preparation). Control-token strings are text, as in `encode`."""
+    with self._lock:
+      self._tok.encode_special_tokens = True
+      encodings = self._tok.encode_batch_fast([str(t) for t in texts], add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
 
   def _encoding(self, text: str, special_tokens: bool):
     with self._lock:  # encode_special_tokens is state on the shared Rust tokenizer

@@ -26,6 +26,8 @@ import io
 import json
 import os
 
+import numpy as np
+
 from lmjax.data import hf_tokenizer
 from lmjax.data.tokenizer_base import SPEC_FILE, join_runs, write_spec
 
@@ -46,6 +48,9 @@ class CharTokenizer:
     if not self.chars:
       raise ValueError("cannot build a char tokenizer from an empty text")
     self._index = {c: i for i, c in enumerate(self.chars)}
+    codepoints = np.array([ord(c) for c in self.chars], np.int64)
+    self._table = np.full(codepoints.max() + 1, -1, np.int32)  # code point -> id, -1 outside
+    self._table[codepoints] = np.arange(len(codepoints), dtype=np.int32)
 
   @property
   def vocab_size(self) -> int:
@@ -60,6 +65,17 @@ class CharTokenizer:
         f"characters {unknown!r} are not in this char tokenizer's vocabulary (built from the "
         "training text); use data.tokenizer='byte' or 'bpe' for open text"
       ) from None
+
+  def encode_batch(self, texts) -> list:
+    """`encode` of each text as int32 arrays, vectorised (a code point table; ~100 MB/s a core)."""
+    out = []
+    for text in texts:
+      codepoints = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+      ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
+      if (ids < 0).any() or (codepoints >= len(self._table)).any():
+        self.encode(text)  # raises, naming the unknown characters
+      out.append(ids)
+    return out
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     del skip_special_tokens  # a char vocabulary has no special tokens
@@ -78,6 +94,10 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list:
     return list(text.encode("utf-8"))
+
+  def encode_batch(self, texts) -> list:
+    """`encode` of each text as int32 arrays (the UTF-8 bytes, vectorised)."""
+    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}
@@ -159,6 +179,17 @@ class BPETokenizer:
     for part in parts[1:]:
       ids += mark + self._sp.encode(part)
     return ids
+
+  def encode_batch(self, texts) -> list:
+    """`encode` of each text as int32 arrays; SentencePiece encodes the batch on all cores."""
+    plain = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]
+    out = [None] * len(texts)
+    encoded = self._sp.encode([texts[i] for i in plain], num_threads=os.cpu_count() or 1)
+    for i, ids in zip(plain, encoded):
+      out[i] = np.asarray(ids, np.int32)
+    for i in set(range(len(texts))) - set(plain):
+      out[i] = np.asarray(self.encode(texts[i]), np.int32)
+    return out
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     special = {self.bos_id, self.eos_id, self.pad_id} - {-1}

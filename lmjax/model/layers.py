@@ -136,7 +136,7 @@ class Attention(nn.Module):
   causal: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, q_pos_BT, k_pos_BS, layer_cache=None, cache_end=None):
+  def __call__(self, x_BTD, q_pos_BT, k_pos_BS, layer_cache=None, cache_end=None, segment_ids_BT=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -182,6 +182,7 @@ class Attention(nn.Module):
       dropout=Dropout(cfg.attn_dropout, deterministic=self.deterministic),
       operand_dtype=jnp.dtype(cfg.matmul_dtype or cfg.dtype),
       impl=cfg.attention_impl,
+      segment_ids_BT=segment_ids_BT,
     )
 
     wo_NHD = make_param(self, "wo", (N, H, D), ("heads", "kv", "embed"), out_std)
@@ -231,10 +232,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, layer_cache, attn_inputs):
-    q_pos_BT, k_pos_BS, cache_end = attn_inputs
+    q_pos_BT, k_pos_BS, cache_end, segment_ids_BT = attn_inputs
     drop = Dropout(self.cfg.dropout, deterministic=self.deterministic)
     h_BTD, new_cache = Attention(self.cfg, self.deterministic, self.causal, name="attn")(
-      Norm(self.cfg, name="attn_norm")(x_BTD), q_pos_BT, k_pos_BS, layer_cache, cache_end
+      Norm(self.cfg, name="attn_norm")(x_BTD), q_pos_BT, k_pos_BS, layer_cache, cache_end, segment_ids_BT
     )
     x_BTD = x_BTD + drop(h_BTD)
     x_BTD = x_BTD + drop(MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BTD)))

@@ -26,20 +26,31 @@ class Transformer(nn.Module):
   `apply({'params': p}, tokens_BT)` returns logits_BTV (`return_hidden=True`: the final hidden
   states x_BTD instead). Given
   `cache=init_cache(...)`-shaped state it returns `(logits_BTV, new_cache)`;
-  positions default to 0..T-1 (or continue after the cache's filled slots).
+  positions default to 0..T-1 (or continue after the cache's filled slots). `segment_ids_BT`
+  (packed documents, no cache): tokens attend only within their segment, causally in row order,
+  while `positions_BT` (restarting at 0 per document) drive the position encodings.
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(
-    self, tokens_BT, positions_BT=None, cache=None, deterministic: bool = True, return_hidden: bool = False
+    self,
+    tokens_BT,
+    positions_BT=None,
+    cache=None,
+    deterministic: bool = True,
+    return_hidden: bool = False,
+    segment_ids_BT=None,
   ):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     start = 0 if cache is None else cache["end"]
-    # Default positions and no cache: plain causal self-attention (the kernel may skip masked blocks).
-    causal = positions_BT is None and cache is None
+    if segment_ids_BT is not None and cache is not None:
+      raise ValueError("segment_ids (packed documents) are for training and scoring, not a KV cache")
+    # Default positions (or packed segments) and no cache: causal self-attention in row order (the
+    # kernel may skip masked blocks).
+    causal = (positions_BT is None or segment_ids_BT is not None) and cache is None
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     if cache is None:
@@ -66,7 +77,7 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    attn_inputs = (positions_BT, k_pos_BS, start)
+    attn_inputs = (positions_BT, k_pos_BS, start, segment_ids_BT)
     if cfg.scan_layers:
       blocks = nn.scan(
         block,

@@ -12,7 +12,10 @@ it); accelerator kernels (cuDNN flash attention, TPU splash attention) are furth
 `ATTENTION_IMPLS` and need nothing changed in the model. The mask is described, not materialised:
 `causal=True` means plain causal self-attention over positions 0..T-1 (the positions are then not
 read); otherwise a key at position k is visible to a query at q iff k >= 0 and 0 <= q - k (and
-q - k < window with a sliding window). Position -1 marks padding.
+q - k < window with a sliding window). Position -1 marks padding. With `segment_ids` (packed
+documents, self-attention only) a key is also visible only to queries of its own segment, so
+attention never crosses a document boundary; with `causal=True` the positions then restart per
+document (position encodings) while the causal rule stays the row's index order.
 """
 
 from __future__ import annotations
@@ -44,20 +47,30 @@ def attention(
   dropout=None,
   operand_dtype=jnp.float32,
   impl: str = "xla_cpu",
+  segment_ids_BT=None,
 ) -> jax.Array:
   """softmax(q k^T / sqrt(H) + mask) v with grouped KV heads (K divides N) -> [B, T, N, H] in q's dtype.
 
   `dropout`: None or a flax Dropout module applied to the attention probabilities (a mask of
   ones in, the scaled keep mask out). `operand_dtype`: the dtype of the matmul operands (softmax
   and accumulation are fp32). Raises ValueError for an unknown `impl` and for dropout with an
-  implementation that has none. Vaswani et al. 2017, eq. 1; GQA: Ainslie et al. 2023.
+  implementation that has none. `segment_ids_BT`: None or int [B, T] document ids of packed
+  rows (self-attention: S == T); queries see only keys of their own segment. Vaswani et al. 2017,
+  eq. 1; GQA: Ainslie et al. 2023; document masking as in MaxText's packed `segment_ids`.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(
       f"model.attention_impl={impl!r} is not supported; allowed values: {sorted(ATTENTION_IMPLS)}"
     )
+  if segment_ids_BT is not None and (
+    segment_ids_BT.shape != q_BTNH.shape[:2] or k_BSKH.shape[1] != q_BTNH.shape[1]
+  ):
+    raise ValueError(
+      f"segment_ids {segment_ids_BT.shape} must be [B, T] = {q_BTNH.shape[:2]} of self-attention "
+      f"(keys: {k_BSKH.shape[1]}); packed rows cannot attend over a KV cache"
+    )
   return ATTENTION_IMPLS[impl](
-    q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype
+    q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT
   )
 
 
@@ -71,6 +84,7 @@ def _blocked(
   window,
   dropout,
   operand_dtype,
+  segment_ids_BT=None,
   blocks: int | None = None,
 ):
   """The xla_cpu implementation (see the module docstring); `blocks`: query blocks of the causal
@@ -90,13 +104,23 @@ def _blocked(
     size = T // n
     q_blocks = jnp.split(q_BKGTH, n, axis=3)
     k_blocks, v_blocks = jnp.split(k_BKSH, n, axis=2), jnp.split(v_BKSH, n, axis=2)
+
+    def block_visible(i):
+      visible_TS = _visible(
+        np.arange(i * size, (i + 1) * size)[:, None], np.arange((i + 1) * size)[None, :], window
+      )
+      if segment_ids_BT is None:
+        return visible_TS
+      q_seg, k_seg = segment_ids_BT[:, i * size : (i + 1) * size], segment_ids_BT[:, : (i + 1) * size]
+      return (visible_TS[None] & (q_seg[:, :, None] == k_seg[:, None, :]))[:, None, None]
+
     out_BKGTH = jnp.concatenate(
       [
         _attend(
           q_blocks[i],
           jnp.concatenate(k_blocks[: i + 1], axis=2),
           jnp.concatenate(v_blocks[: i + 1], axis=2),
-          _visible(np.arange(i * size, (i + 1) * size)[:, None], np.arange((i + 1) * size)[None, :], window),
+          block_visible(i),
           dropout,
           operand_dtype,
         )
@@ -105,12 +129,14 @@ def _blocked(
       axis=3,
     )
   else:
-    visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window)
+    visible_BTS = _position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT)
     out_BKGTH = _attend(q_BKGTH, k_BKSH, v_BKSH, visible_BTS[:, None, None], dropout, operand_dtype)
   return out_BKGTH.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _reference(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype):
+def _reference(
+  q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT=None
+):
   """The xla implementation: jax.nn.dot_product_attention with the mask materialised."""
   if dropout is not None and not dropout.deterministic and dropout.rate > 0:
     raise ValueError(
@@ -120,7 +146,7 @@ def _reference(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropo
   if causal:
     T = q_BTNH.shape[1]
     q_pos_BT = k_pos_BS = jnp.arange(T, dtype=jnp.int32)[None]
-  visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window)
+  visible_BTS = _position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT)
   out_BTNH = jax.nn.dot_product_attention(
     *(x.astype(operand_dtype) for x in (q_BTNH, k_BSKH, v_BSKH)),
     mask=visible_BTS[:, None],
@@ -139,6 +165,14 @@ def causal_query_blocks(seq_len: int) -> int:
   while blocks > 1 and seq_len % blocks:
     blocks -= 1
   return max(blocks, 1)
+
+
+def _position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT):
+  """[B, T, S] visibility from positions (padding -1, causal, window) and, if given, segments."""
+  visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window)
+  if segment_ids_BT is not None:
+    visible_BTS = visible_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  return visible_BTS
 
 
 def _visible(q_pos, k_pos, window: int | None):

@@ -27,14 +27,22 @@ def base_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
   cfg.data = dict(
-    dataset="shakespeare",  # 'shakespeare', 'text_files', or a TFDS catalog name
+    dataset="shakespeare",  # 'shakespeare', 'text_files', or a TFDS catalog name (when sources='')
     text_files="",  # for text_files: a path, a glob, or a comma-separated list
     val_file="",  # optional separate validation file
-    val_fraction=0.1,  # contiguous tail held out for validation
-    text_key="text",  # text feature of a TFDS catalog dataset
-    data_dir="",  # prepared-dataset cache; '' = ~/tensorflow_datasets
+    val_fraction=0.1,  # tail of each source held out for validation
+    # A mixture: 'spec=weight;spec=weight' with specs text:PATHS, jsonl:PATHS, parquet:PATHS,
+    # tfds:NAME, shakespeare (data/sources.py); '' = the one source data.dataset names
+    sources="",
+    text_key="text",  # the text field of JSONL/Parquet records and TFDS features
+    errors="strict",  # non-UTF-8 input: 'strict' stops with file and byte offset, 'replace' writes U+FFFD
+    filters="",  # document filters, e.g. 'min_chars:200' (data/filters.py)
+    packing=False,  # rows of packed documents with segment_ids and per-document positions
+    data_dir="",  # TFDS downloads; '' = ~/tensorflow_datasets
+    store_dir="",  # token stores; '' = <data_dir>/lmjax_stores, or ~/.cache/lmjax/stores
     tokenizer="char",  # 'char', 'byte' or 'bpe'
     vocab_size=config_dict.placeholder(int),  # for bpe (None: unset)
+    tokenizer_sample_mb=32,  # bpe is fitted on at most this much of the train text
   )
   cfg.model = {
     f.name: f.default for f in dataclasses.fields(model.ModelConfig) if f.name not in DERIVED_MODEL_FIELDS
@@ -205,6 +213,7 @@ RESUMABLE_FIELDS = frozenset(
     "reference.val_loss",
     "reference.source",
     "data.data_dir",
+    "data.store_dir",
     # how the same step is computed: micro-batches (accumulation is exact), rematerialisation, kernels
     "train.grad_accum",
     "model.remat",
@@ -309,6 +318,7 @@ def _check_choices(cfg) -> None:
   are checked by preflight.check_finetune_options, above this layer)."""
   choices = [
     ("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe")),
+    ("data.errors", cfg.data.errors, ("strict", "replace")),
     ("finetune.mode", cfg.finetune.mode, ("full", "lora")),
   ]
   for field, value, allowed in choices:

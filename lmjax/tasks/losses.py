@@ -23,6 +23,8 @@ class LMBatch(TypedDict, total=False):
   inputs: jax.Array  # int32 token ids
   targets: jax.Array  # int32 ids of the next tokens (inputs shifted by one)
   mask: jax.Array  # float32, 1 on tokens that count (SFT responses and EOS); absent: all count
+  positions: jax.Array  # int32 position of each token in its document (packed rows)
+  segment_ids: jax.Array  # int32 document of each token (packed rows): attention stays inside one
 
 
 class PairBatch(TypedDict):
@@ -55,8 +57,12 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None) -> jax.Array:
 
 def lm_loss(run_model, batch: LMBatch) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy (sum, token count); `run_model(tokens, **kwargs)` is the model with its
-  weights bound; `batch` holds inputs/targets [B, T] and optionally a loss mask [B, T]."""
-  return token_loss_sum(run_model(batch["inputs"]), batch["targets"], batch.get("mask"))
+  weights bound; `batch` holds inputs/targets [B, T] and optionally a loss mask [B, T] and, for
+  packed documents, positions and segment_ids [B, T]."""
+  packed = {}
+  if "segment_ids" in batch:
+    packed = {"positions_BT": batch["positions"], "segment_ids_BT": batch["segment_ids"]}
+  return token_loss_sum(run_model(batch["inputs"], **packed), batch["targets"], batch.get("mask"))
 
 
 def contrastive_loss(run_model, batch: PairBatch, temperature: float = 0.05) -> tuple[jax.Array, jax.Array]:

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from lmjax import model, tasks
 from lmjax.core import files, sharding
+from lmjax.data import loader
 from lmjax.run import config as config_lib, rundir
 from lmjax.tasks import evaluators
 from lmjax.train import (
@@ -129,9 +130,11 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   )
   eval_step = step_lib.make_eval_step(model_cfg, shardings.params, batch_sh, **step_args)
 
-  def global_batch(make, index):
-    local = make(index, jax.process_index(), jax.process_count())
+  def place(local):  # this process's rows -> the global batch on the mesh
     return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+  def global_batch(make, index):
+    return place(make(index, jax.process_index(), jax.process_count()))
 
   def evaluate(params) -> float:  # token-weighted over all eval batches, like one big batch
     sums = jax.device_get(
@@ -168,6 +171,10 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         "optim.lr, raise optim.warmup_steps, tighten optim.grad_clip, or use dtype='float32'."
       )
 
+  # Batches are made ahead on background threads (Grain), so the step never waits on data.
+  train_batches = loader.prefetch(
+    task.train_batch, start_step, tc.steps, jax.process_index(), jax.process_count()
+  )
   stop = _StopRequest()
   metrics, last_saved, stopping = {}, start_step, None
   window_start, window_steps = time.perf_counter(), 0
@@ -180,7 +187,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
           ckpt.save(step, state)
         ckpt.wait()
         raise Interrupted(stopping, step)
-      state, step_metrics = train_step(state, global_batch(task.train_batch, step), frozen)
+      state, step_metrics = train_step(state, place(next(train_batches)), frozen)
       window_steps += 1
       if step == start_step:  # keep compilation out of the throughput numbers
         jax.block_until_ready(state)

@@ -67,6 +67,7 @@ def check_fields_used(cfg) -> None:
       for k in ("train_file", "val_file")
       if cfg.finetune.task
     ]
+    rules.append(("data.packing", "packing is for pretraining; fine-tuning rows are one example each"))
     rules += [
       (f"finetune.{k}", "finetune.mode is not 'lora'")
       for k in ("lora_rank", "lora_alpha", "lora_targets")
@@ -75,14 +76,17 @@ def check_fields_used(cfg) -> None:
   else:
     why = "only fine-tuning reads it (set finetune.task or finetune.train_file)"
     rules = [(f"init.{k}", why) for k in cfg.init] + [(f"finetune.{k}", why) for k in cfg.finetune]
-    if data.dataset != "text_files":
+    if data.sources:
+      why = "data.sources is set: it names the sources"
+      rules += [(f"data.{k}", why) for k in ("dataset", "text_files", "val_file")]
+    elif data.dataset != "text_files":
       rules += [
         (f"data.{k}", "data.dataset is not 'text_files'") for k in ("text_files", "val_file", "val_fraction")
       ]
     elif data.val_file:
       rules.append(("data.val_fraction", "data.val_file is set: it is the validation split"))
-    if data.dataset in ("shakespeare", "text_files"):
-      rules.append(("data.text_key", "only TFDS catalog datasets have a text feature to choose"))
+    if not data.sources and data.dataset in ("shakespeare", "text_files"):
+      rules.append(("data.text_key", "only JSONL, Parquet and TFDS sources have a text field to choose"))
     if data.tokenizer != "bpe":
       rules.append(("data.vocab_size", "only data.tokenizer='bpe' has a vocabulary size to choose"))
   unused = [

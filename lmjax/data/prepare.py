@@ -1,0 +1,264 @@
+"""Preparation: sources -> filter -> tokenize -> token store (store.py), once per (sources, tokenizer).
+
+`ensure(data_cfg)` returns the store for a data config, preparing it first when it does not exist
+(training calls it; `lmjax-prepare` runs it alone). A store's directory is named by a digest of the
+sources' fingerprints, the tokenizer settings and the filters, so changed sources prepare a new store.
+
+How: each source's pieces (sources.py) pass the filters (filters.py), are tokenized in batches of
+~`BATCH_BYTES` with the tokenizer's `encode_batch` (vectorised numpy for char/byte; SentencePiece's
+and the `tokenizers` library's own threads for BPE), get the EOS between documents, and are
+written in shards of `SHARD_TOKENS`. Memory stays at a few batches and one shard whatever the
+corpus size. A fitted tokenizer (char, bpe) is fitted first: char on the characters of the whole
+train split (a cheap pass), BPE on a bounded sample (`data.tokenizer_sample_mb`).
+
+Nothing partial is ever taken for a store: preparation writes into `<store>.partial/`, the manifest
+last, then renames the directory into place. An error (bad input, a full disk) removes the partial
+directory; an interruption (Ctrl-C, a kill) keeps its finished shards, each with a sidecar that says
+which pieces it holds, and the next preparation resumes after them. Preparing twice gives
+byte-identical stores (no timestamps; deterministic order).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from lmjax.core import errors, files
+from lmjax.data import filters as filters_lib, sources as sources_lib, store as store_lib, tokenizers
+
+BATCH_BYTES = 4 << 20
+SHARD_TOKENS = 16 << 20
+DEFAULT_ROOT = os.path.join("~", ".cache", "lmjax", "stores")
+
+
+def source_list(data_cfg) -> list:
+  """[(Source, weight)] from `data.sources` ("spec=weight;spec=weight", weights default 1) or, when
+  that is empty, from `data.dataset` (shakespeare, text_files, or a TFDS catalog name)."""
+  specs = [s.strip() for s in (data_cfg.get("sources") or "").split(";") if s.strip()]
+  if not specs:
+    dataset = data_cfg.dataset
+    specs = [
+      "shakespeare"
+      if dataset == "shakespeare"
+      else f"text:{data_cfg.text_files}"
+      if dataset == "text_files"
+      else f"tfds:{dataset}"
+    ]
+  out = []
+  for spec in specs:
+    head, _, tail = spec.rpartition("=")
+    weight = 1.0
+    if head:
+      try:
+        spec, weight = head, float(tail)
+      except ValueError:
+        pass
+    if not weight > 0:
+      raise errors.ConfigError(f"data.sources: the weight of {spec!r} must be > 0, not {weight}")
+    if spec.startswith("text:") and spec == "text:":
+      raise errors.ConfigError(
+        "data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list"
+      )
+    out.append((sources_lib.parse(spec, data_cfg), weight))
+  return out
+
+
+def store_path(data_cfg, sources) -> str:
+  """Where the store for these sources and tokenizer settings lives (named by their digest)."""
+  root = data_cfg.get("store_dir") or os.path.join(data_cfg.get("data_dir") or "", "lmjax_stores")
+  if not data_cfg.get("store_dir") and not data_cfg.get("data_dir"):
+    root = DEFAULT_ROOT
+  key = {
+    "format": store_lib.FORMAT,
+    "sources": [s.fingerprint() for s in sources],
+    "tokenizer": [data_cfg.tokenizer, data_cfg.get("vocab_size"), data_cfg.get("tokenizer_sample_mb")],
+    "filters": data_cfg.get("filters") or "",
+  }
+  return os.path.join(os.path.expanduser(root), sources_lib.digest(key))
+
+
+def ensure(data_cfg, tokenizer=None, progress: bool = True) -> store_lib.Store:
+  """The store for `data_cfg`, prepared now if missing. `tokenizer`: use this one (a resumed run's)
+  instead of fitting one. Raises errors.UserError for bad input (see sources.py), removing any
+  partial store; concurrent preparations of one store wait for each other and prepare it once."""
+  sources = [s for s, _ in source_list(data_cfg)]
+  path = store_path(data_cfg, sources)
+  if os.path.exists(os.path.join(path, store_lib.MANIFEST)):
+    return store_lib.Store(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it if this process dies
+    if not os.path.exists(os.path.join(path, store_lib.MANIFEST)):
+      _prepare(data_cfg, sources, path, tokenizer, progress)
+  return store_lib.Store(path)
+
+
+def _prepare(data_cfg, sources, path: str, tokenizer, progress: bool) -> None:
+  partial = path + ".partial"
+  try:
+    tok_dir = os.path.join(partial, store_lib.TOKENIZER_DIR)
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):  # resuming an interrupted preparation
+      tokenizer = tokenizers.load(tok_dir)
+    else:
+      if tokenizer is None:
+        tokenizer = _fit_tokenizer(data_cfg, sources)
+      tokenizer.save(tok_dir)
+    chain = filters_lib.parse(data_cfg.get("filters") or "")
+    entries = []
+    for index, source in enumerate(sources):
+      entry = {"spec": source.spec, "fingerprint": source.fingerprint(), "splits": {}}
+      counts = filters_lib.Counts(chain)
+      for split in store_lib.SPLITS:
+        writer = _SplitWriter(partial, index, split, tokenizer, progress)
+        entry["splits"][split] = writer.write(filters_lib.apply(chain, source.pieces(split), counts))
+        if not entry["splits"][split]["tokens"]:
+          raise errors.UserError(
+            f"source {source.spec} has no {split} text after filtering ({counts.as_dict()}); give it "
+            "more text, or set data.val_fraction / data.filters"
+          )
+      entry["filters"] = counts.as_dict()
+      entries.append(entry)
+    manifest = {
+      "format": store_lib.FORMAT,
+      "dtype": store_lib.token_dtype(tokenizer.vocab_size).name,
+      "vocab_size": tokenizer.vocab_size,
+      "eos_id": tokenizer.eos_id,
+      "tokenizer": {"kind": tokenizer.kind, "fingerprint": store_lib.tokenizer_fingerprint(tokenizer)},
+      "sources": entries,
+    }
+    for name in os.listdir(partial):  # resume sidecars are not part of a finished store
+      if name.endswith(".json") and name != store_lib.MANIFEST:
+        os.remove(os.path.join(partial, name))
+    files.write_json(os.path.join(partial, store_lib.MANIFEST), manifest)
+    os.replace(partial, path)
+  except Exception as err:
+    shutil.rmtree(partial, ignore_errors=True)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+      raise errors.UserError(
+        f"the disk is full while preparing the token store {path}: the partial store was removed. "
+        "Free space, or set data.store_dir to a larger disk, and run again"
+      ) from err
+    raise
+
+
+def _fit_tokenizer(data_cfg, sources):
+  kind = data_cfg.tokenizer
+  if kind == "byte":
+    return tokenizers.ByteTokenizer()
+  if kind == "char":
+    chars = set()
+    for source in sources:
+      for _, text in source.pieces("train"):
+        chars.update(text)
+    return tokenizers.CharTokenizer("".join(chars))
+  budget = int((data_cfg.get("tokenizer_sample_mb") or 32) * (1 << 20)) // len(sources)
+  sample = []
+  for source in sources:
+    taken = 0
+    for _, text in source.pieces("train"):
+      sample.append(text[: budget - taken])
+      taken += len(sample[-1])
+      if taken >= budget:
+        break
+  return tokenizers.train(kind, "".join(sample), data_cfg.get("vocab_size"))
+
+
+class _SplitWriter:
+  """Tokenizes one split's pieces in batches and writes its shards (resuming after finished ones)."""
+
+  def __init__(self, directory: str, source_index: int, split: str, tokenizer, progress: bool):
+    self.directory, self.source_index, self.split = directory, source_index, split
+    self.tokenizer, self.eos = tokenizer, tokenizer.eos_id
+    self.dtype = store_lib.token_dtype(tokenizer.vocab_size)
+    self.progress = progress and sys.stderr.isatty()
+
+  def _sidecar(self, shard: int) -> str:
+    return os.path.join(self.directory, store_lib.shard_name(self.source_index, self.split, shard) + ".json")
+
+  def write(self, pieces) -> dict:
+    """Consumes the (starts_document, text) pieces; returns the split's manifest entry."""
+    shards = []
+    while os.path.exists(self._sidecar(len(shards))):  # finished by an interrupted preparation
+      with open(self._sidecar(len(shards)), encoding="utf-8") as f:
+        shards.append(json.load(f))
+    done = shards[-1] if shards else {"pieces": 0, "end": 0, "open": False}
+    self.total, self.open_doc, self.pieces = done["end"], done["open"], done["pieces"]
+    self.buffer, self.doc_ends, self.shards = [], [], shards
+    bar = self._bar()
+    batch, batch_bytes = [], 0
+    for i, (starts, text) in enumerate(pieces):
+      if i < done["pieces"]:
+        continue
+      batch.append((starts, text))
+      batch_bytes += len(text)
+      if batch_bytes >= BATCH_BYTES:
+        self._add(batch, bar)
+        batch, batch_bytes = [], 0
+    self._add(batch, bar, last=True)
+    if bar is not None:
+      bar.close()
+    return {
+      "tokens": sum(s["tokens"] for s in self.shards),
+      "documents": sum(s["documents"] for s in self.shards),
+      "shards": [{k: s[k] for k in ("file", "tokens", "documents")} for s in self.shards],
+    }
+
+  def _add(self, batch, bar, last: bool = False) -> None:
+    """Tokenizes a batch of pieces into the buffer; writes a shard once it holds SHARD_TOKENS (or at
+    the end), so every shard ends at a batch boundary and its sidecar can say where to resume."""
+    ids = self.tokenizer.encode_batch([text for _, text in batch]) if batch else []
+    for (starts, text), piece_ids in zip(batch, ids):
+      if (starts or self.pieces == 0) and self.open_doc:
+        self._end_document()
+      self.open_doc = True
+      self._append(piece_ids)
+      self.pieces += 1
+      if bar is not None:
+        bar.update(len(text.encode("utf-8")))
+        bar.set_postfix(tokens=f"{self.total:,}", refresh=False)
+    if last and self.open_doc:
+      self._end_document()
+      self.open_doc = False
+    buffered = sum(len(b) for b in self.buffer)
+    if buffered >= SHARD_TOKENS or (last and (buffered or not self.shards)):
+      self._flush()
+
+  def _append(self, ids) -> None:
+    if len(ids):
+      self.buffer.append(np.asarray(ids, self.dtype))
+      self.total += len(ids)
+
+  def _end_document(self) -> None:
+    if self.eos is not None:
+      self._append(np.array([self.eos]))
+    self.doc_ends.append(self.total)
+
+  def _flush(self) -> None:
+    name = store_lib.shard_name(self.source_index, self.split, len(self.shards))
+    base = os.path.join(self.directory, name)
+    tokens = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
+    files.write_atomic(base + ".tokens", tokens.tobytes())
+    doc_ends = io.BytesIO()
+    np.save(doc_ends, np.asarray(self.doc_ends, np.int64))
+    files.write_atomic(base + ".docs.npy", doc_ends.getvalue())
+    info = {"file": name, "tokens": len(tokens), "documents": len(self.doc_ends), "end": self.total}
+    info.update(pieces=self.pieces, open=self.open_doc)
+    files.write_json(base + ".json", info)  # the sidecar last: the shard is finished
+    self.shards.append(info)
+    self.buffer, self.doc_ends = [], []
+
+  def _bar(self):
+    if not self.progress:
+      return None
+    from tqdm import tqdm
+
+    return tqdm(
+      desc=f"preparing source {self.source_index} {self.split}", unit="B", unit_scale=True, leave=False
+    )
