@@ -157,13 +157,24 @@ def test_bf16_compute_with_fp32_master_params_trains(tmp_path, corpus_file):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file, packing):
   data_dir = str(tmp_path / "tfds")
+  if packing:  # documents of 1-3 lines (one file each), packed with segment ids
+    lines = open(corpus_file, encoding="utf-8").read().splitlines(keepends=True)
+    (tmp_path / "docs").mkdir()
+    for i in range(0, len(lines), 3):
+      (tmp_path / "docs" / f"{i:05d}.txt").write_text("".join(lines[i : i + 1 + i % 3]), encoding="utf-8")
+    corpus_file = str(tmp_path / "docs" / "*.txt")
   straight = str(tmp_path / "straight")
-  train.train(tiny_config(corpus_file, data_dir, num_samples=0), straight)
+  cfg = tiny_config(corpus_file, data_dir, num_samples=0)
+  cfg.data.packing = packing
+  train.train(cfg, straight)
 
   resumed = str(tmp_path / "resumed")
-  flags = tiny_flags(corpus_file, data_dir, resumed, "--config.train.num_samples=0")
+  flags = tiny_flags(
+    corpus_file, data_dir, resumed, "--config.train.num_samples=0", f"--config.data.packing={packing}"
+  )
   proc = launch(flags)
   run_until_line(proc, "step 25/40")
   proc.kill()  # SIGKILL: no chance to save anything

@@ -213,7 +213,10 @@ class _SplitWriter:
   def _add(self, batch, bar, last: bool = False) -> None:
     """Tokenizes a batch of pieces into the buffer; writes a shard once it holds SHARD_TOKENS (or at
     the end), so every shard ends at a batch boundary and its sidecar can say where to resume."""
-    ids = self.tokenizer.encode_batch([text for _, text in batch]) if batch else []
+    try:
+      ids = self.tokenizer.encode_batch([text for _, text in batch]) if batch else []
+    except ValueError as err:  # text the tokenizer cannot encode (a char vocabulary's unknown characters)
+      raise errors.UserError(f"the {self.split} split of source {self.source_index}: {err}") from None
     for (starts, text), piece_ids in zip(batch, ids):
       if (starts or self.pieces == 0) and self.open_doc:
         self._end_document()

@@ -24,14 +24,16 @@ field, an empty file or a pattern matching nothing).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 from typing import Iterator
 
 from lmjax.core import errors
-from lmjax.data import shakespeare, text_datasets
+from lmjax.data import shakespeare
 
+DEFAULT_DATA_DIR = os.path.join("~", "tensorflow_datasets")
 PIECE_BYTES = 8 << 20  # documents longer than this stream in pieces
 KINDS = ("text", "jsonl", "parquet", "tfds", "shakespeare")
 
@@ -66,7 +68,7 @@ class Source:
     if split not in ("train", "validation"):
       raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
     if self.kind == "shakespeare":
-      yield True, text_datasets.split_text(shakespeare.shakespeare_text(), 0.1)[split == "validation"]
+      yield True, split_text(shakespeare.shakespeare_text(), 0.1)[split == "validation"]
     elif self.kind == "tfds":
       yield from self._tfds_pieces(split)
     elif self.kind == "parquet":
@@ -218,10 +220,10 @@ def parse(spec: str, data_cfg) -> Source:
   if kind == "shakespeare" and not where:
     return Source("shakespeare", **common)
   if kind == "tfds" and where:
-    data_dir = os.path.expanduser(data_cfg.get("data_dir") or text_datasets.DEFAULT_DATA_DIR)
+    data_dir = os.path.expanduser(data_cfg.get("data_dir") or DEFAULT_DATA_DIR)
     return Source("tfds", name=where, data_dir=data_dir, **common)
   if kind in ("text", "jsonl", "parquet") and where:
-    paths = text_datasets.resolve_paths(where)
+    paths = resolve_paths(where)
     if not paths:
       raise errors.ConfigError(f"data source {spec!r} matches no file (an empty directory?)")
     val_file = (data_cfg.get("val_file") or None) if kind == "text" else None
@@ -236,3 +238,37 @@ def parse(spec: str, data_cfg) -> Source:
 def digest(obj) -> str:
   """A short stable hash of a JSON-able object (fingerprints, store names)."""
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+  """Contiguous split: validation is the last `val_fraction` of the text, train the rest."""
+  if not text.strip():
+    raise ValueError("the corpus is empty: there is no text to train on")
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1)")
+  cut = int(len(text) * (1 - val_fraction))
+  return text[:cut], text[cut:]
+
+
+def resolve_paths(spec: str) -> tuple:
+  """'a.txt,dir/*.txt' -> existing files, in the order given, each glob sorted.
+
+  A name that exists is taken literally, before any glob or comma splitting, so files named
+  `corpus [v1].txt` or `a,b.txt` are found; only a part that exists under no name is a glob.
+  """
+  if not spec:
+    raise errors.ConfigError(
+      "data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list"
+    )
+  if os.path.isfile(os.path.expanduser(spec)):
+    return (os.path.abspath(os.path.expanduser(spec)),)
+  paths = []
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    part = os.path.expanduser(part)
+    head, tail = os.path.split(part)  # a pattern in an existing directory: the directory is literal
+    pattern = os.path.join(glob.escape(head), tail) if head and os.path.isdir(head) else part
+    matches = [part] if os.path.isfile(part) else sorted(glob.glob(pattern))
+    if not matches:
+      raise errors.ConfigError(f"data.text_files: {part!r} is no file and, as a glob, matches no file")
+    paths.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
+  return tuple(paths)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from lmjax.core import files
 
 SPEC_FILE = "tokenizer.json"
@@ -100,3 +102,13 @@ class TextStream:
       return ""
     new, self.released = text[len(self.released) :], text
     return new
+
+
+def encode_padded(tokenizer, texts, seq_len: int):
+  """Right-padded token ids [N, seq_len] and positions (-1 = padding), each text cut to seq_len."""
+  tokens = np.zeros((len(texts), seq_len), np.int32)
+  positions = np.full((len(texts), seq_len), -1, np.int32)
+  for row, text in enumerate(texts):
+    ids = tokenizer.encode(text)[:seq_len]
+    tokens[row, : len(ids)], positions[row, : len(ids)] = ids, np.arange(len(ids))
+  return tokens, positions

@@ -17,7 +17,7 @@ import numpy as np
 
 from lmjax import model
 from lmjax.core import errors, files
-from lmjax.data import corpus
+from lmjax.data import tokenizer_base
 from lmjax.data.tokenizer_base import Tokenizer
 from lmjax.inference import sampler
 from lmjax.tasks import generators, metrics
@@ -66,7 +66,9 @@ def evaluate_task(cfg, params, tokenizer, task: str, examples) -> dict:
 def embed(cfg: model.ModelConfig, params, tokenizer, texts) -> np.ndarray:
   """Embeddings of `texts`: [len(texts), d_model] (see `mean_pooled`)."""
   longest = max(len(tokenizer.encode(t)) for t in texts)
-  tokens, positions = corpus.encode_padded(tokenizer, texts, sampler.bucket_length(longest, cfg.max_len))
+  tokens, positions = tokenizer_base.encode_padded(
+    tokenizer, texts, sampler.bucket_length(longest, cfg.max_len)
+  )
   return np.asarray(_pooled(cfg, params, tokens, positions))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from lmjax import model, pretrained
 from lmjax.core import errors
-from lmjax.data import corpus, sft
+from lmjax.data import sft, tokenizer_base
 from lmjax.model import lora
 from lmjax.run import config as config_lib, rundir
 from lmjax.tasks import evaluators, generators, losses
@@ -151,8 +151,8 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task
 
   def pairs(count, seed):
     passages, queries, relevant = generators.search_set(count, seed)
-    q, q_pos = corpus.encode_padded(tokenizer, queries, tc.seq_len)
-    p, p_pos = corpus.encode_padded(tokenizer, [passages[r] for r in relevant], tc.seq_len)
+    q, q_pos = tokenizer_base.encode_padded(tokenizer, queries, tc.seq_len)
+    p, p_pos = tokenizer_base.encode_padded(tokenizer, [passages[r] for r in relevant], tc.seq_len)
     return {"query": q, "query_pos": q_pos, "passage": p, "passage_pos": p_pos}
 
   def batch_at(arrays, seed, step, p, n):
