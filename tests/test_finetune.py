@@ -302,3 +302,45 @@ def test_perplexity_matches_numpy():
     )
     losses += [-logp[t, ids[start + t + 1]] for t in range(8)]
   assert result["tokens"] == 24 and result["perplexity"] == pytest.approx(np.exp(np.mean(losses)), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_packed_sft_rows_give_each_example_its_padded_loss_and_gradient():
+  """data.packing for SFT: several examples per row (one with an empty prompt); per-example loss sums
+  and the batch gradient equal those of one padded row per example."""
+  tok = tokenizers.ByteTokenizer()
+  examples = [
+    sft_lib.Example("Q: 2+2?\nA:", " 4"),
+    sft_lib.Example("", "no prompt"),
+    sft_lib.Example("Say hi:", " hi there"),
+    sft_lib.Example("Q: ok?", " yes"),
+  ]
+  padded = sft_lib.tokenize(examples, tok, seq_len=31)
+  packed = sft_lib.pack(padded, tok.pad_id)
+  assert len(packed.tokens) == 2 and packed.segment_ids[0].max() == 2  # 15 + 10 | 17 + 11 tokens
+  cfg = model.ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=2, max_len=32)
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  run_model = lambda p: lambda tokens, **kw: model.Transformer(cfg).apply({"params": p}, tokens, **kw)
+
+  def per_example(batch, segments_BT):
+    kw = (
+      {"positions_BT": batch["positions"], "segment_ids_BT": batch["segment_ids"]}
+      if "positions" in batch
+      else {}
+    )
+    logits = run_model(params)(batch["inputs"], **kw)
+    ce = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), batch["targets"][..., None], -1)[..., 0]
+    return sorted(float((ce * batch["mask"])[segments_BT == s].sum()) for s in np.unique(segments_BT) if s)
+
+  padded_batch = sft_lib.batch_at(padded, 0, 0, 4)
+  packed_batch = sft_lib.batch_at(packed, 0, 0, 2)
+  rows_as_segments = np.broadcast_to(np.arange(1, 5)[:, None], (4, 31))
+  expected = per_example(padded_batch, rows_as_segments)
+  segments = packed_batch["segment_ids"]
+  got = per_example(packed_batch, np.where(segments > 0, segments + 10 * np.arange(2)[:, None], 0))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  grads = [
+    jax.jit(jax.grad(lambda p, b=b: losses.lm_loss(run_model(p), b)[0]))(params)
+    for b in (padded_batch, packed_batch)
+  ]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), *grads)

@@ -217,15 +217,21 @@ class _SplitWriter:
       ids = self.tokenizer.encode_batch([text for _, text in batch]) if batch else []
     except ValueError as err:  # text the tokenizer cannot encode (a char vocabulary's unknown characters)
       raise errors.UserError(f"the {self.split} split of source {self.source_index}: {err}") from None
-    for (starts, text), piece_ids in zip(batch, ids):
+    parts, eos = [], np.array([self.eos] if self.eos is not None else [], self.dtype)
+    for (starts, _), piece_ids in zip(batch, ids):
       if (starts or self.pieces == 0) and self.open_doc:
-        self._end_document()
+        parts.append(eos)
+        self.total += len(eos)
+        self.doc_ends.append(self.total)
       self.open_doc = True
-      self._append(piece_ids)
+      parts.append(piece_ids)
+      self.total += len(piece_ids)
       self.pieces += 1
-      if bar is not None:
-        bar.update(len(text.encode("utf-8")))
-        bar.set_postfix(tokens=f"{self.total:,}", refresh=False)
+    if parts:
+      self.buffer.append(np.concatenate(parts).astype(self.dtype))
+    if bar is not None:
+      bar.update(sum(len(text) for _, text in batch))
+      bar.set_postfix(tokens=f"{self.total:,}", refresh=False)
     if last and self.open_doc:
       self._end_document()
       self.open_doc = False
@@ -263,5 +269,5 @@ class _SplitWriter:
     from tqdm import tqdm
 
     return tqdm(
-      desc=f"preparing source {self.source_index} {self.split}", unit="B", unit_scale=True, leave=False
+      desc=f"preparing source {self.source_index} {self.split}", unit="char", unit_scale=True, leave=False
     )

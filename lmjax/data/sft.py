@@ -2,7 +2,10 @@
 
 Examples are padded (right) to `seq_len + 1` tokens, one per row, so no
 attention crosses example boundaries; the loss mask is 1 exactly on the
-response tokens and the EOS after them.
+response tokens and the EOS after them. `pack` (opt-in, `data.packing`) puts
+several examples in a row instead, with segment ids and positions restarting
+per example, so attention still stays inside each example and every example's
+loss is what it would be alone in its own padded row.
 
 Truncation policy (`tokenize`), reported in counts, never silent: the EOS is
 always in the row and in the loss, since a row without it teaches a model that
@@ -40,6 +43,9 @@ class SFTData:
   truncated: int  # examples that lost any tokens (prompt or response)
   prompts_cut: int  # examples whose prompt lost tokens from the left
   responses_cut: int  # examples whose response lost tokens from the right (its EOS kept)
+  lengths: np.ndarray | None = None  # [N] int tokens of each example in its row (before padding)
+  segment_ids: np.ndarray | None = None  # [N, seq_len + 1] int32, packed rows only: 1.. per example, 0 pad
+  positions: np.ndarray | None = None  # [N, seq_len + 1] int32, packed rows only: restart per example
 
 
 def read_jsonl(path: str, tokenizer=None) -> list:
@@ -101,6 +107,7 @@ def tokenize(examples, tokenizer, seq_len: int) -> SFTData:
   tokens = np.full((len(examples), row), pad, np.int32)
   mask = np.zeros((len(examples), row), np.float32)
   prompts_cut = responses_cut = truncated = 0
+  lengths = np.zeros(len(examples), np.int64)
   for i, ex in enumerate(examples):
     prompt, response = tokenizer.encode(ex.prompt), tokenizer.encode(ex.response)
     min_prompt = min(len(prompt), max(1, math.ceil(MIN_PROMPT_SHARE * row)))
@@ -115,7 +122,35 @@ def tokenize(examples, tokenizer, seq_len: int) -> SFTData:
     ids = prompt + response + eos
     tokens[i, : len(ids)] = ids
     mask[i, len(prompt) : len(ids)] = 1.0
-  return SFTData(tokens, mask, truncated, prompts_cut, responses_cut)
+    lengths[i] = len(ids)
+  return SFTData(tokens, mask, truncated, prompts_cut, responses_cut, lengths)
+
+
+def pack(sft: SFTData, pad_id: int = 0) -> SFTData:
+  """The examples of `sft` packed into rows in order (a row takes the next example while it fits,
+  else a new row starts), with segment ids (1, 2, ... per example; 0 on padding) and positions
+  restarting at 0 per example. Fewer rows, the same examples and loss mask."""
+  row = sft.tokens.shape[1]
+  groups, current, used = [], [], 0
+  for i, n in enumerate(sft.lengths):
+    if current and used + n > row:
+      groups, current, used = groups + [current], [], 0
+    current, used = current + [i], used + int(n)
+  groups += [current] if current else []
+  tokens = np.full((len(groups), row), pad_id, np.int32)
+  mask = np.zeros((len(groups), row), np.float32)
+  segment_ids = np.zeros((len(groups), row), np.int32)
+  positions = np.zeros((len(groups), row), np.int32)
+  for r, group in enumerate(groups):
+    at = 0
+    for segment, i in enumerate(group, start=1):
+      n = int(sft.lengths[i])
+      tokens[r, at : at + n], mask[r, at : at + n] = sft.tokens[i, :n], sft.loss_mask[i, :n]
+      segment_ids[r, at : at + n], positions[r, at : at + n] = segment, np.arange(n)
+      at += n
+  return dataclasses.replace(
+    sft, tokens=tokens, loss_mask=mask, lengths=None, segment_ids=segment_ids, positions=positions
+  )
 
 
 def batch_at(
@@ -132,4 +167,9 @@ def batch_at(
   per = batch_size // process_count
   rows = rows[process_index * per : (process_index + 1) * per]
   tokens, mask = sft.tokens[rows], sft.loss_mask[rows]
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:]}
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:]}
+  if sft.segment_ids is not None:  # packed: no target across examples (one with an empty prompt)
+    segments = sft.segment_ids[rows]
+    batch["mask"] = batch["mask"] * (segments[:, :-1] == segments[:, 1:])
+    batch["segment_ids"], batch["positions"] = segments[:, :-1], sft.positions[rows][:, :-1]
+  return batch

@@ -76,13 +76,14 @@ class Source:
     elif self.val_file and self.kind == "text":
       yield from _text_file_pieces((self.val_file,) if split == "validation" else self.paths, self.errors)
     else:
-      yield from _tail_split(self._byte_pieces(), sum(os.path.getsize(p) for p in self.paths), self, split)
-
-  def _byte_pieces(self):
-    """(starts_document, text, source byte offset) over all files, in order."""
-    if self.kind == "text":
-      return _text_file_pieces(self.paths, self.errors, with_offsets=True)
-    return _jsonl_pieces(self.paths, self.text_key, self.errors)
+      total = sum(os.path.getsize(p) for p in self.paths)
+      cut = int(total * (1 - self.val_fraction))
+      lo, hi = (cut, total) if split == "validation" else (0, cut)
+      if self.kind == "text":
+        pieces = _text_file_pieces(self.paths, self.errors, byte_range=(lo, hi))
+      else:
+        pieces = _jsonl_pieces(self.paths, self.text_key, self.errors, (lo, hi))
+      yield from _tail_split(pieces, cut, self, split)
 
   def _parquet_pieces(self, split):
     import pyarrow.parquet as pq
@@ -127,36 +128,40 @@ def _optional(path):
   return (path,) if path else ()
 
 
-def _tail_split(pieces, total_bytes: int, source: Source, split: str):
-  """The pieces before byte `(1 - val_fraction) * total` (train) or after it (validation); a text
-  piece across the cut is split there (at a character boundary), a JSONL line goes by its start."""
-  cut = int(total_bytes * (1 - source.val_fraction))
+def _tail_split(pieces, cut: int, source: Source, split: str):
+  """The pieces of one side of byte `cut` (the readers skip the rest without decoding): a text
+  piece across the cut is split there (at a character boundary); a JSONL line goes by its start."""
   validation = split == "validation"
   for starts, text, offset, size in pieces:
     if source.kind != "text" or offset + size <= cut or offset >= cut:
-      if (offset >= cut) == validation:
-        yield starts, text
+      yield starts, text
     else:  # a text piece across the cut: its head trains, its tail starts the validation split
       head = text.encode("utf-8")[: cut - offset].decode("utf-8", "ignore")
       yield (True, text[len(head) :]) if validation else (starts, head)
 
 
-def _text_file_pieces(paths, errors_mode: str, with_offsets: bool = False):
-  base = 0
+def _text_file_pieces(paths, errors_mode: str, byte_range=None):
+  """(starts_document, text) of each file in pieces cut at newlines; with `byte_range` (lo, hi) of
+  the files' concatenation: (starts, text, offset, size) of the pieces overlapping it."""
+  base, (lo, hi) = 0, byte_range or (0, float("inf"))
   for path in paths:
     size = os.path.getsize(path)
     if size == 0:
       raise errors.UserError(f"{path} is empty: remove it from the sources or give it text")
+    if base + size <= lo or base >= hi:  # wholly outside the range: not read
+      base += size
+      continue
     with open(path, "rb") as f:
       first, offset, carry = True, 0, b""
-      while True:
+      while base + offset < hi:
         block = f.read(PIECE_BYTES)
         data = carry + block
         if not data:
           break
         cut = len(data) if not block else _piece_end(data)
-        text = _decode(data[:cut], path, offset, errors_mode)
-        yield (first, text, base + offset, cut) if with_offsets else (first, text)
+        if base + offset + cut > lo:
+          text = _decode(data[:cut], path, offset, errors_mode)
+          yield (first, text, base + offset, cut) if byte_range else (first, text)
         first, offset, carry = False, offset + cut, data[cut:]
     base += size
 
@@ -173,15 +178,23 @@ def _piece_end(data: bytes) -> int:
   return len(data) if len(data) - lead >= need else max(lead, 1)
 
 
-def _jsonl_pieces(paths, key: str, errors_mode: str):
-  base = 0
+def _jsonl_pieces(paths, key: str, errors_mode: str, byte_range):
+  """(True, text, offset, size) of each record whose line starts in `byte_range` (lo, hi) of the
+  files' concatenation; lines before it are skipped unparsed."""
+  base, (lo, hi) = 0, byte_range
   for path in paths:
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
       raise errors.UserError(f"{path} is empty: remove it from the sources or give it records")
+    if base + size <= lo or base >= hi:
+      base += size
+      continue
     with open(path, "rb") as f:
       offset = 0
       for number, line in enumerate(f, start=1):
-        if line.strip():
+        if base + offset >= hi:
+          break
+        if base + offset >= lo and line.strip():
           text = _decode(line, path, offset, errors_mode)
           try:
             record = json.loads(text)
@@ -195,7 +208,7 @@ def _jsonl_pieces(paths, key: str, errors_mode: str):
             )
           yield True, str(record[key]), base + offset, len(line)
         offset += len(line)
-    base += offset
+    base += size
 
 
 def _decode(data: bytes, path: str, offset: int, errors_mode: str) -> str:
@@ -223,7 +236,9 @@ def parse(spec: str, data_cfg) -> Source:
     data_dir = os.path.expanduser(data_cfg.get("data_dir") or DEFAULT_DATA_DIR)
     return Source("tfds", name=where, data_dir=data_dir, **common)
   if kind in ("text", "jsonl", "parquet") and where:
-    paths = resolve_paths(where)
+    paths = resolve_paths(
+      where, "data.text_files" if data_cfg.get("sources") in (None, "") else f"data source {spec!r}"
+    )
     if not paths:
       raise errors.ConfigError(f"data source {spec!r} matches no file (an empty directory?)")
     val_file = (data_cfg.get("val_file") or None) if kind == "text" else None
@@ -250,7 +265,7 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
   return text[:cut], text[cut:]
 
 
-def resolve_paths(spec: str) -> tuple:
+def resolve_paths(spec: str, field: str = "data.text_files") -> tuple:
   """'a.txt,dir/*.txt' -> existing files, in the order given, each glob sorted.
 
   A name that exists is taken literally, before any glob or comma splitting, so files named
@@ -269,6 +284,6 @@ def resolve_paths(spec: str) -> tuple:
     pattern = os.path.join(glob.escape(head), tail) if head and os.path.isdir(head) else part
     matches = [part] if os.path.isfile(part) else sorted(glob.glob(pattern))
     if not matches:
-      raise errors.ConfigError(f"data.text_files: {part!r} is no file and, as a glob, matches no file")
+      raise errors.ConfigError(f"{field}: {part!r} is no file and, as a glob, matches no file")
     paths.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
   return tuple(paths)

@@ -67,15 +67,13 @@ class CharTokenizer:
       ) from None
 
   def encode_batch(self, texts) -> list:
-    """`encode` of each text as int32 arrays, vectorised (a code point table; ~100 MB/s a core)."""
-    out = []
-    for text in texts:
-      codepoints = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-      ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
-      if (ids < 0).any() or (codepoints >= len(self._table)).any():
-        self.encode(text)  # raises, naming the unknown characters
-      out.append(ids)
-    return out
+    """`encode` of each text as int32 arrays, vectorised over the whole batch (a code point table;
+    ~100 MB/s a core)."""
+    codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32)
+    ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
+    if (ids < 0).any() or (codepoints >= len(self._table)).any():
+      self.encode("".join(texts))  # raises, naming the unknown characters
+    return np.split(ids, np.cumsum([len(t) for t in texts[:-1]]))
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     del skip_special_tokens  # a char vocabulary has no special tokens
@@ -96,8 +94,10 @@ class ByteTokenizer:
     return list(text.encode("utf-8"))
 
   def encode_batch(self, texts) -> list:
-    """`encode` of each text as int32 arrays (the UTF-8 bytes, vectorised)."""
-    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
+    """`encode` of each text as int32 arrays (the UTF-8 bytes, vectorised over the batch)."""
+    encoded = [t.encode("utf-8") for t in texts]
+    ids = np.frombuffer(b"".join(encoded), np.uint8).astype(np.int32)
+    return np.split(ids, np.cumsum([len(e) for e in encoded[:-1]]))
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     names = {self.bos_id: "<bos>", self.eos_id: "<eos>", self.pad_id: "<pad>"}

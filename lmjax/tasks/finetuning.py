@@ -77,6 +77,9 @@ def prepare(cfg, workdir: str) -> Task:
         "train.seq_len to train on them whole (data/sft.py: truncation policy)",
         flush=True,
       )
+  if cfg.data.packing:  # several examples per row (data/sft.py: pack)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    train_sft, val_sft = sft.pack(train_sft, pad), sft.pack(val_sft, pad)
   task = Task(
     tokenizer=tokenizer,
     model_cfg=model_cfg,

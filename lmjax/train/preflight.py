@@ -67,7 +67,8 @@ def check_fields_used(cfg) -> None:
       for k in ("train_file", "val_file")
       if cfg.finetune.task
     ]
-    rules.append(("data.packing", "packing is for pretraining; fine-tuning rows are one example each"))
+    if cfg.finetune.task == "search":
+      rules.append(("data.packing", "retrieval rows are (query, passage) pairs, not packed"))
     rules += [
       (f"finetune.{k}", "finetune.mode is not 'lora'")
       for k in ("lora_rank", "lora_alpha", "lora_targets")
