@@ -27,9 +27,10 @@ class WorkdirInUse(errors.UserError):
   """Another live process holds the workdir's lock."""
 
 
-def write_atomic(path: str, text: str | bytes) -> None:
-  """Writes `text` (str as UTF-8, or bytes) to `path` via a uniquely named temporary file in the same
-  directory and one `os.replace`, so readers and concurrent writers never see a partial file."""
+def write_atomic(path: str, text) -> None:
+  """Writes `text` (str as UTF-8, or any bytes-like object: bytes, a numpy array's memoryview) to
+  `path` via a uniquely named temporary file in the same directory and one `os.replace`, so readers
+  and concurrent writers never see a partial file."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:

@@ -20,6 +20,7 @@ byte-identical stores (no timestamps; deterministic order).
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import io
@@ -153,11 +154,7 @@ def _fit_tokenizer(data_cfg, sources):
   if kind == "byte":
     return tokenizers.ByteTokenizer()
   if kind == "char":
-    chars = set()
-    for source in sources:
-      for _, text in source.pieces("train"):
-        chars.update(text)
-    return tokenizers.CharTokenizer("".join(chars))
+    return tokenizers.CharTokenizer.from_texts(text for s in sources for _, text in s.pieces("train"))
   budget = int((data_cfg.get("tokenizer_sample_mb") or 32) * (1 << 20)) // len(sources)
   sample = []
   for source in sources:
@@ -168,6 +165,14 @@ def _fit_tokenizer(data_cfg, sources):
       if taken >= budget:
         break
   return tokenizers.train(kind, "".join(sample), data_cfg.get("vocab_size"))
+
+
+def _write_shard(base: str, tokens, doc_ends, info: dict) -> None:
+  files.write_atomic(base + ".tokens", memoryview(tokens))
+  buffer = io.BytesIO()
+  np.save(buffer, doc_ends)
+  files.write_atomic(base + ".docs.npy", buffer.getvalue())
+  files.write_json(base + ".json", info)
 
 
 class _SplitWriter:
@@ -192,18 +197,25 @@ class _SplitWriter:
     self.total, self.open_doc, self.pieces = done["end"], done["open"], done["pieces"]
     self.buffer, self.doc_ends, self.shards = [], [], shards
     bar = self._bar()
-    batch, batch_bytes = [], 0
-    for i, (starts, text) in enumerate(pieces):
-      if i < done["pieces"]:
-        continue
-      batch.append((starts, text))
-      batch_bytes += len(text)
-      if batch_bytes >= BATCH_BYTES:
-        self._add(batch, bar)
-        batch, batch_bytes = [], 0
-    self._add(batch, bar, last=True)
-    if bar is not None:
-      bar.close()
+    self._writer, self._pending = concurrent.futures.ThreadPoolExecutor(1), None
+    try:
+      batch, batch_bytes = [], 0
+      for i, (starts, text) in enumerate(pieces):
+        if i < done["pieces"]:
+          continue
+        batch.append((starts, text))
+        batch_bytes += len(text)
+        if batch_bytes >= BATCH_BYTES:
+          self._add(batch, bar)
+          batch, batch_bytes = [], 0
+      self._add(batch, bar, last=True)
+    finally:  # an interrupted preparation still finishes the shard in flight (it resumes after it)
+      try:
+        self.wait()
+      finally:
+        self._writer.shutdown()
+        if bar is not None:
+          bar.close()
     return {
       "tokens": sum(s["tokens"] for s in self.shards),
       "documents": sum(s["documents"] for s in self.shards),
@@ -250,18 +262,24 @@ class _SplitWriter:
     self.doc_ends.append(self.total)
 
   def _flush(self) -> None:
+    """Hands the buffer to the writer thread as the next shard (waiting for the one before), so
+    writing overlaps tokenizing the next; the sidecar goes last: then the shard is finished."""
     name = store_lib.shard_name(self.source_index, self.split, len(self.shards))
-    base = os.path.join(self.directory, name)
     tokens = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
-    files.write_atomic(base + ".tokens", tokens.tobytes())
-    doc_ends = io.BytesIO()
-    np.save(doc_ends, np.asarray(self.doc_ends, np.int64))
-    files.write_atomic(base + ".docs.npy", doc_ends.getvalue())
     info = {"file": name, "tokens": len(tokens), "documents": len(self.doc_ends), "end": self.total}
     info.update(pieces=self.pieces, open=self.open_doc)
-    files.write_json(base + ".json", info)  # the sidecar last: the shard is finished
+    self.wait()
+    self._pending = self._writer.submit(
+      _write_shard, os.path.join(self.directory, name), tokens, np.asarray(self.doc_ends, np.int64), info
+    )
     self.shards.append(info)
     self.buffer, self.doc_ends = [], []
+
+  def wait(self) -> None:
+    """Until the shard in flight is written; raises what writing it raised (a full disk)."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      pending.result()
 
   def _bar(self):
     if not self.progress:
