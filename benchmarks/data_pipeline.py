@@ -172,6 +172,7 @@ def measure_train():
       "lmjax.cli.train",
       "--config=experiments/shakespeare_char.py",
       f"--workdir={workdir}",
+      "--config.data.dataset=text_files",
       f"--config.data.text_files={corpus}/*.txt",
       f"--config.data.store_dir={store_dir}",
       "--config.data.packing=True",

@@ -277,3 +277,9 @@ def test_processes_see_slices_of_the_same_global_batch(doc_store, processes):
   parts = [batches(11, p, processes) for p in range(processes)]
   for key in whole:
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_tfds_name_outside_the_catalog_is_a_clear_error(tmp_path):
+  with pytest.raises(errors.UserError, match="tfds:no_such_dataset_xyz is not in the TFDS catalog"):
+    prepare.ensure(data_cfg(tmp_path, dataset="no_such_dataset_xyz"))
+  assert leftovers(tmp_path) == []
