@@ -167,6 +167,14 @@ def test_every_kernel_lowers_for_gpu_and_tpu_from_this_host(impl):
   )
   params = M.init_params(cfg, jax.random.key(0))
   grad = jax.jit(jax.grad(lambda p, t: M.Transformer(cfg).apply({"params": p}, t).mean()))
+  # Packed documents: the segment mask and per-document positions lower too.
+  packed = jax.jit(
+    jax.grad(
+      lambda p, t, s: M.Transformer(cfg).apply({"params": p}, t, positions_BT=t, segment_ids_BT=s).mean()
+    )
+  )
+  tokens = jnp.zeros((2, 128), jnp.int32)
   for platform in ("cuda", "tpu"):
-    exported = jax.export.export(grad, platforms=[platform])(params, jnp.zeros((2, 128), jnp.int32))
+    exported = jax.export.export(grad, platforms=[platform])(params, tokens)
     assert exported.platforms == (platform,)
+    assert jax.export.export(packed, platforms=[platform])(params, tokens, tokens).platforms == (platform,)

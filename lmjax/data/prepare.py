@@ -243,7 +243,8 @@ class _SplitWriter:
       self.buffer.append(np.concatenate(parts).astype(self.dtype))
     if bar is not None:
       bar.update(sum(len(text) for _, text in batch))
-      bar.set_postfix(tokens=f"{self.total:,}", refresh=False)
+      rate = self.total / max(bar.format_dict["elapsed"], 1e-3)
+      bar.set_postfix(tokens=f"{self.total:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
     if last and self.open_doc:
       self._end_document()
       self.open_doc = False

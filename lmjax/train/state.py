@@ -53,11 +53,15 @@ def setup(cfg, model_cfg: model.ModelConfig, trainable=None, mesh=None) -> Setup
 
 
 def batch_spec(cfg, batch_sharding) -> dict:
-  """The abstract global pretraining batch of `cfg` (tasks.losses.LMBatch without a mask): inputs and
-  targets int32 [train.batch_size, train.seq_len], sharded over the batch axes. Used by the dry run
-  and the throughput benchmark."""
+  """The abstract global pretraining batch of `cfg` (tasks.losses.LMBatch): inputs and targets int32
+  [train.batch_size, train.seq_len], with data.packing also segment_ids and positions (int32) and the
+  loss mask (float32), sharded over the batch axes. Used by the dry run and the throughput benchmark."""
   shape = (cfg.train.batch_size, cfg.train.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for k in ("inputs", "targets")}
+  keys = ("inputs", "targets") + (("segment_ids", "positions", "mask") if cfg.data.get("packing") else ())
+  return {
+    k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "mask" else jnp.int32, sharding=batch_sharding)
+    for k in keys
+  }
 
 
 def state_shardings(model_cfg, optimizer, mesh, rules, trainable=None):
