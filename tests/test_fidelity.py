@@ -50,8 +50,11 @@ def hf():
   )
 
 
+BYTELEVEL = tokenizers.train("bytelevel", TRAIN_TEXT, vocab_size=300)  # tiktoken-encoded, GPT-2 pattern
+
+
 def all_tokenizers(bpe, hf):
-  return {"byte": tokenizers.ByteTokenizer(), "bpe": bpe, "hf": hf}
+  return {"byte": tokenizers.ByteTokenizer(), "bpe": bpe, "bytelevel": BYTELEVEL, "hf": hf}
 
 
 def special_ids(tok):

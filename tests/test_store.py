@@ -116,11 +116,11 @@ def test_jsonl_and_parquet_sources_give_one_document_per_record(tmp_path):
 
 def test_preparing_twice_gives_byte_identical_stores(tmp_path):
   (tmp_path / "t.txt").write_text(shakespeare.shakespeare_text()[:200_000], encoding="utf-8")
-  for tokenizer in ("char", "bpe"):
+  for tokenizer in ("char", "bpe", "bytelevel"):
     made = []
     for name in ("one", "two"):
       cfg = data_cfg(tmp_path / name, dataset="text_files", text_files=str(tmp_path / "t.txt"))
-      cfg.update(tokenizer=tokenizer, vocab_size=400 if tokenizer == "bpe" else None)
+      cfg.update(tokenizer=tokenizer, vocab_size=None if tokenizer == "char" else 400)
       made.append(store_files(prepare.ensure(cfg).directory))
     assert made[0] == made[1] and len(made[0]) >= 6, tokenizer
 

@@ -40,9 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     packing=False,  # rows of packed documents with segment_ids and per-document positions
     data_dir="",  # TFDS downloads; '' = ~/tensorflow_datasets
     store_dir="",  # token stores; '' = <data_dir>/lmjax_stores, or ~/.cache/lmjax/stores
-    tokenizer="char",  # 'char', 'byte' or 'bpe'
-    vocab_size=config_dict.placeholder(int),  # for bpe (None: unset)
-    tokenizer_sample_mb=32,  # bpe is fitted on at most this much of the train text
+    tokenizer="char",  # 'char', 'byte', 'bpe' (SentencePiece) or 'bytelevel' (GPT-2-style, tiktoken)
+    vocab_size=config_dict.placeholder(int),  # for bpe and bytelevel (None: unset)
+    tokenizer_sample_mb=32,  # bpe/bytelevel are fitted on at most this much of the train text
   )
   cfg.model = {
     f.name: f.default for f in dataclasses.fields(model.ModelConfig) if f.name not in DERIVED_MODEL_FIELDS
@@ -318,15 +318,15 @@ def _check_choices(cfg) -> None:
   """Named options whose allowed values the config layer knows (fine-tuning tasks and LoRA targets
   are checked by preflight.check_finetune_options, above this layer)."""
   choices = [
-    ("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe")),
+    ("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe", "bytelevel")),
     ("data.errors", cfg.data.errors, ("strict", "replace")),
     ("finetune.mode", cfg.finetune.mode, ("full", "lora")),
   ]
   for field, value, allowed in choices:
     if value not in allowed:
       raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
-  if cfg.data.tokenizer == "bpe" and not cfg.data.vocab_size:
-    raise errors.ConfigError("data.tokenizer='bpe' needs data.vocab_size (e.g. 2048)")
+  if cfg.data.tokenizer in ("bpe", "bytelevel") and not cfg.data.vocab_size:
+    raise errors.ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} needs data.vocab_size (e.g. 2048)")
   shape = tuple(cfg.mesh.shape)
   if len(shape) != len(sharding.MESH_AXES) or any(s < 1 and s != -1 for s in shape) or shape.count(-1) > 1:
     raise errors.ConfigError(

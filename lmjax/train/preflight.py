@@ -88,9 +88,9 @@ def check_fields_used(cfg) -> None:
       rules.append(("data.val_fraction", "data.val_file is set: it is the validation split"))
     if not data.sources and data.dataset in ("shakespeare", "text_files"):
       rules.append(("data.text_key", "only JSONL, Parquet and TFDS sources have a text field to choose"))
-    if data.tokenizer != "bpe":
-      rules.append(("data.vocab_size", "only data.tokenizer='bpe' has a vocabulary size to choose"))
-      rules.append(("data.tokenizer_sample_mb", "only data.tokenizer='bpe' is fitted on a sample"))
+    if data.tokenizer not in ("bpe", "bytelevel"):
+      why = "only data.tokenizer='bpe' or 'bytelevel' is fitted (on a sample, to a vocabulary size)"
+      rules += [("data.vocab_size", why), ("data.tokenizer_sample_mb", why)]
   unused = [
     f"{field}={_value(cfg, field)!r} ({why})"
     for field, why in rules

@@ -1,0 +1,114 @@
+"""A GPT-2-style byte-level BPE, encoded by tiktoken (the tokenizer of nanoGPT's prepare.py).
+
+Text is split by GPT-2's pattern, each piece's UTF-8 bytes are merged by rank (lowest first), so any
+text round-trips and no text encodes to the special id. Merges are learned with the `tokenizers`
+library's BpeTrainer on the same pre-split pieces; a token's rank is its id (the trainer numbers
+tokens in merge order, bytes first), which is exactly the rank tiktoken merges by. `<|endoftext|>`
+(the last id) is EOS and separates documents in a token store. Encoding runs in tiktoken's Rust
+threads on all cores: the fastest byte-level BPE on this machine (BUILD_NOTES: data preparation).
+Sennrich et al. 2016 (BPE); Radford et al. 2019 (byte-level, the pattern).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import numpy as np
+
+from lmjax.data.tokenizer_base import join_runs, write_spec
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOS = "<|endoftext|>"
+_RANKS_FILE = "bytelevel.tiktoken"
+
+
+def _byte_of_char() -> dict:
+  """GPT-2's reversible map from the 256 bytes to printable characters, inverted (char -> byte)."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + extra)] = b
+      extra += 1
+  return chars
+
+
+class ByteLevelBPETokenizer:
+  """Byte-level BPE of `len(ranks) + 1` ids (module docstring); `ranks` maps token bytes to ids."""
+
+  kind = "bytelevel"
+  bos_id = pad_id = None
+
+  def __init__(self, ranks: dict):
+    import tiktoken
+
+    self.ranks = ranks
+    self.eos_id = len(ranks)
+    self._enc = tiktoken.Encoding(
+      "lmjax-bytelevel", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOS: self.eos_id}
+    )
+
+  @classmethod
+  def train(cls, text: str, vocab_size: int) -> "ByteLevelBPETokenizer":
+    """Merges learned from `text`, up to `vocab_size` ids (256 bytes + merges + EOS; fewer when no pair
+    of the text repeats any more). Raises ValueError for a vocabulary that cannot hold the 256 bytes
+    and EOS."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size < 258:
+      raise ValueError(f"data.vocab_size={vocab_size}: a byte-level BPE needs 256 byte ids + EOS + merges")
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
+    trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    lines = (line for line in text.splitlines(keepends=True))
+    learner.train_from_iterator(lines, trainer)
+    byte_of = _byte_of_char()
+    vocab = sorted(learner.get_vocab().items(), key=lambda item: item[1])
+    return cls({bytes(byte_of[c] for c in token): i for i, (token, _) in enumerate(vocab)})
+
+  @property
+  def vocab_size(self) -> int:
+    return self.eos_id + 1
+
+  def encode(self, text: str) -> list:
+    return self._enc.encode_ordinary(text)
+
+  def encode_batch(self, texts) -> list:
+    """`encode` of each text as int32 arrays, on tiktoken's threads (one per core)."""
+    batch = self._enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+    return [np.asarray(ids, np.int32) for ids in batch]
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return join_runs(
+      [int(i) for i in ids],
+      lambda i: i == self.eos_id,
+      lambda run: self._enc.decode_bytes(run).decode("utf-8", "replace"),
+      lambda i: "" if skip_special_tokens else EOS,
+    )
+
+  def save(self, directory: str) -> None:
+    """tiktoken's rank file (base64 token, rank per line) and the spec naming it."""
+    os.makedirs(directory, exist_ok=True)
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in self.ranks.items()]
+    with open(os.path.join(directory, _RANKS_FILE), "w", encoding="ascii") as f:
+      f.writelines(sorted(lines, key=lambda line: int(line.split()[1])))
+    write_spec(directory, {"kind": self.kind, "ranks_file": _RANKS_FILE})
+
+  @classmethod
+  def load(cls, directory: str, spec: dict) -> "ByteLevelBPETokenizer":
+    ranks = {}
+    with open(os.path.join(directory, spec["ranks_file"]), encoding="ascii") as f:
+      for line in f:
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return cls(ranks)
