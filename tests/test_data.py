@@ -82,10 +82,12 @@ def test_every_tokenizer_kind_implements_the_protocol_and_loads_back(bpe, tmp_pa
     )
 
 
-@pytest.mark.parametrize("text", ODD_TEXTS + ["To be, or not to be:\nthat is \u2581 the question"])
+@pytest.mark.parametrize(
+  "text", ODD_TEXTS + ["To be, or not to be:\nthat is \u2581 the question", "a<|endoftext|>b <eos>"]
+)
 def test_encode_batch_equals_encode_for_every_kind(bpe, text):
   """Preparation's vectorised batch encoding gives exactly the ids of `encode`."""
-  char = tokenizers.CharTokenizer("".join(ODD_TEXTS) + "To be, or not t:\nhaqus\u2581")
+  char = tokenizers.CharTokenizer("".join(ODD_TEXTS) + "To be, or not t:\nhaqus\u2581<|>ndofxt")
   bytelevel = tokenizers.train("bytelevel", "To be, or not to be " * 50, vocab_size=300)
   for tok in (char, tokenizers.ByteTokenizer(), bpe, bytelevel):
     got = tok.encode_batch([text, text[::-1]])
