@@ -150,11 +150,37 @@ def test_interrupted_preparation_resumes_from_finished_shards(tmp_path, monkeypa
   (partial,) = leftovers(tmp_path)
   finished = [n for n in os.listdir(tmp_path / "stores" / partial) if n.endswith(".tokens")]
   assert partial.endswith(".partial") and len(finished) == 5
+  (tmp_path / "stores" / partial / ".s0.train.00005.tokens.x1.tmp").write_bytes(b"half")  # a kill mid-write
   resumed = []
   monkeypatch.setattr(prepare._SplitWriter, "_flush", lambda w: (resumed.append(1), real_flush(w)))
   assert store_files(prepare.ensure(cfg).directory) == reference
   shards = len([n for n in reference if n.endswith(".tokens")])
   assert len(resumed) == shards - 5, (len(resumed), shards)  # only the missing shards were written
+
+
+def test_document_ends_are_kept_at_shard_ends_without_an_eos(tmp_path, monkeypatch):
+  """char has no EOS: a document ending exactly at a shard's end still counts (its end is recorded)."""
+  monkeypatch.setattr(prepare, "SHARD_TOKENS", 4)
+  monkeypatch.setattr(prepare, "BATCH_BYTES", 4)
+  docs = ["abcd", "efgh", "abcd", "efgh", "abcd", "efgh", "abcd", "efgh", "abcd", "efgh"]
+  (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  store = prepare.ensure(data_cfg(tmp_path, sources=f"jsonl:{tmp_path}/d.jsonl", val_fraction=0.2))
+  counts = [store.split(0, s).documents_count for s in store_lib.SPLITS]
+  assert (
+    counts == [8, 2]
+    and [store.manifest["sources"][0]["splits"][s]["documents"] for s in store_lib.SPLITS] == counts
+  )
+  np.testing.assert_array_equal(store.split(0, "train").doc_ends, np.arange(4, 33, 4))
+
+
+def test_a_directory_in_the_stores_place_is_not_overwritten(tmp_path):
+  cfg = data_cfg(tmp_path, tokenizer="byte")
+  path = prepare.store_path(cfg, [s for s, _ in prepare.source_list(cfg)])
+  os.makedirs(path)
+  (tmp_path / "stores" / path / "notes.txt").write_text("mine")
+  with pytest.raises(errors.UserError, match="not a store lmjax finished. Remove the directory"):
+    prepare.ensure(cfg)
+  assert os.listdir(path) == ["notes.txt"]
 
 
 def test_filter_stage_drops_short_documents_and_counts_them(tmp_path):
@@ -174,11 +200,13 @@ def test_bad_inputs_give_clear_errors_and_leave_no_store(tmp_path):
   (tmp_path / "emptydir").mkdir()
   (tmp_path / "latin1.txt").write_bytes("good text\n".encode() * 5 + "café".encode("latin-1") + b"\n")
   (tmp_path / "nofield.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+  (tmp_path / "number.jsonl").write_text('{"text": "a"}\n{"text": null}\n{"text": 3}\n')
   cases = [
     (dict(sources=f"text:{tmp_path}/empty.txt"), "empty.txt is empty"),
     (dict(sources=f"text:{tmp_path}/emptydir/*"), "matches no file"),
     (dict(sources=f"text:{tmp_path}/latin1.txt"), "latin1.txt is not UTF-8 at byte offset 53"),
     (dict(sources=f"jsonl:{tmp_path}/nofield.jsonl"), "nofield.jsonl line 2 has no field 'text'"),
+    (dict(sources=f"jsonl:{tmp_path}/number.jsonl"), "number.jsonl line 3: field 'text' holds int, not text"),
     (dict(sources="nosuchkind:x"), "is not one of"),
   ]
   for overrides, message in cases:

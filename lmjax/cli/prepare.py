@@ -5,8 +5,9 @@ r"""`lmjax-prepare` (python -m lmjax.prepare): tokenize an experiment's data int
       --config.data.sources='jsonl:web/*.jsonl=3;text:books/*.txt=1'
 
 Training prepares the store on first use anyway; running this first keeps preparation (minutes to
-hours on a large corpus) out of the training job and shows a progress bar with MB/s. An interrupted
-preparation resumes from its finished shards. Prints the store's directory and its counts.
+hours on a large corpus) out of the training job and shows a progress bar (characters/s,
+tokens/s). An interrupted preparation resumes from its finished shards. Prints the store's
+directory and its counts.
 
 Exit status: 0 when the store is ready; 2 for bad input (a config value, an empty or non-UTF-8 file,
 a JSONL line without the text field, a full disk), printed as `error: ...`, with no partial store left.

@@ -6,8 +6,9 @@ sources' fingerprints, the tokenizer settings and the filters, so changed source
 
 How: each source's pieces (sources.py) pass the filters (filters.py), are tokenized in batches of
 ~`BATCH_BYTES` with the tokenizer's `encode_batch` (vectorised numpy for char/byte; SentencePiece's
-and the `tokenizers` library's own threads for BPE), get the EOS between documents, and are
-written in shards of `SHARD_TOKENS`. Memory stays at a few batches and one shard whatever the
+threads for bpe, a thread per core in tiktoken for bytelevel, overlapping the reading of the next
+batch), get the EOS after each document, and are written in shards of `SHARD_TOKENS` on a writer
+thread. Memory stays at a few batches and one shard whatever the
 corpus size. A fitted tokenizer (char, bpe) is fitted first: char on the characters of the whole
 train split (a cheap pass), BPE on a bounded sample (`data.tokenizer_sample_mb`).
 
@@ -63,7 +64,7 @@ def source_list(data_cfg) -> list:
         pass
     if not weight > 0:
       raise errors.ConfigError(f"data.sources: the weight of {spec!r} must be > 0, not {weight}")
-    if spec.startswith("text:") and spec == "text:":
+    if spec == "text:":
       raise errors.ConfigError(
         "data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list"
       )
@@ -103,7 +104,13 @@ def ensure(data_cfg, tokenizer=None, progress: bool = True) -> store_lib.Store:
 
 def _prepare(data_cfg, sources, path: str, tokenizer, progress: bool) -> None:
   partial = path + ".partial"
+  if os.path.exists(path):
+    raise errors.UserError(
+      f"{path} exists but has no {store_lib.MANIFEST}: it is not a store lmjax finished. Remove the "
+      "directory and run again to prepare it"
+    )
   try:
+    _remove_temporary_files(partial)  # a killed preparation's half-written files
     tok_dir = os.path.join(partial, store_lib.TOKENIZER_DIR)
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):  # resuming an interrupted preparation
       tokenizer = tokenizers.load(tok_dir)
@@ -137,6 +144,7 @@ def _prepare(data_cfg, sources, path: str, tokenizer, progress: bool) -> None:
     for name in os.listdir(partial):  # resume sidecars are not part of a finished store
       if name.endswith(".json") and name != store_lib.MANIFEST:
         os.remove(os.path.join(partial, name))
+    _remove_temporary_files(partial)
     files.write_json(os.path.join(partial, store_lib.MANIFEST), manifest)
     os.replace(partial, path)
   except Exception as err:
@@ -149,13 +157,22 @@ def _prepare(data_cfg, sources, path: str, tokenizer, progress: bool) -> None:
     raise
 
 
+def _remove_temporary_files(directory: str) -> None:
+  """Deletes write_atomic's temporary files (`.NAME.XXXX.tmp`) that a killed process left."""
+  for root, _, names in os.walk(directory) if os.path.isdir(directory) else ():
+    for name in names:
+      if name.startswith(".") and name.endswith(".tmp"):
+        os.remove(os.path.join(root, name))
+
+
 def _fit_tokenizer(data_cfg, sources):
   kind = data_cfg.tokenizer
   if kind == "byte":
     return tokenizers.ByteTokenizer()
   if kind == "char":
     return tokenizers.CharTokenizer.from_texts(text for s in sources for _, text in s.pieces("train"))
-  budget = int((data_cfg.get("tokenizer_sample_mb") or 32) * (1 << 20)) // len(sources)
+  # The sample is counted in characters (~bytes for English, fewer than its bytes for CJK text).
+  budget = int(data_cfg.get("tokenizer_sample_mb") * (1 << 20)) // len(sources)
   sample = []
   for source in sources:
     taken = 0
@@ -164,7 +181,7 @@ def _fit_tokenizer(data_cfg, sources):
       taken += len(sample[-1])
       if taken >= budget:
         break
-  return tokenizers.train(kind, "".join(sample), data_cfg.get("vocab_size"))
+  return tokenizers.train(kind, "\n".join(sample), data_cfg.get("vocab_size"))
 
 
 _RELEASES_GIL = ("bpe", "bytelevel", "hf")  # tokenizer kinds whose encode_batch runs outside the GIL
@@ -254,7 +271,7 @@ class _SplitWriter:
       raise errors.UserError(f"the {self.split} split of source {self.source_index}: {err}") from None
     parts, eos = [], np.array([self.eos] if self.eos is not None else [], self.dtype)
     for (starts, _), piece_ids in zip(batch, ids):
-      if (starts or self.pieces == 0) and self.open_doc:
+      if starts and self.open_doc:
         parts.append(eos)
         self.total += len(eos)
         self.doc_ends.append(self.total)
@@ -272,17 +289,13 @@ class _SplitWriter:
       self._end_document()
       self.open_doc = False
     buffered = sum(len(b) for b in self.buffer)
-    if buffered >= SHARD_TOKENS or (last and (buffered or not self.shards)):
+    if buffered >= SHARD_TOKENS or (last and (buffered or self.doc_ends or not self.shards)):
       self._flush()
-
-  def _append(self, ids) -> None:
-    if len(ids):
-      self.buffer.append(np.asarray(ids, self.dtype))
-      self.total += len(ids)
 
   def _end_document(self) -> None:
     if self.eos is not None:
-      self._append(np.array([self.eos]))
+      self.buffer.append(np.array([self.eos], self.dtype))
+      self.total += 1
     self.doc_ends.append(self.total)
 
   def _flush(self) -> None:

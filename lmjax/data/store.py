@@ -8,7 +8,10 @@ written last and atomically: a directory with a manifest is complete):
                            token and document counts
   tokenizer/               the tokenizer the tokens were made with (tokenizers.load reads it)
   s{i}.{split}.{k}.tokens  shard k of source i: raw uint16 (vocab <= 65536) or uint32 token ids
-  s{i}.{split}.{k}.docs    int64 end offsets (global in the split) of the documents ending in it
+  s{i}.{split}.{k}.docs.npy  int64 end offsets (global in the split) of the documents ending in it
+
+While preparing, each shard also has a sidecar `s{i}.{split}.{k}.json` (where an interrupted
+preparation resumes); they are removed before the manifest is written.
 
 Documents are separated by the tokenizer's EOS (each document's last token), or simply adjacent for
 tokenizers without one (char). Reading maps the shards, so memory does not grow with the corpus.

@@ -162,7 +162,7 @@ _RANGES = {
   "seed": (0, True, None, False),
   "data.val_fraction": (0.0, False, 1.0, False),
   "data.vocab_size": (0, True, None, False),
-  "data.tokenizer_sample_mb": (0, True, None, False),
+  "data.tokenizer_sample_mb": (0, False, None, False),
   "optim.lr": (0.0, False, None, False),
   "optim.min_lr": (0.0, True, None, False),
   "optim.warmup_steps": (0, True, None, False),

@@ -120,7 +120,7 @@ def _check_architecture_fields(cfg, source_cfg: model.ModelConfig) -> None:
       f"{', '.join(conflicts)}. Remove them; only {list(RUNTIME_MODEL_FIELDS)} may change."
     )
   base_data = config_lib.base_config().data
-  set_data = {k: v for k, v in cfg.data.items() if v != base_data[k]}
+  set_data = {k: v for k, v in cfg.data.items() if v != base_data[k] and k != "packing"}
   if set_data:
     print(
       f"NOTE: fine-tuning reads its examples from finetune.*; the data fields {set_data} are not used",
