@@ -103,10 +103,12 @@ def test_the_model_computes_the_same_with_either_kernel():
     loss = lambda p: M.Transformer(cfg).apply({"params": p}, tokens).std()
     return jax.jit(jax.value_and_grad(loss))(params)
 
-  (a, grads_a), (b, grads_b) = run(), run(attention_impl="xla", matmul_impl="xla")
-  np.testing.assert_allclose(a, b, rtol=1e-5)
-  for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  a, grads_a = run()
+  for impls in (dict(attention_impl="xla", matmul_impl="xla"), dict(attention_impl="blockwise")):
+    b, grads_b = run(**impls)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_causal_query_blocks_divide_the_sequence():
@@ -122,34 +124,20 @@ def test_causal_query_blocks_divide_the_sequence():
   ]
 
 
-@pytest.mark.slow
 def test_unknown_kernels_and_unsupported_options_are_refused():
   with pytest.raises(
-    ValueError, match=r"model.attention_impl='flash' is not supported; allowed values: \['xla', "
+    ValueError, match=r"model.attention_impl='flash' is not supported; allowed values: \['blockwise', 'xla', "
   ):
     M.ModelConfig(attention_impl="flash")
   with pytest.raises(ValueError, match=r"model.matmul_impl='cublas' is not supported"):
     M.ModelConfig(matmul_impl="cublas")
-  cfg = M.ModelConfig(
-    vocab_size=37,
-    max_len=16,
-    d_model=32,
-    n_layers=1,
-    n_heads=4,
-    d_ff=48,
-    attn_dropout=0.1,
-    attention_impl="xla",
-  )
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = M.init_params(cfg, jax.random.key(0))
-  with pytest.raises(ValueError, match="attention_impl='xla' has no attention dropout"):
-    M.Transformer(cfg).apply(
-      {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(1)}
-    )
+  for impl in ("xla", "blockwise"):  # refused when the config is made, not at the first step
+    with pytest.raises(ValueError, match=f"attention_impl='{impl}' has no attention dropout"):
+      M.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, attn_dropout=0.1, attention_impl=impl)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["xla_cpu", "xla"])
+@pytest.mark.parametrize("impl", ["xla_cpu", "xla", "blockwise"])
 def test_every_kernel_lowers_for_gpu_and_tpu_from_this_host(impl):
   """jax.export of a bf16-matmul training gradient for cuda and tpu: the XLA:CPU layout pins are
   chosen per lowering platform, so nothing CPU-only reaches an accelerator's program."""
@@ -162,7 +150,7 @@ def test_every_kernel_lowers_for_gpu_and_tpu_from_this_host(impl):
     n_kv_heads=2,
     d_ff=128,
     attention_impl=impl,
-    matmul_impl=impl,
+    matmul_impl=impl if impl in matmul_lib.MATMUL_IMPLS else "xla",
     matmul_dtype="bfloat16",
   )
   params = M.init_params(cfg, jax.random.key(0))
@@ -178,3 +166,50 @@ def test_every_kernel_lowers_for_gpu_and_tpu_from_this_host(impl):
     exported = jax.export.export(grad, platforms=[platform])(params, tokens)
     assert exported.platforms == (platform,)
     assert jax.export.export(packed, platforms=[platform])(params, tokens, tokens).platforms == (platform,)
+
+
+@pytest.mark.parametrize("kv_heads,window,segments", [(4, None, False), (2, None, True), (1, 9, True)])
+def test_blockwise_attention_matches_the_reference_over_several_blocks(
+  monkeypatch, kv_heads, window, segments
+):
+  """The blockwise (flash-style) implementation with 16-row tiles (4 query x 4 key blocks, causal
+  blocks above the diagonal skipped) against the xla reference: values and gradients, with GQA/MQA,
+  a sliding window and packed segments."""
+  from lmjax.ops import blockwise_attention
+
+  monkeypatch.setattr(blockwise_attention, "_MAX_BLOCK", 16)
+  q, k, v = qkv(kv_heads=kv_heads, T=64)
+  pos = jnp.broadcast_to(jnp.arange(64), (2, 64))
+  seg = jnp.asarray(np.repeat([[1, 2, 3, 4], [1, 1, 2, 2]], [10, 20, 30, 4], axis=1)) if segments else None
+  common = dict(causal=True, window=window, dropout=None, operand_dtype=jnp.float32, segment_ids_BT=seg)
+  got, expected = (
+    jax.jit(
+      lambda impl=impl: values_and_grads(
+        lambda q, k, v: attention_lib.attention(q, k, v, pos, pos, impl=impl, **common), q, k, v
+      )
+    )()
+    for impl in ("blockwise", "xla")
+  )
+  assert_close(got, expected, 1e-5)
+
+
+def test_blockwise_attention_with_padding_and_a_longer_key_cache(monkeypatch):
+  """Position masks (left padding -1, 8 new queries over 48 keys) in 16-row tiles, fp32 and bf16."""
+  from lmjax.ops import blockwise_attention
+
+  monkeypatch.setattr(blockwise_attention, "_MAX_BLOCK", 16)
+  q, k, v = qkv(T=48)
+  q = q[:, -16:]
+  k_pos = jnp.asarray([[-1] * 20 + list(range(28)), list(range(48))], jnp.int32)
+  q_pos = k_pos[:, -16:]
+  for operand_dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.03)):
+    common = dict(causal=False, window=None, dropout=None, operand_dtype=operand_dtype)
+    got, expected = (
+      jax.jit(
+        lambda impl=impl, common=common: values_and_grads(
+          lambda q, k, v: attention_lib.attention(q, k, v, q_pos, k_pos, impl=impl, **common), q, k, v
+        )
+      )()
+      for impl in ("blockwise", "xla")
+    )
+    assert_close(got, expected, tol)

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from lmjax.ops.attention import ATTENTION_IMPLS
+from lmjax.ops.attention import ATTENTION_DROPOUT_IMPLS, ATTENTION_IMPLS
 from lmjax.ops.matmul import MATMUL_IMPLS
 
 POS_ENCODINGS = ("sinusoidal", "learned", "rope", "none")
@@ -102,6 +102,11 @@ class ModelConfig:
     for field in ("dropout", "attn_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
         raise ValueError(f"model.{field}={getattr(self, field)} must be in [0, 1)")
+    if self.attn_dropout and self.attention_impl not in ATTENTION_DROPOUT_IMPLS:
+      raise ValueError(
+        f"model.attention_impl={self.attention_impl!r} has no attention dropout; set model.attn_dropout=0 "
+        f"or use one of {list(ATTENTION_DROPOUT_IMPLS)}"
+      )
     for field in ("n_kv_heads", "head_dim", "sliding_window"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(

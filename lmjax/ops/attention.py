@@ -6,6 +6,8 @@
            operand dtype with row-major layouts pinned where XLA:CPU's bf16 kernels need them
            (BUILD_NOTES, performance rounds 3-5). Supports attention dropout.
   xla      `jax.nn.dot_product_attention(implementation="xla")`: the reference. No attention dropout.
+  blockwise  FlashAttention's algorithm in plain JAX (blockwise_attention.py): O(T) memory on any
+           backend, scores recomputed in the backward. No attention dropout.
 
 Every implementation takes the same inputs and gives the same values and gradients (tests assert
 it); accelerator kernels (cuDNN flash attention, TPU splash attention) are further entries of
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.ops import blockwise_attention
 from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
 # Query rows per KV head from which attention_core copies K row-major (see _attention_fwd).
@@ -250,4 +253,5 @@ def _attention_bwd(operand_dtype, residuals, dout_BKMH):
 attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-ATTENTION_IMPLS = {"xla_cpu": _blocked, "xla": _reference}
+ATTENTION_IMPLS = {"xla_cpu": _blocked, "xla": _reference, "blockwise": blockwise_attention.blockwise}
+ATTENTION_DROPOUT_IMPLS = ("xla_cpu",)  # the implementations with attention dropout
