@@ -37,7 +37,7 @@ def store_files(directory):
 
 def leftovers(tmp_path):
   root = tmp_path / "stores"
-  return sorted(n for n in os.listdir(root) if not n.endswith(".lock")) if root.exists() else []
+  return sorted(n for n in os.listdir(root) if n != ".locks") if root.exists() else []
 
 
 def test_shakespeare_store_is_the_source_text_split_at_90_percent(tmp_path):
@@ -208,6 +208,10 @@ def test_bad_inputs_give_clear_errors_and_leave_no_store(tmp_path):
     (dict(sources=f"jsonl:{tmp_path}/nofield.jsonl"), "nofield.jsonl line 2 has no field 'text'"),
     (dict(sources=f"jsonl:{tmp_path}/number.jsonl"), "number.jsonl line 3: field 'text' holds int, not text"),
     (dict(sources="nosuchkind:x"), "is not one of"),
+    (dict(sources=f"text:{tmp_path}/latin1.txt=abc"), "the weight 'abc' after '=' is not a number"),
+    (dict(sources=f"text:{tmp_path}/latin1.txt=inf"), "must be a finite number > 0, not inf"),
+    (dict(sources=f"text:{tmp_path}/latin1.txt", filters="min_chars:abc"), "min_chars needs a whole number"),
+    (dict(sources=f"text:{tmp_path}/latin1.txt", filters="no_such_module_xyz.fn"), "ModuleNotFoundError"),
   ]
   for overrides, message in cases:
     with pytest.raises(errors.UserError, match=message):

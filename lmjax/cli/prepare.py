@@ -21,6 +21,7 @@ from lmjax import cli
 from lmjax.cli import train as train_cli
 from lmjax.data import prepare
 from lmjax.run import config as config_lib
+from lmjax.train import preflight
 
 
 def main(argv):
@@ -30,6 +31,7 @@ def main(argv):
   cli.quiet_library_logging()
   cfg = flags.FLAGS.config  # defined with the other training flags (cli/train.py)
   config_lib.validate(cfg)
+  preflight.check_fields_used(cfg)  # what training would refuse, refused before preparing
   store = prepare.ensure(cfg.data)
   summary = {
     "store": store.directory,

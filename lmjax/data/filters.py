@@ -32,18 +32,19 @@ def parse(spec: str) -> list:
     name, _, argument = part.partition(":")
     if name in FILTERS:
       function = FILTERS[name]
-      if not argument:
-        raise errors.ConfigError(f"data.filters: {name} needs an argument, e.g. '{name}:200'")
+      if not argument.isdigit() or not int(argument):
+        raise errors.ConfigError(f"data.filters: {name} needs a whole number > 0, e.g. '{name}:200'")
     else:
       module, _, attr = name.rpartition(".")
       try:
         function = getattr(importlib.import_module(module), attr) if module else None
-      except (ImportError, AttributeError):
-        function = None
+        why = "" if function is None else None
+      except (ImportError, AttributeError) as err:
+        function, why = None, f" ({type(err).__name__}: {err})"
       if function is None:
         raise errors.ConfigError(
           f"data.filters: {name!r} is neither a built-in filter ({sorted(FILTERS)}) nor an importable "
-          "package.module.function"
+          f"package.module.function{why or ''}; a module of your own must be on PYTHONPATH"
         )
     chain.append((part, function, argument))
   return chain

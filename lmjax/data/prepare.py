@@ -26,6 +26,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -60,10 +61,18 @@ def source_list(data_cfg) -> list:
     if head:
       try:
         spec, weight = head, float(tail)
-      except ValueError:
-        pass
-    if not weight > 0:
-      raise errors.ConfigError(f"data.sources: the weight of {spec!r} must be > 0, not {weight}")
+      except ValueError:  # a path with '=' in it, or a weight that is not a number
+        try:
+          sources_lib.parse(spec, data_cfg)
+        except errors.ConfigError:
+          raise errors.ConfigError(
+            f"data.sources: in {spec!r}, the weight {tail!r} after '=' is not a number (write "
+            "'spec=0.5;spec=1.5', entries separated by ';')"
+          ) from None
+    if not (math.isfinite(weight) and weight > 0):
+      raise errors.ConfigError(
+        f"data.sources: the weight of {spec!r} must be a finite number > 0, not {weight}"
+      )
     if spec == "text:":
       raise errors.ConfigError(
         "data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list"
@@ -94,8 +103,9 @@ def ensure(data_cfg, tokenizer=None, progress: bool = True) -> store_lib.Store:
   path = store_path(data_cfg, sources)
   if os.path.exists(os.path.join(path, store_lib.MANIFEST)):
     return store_lib.Store(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".lock", "w") as lock:
+  locks = os.path.join(os.path.dirname(path), ".locks")  # kept: removing a lock file others may wait on races
+  os.makedirs(locks, exist_ok=True)
+  with open(os.path.join(locks, os.path.basename(path) + ".lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it if this process dies
     if not os.path.exists(os.path.join(path, store_lib.MANIFEST)):
       _prepare(data_cfg, sources, path, tokenizer, progress)

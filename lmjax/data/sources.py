@@ -236,7 +236,8 @@ def _decode(data: bytes, path: str, offset: int, errors_mode: str) -> str:
   except UnicodeDecodeError as err:
     raise errors.UserError(
       f"{path} is not UTF-8 at byte offset {offset + err.start} ({data[err.start : err.start + 4]!r}); "
-      "convert it (e.g. `iconv -t utf-8`) or set data.errors='replace' to write U+FFFD for bad bytes"
+      "convert it (e.g. `iconv -f latin1 -t utf-8`, naming its encoding) or set data.errors='replace' to "
+      "write U+FFFD for bad bytes"
     ) from None
 
 
