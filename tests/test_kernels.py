@@ -213,3 +213,31 @@ def test_blockwise_attention_with_padding_and_a_longer_key_cache(monkeypatch):
       for impl in ("blockwise", "xla")
     )
     assert_close(got, expected, tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla_cpu", "xla", "blockwise"])
+def test_prefill_and_decode_lower_for_gpu_and_tpu_from_this_host(impl):
+  """jax.export of the sampler's prefill (the KV cache filled from padded prompts) and its decode
+  loop for cuda and tpu, so sampling on an accelerator meets no lowering error."""
+  from lmjax.inference import sampler
+
+  cfg = M.ModelConfig(
+    vocab_size=64, max_len=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, attention_impl=impl
+  )
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  static = dict(num_new=8, sampling=sampler.SamplingConfig(temperature=0.8, top_k=5), eos_id=1, pad_id=0)
+  state = sampler.prefill(cfg, params, tokens, positions, jax.random.PRNGKey(0), **static)
+  del static["num_new"]
+  for platform in ("cuda", "tpu"):
+    exported = jax.export.export(
+      jax.jit(lambda p, t, pos, r: sampler.prefill(cfg, p, t, pos, r, num_new=8, **static)),
+      platforms=[platform],
+    )(params, tokens, positions, jax.random.PRNGKey(0))
+    assert exported.platforms == (platform,)
+    exported = jax.export.export(
+      jax.jit(lambda p, s: sampler.decode(cfg, p, s, 8, **static)), platforms=[platform]
+    )(params, state)
+    assert exported.platforms == (platform,)
