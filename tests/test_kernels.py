@@ -4,6 +4,7 @@ gradients, and the model computes the same with any of them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lmjax import model as M
@@ -241,3 +242,35 @@ def test_prefill_and_decode_lower_for_gpu_and_tpu_from_this_host(impl):
       jax.jit(lambda p, s: sampler.decode(cfg, p, s, 8, **static)), platforms=[platform]
     )(params, state)
     assert exported.platforms == (platform,)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_chunked_cross_entropy_equals_the_full_logits_loss(monkeypatch, tie_embeddings):
+  """The model's loss computed in 4 chunks of the sequence (logits remade in the backward) against
+  optax's cross-entropy of the full logits: the same sum, count and parameter gradients."""
+  from lmjax.model import chunked_loss
+
+  cfg = M.ModelConfig(
+    vocab_size=37, max_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=48, tie_embeddings=tie_embeddings
+  )
+  params = M.init_params(cfg, jax.random.key(1))
+  tokens, targets = jax.random.randint(jax.random.key(0), (2, 2, 16), 0, 37)
+  mask = (jax.random.uniform(jax.random.key(2), (2, 16)) > 0.3).astype(jnp.float32)
+  assert chunked_loss.chunk_length(2, 16, 37) == 16  # a small vocabulary is not chunked
+  monkeypatch.setattr(chunked_loss, "MIN_VOCAB", 0)
+  monkeypatch.setattr(chunked_loss, "MAX_CHUNK_LOGITS", 2 * 4 * 37)
+  assert chunked_loss.chunk_length(2, 16, 37) == 4
+
+  def chunked(p):
+    return M.Transformer(cfg).apply({"params": p}, tokens, targets_BT=targets, loss_mask_BT=mask)
+
+  def full(p):
+    logits = M.Transformer(cfg).apply({"params": p}, tokens)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return (ce * mask).sum(), mask.sum()
+
+  (got, count), grads = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)
+  (expected, expected_count), expected_grads = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert count == expected_count
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, expected_grads)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lmjax.core import sharding
+from lmjax.model import chunked_loss
 from lmjax.model.config import REMAT_POLICIES, ModelConfig
 from lmjax.model.layers import ACTIVATION_AXES, Block, Norm, dense, make_param, sinusoidal_encoding
 from lmjax.ops.dropout import Dropout
@@ -28,7 +29,10 @@ class Transformer(nn.Module):
   `cache=init_cache(...)`-shaped state it returns `(logits_BTV, new_cache)`;
   positions default to 0..T-1 (or continue after the cache's filled slots). `segment_ids_BT`
   (packed documents, no cache): tokens attend only within their segment, causally in row order,
-  while `positions_BT` (restarting at 0 per document) drive the position encodings.
+  while `positions_BT` (restarting at 0 per document) drive the position encodings. With
+  `targets_BT` (and optionally `loss_mask_BT`) it returns the next-token loss instead of logits:
+  (sum of cross-entropies over the masked-in tokens, their count), computed in chunks of the
+  sequence for large vocabularies so the [B, T, V] logits never exist at once (chunked_loss.py).
   """
 
   cfg: ModelConfig
@@ -42,6 +46,8 @@ class Transformer(nn.Module):
     deterministic: bool = True,
     return_hidden: bool = False,
     segment_ids_BT=None,
+    targets_BT=None,
+    loss_mask_BT=None,
   ):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
@@ -104,10 +110,13 @@ class Transformer(nn.Module):
     if return_hidden:  # the last hidden states (after the final norm), e.g. for embeddings
       return x_BTD.astype(jnp.float32)
     if cfg.tie_embeddings:
-      logits_BTV = dense(x_BTD, embedding_VD, cfg, out_dtype=jnp.float32, w_is_NK=True)
+      head = lambda x: dense(x, embedding_VD, cfg, out_dtype=jnp.float32, w_is_NK=True)
     else:
       head_DV = make_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
-      logits_BTV = dense(x_BTD, head_DV, cfg, out_dtype=jnp.float32)
+      head = lambda x: dense(x, head_DV, cfg, out_dtype=jnp.float32)
+    if targets_BT is not None:  # the loss, chunked for large vocabularies (chunked_loss.py)
+      return chunked_loss.token_loss_sum(x_BTD, head, targets_BT, loss_mask_BT)
+    logits_BTV = head(x_BTD)
     if cache is None:
       return logits_BTV
     return logits_BTV, {"k": new_layer_caches[0], "v": new_layer_caches[1], "pos": k_pos_BS, "end": start + T}

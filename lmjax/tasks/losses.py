@@ -62,7 +62,8 @@ def lm_loss(run_model, batch: LMBatch) -> tuple[jax.Array, jax.Array]:
   packed = {}
   if "segment_ids" in batch:
     packed = {"positions_BT": batch["positions"], "segment_ids_BT": batch["segment_ids"]}
-  return token_loss_sum(run_model(batch["inputs"], **packed), batch["targets"], batch.get("mask"))
+  # The model computes the loss itself: for large vocabularies in chunks, never holding all logits.
+  return run_model(batch["inputs"], targets_BT=batch["targets"], loss_mask_BT=batch.get("mask"), **packed)
 
 
 def contrastive_loss(run_model, batch: PairBatch, temperature: float = 0.05) -> tuple[jax.Array, jax.Array]:
