@@ -17,8 +17,9 @@ import pytest
 from lmjax import model, train
 from lmjax.core import errors, sharding
 from lmjax.inference import LanguageModel
+from lmjax.model import chunked_loss
 from lmjax.run import config as config_lib, rundir
-from lmjax.tasks import evaluators, losses
+from lmjax.tasks import evaluators
 from lmjax.train import metrics_log
 
 from conftest import REPO, run_lmjax, tiny_config, tiny_flags
@@ -233,14 +234,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus_file,
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
-  real_token_loss_sum = losses.token_loss_sum
+  real_token_loss_sum = chunked_loss.token_loss_sum
 
-  def poisoned(logits, targets, mask=None):  # the loss turns NaN from step 13 on (lr is still positive)
-    total, count = real_token_loss_sum(logits, targets, mask)
-    return (jnp.where(jnp.abs(logits).max() > 0, total * jnp.nan, total) if poisoned.armed else total), count
+  def poisoned(x, head, targets, mask=None):  # the loss turns NaN from step 13 on (lr is still positive)
+    total, count = real_token_loss_sum(x, head, targets, mask)
+    return (jnp.where(jnp.abs(x).max() > 0, total * jnp.nan, total) if poisoned.armed else total), count
 
   poisoned.armed = False
-  monkeypatch.setattr(losses, "token_loss_sum", poisoned)
+  monkeypatch.setattr(chunked_loss, "token_loss_sum", poisoned)
 
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   train.train(tiny_config(corpus_file, data_dir, steps=12, log_every=4, num_samples=0), workdir)
