@@ -45,7 +45,7 @@ def blockwise(
     k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   q_seg = jnp.zeros((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
   k_seg = jnp.zeros((B, S), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
-  # [B, K, G*T, H] rows per kv head, position-major within a head group is not needed: rows are (g, t).
+  # [B, K, G*T, H]: the G query heads sharing a kv head become rows (g, t) of one matrix.
   q_BKMH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
   q_BKMH = q_BKMH.reshape(B, K, (N // K) * T, H)
   k_BKSH, v_BKSH = (x.transpose(0, 2, 1, 3) for x in (k_BSKH, v_BSKH))
@@ -56,7 +56,7 @@ def blockwise(
   return out.astype(q_BTNH.dtype)
 
 
-def _tiles(q_BKMH, k_BKSH, q_pos, k_pos, q_seg, k_seg, window):
+def _tiles(q_BKMH, q_pos, k_pos):
   """Block geometry: (G, T, block_q, block_k, number of query and key blocks)."""
   T, S = q_pos.shape[1], k_pos.shape[1]
   G = q_BKMH.shape[2] // T
@@ -99,7 +99,7 @@ def _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, window, operand_dtype):
 
 
 def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, window, operand_dtype):
-  G, T, bq, bk, n_q, n_k = _tiles(q, k, q_pos, k_pos, q_seg, k_seg, window)
+  G, T, bq, bk, n_q, n_k = _tiles(q, q_pos, k_pos)
   B, K, _, H = q.shape
 
   def one_query_block(i):
@@ -145,7 +145,7 @@ def _from_blocks(x_nBKMX, G, bq):
 
 def _flash_bwd(causal, window, operand_dtype, residuals, dout):
   q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
-  G, T, bq, bk, n_q, n_k = _tiles(q, k, q_pos, k_pos, q_seg, k_seg, window)
+  G, T, bq, bk, n_q, n_k = _tiles(q, q_pos, k_pos)
   dout = dout.astype(jnp.float32)
   delta = (dout * out).sum(-1)  # rowsum(dO * O)
 
