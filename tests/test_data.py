@@ -1,9 +1,12 @@
 """Tokenizer tests: round trips, saved and loaded kinds, batch encoding (stores: test_store.py)."""
 
+import json
+
 import numpy as np
 import pytest
 
 from lmjax.data import (
+  bytelevel_bpe,
   hf_tokenizer,
   shakespeare,
   tokenizer_base,
@@ -108,3 +111,19 @@ def test_bytelevel_bpe_learns_merges_and_is_what_nanogpt_would_encode():
   assert len(tok.encode(" the cat")) == 2  # " the", " cat": merged, space attached
   assert tok.decode(tok.encode("the") + [tok.eos_id], skip_special_tokens=False) == "the<|endoftext|>"
   assert tok.encode("<|endoftext|>") != [tok.eos_id]  # text, not the control id
+
+
+def test_bytelevel_split_keeps_whitespace_runs_whole_and_old_tokenizers_keep_gpt2s(tmp_path):
+  """lmjax's split (bytelevel_bpe.PATTERN) keeps a run of spaces whole, so the word after it has no
+  leading space; GPT-2's lookahead leaves the run's last space to the word. A tokenizer saved before
+  the spec named its pattern was fitted with GPT-2's and loads with it."""
+  ranks = {bytes([b]): b for b in range(256)} | {b"  ": 256, b" b": 257}
+  tok = bytelevel_bpe.ByteLevelBPETokenizer(ranks)
+  assert tok.encode("a  b") == [ord("a"), 256, ord("b")]  # "a", "  ", "b"
+  tok.save(str(tmp_path))
+  assert tokenizers.load(str(tmp_path)).encode("a  b") == [ord("a"), 256, ord("b")]
+  spec_path = tmp_path / "tokenizer.json"
+  spec = json.loads(spec_path.read_text())
+  del spec["pattern"]
+  spec_path.write_text(json.dumps(spec))
+  assert tokenizers.load(str(tmp_path)).encode("a  b") == [ord("a"), ord(" "), 257]  # "a", " ", " b"
