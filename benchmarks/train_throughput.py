@@ -7,6 +7,8 @@ against this machine's matmul peak, measured in the same run (fp32 and bf16).
   python benchmarks/train_throughput.py --shapes=default --precisions=fp32,bf16-matmul
   python benchmarks/train_throughput.py --shapes=gpu --precisions=bf16-matmul \
       --set=model.dropout=0 --set=model.attn_dropout=0   # the no-dropout comparison
+  python benchmarks/train_throughput.py --experiment=experiments/llama_1b.py --vocab=32000 \
+      --shapes=default --precisions=bf16 --peak_tflops=989   # an accelerator: MFU against its spec
 """
 
 import ast
@@ -25,7 +27,15 @@ from absl import app, flags
 from lmjax import model, train
 from lmjax.run import config as config_lib
 
-_EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py")
+_EXPERIMENT = flags.DEFINE_string(
+  "experiment",
+  os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py"),
+  "Experiment file; 'default' is its shape as configured, 'gpu' its :gpu variant at batch 16.",
+)
+_VOCAB = flags.DEFINE_integer("vocab", 78, "Vocabulary size (78: Shakespeare's characters).")
+_PEAK = flags.DEFINE_float(
+  "peak_tflops", 0.0, "MFU against this dense peak (e.g. 989 for an H100/H200 in bf16); 0: measured here."
+)
 
 _SHAPES = flags.DEFINE_list(
   "shapes", ["default", "gpu"], "default: 4x128, batch 12x64; gpu: 6x384, batch 16x256."
@@ -44,11 +54,10 @@ _SET = flags.DEFINE_multi_string(
   "FIELD=VALUE config overrides for every measured configuration, "
   "e.g. model.attn_dropout=0 (the readings of BUILD_NOTES' comparisons).",
 )
-_VOCAB = 78  # the Shakespeare character vocabulary
 
 
 def experiment(shape: str, precision: str):
-  cfg = config_lib.load_experiment(_EXPERIMENT + (":gpu" if shape == "gpu" else ""))
+  cfg = config_lib.load_experiment(_EXPERIMENT.value + (":gpu" if shape == "gpu" else ""))
   if shape == "gpu":
     cfg.train.batch_size = 16  # the shape of the nanoGPT reference measurement on this machine
   cfg.model.dtype, cfg.model.matmul_dtype = _PRECISIONS[precision]
@@ -73,7 +82,7 @@ def _time_steps(compiled, state, batches, steps: int, first: int = 0):
 
 
 def measure(cfg) -> dict:
-  model_cfg = config_lib.model_config(cfg, _VOCAB)
+  model_cfg = config_lib.model_config(cfg, _VOCAB.value)
   tc = cfg.train
   run = train.setup(cfg, model_cfg)
   state = train.init_state(model_cfg, run.optimizer, 0, run.shardings)
@@ -82,7 +91,9 @@ def measure(cfg) -> dict:
   )
   rng = np.random.default_rng(0)
   spec = train.batch_spec(cfg, run.batch_sharding)
-  batches = [{k: rng.integers(0, _VOCAB, s.shape).astype(s.dtype) for k, s in spec.items()} for _ in range(4)]
+  batches = [
+    {k: rng.integers(0, _VOCAB.value, s.shape).astype(s.dtype) for k, s in spec.items()} for _ in range(4)
+  ]
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batches[0], None).compile()
@@ -128,9 +139,19 @@ def main(_):
         f"{r['best_ms_per_step']:.1f})  {1e3 / r['ms_per_step']:6.2f} steps/s  "
         f"{r['tokens_per_sec']:8.0f} tok/s  {r['model_tflops']:.3f} TFLOP/s  "
         f"MFU {100 * r['model_tflops'] * 1e12 / peaks['float32']:.1f}% of fp32 peak, "
-        f"{100 * r['model_tflops'] * 1e12 / peaks['bfloat16']:.1f}% of bf16 peak",
+        f"{100 * r['model_tflops'] * 1e12 / peaks['bfloat16']:.1f}% of bf16 peak"
+        + (
+          f", {100 * r['model_tflops'] / _PEAK.value:.1f}% of {_PEAK.value:g} TFLOP/s" if _PEAK.value else ""
+        )
+        + peak_memory(),
         flush=True,
       )
+
+
+def peak_memory() -> str:
+  """The device's peak allocation so far, where the backend reports it (GPU/TPU; not XLA:CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return f", peak memory {stats['peak_bytes_in_use'] / 2**30:.2f} GiB" if "peak_bytes_in_use" in stats else ""
 
 
 if __name__ == "__main__":

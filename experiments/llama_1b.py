@@ -3,7 +3,7 @@
   lmjax-train --config=experiments/llama_1b.py --dry_run --cpu_devices=8
 compiles the train step on 8 simulated devices with FSDP and prints per-device memory and FLOPs,
 without allocating the model. Train it on a GPU/TPU node with a real corpus
-(`--config.data.dataset=text_files --config.data.text_files=...`).
+(`--config.data.sources=jsonl:/data/owt/*.jsonl`, prepared once into a token store).
 """
 
 from lmjax.run import config

@@ -112,7 +112,7 @@ def test_rope_matches_pair_rotation_and_is_relative():
   assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
 
 
-@pytest.mark.parametrize("impl", ["xla_cpu", "xla"])
+@pytest.mark.parametrize("impl", ["xla_cpu", "reference", "blockwise"])
 @pytest.mark.parametrize(
   "n_kv_heads,bias,rope,causal",
   [

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lmjax.research import sweep
+from lmjax.research import devices, sweep
 
 from conftest import REPO, TINY_EXPERIMENT
 
@@ -104,3 +104,51 @@ def test_random_search_is_seeded_and_in_range():
   points = sweep.random_search({"optim.lr": (1e-4, 1e-2), "model.mlp": ["gelu", "swiglu"]}, 6, seed=3)
   assert points == sweep.random_search({"optim.lr": (1e-4, 1e-2), "model.mlp": ["gelu", "swiglu"]}, 6, seed=3)
   assert all(1e-4 <= p["optim.lr"] <= 1e-2 and p["model.mlp"] in ("gelu", "swiglu") for p in points)
+
+
+def test_each_running_point_gets_devices_of_its_own(monkeypatch):
+  """--parallel x --devices_per_point on an 8-GPU node: disjoint CUDA_VISIBLE_DEVICES covering the
+  node; TPU chips likewise with a port each; sharing turns GPU preallocation off; clear refusals."""
+  gpus = [str(i) for i in range(8)]
+  slots = devices.slot_environments("gpu", gpus, 4, 2)
+  ids = [env["CUDA_VISIBLE_DEVICES"].split(",") for env in slots]
+  assert all(len(i) == 2 for i in ids) and sorted(sum(ids, [])) == gpus
+  assert devices.slot_environments("gpu", gpus, 2, 0) == [{"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}] * 2
+  assert devices.slot_environments("cpu", [], 2, 0) == [{}, {}]
+  tpu = devices.slot_environments("tpu", [str(i) for i in range(4)], 2, 2)
+  assert [env["TPU_VISIBLE_CHIPS"] for env in tpu] == ["0,1", "2,3"]
+  assert {env["TPU_CHIPS_PER_PROCESS_BOUNDS"] for env in tpu} == {"1,2,1"}
+  assert len({env["TPU_MESH_CONTROLLER_PORT"] for env in tpu}) == 2
+  with pytest.raises(ValueError, match="needs 12 devices; this node has 8 GPUs .* lower --parallel to 2"):
+    devices.slot_environments("gpu", gpus, 3, 4)
+  with pytest.raises(ValueError, match="needs GPUs or TPUs"):
+    devices.slot_environments("cpu", [], 2, 1)
+  with pytest.raises(ValueError, match="holds 1, 2 or 4 chips"):
+    devices.slot_environments("tpu", [str(i) for i in range(8)], 2, 3)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+  assert devices.node_devices() == ("gpu", ["2", "5"])
+
+
+def test_running_points_never_share_a_slot(tmp_path, monkeypatch):
+  """run_sweep hands each concurrently running point a slot environment no other running point
+  holds (points recorded from inside run_point)."""
+  import threading
+  import time
+
+  monkeypatch.setattr(devices, "node_devices", lambda: ("gpu", [str(i) for i in range(4)]))
+  running, seen, lock = set(), [], threading.Lock()
+
+  def fake_point(config, sweep_dir, point, env):
+    with lock:
+      assert env["CUDA_VISIBLE_DEVICES"] not in running
+      running.add(env["CUDA_VISIBLE_DEVICES"])
+    time.sleep(0.05)
+    with lock:
+      running.remove(env["CUDA_VISIBLE_DEVICES"])
+      seen.append(env["CUDA_VISIBLE_DEVICES"])
+    return {"overrides": point, "workdir": str(tmp_path / str(point["i"])), "wall_s": 0.0, "status": "ok"}
+
+  monkeypatch.setattr(sweep, "run_point", fake_point)
+  monkeypatch.setattr(sweep, "_experiment_module", lambda config: None)
+  assert sweep.run_sweep("unused.py", str(tmp_path), [{"i": i} for i in range(6)], 2, 2) == 0
+  assert sorted(set(seen)) == ["0,1", "2,3"] and len(seen) == 6

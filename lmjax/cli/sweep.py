@@ -1,6 +1,7 @@
 """`lmjax-sweep` (python -m lmjax.cli.sweep): run every point of an experiment's `get_sweep()`.
 
   lmjax-sweep --config=experiments/shakespeare_char.py --workdir=runs/lr_sweep [--parallel=2]
+  lmjax-sweep ... --parallel=4 --devices_per_point=2    # an 8-GPU node: 4 points, 2 GPUs each
   lmjax-sweep ... --print_commands        # one shell command per point, for any scheduler
   lmjax-sweep ... --emit=slurm --slurm_gpus=1 --slurm_time=01:00:00   # sbatch job array
 
@@ -20,6 +21,11 @@ from lmjax.research import sweep
 flags.DEFINE_string("config", None, "Experiment file with get_sweep(), optionally file.py:variant.")
 flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per point, results beside them.")
 flags.DEFINE_integer("parallel", 1, "Points to run at the same time (local processes).")
+flags.DEFINE_integer(
+  "devices_per_point",
+  0,
+  "GPUs or TPU chips each running point gets to itself (disjoint; 0: the points share the node's).",
+)
 flags.DEFINE_bool("print_commands", False, "Print one command per point instead of running.")
 flags.DEFINE_string("emit", None, "'slurm': write a job-array sbatch script instead of running.")
 flags.DEFINE_integer("slurm_gpus", 1, "GPUs per array task.")
@@ -56,7 +62,10 @@ def main(argv):
     return
   if f.emit:
     raise app.UsageError(f"--emit={f.emit!r}: only 'slurm' is supported")
-  status = sweep.run_sweep(f.config, f.workdir, points, f.parallel)
+  try:
+    status = sweep.run_sweep(f.config, f.workdir, points, f.parallel, f.devices_per_point)
+  except ValueError as err:  # the node lacks the devices asked for
+    raise app.UsageError(str(err)) from None
   if status:
     sys.exit(status)
 

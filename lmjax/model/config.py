@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from lmjax.ops import accelerator_attention
 from lmjax.ops.attention import ATTENTION_DROPOUT_IMPLS, ATTENTION_IMPLS
 from lmjax.ops.matmul import MATMUL_IMPLS
 
@@ -65,7 +66,7 @@ class ModelConfig:
   remat: str = "none"
   dtype: str = "float32"  # compute dtype of activations and matmuls
   # Kernels by name (ops/attention.py, ops/matmul.py): the same values and gradients, other speeds.
-  attention_impl: str = "xla_cpu"
+  attention_impl: str = "auto"
   matmul_impl: str = "xla_cpu"
   matmul_dtype: str | None = None  # operand dtype of the dense projections (None: dtype), fp32 accumulation
   param_dtype: str = "float32"  # storage dtype of parameters
@@ -79,7 +80,7 @@ class ModelConfig:
     _choice("dtype", self.dtype, DTYPES)
     _choice("matmul_dtype", self.matmul_dtype, DTYPES + (None,))
     _choice("param_dtype", self.param_dtype, DTYPES)
-    _choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _choice("attention_impl", self.attention_impl, ("auto", *ATTENTION_IMPLS))
     _choice("matmul_impl", self.matmul_impl, MATMUL_IMPLS)
     for field in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
       if getattr(self, field) < 1:
@@ -107,6 +108,7 @@ class ModelConfig:
         f"model.attention_impl={self.attention_impl!r} has no attention dropout; set model.attn_dropout=0 "
         f"or use one of {list(ATTENTION_DROPOUT_IMPLS)}"
       )
+    accelerator_attention.check(self.attention_impl, self.matmul_dtype or self.dtype, self.dim_per_head)
     for field in ("n_kv_heads", "head_dim", "sliding_window"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(

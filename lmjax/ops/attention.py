@@ -1,17 +1,20 @@
 """Attention kernels, chosen by name (`model.attention_impl`); the model calls `attention` only.
 
-  xla_cpu  this file's blocked attention: plain causal self-attention is split into query blocks that
-           skip the key blocks above the diagonal; each block is `attention_core`, a custom-VJP
-           softmax(q k^T + bias) v whose every matmul is a plain batched [m, k] @ [k, n] in the
-           operand dtype with row-major layouts pinned where XLA:CPU's bf16 kernels need them
-           (BUILD_NOTES, performance rounds 3-5). Supports attention dropout.
-  xla      `jax.nn.dot_product_attention(implementation="xla")`: the reference. No attention dropout.
+  auto       the fastest implementation measured for the backend and shape (`auto_impl`): xla_cpu
+             or blockwise on CPU, cudnn on GPU, splash on TPU. The default.
+  xla_cpu    this file's blocked attention: plain causal self-attention is split into query blocks
+             that skip the key blocks above the diagonal; each block is `attention_core`, a
+             custom-VJP softmax(q k^T + bias) v whose every matmul is a plain batched [m, k] @ [k, n]
+             in the operand dtype with row-major layouts pinned where XLA:CPU's bf16 kernels need
+             them (BUILD_NOTES, performance rounds 3-5). Supports attention dropout.
+  reference  `jax.nn.dot_product_attention(implementation="xla")`, the mask materialised.
   blockwise  FlashAttention's algorithm in plain JAX (blockwise_attention.py): O(T) memory on any
-           backend, scores recomputed in the backward. No attention dropout.
+             backend, scores recomputed in the backward.
+  cudnn      cuDNN flash attention (GPU), accelerator_attention.py.
+  splash     Pallas splash attention (TPU), accelerator_attention.py.
 
 Every implementation takes the same inputs and gives the same values and gradients (tests assert
-it); accelerator kernels (cuDNN flash attention, TPU splash attention) are further entries of
-`ATTENTION_IMPLS` and need nothing changed in the model. The mask is described, not materialised:
+it); only xla_cpu has attention dropout. The mask is described, not materialised:
 `causal=True` means plain causal self-attention over positions 0..T-1 (the positions are then not
 read); otherwise a key at position k is visible to a query at q iff k >= 0 and 0 <= q - k (and
 q - k < window with a sliding window). Position -1 marks padding. With `segment_ids` (packed
@@ -28,9 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.ops import blockwise_attention
+from lmjax.ops import accelerator_attention, blockwise_attention, masks
 from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
+# Causal self-attention of at least this many positions takes blockwise under "auto" on CPU: below
+# it xla_cpu is 1.5-1.6x faster (6x384 training step at T = 1k, 2k, 4k), from it xla_cpu's stored
+# scores outgrow a workstation (GPT-2-small, batch 1: 11.6 GiB of temporaries at 4k, ~4x per 2x T).
+CPU_BLOCKWISE_FROM = 8192
 # Query rows per KV head from which attention_core copies K row-major (see _attention_fwd).
 _MIN_ROWS_FOR_K_COPY = 64
 # A large finite negative instead of -inf: a fully masked row (a padding query)
@@ -49,21 +56,22 @@ def attention(
   window: int | None = None,
   dropout=None,
   operand_dtype=jnp.float32,
-  impl: str = "xla_cpu",
+  impl: str = "auto",
   segment_ids_BT=None,
 ) -> jax.Array:
   """softmax(q k^T / sqrt(H) + mask) v with grouped KV heads (K divides N) -> [B, T, N, H] in q's dtype.
 
   `dropout`: None or a flax Dropout module applied to the attention probabilities (a mask of
   ones in, the scaled keep mask out). `operand_dtype`: the dtype of the matmul operands (softmax
-  and accumulation are fp32). Raises ValueError for an unknown `impl` and for dropout with an
-  implementation that has none. `segment_ids_BT`: None or int [B, T] document ids of packed
-  rows (self-attention: S == T); queries see only keys of their own segment. Vaswani et al. 2017,
-  eq. 1; GQA: Ainslie et al. 2023; document masking as in MaxText's packed `segment_ids`.
+  and accumulation are fp32). `impl`: a name of ATTENTION_IMPLS, or "auto" (`auto_impl`). Raises
+  ValueError for an unknown `impl` and for dropout with an implementation that has none.
+  `segment_ids_BT`: None or int [B, T] document ids of packed rows (self-attention: S == T); queries
+  see only keys of their own segment. Vaswani et al. 2017, eq. 1; GQA: Ainslie et al. 2023;
+  document masking as in MaxText's packed `segment_ids`.
   """
-  if impl not in ATTENTION_IMPLS:
+  if impl != "auto" and impl not in ATTENTION_IMPLS:
     raise ValueError(
-      f"model.attention_impl={impl!r} is not supported; allowed values: {sorted(ATTENTION_IMPLS)}"
+      f"model.attention_impl={impl!r} is not supported; allowed values: {['auto', *sorted(ATTENTION_IMPLS)]}"
     )
   if segment_ids_BT is not None and (
     segment_ids_BT.shape != q_BTNH.shape[:2] or k_BSKH.shape[1] != q_BTNH.shape[1]
@@ -72,9 +80,40 @@ def attention(
       f"segment_ids {segment_ids_BT.shape} must be [B, T] = {q_BTNH.shape[:2]} of self-attention "
       f"(keys: {k_BSKH.shape[1]}); packed rows cannot attend over a KV cache"
     )
+  if impl == "auto":
+    with_dropout = dropout is not None and not dropout.deterministic and dropout.rate > 0
+    B, T, N, H = q_BTNH.shape
+    impl = auto_impl(jax.default_backend(), T, H, causal, with_dropout, jnp.dtype(operand_dtype).name)
   return ATTENTION_IMPLS[impl](
     q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT
   )
+
+
+def auto_impl(
+  backend: str, seq_len: int, head_dim: int, causal: bool, dropout: bool, operand_dtype: str
+) -> str:
+  """What `impl="auto"` runs: the fastest implementation measured for the backend and shape that
+  can do the call.
+
+  Attention dropout: xla_cpu (the only one with it). CPU: xla_cpu below CPU_BLOCKWISE_FROM query
+  positions, blockwise from there for its O(T) memory (BUILD_NOTES: attention speed). GPU: cudnn for causal
+  self-attention with bf16/fp16 operands and head dims that are multiples of 8 up to 128 (cuDNN's
+  flash attention), blockwise for other training shapes. TPU: splash for causal self-attention over
+  multiples of 128 positions, blockwise otherwise. Attention over a KV cache on GPU/TPU (decode, a
+  few query rows): reference. `backend` is where the step runs (jax.default_backend()), so a CPU
+  host exporting for an accelerator exports the CPU choice; name the implementation to export another.
+  """
+  if dropout:
+    return "xla_cpu"
+  if backend == "cpu":
+    return "xla_cpu" if seq_len < CPU_BLOCKWISE_FROM else "blockwise"
+  if not causal:
+    return "reference"
+  if backend == "gpu" and operand_dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  if backend == "tpu" and seq_len % 128 == 0:
+    return "splash"
+  return "blockwise"
 
 
 def _blocked(
@@ -109,7 +148,7 @@ def _blocked(
     k_blocks, v_blocks = jnp.split(k_BKSH, n, axis=2), jnp.split(v_BKSH, n, axis=2)
 
     def block_visible(i):
-      visible_TS = _visible(
+      visible_TS = masks.visible(
         np.arange(i * size, (i + 1) * size)[:, None], np.arange((i + 1) * size)[None, :], window
       )
       if segment_ids_BT is None:
@@ -132,7 +171,7 @@ def _blocked(
       axis=3,
     )
   else:
-    visible_BTS = _position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT)
+    visible_BTS = masks.position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT)
     out_BKGTH = _attend(q_BKGTH, k_BKSH, v_BKSH, visible_BTS[:, None, None], dropout, operand_dtype)
   return out_BKGTH.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -140,16 +179,16 @@ def _blocked(
 def _reference(
   q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT=None
 ):
-  """The xla implementation: jax.nn.dot_product_attention with the mask materialised."""
+  """The reference implementation: jax.nn.dot_product_attention with the mask materialised."""
   if dropout is not None and not dropout.deterministic and dropout.rate > 0:
     raise ValueError(
-      "model.attention_impl='xla' has no attention dropout; set model.attn_dropout=0 or use "
+      "model.attention_impl='reference' has no attention dropout; set model.attn_dropout=0 or use "
       "attention_impl='xla_cpu'"
     )
   if causal:
     T = q_BTNH.shape[1]
     q_pos_BT = k_pos_BS = jnp.arange(T, dtype=jnp.int32)[None]
-  visible_BTS = _position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT)
+  visible_BTS = masks.position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT)
   out_BTNH = jax.nn.dot_product_attention(
     *(x.astype(operand_dtype) for x in (q_BTNH, k_BSKH, v_BSKH)),
     mask=visible_BTS[:, None],
@@ -168,20 +207,6 @@ def causal_query_blocks(seq_len: int) -> int:
   while blocks > 1 and seq_len % blocks:
     blocks -= 1
   return max(blocks, 1)
-
-
-def _position_mask(q_pos_BT, k_pos_BS, window, segment_ids_BT):
-  """[B, T, S] visibility from positions (padding -1, causal, window) and, if given, segments."""
-  visible_BTS = (k_pos_BS[:, None, :] >= 0) & _visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window)
-  if segment_ids_BT is not None:
-    visible_BTS = visible_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-  return visible_BTS
-
-
-def _visible(q_pos, k_pos, window: int | None):
-  """The causal (and sliding-window) rule on broadcasting query/key positions, numpy or jax."""
-  visible = k_pos <= q_pos
-  return visible if window is None else visible & (q_pos - k_pos < window)
 
 
 def _attend(q_BKGTH, k_BKSH, v_BKSH, visible_TS, dropout, operand_dtype) -> jax.Array:
@@ -253,5 +278,11 @@ def _attention_bwd(operand_dtype, residuals, dout_BKMH):
 attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-ATTENTION_IMPLS = {"xla_cpu": _blocked, "xla": _reference, "blockwise": blockwise_attention.blockwise}
-ATTENTION_DROPOUT_IMPLS = ("xla_cpu",)  # the implementations with attention dropout
+ATTENTION_IMPLS = {
+  "xla_cpu": _blocked,
+  "reference": _reference,
+  "blockwise": blockwise_attention.blockwise,
+  "cudnn": accelerator_attention.cudnn,
+  "splash": accelerator_attention.splash,
+}
+ATTENTION_DROPOUT_IMPLS = ("auto", "xla_cpu")  # the implementations with attention dropout (auto: xla_cpu)

@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import queue
 import shlex
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import time
 import numpy as np
 
 from lmjax.core import files
+from lmjax.research import devices
 from lmjax.run import config as config_lib, rundir
 from lmjax.train import metrics_log
 
@@ -114,9 +116,10 @@ def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
   ]
 
 
-def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
+def run_point(config: str, sweep_dir: str, overrides: dict, env: dict | None = None) -> dict:
   """Runs (or resumes) one point unless it has finished; returns its status record: status 'ok'
   (finished), 'interrupted' (stopped by a signal; resumes next time) or 'failed', with the error.
+  `env`: variables added to the point's environment (its devices: research/devices.py).
   Never raises: any failure, ours or the point's, is that point's result."""
   workdir = os.path.join(sweep_dir, point_name(overrides))
   record = {"overrides": overrides, "workdir": workdir, "wall_s": 0.0}
@@ -133,7 +136,12 @@ def run_point(config: str, sweep_dir: str, overrides: dict) -> dict:
       return {**record, "status": "ok"}
     start = time.time()
     with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
-      result = subprocess.run(point_command(config, workdir, overrides), stdout=log, stderr=subprocess.STDOUT)
+      result = subprocess.run(
+        point_command(config, workdir, overrides),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+      )
     record["wall_s"] += time.time() - start
     files.write_json(point_path, {"overrides": overrides, "wall_s": record["wall_s"]})
     if result.returncode == 0 and rundir.is_finished(workdir):
@@ -226,7 +234,8 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
         ax.plot(*zip(*points), marker="o", label=point_name(record["overrides"]))
   ax.set(xlabel="step", ylabel="validation loss", title="sweep: validation loss")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  if ax.lines:  # no point has a validation loss yet: no legend to draw
+    ax.legend(fontsize=7)
   paths.append(os.path.join(sweep_dir, "val_loss.png"))
   fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
   plt.close(fig)
@@ -279,13 +288,29 @@ def slurm_script(
   )
 
 
-def run_sweep(config: str, sweep_dir: str, points: list, parallel: int = 1) -> int:
+def run_sweep(
+  config: str, sweep_dir: str, points: list, parallel: int = 1, devices_per_point: int = 0
+) -> int:
   """Runs `points` (override dicts) of experiment `config` into `sweep_dir` (locked while it runs),
   writes the results table and plots, calls the experiment's `analyze_sweep`, and returns the exit
   status: 0 when every point finished, INTERRUPTED_EXIT when one was stopped by a signal, 1 when
-  the analysis failed. Raises files.WorkdirInUse when another sweep runs in `sweep_dir`."""
-  with files.lock(sweep_dir), concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-    records = list(pool.map(lambda p: run_point(config, sweep_dir, p), points))
+  the analysis failed. `parallel` points run at once, each in a slot of `devices_per_point` devices
+  of its own (0: all share the node's; devices.slot_environments). Raises files.WorkdirInUse when
+  another sweep runs in `sweep_dir`, ValueError when the node lacks the devices asked for."""
+  platform, node = devices.node_devices()
+  slots = queue.SimpleQueue()
+  for env in devices.slot_environments(platform, node, parallel, devices_per_point):
+    slots.put(env)
+
+  def run_in_a_slot(point):
+    env = slots.get()  # a free slot exists: as many workers as slots
+    try:
+      return run_point(config, sweep_dir, point, env)
+    finally:
+      slots.put(env)
+
+  with files.lock(sweep_dir), concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    records = list(pool.map(run_in_a_slot, points))
   rows = [summarize(r) for r in records]
   write_results(sweep_dir, rows)
   plot_results(sweep_dir, records, list(dict.fromkeys(k for p in points for k in p)))
