@@ -23,7 +23,24 @@ from lmjax.run import config as config_lib
 _MODELS = flags.DEFINE_list(
   "models",
   ["default", "gpu", "smollm2"],
-  "default (4x128, ctx 64), gpu (6x384, ctx 256), smollm2 (135M, 20-token prompt, 128 new).",
+  "default (4x128, ctx 64), gpu (6x384, ctx 256), smollm2 (135M, 20-token prompt, 128 new); "
+  "smollm2-shape: SmolLM2-135M's shape with random weights (no GGUF needed), bf16.",
+)
+# SmolLM2-135M's architecture (its config.json): what `smollm2-shape` times without the weights file.
+_SMOLLM2_SHAPE = dict(
+  vocab_size=49152,
+  max_len=2048,
+  d_model=576,
+  n_layers=30,
+  n_heads=9,
+  n_kv_heads=3,
+  d_ff=1536,
+  pos_encoding="rope",
+  rope_theta=100000.0,
+  mlp="swiglu",
+  norm="rmsnorm",
+  tie_embeddings=True,
+  dtype="bfloat16",
 )
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "shakespeare_char.py")
@@ -71,6 +88,12 @@ def main(_):
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
   batches = [int(b) for b in _BATCHES.value]
   for name in _MODELS.value:
+    if name == "smollm2-shape":
+      cfg = model.ModelConfig(**_SMOLLM2_SHAPE)
+      params = model.init_params(cfg, jax.random.key(0))
+      for batch in batches:
+        measure(name, cfg, params, batch, prompt_len=20, new=128)
+      continue
     if name == "smollm2":
       for dtype in ("float32", "bfloat16"):
         cfg, params, _ = pretrained.load("smollm2-135m-instruct", dtype=dtype)
