@@ -34,9 +34,9 @@ import numpy as np
 from lmjax.ops import accelerator_attention, blockwise_attention, masks
 from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
-# Causal self-attention of at least this many positions takes blockwise under "auto" on CPU: below
-# it xla_cpu is 1.5-1.6x faster (6x384 training step at T = 1k, 2k, 4k), from it xla_cpu's stored
-# scores outgrow a workstation (GPT-2-small, batch 1: 11.6 GiB of temporaries at 4k, ~4x per 2x T).
+# Causal self-attention of at least this many positions takes blockwise under "auto" on CPU. xla_cpu
+# is faster (6x384 training step: 1.5x at 1k-4k, 1.4x at 8k) but stores the scores: a GPT-2-small
+# step (batch 1, remat full) needs 38.4 GiB of temporaries at 8k with it and 8.1 GiB with blockwise.
 CPU_BLOCKWISE_FROM = 8192
 # Query rows per KV head from which attention_core copies K row-major (see _attention_fwd).
 _MIN_ROWS_FOR_K_COPY = 64

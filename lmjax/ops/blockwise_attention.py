@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lmjax.ops.matmul import batched_matmul, swap_minor
+
 _MAX_BLOCK = 512  # rows per tile: [G*512, 512] fp32 scores per (batch, kv head) at a time
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -47,8 +49,10 @@ def blockwise(
   k_seg = jnp.zeros((B, S), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
   # [B, K, G*T, H]: the G query heads sharing a kv head become rows (g, t) of one matrix.
   q_BKMH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  q_BKMH = q_BKMH.reshape(B, K, (N // K) * T, H)
-  k_BKSH, v_BKSH = (x.transpose(0, 2, 1, 3) for x in (k_BSKH, v_BSKH))
+  # Cast once here, not in every tile: fp32 activations with bf16 matmuls (8192 positions, 6x384
+  # training step on CPU) otherwise pay a cast per tile and keep fp32 residuals.
+  q_BKMH = q_BKMH.reshape(B, K, (N // K) * T, H).astype(operand_dtype)
+  k_BKSH, v_BKSH = (x.transpose(0, 2, 1, 3).astype(operand_dtype) for x in (k_BSKH, v_BSKH))
   out_BKMH = _flash(
     q_BKMH, k_BKSH, v_BKSH, q_pos_BT, k_pos_BS, q_seg, k_seg, causal, window, jnp.dtype(operand_dtype)
   )
@@ -66,12 +70,7 @@ def _tiles(q_BKMH, q_pos, k_pos):
 
 def _tile_scores(q_blk, k_blk, qp, kp, qs, ks, window, operand_dtype):
   """Masked scores [B, K, G*bq, bk] (fp32) of one tile; q rows are (g, t) with t from `qp` [B, bq]."""
-  s = jnp.einsum(
-    "bkmh,bksh->bkms",
-    q_blk.astype(operand_dtype),
-    k_blk.astype(operand_dtype),
-    preferred_element_type=jnp.float32,
-  )
+  s = batched_matmul(q_blk.astype(operand_dtype), swap_minor(k_blk.astype(operand_dtype)))
   visible = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None]) & (qs[:, :, None] == ks[:, None, :])
   if window is not None:
     visible = visible & (qp[:, :, None] - kp[:, None, :] < window)
@@ -114,12 +113,7 @@ def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, window, operand_dtyp
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.exp(s - m_new[..., None])
       scale = jnp.exp(m - m_new)
-      pv = jnp.einsum(
-        "bkms,bksh->bkmh",
-        p.astype(operand_dtype),
-        v_blk.astype(operand_dtype),
-        preferred_element_type=jnp.float32,
-      )
+      pv = batched_matmul(p.astype(operand_dtype), v_blk.astype(operand_dtype))
       return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
 
     init = (
@@ -146,8 +140,8 @@ def _from_blocks(x_nBKMX, G, bq):
 def _flash_bwd(causal, window, operand_dtype, residuals, dout):
   q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
   G, T, bq, bk, n_q, n_k = _tiles(q, q_pos, k_pos)
-  dout = dout.astype(jnp.float32)
-  delta = (dout * out).sum(-1)  # rowsum(dO * O)
+  delta = (dout.astype(jnp.float32) * out).sum(-1)  # rowsum(dO * O)
+  dout = dout.astype(operand_dtype)
 
   def probs(i, j):
     """(q block, dO block, P tile, k block, v block) for query block i and key block j."""
@@ -158,24 +152,14 @@ def _flash_bwd(causal, window, operand_dtype, residuals, dout):
     kp, ks = (jax.lax.dynamic_slice_in_dim(a, j * bk, bk, axis=1) for a in (k_pos, k_seg))
     s = _tile_scores(q_blk, k_blk, qp, kp, qs, ks, window, operand_dtype)
     p = jnp.exp(s - lse_blk[..., None])
-    dp = jnp.einsum(
-      "bkmh,bksh->bkms",
-      do_blk.astype(operand_dtype),
-      v_blk.astype(operand_dtype),
-      preferred_element_type=jnp.float32,
-    )
+    dp = batched_matmul(do_blk.astype(operand_dtype), swap_minor(v_blk.astype(operand_dtype)))
     ds = p * (dp - delta_blk[..., None])
     return q_blk, do_blk, p, ds, k_blk
 
   def dq_block(i):  # dQ_i = sum_j dS_ij K_j
     def step(j, acc):
       _, _, _, ds, k_blk = probs(i, j)
-      return acc + jnp.einsum(
-        "bkms,bksh->bkmh",
-        ds.astype(operand_dtype),
-        k_blk.astype(operand_dtype),
-        preferred_element_type=jnp.float32,
-      )
+      return acc + batched_matmul(ds.astype(operand_dtype), k_blk.astype(operand_dtype))
 
     zero = jnp.zeros(q.shape[:2] + (G * bq, q.shape[-1]), jnp.float32)
     return jax.lax.fori_loop(0, _key_blocks_for(i, n_k, bq, bk, causal), step, zero)
@@ -186,18 +170,8 @@ def _flash_bwd(causal, window, operand_dtype, residuals, dout):
     def step(i, acc):
       dk, dv = acc
       q_blk, do_blk, p, ds, _ = probs(i, j)
-      dk = dk + jnp.einsum(
-        "bkms,bkmh->bksh",
-        ds.astype(operand_dtype),
-        q_blk.astype(operand_dtype),
-        preferred_element_type=jnp.float32,
-      )
-      dv = dv + jnp.einsum(
-        "bkms,bkmh->bksh",
-        p.astype(operand_dtype),
-        do_blk.astype(operand_dtype),
-        preferred_element_type=jnp.float32,
-      )
+      dk = dk + batched_matmul(swap_minor(ds.astype(operand_dtype)), q_blk.astype(operand_dtype))
+      dv = dv + batched_matmul(swap_minor(p.astype(operand_dtype)), do_blk.astype(operand_dtype))
       return dk, dv
 
     zero = jnp.zeros(k.shape[:2] + (bk, k.shape[-1]), jnp.float32)
