@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint install clean
+.PHONY: run test test-fast lint install clean clean-runs
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,5 +30,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lmjax tests benchmarks experiments
 	$(VENV)/bin/ruff format --check lmjax tests benchmarks experiments
 
+# The environment and caches only: runs/ (checkpoints, results) is never removed by housekeeping.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .pytest_cache .ruff_cache lmjax.egg-info
+	find lmjax tests benchmarks experiments -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Deletes every run under runs/ (checkpoints included): only when asked for by name.
+clean-runs:
+	rm -rf runs

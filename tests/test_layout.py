@@ -1,8 +1,9 @@
 """The package's shape checks itself: layers import only downwards, no module cycle, no import
-hidden inside a function, no file over 400 lines (BUILD_NOTES.md, "Layout")."""
+hidden inside a function, no file over 400 lines (BUILD_NOTES.md, "Layout"); housekeeping keeps runs."""
 
 import ast
 import pathlib
+import subprocess
 
 import pytest
 
@@ -123,3 +124,12 @@ def test_no_file_over_the_line_limit():
     if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
   }
   assert long == {}, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_housekeeping_never_deletes_runs():
+  """`make clean` removes the environment and caches only; runs/ goes only with `make clean-runs`."""
+  repo = PACKAGE.parent
+  clean = subprocess.run(["make", "-n", "clean"], cwd=repo, capture_output=True, text=True, check=True).stdout
+  assert ".venv" in clean and "runs" not in clean.split()
+  runs = subprocess.run(["make", "-n", "clean-runs"], cwd=repo, capture_output=True, text=True, check=True)
+  assert "rm -rf runs" in runs.stdout

@@ -1,6 +1,7 @@
 """Sweep runner: a 2x2 grid on the tiny experiment, results, skipping, failures, commands, SLURM."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,25 @@ def test_grid_sweep_results_skip_and_failure(tmp_path, corpus_file):
 
 
 @pytest.mark.slow
+def test_command_line_overrides_apply_to_every_point(tmp_path, corpus_file):
+  """--config.FIELD=VALUE on the sweep's command line reaches every point; a rerun with other shared
+  overrides, or one that sets a swept field, is refused (exit 2) before anything runs."""
+  config = write_experiment(tmp_path, corpus_file, '{"optim.lr": [0.01, 0.003]}')
+  workdir = tmp_path / "sweep"
+  result = run_sweep(config, str(workdir), "--config.train.steps=3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(workdir / "results.csv") as f:
+    assert [r["steps"] for r in csv.DictReader(f)] == ["3", "3"]
+  for lr in (0.01, 0.003):
+    saved = json.loads((workdir / sweep.point_name({"optim.lr": lr}) / "config.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["optim"]["lr"] == lr
+  other = run_sweep(config, str(workdir), "--config.train.steps=5")
+  assert other.returncode == 2 and "holds a sweep run with --config.train.steps=3" in other.stderr
+  swept = run_sweep(config, str(tmp_path / "elsewhere"), "--config.optim.lr=0.1")
+  assert swept.returncode == 2 and "get_sweep() varies it" in swept.stderr
+
+
+@pytest.mark.slow
 def test_print_commands_and_slurm_script(tmp_path, corpus_file):
   config = write_experiment(
     tmp_path, corpus_file, '[{"optim.lr": 0.01}, {"optim.lr": 0.003}, {"train.steps": 4}, {}]'
@@ -138,7 +158,7 @@ def test_running_points_never_share_a_slot(tmp_path, monkeypatch):
   monkeypatch.setattr(devices, "node_devices", lambda: ("gpu", [str(i) for i in range(4)]))
   running, seen, lock = set(), [], threading.Lock()
 
-  def fake_point(config, sweep_dir, point, env):
+  def fake_point(config, sweep_dir, point, env, base):
     with lock:
       assert env["CUDA_VISIBLE_DEVICES"] not in running
       running.add(env["CUDA_VISIBLE_DEVICES"])

@@ -11,6 +11,7 @@ progress lines and the libraries' INFO lines appear only with `--verbosity=1` (o
 warnings always. Bad input (errors.UserError) prints `error: ...` and exits with status 2.
 """
 
+import difflib
 import os
 import sys
 
@@ -47,8 +48,10 @@ if _started_as_command(sys.orig_argv):  # before any entry point imports JAX: th
   hugepages.reexec_with_huge_pages()
 
 from absl import app, flags, logging  # noqa: E402 (after the re-exec above)
+from ml_collections.config_flags import config_flags as config_flags_lib  # noqa: E402
 
 from lmjax.core import errors  # noqa: E402
+from lmjax.run import config as config_lib, field_docs  # noqa: E402
 
 
 def quiet_library_logging() -> None:
@@ -57,9 +60,61 @@ def quiet_library_logging() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def parse_config_flags(argv):
+  """absl flag parsing for commands with a `--config` experiment flag: a bad override prints one
+  `error: ...` and exits 2. An override of a field that does not exist names the fields closest to
+  it (or its section's fields); a bad value of a real field names no others."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+    message = str(err).replace("\\n", "\n").replace("\\'", "'")
+    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
+      message = message[1:-1]
+    fields, unknown = config_lib.flat_keys(config_lib.base_config()), []
+    for arg in argv[1:]:
+      field = arg.split("=")[0][len("--config.") :] if arg.startswith("--config.") else None
+      if field is None or field in fields:
+        continue
+      section = field.rsplit(".", 1)[0] + "."
+      near = difflib.get_close_matches(field, fields, n=6, cutoff=0.6) or [
+        f for f in fields if f.startswith(section)
+      ]
+      sections = sorted({f.split(".")[0] + "." for f in fields if "." in f})
+      hint = f"did you mean: {', '.join(near)}" if near else f"fields are in {', '.join(sections)} (and seed)"
+      unknown.append(f"--config.{field}: no such config field; {hint}")
+    message = "\n".join(unknown) or message
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+_HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
+
+
+def print_help(main, argv) -> None:
+  """`--help`: the command's docstring, its flags, and for commands with `--config` every config
+  field with its value (the experiment's, when `--config=FILE` is given) and its doc."""
+  module = sys.modules[main.__module__]
+  print((module.__doc__ or "").strip() + "\n\nflags:")
+  for name, defined in flags.FLAGS.flags_by_module_dict().items():
+    if name.startswith("lmjax"):
+      for flag in defined:
+        default = "" if flag.default is None else f" (default: {flag.default!r})"
+        print(f"  --{flag.name}: {flag.help}{default}")
+  if "config" in flags.FLAGS and config_flags_lib.is_config_flag(flags.FLAGS["config"]):
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    cfg = config_lib.load_experiment(spec) if spec else config_lib.base_config()
+    print(f"\nconfig fields ({'of ' + spec if spec else 'defaults'}; override with --config.FIELD=VALUE):")
+    print(field_docs.help_text(cfg))
+
+
 def run(main, argv=None, flags_parser=app.parse_flags_with_usage) -> None:
   """absl's app.run(main) for `argv` (default sys.argv), with errors.UserError printed as one
-  `error: ...` block and exit status 2 (no traceback)."""
+  `error: ...` block and exit status 2 (no traceback), and `--help` printing `print_help` with exit
+  status 0 (absl's exits 1 and lists no config fields)."""
+  args = sys.argv if argv is None else argv
+  if any(a in _HELP_FLAGS for a in args[1:]):
+    print_help(main, args)
+    sys.exit(0)
 
   def guarded(args):
     try:

@@ -18,7 +18,7 @@ import json
 from absl import app, flags
 
 from lmjax import cli
-from lmjax.cli import train as train_cli
+from lmjax.cli import train as train_cli  # noqa: F401 (defines --config and the training flags)
 from lmjax.data import prepare
 from lmjax.run import config as config_lib
 from lmjax.train import preflight
@@ -50,7 +50,7 @@ def main(argv):
 
 def run(argv=None):
   """The console script: parses `argv` (default sys.argv) and runs `main`."""
-  cli.run(main, argv, flags_parser=train_cli.parse_flags)
+  cli.run(main, argv, flags_parser=cli.parse_config_flags)
 
 
 if __name__ == "__main__":

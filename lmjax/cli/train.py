@@ -2,8 +2,8 @@
 
 Any config field can be overridden on the command line, e.g.
 `--config.optim.lr=3e-4 --config.train.steps=500`; an unknown field is an
-error that lists the valid ones. Re-running the same command resumes from the
-run's latest checkpoint.
+error that names the closest ones; `--help` lists every field with its doc.
+Re-running the same command resumes from the run's latest checkpoint.
 
 Exit status: 0 when the run reached train.steps; 2 for bad input (config value,
 a workdir holding another config's run or in use by another process), printed
@@ -20,7 +20,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lmjax import cli, train
-from lmjax.run import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment file (python), optionally `file.py:variant`."
@@ -37,20 +36,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: num
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 _DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU only: devices per process (tests, dry runs).")
 flags.mark_flags_as_required(["config"])
-
-
-def parse_flags(argv):
-  """absl flag parsing, with a readable error for overrides of fields that do not exist."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-    message = str(err).replace("\\n", "\n").replace("\\'", "'").strip("'\"")
-    overrides = [a.split("=")[0][len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
-    if overrides:
-      valid = "\n  ".join(config_lib.flat_keys(config_lib.base_config()))
-      message += f"\n(overridden fields: {overrides}); valid config fields are:\n  {valid}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def initialize_jax() -> None:
@@ -87,7 +72,7 @@ def main(argv):
 
 def run(argv=None):
   """The console script: parses `argv` (default sys.argv) and runs `main`."""
-  cli.run(main, argv, flags_parser=parse_flags)
+  cli.run(main, argv, flags_parser=cli.parse_config_flags)
 
 
 if __name__ == "__main__":

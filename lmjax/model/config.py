@@ -39,21 +39,21 @@ class ModelConfig:
 
   vocab_size: int = 256
   max_len: int = 256  # longest sequence the model is used on (learned PE table size)
-  d_model: int = 128
-  n_layers: int = 4
-  n_heads: int = 4
+  d_model: int = 128  # width of the residual stream
+  n_layers: int = 4  # Transformer blocks
+  n_heads: int = 4  # query heads
   n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; otherwise GQA
   head_dim: int | None = None  # None: d_model // n_heads
-  d_ff: int = 512
-  pos_encoding: str = "rope"
-  rope_theta: float = 10000.0
-  mlp: str = "gelu"
-  norm: str = "rmsnorm"
-  norm_eps: float = 1e-5
+  d_ff: int = 512  # hidden width of the MLP
+  pos_encoding: str = "rope"  # sinusoidal, learned, rope or none
+  rope_theta: float = 10000.0  # RoPE base (Su et al. 2021)
+  mlp: str = "gelu"  # relu, gelu (tanh approximation) or swiglu
+  norm: str = "rmsnorm"  # layernorm or rmsnorm, before each sublayer and at the end
+  norm_eps: float = 1e-5  # added to the variance
   attn_bias: bool = False  # biases on the q/k/v/o projections
-  mlp_bias: bool = False
+  mlp_bias: bool = False  # biases on the MLP projections
   norm_bias: bool = True  # LayerNorm's additive bias (nanoGPT's bias=False drops it; RMSNorm has none)
-  tie_embeddings: bool = True
+  tie_embeddings: bool = True  # the output layer is the token embedding, transposed
   # Token embeddings times sqrt(d_model) on input (Vaswani et al. 2017, section 3.4), so that they
   # are not swamped by sinusoidal positions of amplitude 1.
   scale_embeddings: bool = False
@@ -62,15 +62,15 @@ class ModelConfig:
   sliding_window: int | None = None
   dropout: float = 0.0  # on embeddings and on each residual branch
   attn_dropout: float = 0.0  # on attention probabilities
-  scan_layers: bool = True
-  remat: str = "none"
+  scan_layers: bool = True  # one lax.scan over the blocks (fast compiles) instead of unrolled
+  remat: str = "none"  # activation recomputation: none, full, dots_saveable, ...
   dtype: str = "float32"  # compute dtype of activations and matmuls
   # Kernels by name (ops/attention.py, ops/matmul.py): the same values and gradients, other speeds.
-  attention_impl: str = "auto"
-  matmul_impl: str = "xla_cpu"
+  attention_impl: str = "auto"  # auto, xla_cpu, reference, blockwise, cudnn, splash (README)
+  matmul_impl: str = "xla_cpu"  # xla_cpu (layouts tuned for XLA:CPU) or xla (jnp.dot)
   matmul_dtype: str | None = None  # operand dtype of the dense projections (None: dtype), fp32 accumulation
   param_dtype: str = "float32"  # storage dtype of parameters
-  init_std: float = 0.02
+  init_std: float = 0.02  # normal init of weights; output projections / sqrt(2 n_layers)
 
   def __post_init__(self):
     _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import glob
 import hashlib
 import importlib.util
 import io
@@ -45,6 +46,7 @@ from lmjax.train import metrics_log
 # The sweep's exit status when a point was stopped by a signal (EX_TEMPFAIL): not done, re-run to resume.
 INTERRUPTED_EXIT = 75
 POINT_FILE = "sweep_point.json"  # in a point's workdir: its overrides and the wall time spent on it
+SWEEP_FILE = "sweep_overrides.json"  # in the sweep directory: the overrides every point shares
 _MAX_NAME_BYTES = 200  # below NAME_MAX (255 on common file systems), with room for a hash suffix
 
 
@@ -102,24 +104,20 @@ def distinct_points(points: list) -> list:
   return list(seen.values())
 
 
-def point_command(config: str, workdir: str, overrides: dict, extra=()) -> list:
-  """The argv that trains one sweep point: `lmjax-train` with the experiment, its workdir and overrides."""
-  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-  return [
-    sys.executable,
-    "-m",
-    "lmjax.cli.train",
-    f"--config={config}",
-    f"--workdir={workdir}",
-    *flags,
-    *extra,
-  ]
+def point_command(config: str, workdir: str, overrides: dict, base: dict | None = None) -> list:
+  """The argv that trains one sweep point: `lmjax-train` with the experiment, its workdir, the
+  overrides every point shares (`base`, from the sweep's command line), then the point's own."""
+  flags = [f"--config.{k}={v}" for k, v in {**(base or {}), **overrides}.items()]
+  return [sys.executable, "-m", "lmjax.cli.train", f"--config={config}", f"--workdir={workdir}", *flags]
 
 
-def run_point(config: str, sweep_dir: str, overrides: dict, env: dict | None = None) -> dict:
+def run_point(
+  config: str, sweep_dir: str, overrides: dict, env: dict | None = None, base: dict | None = None
+) -> dict:
   """Runs (or resumes) one point unless it has finished; returns its status record: status 'ok'
   (finished), 'interrupted' (stopped by a signal; resumes next time) or 'failed', with the error.
-  `env`: variables added to the point's environment (its devices: research/devices.py).
+  `env`: variables added to the point's environment (its devices: research/devices.py); `base`:
+  overrides every point shares.
   Never raises: any failure, ours or the point's, is that point's result."""
   workdir = os.path.join(sweep_dir, point_name(overrides))
   record = {"overrides": overrides, "workdir": workdir, "wall_s": 0.0}
@@ -132,12 +130,12 @@ def run_point(config: str, sweep_dir: str, overrides: dict, env: dict | None = N
       if _canonical(saved["overrides"]) != _canonical(overrides):
         return {**record, "status": "failed", "error": f"{workdir} holds another point: {saved['overrides']}"}
       record["wall_s"] = saved.get("wall_s", 0.0)
-    if rundir.is_finished(workdir, steps=_point_steps(config, overrides)):
+    if rundir.is_finished(workdir, steps=_point_steps(config, {**(base or {}), **overrides})):
       return {**record, "status": "ok"}
     start = time.time()
     with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
       result = subprocess.run(
-        point_command(config, workdir, overrides),
+        point_command(config, workdir, overrides, base),
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
@@ -164,6 +162,27 @@ def run_point(config: str, sweep_dir: str, overrides: dict, env: dict | None = N
     return {**record, "status": "failed", "error": error}
   except Exception as err:  # e.g. a workdir the file system refuses: this point fails, the sweep goes on
     return {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _record_base(sweep_dir: str, base: dict) -> None:
+  """Writes the shared overrides into the sweep directory, or raises ValueError when it already holds
+  a sweep run with other ones (its finished points would otherwise count as this sweep's)."""
+  path = os.path.join(sweep_dir, SWEEP_FILE)
+  saved = None
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)["overrides"]
+  elif glob.glob(os.path.join(sweep_dir, "*", POINT_FILE)):
+    saved = {}  # points of a sweep from before the file existed: run without shared overrides
+  if saved is not None:
+    if _canonical(saved) != _canonical(base):
+      shown = lambda o: " ".join(f"--config.{k}={v}" for k, v in o.items()) or "no overrides"
+      raise ValueError(
+        f"{sweep_dir} holds a sweep run with {shown(saved)}, not {shown(base)}; use another --workdir, "
+        "or the same overrides to resume it"
+      )
+  if not os.path.exists(path):
+    files.write_json(path, {"overrides": base})
 
 
 def _canonical(overrides: dict) -> str:
@@ -265,11 +284,19 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
 
 
 def slurm_script(
-  config: str, sweep_dir: str, points: list, gpus: int, time_limit: str, partition: str
+  config: str,
+  sweep_dir: str,
+  points: list,
+  gpus: int,
+  time_limit: str,
+  partition: str,
+  base: dict | None = None,
 ) -> str:
   """An sbatch job array with one task per point (re-submitting resumes unfinished points)."""
   commands = [
-    " ".join(shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p)[1:])
+    " ".join(
+      shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p, base)[1:]
+    )
     for p in points
   ]
   header = [
@@ -289,14 +316,21 @@ def slurm_script(
 
 
 def run_sweep(
-  config: str, sweep_dir: str, points: list, parallel: int = 1, devices_per_point: int = 0
+  config: str,
+  sweep_dir: str,
+  points: list,
+  parallel: int = 1,
+  devices_per_point: int = 0,
+  base: dict | None = None,
 ) -> int:
   """Runs `points` (override dicts) of experiment `config` into `sweep_dir` (locked while it runs),
   writes the results table and plots, calls the experiment's `analyze_sweep`, and returns the exit
   status: 0 when every point finished, INTERRUPTED_EXIT when one was stopped by a signal, 1 when
   the analysis failed. `parallel` points run at once, each in a slot of `devices_per_point` devices
-  of its own (0: all share the node's; devices.slot_environments). Raises files.WorkdirInUse when
-  another sweep runs in `sweep_dir`, ValueError when the node lacks the devices asked for."""
+  of its own (0: all share the node's; devices.slot_environments). `base`: overrides for every
+  point, recorded in the directory (SWEEP_FILE) so finished points are never reused under others.
+  Raises files.WorkdirInUse when another sweep runs in `sweep_dir`, ValueError when the node lacks
+  the devices asked for or the directory holds a sweep with other `base` overrides."""
   platform, node = devices.node_devices()
   slots = queue.SimpleQueue()
   for env in devices.slot_environments(platform, node, parallel, devices_per_point):
@@ -305,11 +339,12 @@ def run_sweep(
   def run_in_a_slot(point):
     env = slots.get()  # a free slot exists: as many workers as slots
     try:
-      return run_point(config, sweep_dir, point, env)
+      return run_point(config, sweep_dir, point, env, base)
     finally:
       slots.put(env)
 
   with files.lock(sweep_dir), concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    _record_base(sweep_dir, base or {})
     records = list(pool.map(run_in_a_slot, points))
   rows = [summarize(r) for r in records]
   write_results(sweep_dir, rows)

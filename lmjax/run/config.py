@@ -25,7 +25,7 @@ DERIVED_MODEL_FIELDS = ("vocab_size", "max_len")
 def base_config() -> ml_collections.ConfigDict:
   """Every config field with its default: experiments start from this and change what they need."""
   cfg = ml_collections.ConfigDict()
-  cfg.seed = 0
+  cfg.seed = 0  # parameter init, data order and dropout all derive from it
   cfg.data = dict(
     dataset="shakespeare",  # 'shakespeare', 'text_files', or a TFDS catalog name (when sources='')
     text_files="",  # for text_files: a path, a glob, or a comma-separated list
@@ -54,53 +54,63 @@ def base_config() -> ml_collections.ConfigDict:
   # None = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmul operands, fp32 elsewhere
   cfg.model.matmul_dtype = config_dict.placeholder(str)
   cfg.optim = dict(
-    lr=1e-3,
-    min_lr=1e-4,
-    warmup_steps=100,
-    b1=0.9,
-    b2=0.99,
-    eps=1e-8,
-    weight_decay=0.1,
-    grad_clip=1.0,
+    lr=1e-3,  # peak learning rate (AdamW), reached after warmup_steps
+    min_lr=1e-4,  # the cosine decay ends here
+    warmup_steps=100,  # linear warmup from 0
+    b1=0.9,  # Adam beta1
+    b2=0.99,  # Adam beta2
+    eps=1e-8,  # Adam epsilon
+    weight_decay=0.1,  # decoupled (AdamW), on weight matrices and embeddings, not norms or biases
+    grad_clip=1.0,  # clip the global gradient norm to this (> 0)
     # steps of warmup + cosine decay; None = train.steps (after them min_lr is held)
     decay_steps=config_dict.placeholder(int),
   )
   cfg.train = dict(
-    steps=2000,
+    steps=2000,  # optimizer steps of the whole run (a resumed run continues to it)
     batch_size=12,  # global batch, in sequences
-    seq_len=64,
+    seq_len=64,  # tokens per sequence (also the model's max_len)
     grad_accum=1,  # micro-batches per optimizer step (batch_size must divide by it)
-    log_every=100,
-    eval_every=250,
+    log_every=100,  # steps between log lines (loss, tok/s, MFU)
+    eval_every=250,  # steps between validation losses
     eval_steps=20,  # validation batches per evaluation
-    ckpt_every=500,
-    max_to_keep=3,
+    ckpt_every=500,  # steps between checkpoints (and one at the end)
+    max_to_keep=3,  # checkpoints kept on disk
     num_samples=3,  # text samples written to samples.txt at the end
-    sample_len=200,
-    sample_prompt="\n",
+    sample_len=200,  # tokens per end-of-run sample
+    sample_prompt="\n",  # the end-of-run samples' prompt
     peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
   )
-  cfg.mesh = dict(shape=(1, 1, 1), rules=sharding.DEFAULT_RULES)
+  cfg.mesh = dict(
+    shape=(1, 1, 1),  # (data, fsdp, tensor) devices; -1 = the rest, e.g. (1, -1, 1) for FSDP
+    rules=sharding.DEFAULT_RULES,  # logical axis -> mesh axis (core/sharding.py)
+  )
   # A published result the experiment reproduces (val_loss 0 = none): marked on loss.png and
   # compared with the run's final validation loss in its last log line.
-  cfg.reference = dict(step=0, val_loss=0.0, source="")
+  cfg.reference = dict(
+    step=0,  # the step the published value was measured at
+    val_loss=0.0,  # the published validation loss (0 = none)
+    source="",  # where it comes from, printed beside it
+  )
   # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks/generators.py) or finetune.train_file
   # (JSONL of {"prompt", "response"} or {"messages"}), and start from exactly one init source.
-  cfg.init = dict(from_checkpoint="", pretrained="")
+  cfg.init = dict(
+    from_checkpoint="",  # an lmjax run directory to start from (its latest step)
+    pretrained="",  # a registered name, GGUF file, Hugging Face directory or lmjax run
+  )
   # Evaluators run during training and at the end, big_vision's style: {name: dict(kind=..., every=N,
   # options)}, e.g. evals.ppl = dict(kind="perplexity", every=500, text_file="val.txt"); EVAL_OPTIONS
   # lists the kinds and their options (tasks/evaluators.py runs them). every=0: at the end only.
   cfg.evals = ml_collections.ConfigDict()
   cfg.finetune = dict(
-    task="",
-    train_file="",
-    val_file="",
-    num_train=2000,
-    num_val=128,
+    task="",  # a built-in task: translate, summarize, qa, search (tasks/generators.py)
+    train_file="",  # JSONL of {"prompt", "response"} or {"messages"} (instead of task)
+    val_file="",  # JSONL for validation; '' = held out from train_file
+    num_train=2000,  # generated task examples for training
+    num_val=128,  # generated task examples for validation
     num_eval=64,  # sizes of generated task sets
     mode="full",  # 'full' or 'lora'
-    lora_rank=8,
-    lora_alpha=16.0,
+    lora_rank=8,  # r of the low-rank adapters (Hu et al. 2021)
+    lora_alpha=16.0,  # adapter scale alpha / r
     lora_targets="q,k,v,o",  # targets from q, k, v, o, mlp
   )
   return cfg
