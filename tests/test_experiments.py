@@ -63,3 +63,17 @@ def test_default_experiment_matches_nanogpt_cpu_config():
   ) == (6, 384, 256, 64, 5000, 0.2, 0.2)
   # nanoGPT's train.py: bias=False (no biases in Linear layers or LayerNorms)
   assert (gpu.model.attn_bias, gpu.model.mlp_bias, gpu.model.norm_bias) == (False, False, False)
+
+
+def test_the_reference_applies_only_on_its_data():
+  """A run is compared with the experiment's published reference only on the corpus and tokenizer it
+  was measured for; a reference without them is refused."""
+  cfg = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py"))
+  assert config.reference_applies(cfg)
+  for field, value in (("sources", "text:/data/mine.txt"), ("dataset", "text_files"), ("tokenizer", "bpe")):
+    changed = config.load_experiment(os.path.join(REPO, "experiments", "shakespeare_char.py"))
+    changed.data[field] = value
+    assert not config.reference_applies(changed), field
+  cfg.reference.dataset = ""
+  with pytest.raises(config.errors.ConfigError, match="set reference.dataset and reference.tokenizer"):
+    config.validate(cfg)

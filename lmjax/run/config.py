@@ -89,7 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.reference = dict(
     step=0,  # the step the published value was measured at
     val_loss=0.0,  # the published validation loss (0 = none)
-    source="",  # where it comes from, printed beside it
+    source="",  # where it comes from and on which corpus, printed beside it
+    # The data a run must use for the comparison to apply (`reference_applies`): data.dataset (with
+    # data.sources empty) and data.tokenizer; required with val_loss
+    dataset="",
+    tokenizer="",  # see reference.dataset
   )
   # Fine-tuning: set finetune.task (a built-in task, lmjax/tasks/generators.py) or finetune.train_file
   # (JSONL of {"prompt", "response"} or {"messages"}), and start from exactly one init source.
@@ -154,6 +158,16 @@ def model_config(cfg, vocab_size: int) -> model.ModelConfig:
   max_len = train.seq_len. Raises ValueError for model values ModelConfig refuses."""
   values = {**model_values(cfg.model), "vocab_size": vocab_size, "max_len": cfg.train.seq_len}
   return model.ModelConfig.from_dict(values)
+
+
+def reference_applies(cfg) -> bool:
+  """Whether the run's data are those the experiment's published reference was measured for
+  (reference.dataset and reference.tokenizer), so that comparing with it means something: a run on
+  one's own corpus or tokenizer gets no reference line and no reference point on loss.png."""
+  ref, data = cfg.reference, cfg.data
+  return (
+    bool(ref.val_loss) and not data.sources and (data.dataset, data.tokenizer) == (ref.dataset, ref.tokenizer)
+  )
 
 
 def flat_keys(cfg, prefix: str = "") -> list:
@@ -223,6 +237,8 @@ RESUMABLE_FIELDS = frozenset(
     "reference.step",
     "reference.val_loss",
     "reference.source",
+    "reference.dataset",
+    "reference.tokenizer",
     "data.data_dir",
     "data.store_dir",
     # how the same step is computed: micro-batches (accumulation is exact), rematerialisation, kernels
@@ -300,6 +316,11 @@ def validate(cfg) -> None:
       raise errors.ConfigError(
         f"{field}={value} is out of range: it must be {_range_text(low, low_in, high, high_in)}"
       )
+  if cfg.reference.val_loss and not (cfg.reference.dataset and cfg.reference.tokenizer):
+    raise errors.ConfigError(
+      f"reference.val_loss={cfg.reference.val_loss} is set without the data it was measured for: set "
+      "reference.dataset and reference.tokenizer (a run compares with it only on those data)"
+    )
   if cfg.optim.min_lr > cfg.optim.lr:
     raise errors.ConfigError(
       f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}: the schedule "

@@ -220,10 +220,11 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     log.close()
   _run_evaluators(task, state.params, frozen, workdir, "after", tc.steps, primary)
   if primary:
-    metrics_log.plot_loss(workdir, cfg.reference)
+    reference = cfg.reference if config_lib.reference_applies(cfg) else None
+    metrics_log.plot_loss(workdir, reference)
     # From metrics.jsonl, not `metrics`: a finished run re-started only re-samples and has no new eval.
     evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r]
-    if evals and cfg.reference.val_loss:
+    if evals and reference:
       print(
         f"final val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}; reference "
         f"{cfg.reference.val_loss} at step {cfg.reference.step} ({cfg.reference.source})",
