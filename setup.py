@@ -41,7 +41,14 @@ setup(
   ],
   # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
   # formatter's output is what the check compares against
-  extras_require={"test": ["pytest", "hypothesis", "ruff==0.17.6"]},
+  extras_require={
+    "test": ["pytest", "hypothesis", "ruff==0.17.6"],
+    # Accelerator builds of jaxlib (README, "GPU and TPU"): NVIDIA GPUs with CUDA 12 or 13 wheels
+    # (driver only, no local CUDA toolkit needed), or a Cloud TPU VM's libtpu.
+    "cuda12": ["jax[cuda12]"],
+    "cuda13": ["jax[cuda13]"],
+    "tpu": ["jax[tpu]"],
+  },
   entry_points={
     "console_scripts": [
       f"lmjax-{name}=lmjax.cli.{name}:run" for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling")
