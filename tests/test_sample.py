@@ -4,6 +4,7 @@ import functools
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -146,17 +147,43 @@ def test_repetition_penalty_avoids_seen_tokens():
 
 
 @pytest.mark.slow
-def test_prompt_errors_and_context_limit():
+def test_prompt_errors():
   cfg, params = tiny_model(max_len=20)
   with pytest.raises(ValueError, match="model's context is 20 tokens"):
     sampler.generate_tokens(cfg, params, [list(range(20))], 1)
   with pytest.raises(ValueError, match="prompt is empty"):
     sampler.generate_tokens(cfg, params, [[]], 1)
-  with pytest.warns(UserWarning, match="max_new_tokens=50 cut to 15"):
-    result = sampler.generate_tokens(
-      cfg, params, [[1, 2, 3, 4, 5]], 50, sampler.SamplingConfig(temperature=0.0)
-    )
-  assert len(result.tokens[0]) == 15
+
+
+def crop_and_generate(cfg, params, prompt, num_new):
+  """nanoGPT's `generate`, greedy: each next token is the argmax of a full forward pass over the last
+  max_len tokens (positions 0..), no cache."""
+  ids = list(prompt)
+  for _ in range(num_new):
+    window = np.asarray([ids[-cfg.max_len :]], np.int32)
+    ids.append(int(np.argmax(np.asarray(_forward(cfg, params, window))[0, -1])))
+  return ids[len(prompt) :]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_generation_past_the_context_crops_as_nanogpt_does(pos):
+  """max_new_tokens beyond the context keeps generating, without a warning: the same tokens as
+  crop-and-generate, for rows of different prompt lengths, all at once and streamed."""
+  cfg, params = tiny_model(pos=pos, max_len=16)
+  prompts, greedy = (
+    [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]],
+    sampler.SamplingConfig(temperature=0.0),
+  )
+  expected = [crop_and_generate(cfg, params, p, 30) for p in prompts]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert sampler.generate_tokens(cfg, params, prompts, 30, greedy).tokens == expected
+  streamed = []
+  result = sampler.generate_tokens(
+    cfg, params, prompts, 30, greedy, on_token=lambda ids: streamed.append(ids)
+  )
+  assert result.tokens == expected and [list(t) for t in zip(*streamed)] == expected
 
 
 @pytest.mark.slow

@@ -25,7 +25,11 @@ flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template 
 flags.DEFINE_string("system", None, "System message for --chat (default: the template's own).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate per sample (cut to fit the context).")
+flags.DEFINE_integer(
+  "max_new_tokens",
+  200,
+  "Tokens to generate per sample (past the context: nanoGPT's crop to the last max_len tokens).",
+)
 flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
