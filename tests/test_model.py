@@ -267,6 +267,18 @@ def test_train_flops_per_token_formula():
   cfg = tiny(pos_encoding="learned", tie_embeddings=False)
   n_matmul = closed_form_params(cfg) - cfg.vocab_size * cfg.d_model - cfg.max_len * cfg.d_model
   assert M.train_flops_per_token(cfg, 16) == 6 * n_matmul + 12 * cfg.n_layers * 16 * cfg.d_model
+  # LoRA: the frozen base costs forward + input gradient (2 + 2 FLOPs per parameter and token), the
+  # 1000 adapter parameters all three (2 + 2 + 2); attention is unchanged.
+  lora = M.train_flops_per_token(cfg, 16, lora_params=1000)
+  assert lora == 4 * n_matmul + 6 * 1000 + 12 * cfg.n_layers * 16 * cfg.d_model
+
+
+def test_mfu_peaks_come_from_the_datasheet_table():
+  assert M.datasheet_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert M.datasheet_peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM number
+  assert M.datasheet_peak_flops("NVIDIA H200", "float32") == 494.5e12  # TF32
+  assert M.datasheet_peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert M.datasheet_peak_flops("cpu", "float32") is None  # no datasheet: MFU only when asked
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ The names below are the layer's public API (`from lmjax import model; model.Tran
 """
 
 from lmjax.model.accounting import (
+  datasheet_peak_flops,
   measure_matmul_peak,
   mfu,
   non_embedding_param_count,
@@ -34,6 +35,7 @@ __all__ = [
   "boxed_param_shapes",
   "init_cache",
   "init_params",
+  "datasheet_peak_flops",
   "measure_matmul_peak",
   "mfu",
   "non_embedding_param_count",

@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     num_samples=3,  # text samples written to samples.txt at the end
     sample_len=200,  # tokens per end-of-run sample
     sample_prompt="\n",  # the end-of-run samples' prompt
-    peak_tflops=0.0,  # for MFU; 0 = measure this machine's matmul peak at start
+    peak_tflops=0.0,  # MFU's peak; 0 = the device's datasheet number (model.PEAK_TFLOPS), if listed
+    measure_peak=False,  # on a device with no datasheet peak (a CPU), measure one at start for MFU
   )
   cfg.mesh = dict(
     shape=(1, 1, 1),  # (data, fsdp, tensor) devices; -1 = the rest, e.g. (1, -1, 1) for FSDP
@@ -232,6 +233,7 @@ RESUMABLE_FIELDS = frozenset(
     "train.sample_len",
     "train.sample_prompt",
     "train.peak_tflops",
+    "train.measure_peak",
     "mesh.shape",
     "mesh.rules",
     "reference.step",

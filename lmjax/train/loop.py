@@ -31,6 +31,24 @@ from lmjax.train import (
 )
 
 
+def _peak(tc, model_cfg) -> tuple:
+  """(peak FLOP/s for MFU or None, how it was found): train.peak_tflops, else the device's datasheet
+  number, else measured when train.measure_peak asks for it, else none (MFU is then not reported)."""
+  dtype = model_cfg.matmul_dtype or model_cfg.dtype
+  device = jax.devices()[0].device_kind
+  if tc.peak_tflops:
+    return tc.peak_tflops * 1e12, f"MFU peak {tc.peak_tflops:g} TFLOP/s (train.peak_tflops)"
+  if (peak := model.datasheet_peak_flops(device, dtype)) is not None:
+    return peak, f"MFU peak {peak / 1e12:g} TFLOP/s ({device} datasheet, {dtype})"
+  if tc.measure_peak:
+    peak = model.measure_matmul_peak(dtype)
+    return peak, f"MFU peak {peak / 1e12:.3f} TFLOP/s (measured now, {dtype} matmul)"
+  return (
+    None,
+    f"no datasheet peak for {device}: MFU not reported (set train.peak_tflops or train.measure_peak)",
+  )
+
+
 class Interrupted(Exception):
   """The run stopped on a signal after saving its current step; it is not finished."""
 
@@ -146,14 +164,15 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     _run_evaluators(task, state.params, frozen, workdir, "before", 0, primary)
 
   tokens_per_step = tc.batch_size * tc.seq_len
-  flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len)
-  peak = tc.peak_tflops * 1e12 or model.measure_matmul_peak(model_cfg.dtype)
+  trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len, trainable if lora else None)
+  peak, peak_text = _peak(tc, model_cfg)
   log = metrics_log.MetricsLogger(workdir, tc.steps, start_step, enabled=primary)
   log.info(
     f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token"
-    + (f", training {sum(x.size for x in jax.tree.leaves(state.params)):,} LoRA parameters" if lora else "")
+    + (f", training {trainable:,} LoRA parameters" if lora else "")
     + f"; data: {task.train_tokens:,} train / {task.val_tokens:,} val tokens, vocab "
-    f"{task.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; matmul peak {peak / 1e12:.3f} TFLOP/s; "
+    f"{task.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; {peak_text}; "
     + (f"resumed from step {start_step}" if start_step else "starting at step 0")
   )
   if start_step and saved_cfg is not None:
@@ -200,7 +219,8 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         check_health(state)
         elapsed = time.perf_counter() - window_start
         metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed if window_steps else 0.0
-        metrics["mfu"] = model.mfu(metrics["tokens_per_sec"], flops_per_token, peak)
+        if peak:
+          metrics["mfu"] = model.mfu(metrics["tokens_per_sec"], flops_per_token, peak)
         if eval_now:
           metrics["val_loss"] = evaluate(state.params)
           metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))

@@ -51,7 +51,9 @@ class MetricsLogger:
     if "val_loss" in record:
       text += f"  val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
     if "tokens_per_sec" in record:
-      text += f"  {record['tokens_per_sec']:.0f} tok/s  mfu {100 * record.get('mfu', 0):.1f}%"
+      text += f"  {record['tokens_per_sec']:.0f} tok/s"
+    if "mfu" in record:
+      text += f"  mfu {100 * record['mfu']:.1f}%"
     text += f"  eta {eta:.0f}s"
     # On a terminal the progress line rewrites itself; eval lines stay. Piped output gets plain lines.
     end = "\n" if not self.tty or "val_loss" in record or step == self.total_steps else ""
