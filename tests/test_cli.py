@@ -1,8 +1,11 @@
 """What a user meets at the command line: `--help`, and the docs every config field carries."""
 
+import types
+
 import pytest
 
 from lmjax.run import config as config_lib, field_docs
+from lmjax.train import preflight
 
 from conftest import run_lmjax
 
@@ -30,3 +33,17 @@ def test_help_exits_0_and_lists_the_flags(command):
 def test_help_shows_the_experiments_values():
   result = run_lmjax("train", "--config=experiments/shakespeare_char.py:gpu", "--help", timeout=120)
   assert result.returncode == 0 and "--config.train.seq_len=256" in result.stdout
+
+
+def test_a_corpus_too_small_for_its_tokenizer_or_model_is_warned_with_numbers():
+  cfg = config_lib.base_config()
+  cfg.data.tokenizer = "bpe"
+  small = types.SimpleNamespace(train_tokens=20_000, tokenizer=types.SimpleNamespace(vocab_size=4096))
+  vocab, model = preflight.size_warnings(cfg, small, params=800_000)
+  assert "4096 ids for 20,000 train tokens (4.9 per id; want >= 50)" in vocab and "(e.g. 256)" in vocab
+  assert "800,000 parameters for 20,000 train tokens (0.03 per parameter" in model
+  cfg.data.tokenizer = "char"  # the default run: 4.3M characters for a 0.8M-parameter model
+  plays = types.SimpleNamespace(train_tokens=4_300_000, tokenizer=types.SimpleNamespace(vocab_size=78))
+  assert preflight.size_warnings(cfg, plays, params=800_000) == []
+  cfg.finetune.task = "qa"  # fine-tuning: the base model's choices, not the corpus's
+  assert preflight.size_warnings(cfg, small, params=800_000) == []

@@ -3,7 +3,11 @@
 import errno
 import json
 import os
+import socket
 import sys
+import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -311,7 +315,46 @@ def test_processes_see_slices_of_the_same_global_batch(doc_store, processes):
     np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
 
 
+def test_a_catalog_dataset_offline_fails_in_seconds_and_leaves_no_temp_dirs(tmp_path, monkeypatch):
+  """Not prepared and no network: one connection attempt, the message, no TFDS download retries,
+  and none of TFDS's `tmp*tfds` directories left in the temp dir."""
+
+  def unreachable(address, timeout=None):
+    raise OSError("Network is unreachable")
+
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  temp = tmp_path / "tmp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  start = time.monotonic()
+  with pytest.raises(
+    errors.UserError, match="tfds:tiny_shakespeare is not prepared in .* network is unreachable"
+  ):
+    prepare.ensure(data_cfg(tmp_path, dataset="tiny_shakespeare"))
+  assert time.monotonic() - start < 30
+  assert list(temp.iterdir()) == [] and leftovers(tmp_path) == []
+
+
 def test_tfds_name_outside_the_catalog_is_a_clear_error(tmp_path):
   with pytest.raises(errors.UserError, match="tfds:no_such_dataset_xyz is not in the TFDS catalog"):
     prepare.ensure(data_cfg(tmp_path, dataset="no_such_dataset_xyz"))
   assert leftovers(tmp_path) == []
+
+
+def test_a_run_waiting_on_a_store_lock_says_who_holds_it(tmp_path, capsys):
+  """A second preparation of the same store waits, and says once what it waits for and who holds it."""
+  path, entered = str(tmp_path / "store.lock"), threading.Event()
+
+  def second():
+    with files.waiting_lock(path, "the token store S"):
+      entered.set()
+
+  with files.waiting_lock(path, "the token store S"):
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.3)
+    assert not entered.is_set()  # still waiting
+    err = capsys.readouterr().err
+    assert f"waiting for the token store S: held by pid {os.getpid()}" in err and "command:" in err
+  waiter.join(timeout=10)
+  assert entered.is_set()

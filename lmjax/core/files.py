@@ -59,26 +59,48 @@ def lock(workdir: str):
   process holds it.
   """
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(no details written yet)"
+  with _held(os.path.join(workdir, LOCK_FILE)) as (acquire, holder):
+    if not acquire(block=False):
       raise WorkdirInUse(
-        f"workdir {workdir} is in use by another lmjax process: {holder}. Wait for it to finish (or stop "
-        "it), "
-        "or give this run its own --workdir."
-      ) from None
+        f"workdir {workdir} is in use by another lmjax process: {holder()}. Wait for it to finish (or "
+        "stop it), or give this run its own --workdir."
+      )
+    yield
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str, what: str):
+  """Holds the `flock` at `path` for the body, waiting for another process that holds it; while it
+  waits it says so once on stderr, naming `what` is locked and the holder (pid, host, start time,
+  command), so a run blocked behind another's preparation is never silent."""
+  with _held(path) as (acquire, holder):
+    if not acquire(block=False):
+      print(f"waiting for {what}: held by {holder()}", file=sys.stderr, flush=True)
+      acquire(block=True)
+    yield
+
+
+@contextlib.contextmanager
+def _held(path: str):
+  """(acquire(block) -> bool, holder() -> str) over the lock file `path`; a successful acquire writes
+  this process's pid, host, start time and command into it. Closing releases the lock."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+  def acquire(block: bool) -> bool:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+      return False
     os.ftruncate(fd, 0)
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    os.pwrite(
-      fd,
-      f"pid {os.getpid()} on {socket.gethostname()}, started {started}, command: "
-      f"{' '.join(sys.argv)}\n".encode(),
-      0,
-    )
-    yield
+    line = f"pid {os.getpid()} on {socket.gethostname()}, started {started}, command: {' '.join(sys.argv)}\n"
+    os.pwrite(fd, line.encode(), 0)
+    return True
+
+  def holder() -> str:
+    return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "(no details written yet)"
+
+  try:
+    yield acquire, holder
   finally:
     os.close(fd)  # closing the descriptor releases the lock

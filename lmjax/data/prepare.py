@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import fcntl
 import io
 import json
 import math
@@ -105,8 +104,7 @@ def ensure(data_cfg, tokenizer=None, progress: bool = True) -> store_lib.Store:
     return store_lib.Store(path)
   locks = os.path.join(os.path.dirname(path), ".locks")  # kept: removing a lock file others may wait on races
   os.makedirs(locks, exist_ok=True)
-  with open(os.path.join(locks, os.path.basename(path) + ".lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # the kernel releases it if this process dies
+  with files.waiting_lock(os.path.join(locks, os.path.basename(path) + ".lock"), f"the token store {path}"):
     if not os.path.exists(os.path.join(path, store_lib.MANIFEST)):
       _prepare(data_cfg, sources, path, tokenizer, progress)
   return store_lib.Store(path)

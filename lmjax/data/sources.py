@@ -24,12 +24,15 @@ field, an empty file or a pattern matching nothing).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import importlib.metadata
 import json
 import os
+import socket
+import tempfile
 from typing import Iterator
 
 from lmjax.core import errors
@@ -111,18 +114,28 @@ class Source:
   def _tfds_pieces(self, split):
     import tensorflow_datasets as tfds
 
-    try:
-      builder = tfds.builder(self.name, data_dir=self.data_dir, file_format="array_record")
-      builder.download_and_prepare()
-    except tfds.core.registered.DatasetNotFoundError:
-      raise errors.UserError(f"tfds:{self.name} is not in the TFDS catalog") from None
-    except Exception as err:  # network errors come in many types; all mean the same to the user
-      raise errors.UserError(
-        f"could not download and prepare TFDS dataset {self.name!r} into {self.data_dir}: {err!r}. "
-        "Catalog datasets download their sources on first use (internet needed). Offline, use "
-        "text:, jsonl: or parquet: files, or shakespeare"
-      ) from err
-    records = builder.as_data_source()
+    with _tfds_scratch():
+      try:
+        builder = tfds.builder(self.name, data_dir=self.data_dir, file_format="array_record")
+        if not builder.is_prepared() and not _online():
+          raise errors.UserError(
+            f"tfds:{self.name} is not prepared in {self.data_dir} and the network is unreachable "
+            f"({_PROBE[0]}:{_PROBE[1]} did not answer within {_PROBE_TIMEOUT_S:g} s). Catalog "
+            "datasets download their sources on first use; offline, use text:, jsonl: or parquet: "
+            "files, or shakespeare"
+          )
+        builder.download_and_prepare()
+      except tfds.core.registered.DatasetNotFoundError:
+        raise errors.UserError(f"tfds:{self.name} is not in the TFDS catalog") from None
+      except errors.UserError:
+        raise
+      except Exception as err:  # network errors come in many types; all mean the same to the user
+        raise errors.UserError(
+          f"could not download and prepare TFDS dataset {self.name!r} into {self.data_dir}: {err!r}. "
+          "Catalog datasets download their sources on first use (internet needed). Offline, use "
+          "text:, jsonl: or parquet: files, or shakespeare"
+        ) from err
+      records = builder.as_data_source()
     name = split if split == "train" else next((s for s in ("validation", "test") if s in records), None)
     if name not in records:
       raise errors.UserError(f"tfds:{self.name} has no {split} split (it has {sorted(records)})")
@@ -308,3 +321,29 @@ def resolve_paths(spec: str, field: str = "data.text_files") -> tuple:
       raise errors.ConfigError(f"{field}: {part!r} is no file and, as a glob, matches no file")
     paths.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
   return tuple(paths)
+
+
+# Offline, TFDS retries a download with back-off for minutes before it fails; one connection attempt
+# to the bucket its catalog reads from answers in seconds.
+_PROBE = ("storage.googleapis.com", 443)
+_PROBE_TIMEOUT_S = 3.0
+
+
+def _online() -> bool:
+  try:
+    socket.create_connection(_PROBE, timeout=_PROBE_TIMEOUT_S).close()
+    return True
+  except OSError:
+    return False
+
+
+@contextlib.contextmanager
+def _tfds_scratch():
+  """TFDS's temporary files in a directory of ours, removed after: tensorflow_datasets'
+  DatasetInfo.initialize_from_bucket makes a `tmp*tfds` directory it never removes, one per builder."""
+  with tempfile.TemporaryDirectory(prefix="lmjax_tfds_") as scratch:
+    before, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = before

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -116,6 +117,8 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   task = tasks.prepare(cfg, workdir)
   preflight.check_sizes(cfg, task)
   model_cfg = task.model_cfg
+  for warning in preflight.size_warnings(cfg, task, model.param_count(model_cfg)) if primary else ():
+    print(f"warning: {warning}", file=sys.stderr, flush=True)
   lora = task.lora_scale is not None
   run = state_lib.setup(cfg, model_cfg, trainable=task.initial if lora else None, mesh=mesh)
   batch_sh, shardings = run.batch_sharding, run.shardings

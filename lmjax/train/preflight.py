@@ -14,7 +14,7 @@ import numpy as np
 from lmjax.core import errors, sharding
 from lmjax.model import lora
 from lmjax.run import config as config_lib, rundir
-from lmjax.tasks import generators
+from lmjax.tasks import generators, is_finetuning
 
 
 def check_resume(cfg, workdir: str):
@@ -170,3 +170,28 @@ def check_sizes(cfg, task) -> None:
         f"train.sample_prompt is {len(prompt_ids)} tokens, leaving no room in the model's context of "
         f"{task.model_cfg.max_len} (train.seq_len): shorten the prompt, or set train.num_samples=0"
       )
+
+
+def size_warnings(cfg, task, params: int) -> list:
+  """What the corpus size says about the tokenizer and the model, as warnings with the numbers:
+  a fitted BPE with fewer than 50 train tokens per id (most ids rarely seen, so their embeddings
+  barely train: a 4096-id BPE on 57 KB of text saw its validation loss rise from 7.6 to 9.1), and
+  fewer train tokens than parameters (memorised within the first epoch; Chinchilla-optimal is ~20
+  tokens per parameter). None for fine-tuning or a pretrained start (their tokenizer and model are
+  not this corpus's choice)."""
+  if is_finetuning(cfg) or cfg.init.pretrained:
+    return []
+  warnings, tokens, vocab = [], task.train_tokens, task.tokenizer.vocab_size
+  if cfg.data.tokenizer in ("bpe", "bytelevel") and tokens < 50 * vocab:
+    suggested = max(256, 1 << max(8, (tokens // 50).bit_length() - 1))
+    warnings.append(
+      f"data.vocab_size gives {vocab} ids for {tokens:,} train tokens ({tokens / vocab:.1f} per id; "
+      f"want >= 50): most ids will be seen too rarely to learn. Lower data.vocab_size (e.g. {suggested}) "
+      "or use more text"
+    )
+  if tokens < params:
+    warnings.append(
+      f"the model has {params:,} parameters for {tokens:,} train tokens ({tokens / params:.2f} per "
+      "parameter; compute-optimal is ~20): it will memorise the corpus. Shrink the model or use more text"
+    )
+  return warnings
