@@ -7,6 +7,7 @@ import pytest
 
 from lmjax.data import (
   bytelevel_bpe,
+  hf_export,
   hf_tokenizer,
   shakespeare,
   tokenizer_base,
@@ -127,3 +128,38 @@ def test_bytelevel_split_keeps_whitespace_runs_whole_and_old_tokenizers_keep_gpt
   del spec["pattern"]
   spec_path.write_text(json.dumps(spec))
   assert tokenizers.load(str(tmp_path)).encode("a  b") == [ord("a"), ord(" "), 257]  # "a", " ", " b"
+
+
+EXPORT_TEXTS = ODD_TEXTS + [
+  "To be, or not to be:\nthat is  the question",
+  "  indented\n\tcode()  ",
+  "é\u2581",
+]
+
+
+def test_exported_tokenizer_json_encodes_as_lmjax_does(tmp_path):
+  """char, byte and bytelevel tokenizers written as a Hugging Face tokenizer.json (what AutoTokenizer
+  reads) and loaded back by the `tokenizers` library give lmjax's ids and text; the bytelevel merges
+  are recovered from tiktoken's ranks. SentencePiece BPE is refused, not written wrong."""
+  from tokenizers import Tokenizer
+
+  fit = "To be, or not to be:\nthat is  the question " * 30 + "".join(EXPORT_TEXTS) * 5
+  kinds = {
+    "char": tokenizers.CharTokenizer(fit),
+    "byte": tokenizers.ByteTokenizer(),
+    "bytelevel": tokenizers.train("bytelevel", fit, vocab_size=400),
+  }
+  for kind, tok in kinds.items():
+    hf_tokenizer.save_hf_directory(hf_export.as_hf(tok), str(tmp_path / kind))
+    loaded = Tokenizer.from_file(str(tmp_path / kind / "tokenizer.json"))
+    for text in EXPORT_TEXTS:
+      ids = loaded.encode(text, add_special_tokens=False).ids
+      assert ids == tok.encode(text), (kind, text)
+      assert loaded.decode(ids) == text, (kind, text)
+    config = json.loads((tmp_path / kind / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    if tok.eos_id is not None:
+      assert loaded.token_to_id(config["eos_token"]) == tok.eos_id
+  sentencepiece = tokenizers.train("bpe", "To be, or not to be: that is the question " * 30, vocab_size=300)
+  with pytest.raises(ValueError, match="'bpe' tokenizer has no Hugging Face conversion"):
+    hf_export.as_hf(sentencepiece)

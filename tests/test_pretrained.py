@@ -469,6 +469,45 @@ def test_export_then_import_reproduces_logits_exactly(tmp_path):
   )
 
 
+@pytest.mark.slow
+def test_an_exported_run_is_a_complete_hugging_face_directory(tmp_path):
+  """A model with lmjax's own byte-level tokenizer exports config.json, model.safetensors,
+  generation_config.json (its EOS) and a tokenizer.json that encodes as lmjax does; loading the
+  directory back gives the same ids and logits."""
+  from lmjax.data import tokenizers
+
+  text = "To be, or not to be: that is the question. " * 40
+  tok = tokenizers.train("bytelevel", text, vocab_size=300)
+  cfg = model.ModelConfig(
+    vocab_size=tok.vocab_size,
+    max_len=32,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=40,
+    pos_encoding="rope",
+    mlp="swiglu",
+    norm="rmsnorm",
+  )
+  params = model.init_params(cfg, jax.random.key(5))
+  hf.export_llama(cfg, params, str(tmp_path / "hf"), tok)
+  names = sorted(os.listdir(tmp_path / "hf"))
+  assert names == [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+  ]
+  generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+  assert generation["eos_token_id"] == tok.eos_id
+  cfg_back, params_back, tok_back = pretrained.load(str(tmp_path / "hf"))
+  sample = "that is the question, or not"
+  assert tok_back.encode(sample) == tok.encode(sample)
+  np.testing.assert_array_equal(lmjax_logits(cfg_back, params_back), lmjax_logits(cfg, params))
+
+
 def test_unsupported_architecture_is_named(tmp_path):
   write_checkpoint(str(tmp_path), {"architectures": ["BertForMaskedLM"]}, {"x": np.zeros(1)})
   with pytest.raises(ValueError, match="'BertForMaskedLM' is not supported; supported: \\['GPT2LMHeadModel'"):

@@ -33,7 +33,7 @@ EOS = "<|endoftext|>"
 _RANKS_FILE = "bytelevel.tiktoken"
 
 
-def _byte_of_char() -> dict:
+def byte_of_char() -> dict:
   """GPT-2's reversible map from the 256 bytes to printable characters, inverted (char -> byte)."""
   printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   chars, extra = {}, 0
@@ -84,7 +84,7 @@ class ByteLevelBPETokenizer:
     )
     lines = (line for line in text.splitlines(keepends=True))
     learner.train_from_iterator(lines, trainer)
-    byte_of = _byte_of_char()
+    byte_of = byte_of_char()
     vocab = sorted(learner.get_vocab().items(), key=lambda item: item[1])
     return cls({bytes(byte_of[c] for c in token): i for i, (token, _) in enumerate(vocab)}, pattern)
 

@@ -252,6 +252,7 @@ def from_hf_directory(directory: str) -> HFTokenizer:
 def save_hf_directory(tokenizer: HFTokenizer, directory: str) -> None:
   """tokenizer.json and tokenizer_config.json as Hugging Face writes them (what `from_hf_directory`
   and transformers' AutoTokenizer read)."""
+  os.makedirs(directory, exist_ok=True)
   tokenizer._tok.save(os.path.join(directory, "tokenizer.json"))
   settings = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tokenizer.chat_template or None}
   for kind in ("bos", "eos", "pad"):

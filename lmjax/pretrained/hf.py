@@ -22,7 +22,7 @@ import numpy as np
 
 from lmjax import model
 from lmjax.core import files
-from lmjax.data import hf_tokenizer
+from lmjax.data import hf_export, hf_tokenizer
 
 
 def _read_tensors(directory: str) -> dict:
@@ -260,8 +260,10 @@ def load(directory: str):
 
 
 def export_llama(cfg: model.ModelConfig, params, directory: str, tokenizer=None) -> None:
-  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory, with its
-  byte-level BPE tokenizer (hf_tokenizer.HFTokenizer) as tokenizer.json + tokenizer_config.json.
+  """Writes an lmjax Llama-style model as a Hugging Face `LlamaForCausalLM` directory: config.json,
+  model.safetensors, generation_config.json (the special ids generation stops and pads with) and,
+  given its tokenizer, tokenizer.json + tokenizer_config.json (hf_export.as_hf: pretrained
+  byte-level BPEs and lmjax's char, byte and bytelevel kinds; ValueError for SentencePiece `bpe`).
 
   Raises ValueError for any ModelConfig option Llama cannot express (the exported model would load
   and compute something else): a non-Llama architecture, scale_embeddings, sliding_window.
@@ -345,7 +347,15 @@ def export_llama(cfg: model.ModelConfig, params, directory: str, tokenizer=None)
     "mlp_bias": cfg.mlp_bias,
     "torch_dtype": "float32",
   }
+  generation = {"_from_model_config": True}
   if tokenizer is not None:
     config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    hf_tokenizer.save_hf_directory(tokenizer, directory)
+    hf_tokenizer.save_hf_directory(hf_export.as_hf(tokenizer), directory)
+    special = {
+      "bos_token_id": tokenizer.bos_id,
+      "eos_token_id": tokenizer.eos_id,
+      "pad_token_id": tokenizer.pad_id,
+    }
+    generation.update({k: v for k, v in special.items() if v is not None})
+  files.write_json(os.path.join(directory, "generation_config.json"), generation)
   files.write_json(os.path.join(directory, "config.json"), config)
