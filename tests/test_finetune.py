@@ -13,7 +13,7 @@ from lmjax import model, train
 from lmjax.data import sft as sft_lib, tokenizers
 from lmjax.inference import LanguageModel
 from lmjax.model import lora as lora_lib
-from lmjax.run import checkpoint
+from lmjax.run import checkpoint, config as config_lib
 from lmjax.tasks import evaluators, generators, losses, metrics
 
 from conftest import tiny_config
@@ -148,13 +148,26 @@ def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
     ),
     encoding="utf-8",
   )
-  cfg = tiny_config(corpus_file, data_dir, steps=6, num_samples=0, ckpt_every=6, eval_every=6)
+  cfg = tiny_config(corpus_file, data_dir, steps=6, num_samples=2, ckpt_every=6, eval_every=6)
   cfg.init.from_checkpoint = base_dir
   cfg.finetune.update(train_file=str(jsonl), mode="lora", lora_rank=2, lora_targets="q,v")
   train.train(cfg, str(tmp_path / "ft"))
   saved = checkpoint.load_params(str(tmp_path / "ft" / "checkpoints" / "6"))
   leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
   assert {str(path[-1].key) for path, _ in leaves} == {"a", "b"}  # only adapters are checkpointed
+  # End-of-run samples continue held-out prompts in the training format, not train.sample_prompt.
+  samples = (tmp_path / "ft" / "samples.txt").read_text().split("\n\n==========\n\n")
+  assert [s.split("\nDigits:")[0] for s in samples] == [
+    f"Words: {generators.number_words(n)}" for n in (36, 37)
+  ]
+  # MFU counts the work of a LoRA step: the frozen base's forward and input gradient (4 FLOPs per
+  # matmul weight and token), all three for the adapters (6), attention as in pretraining.
+  m = config_lib.model_config(cfg, 259)  # the byte tokenizer's vocabulary, tied embedding
+  adapters = sum(int(np.prod(v.shape)) for _, v in leaves)
+  weights = model.param_count(m)  # tied: the embedding is the output matmul, counted once
+  hand = 4 * weights + 6 * adapters + 12 * m.n_layers * 32 * m.n_heads * m.dim_per_head
+  logged = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl") if '"mfu"' in line][-1]
+  assert logged["mfu"] * 1e12 / logged["tokens_per_sec"] == pytest.approx(hand, rel=1e-9)
   assert any(np.abs(np.asarray(v)).max() > 0 for path, v in leaves if path[-1].key == "b")  # B moved from 0
   base = LanguageModel.from_workdir(base_dir)
   tuned = LanguageModel.from_workdir(str(tmp_path / "ft"))  # base + merged adapters

@@ -12,6 +12,7 @@ warnings always. Bad input (errors.UserError) prints `error: ...` and exits with
 """
 
 import difflib
+import glob
 import os
 import sys
 
@@ -65,11 +66,27 @@ def parse_config_flags(argv):
   `error: ...` and exits 2. An override of a field that does not exist names the fields closest to
   it (or its section's fields); a bad value of a real field names no others."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    if flags.FLAGS["config"].value is not None:
+      flags.FLAGS.config.keys()  # config_flags keeps a failed load until the config is first used
+    return remaining
+  except OSError:  # the experiment file is missing or unreadable
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+    path = spec.partition(":")[0]
+    found = sorted(glob.glob(os.path.join(os.path.dirname(path) or ".", "*.py")))
+    print(
+      f"error: --config={spec}: no experiment file {path!r}"
+      + (f"; that directory has: {', '.join(found)}" if found else ""),
+      file=sys.stderr,
+    )
+    sys.exit(2)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     message = str(err).replace("\\n", "\n").replace("\\'", "'")
     if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
       message = message[1:-1]
+    if "Traceback (most recent call last)" in message:  # the experiment's get_config raised
+      lines = [line for line in message.splitlines() if line.strip()]
+      message = f"{lines[0]} {lines[-1]}"
     fields, unknown = config_lib.flat_keys(config_lib.base_config()), []
     for arg in argv[1:]:
       field = arg.split("=")[0][len("--config.") :] if arg.startswith("--config.") else None

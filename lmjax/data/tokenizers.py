@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import numpy as np
 
@@ -174,10 +175,18 @@ class BPETokenizer:
         minloglevel=2,
       )
     except RuntimeError as err:
+      # SentencePiece's two size failures, told apart by its own numbers: below the characters the
+      # text needs (raise the size), or above the pieces the text can make (lower it or add text).
+      small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+      large = re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", str(err))
+      if small:
+        fix = f"raise data.vocab_size to at least {small.group(1)} (the text's characters + specials)"
+      elif large:
+        fix = f"lower data.vocab_size to at most {large.group(1)}, or use more text"
+      else:
+        fix = "a vocabulary must hold the text's characters and the specials and fit the text"
       raise ValueError(
-        f"SentencePiece could not train a BPE vocabulary of {vocab_size} on this text: {err}. "
-        "A vocabulary must exceed 256 byte pieces + 5 specials and fit the text; "
-        "lower data.vocab_size or use more text"
+        f"SentencePiece could not train a BPE vocabulary of {vocab_size} on this text: {fix} ({err})"
       ) from None
     return cls(model.getvalue())
 

@@ -63,7 +63,10 @@ def load_params(workdir: str, step: int | None = None):
   saved = steps(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not saved:
-    raise NoCheckpoint(f"no checkpoints in {ckpt_dir}; train first: lmjax-train --workdir={workdir} ...")
+    raise NoCheckpoint(
+      f"no checkpoints in {ckpt_dir}; train first: "
+      f"lmjax-train --config=experiments/NAME.py --workdir={workdir}"
+    )
   if step is not None and step not in saved:
     raise NoCheckpoint(f"no checkpoint for step {step} in {ckpt_dir}; available: {saved}")
   return checkpoint.load_params(checkpoint_dir(workdir, saved[-1] if step is None else step))

@@ -176,8 +176,11 @@ class TaskScores:
 
 @dataclasses.dataclass
 class Samples:
-  """`count` continuations of `prompt` (temperature 0.8) into samples.txt. preflight.check_sizes has
-  checked that the prompt encodes and leaves room in the context."""
+  """`count` continuations of `prompt` (temperature 0.8) into samples.txt, or one continuation of each
+  of `prompts` when given (a fine-tuning run's held-out prompts, in its training format: plain text
+  or a chat template's tokenizer_base.ChatText, whose special tokens encode as such).
+  preflight.check_sizes has checked that `prompt` encodes and leaves room in the context; `prompts`
+  that do not are skipped."""
 
   count: int
   prompt: str
@@ -188,21 +191,27 @@ class Samples:
   when: tuple = ("after",)
   every: int = 0
   filename: str = "samples.txt"
+  prompts: tuple = ()
 
   def __call__(self, params, workdir: str, when: str, step: int) -> None:
-    prompt, tokenizer = self.prompt or "\n", self.tokenizer
-    ids = tokenizer.encode(prompt)
+    tokenizer, limit = self.tokenizer, self.model_cfg.max_len
+    prompts = list(self.prompts) or [self.prompt or "\n"] * self.count
+    encoded = [(p, tokenizer.encode(p)) for p in prompts]  # a chat-formatted prompt keeps its specials
+    encoded = [(p, ids) for p, ids in encoded if 0 < len(ids) < limit]
+    if not encoded:
+      return
+    prompts, ids = zip(*encoded)
     result = sampler.generate_tokens(
       self.model_cfg,
       params,
-      [ids] * self.count,
-      min(self.max_new_tokens, self.model_cfg.max_len - len(ids)),
+      list(ids),
+      min(self.max_new_tokens, limit - max(map(len, ids))),
       sampler.SamplingConfig(temperature=0.8, top_k=0),
       seed=self.seed,
       eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id or 0,
     )
-    texts = [prompt + tokenizer.decode(row) for row in result.tokens]
+    texts = [prompt + tokenizer.decode(row) for prompt, row in zip(prompts, result.tokens)]
     name = self.filename if when == "after" else self.filename.replace(".txt", f"_step{step}.txt")
     files.write_atomic(os.path.join(workdir, name), "\n\n==========\n\n".join(texts) + "\n")
     print(f"samples at step {step} (also in {name}):\n" + "\n----------\n".join(texts), flush=True)

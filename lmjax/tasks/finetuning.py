@@ -96,7 +96,18 @@ def prepare(cfg, workdir: str) -> Task:
       )
     ]
     if fc.task
-    else [evaluators.Samples(tc.num_samples, tc.sample_prompt, tc.sample_len, cfg.seed, model_cfg, tokenizer)]
+    else [
+      evaluators.Samples(
+        tc.num_samples,
+        tc.sample_prompt,
+        tc.sample_len,
+        cfg.seed,
+        model_cfg,
+        tokenizer,
+        # The run's own format: held-out prompts as training saw them, not a bare train.sample_prompt.
+        prompts=tuple(e.prompt for e in val_examples[: tc.num_samples]),
+      )
+    ]
     if tc.num_samples
     else [],
     init=cfg.init.to_dict(),
