@@ -47,3 +47,25 @@ def test_a_corpus_too_small_for_its_tokenizer_or_model_is_warned_with_numbers():
   assert preflight.size_warnings(cfg, plays, params=800_000) == []
   cfg.finetune.task = "qa"  # fine-tuning: the base model's choices, not the corpus's
   assert preflight.size_warnings(cfg, small, params=800_000) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (
+      ["--config=experiments/nope.py"],
+      "error: --config=experiments/nope.py: no experiment file 'experiments/nope.py'",
+    ),
+    (
+      ["--config=experiments/shakespeare_char.py:tpu"],
+      "ValueError: unknown variant 'tpu' of shakespeare_char",
+    ),
+    (["--config=experiments/shakespeare_char.py", "--config.train.steps=abc"], "invalid literal for int()"),
+  ],
+)
+def test_user_errors_are_one_message_and_exit_2(tmp_path, args, message):
+  """No traceback: the message (and what to do) in a few lines, exit status 2."""
+  result = run_lmjax("train", *args, f"--workdir={tmp_path / 'run'}", timeout=120)
+  assert result.returncode == 2 and message in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
