@@ -451,3 +451,17 @@ def test_bad_config_values_name_field_and_allowed_values(overrides, field):
 def test_unknown_config_key_lists_valid_keys():
   with pytest.raises(ValueError, match="unknown model config keys \\['n_layer'\\].*n_layers"):
     M.ModelConfig.from_dict({"n_layer": 2})
+
+
+def test_mfu_peak_covers_every_device(monkeypatch):
+  """Logged tokens/s are the global batch's, so MFU's peak is the per-device peak times the devices."""
+  import types
+
+  from lmjax.train import loop
+
+  monkeypatch.setattr(loop.jax, "device_count", lambda: 8)
+  tc = types.SimpleNamespace(peak_tflops=2.0, measure_peak=False)
+  peak, text = loop._peak(tc, M.ModelConfig())
+  assert peak == 16e12 and "per device x 8" in text
+  tc.peak_tflops = 0.0  # on this CPU: no datasheet entry, nothing measured, no MFU
+  assert loop._peak(tc, M.ModelConfig())[0] is None

@@ -145,8 +145,14 @@ def test_each_running_point_gets_devices_of_its_own(monkeypatch):
     devices.slot_environments("cpu", [], 2, 1)
   with pytest.raises(ValueError, match="holds 1, 2 or 4 chips"):
     devices.slot_environments("tpu", [str(i) for i in range(8)], 2, 3)
+  with pytest.raises(ValueError, match="needs --devices_per_point .a TPU chip serves one process"):
+    devices.slot_environments("tpu", ["0", "1"], 2, 0)
+  with pytest.raises(ValueError, match="lower --devices_per_point to 4 or fewer"):
+    devices.slot_environments("gpu", gpus[:4], 1, 8)
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
   assert devices.node_devices() == ("gpu", ["2", "5"])
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden on purpose
+  assert devices.node_devices() == ("gpu", [])
 
 
 def test_running_points_never_share_a_slot(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ progress lines and the libraries' INFO lines appear only with `--verbosity=1` (o
 warnings always. Bad input (errors.UserError) prints `error: ...` and exits with status 2.
 """
 
+import contextlib
 import difflib
 import glob
 import os
@@ -62,64 +63,85 @@ def quiet_library_logging() -> None:
 
 
 def parse_config_flags(argv):
-  """absl flag parsing for commands with a `--config` experiment flag: a bad override prints one
-  `error: ...` and exits 2. An override of a field that does not exist names the fields closest to
-  it (or its section's fields); a bad value of a real field names no others."""
+  """absl flag parsing for commands with a `--config` experiment flag: any failure to parse the flags
+  or to load the experiment prints one `error: ...` (`config_error`) and exits 2."""
   try:
     remaining = flags.FLAGS(argv)
     if flags.FLAGS["config"].value is not None:
       flags.FLAGS.config.keys()  # config_flags keeps a failed load until the config is first used
     return remaining
-  except OSError:  # the experiment file is missing or unreadable
-    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
-    path = spec.partition(":")[0]
+  except Exception as err:  # noqa: BLE001 (flags and the experiment's own code are the user's input)
+    print(f"error: {config_error(argv, err)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_error(argv, err) -> str:
+  """The message for a failed parse: a missing experiment file names the files beside it; an
+  override of a field neither the base config nor the experiment has names the closest fields; any
+  other error (a bad value, the experiment's get_config raising) is its own message in one line."""
+  spec = config_spec(argv) or ""
+  path = spec.partition(":")[0]
+  if isinstance(err, OSError) and path and not os.path.exists(path):
     found = sorted(glob.glob(os.path.join(os.path.dirname(path) or ".", "*.py")))
-    print(
-      f"error: --config={spec}: no experiment file {path!r}"
-      + (f"; that directory has: {', '.join(found)}" if found else ""),
-      file=sys.stderr,
+    return f"--config={spec}: no experiment file {path!r}" + (
+      f"; that directory has: {', '.join(found)}" if found else ""
     )
-    sys.exit(2)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-    message = str(err).replace("\\n", "\n").replace("\\'", "'")
-    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
-      message = message[1:-1]
-    if "Traceback (most recent call last)" in message:  # the experiment's get_config raised
-      lines = [line for line in message.splitlines() if line.strip()]
-      message = f"{lines[0]} {lines[-1]}"
-    fields, unknown = config_lib.flat_keys(config_lib.base_config()), []
-    for arg in argv[1:]:
-      field = arg.split("=")[0][len("--config.") :] if arg.startswith("--config.") else None
-      if field is None or field in fields:
-        continue
-      section = field.rsplit(".", 1)[0] + "."
-      near = difflib.get_close_matches(field, fields, n=6, cutoff=0.6) or [
-        f for f in fields if f.startswith(section)
-      ]
-      sections = sorted({f.split(".")[0] + "." for f in fields if "." in f})
-      hint = f"did you mean: {', '.join(near)}" if near else f"fields are in {', '.join(sections)} (and seed)"
-      unknown.append(f"--config.{field}: no such config field; {hint}")
-    message = "\n".join(unknown) or message
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+  message = str(err).replace("\\n", "\n").replace("\\'", "'")
+  if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
+    message = message[1:-1]
+  if "Traceback (most recent call last)" in message:  # the experiment's get_config raised
+    lines = [line for line in message.splitlines() if line.strip()]
+    message = f"{lines[0]} {lines[-1]}"
+  fields = set(config_lib.flat_keys(config_lib.base_config()))
+  with contextlib.suppress(Exception):  # fields the experiment adds (evals.*), when it loads
+    fields |= set(config_lib.flat_keys(config_lib.load_experiment(spec)))
+  unknown = []
+  for arg in argv[1:]:
+    field = arg.split("=")[0][len("--config.") :] if arg.startswith("--config.") else None
+    if field is None or field in fields or field.rsplit(".", 1)[-1] not in message:
+      continue  # a real field, or not what this error is about
+    near = difflib.get_close_matches(field, sorted(fields), n=6, cutoff=0.6) or sorted(
+      f for f in fields if f.startswith(field.rsplit(".", 1)[0] + ".")
+    )
+    sections = ", ".join(sorted({f.split(".")[0] + "." for f in fields if "." in f}))
+    hint = f"did you mean: {', '.join(near)}" if near else f"fields are in {sections} (and seed)"
+    unknown.append(f"--config.{field}: no such config field; {hint}")
+  return "\n".join(unknown) or message
+
+
+def config_spec(argv) -> str | None:
+  """The `--config` value of `argv` (`--config=FILE[:variant]` or `--config FILE`), if any."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 _HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def print_help(main, argv) -> None:
   """`--help`: the command's docstring, its flags, and for commands with `--config` every config
-  field with its value (the experiment's, when `--config=FILE` is given) and its doc."""
+  field with its value (the experiment's, when `--config` names one that loads) and its doc."""
   module = sys.modules[main.__module__]
   print((module.__doc__ or "").strip() + "\n\nflags:")
   for name, defined in flags.FLAGS.flags_by_module_dict().items():
-    if name.startswith("lmjax"):
+    # Flags are filed under their module's name, or under the file path with `python -m`.
+    if name.startswith("lmjax") or os.path.abspath(name).startswith(_PACKAGE + os.sep):
       for flag in defined:
         default = "" if flag.default is None else f" (default: {flag.default!r})"
         print(f"  --{flag.name}: {flag.help}{default}")
   if "config" in flags.FLAGS and config_flags_lib.is_config_flag(flags.FLAGS["config"]):
-    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
-    cfg = config_lib.load_experiment(spec) if spec else config_lib.base_config()
+    spec, cfg = config_spec(argv), config_lib.base_config()
+    if spec:
+      try:
+        cfg = config_lib.load_experiment(spec)
+      except Exception as err:  # noqa: BLE001 (shown, and the defaults listed instead)
+        print(f"\n--config={spec} does not load ({config_error(argv, err)}); the defaults follow.")
+        spec = None
     print(f"\nconfig fields ({'of ' + spec if spec else 'defaults'}; override with --config.FIELD=VALUE):")
     print(field_docs.help_text(cfg))
 

@@ -65,6 +65,11 @@ def main(argv):
       flush=True,
     )
   os.makedirs(f.workdir, exist_ok=True)
+  if f.print_commands or f.emit:  # their points run later, in this directory: record what they share
+    try:
+      sweep.record_base(f.workdir, base)
+    except ValueError as err:
+      raise errors.UserError(str(err)) from None
   if f.print_commands:
     for p in points:
       print(shlex.join(sweep.point_command(config, os.path.join(f.workdir, sweep.point_name(p)), p, base)))

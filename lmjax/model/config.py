@@ -80,6 +80,8 @@ class ModelConfig:
     _choice("dtype", self.dtype, DTYPES)
     _choice("matmul_dtype", self.matmul_dtype, DTYPES + (None,))
     _choice("param_dtype", self.param_dtype, DTYPES)
+    if self.attention_impl == "xla":  # its name in runs saved before it was called "reference"
+      object.__setattr__(self, "attention_impl", "reference")
     _choice("attention_impl", self.attention_impl, ("auto", *ATTENTION_IMPLS))
     _choice("matmul_impl", self.matmul_impl, MATMUL_IMPLS)
     for field in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):

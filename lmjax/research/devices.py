@@ -24,7 +24,7 @@ _TPU_FIRST_PORT = 8476  # the TPU runtime's default mesh controller port; slot i
 def node_devices() -> tuple[str, list[str]]:
   """(platform, device ids) of this node: ("gpu", CUDA ids, honouring a CUDA_VISIBLE_DEVICES the
   sweep was started with), ("tpu", chip indices from /dev/accel* or /dev/vfio), or ("cpu", [])."""
-  if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+  if "CUDA_VISIBLE_DEVICES" in os.environ:  # set, even to "" (no GPU visible): it is the node's list
     return "gpu", [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
   gpus = [p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)]
   if gpus:
@@ -41,11 +41,15 @@ def slot_environments(platform: str, devices: list[str], parallel: int, devices_
   `devices_per_point` > 0 gives slot i the devices [i*d, (i+1)*d) of `devices`: disjoint, and all of
   them when parallel * d == len(devices). 0 lets every slot see every device (GPU: allocation on
   demand, so one point's preallocation cannot starve the others). Raises ValueError for more devices
-  than the node has, for devices per point on a CPU node, and for TPU blocks other than 1, 2 or 4
-  chips."""
+  than the node has, for devices per point on a CPU node, for TPU blocks other than 1, 2 or 4
+  chips, and for TPU points sharing the chips (a chip serves one process)."""
   if parallel < 1 or devices_per_point < 0:
     raise ValueError(f"--parallel={parallel} must be >= 1 and --devices_per_point={devices_per_point} >= 0")
   if devices_per_point == 0:
+    if platform == "tpu" and parallel > 1:
+      raise ValueError(
+        f"--parallel={parallel} on a TPU VM needs --devices_per_point (a TPU chip serves one process)"
+      )
     shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if platform == "gpu" and parallel > 1 else {}
     return [dict(shared) for _ in range(parallel)]
   if platform == "cpu":
@@ -54,7 +58,12 @@ def slot_environments(platform: str, devices: list[str], parallel: int, devices_
     raise ValueError(
       f"--parallel={parallel} x --devices_per_point={devices_per_point} needs "
       f"{parallel * devices_per_point} devices; this node has {len(devices)} {platform.upper()}s "
-      f"({','.join(devices)}): lower --parallel to {max(1, len(devices) // devices_per_point)}"
+      f"({','.join(devices) or 'none visible'}): "
+      + (
+        f"lower --parallel to {len(devices) // devices_per_point}"
+        if len(devices) >= devices_per_point
+        else f"lower --devices_per_point to {len(devices)} or fewer"
+      )
     )
   if platform == "tpu" and devices_per_point not in _TPU_CHIP_BOUNDS:
     raise ValueError(

@@ -164,7 +164,7 @@ def run_point(
     return {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
 
 
-def _record_base(sweep_dir: str, base: dict) -> None:
+def record_base(sweep_dir: str, base: dict) -> None:
   """Writes the shared overrides into the sweep directory, or raises ValueError when it already holds
   a sweep run with other ones (its finished points would otherwise count as this sweep's)."""
   path = os.path.join(sweep_dir, SWEEP_FILE)
@@ -344,7 +344,7 @@ def run_sweep(
       slots.put(env)
 
   with files.lock(sweep_dir), concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-    _record_base(sweep_dir, base or {})
+    record_base(sweep_dir, base or {})
     records = list(pool.map(run_in_a_slot, points))
   rows = [summarize(r) for r in records]
   write_results(sweep_dir, rows)

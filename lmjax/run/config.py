@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     num_samples=3,  # text samples written to samples.txt at the end
     sample_len=200,  # tokens per end-of-run sample
     sample_prompt="\n",  # the end-of-run samples' prompt
-    peak_tflops=0.0,  # MFU's peak; 0 = the device's datasheet number (model.PEAK_TFLOPS), if listed
+    peak_tflops=0.0,  # MFU's peak per device; 0 = its datasheet number (model.PEAK_TFLOPS), if listed
     measure_peak=False,  # on a device with no datasheet peak (a CPU), measure one at start for MFU
   )
   cfg.mesh = dict(

@@ -33,21 +33,23 @@ from lmjax.train import (
 
 
 def _peak(tc, model_cfg) -> tuple:
-  """(peak FLOP/s for MFU or None, how it was found): train.peak_tflops, else the device's datasheet
-  number, else measured when train.measure_peak asks for it, else none (MFU is then not reported)."""
+  """(peak FLOP/s of all devices for MFU, or None; how it was found). Per device: train.peak_tflops,
+  else the device's datasheet number, else measured when train.measure_peak asks for it, else none
+  (MFU is then not reported); times the device count, as the logged tokens/s are the global batch's."""
   dtype = model_cfg.matmul_dtype or model_cfg.dtype
-  device = jax.devices()[0].device_kind
+  device, count = jax.devices()[0].device_kind, jax.device_count()
   if tc.peak_tflops:
-    return tc.peak_tflops * 1e12, f"MFU peak {tc.peak_tflops:g} TFLOP/s (train.peak_tflops)"
-  if (peak := model.datasheet_peak_flops(device, dtype)) is not None:
-    return peak, f"MFU peak {peak / 1e12:g} TFLOP/s ({device} datasheet, {dtype})"
-  if tc.measure_peak:
-    peak = model.measure_matmul_peak(dtype)
-    return peak, f"MFU peak {peak / 1e12:.3f} TFLOP/s (measured now, {dtype} matmul)"
-  return (
-    None,
-    f"no datasheet peak for {device}: MFU not reported (set train.peak_tflops or train.measure_peak)",
-  )
+    peak, how = tc.peak_tflops * 1e12, "train.peak_tflops"
+  elif (peak := model.datasheet_peak_flops(device, dtype)) is not None:
+    how = f"{device} datasheet, {dtype}"
+  elif tc.measure_peak:
+    peak, how = model.measure_matmul_peak(dtype), f"measured now, {dtype} matmul"
+  else:
+    return (
+      None,
+      f"no datasheet peak for {device}: MFU not reported (set train.peak_tflops or train.measure_peak)",
+    )
+  return peak * count, f"MFU peak {peak / 1e12:.4g} TFLOP/s per device x {count} ({how})"
 
 
 class Interrupted(Exception):

@@ -183,11 +183,15 @@ def size_warnings(cfg, task, params: int) -> list:
     return []
   warnings, tokens, vocab = [], task.train_tokens, task.tokenizer.vocab_size
   if cfg.data.tokenizer in ("bpe", "bytelevel") and tokens < 50 * vocab:
-    suggested = max(256, 1 << max(8, (tokens // 50).bit_length() - 1))
+    suggested = 1 << ((tokens // 50).bit_length() - 1) if tokens >= 50 * 512 else 0
+    fix = (
+      f"Lower data.vocab_size (e.g. {suggested}) or use more text"
+      if suggested
+      else "Use more text, or data.tokenizer='char' or 'byte' (a BPE needs 256 byte ids before any merge)"
+    )
     warnings.append(
       f"data.vocab_size gives {vocab} ids for {tokens:,} train tokens ({tokens / vocab:.1f} per id; "
-      f"want >= 50): most ids will be seen too rarely to learn. Lower data.vocab_size (e.g. {suggested}) "
-      "or use more text"
+      f"want >= 50): most ids will be seen too rarely to learn. {fix}"
     )
   if tokens < params:
     warnings.append(
