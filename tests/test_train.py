@@ -62,7 +62,9 @@ def run_until_line(proc, prefix):
 def test_training_learns_and_writes_every_artifact(tmp_path, corpus_file, capsys):
   workdir = str(tmp_path / "run")
   cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=40, ckpt_every=20)
-  cfg.reference.update(step=40, val_loss=2.5, source="a test reference")
+  cfg.reference.update(
+    step=40, val_loss=2.5, source="a test reference", dataset="text_files", tokenizer="char"
+  )
   final = train.train(cfg, workdir)
   records = read_jsonl(workdir)
   assert [r["step"] for r in records] == list(range(1, 41))
