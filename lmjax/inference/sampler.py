@@ -138,8 +138,8 @@ def prefill(
     cache = {
       k: nn.with_logical_constraint(v, model.CACHE_AXES[k], rules=rules, mesh=mesh) for k, v in cache.items()
     }
-  logits_BPV, cache = model.Transformer(cfg).apply(
-    {"params": params}, tokens_BP, positions_BT=positions_BP, cache=cache
+  logits_B1V, cache = model.Transformer(cfg).apply(
+    {"params": params}, tokens_BP, positions_BT=positions_BP, cache=cache, last_logits_only=True
   )
   seen_BV = (
     jnp.zeros((B, cfg.vocab_size), jnp.int32)
@@ -157,7 +157,7 @@ def prefill(
     logprobs_BN=jnp.zeros((B, num_new), jnp.float32),
     rng=rng,
   )
-  return _choose(logits_BPV[:, -1], state, sampling, eos_id, pad_id)
+  return _choose(logits_B1V[:, -1], state, sampling, eos_id, pad_id)
 
 
 def decode_step(
@@ -214,10 +214,14 @@ def decode_cropped(
     index_BW = end - W + jnp.arange(W)[None, :]
     positions_BW = jnp.where(index_BW >= first_B[:, None], index_BW - first_B[:, None], -1)
     window_BW = jnp.take_along_axis(sequence, jnp.maximum(index_BW, 0), axis=1)
-    logits_BWV, _ = model.Transformer(cfg).apply(
-      {"params": params}, window_BW, positions_BT=positions_BW, cache=model.init_cache(cfg, B, W)
+    logits_B1V, _ = model.Transformer(cfg).apply(
+      {"params": params},
+      window_BW,
+      positions_BT=positions_BW,
+      cache=model.init_cache(cfg, B, W),
+      last_logits_only=True,
     )
-    return _choose(logits_BWV[:, -1], s, sampling, eos_id, pad_id)
+    return _choose(logits_B1V[:, -1], s, sampling, eos_id, pad_id)
 
   return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done_B), step, state)
 

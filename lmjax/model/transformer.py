@@ -33,6 +33,7 @@ class Transformer(nn.Module):
   `targets_BT` (and optionally `loss_mask_BT`) it returns the next-token loss instead of logits:
   (sum of cross-entropies over the masked-in tokens, their count), computed in chunks of the
   sequence for large vocabularies so the [B, T, V] logits never exist at once (chunked_loss.py).
+  `last_logits_only`: logits of the last position only, [B, 1, V] (what sampling reads).
   """
 
   cfg: ModelConfig
@@ -48,6 +49,7 @@ class Transformer(nn.Module):
     segment_ids_BT=None,
     targets_BT=None,
     loss_mask_BT=None,
+    last_logits_only: bool = False,
   ):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
@@ -116,7 +118,8 @@ class Transformer(nn.Module):
       head = lambda x: dense(x, head_DV, cfg, out_dtype=jnp.float32)
     if targets_BT is not None:  # the loss, chunked for large vocabularies (chunked_loss.py)
       return chunked_loss.token_loss_sum(x_BTD, head, targets_BT, loss_mask_BT)
-    logits_BTV = head(x_BTD)
+    # Sampling reads the last position only: [B, 1, V] instead of [B, T, V] logits.
+    logits_BTV = head(x_BTD[:, -1:] if last_logits_only else x_BTD)
     if cache is None:
       return logits_BTV
     return logits_BTV, {"k": new_layer_caches[0], "v": new_layer_caches[1], "pos": k_pos_BS, "end": start + T}
