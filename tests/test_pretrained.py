@@ -435,21 +435,23 @@ def test_import_gpt2_matches_numpy_reference(tmp_path):
   np.testing.assert_allclose(lmjax_logits(cfg, params), np_gpt2_forward(config, t, IDS), atol=1e-4)
 
 
+# A small Llama-style model (RoPE, SwiGLU, RMSNorm, GQA) for the export tests.
+SMALL_LLAMA = dict(
+  max_len=32,
+  d_model=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  d_ff=40,
+  pos_encoding="rope",
+  mlp="swiglu",
+  norm="rmsnorm",
+)
+
+
 @pytest.mark.slow
 def test_export_then_import_reproduces_logits_exactly(tmp_path):
-  cfg = model.ModelConfig(
-    vocab_size=29,
-    max_len=32,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=40,
-    pos_encoding="rope",
-    mlp="swiglu",
-    norm="rmsnorm",
-    tie_embeddings=False,
-  )
+  cfg = model.ModelConfig(vocab_size=29, **SMALL_LLAMA, tie_embeddings=False)
   params = model.init_params(cfg, jax.random.key(4))
   hf.export_llama(cfg, params, str(tmp_path / "a"))
   cfg_a, params_a = hf.load(str(tmp_path / "a"))
@@ -478,18 +480,7 @@ def test_an_exported_run_is_a_complete_hugging_face_directory(tmp_path):
 
   text = "To be, or not to be: that is the question. " * 40
   tok = tokenizers.train("bytelevel", text, vocab_size=300)
-  cfg = model.ModelConfig(
-    vocab_size=tok.vocab_size,
-    max_len=32,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=40,
-    pos_encoding="rope",
-    mlp="swiglu",
-    norm="rmsnorm",
-  )
+  cfg = model.ModelConfig(vocab_size=tok.vocab_size, **SMALL_LLAMA)
   params = model.init_params(cfg, jax.random.key(5))
   hf.export_llama(cfg, params, str(tmp_path / "hf"), tok)
   names = sorted(os.listdir(tmp_path / "hf"))

@@ -24,7 +24,7 @@ _DATACLASS_FIELD = re.compile(r"^\s+(\w+): [^=]+=")
 
 def _comments(source: str) -> tuple[dict, set]:
   """({line number: comment text}, line numbers holding only a comment) of `source`."""
-  comments, alone, code_lines = {}, set(), set()
+  comments, code_lines = {}, set()
   for token in tokenize.generate_tokens(io.StringIO(source).readline):
     if token.type == tokenize.COMMENT:
       comments[token.start[0]] = token.string.lstrip("#").strip()
@@ -68,9 +68,8 @@ def field_docs() -> dict:
   model_docs = _docs(
     inspect.getsource(model.ModelConfig), lambda line: (m := _DATACLASS_FIELD.match(line)) and m.group(1)
   )
-  for name, doc in model_docs.items():
-    docs.setdefault(f"model.{name}", doc)
-    docs[f"model.{name}"] = docs[f"model.{name}"] or doc
+  for name, doc in model_docs.items():  # base_config's own comment wins where it has one
+    docs[f"model.{name}"] = docs.get(f"model.{name}") or doc
   return {key: docs.get(key, "") for key in config_lib.flat_keys(config_lib.base_config())}
 
 
