@@ -1,5 +1,6 @@
 """Sampler tests: cached decoding against full forward passes, sampling filters against numpy."""
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -160,30 +161,70 @@ def crop_and_generate(cfg, params, prompt, num_new):
   max_len tokens (positions 0..), no cache."""
   ids = list(prompt)
   for _ in range(num_new):
-    window = np.asarray([ids[-cfg.max_len :]], np.int32)
-    ids.append(int(np.argmax(np.asarray(_forward(cfg, params, window))[0, -1])))
+    window = ids[-cfg.max_len :]
+    ids.append(next_greedy(cfg, params, window, cfg.max_len))
   return ids[len(prompt) :]
 
 
+def next_greedy(cfg, params, ids, length):
+  """argmax of the logits after `ids`, from a forward pass of them right-padded to `length` (causal:
+  padding after the last token does not change its logits; one shape, one compilation)."""
+  padded = np.zeros((1, length), np.int32)
+  padded[0, : len(ids)] = ids
+  return int(np.argmax(np.asarray(_forward(cfg, params, padded))[0, len(ids) - 1]))
+
+
+def window_and_generate(cfg, params, prompt, num_new):
+  """A rolling cache's greedy reference: each next token is the argmax of one full forward pass (no
+  cache) over ALL tokens so far at positions 0.., with attention limited to the last max_len positions
+  (a sliding window; RoPE does not depend on max_len, so a longer one serves the same weights)."""
+  window = min(cfg.sliding_window or cfg.max_len, cfg.max_len)
+  long_cfg = dataclasses.replace(cfg, max_len=len(prompt) + num_new, sliding_window=window)
+  ids = list(prompt)
+  for _ in range(num_new):
+    ids.append(next_greedy(long_cfg, params, ids, long_cfg.max_len))
+  return ids[len(prompt) :]
+
+
+PAST_CONTEXT_CASES = [  # model, how past_context is asked for, the reference it must equal
+  ("learned", "auto", crop_and_generate),
+  ("rope", "crop", crop_and_generate),
+  ("rope", "auto", window_and_generate),
+  ("rope-window6", "rolling", window_and_generate),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_generation_past_the_context_crops_as_nanogpt_does(pos):
-  """max_new_tokens beyond the context keeps generating, without a warning: the same tokens as
-  crop-and-generate, for rows of different prompt lengths, all at once and streamed."""
-  cfg, params = tiny_model(pos=pos, max_len=16)
+@pytest.mark.parametrize("pos, past_context, reference", PAST_CONTEXT_CASES)
+def test_generation_past_the_context(pos, past_context, reference):
+  """max_new_tokens beyond the context keeps generating, without a warning: crop gives the same tokens
+  as nanoGPT's crop-and-generate, a rolling cache those of sliding-window attention over the whole
+  sequence; for rows of different prompt lengths, all at once and streamed."""
+  cfg, params = tiny_model(pos=pos.split("-")[0], max_len=16)
+  if pos == "rope-window6":  # a sliding-window model: the rolling cache is its training computation
+    cfg = dataclasses.replace(cfg, sliding_window=6)
   prompts, greedy = (
     [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]],
     sampler.SamplingConfig(temperature=0.0),
   )
-  expected = [crop_and_generate(cfg, params, p, 30) for p in prompts]
+  expected = [reference(cfg, params, p, 30) for p in prompts]
+  generate = functools.partial(
+    sampler.generate_tokens, cfg, params, prompts, 30, greedy, past_context=past_context
+  )
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert sampler.generate_tokens(cfg, params, prompts, 30, greedy).tokens == expected
+    assert generate().tokens == expected
   streamed = []
-  result = sampler.generate_tokens(
-    cfg, params, prompts, 30, greedy, on_token=lambda ids: streamed.append(ids)
-  )
+  result = generate(on_token=lambda ids: streamed.append(ids))
   assert result.tokens == expected and [list(t) for t in zip(*streamed)] == expected
+
+
+def test_rolling_cache_needs_rope():
+  cfg, params = tiny_model(pos="learned", max_len=16)
+  with pytest.raises(ValueError, match="past_context='rolling' needs a RoPE model"):
+    sampler.generate_tokens(cfg, params, [[1, 2]], 20, past_context="rolling")
+  with pytest.raises(ValueError, match="choose one of"):
+    sampler.generate_tokens(cfg, params, [[1, 2]], 20, past_context="slide")
 
 
 @pytest.mark.slow

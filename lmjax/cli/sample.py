@@ -28,7 +28,15 @@ flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 flags.DEFINE_integer(
   "max_new_tokens",
   200,
-  "Tokens to generate per sample (past the context: nanoGPT's crop to the last max_len tokens).",
+  "Tokens to generate per sample (past the context too: see --past_context).",
+)
+flags.DEFINE_enum(
+  "past_context",
+  "auto",
+  ["auto", "crop", "rolling"],
+  "Past the model's context, predict from the last max_len tokens by nanoGPT's crop (a forward pass "
+  "of the window per token) or a rolling KV cache (RoPE models; one cached step per token); auto: "
+  "rolling for RoPE models, crop otherwise.",
 )
 flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
@@ -74,6 +82,7 @@ def main(argv):
     do_sample=f.temperature > 0,
     seed=f.seed,
     stop_sequences=f.stop,
+    past_context=f.past_context,
   )
   if f.stream:
     if len(prompts) != 1 or f.num_samples != 1:

@@ -105,6 +105,7 @@ class LanguageModel:
     seed: int = 0,
     on_token=None,
     return_logprobs: bool = False,
+    past_context: str = "auto",
   ):
     """Prompt + continuation ids, one array per (prompt, return sequence).
 
@@ -112,7 +113,9 @@ class LanguageModel:
     does not (default 50 new tokens). `do_sample=False` is greedy. `stop_sequences` are strings matched
     on the decoded continuation, wherever the tokens fall (as HF `stop_strings` and the OpenAI `stop`
     field): a row ends with the token that completes the first one. With `return_logprobs`, also
-    returns each generated token's log-probability under the model.
+    returns each generated token's log-probability under the model. `past_context` ("auto", "crop",
+    "rolling"): how tokens beyond the model's context are generated (sampler.py; auto: a rolling KV
+    cache for RoPE models, nanoGPT's crop otherwise).
     """
     if any(not isinstance(s, str) or not s for s in stop_sequences):
       raise ValueError(f"stop_sequences must be non-empty strings, got {list(stop_sequences)!r}")
@@ -139,6 +142,7 @@ class LanguageModel:
       pad_id=self.tokenizer.pad_id or 0,
       on_token=on_token,
       mesh_rules=self.mesh_rules,
+      past_context=past_context,
     )
     sequences = [np.asarray(p + t, np.int32) for p, t in zip(prompts, result.tokens)]
     return (sequences, result.logprobs) if return_logprobs else sequences

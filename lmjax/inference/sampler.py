@@ -6,11 +6,17 @@ attended to (see model/transformer.py). Decoding is one `lax.while_loop` over a 
 `decode_step`, run to a traced step count: all at once, one token at a time
 (streaming), or in chunks between host checks of text stop strings (`stop_at`).
 
-Context: every position must be < the model's `max_len` (the context it was trained on). The KV
-cache holds the prompt bucket plus the new tokens that fit; past that, generation goes on as
-nanoGPT's does: each further token is predicted from the row's last `max_len` tokens, at positions
-0..max_len-1, by a full forward pass of that window (`decode_cropped`; no cache, so exact for every
-position encoding). A prompt that does not leave room for one new token is an error.
+Context: the model attends over at most `max_len` tokens (the context it was trained on); a prompt
+that does not leave room for one new token is an error. Past the context, generation goes on in one
+of two ways (`past_context`), each predicting a token from the row's last `max_len` tokens:
+- "crop", as nanoGPT's `generate`: that window is placed at positions 0..max_len-1 and run through
+  the whole model for every token (`decode_cropped`; no cache; any position encoding);
+- "rolling" (RoPE models only), as Mistral's rolling buffer cache: the KV cache is a ring whose
+  oldest slots are overwritten, positions keep counting, and attention is limited to the last
+  `max_len` positions. One cached step per token, so O(max_len) per token instead of a forward pass
+  of max_len tokens; relative distances stay within those trained on, but keys keep the context
+  they were computed in (for a model trained with `sliding_window <= max_len` that is exactly the
+  training computation). "auto" is rolling for RoPE models, crop otherwise.
 """
 
 from __future__ import annotations
@@ -252,6 +258,7 @@ def generate_tokens(
   pad_id: int = 0,
   on_token=None,
   mesh_rules=None,
+  past_context: str = "auto",
 ) -> Generation:
   """Samples continuations of `prompts` (lists of ids). `on_token(ids_B)` streams each step.
 
@@ -260,6 +267,9 @@ def generate_tokens(
   None. It runs on the host every `STOP_CHECK_EVERY` tokens (every token when streaming), so it may
   see up to that many tokens past the stop; the result is cut where it says.
   `mesh_rules=(mesh, rules)` shards the KV cache like training shards activations (see `prefill`).
+  `past_context`: "auto", "crop" or "rolling", how tokens past the model's context are generated
+  (module docstring). Raises ValueError for empty prompts, a prompt that fills the context,
+  `max_new_tokens < 1`, or "rolling" for a model without RoPE.
   """
   prompts = [list(map(int, p)) for p in prompts]
   if not prompts:
@@ -274,8 +284,11 @@ def generate_tokens(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+  rolling_cfg = _rolling_config(cfg, past_context)
   P = bucket_length(longest, cfg.max_len - 1)
-  cached = min(max_new_tokens, cfg.max_len - longest)  # new tokens within the context: KV cache
+  # New tokens with a cache slot: those within the context (the rest are cropped), or all of them
+  # in a rolling cache of the same size.
+  cached = min(max_new_tokens, cfg.max_len - longest)
   tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
   positions_BP = np.full((len(prompts), P), -1, np.int32)
   for row, prompt in enumerate(prompts):
@@ -297,6 +310,8 @@ def generate_tokens(
   lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
 
   def decode_until(state, until: int):
+    if rolling_cfg is not None and until > cached:
+      return decode(rolling_cfg, params, state, jnp.int32(until), **args)
     if until <= cached or int(state.step) < cached:
       state = decode(cfg, params, state, jnp.int32(min(until, cached)), **args)
     if until > cached:  # past the context: nanoGPT's crop
@@ -320,6 +335,24 @@ def generate_tokens(
       if on_token is not None:
         on_token(np.asarray(state.last_token_B))
   return _unpad(np.asarray(state.tokens_BN), np.asarray(state.logprobs_BN), int(state.step), eos, keep)
+
+
+PAST_CONTEXT = ("auto", "crop", "rolling")
+
+
+def _rolling_config(cfg: model.ModelConfig, past_context: str) -> model.ModelConfig | None:
+  """The config a rolling cache decodes with (attention limited to the last max_len positions), or
+  None to crop."""
+  if past_context not in PAST_CONTEXT:
+    raise ValueError(f"past_context={past_context!r}: choose one of {list(PAST_CONTEXT)}")
+  if past_context == "rolling" and cfg.pos_encoding != "rope":
+    raise ValueError(
+      f"past_context='rolling' needs a RoPE model (relative positions), but this model's "
+      f"pos_encoding is {cfg.pos_encoding!r}; use past_context='crop'"
+    )
+  if past_context == "crop" or cfg.pos_encoding != "rope":
+    return None
+  return dataclasses.replace(cfg, sliding_window=min(cfg.sliding_window or cfg.max_len, cfg.max_len))
 
 
 STOP_CHECK_EVERY = 8  # tokens decoded on device between host checks of stop_at

@@ -54,6 +54,10 @@ class Transformer(nn.Module):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
     start = 0 if cache is None else cache["end"]
+    # The cache is a ring of S slots: tokens past its end overwrite the oldest slots (a rolling KV
+    # cache). Their keys keep their positions, so the mask stays right; a write of T > 1 tokens must
+    # not cross the end (prefill writes at slot 0, decode one token at a time).
+    slot = 0 if cache is None else start % cache["pos"].shape[1]
     if segment_ids_BT is not None and cache is not None:
       raise ValueError("segment_ids (packed documents) are for training and scoring, not a KV cache")
     # Default positions (or packed segments) and no cache: causal self-attention in row order (the
@@ -64,7 +68,7 @@ class Transformer(nn.Module):
     if cache is None:
       k_pos_BS, layer_caches = positions_BT, None
     else:
-      k_pos_BS = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT.astype(jnp.int32), start, 1)
+      k_pos_BS = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT.astype(jnp.int32), slot, 1)
       layer_caches = (cache["k"], cache["v"])
 
     embedding_VD = make_param(
@@ -85,7 +89,7 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    attn_inputs = (positions_BT, k_pos_BS, start, segment_ids_BT)
+    attn_inputs = (positions_BT, k_pos_BS, slot, segment_ids_BT)
     if cfg.scan_layers:
       blocks = nn.scan(
         block,
@@ -135,7 +139,8 @@ CACHE_AXES = {
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache: k/v [L, B, S, K, H], key positions [B, S] (-1 = empty), fill level."""
+  """An empty KV cache: k/v [L, B, S, K, H], key positions [B, S] (-1 = empty), and `end`, the number of
+  tokens written (slot `end % S` is written next: see Transformer)."""
   shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
   dtype = jnp.dtype(dtype or cfg.dtype)
   return {

@@ -205,7 +205,7 @@ class Samples:
       self.model_cfg,
       params,
       list(ids),
-      self.max_new_tokens,  # past the context the sampler crops, as nanoGPT does
+      self.max_new_tokens,  # may pass the context (sampler.py: past_context)
       sampler.SamplingConfig(temperature=0.8, top_k=0),
       seed=self.seed,
       eos_id=tokenizer.eos_id,
