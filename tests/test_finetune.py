@@ -357,3 +357,17 @@ def test_packed_sft_rows_give_each_example_its_padded_loss_and_gradient():
     for b in (padded_batch, packed_batch)
   ]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), *grads)
+
+
+def test_tokens_per_row_counts_tokens_not_padding():
+  """Throughput and MFU of SFT count the tokens a row holds, not its padding: hand counts of each
+  example's bytes + EOS, padded one per row and packed (a row's inputs are its first seq_len tokens)."""
+  tok = tokenizers.ByteTokenizer()
+  pairs = [("Q: 2+2?\nA:", " 4"), ("", "no prompt"), ("Say hi:", " hi there"), ("Q: ok?", " yes")]
+  lengths = [len(p) + len(r) + 1 for p, r in pairs]  # bytes, then EOS: 13, 10, 17, 11
+  padded = sft_lib.tokenize([sft_lib.Example(p, r) for p, r in pairs], tok, seq_len=31)
+  assert sft_lib.tokens_per_row(padded) == pytest.approx(np.mean(lengths))
+  packed = sft_lib.pack(padded, tok.pad_id)  # rows: 13 + 10 and 17 + 11 tokens
+  assert sft_lib.tokens_per_row(packed) == pytest.approx((23 + 28) / 2)
+  short = sft_lib.tokenize([sft_lib.Example("Say hi:", " hi there")], tok, seq_len=16)  # cut to 17
+  assert sft_lib.tokens_per_row(short) == 16

@@ -154,6 +154,14 @@ def pack(sft: SFTData, pad_id: int = 0) -> SFTData:
   )
 
 
+def tokens_per_row(sft: SFTData) -> float:
+  """Mean input tokens per row that are not padding (a row's inputs are its first seq_len tokens)."""
+  seq_len = sft.tokens.shape[1] - 1
+  if sft.segment_ids is not None:
+    return float((sft.segment_ids[:, :-1] > 0).sum(axis=1).mean())
+  return float(np.minimum(sft.lengths, seq_len).mean())
+
+
 def batch_at(
   sft: SFTData, seed: int, step: int, batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> dict:

@@ -89,6 +89,7 @@ def prepare(cfg, workdir: str) -> Task:
     val_tokens=int(val_sft.loss_mask.sum()),
     train_rows=len(train_sft.tokens),
     val_rows=len(val_sft.tokens),
+    tokens_per_row=sft.tokens_per_row(train_sft),
     task=fc.task or None,
     evaluators=[
       evaluators.TaskScores(
@@ -184,6 +185,10 @@ def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task
     val_tokens=int((val_pairs["query_pos"] >= 0).sum() + (val_pairs["passage_pos"] >= 0).sum()),
     train_rows=fc.num_train,
     val_rows=fc.num_val,
+    # A row is a query and its passage, both run through the model.
+    tokens_per_row=float(
+      ((train_pairs["query_pos"] >= 0).sum(1) + (train_pairs["passage_pos"] >= 0).sum(1)).mean()
+    ),
     loss=losses.contrastive_loss,
     task="search",
     evaluators=[

@@ -32,6 +32,9 @@ class Task:
   val_tokens: int
   train_rows: int  # distinct examples a batch row can be (windows of a token stream, SFT examples)
   val_rows: int
+  # Mean tokens the model runs on per training row, padding not counted (throughput and MFU count
+  # them); None: train.seq_len, every position a token (pretraining).
+  tokens_per_row: float | None = None
   initial: Any = None  # trainable params to start from (None: fresh init)
   frozen: Any = None  # weights that do not train (LoRA base)
   lora_scale: float | None = None

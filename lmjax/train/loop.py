@@ -168,7 +168,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   if start_step == 0:
     _run_evaluators(task, state.params, frozen, workdir, "before", 0, primary)
 
-  tokens_per_step = tc.batch_size * tc.seq_len
+  tokens_per_step = tc.batch_size * (task.tokens_per_row or tc.seq_len)  # padding is not throughput
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len, trainable if lora else None)
   peak, peak_text = _peak(tc, model_cfg)
@@ -176,7 +176,13 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   log.info(
     f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token"
     + (f", training {trainable:,} LoRA parameters" if lora else "")
-    + f"; data: {task.train_tokens:,} train / {task.val_tokens:,} val tokens, vocab "
+    + f"; data: {task.train_tokens:,} train / {task.val_tokens:,} val tokens"
+    + (
+      f" ({task.tokens_per_row:.1f} tokens per row of {tc.seq_len}: tokens/s and MFU skip padding)"
+      if task.tokens_per_row
+      else ""
+    )
+    + ", vocab "
     f"{task.tokenizer.vocab_size}; mesh {dict(mesh.shape)}; {peak_text}; "
     + (f"resumed from step {start_step}" if start_step else "starting at step 0")
   )
