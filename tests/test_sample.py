@@ -260,6 +260,12 @@ def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
     timeout=120,
   )
   assert result.returncode == 0, result.stderr
+  # User errors: one line and exit status 2, with a hint that is true of sampling.
+  unknown = run_lmjax("sample", f"--workdir={workdir}", "--prompt=snow \u2603", timeout=120)
+  assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+  assert "use only characters of the training text" in unknown.stderr
+  greedy = run_lmjax("sample", f"--workdir={workdir}", "--temperature=0", "--top_k=5", timeout=120)
+  assert greedy.returncode == 2 and "set --temperature > 0, or drop --top_k/--top_p" in greedy.stderr
   assert result.stdout.count("=====") == 8 and "ROMEO:" in result.stdout and "JULIET:" in result.stdout
   streamed = run_lmjax(
     "sample",

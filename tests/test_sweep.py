@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,7 +140,10 @@ def test_each_running_point_gets_devices_of_its_own(monkeypatch):
   assert [env["TPU_VISIBLE_CHIPS"] for env in tpu] == ["0,1", "2,3"]
   assert {env["TPU_CHIPS_PER_PROCESS_BOUNDS"] for env in tpu} == {"1,2,1"}
   assert len({env["TPU_MESH_CONTROLLER_PORT"] for env in tpu}) == 2
-  with pytest.raises(ValueError, match="needs 12 devices; this node has 8 GPUs .* lower --parallel to 2"):
+  # The hints name settings that fit: each keeps one of the two numbers and fits the other.
+  with pytest.raises(
+    ValueError, match="needs 12 devices; this node has 8 GPUs .* use --parallel=2 or --devices_per_point=2$"
+  ):
     devices.slot_environments("gpu", gpus, 3, 4)
   with pytest.raises(ValueError, match="needs GPUs or TPUs"):
     devices.slot_environments("cpu", [], 2, 1)
@@ -147,8 +151,21 @@ def test_each_running_point_gets_devices_of_its_own(monkeypatch):
     devices.slot_environments("tpu", [str(i) for i in range(8)], 2, 3)
   with pytest.raises(ValueError, match="needs --devices_per_point .a TPU chip serves one process"):
     devices.slot_environments("tpu", ["0", "1"], 2, 0)
-  with pytest.raises(ValueError, match="lower --devices_per_point to 4 or fewer"):
+  with pytest.raises(ValueError, match="use --devices_per_point=4$"):
     devices.slot_environments("gpu", gpus[:4], 1, 8)
+  with pytest.raises(ValueError, match="use --devices_per_point=1$"):
+    devices.slot_environments("gpu", gpus[:2], 2, 4)
+  with pytest.raises(ValueError, match="use --parallel=1 or --devices_per_point=2$"):
+    devices.slot_environments("tpu", [str(i) for i in range(6)], 2, 4)  # 6 // 2 = 3 chips: 2 fit
+  for platform, count, parallel, per_point in (("gpu", 8, 3, 4), ("gpu", 2, 2, 4), ("tpu", 6, 2, 4)):
+    ids = [str(i) for i in range(count)]
+    with pytest.raises(ValueError) as refused:
+      devices.slot_environments(platform, ids, parallel, per_point)
+    for flag, value in re.findall(
+      r"--(parallel|devices_per_point)=(\d+)", str(refused.value).split("use ")[-1]
+    ):
+      fixed = {"parallel": parallel, "devices_per_point": per_point, flag: int(value)}
+      assert len(devices.slot_environments(platform, ids, **fixed)) == fixed["parallel"]  # the hint works
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
   assert devices.node_devices() == ("gpu", ["2", "5"])
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every GPU hidden on purpose

@@ -8,6 +8,7 @@ lmjax-sample --pretrained=/path/to/hf_model_dir --prompt="Once upon a time"
 from absl import app, flags
 
 from lmjax import cli
+from lmjax.core import errors
 from lmjax.data import tokenizer_base
 from lmjax.inference.language_model import LanguageModel
 
@@ -62,6 +63,11 @@ def main(argv):
   f = flags.FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
     raise app.UsageError("give exactly one of --workdir, --checkpoint or --pretrained")
+  if f.temperature == 0 and (f.top_k or f.top_p < 1):
+    raise errors.UserError(
+      f"--top_k={f.top_k} / --top_p={f.top_p} filter sampling, but --temperature=0 is greedy and "
+      "would ignore them: set --temperature > 0, or drop --top_k/--top_p"
+    )
   if f.pretrained:
     lm = LanguageModel.from_pretrained(f.pretrained, dtype=f.dtype)
   else:
@@ -72,7 +78,10 @@ def main(argv):
       prompts += [line.rstrip("\n") for line in fh if line.strip()]
   # Shells pass "\n" literally; a prompt like "ROMEO:\n" means a newline.
   prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompts] or ["\n"]
-  encoded = [lm.tokenizer.encode(lm.chat_prompt(p, f.system) if f.chat else p) for p in prompts]
+  try:
+    encoded = [lm.tokenizer.encode(lm.chat_prompt(p, f.system) if f.chat else p) for p in prompts]
+  except ValueError as err:  # e.g. a character the run's char tokenizer never saw
+    raise errors.UserError(f"a prompt cannot be encoded: {err}") from None
   kwargs = dict(
     max_new_tokens=f.max_new_tokens,
     temperature=f.temperature,

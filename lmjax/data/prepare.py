@@ -75,6 +75,8 @@ def source_list(data_cfg) -> list:
     if spec == "text:":
       raise errors.ConfigError(
         "data.dataset='text_files' needs data.text_files: a path, a glob, or a comma-separated list"
+        if not data_cfg.get("sources")
+        else "data.sources: 'text:' needs paths, e.g. 'text:books/*.txt'"
       )
     out.append((sources_lib.parse(spec, data_cfg), weight))
   return out
@@ -137,7 +139,8 @@ def _prepare(data_cfg, sources, path: str, tokenizer, progress: bool) -> None:
         if not entry["splits"][split]["tokens"]:
           raise errors.UserError(
             f"source {source.spec} has no {split} text after filtering ({counts.as_dict()}); give it "
-            "more text, or set data.val_fraction / data.filters"
+            "more text, or loosen data.filters"
+            + (", or raise data.val_fraction" if split == "validation" and source.split_by_fraction else "")
           )
       entry["filters"] = counts.as_dict()
       entries.append(entry)

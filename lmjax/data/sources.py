@@ -57,6 +57,12 @@ class Source:
   errors: str = "strict"  # non-UTF-8 bytes: "strict" raises, "replace" writes U+FFFD
 
   @property
+  def split_by_fraction(self) -> bool:
+    """Whether `val_fraction` sets this source's validation split (TFDS and Shakespeare have fixed
+    splits, a text source with `val_file` takes that file)."""
+    return self.kind in ("jsonl", "parquet") or (self.kind == "text" and not self.val_file)
+
+  @property
   def spec(self) -> str:
     return "shakespeare" if self.kind == "shakespeare" else f"{self.kind}:{self.name or ','.join(self.paths)}"
 

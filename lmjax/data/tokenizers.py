@@ -77,7 +77,8 @@ class CharTokenizer:
       unknown = sorted(set(text) - set(self._index))
       raise ValueError(
         f"characters {unknown!r} are not in this char tokenizer's vocabulary (built from the "
-        "training text); use data.tokenizer='byte' or 'bpe' for open text"
+        "training text): use only characters of the training text (a model for open text needs a "
+        "run with data.tokenizer='byte' or 'bytelevel')"
       ) from None
 
   def encode_batch(self, texts) -> list:

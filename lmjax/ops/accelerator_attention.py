@@ -40,12 +40,13 @@ def check(impl: str, operand_dtype: str, head_dim: int) -> None:
   if operand_dtype not in _CUDNN_DTYPES:
     raise ValueError(
       f"model.attention_impl='cudnn' needs bf16 or fp16 matmul operands, got {operand_dtype}; set "
-      "model.dtype or model.matmul_dtype to 'bfloat16', or use attention_impl='blockwise'"
+      "model.matmul_dtype (or model.dtype, with matmul_dtype unset) to 'bfloat16' or 'float16', or "
+      "use model.attention_impl='blockwise'"
     )
   if head_dim % 8:
     raise ValueError(
       f"model.attention_impl='cudnn' needs a head dim that is a multiple of 8, got {head_dim}; "
-      "use attention_impl='blockwise'"
+      "use model.attention_impl='blockwise'"
     )
 
 

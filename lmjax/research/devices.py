@@ -35,6 +35,16 @@ def node_devices() -> tuple[str, list[str]]:
   return "cpu", []
 
 
+def _fits(count: int, parallel: int, devices_per_point: int, platform: str) -> str:
+  """The settings that do fit `count` devices, keeping one of the two numbers as given."""
+  fixes = [f"--parallel={count // devices_per_point}"] if count >= devices_per_point else []
+  most = count // parallel
+  if platform == "tpu":  # a process holds 1, 2 or 4 chips
+    most = max((n for n in _TPU_CHIP_BOUNDS if n <= most), default=0)
+  fixes += [f"--devices_per_point={most}"] if most else []
+  return "use " + " or ".join(fixes) if fixes else f"lower both: their product must be <= {count}"
+
+
 def slot_environments(platform: str, devices: list[str], parallel: int, devices_per_point: int) -> list:
   """The environment variables of each of `parallel` slots (a list of dicts, one per slot).
 
@@ -59,11 +69,7 @@ def slot_environments(platform: str, devices: list[str], parallel: int, devices_
       f"--parallel={parallel} x --devices_per_point={devices_per_point} needs "
       f"{parallel * devices_per_point} devices; this node has {len(devices)} {platform.upper()}s "
       f"({','.join(devices) or 'none visible'}): "
-      + (
-        f"lower --parallel to {len(devices) // devices_per_point}"
-        if len(devices) >= devices_per_point
-        else f"lower --devices_per_point to {len(devices)} or fewer"
-      )
+      + _fits(len(devices), parallel, devices_per_point, platform)
     )
   if platform == "tpu" and devices_per_point not in _TPU_CHIP_BOUNDS:
     raise ValueError(

@@ -73,8 +73,8 @@ def prepare(cfg, workdir: str) -> Task:
         f"train.seq_len={tc.seq_len}: "
         f"{rows.prompts_cut} prompts cut from the left (each keeps at least {sft.MIN_PROMPT_SHARE:.0%} of "
         f"the row or all of itself), {rows.responses_cut} responses cut from the right (their EOS kept). "
-        "Raise "
-        "train.seq_len to train on them whole (data/sft.py: truncation policy)",
+        f"Raise train.seq_len (at most the model's context, {model_cfg.max_len}) to train on them whole "
+        "(data/sft.py: truncation policy)",
         flush=True,
       )
   if cfg.data.packing:  # several examples per row (data/sft.py: pack)
@@ -157,11 +157,19 @@ def _trainable(task: Task, cfg, base) -> Task:
 def _search(cfg, model_cfg, base, tokenizer, workdir: str, origin: dict) -> Task:
   """Retrieval fine-tuning: (query, paraphrased passage) pairs for an in-batch contrastive loss."""
   fc, tc = cfg.finetune, cfg.train
+  most = generators.SEARCH_PAIRS
+  for field in ("num_train", "num_val", "num_eval"):
+    if fc[field] > most:
+      raise errors.ConfigError(
+        f"finetune.{field}={fc[field]}: the search task has {most} distinct pairs; "
+        f"set finetune.{field} <= {most}"
+      )
   for field in ("num_train", "num_val"):
     if fc[field] < tc.batch_size:  # a batch holds distinct pairs (each query's negatives are the others)
       raise errors.ConfigError(
-        f"finetune.{field}={fc[field]} is smaller than train.batch_size={tc.batch_size}; "
-        f"the contrastive batch draws distinct pairs: raise finetune.{field}"
+        f"finetune.{field}={fc[field]} is smaller than train.batch_size={tc.batch_size}; the contrastive "
+        "batch draws distinct pairs: "
+        + (f"raise finetune.{field}" if tc.batch_size <= most else f"lower train.batch_size to <= {most}")
       )
 
   def pairs(count, seed):

@@ -213,6 +213,9 @@ SURNAMES = [
 ]
 
 
+SEARCH_PAIRS = len(NAMES) * len(SURNAMES)  # distinct people, so distinct (query, passage) pairs
+
+
 def search_set(count: int, seed: int) -> tuple:
   """(passages, queries, relevant): query i paraphrases passage relevant[i], in other words.
 

@@ -197,8 +197,10 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
       saved = ckpt.steps()
       raise FloatingPointError(
         f"the loss or gradient became NaN/Inf at step {bad + 1}; stopping. The last good checkpoint "
-        f"({'step ' + str(saved[-1]) if saved else 'none yet'}) is kept in {ckpt.directory}. Lower "
-        "optim.lr, raise optim.warmup_steps, tighten optim.grad_clip, or use dtype='float32'."
+        f"({'step ' + str(saved[-1]) if saved else 'none yet'}) is kept in {ckpt.directory}. These "
+        "settings define the experiment, so try again in a new --workdir: lower optim.lr, raise "
+        "optim.warmup_steps, tighten optim.grad_clip, or compute in float32 (model.dtype='float32' "
+        "with model.matmul_dtype unset)."
       )
 
   # Batches are made ahead on background threads (Grain), so the step never waits on data.

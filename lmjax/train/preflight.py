@@ -143,7 +143,8 @@ def mesh_for(cfg):
     if tc.batch_size % parts or (tc.batch_size // tc.grad_accum) % parts:
       raise errors.ConfigError(
         f"train.batch_size={tc.batch_size} (micro-batches of {tc.batch_size // tc.grad_accum} with "
-        f"train.grad_accum={tc.grad_accum}) does not divide over {what}; use a multiple of {parts}"
+        f"train.grad_accum={tc.grad_accum}) does not divide over {what}; make train.batch_size a "
+        f"multiple of {parts * tc.grad_accum} ({parts} x train.grad_accum), or lower train.grad_accum"
       )
   return mesh
 
@@ -154,11 +155,14 @@ def check_sizes(cfg, task) -> None:
   tc = cfg.train
   for name, rows in (("train", task.train_rows), ("validation", task.val_rows)):
     if rows < 1:
+      data = cfg.data
+      by_fraction = data.sources or (data.dataset == "text_files" and not data.val_file)
       raise errors.ConfigError(
         f"the {name} split holds no complete sequence of train.seq_len={tc.seq_len} (+1 target) tokens: "
-        f"{task.train_tokens if name == 'train' else task.val_tokens} tokens. Lower train.seq_len, use "
-        "more "
-        "text, or (validation) raise data.val_fraction"
+        f"{task.train_tokens if name == 'train' else task.val_tokens} tokens"
+        + (" in all sources together (each source needs one)" if data.sources else "")
+        + ". Lower train.seq_len or use more text"
+        + (", or raise data.val_fraction" if name == "validation" and by_fraction else "")
       )
   if tc.num_samples and not task.task:
     try:
@@ -168,7 +172,8 @@ def check_sizes(cfg, task) -> None:
     if len(prompt_ids) >= task.model_cfg.max_len:
       raise errors.ConfigError(
         f"train.sample_prompt is {len(prompt_ids)} tokens, leaving no room in the model's context of "
-        f"{task.model_cfg.max_len} (train.seq_len): shorten the prompt, or set train.num_samples=0"
+        f"{task.model_cfg.max_len}: shorten the prompt, raise train.seq_len (pretraining), or set "
+        "train.num_samples=0"
       )
 
 
@@ -187,7 +192,8 @@ def size_warnings(cfg, task, params: int) -> list:
     fix = (
       f"Lower data.vocab_size (e.g. {suggested}) or use more text"
       if suggested
-      else "Use more text, or data.tokenizer='char' or 'byte' (a BPE needs 256 byte ids before any merge)"
+      else "Use more text, or data.tokenizer='char' or 'byte' without data.vocab_size and "
+      "data.tokenizer_sample_mb (a BPE needs 256 byte ids before any merge)"
     )
     warnings.append(
       f"data.vocab_size gives {vocab} ids for {tokens:,} train tokens ({tokens / vocab:.1f} per id; "
