@@ -360,6 +360,12 @@ def test_retrieval_ties_count_against_the_model():
       "finetune.train_file",
     ),
     ({"finetune.task": "qa", "finetune.lora_rank": 4, "init.pretrained": "p"}, "finetune.lora_rank"),
+    ({"optim.decay_fraction": 0.3}, "optim.decay_fraction"),  # only the wsd schedule reads it
+    ({"optim.schedule": "constant", "optim.min_lr": 0.0}, "optim.min_lr"),
+    ({"optim.momentum": 0.5}, "optim.momentum"),  # adamw
+    ({"optim.name": "adafactor", "optim.b1": 0.8}, "optim.b1"),
+    ({"optim.name": "muon", "optim.nesterov": True}, "optim.nesterov"),  # muon is always Nesterov
+    ({"optim.weight_decay_adapters": True}, "optim.weight_decay_adapters"),  # no LoRA
   ],
 )
 def test_fields_a_run_would_ignore_are_refused(overrides, field):

@@ -21,7 +21,7 @@ from lmjax import model, train
 from lmjax.core import errors, files as files_lib, sharding
 from lmjax.inference import LanguageModel
 from lmjax.research import scaling, sweep
-from lmjax.run import checkpoint, config as config_lib, rundir
+from lmjax.run import checkpoint, config as config_lib, resume, rundir
 from lmjax.train import metrics_log, preflight
 
 from conftest import TINY_EXPERIMENT, run_lmjax, tiny_config, tiny_flags
@@ -101,9 +101,9 @@ def test_resume_differences_ignore_resumable_fields_only():
   saved = config_lib.base_config()
   cfg = config_lib.base_config()
   cfg.train.steps, cfg.train.eval_every, cfg.mesh.shape, cfg.optim.decay_steps = 9000, 7, (1, 2, 1), 2000
-  assert config_lib.resume_differences(saved, cfg) == []
+  assert resume.resume_differences(saved, cfg) == []
   cfg.seed, cfg.data.tokenizer = 5, "byte"
-  assert config_lib.resume_differences(saved, cfg) == [("data.tokenizer", "char", "byte"), ("seed", 0, 5)]
+  assert resume.resume_differences(saved, cfg) == [("data.tokenizer", "char", "byte"), ("seed", 0, 5)]
 
 
 @pytest.mark.slow
@@ -365,7 +365,7 @@ def test_masked_loss_accumulates_to_the_full_batch_token_mean():
   cfg = model.ModelConfig(vocab_size=50, max_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64)
   optim = config_lib.base_config().optim
   optim.update(lr=1e-2, warmup_steps=0)
-  optimizer, schedule = train.make_optimizer(optim, 10)
+  optimizer, schedule = train.make_optimizer(optim, 10, train.param_roles(cfg))
   mesh = sharding.make_mesh((1, 1, 1))
   batch_sh = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
   _, shardings = train.state_shardings(cfg, optimizer, mesh, sharding.DEFAULT_RULES)
@@ -473,6 +473,6 @@ def test_configs_saved_with_the_old_unset_values_read_as_unset():
   legacy["model"].update(n_kv_heads=0, head_dim=0, sliding_window=0, matmul_dtype="")
   legacy["optim"]["decay_steps"], legacy["data"]["vocab_size"] = 0, 0
   saved = ml_collections.ConfigDict(legacy)
-  assert config_lib.resume_differences(saved, config_lib.base_config()) == []
+  assert resume.resume_differences(saved, config_lib.base_config()) == []
   assert config_lib.model_config(saved, 10) == config_lib.model_config(config_lib.base_config(), 10)
   assert config_lib.base_config().model.n_kv_heads is None

@@ -15,16 +15,16 @@ from lmjax.inference import LanguageModel
 from conftest import REPO, run_lmjax, tiny_flags
 
 _MESH_SCRIPT = r"""
-import jax, numpy as np, ml_collections
+import jax, numpy as np
 from lmjax import model, train
 from lmjax.core import sharding
-from lmjax.run import checkpoint
+from lmjax.run import checkpoint, config as config_lib
 cfg = model.ModelConfig(vocab_size=24, max_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                         dropout=0.1)
 # lr 1e-3: Adam's first step is ~lr * sign(g), so reduction-order noise in tiny gradients moves params by ~lr.
-optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-4, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8,
-                                       weight_decay=0.1, grad_clip=1.0))
-optimizer, schedule = train.make_optimizer(optim, 10)
+optim = config_lib.base_config().optim
+optim.update(dict(lr=1e-3, min_lr=1e-4, warmup_steps=0))
+optimizer, schedule = train.make_optimizer(optim, 10, train.param_roles(cfg))
 tokens = np.random.default_rng(0).integers(0, 24, (8, 17)).astype(np.int32)
 batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 results = {}

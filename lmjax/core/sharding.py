@@ -70,12 +70,14 @@ def _fit(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules):
-  """NamedShardings for a tree whose leaves carry logical names (nn.Partitioned); others replicate."""
+  """NamedShardings for a tree whose leaves carry logical names (nn.Partitioned); others replicate.
+  Empty placeholders (optax's MaskedNode, where a partitioned optimizer keeps no state) stay as
+  they are."""
   rules = tuple(tuple(r) for r in rules)
   mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
   shapes = nn.unbox(boxed_tree)
   return jax.tree.map(
-    lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+    lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)) if hasattr(x, "shape") else x,
     mesh_specs,
     shapes,
     is_leaf=lambda x: isinstance(x, PartitionSpec),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 
 import ml_collections
@@ -54,16 +53,24 @@ def base_config() -> ml_collections.ConfigDict:
   # None = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmul operands, fp32 elsewhere
   cfg.model.matmul_dtype = config_dict.placeholder(str)
   cfg.optim = dict(
-    lr=1e-3,  # peak learning rate (AdamW), reached after warmup_steps
-    min_lr=1e-4,  # the cosine decay ends here
+    name="adamw",  # adamw, lion, adafactor, sgd or muon (train/optimizer.py)
+    lr=1e-3,  # peak learning rate, reached after warmup_steps
+    schedule="cosine",  # cosine, wsd (warmup-stable-decay), constant or inverse_sqrt (train/schedules.py)
+    min_lr=1e-4,  # cosine and wsd decay to this
     warmup_steps=100,  # linear warmup from 0
-    b1=0.9,  # Adam beta1
-    b2=0.99,  # Adam beta2
-    eps=1e-8,  # Adam epsilon
-    weight_decay=0.1,  # decoupled (AdamW), on weight matrices and embeddings, not norms or biases
-    grad_clip=1.0,  # clip the global gradient norm to this (> 0)
-    # steps of warmup + cosine decay; None = train.steps (after them min_lr is held)
+    # steps of warmup + decay (cosine, wsd); None = train.steps (after them min_lr is held)
     decay_steps=config_dict.placeholder(int),
+    decay_fraction=0.2,  # wsd: the last fraction of the decay_steps spent decaying
+    decay_shape="sqrt",  # wsd: the decay's shape, linear, cosine or sqrt (1 - sqrt)
+    b1=0.9,  # adamw/lion/muon's AdamW branch: beta1
+    b2=0.99,  # adamw/lion/muon's AdamW branch: beta2
+    eps=1e-8,  # adamw and muon: epsilon
+    momentum=config_dict.placeholder(float),  # sgd (default 0.9) and muon (default 0.95)
+    nesterov=False,  # sgd: Nesterov momentum (muon always uses it)
+    # On weight matrices and embeddings, not norms or biases (decoupled for adamw, lion, muon)
+    weight_decay=0.1,
+    weight_decay_adapters=False,  # LoRA: weight decay on the adapters too
+    grad_clip=1.0,  # clip the global gradient norm to this (> 0)
   )
   cfg.train = dict(
     steps=2000,  # optimizer steps of the whole run (a resumed run continues to it)
@@ -196,6 +203,8 @@ _RANGES = {
   "optim.b2": (0.0, True, 1.0, False),
   "optim.eps": (0.0, True, None, False),
   "optim.weight_decay": (0.0, True, None, False),
+  "optim.decay_fraction": (0.0, False, 1.0, True),
+  "optim.momentum": (0.0, True, 1.0, False),
   "optim.grad_clip": (0.0, False, None, False),
   "train.steps": (1, True, None, False),
   "train.batch_size": (1, True, None, False),
@@ -215,41 +224,6 @@ _RANGES = {
   "finetune.lora_rank": (1, True, None, False),
   "finetune.lora_alpha": (0.0, False, None, False),
 }
-
-# Fields a resumed run may change: how long it trains (a new schedule is announced at start), how
-# often it logs, evaluates and saves, what it writes at the end, the mesh it runs on, how a step is
-# computed, and where the prepared data is cached. Any other difference from the saved config.json
-# is another experiment.
-RESUMABLE_FIELDS = frozenset(
-  {
-    "train.steps",
-    "optim.decay_steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_steps",
-    "train.ckpt_every",
-    "train.max_to_keep",
-    "train.num_samples",
-    "train.sample_len",
-    "train.sample_prompt",
-    "train.peak_tflops",
-    "train.measure_peak",
-    "mesh.shape",
-    "mesh.rules",
-    "reference.step",
-    "reference.val_loss",
-    "reference.source",
-    "reference.dataset",
-    "reference.tokenizer",
-    "data.data_dir",
-    "data.store_dir",
-    # how the same step is computed: micro-batches (accumulation is exact), rematerialisation, kernels
-    "train.grad_accum",
-    "model.remat",
-    "model.attention_impl",
-    "model.matmul_impl",
-  }
-)
 
 
 def _range_text(low, low_in, high, high_in) -> str:
@@ -306,7 +280,7 @@ def validate(cfg) -> None:
     )
   for field, (low, low_in, high, high_in) in _RANGES.items():
     value = _get(cfg, field)
-    if value is None and field in OPTIONAL_FIELDS:
+    if value is None:  # an unset placeholder (typed fields cannot be set to None)
       continue
     # written as "not inside" so that NaN, which compares False with everything, is outside
     inside = (
@@ -347,6 +321,12 @@ def validate(cfg) -> None:
     raise errors.ConfigError(str(err)) from None
 
 
+# Named options of the optim block (train/optimizer.py and train/schedules.py implement them).
+OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd", "muon")
+SCHEDULES = ("cosine", "wsd", "constant", "inverse_sqrt")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+
+
 def _check_choices(cfg) -> None:
   """Named options whose allowed values the config layer knows (fine-tuning tasks and LoRA targets
   are checked by preflight.check_finetune_options, above this layer)."""
@@ -354,6 +334,9 @@ def _check_choices(cfg) -> None:
     ("data.tokenizer", cfg.data.tokenizer, ("char", "byte", "bpe", "bytelevel")),
     ("data.errors", cfg.data.errors, ("strict", "replace")),
     ("finetune.mode", cfg.finetune.mode, ("full", "lora")),
+    ("optim.name", cfg.optim.name, OPTIMIZERS),
+    ("optim.schedule", cfg.optim.schedule, SCHEDULES),
+    ("optim.decay_shape", cfg.optim.decay_shape, DECAY_SHAPES),
   ]
   for field, value, allowed in choices:
     if value not in allowed:
@@ -366,29 +349,3 @@ def _check_choices(cfg) -> None:
       f"mesh.shape={shape} must give one size per axis {sharding.MESH_AXES}, each >= 1 "
       "(one of them may be -1: the remaining devices)"
     )
-
-
-def resume_differences(saved, cfg) -> list:
-  """(field, saved value, new value) for each field outside RESUMABLE_FIELDS that `cfg` changes
-  from the run's `saved` config (fields the saved config predates count at their defaults)."""
-
-  def flat(c):
-    values = {}
-
-    def walk(node, prefix):
-      for key, value in node.items():
-        if isinstance(value, dict):
-          walk(value, f"{prefix}{key}.")
-        else:
-          values[prefix + key] = unset_is_none(prefix + key, value)
-
-    walk(json.loads(c.to_json_best_effort()), "")
-    return values
-
-  old, new = flat(base_config()), flat(cfg)
-  old.update(flat(saved))
-  return [
-    (k, old.get(k), new.get(k))
-    for k in sorted(set(old) | set(new))
-    if k not in RESUMABLE_FIELDS and not k.startswith("evals.") and old.get(k) != new.get(k)
-  ]

@@ -25,8 +25,8 @@ from lmjax.run import config as config_lib, rundir
 from lmjax.tasks import evaluators
 from lmjax.train import (
   metrics_log,
-  optimizer as optimizer_lib,
   preflight,
+  schedules,
   state as state_lib,
   step as step_lib,
 )
@@ -187,7 +187,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     + (f"resumed from step {start_step}" if start_step else "starting at step 0")
   )
   if start_step and saved_cfg is not None:
-    note = preflight.schedule_change_note(saved_cfg, cfg, start_step, optimizer_lib.make_optimizer)
+    note = preflight.schedule_change_note(saved_cfg, cfg, start_step, schedules.make_schedule)
     if note:
       log.info(note)
 

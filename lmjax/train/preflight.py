@@ -13,14 +13,14 @@ import numpy as np
 
 from lmjax.core import errors, sharding
 from lmjax.model import lora
-from lmjax.run import config as config_lib, rundir
+from lmjax.run import config as config_lib, resume, rundir
 from lmjax.tasks import generators, is_finetuning
 
 
 def check_resume(cfg, workdir: str):
   """The run's saved config (None for a new run). Raises ConfigError, writing nothing, when the
   workdir holds checkpoints of a run whose config differs from `cfg` outside
-  config.RESUMABLE_FIELDS (another model, data, optimizer or seed would be mixed into it), or a
+  resume.RESUMABLE_FIELDS (another model, data, optimizer or seed would be mixed into it), or a
   checkpoint beyond `train.steps`."""
   saved, steps = rundir.saved_config(workdir), rundir.steps(workdir)
   if steps and steps[-1] > cfg.train.steps:
@@ -30,7 +30,7 @@ def check_resume(cfg, workdir: str):
     )
   if saved is None or not steps:
     return saved
-  differences = config_lib.resume_differences(saved, cfg)
+  differences = resume.resume_differences(saved, cfg)
   if differences:
     lines = "\n  ".join(f"{field}: saved {old!r}, now {new!r}" for field, old, new in differences)
     raise errors.ConfigError(
@@ -91,6 +91,7 @@ def check_fields_used(cfg) -> None:
     if data.tokenizer not in ("bpe", "bytelevel"):
       why = "only data.tokenizer='bpe' or 'bytelevel' is fitted (on a sample, to a vocabulary size)"
       rules += [("data.vocab_size", why), ("data.tokenizer_sample_mb", why)]
+  rules += _optim_rules(cfg.optim, lora=is_finetuning(cfg) and cfg.finetune.mode == "lora")
   unused = [
     f"{field}={_value(cfg, field)!r} ({why})"
     for field, why in rules
@@ -103,18 +104,46 @@ def check_fields_used(cfg) -> None:
     )
 
 
+def _optim_rules(optim, lora: bool) -> list:
+  """(field, why) for the optim fields that `optim.name` and `optim.schedule` do not read."""
+  uses = {  # the hyperparameters each optimizer reads (train/optimizer.py)
+    "adamw": ("b1", "b2", "eps"),
+    "lion": ("b1", "b2"),
+    "adafactor": (),
+    "sgd": ("momentum", "nesterov"),
+    "muon": ("b1", "b2", "eps", "momentum"),
+  }[optim.name]
+  rules = [
+    (f"optim.{k}", f"optim.name={optim.name!r} does not use it")
+    for k in ("b1", "b2", "eps", "momentum", "nesterov")
+    if k not in uses
+  ]
+  if optim.schedule != "wsd":
+    rules += [(f"optim.{k}", "only optim.schedule='wsd' reads it") for k in ("decay_fraction", "decay_shape")]
+  if optim.schedule in ("constant", "inverse_sqrt"):
+    why = f"optim.schedule={optim.schedule!r} does not decay to a horizon"
+    rules += [("optim.min_lr", why), ("optim.decay_steps", why)]
+  if not lora:
+    rules.append(("optim.weight_decay_adapters", "only LoRA fine-tuning trains adapters"))
+  return rules
+
+
 def _value(cfg, field: str):
   section, key = field.split(".")
   return config_lib.unset_is_none(field, cfg[section][key])
 
 
-def schedule_change_note(saved, cfg, step: int, make_optimizer) -> str | None:
+def schedule_change_note(saved, cfg, step: int, make_schedule) -> str | None:
   """A note when the resumed run's learning-rate schedule differs from the saved run's (train.steps
-  or optim.decay_steps changed the decay horizon), with the override that keeps the old one."""
+  or optim.decay_steps changed the decay horizon), with the override that keeps the old one. The
+  other optim fields cannot change on resume (check_resume), so the old schedule is this config's
+  with the saved horizon."""
   old_horizon = saved.optim.get("decay_steps") or saved.train.steps
   new_horizon = cfg.optim.decay_steps or cfg.train.steps
-  old = float(make_optimizer(saved.optim, saved.train.steps)[1](step))
-  new = float(make_optimizer(cfg.optim, cfg.train.steps)[1](step))
+  old_optim = cfg.optim.copy_and_resolve_references()
+  old_optim.decay_steps = saved.optim.get("decay_steps")
+  old = float(make_schedule(old_optim, saved.train.steps)(step))
+  new = float(make_schedule(cfg.optim, cfg.train.steps)(step))
   if old_horizon == new_horizon and np.isclose(old, new, rtol=1e-6, atol=0.0):
     return None
   return (

@@ -47,7 +47,8 @@ def setup(cfg, model_cfg: model.ModelConfig, trainable=None, mesh=None) -> Setup
   params (LoRA adapters); `mesh`: the one `preflight.mesh_for(cfg)` built already, if any. Raises
   errors.ConfigError when the mesh does not fit the devices or batch."""
   mesh = mesh if mesh is not None else mesh_for(cfg)
-  optimizer, schedule = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  roles = optimizer_lib.param_roles(model_cfg, adapters=trainable)
+  optimizer, schedule = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps, roles)
   abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules, trainable)
   return Setup(mesh, sharding.batch_sharding(mesh, cfg.mesh.rules), optimizer, schedule, abstract, shardings)
 
