@@ -51,7 +51,8 @@ setup(
   },
   entry_points={
     "console_scripts": [
-      f"lmjax-{name}=lmjax.cli.{name}:run" for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling")
+      f"lmjax-{name}=lmjax.cli.{name}:run"
+      for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling", "coordcheck")
     ]
   },
 )

@@ -15,6 +15,9 @@ from lmjax import model, train
 from lmjax.run import config as config_lib
 from lmjax.train import optimizer as optimizer_lib
 
+# Jitted: flax's init traced once instead of run op by op (seconds for these shapes).
+init_params = jax.jit(model.init_params, static_argnums=0)
+
 
 def optim(**values):
   cfg = config_lib.base_config().optim
@@ -100,9 +103,9 @@ def test_weight_decay_applies_by_rule_to_matrices(scan):
   named = leaves_by_name(mask)
   assert {name for name, flags in named.items() if all(flags)} == DECAYED
   assert {name for name, flags in named.items() if not any(flags)} == set(named) - DECAYED
-  params = model.init_params(cfg, jax.random.key(0))
+  params = init_params(cfg, jax.random.key(0))
   tx, _ = train.make_optimizer(optim(lr=0.1, warmup_steps=0, weight_decay=0.5), 10, train.param_roles(cfg))
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   expected = jax.tree.map(lambda p, m: -0.1 * 0.5 * p * m, params, mask)
   jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6, atol=1e-9), updates, expected)
 
@@ -117,12 +120,12 @@ def test_lora_adapters_decay_only_when_asked():
 def first_update(name, params, grads, **values):
   cfg = optim(name=name, lr=0.01, warmup_steps=0, grad_clip=1e9, **values)
   tx, _ = train.make_optimizer(cfg, 10, train.param_roles(TINY))
-  return tx.update(grads, tx.init(params), params)[0]
+  return jax.jit(tx.update)(grads, tx.init(params), params)[0]
 
 
 @pytest.fixture(scope="module")
 def params_and_grads():
-  params = model.init_params(TINY, jax.random.key(0))
+  params = init_params(TINY, jax.random.key(0))
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
   grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
   mask = optimizer_lib.decay_mask(train.param_roles(TINY), decay_adapters=False)
@@ -190,7 +193,7 @@ def test_every_optimizer_trains_the_model(name):
     20,
     train.param_roles(TINY),
   )
-  params = model.init_params(TINY, jax.random.key(0))
+  params = init_params(TINY, jax.random.key(0))
   tokens = np.random.default_rng(0).integers(0, 40, (4, 17)).astype(np.int32)
 
   def loss(p):

@@ -5,6 +5,7 @@ May import: `lmjax.core`, `lmjax.ops`. Never data, runs, training or anything ab
 The names below are the layer's public API (`from lmjax import model; model.Transformer(cfg)`).
 """
 
+from lmjax.model import mup
 from lmjax.model.accounting import (
   datasheet_peak_flops,
   measure_matmul_peak,
@@ -38,6 +39,7 @@ __all__ = [
   "datasheet_peak_flops",
   "measure_matmul_peak",
   "mfu",
+  "mup",
   "non_embedding_param_count",
   "param_count",
   "sinusoidal_encoding",

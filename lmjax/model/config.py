@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from lmjax.model import mup
 from lmjax.ops import accelerator_attention
 from lmjax.ops.attention import ATTENTION_DROPOUT_IMPLS, ATTENTION_IMPLS
 from lmjax.ops.matmul import MATMUL_IMPLS
@@ -71,6 +72,11 @@ class ModelConfig:
   matmul_dtype: str | None = None  # operand dtype of the dense projections (None: dtype), fp32 accumulation
   param_dtype: str = "float32"  # storage dtype of parameters
   init_std: float = 0.02  # normal init of weights; output projections / sqrt(2 n_layers)
+  # sp (standard) or mup: μP (Tensor Programs V), so hyperparameters tuned at d_model =
+  # mup_base_width transfer to other widths (model/mup.py has the table)
+  parametrization: str = "sp"
+  mup_base_width: int | None = None  # μP: the d_model the hyperparameters were tuned at (None: d_model)
+  mup_base_head_dim: int | None = None  # μP: the base model's head dim (None: this head dim)
 
   def __post_init__(self):
     _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
@@ -84,6 +90,7 @@ class ModelConfig:
       object.__setattr__(self, "attention_impl", "reference")
     _choice("attention_impl", self.attention_impl, ("auto", *ATTENTION_IMPLS))
     _choice("matmul_impl", self.matmul_impl, MATMUL_IMPLS)
+    _choice("parametrization", self.parametrization, mup.PARAMETRIZATIONS)
     for field in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff"):
       if getattr(self, field) < 1:
         raise ValueError(f"model.{field}={getattr(self, field)} must be a positive integer")
@@ -111,11 +118,16 @@ class ModelConfig:
         f"or use one of {list(ATTENTION_DROPOUT_IMPLS)}"
       )
     accelerator_attention.check(self.attention_impl, self.matmul_dtype or self.dtype, self.dim_per_head)
-    for field in ("n_kv_heads", "head_dim", "sliding_window"):
+    for field in ("n_kv_heads", "head_dim", "sliding_window", "mup_base_width", "mup_base_head_dim"):
       if getattr(self, field) is not None and getattr(self, field) < 1:
         raise ValueError(
           f"model.{field}={getattr(self, field)} must be a positive integer (or unset: the default)"
         )
+    if self.parametrization == "sp" and (self.mup_base_width or self.mup_base_head_dim):
+      raise ValueError(
+        "model.mup_base_width / mup_base_head_dim are read only with model.parametrization='mup'; set "
+        "it, or unset them"
+      )
     for field in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, field) > 0:
         raise ValueError(f"model.{field}={getattr(self, field)} must be > 0")

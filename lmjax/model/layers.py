@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from lmjax.core import sharding
+from lmjax.model import mup
 from lmjax.model.config import ModelConfig
 from lmjax.ops.attention import attention
 from lmjax.ops.dropout import Dropout
@@ -139,11 +140,12 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, q_pos_BT, k_pos_BS, layer_cache=None, cache_end=None, segment_ids_BT=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    std = cfg.init_std * mup.hidden_init_mult(cfg)  # μP: hidden matrices start smaller when wider
+    out_std = std / math.sqrt(2 * cfg.n_layers)
 
     names = ("wq", "wk", "wv")
     w_DKH = [
-      make_param(self, name, (D, heads, H), ("embed", "heads", "kv"), cfg.init_std)
+      make_param(self, name, (D, heads, H), ("embed", "heads", "kv"), std)
       for name, heads in zip(names, (N, K, K))
     ]
     if N == K:  # one [D, 3*N*H] matmul instead of three: small matmuls run far below peak
@@ -156,6 +158,8 @@ class Attention(nn.Module):
         y + lead(make_param(self, name + "_bias", (heads, H), ("heads", "kv"), 0), 4).astype(dtype)
         for y, name, heads in zip((q_BTNH, k_BTKH, v_BTKH), names, (N, K, K))
       )
+    if mup.query_mult(cfg) != 1.0:  # μP: attention logits scale as 1/head_dim (model/mup.py)
+      q_BTNH = q_BTNH * jnp.asarray(mup.query_mult(cfg), q_BTNH.dtype)
     if cfg.pos_encoding == "rope":
       q_BTNH = apply_rope(q_BTNH, q_pos_BT, cfg.rope_theta)
       k_BTKH = apply_rope(k_BTKH, q_pos_BT, cfg.rope_theta)
@@ -201,19 +205,20 @@ class MLP(nn.Module):
   def __call__(self, x_BTD):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     D, F = cfg.d_model, cfg.d_ff
-    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    std = cfg.init_std * mup.hidden_init_mult(cfg)
+    out_std = std / math.sqrt(2 * cfg.n_layers)
 
     def bias(name, size, axis):
       return lead(make_param(self, name, (size,), (axis,), 0), 3).astype(dtype) if cfg.mlp_bias else 0
 
-    h_BTF = dense(x_BTD, make_param(self, "w1", (D, F), ("embed", "mlp"), cfg.init_std), cfg)
+    h_BTF = dense(x_BTD, make_param(self, "w1", (D, F), ("embed", "mlp"), std), cfg)
     h_BTF = h_BTF + bias("b1", F, "mlp")
     if cfg.mlp == "relu":
       h_BTF = jax.nn.relu(h_BTF)
     elif cfg.mlp == "gelu":
       h_BTF = jax.nn.gelu(h_BTF)
     else:
-      gate_BTF = dense(x_BTD, make_param(self, "w3", (D, F), ("embed", "mlp"), cfg.init_std), cfg)
+      gate_BTF = dense(x_BTD, make_param(self, "w3", (D, F), ("embed", "mlp"), std), cfg)
       h_BTF = jax.nn.silu(h_BTF) * (gate_BTF + bias("b3", F, "mlp"))
     out_BTD = dense(h_BTF, make_param(self, "w2", (F, D), ("mlp", "embed"), out_std), cfg)
     return out_BTD + bias("b2", D, "embed")

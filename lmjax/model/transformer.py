@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lmjax.core import sharding
-from lmjax.model import chunked_loss
+from lmjax.model import chunked_loss, mup
 from lmjax.model.config import REMAT_POLICIES, ModelConfig
 from lmjax.model.layers import ACTIVATION_AXES, Block, Norm, dense, make_param, sinusoidal_encoding
 from lmjax.ops.dropout import Dropout
@@ -120,6 +120,8 @@ class Transformer(nn.Module):
     else:
       head_DV = make_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
       head = lambda x: dense(x, head_DV, cfg, out_dtype=jnp.float32)
+    if mup.logit_mult(cfg) != 1.0:  # μP: logits x 1/m (model/mup.py)
+      unscaled, head = head, lambda x: unscaled(x) * mup.logit_mult(cfg)
     if targets_BT is not None:  # the loss, chunked for large vocabularies (chunked_loss.py)
       return chunked_loss.token_loss_sum(x_BTD, head, targets_BT, loss_mask_BT)
     # Sampling reads the last position only: [B, 1, V] instead of [B, T, V] logits.

@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model.sliding_window = config_dict.placeholder(int)  # None = full causal; W = the last W positions
   # None = model.dtype; 'bfloat16' with dtype 'float32': bf16 matmul operands, fp32 elsewhere
   cfg.model.matmul_dtype = config_dict.placeholder(str)
+  cfg.model.mup_base_width = config_dict.placeholder(int)  # μP: the width tuned at (None: d_model)
+  cfg.model.mup_base_head_dim = config_dict.placeholder(int)  # μP: the base's head dim (None: this one)
   cfg.optim = dict(
     name="adamw",  # adamw, lion, adafactor, sgd or muon (train/optimizer.py)
     lr=1e-3,  # peak learning rate, reached after warmup_steps
@@ -325,6 +327,7 @@ def validate(cfg) -> None:
 OPTIMIZERS = ("adamw", "lion", "adafactor", "sgd", "muon")
 SCHEDULES = ("cosine", "wsd", "constant", "inverse_sqrt")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
+MUP_OPTIMIZERS = ("adamw", "lion")  # those μP's learning-rate table (Adam's) holds for
 
 
 def _check_choices(cfg) -> None:
@@ -341,6 +344,11 @@ def _check_choices(cfg) -> None:
   for field, value, allowed in choices:
     if value not in allowed:
       raise errors.ConfigError(f"{field}={value!r} is not supported; allowed values: {list(allowed)}")
+  if cfg.model.parametrization == "mup" and cfg.optim.name not in MUP_OPTIMIZERS:
+    raise errors.ConfigError(
+      f"model.parametrization='mup' scales learning rates by Adam's rule (model/mup.py), which "
+      f"optim.name={cfg.optim.name!r} does not follow; use optim.name in {list(MUP_OPTIMIZERS)}"
+    )
   if cfg.data.tokenizer in ("bpe", "bytelevel") and not cfg.data.vocab_size:
     raise errors.ConfigError(f"data.tokenizer={cfg.data.tokenizer!r} needs data.vocab_size (e.g. 2048)")
   shape = tuple(cfg.mesh.shape)

@@ -76,11 +76,15 @@ def decay_mask(roles, decay_adapters: bool):
   )
 
 
-def make_optimizer(optim_cfg, total_steps: int, roles) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  optim_cfg, total_steps: int, roles, hidden_lr_mult: float = 1.0
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule) for `optim_cfg` (the config's `optim` block) over `total_steps`: global-norm
   clipping to `grad_clip`, then `optim.name` at `schedules.make_schedule`'s learning rate.
 
-  `roles`: `param_roles(...)` of the parameters it will train. Raises ValueError for an unknown name.
+  `roles`: `param_roles(...)` of the parameters it will train. `hidden_lr_mult`: μP's learning-rate
+  multiplier of the hidden matrices (model.mup.hidden_lr_mult: 1/m), applied to their whole update.
+  Raises ValueError for an unknown name.
   """
   name, schedule = optim_cfg.name, schedules.make_schedule(optim_cfg, total_steps)
   mask = decay_mask(roles, optim_cfg.weight_decay_adapters)
@@ -100,7 +104,13 @@ def make_optimizer(optim_cfg, total_steps: int, roles) -> tuple[optax.GradientTr
     core = _muon(optim_cfg, schedule, roles)
   else:
     raise ValueError(f"optim.name={name!r}: choose one of {list(OPTIMIZERS)}")
-  return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), core), schedule
+  chain = [optax.clip_by_global_norm(optim_cfg.grad_clip), core]
+  if hidden_lr_mult != 1.0:
+    mults = jax.tree.map(lambda r: hidden_lr_mult if r[0] == HIDDEN else 1.0, roles, is_leaf=_is_role)
+    chain.append(
+      optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, k: u * k, updates, mults))
+    )
+  return optax.chain(*chain), schedule
 
 
 def _muon(optim_cfg, schedule, roles) -> optax.GradientTransformation:
