@@ -9,7 +9,7 @@ import pytest
 from test_sweep import run_sweep, write_experiment
 
 from lmjax import model
-from lmjax.research import scaling
+from lmjax.research import chinchilla, scaling
 
 
 def test_fit_recovers_a_known_power_law():
@@ -75,3 +75,22 @@ def test_model_size_sweep_writes_the_scaling_report(tmp_path, corpus_file):
   assert all(p["val_loss"] > 0 for p in fit["points"]) and np.isfinite(fit["alpha"])
   assert "L(N) =" in open(os.path.join(workdir, "scaling.md")).read()
   assert os.path.getsize(os.path.join(workdir, "scaling.png")) > 0
+
+
+def test_chinchilla_fit_recovers_known_constants_with_intervals_that_cover_them():
+  """Approach 3 on losses made from Chinchilla's published constants (5 sizes x 3 budgets, 0.2%
+  log-normal noise): the exponents come back within 0.02, every 90% bootstrap interval covers
+  the true constant, and the compute-optimal split matches a brute-force search along 6ND = C."""
+  true = dict(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28)
+  n, d = (x.ravel() for x in np.meshgrid([1e6, 3e6, 1e7, 3e7, 1e8], [1e8, 3e8, 1e9]))
+  loss = chinchilla.predict(true, n, d) * np.exp(np.random.default_rng(0).normal(0, 0.002, n.shape))
+  fitted = chinchilla.fit(n, d, loss)
+  assert abs(fitted["alpha"] - 0.34) < 0.02 and abs(fitted["beta"] - 0.28) < 0.02
+  intervals = chinchilla.bootstrap(n, d, loss, samples=40)
+  assert all(low <= true[k] <= high for k, (low, high) in intervals.items()), intervals
+  n_opt, d_opt = chinchilla.compute_optimal(true, 1e21)
+  grid = np.logspace(8, 11, 20001)
+  assert n_opt == pytest.approx(grid[np.argmin(chinchilla.predict(true, grid, 1e21 / 6 / grid))], rel=1e-3)
+  assert 6 * n_opt * d_opt == pytest.approx(1e21)
+  with pytest.raises(ValueError, match="at least 5 runs"):
+    chinchilla.fit(n[:4], d[:4], loss[:4])

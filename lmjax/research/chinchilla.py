@@ -1,0 +1,122 @@
+"""L(N, D) = E + A / N^alpha + B / D^beta, fitted as Chinchilla's approach 3 (Hoffmann et al. 2022,
+"Training Compute-Optimal Large Language Models", section 3.3 and appendix D.2), with bootstrap
+intervals and the compute-optimal allocation it implies.
+
+The fit minimises the Huber loss (delta 1e-3) between log L and the log of the predicted loss,
+written as LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, by L-BFGS from a
+grid of starting points (the paper's procedure; here the 32 grid points with the lowest objective
+are refined); the best is kept. With C = 6 N D
+training FLOPs, the loss-minimising split of a budget C is (appendix D.2, eq. 4)
+  N_opt(C) = G (C / 6)^(beta / (alpha + beta)),  D_opt(C) = (C / 6)^(alpha / (alpha + beta)) / G,
+  G = (alpha A / (beta B))^(1 / (alpha + beta)).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import optimize, special
+
+HUBER_DELTA = 1e-3
+_REFINED = 32  # grid starts refined by L-BFGS
+# The objective is ~1e-6 at a good fit: scipy's default tolerances would stop at the first step.
+_TOLERANCES = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000}
+_STARTS = list(
+  itertools.product(
+    (0.0, 5.0, 10.0, 15.0, 20.0),  # a
+    (0.0, 5.0, 10.0, 15.0, 20.0),  # b
+    (-1.0, -0.5, 0.0, 0.5, 1.0),  # e
+    (0.0, 0.5, 1.0, 1.5, 2.0),  # alpha
+    (0.0, 0.5, 1.0, 1.5, 2.0),  # beta
+  )
+)
+
+
+def _objective(theta, log_n, log_d, log_loss):
+  """The Huber loss of the log residuals and its gradient in (a, b, e, alpha, beta)."""
+  a, b, e, alpha, beta = theta
+  terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+  predicted = special.logsumexp(terms, axis=0)
+  r = predicted - log_loss
+  small = np.abs(r) <= HUBER_DELTA
+  value = np.sum(np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)))
+  slope = np.where(small, r, HUBER_DELTA * np.sign(r))  # d huber / d r
+  weights = np.exp(terms - predicted)  # d LSE / d term (a softmax over the three terms)
+  grad = [
+    np.sum(slope * weights[0]),
+    np.sum(slope * weights[1]),
+    np.sum(slope * weights[2]),
+    -np.sum(slope * weights[0] * log_n),
+    -np.sum(slope * weights[1] * log_d),
+  ]
+  return float(value), np.asarray(grad)
+
+
+def fit(n, d, loss, starts=None) -> dict:
+  """Fits L(N, D) to final losses `loss` of models with `n` parameters trained on `d` tokens.
+
+  Returns {A, B, E, alpha, beta, huber}. `starts`: (a, b, e, alpha, beta) starting points (default
+  the best 32 of the 5^5 grid above; the bootstrap passes the full fit's optimum only). Raises ValueError for
+  fewer than 5 points (five constants).
+  """
+  n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))
+  if len(loss) < 5:
+    raise ValueError(f"L(N, D) has 5 constants; the fit needs at least 5 runs, got {len(loss)}")
+  args = (np.log(n), np.log(d), np.log(loss))
+  # L-BFGS from the grid points where the objective is already lowest (all 3125 would take minutes
+  # for the same optimum).
+  starts = starts or sorted(_STARTS, key=lambda s: _objective(np.asarray(s), *args)[0])[:_REFINED]
+  best = None
+  for start in starts:
+    result = optimize.minimize(
+      _objective, np.asarray(start, np.float64), args=args, jac=True, method="L-BFGS-B", options=_TOLERANCES
+    )
+    if best is None or result.fun < best.fun:
+      best = result
+  a, b, e, alpha, beta = best.x
+  return dict(
+    A=float(np.exp(a)),
+    B=float(np.exp(b)),
+    E=float(np.exp(e)),
+    alpha=float(alpha),
+    beta=float(beta),
+    huber=float(best.fun),
+  )
+
+
+def predict(constants: dict, n, d) -> np.ndarray:
+  """E + A / N^alpha + B / D^beta."""
+  c = constants
+  return (
+    c["E"]
+    + c["A"] / np.asarray(n, np.float64) ** c["alpha"]
+    + c["B"] / np.asarray(d, np.float64) ** c["beta"]
+  )
+
+
+def compute_optimal(constants: dict, flops) -> tuple:
+  """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = `flops` (module docstring)."""
+  c, flops = constants, np.asarray(flops, np.float64)
+  total = c["alpha"] + c["beta"]
+  g = (c["alpha"] * c["A"] / (c["beta"] * c["B"])) ** (1.0 / total)
+  return g * (flops / 6) ** (c["beta"] / total), (flops / 6) ** (c["alpha"] / total) / g
+
+
+def bootstrap(n, d, loss, samples: int = 200, seed: int = 0, level: float = 0.9) -> dict:
+  """{constant: (low, high)}: percentile intervals at `level` of each constant over `samples` refits to
+  points resampled with replacement (each refit starts from the full fit's optimum)."""
+  n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))
+  full = fit(n, d, loss)
+  start = [(np.log(full["A"]), np.log(full["B"]), np.log(full["E"]), full["alpha"], full["beta"])]
+  rng = np.random.default_rng(seed)
+  draws = {k: [] for k in ("A", "B", "E", "alpha", "beta")}
+  while len(draws["alpha"]) < samples:
+    pick = rng.integers(0, len(loss), len(loss))
+    if len(np.unique(pick)) < 5:  # five constants need five distinct points
+      continue
+    refit = fit(n[pick], d[pick], loss[pick], starts=start)
+    for k in draws:
+      draws[k].append(refit[k])
+  tail = (1 - level) / 2 * 100
+  return {k: tuple(float(x) for x in np.percentile(v, [tail, 100 - tail])) for k, v in draws.items()}
