@@ -366,6 +366,7 @@ def test_retrieval_ties_count_against_the_model():
     ({"optim.name": "adafactor", "optim.b1": 0.8}, "optim.b1"),
     ({"optim.name": "muon", "optim.nesterov": True}, "optim.nesterov"),  # muon is always Nesterov
     ({"optim.weight_decay_adapters": True}, "optim.weight_decay_adapters"),  # no LoRA
+    ({"optim.name": "sgd", "optim.momentum": 0.0, "optim.nesterov": True}, "optim.nesterov"),
   ],
 )
 def test_fields_a_run_would_ignore_are_refused(overrides, field):

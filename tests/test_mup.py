@@ -87,7 +87,7 @@ def test_hidden_matrices_take_lr_over_m_and_embeddings_the_base_lr():
   grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
   optim = config_lib.base_config().optim
   optim.update(lr=0.01, warmup_steps=0, weight_decay=0.0, grad_clip=1e9)
-  tx, _ = train.make_optimizer(optim, 10, train.param_roles(cfg), mup.hidden_lr_mult(cfg))
+  tx, _ = train.make_optimizer(optim, 10, train.param_roles(cfg))
   updates = jax.jit(tx.update)(grads, tx.init(params), params)[0]
   np.testing.assert_allclose(updates["blocks"]["attn"]["wo"], -0.01 / 4, rtol=1e-5)
   np.testing.assert_allclose(updates["blocks"]["mlp"]["w2"], -0.01 / 4, rtol=1e-5)
@@ -99,8 +99,12 @@ def test_hidden_matrices_take_lr_over_m_and_embeddings_the_base_lr():
 def test_mup_fields_are_checked():
   with pytest.raises(ValueError, match="read only with model.parametrization='mup'"):
     dataclasses.replace(BASE, mup_base_width=32)
+  with pytest.raises(ValueError, match="needs model.mup_base_width"):
+    dataclasses.replace(BASE, parametrization="mup")
+  with pytest.raises(ValueError, match="breaks μP's width-independent input layer"):
+    dataclasses.replace(BASE, parametrization="mup", mup_base_width=32, scale_embeddings=True)
   cfg = config_lib.base_config()
-  cfg.model.parametrization = "mup"
+  cfg.model.update(parametrization="mup", mup_base_width=64)
   cfg.optim.name = "sgd"
   with pytest.raises(errors.ConfigError, match="use optim.name in \\['adamw', 'lion'\\]"):
     config_lib.validate(cfg)

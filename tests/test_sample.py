@@ -204,7 +204,8 @@ def test_generation_past_the_context(pos, past_context, reference):
   if pos == "rope-window6":  # a sliding-window model: the rolling cache is its training computation
     cfg = dataclasses.replace(cfg, sliding_window=6)
   prompts, greedy = (
-    [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14]],
+    # the longest leaves one slot: a ring of exactly max_len (bucket 15 + 1)
+    [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14], list(range(1, 16))],
     sampler.SamplingConfig(temperature=0.0),
   )
   expected = [reference(cfg, params, p, 30) for p in prompts]

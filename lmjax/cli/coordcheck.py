@@ -30,7 +30,7 @@ def main(argv):
   cli.quiet_library_logging()
   f = flags.FLAGS
   widths = sorted(int(w) for w in f.widths)
-  if len(widths) < 2 or widths[0] % f.head_dim:
+  if len(widths) < 2 or any(w % f.head_dim for w in widths):
     raise app.UsageError(f"give two or more --widths, multiples of --head_dim={f.head_dim}")
   base = model.ModelConfig(
     vocab_size=2,

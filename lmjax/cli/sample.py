@@ -10,6 +10,7 @@ from absl import app, flags
 from lmjax import cli
 from lmjax.core import errors
 from lmjax.data import tokenizer_base
+from lmjax.inference import sampler
 from lmjax.inference.language_model import LanguageModel
 
 flags.DEFINE_string("workdir", None, "A training run: sample from its latest checkpoint.")
@@ -34,7 +35,7 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
   "past_context",
   "auto",
-  ["auto", "crop", "rolling"],
+  list(sampler.PAST_CONTEXT),
   "Past the model's context, predict from the last max_len tokens by nanoGPT's crop (a forward pass "
   "of the window per token) or a rolling KV cache (RoPE models; one cached step per token); auto: "
   "rolling for RoPE models, crop otherwise.",
@@ -72,6 +73,10 @@ def main(argv):
     lm = LanguageModel.from_pretrained(f.pretrained, dtype=f.dtype)
   else:
     lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_checkpoint(f.checkpoint)
+  try:
+    sampler.rolling_config(lm.cfg, f.past_context)
+  except ValueError as err:
+    raise errors.UserError(f"--past_context: {err}") from None
   prompts = list(f.prompt)
   if f.prompt_file:
     with open(f.prompt_file, encoding="utf-8") as fh:

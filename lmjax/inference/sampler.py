@@ -284,7 +284,7 @@ def generate_tokens(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-  rolling_cfg = _rolling_config(cfg, past_context)
+  rolling_cfg = rolling_config(cfg, past_context)
   P = bucket_length(longest, cfg.max_len - 1)
   # New tokens with a cache slot: those within the context (the rest are cropped), or all of them
   # in a rolling cache of the same size.
@@ -340,9 +340,9 @@ def generate_tokens(
 PAST_CONTEXT = ("auto", "crop", "rolling")
 
 
-def _rolling_config(cfg: model.ModelConfig, past_context: str) -> model.ModelConfig | None:
+def rolling_config(cfg: model.ModelConfig, past_context: str) -> model.ModelConfig | None:
   """The config a rolling cache decodes with (attention limited to the last max_len positions), or
-  None to crop."""
+  None to crop. Raises ValueError for an unknown `past_context`, or 'rolling' without RoPE."""
   if past_context not in PAST_CONTEXT:
     raise ValueError(f"past_context={past_context!r}: choose one of {list(PAST_CONTEXT)}")
   if past_context == "rolling" and cfg.pos_encoding != "rope":

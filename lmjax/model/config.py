@@ -123,6 +123,16 @@ class ModelConfig:
         raise ValueError(
           f"model.{field}={getattr(self, field)} must be a positive integer (or unset: the default)"
         )
+    if self.parametrization == "mup" and not self.mup_base_width:
+      raise ValueError(
+        "model.parametrization='mup' needs model.mup_base_width, the d_model its hyperparameters were "
+        "tuned at (without it every width is its own base and μP changes nothing)"
+      )
+    if self.parametrization == "mup" and self.scale_embeddings:
+      raise ValueError(
+        "model.scale_embeddings multiplies the input by sqrt(d_model), which grows with width and "
+        "breaks μP's width-independent input layer; unset it with model.parametrization='mup'"
+      )
     if self.parametrization == "sp" and (self.mup_base_width or self.mup_base_head_dim):
       raise ValueError(
         "model.mup_base_width / mup_base_head_dim are read only with model.parametrization='mup'; set "

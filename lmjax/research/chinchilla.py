@@ -24,8 +24,8 @@ _REFINED = 32  # grid starts refined by L-BFGS
 _TOLERANCES = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000}
 _STARTS = list(
   itertools.product(
-    (0.0, 5.0, 10.0, 15.0, 20.0),  # a
-    (0.0, 5.0, 10.0, 15.0, 20.0),  # b
+    (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),  # a
+    (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),  # b
     (-1.0, -0.5, 0.0, 0.5, 1.0),  # e
     (0.0, 0.5, 1.0, 1.5, 2.0),  # alpha
     (0.0, 0.5, 1.0, 1.5, 2.0),  # beta
@@ -57,7 +57,8 @@ def fit(n, d, loss, starts=None) -> dict:
   """Fits L(N, D) to final losses `loss` of models with `n` parameters trained on `d` tokens.
 
   Returns {A, B, E, alpha, beta, huber}. `starts`: (a, b, e, alpha, beta) starting points (default
-  the best 32 of the 5^5 grid above; the bootstrap passes the full fit's optimum only). Raises ValueError for
+  the best 32 of the 6 x 6 x 5^3 grid above; the bootstrap passes the full fit's optimum only).
+  Raises ValueError for
   fewer than 5 points (five constants).
   """
   n, d, loss = (np.asarray(x, np.float64) for x in (n, d, loss))

@@ -84,7 +84,7 @@ def coord_check(
 def _curve(cfg, optim, batches, seed: int) -> list:
   """The activation RMS of `cfg` before training and after each step on `batches` but the last."""
   params = model.init_params(cfg, jax.random.key(seed))
-  tx, _ = train.make_optimizer(optim, len(batches), train.param_roles(cfg), model.mup.hidden_lr_mult(cfg))
+  tx, _ = train.make_optimizer(optim, len(batches), train.param_roles(cfg))
   opt_state = tx.init(params)
 
   def loss(p, batch):

@@ -43,14 +43,11 @@ def report(sweep_dir: str) -> dict:
     "shift_in_grid_steps": {p: grid_shift(b, grid) for p, b in best.items()},
   }
   files.write_json(os.path.join(sweep_dir, "mup_transfer.json"), summary)
-  lines = [
-    "| parametrization | "
-    + " | ".join(f"width {w}" for w in sorted(next(iter(best.values()))))
-    + " | shift |"
-  ]
-  lines.append("|---" * (len(lines[0].split("|")) - 2) + "|")
+  widths = sorted({w for b in best.values() for w in b})
+  lines = ["| parametrization | " + " | ".join(f"width {w}" for w in widths) + " | shift |"]
+  lines.append("|---" * (len(widths) + 2) + "|")
   for p, b in best.items():
-    cells = [f"{lr:g} ({loss:.3f})" for _, (lr, loss) in sorted(b.items())]
+    cells = [f"{b[w][0]:g} ({b[w][1]:.3f})" if w in b else "-" for w in widths]
     lines.append(f"| {p} | " + " | ".join(cells) + f" | {summary['shift_in_grid_steps'][p]} grid steps |")
   files.write_atomic(os.path.join(sweep_dir, "mup_transfer.md"), "\n".join(lines) + "\n")
   _plot(rows, best, os.path.join(sweep_dir, "mup_transfer.png"))

@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     eps=1e-8,  # adamw and muon: epsilon
     momentum=config_dict.placeholder(float),  # sgd (default 0.9) and muon (default 0.95)
     nesterov=False,  # sgd: Nesterov momentum (muon always uses it)
-    # On weight matrices and embeddings, not norms or biases (decoupled for adamw, lion, muon)
+    # On weight matrices and embeddings, not norms or biases: decoupled (-lr * wd * p) for adamw, lion,
+    # adafactor and muon; L2 (wd * p added to the gradient) for sgd, where ~100x smaller is typical
     weight_decay=0.1,
     weight_decay_adapters=False,  # LoRA: weight decay on the adapters too
     grad_clip=1.0,  # clip the global gradient norm to this (> 0)
@@ -141,8 +142,8 @@ def load_experiment(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
-# Fields that are None until set. Configs saved before they were placeholders hold 0 or '' for
-# unset; `unset_is_none` reads those as None.
+# Optional fields that configs saved before they were placeholders hold as 0 or '' when unset;
+# `unset_is_none` reads those as None (newer placeholders never had such a value).
 OPTIONAL_FIELDS = (
   "data.vocab_size",
   "model.n_kv_heads",

@@ -26,7 +26,6 @@ from lmjax.tasks import evaluators
 from lmjax.train import (
   metrics_log,
   preflight,
-  schedules,
   state as state_lib,
   step as step_lib,
 )
@@ -187,7 +186,7 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     + (f"resumed from step {start_step}" if start_step else "starting at step 0")
   )
   if start_step and saved_cfg is not None:
-    note = preflight.schedule_change_note(saved_cfg, cfg, start_step, schedules.make_schedule)
+    note = preflight.schedule_change_note(saved_cfg, cfg, start_step)
     if note:
       log.info(note)
 

@@ -15,6 +15,7 @@ from lmjax.core import errors, sharding
 from lmjax.model import lora
 from lmjax.run import config as config_lib, resume, rundir
 from lmjax.tasks import generators, is_finetuning
+from lmjax.train import schedules
 
 
 def check_resume(cfg, workdir: str):
@@ -118,6 +119,8 @@ def _optim_rules(optim, lora: bool) -> list:
     for k in ("b1", "b2", "eps", "momentum", "nesterov")
     if k not in uses
   ]
+  if optim.name == "sgd" and optim.momentum == 0:
+    rules.append(("optim.nesterov", "optim.momentum=0: plain SGD has no momentum to look ahead with"))
   if optim.schedule != "wsd":
     rules += [(f"optim.{k}", "only optim.schedule='wsd' reads it") for k in ("decay_fraction", "decay_shape")]
   if optim.schedule in ("constant", "inverse_sqrt"):
@@ -133,17 +136,17 @@ def _value(cfg, field: str):
   return config_lib.unset_is_none(field, cfg[section][key])
 
 
-def schedule_change_note(saved, cfg, step: int, make_schedule) -> str | None:
+def schedule_change_note(saved, cfg, step: int) -> str | None:
   """A note when the resumed run's learning-rate schedule differs from the saved run's (train.steps
   or optim.decay_steps changed the decay horizon), with the override that keeps the old one. The
   other optim fields cannot change on resume (check_resume), so the old schedule is this config's
   with the saved horizon."""
-  old_horizon = saved.optim.get("decay_steps") or saved.train.steps
-  new_horizon = cfg.optim.decay_steps or cfg.train.steps
   old_optim = cfg.optim.copy_and_resolve_references()
   old_optim.decay_steps = saved.optim.get("decay_steps")
-  old = float(make_schedule(old_optim, saved.train.steps)(step))
-  new = float(make_schedule(cfg.optim, cfg.train.steps)(step))
+  old_horizon = schedules.decay_horizon(old_optim, saved.train.steps)
+  new_horizon = schedules.decay_horizon(cfg.optim, cfg.train.steps)
+  old = float(schedules.make_schedule(old_optim, saved.train.steps)(step))
+  new = float(schedules.make_schedule(cfg.optim, cfg.train.steps)(step))
   if old_horizon == new_horizon and np.isclose(old, new, rtol=1e-6, atol=0.0):
     return None
   return (

@@ -48,9 +48,7 @@ def setup(cfg, model_cfg: model.ModelConfig, trainable=None, mesh=None) -> Setup
   errors.ConfigError when the mesh does not fit the devices or batch."""
   mesh = mesh if mesh is not None else mesh_for(cfg)
   roles = optimizer_lib.param_roles(model_cfg, adapters=trainable)
-  optimizer, schedule = optimizer_lib.make_optimizer(
-    cfg.optim, cfg.train.steps, roles, model.mup.hidden_lr_mult(model_cfg) if trainable is None else 1.0
-  )
+  optimizer, schedule = optimizer_lib.make_optimizer(cfg.optim, cfg.train.steps, roles)
   abstract, shardings = state_shardings(model_cfg, optimizer, mesh, cfg.mesh.rules, trainable)
   return Setup(mesh, sharding.batch_sharding(mesh, cfg.mesh.rules), optimizer, schedule, abstract, shardings)
 
