@@ -13,6 +13,7 @@ past the context, batch 1.
 """
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -35,19 +36,23 @@ def _losses(logits_TV, targets_T):
   return -jnp.take_along_axis(jax.nn.log_softmax(logits_TV, -1), targets_T[:, None], -1)[:, 0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg, params, tokens_BT):
+  return model.Transformer(cfg).apply({"params": params}, tokens_BT)
+
+
 def crop_losses(cfg, params, ids):
   """Per-token loss for positions max_len..len-1, each from its own window at positions 0..W-1."""
   W = cfg.max_len
   windows = np.stack([ids[t - W + 1 : t + 1] for t in range(W - 1, len(ids) - 1)])
-  forward = jax.jit(lambda w: model.Transformer(cfg).apply({"params": params}, w)[:, -1])
-  logits = np.concatenate([np.asarray(forward(windows[i : i + 64])) for i in range(0, len(windows), 64)])
-  return np.asarray(_losses(logits, jnp.asarray(ids[W:])))
+  chunks = [np.asarray(_logits(cfg, params, windows[i : i + 64])[:, -1]) for i in range(0, len(windows), 64)]
+  return np.asarray(_losses(np.concatenate(chunks), jnp.asarray(ids[W:])))
 
 
 def rolling_losses(cfg, params, ids):
   """The same tokens' losses as a rolling cache computes them: one sliding-window forward."""
   long_cfg = dataclasses.replace(cfg, max_len=len(ids), sliding_window=cfg.max_len)
-  logits = model.Transformer(long_cfg).apply({"params": params}, jnp.asarray(ids[None, :-1]))[0]
+  logits = _logits(long_cfg, params, jnp.asarray(ids[None, :-1]))[0]
   return np.asarray(_losses(logits[cfg.max_len - 1 :], jnp.asarray(ids[cfg.max_len :])))
 
 

@@ -71,7 +71,8 @@ def coord_check(
   decay, batches of `batch_size` x base.max_len characters; the same batches at every width)."""
   text = shakespeare.shakespeare_text()[:400_000]
   chars = sorted(set(text))
-  ids = np.asarray([chars.index(c) for c in text], np.int32)
+  index = {c: i for i, c in enumerate(chars)}
+  ids = np.fromiter((index[c] for c in text), np.int32, len(text))
   base = dataclasses.replace(base, vocab_size=len(chars))
   rng = np.random.default_rng(seed)
   starts = rng.integers(0, len(ids) - base.max_len - 1, (steps + 1, batch_size))
