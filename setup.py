@@ -38,11 +38,14 @@ setup(
     "pyarrow",  # Parquet sources
     "tqdm",  # preparation progress
     "tiktoken",  # byte-level BPE encoding (data.tokenizer='bytelevel'); custom ranks, no download
+    "optuna>=4.0",  # lmjax-sweep --search=optuna (TPE, a journal file per study)
   ],
   # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
   # formatter's output is what the check compares against
   extras_require={
-    "test": ["pytest", "hypothesis", "ruff==0.17.6"],
+    "test": ["pytest", "hypothesis", "ruff==0.17.6", "wandb"],
+    # logging.wandb=True: Weights & Biases (online, or WANDB_MODE=offline into the run directory)
+    "wandb": ["wandb"],
     # Accelerator builds of jaxlib (README, "GPU and TPU"): NVIDIA GPUs with CUDA 12 or 13 wheels
     # (driver only, no local CUDA toolkit needed), or a Cloud TPU VM's libtpu.
     "cuda12": ["jax[cuda12]"],

@@ -192,6 +192,6 @@ def test_running_points_never_share_a_slot(tmp_path, monkeypatch):
     return {"overrides": point, "workdir": str(tmp_path / str(point["i"])), "wall_s": 0.0, "status": "ok"}
 
   monkeypatch.setattr(sweep, "run_point", fake_point)
-  monkeypatch.setattr(sweep, "_experiment_module", lambda config: None)
+  monkeypatch.setattr(sweep, "experiment_module", lambda config: None)
   assert sweep.run_sweep("unused.py", str(tmp_path), [{"i": i} for i in range(6)], 2, 2) == 0
   assert sorted(set(seen)) == ["0,1", "2,3"] and len(seen) == 6

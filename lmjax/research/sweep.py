@@ -15,6 +15,9 @@ twice (random search with choices) run once. Results: DIR/results.csv, DIR/resul
 and one DIR/val_loss_vs_<field>.png per swept field. An experiment may also define
 `analyze_sweep(sweep_dir)`, called at the end with the sweep directory (the scaling study fits
 its power law there).
+
+Two searches decide which points train and for how long, on top of these parts: successive halving
+(research/halving.py) and Optuna's TPE (research/optuna_search.py).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import json
 import math
 import os
 import queue
-import shlex
 import statistics
 import subprocess
 import sys
@@ -51,13 +53,16 @@ _MAX_NAME_BYTES = 200  # below NAME_MAX (255 on common file systems), with room 
 
 
 def random_search(space: dict, count: int, seed: int) -> list:
-  """`count` points; a list value is a choice, a (low, high) tuple a log-uniform draw."""
+  """`count` points; a list value is a choice, a (low, high) tuple a log-uniform draw (of integers
+  when both ends are: a log-uniform draw over [low, high + 1), rounded down)."""
   rng = np.random.default_rng(seed)
   points = []
   for _ in range(count):
     point = {}
     for key, values in space.items():
-      if isinstance(values, tuple):
+      if isinstance(values, tuple) and all(isinstance(v, int) for v in values):
+        point[key] = int(math.exp(rng.uniform(math.log(values[0]), math.log(values[1] + 1))))
+      elif isinstance(values, tuple):
         point[key] = float(math.exp(rng.uniform(math.log(values[0]), math.log(values[1]))))
       else:
         point[key] = values[int(rng.integers(len(values)))]
@@ -65,7 +70,8 @@ def random_search(space: dict, count: int, seed: int) -> list:
   return points
 
 
-def _experiment_module(config_path: str):
+def experiment_module(config_path: str):
+  """The experiment file (`path.py[:variant]`) as a module: its get_sweep, get_search_space, ..."""
   spec = importlib.util.spec_from_file_location("lmjax_sweep_experiment", config_path.partition(":")[0])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -74,7 +80,7 @@ def _experiment_module(config_path: str):
 
 def sweep_points(config_path: str) -> list:
   """The override dicts of the experiment file's `get_sweep()`."""
-  module = _experiment_module(config_path)
+  module = experiment_module(config_path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{config_path} defines no get_sweep(); add one returning a grid or a list of overrides")
   sweep = module.get_sweep()
@@ -164,6 +170,17 @@ def run_point(
     return {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
 
 
+def point_record(sweep_dir: str, overrides: dict, status: str, error: str = "") -> dict:
+  """The status record (as run_point returns) of a point run earlier, with its recorded wall time."""
+  workdir = os.path.join(sweep_dir, point_name(overrides))
+  wall_s = 0.0
+  if os.path.exists(os.path.join(workdir, POINT_FILE)):
+    with open(os.path.join(workdir, POINT_FILE), encoding="utf-8") as f:
+      wall_s = json.load(f).get("wall_s", 0.0)
+  record = {"overrides": overrides, "workdir": workdir, "wall_s": wall_s, "status": status}
+  return {**record, "error": error} if error else record
+
+
 def record_base(sweep_dir: str, base: dict) -> None:
   """Writes the shared overrides into the sweep directory, or raises ValueError when it already holds
   a sweep run with other ones (its finished points would otherwise count as this sweep's)."""
@@ -189,9 +206,9 @@ def _canonical(overrides: dict) -> str:
   return json.dumps(overrides, sort_keys=True, default=str)
 
 
-def _point_steps(config: str, overrides: dict) -> int | None:
-  """The point's train.steps as its command will set it (None if the experiment does not load: the
-  point's own run then reports why)."""
+def point_config(config: str, overrides: dict):
+  """The experiment's config with `overrides` applied as its command line would apply them (None when
+  the experiment does not load or an override names no field: the point's own run reports why)."""
   try:
     cfg = config_lib.load_experiment(config)
     for key, value in overrides.items():
@@ -200,9 +217,15 @@ def _point_steps(config: str, overrides: dict) -> int | None:
       for part in parents:
         node = node[part]
       node[last] = value
-    return cfg.train.steps
+    return cfg
   except Exception:  # noqa: BLE001 (any failure here is the point run's to report)
     return None
+
+
+def _point_steps(config: str, overrides: dict) -> int | None:
+  """The point's train.steps as its command will set it (None if the experiment does not load)."""
+  cfg = point_config(config, overrides)
+  return None if cfg is None else cfg.train.steps
 
 
 def summarize(record: dict) -> dict:
@@ -283,54 +306,18 @@ def plot_results(sweep_dir: str, records: list, swept: list) -> list:
   return paths
 
 
-def slurm_script(
-  config: str,
-  sweep_dir: str,
-  points: list,
-  gpus: int,
-  time_limit: str,
-  partition: str,
-  base: dict | None = None,
-) -> str:
-  """An sbatch job array with one task per point (re-submitting resumes unfinished points)."""
-  commands = [
-    " ".join(
-      shlex.quote(a) for a in point_command(config, os.path.join(sweep_dir, point_name(p)), p, base)[1:]
-    )
-    for p in points
-  ]
-  header = [
-    "#SBATCH --job-name=lmjax-sweep",
-    f"#SBATCH --array=0-{len(points) - 1}",
-    f"#SBATCH --gpus={gpus}",
-    f"#SBATCH --time={time_limit}",
-    f"#SBATCH --output={os.path.join(sweep_dir, 'slurm-%A_%a.out')}",
-  ]
-  if partition:
-    header.append(f"#SBATCH --partition={partition}")
-  body = "COMMANDS=(\n" + "\n".join(f"  {shlex.quote(c)}" for c in commands) + "\n)\n"
-  return (
-    "#!/bin/bash\n" + "\n".join(header) + "\n# One array task per sweep point; re-submitting resumes "
-    "unfinished points.\n" + body + 'eval "python ${COMMANDS[$SLURM_ARRAY_TASK_ID]}"\n'
-  )
-
-
-def run_sweep(
+def run_points(
   config: str,
   sweep_dir: str,
   points: list,
   parallel: int = 1,
   devices_per_point: int = 0,
   base: dict | None = None,
-) -> int:
-  """Runs `points` (override dicts) of experiment `config` into `sweep_dir` (locked while it runs),
-  writes the results table and plots, calls the experiment's `analyze_sweep`, and returns the exit
-  status: 0 when every point finished, INTERRUPTED_EXIT when one was stopped by a signal, 1 when
-  the analysis failed. `parallel` points run at once, each in a slot of `devices_per_point` devices
-  of its own (0: all share the node's; devices.slot_environments). `base`: overrides for every
-  point, recorded in the directory (SWEEP_FILE) so finished points are never reused under others.
-  Raises files.WorkdirInUse when another sweep runs in `sweep_dir`, ValueError when the node lacks
-  the devices asked for or the directory holds a sweep with other `base` overrides."""
+) -> list:
+  """Runs `points` with `parallel` at once, each in a slot of `devices_per_point` devices of its own
+  (0: all share the node's; devices.slot_environments); returns their records in the order of
+  `points` (run_point). The caller holds the sweep directory's lock. Raises ValueError when the node
+  lacks the devices asked for."""
   platform, node = devices.node_devices()
   slots = queue.SimpleQueue()
   for env in devices.slot_environments(platform, node, parallel, devices_per_point):
@@ -343,12 +330,17 @@ def run_sweep(
     finally:
       slots.put(env)
 
-  with files.lock(sweep_dir), concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-    record_base(sweep_dir, base or {})
-    records = list(pool.map(run_in_a_slot, points))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    return list(pool.map(run_in_a_slot, points))
+
+
+def report(config: str, sweep_dir: str, records: list, swept: list) -> int:
+  """Writes the results table and plots of `records`, prints the table, calls the experiment's
+  `analyze_sweep`, and returns the sweep's exit status: 0 when every point finished,
+  INTERRUPTED_EXIT when one was stopped by a signal, 1 when the analysis failed."""
   rows = [summarize(r) for r in records]
   write_results(sweep_dir, rows)
-  plot_results(sweep_dir, records, list(dict.fromkeys(k for p in points for k in p)))
+  plot_results(sweep_dir, records, swept)
   with open(os.path.join(sweep_dir, "results.md")) as fh:
     print(fh.read())
   counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "interrupted", "failed")}
@@ -356,7 +348,7 @@ def run_sweep(
     f"{counts['ok']} points finished, {counts['interrupted']} interrupted (re-run to resume), "
     f"{counts['failed']} failed; results in {sweep_dir}"
   )
-  analyze = getattr(_experiment_module(config), "analyze_sweep", None)
+  analyze = getattr(experiment_module(config), "analyze_sweep", None)
   if analyze:  # the experiment's own study on top of the table, e.g. a scaling-law fit
     try:
       analyze(sweep_dir)
@@ -364,3 +356,23 @@ def run_sweep(
       print(f"error: analyze_sweep did not complete: {err}", file=sys.stderr)
       return INTERRUPTED_EXIT if counts["interrupted"] else 1
   return INTERRUPTED_EXIT if counts["interrupted"] else 0
+
+
+def run_sweep(
+  config: str,
+  sweep_dir: str,
+  points: list,
+  parallel: int = 1,
+  devices_per_point: int = 0,
+  base: dict | None = None,
+) -> int:
+  """Runs `points` (override dicts) of experiment `config` into `sweep_dir` (locked while it runs)
+  and reports them (`report`: table, plots, analysis, exit status). `parallel` and
+  `devices_per_point`: see run_points. `base`: overrides for every point, recorded in the directory
+  (SWEEP_FILE) so finished points are never reused under others.
+  Raises files.WorkdirInUse when another sweep runs in `sweep_dir`, ValueError when the node lacks
+  the devices asked for or the directory holds a sweep with other `base` overrides."""
+  with files.lock(sweep_dir):
+    record_base(sweep_dir, base or {})
+    records = run_points(config, sweep_dir, points, parallel, devices_per_point, base)
+  return report(config, sweep_dir, records, list(dict.fromkeys(k for p in points for k in p)))
