@@ -91,6 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
     peak_tflops=0.0,  # MFU's peak per device; 0 = its datasheet number (model.PEAK_TFLOPS), if listed
     measure_peak=False,  # on a device with no datasheet peak (a CPU), measure one at start for MFU
   )
+  # Where metrics go besides metrics.jsonl and TensorBoard (both always written in the workdir)
+  cfg.logging = dict(
+    # Weights & Biases (pip install 'lmjax[wandb]'): one W&B run per workdir, continued on resume;
+    # WANDB_MODE=offline keeps it in <workdir>/wandb for a later `wandb sync`
+    wandb=False,
+    wandb_project="lmjax",  # the W&B project
+    wandb_entity="",  # the W&B team or user; '' = the API key's default
+    wandb_name="",  # the run's display name; '' = the workdir's name
+  )
   cfg.mesh = dict(
     shape=(1, 1, 1),  # (data, fsdp, tensor) devices; -1 = the rest, e.g. (1, -1, 1) for FSDP
     rules=sharding.DEFAULT_RULES,  # logical axis -> mesh axis (core/sharding.py)

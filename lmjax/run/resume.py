@@ -34,6 +34,10 @@ RESUMABLE_FIELDS = frozenset(
     "reference.dataset",
     "reference.tokenizer",
     "data.data_dir",
+    "logging.wandb",
+    "logging.wandb_project",
+    "logging.wandb_entity",
+    "logging.wandb_name",
     "data.store_dir",
     # how the same step is computed: micro-batches (accumulation is exact), rematerialisation, kernels
     "train.grad_accum",

@@ -106,6 +106,7 @@ def train(cfg, workdir: str) -> dict:
   config_lib.validate(cfg)
   preflight.check_finetune_options(cfg)
   preflight.check_fields_used(cfg)
+  preflight.check_logging(cfg)
   primary = jax.process_index() == 0
   with files.lock(workdir) if primary else contextlib.nullcontext():
     return _train(cfg, workdir, primary)
@@ -171,7 +172,8 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
   flops_per_token = model.train_flops_per_token(model_cfg, tc.seq_len, trainable if lora else None)
   peak, peak_text = _peak(tc, model_cfg)
-  log = metrics_log.MetricsLogger(workdir, tc.steps, start_step, enabled=primary)
+  wandb_options = dict(cfg.logging, config=cfg.to_dict()) if cfg.logging.wandb else None
+  log = metrics_log.MetricsLogger(workdir, tc.steps, start_step, enabled=primary, wandb_options=wandb_options)
   log.info(
     f"model: {model.param_count(model_cfg):,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token"
     + (f", training {trainable:,} LoRA parameters" if lora else "")

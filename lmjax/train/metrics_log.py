@@ -1,4 +1,5 @@
-"""Where a run's metrics go: metrics.jsonl, TensorBoard events, the console, loss.png.
+"""Where a run's metrics go: metrics.jsonl, TensorBoard events, the console, loss.png, and Weights &
+Biases when the config asks for it.
 
 Only process 0 writes (the others get a logger that prints nothing), so a
 multi-host run leaves one copy of everything in its workdir.
@@ -10,15 +11,28 @@ import json
 import os
 import sys
 import time
+import uuid
 
 from lmjax.core import files
 
+WANDB_ID_FILE = "wandb_id.txt"  # in the workdir: the W&B run a resumed run continues
+
 
 class MetricsLogger:
-  """Writes metrics.jsonl, TensorBoard events and console lines on process 0 (a silent logger elsewhere)."""
+  """Writes metrics.jsonl, TensorBoard events and console lines on process 0 (a silent logger elsewhere).
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+  `wandb_options`: the config's logging block plus `config` (the run's whole config, shown in W&B),
+  or None for no W&B run. The run's id is kept in WANDB_ID_FILE, so a resumed run logs into the same
+  W&B run; its files go to <workdir>/wandb (with WANDB_MODE=offline, all of it, for `wandb sync`).
+  W&B keeps the first value logged at a step: the steps a resumed run repeats (after its last
+  checkpoint) keep the earlier attempt's values there, while metrics.jsonl keeps the new ones.
+  """
+
+  def __init__(
+    self, workdir: str, total_steps: int, start_step: int, enabled: bool = True, wandb_options=None
+  ):
     self.enabled = enabled
+    self._wandb = None
     self.total_steps, self.start_step = total_steps, start_step
     self.tty = sys.stdout.isatty()
     self._start_time = time.time()
@@ -32,6 +46,8 @@ class MetricsLogger:
       self._tb = SummaryWriter(
         os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
       )
+      if wandb_options:
+        self._wandb = _wandb_run(workdir, wandb_options)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -41,6 +57,8 @@ class MetricsLogger:
     self._jsonl.flush()
     for key, value in metrics.items():
       self._tb.add_scalar(key, float(value), step)
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
     self._console(step, record)
 
   def _console(self, step: int, record: dict) -> None:
@@ -67,6 +85,30 @@ class MetricsLogger:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _wandb_run(workdir: str, options: dict):
+  """Starts (or, with the id saved in the workdir, continues) the run's W&B run."""
+  import wandb
+
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.exists(id_path):
+    with open(id_path, encoding="utf-8") as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]  # W&B ids are [a-z0-9]
+    files.write_atomic(id_path, run_id + "\n")
+  return wandb.init(
+    project=options["wandb_project"],
+    entity=options["wandb_entity"] or None,
+    name=options["wandb_name"] or os.path.basename(os.path.abspath(workdir)),
+    id=run_id,
+    resume="allow",
+    dir=workdir,
+    config=options["config"],
+  )
 
 
 def drop_records_after(path: str, step: int) -> None:

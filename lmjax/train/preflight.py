@@ -93,6 +93,10 @@ def check_fields_used(cfg) -> None:
       why = "only data.tokenizer='bpe' or 'bytelevel' is fitted (on a sample, to a vocabulary size)"
       rules += [("data.vocab_size", why), ("data.tokenizer_sample_mb", why)]
   rules += _optim_rules(cfg.optim, lora=is_finetuning(cfg) and cfg.finetune.mode == "lora")
+  if not cfg.logging.wandb:
+    rules += [
+      (f"logging.{k}", "logging.wandb is False") for k in ("wandb_project", "wandb_entity", "wandb_name")
+    ]
   unused = [
     f"{field}={_value(cfg, field)!r} ({why})"
     for field, why in rules
@@ -102,6 +106,17 @@ def check_fields_used(cfg) -> None:
     raise errors.ConfigError(
       "config fields this run would ignore (remove them, or set what makes them "
       "apply):\n  " + "\n  ".join(unused)
+    )
+
+
+def check_logging(cfg) -> None:
+  """logging.wandb=True needs the wandb package: refused before any data is read when it is missing."""
+  import importlib.util
+
+  if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+    raise errors.ConfigError(
+      "logging.wandb=True but the wandb package is not installed: pip install 'lmjax[wandb]' (or wandb), "
+      "or set logging.wandb=False"
     )
 
 
