@@ -187,6 +187,12 @@ def test_muon_orthogonalises_each_layers_projection_as_a_matrix(params_and_grads
   e = {"e": params["embedding"]}
   want = adamw.update({"e": grads["embedding"]}, adamw.init(e), e)[0]["e"]
   np.testing.assert_allclose(got["embedding"], want, rtol=2e-5)
+  # muon_adam_lr: the AdamW branch (and its decay) at its own rate, the matrices unchanged.
+  own = first_update("muon", params, grads, weight_decay=0.5, muon_adam_lr=0.003)
+  e_decay = -0.003 * 0.5 * params["embedding"]
+  np.testing.assert_allclose(own["embedding"], 0.3 * want + e_decay, rtol=2e-5, atol=1e-9)
+  wq = got["blocks"]["attn"]["wq"] - 0.01 * 0.5 * params["blocks"]["attn"]["wq"]
+  np.testing.assert_allclose(own["blocks"]["attn"]["wq"], wq, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ at step S / eta^(R-1-k) of the full budget S = train.steps, so the last rung is 
 Rungs here are synchronous: every point of a rung finishes before promotions are decided, so the
 promoted points are the same whatever `--parallel` is (ASHA's asynchronous promotions depend on which
 point finishes first). A promoted point resumes from its checkpoint: lmjax's resume is exact, and the
-learning-rate schedule's horizon is pinned to S (`optim.decay_steps`, unless the experiment sets it),
-so a point that reaches S is bitwise the run it would have been without stopping. A stopped point
-keeps its checkpoint: `lmjax-train --config=... --workdir=POINT --config.train.steps=S` (with the
-sweep's overrides) continues it later to any rung.
+learning-rate schedule's horizon is pinned to S (`optim.decay_steps` of cosine and wsd, unless the
+experiment sets it), so a point that reaches S is bitwise the run it would have been without
+stopping. A stopped point keeps its checkpoint: `lmjax-train --config=... --workdir=POINT
+--config.train.steps=S` (with the sweep's overrides) continues it later to any rung.
 
 Ties in validation loss are broken by the point's name; a point that failed, or whose loss is not a
 number, is never promoted. Files beside the results table: DIR/rungs.json and DIR/rungs.md (each
@@ -110,7 +110,10 @@ def run_halving(
     raise ValueError(f"{config} does not load with {base}; run lmjax-train with it to see why")
   total = cfg.train.steps
   steps = rung_steps(total, eta, rungs)
-  horizon = {"optim.decay_steps": cfg.optim.decay_steps or total}
+  # cosine and wsd decay to a horizon: pinned to the full budget (constant, inverse_sqrt have none)
+  horizon = (
+    {"optim.decay_steps": cfg.optim.decay_steps or total} if cfg.optim.schedule in ("cosine", "wsd") else {}
+  )
   history, live, records = [], list(points), {}
   with files.lock(sweep_dir):
     sweep.record_base(sweep_dir, base)

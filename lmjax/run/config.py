@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     eps=1e-8,  # adamw and muon: epsilon
     momentum=config_dict.placeholder(float),  # sgd (default 0.9) and muon (default 0.95)
     nesterov=False,  # sgd: Nesterov momentum (muon always uses it)
+    # muon: peak lr of its AdamW branch (embeddings, head, norms, biases); None = lr. The schedule's
+    # shape applies to it (scaled by muon_adam_lr / lr)
+    muon_adam_lr=config_dict.placeholder(float),
     # On weight matrices and embeddings, not norms or biases: decoupled (-lr * wd * p) for adamw, lion,
     # adafactor and muon; L2 (wd * p added to the gradient) for sgd, where ~100x smaller is typical
     weight_decay=0.1,

@@ -10,8 +10,9 @@
 - `sgd` (`optax.sgd`; momentum, default 0.9, and nesterov): weight decay as L2, wd * p added to the
   gradient (PyTorch's SGD; typical values are ~100x smaller than AdamW's 0.1).
 - `muon` (`optax.contrib.muon`; momentum, default 0.95, and b1, b2, eps): Nesterov momentum
-  orthogonalised by Newton-Schulz iterations for the hidden matrices, optax's Nesterov AdamW for
-  the rest, both at `lr` (Jordan et al. 2024, modded-nanogpt), plus decoupled decay.
+  orthogonalised by Newton-Schulz iterations for the hidden matrices at `lr`, optax's Nesterov AdamW
+  for the rest at `muon_adam_lr` (default `lr`; modded-nanogpt runs Muon at ~0.05 and Adam at
+  ~0.008: Jordan et al. 2024), plus decoupled decay at each branch's own rate.
 
 Weight decay (`optim.weight_decay`) applies by a rule on what a parameter is (`param_roles`), not a
 list of names: matrices (two or more axes besides the scanned layer axis, one of them the model
@@ -132,18 +133,26 @@ def make_optimizer(optim_cfg, total_steps: int, roles) -> tuple[optax.GradientTr
 
 
 def _muon(optim_cfg, schedule, roles, mask) -> optax.GradientTransformation:
-  """optax's Muon on the hidden matrices (or LoRA adapters), its AdamW branch for the rest, with
-  decoupled decay -lr * wd * p on the decayed parameters of both branches."""
-  dims = _where(roles, lambda r: r.muon_dims if r.kind in (HIDDEN, ADAPTER) else None)
+  """optax's Muon on the hidden matrices (or LoRA adapters), its AdamW branch for the rest (at
+  `muon_adam_lr`'s share of the schedule), with decoupled decay -lr * wd * p on the decayed
+  parameters of both branches, each at its branch's lr."""
+  on_muon = lambda r: r.kind in (HIDDEN, ADAPTER)
+  dims = _where(roles, lambda r: r.muon_dims if on_muon(r) else None)
+  ratio = 1.0 if optim_cfg.muon_adam_lr is None else optim_cfg.muon_adam_lr / optim_cfg.lr
+  adam_schedule = schedule if ratio == 1.0 else (lambda step: ratio * schedule(step))
   muon = contrib.muon(
     schedule,
     beta=_MUON_DEFAULT_MOMENTUM if optim_cfg.momentum is None else optim_cfg.momentum,
     eps=optim_cfg.eps,
     adam_b1=optim_cfg.b1,
     adam_b2=optim_cfg.b2,
+    adam_learning_rate=adam_schedule,
     muon_weight_dimension_numbers=lambda _: dims,
   )
-  return _with_decay(muon, schedule, optim_cfg.weight_decay, mask)
+  muon_mask = jax.tree.map(lambda m, on: m and on, mask, _where(roles, on_muon))
+  adam_mask = jax.tree.map(lambda m, on: m and not on, mask, _where(roles, on_muon))
+  decayed = _with_decay(muon, schedule, optim_cfg.weight_decay, muon_mask)
+  return _with_decay(decayed, adam_schedule, optim_cfg.weight_decay, adam_mask)
 
 
 def _with_decay(core, schedule, wd: float, mask) -> optax.GradientTransformation:

@@ -127,11 +127,11 @@ def _optim_rules(optim, lora: bool) -> list:
     "lion": ("b1", "b2"),
     "adafactor": (),
     "sgd": ("momentum", "nesterov"),
-    "muon": ("b1", "b2", "eps", "momentum"),
+    "muon": ("b1", "b2", "eps", "momentum", "muon_adam_lr"),
   }[optim.name]
   rules = [
     (f"optim.{k}", f"optim.name={optim.name!r} does not use it")
-    for k in ("b1", "b2", "eps", "momentum", "nesterov")
+    for k in ("b1", "b2", "eps", "momentum", "nesterov", "muon_adam_lr")
     if k not in uses
   ]
   if optim.name == "sgd" and optim.momentum == 0:
