@@ -5,7 +5,9 @@ import os
 
 import pytest
 
+from lmjax.research import sweep
 from lmjax.run import config
+from lmjax.train import preflight
 
 from conftest import REPO
 
@@ -23,6 +25,21 @@ def test_experiment_loads_and_validates(path):
     cfg = config.load_experiment(path + (f":{variant}" if variant else ""))
     config.validate(cfg)
     assert config.model_config(cfg, vocab_size=100).max_len == cfg.train.seq_len
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_every_sweep_point_is_a_valid_run(path):
+  """Each point of get_sweep() (or a draw of get_search_space()) passes the checks lmjax-train makes
+  before reading data: a sweep never spends its time on points that fail at their first line."""
+  module = sweep.experiment_module(path)
+  points = sweep.sweep_points(path) if hasattr(module, "get_sweep") else []
+  if hasattr(module, "get_search_space"):
+    points += sweep.random_search(module.get_search_space(), count=4, seed=0)
+  for point in points:
+    cfg = sweep.point_config(path, point)
+    assert cfg is not None, point
+    config.validate(cfg)
+    preflight.check_fields_used(cfg)
 
 
 def test_unknown_variant_is_an_error():

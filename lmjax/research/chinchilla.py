@@ -14,9 +14,14 @@ training FLOPs, the loss-minimising split of a budget C is (appendix D.2, eq. 4)
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 from scipy import optimize, special
+
+from lmjax.core import files
+from lmjax.research import scaling
+from lmjax.run import rundir
 
 HUBER_DELTA = 1e-3
 _REFINED = 32  # grid starts refined by L-BFGS
@@ -121,3 +126,87 @@ def bootstrap(n, d, loss, samples: int = 200, seed: int = 0, level: float = 0.9)
       draws[k].append(refit[k])
   tail = (1 - level) / 2 * 100
   return {k: tuple(float(x) for x in np.percentile(v, [tail, 100 - tail])) for k, v in draws.items()}
+
+
+def finished_runs(sweep_dir: str) -> list:
+  """(non-embedding params N, training tokens D, final val loss, run name) of each finished run in
+  the sweep; D = train.steps x batch_size x seq_len of its saved config."""
+  points = []
+  for n, loss, name in scaling.finished_runs(sweep_dir):
+    tc = rundir.saved_config(os.path.join(sweep_dir, name)).train
+    points.append((n, tc.steps * tc.batch_size * tc.seq_len, loss, name))
+  return sorted(points)
+
+
+def report(sweep_dir: str, samples: int = 200) -> dict:
+  """Fits L(N, D) to the sweep's finished runs with bootstrap intervals (`samples` refits, 90%);
+  writes chinchilla.{json,md,png}; returns the fit with `intervals` and `tokens_per_param` (D_opt /
+  N_opt at the compute of the sweep's largest run, 6 N D). Raises ValueError under 5 runs or when
+  the runs do not vary both N and D."""
+  points = finished_runs(sweep_dir)
+  n, d, loss = (np.array([p[i] for p in points], np.float64) for i in range(3))
+  if len(points) < 5 or len(set(n)) < 2 or len(set(d)) < 2:
+    raise ValueError(
+      f"{sweep_dir} has {len(points)} finished runs over {len(set(n))} sizes and {len(set(d))} budgets; "
+      "L(N, D) needs at least 5 runs varying both: re-run the sweep to finish the others"
+    )
+  result = fit(n, d, loss)
+  result["intervals"] = bootstrap(n, d, loss, samples=samples)
+  flops = float(np.max(6 * n * d))
+  n_opt, d_opt = compute_optimal(result, flops)
+  result.update(flops=flops, n_opt=float(n_opt), d_opt=float(d_opt), tokens_per_param=float(d_opt / n_opt))
+  result["points"] = [dict(n=int(p[0]), d=int(p[1]), val_loss=float(p[2]), run=p[3]) for p in points]
+  files.write_json(os.path.join(sweep_dir, "chinchilla.json"), result)
+  lines = [
+    "| non-embedding params N | tokens D | final val loss | fitted | run |",
+    "|---:|---:|---:|---:|---|",
+  ]
+  lines += [
+    f"| {p[0]:,} | {p[1]:,} | {p[2]:.4f} | {predict(result, p[0], p[1]):.4f} | {p[3]} |" for p in points
+  ]
+  iv = result["intervals"]
+  lines += ["", "| constant | fit | 90% bootstrap interval |", "|---|---:|---|"]
+  lines += [
+    f"| {k} | {result[k]:.4g} | {iv[k][0]:.4g} - {iv[k][1]:.4g} |" for k in ("E", "A", "B", "alpha", "beta")
+  ]
+  share = result["beta"] / (result["alpha"] + result["beta"])
+  lines += [
+    "",
+    f"Compute-optimal: N_opt ~ C^{share:.3f}, D_opt ~ C^{1 - share:.3f} (Chinchilla: ~0.5 each). At "
+    f"C = {flops:.3g} FLOPs (the largest run): N_opt = {n_opt:,.0f}, D_opt = {d_opt:,.0f}, "
+    f"{d_opt / n_opt:.1f} tokens per parameter (Chinchilla: ~20).",
+  ]
+  files.write_atomic(os.path.join(sweep_dir, "chinchilla.md"), "\n".join(lines) + "\n")
+  _plot(os.path.join(sweep_dir, "chinchilla.png"), n, d, loss, result)
+  return result
+
+
+def _plot(path: str, n, d, loss, result: dict) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  sizes = sorted(set(n))
+  grid = np.geomspace(d.min() / 1.5, d.max() * 1.5, 100)
+  for i, size in enumerate(sizes):
+    color = plt.cm.viridis(i / max(len(sizes) - 1, 1))
+    mine = n == size
+    left.plot(d[mine], loss[mine], "o", color=color, label=f"N = {size:,.0f}")
+    left.plot(grid, predict(result, size, grid), color=color, alpha=0.7)
+  left.set(xscale="log", xlabel="training tokens D", ylabel="final validation loss", title="L(N, D) fit")
+  left.grid(alpha=0.3, which="both")
+  left.legend(fontsize=8)
+  flops = np.geomspace(float(np.min(6 * n * d)), float(np.max(6 * n * d)) * 100, 100)
+  n_opt, d_opt = compute_optimal(result, flops)
+  right.loglog(flops, n_opt, label="N_opt (parameters)")
+  right.loglog(flops, d_opt, label="D_opt (tokens)")
+  right.loglog(flops, d_opt / n_opt, "--", label="D_opt / N_opt")
+  right.axhline(20, color="gray", linestyle=":", label="Chinchilla's ~20 tokens/param")
+  right.set(xlabel="training FLOPs C = 6 N D", title="compute-optimal allocation")
+  right.grid(alpha=0.3, which="both")
+  right.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
