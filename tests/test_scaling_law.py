@@ -94,3 +94,25 @@ def test_chinchilla_fit_recovers_known_constants_with_intervals_that_cover_them(
   assert 6 * n_opt * d_opt == pytest.approx(1e21)
   with pytest.raises(ValueError, match="at least 5 runs"):
     chinchilla.fit(n[:4], d[:4], loss[:4])
+
+
+def test_chinchilla_report_writes_the_fit_and_the_compute_optimal_ratio(tmp_path, monkeypatch):
+  """report() on a sweep's runs (here exact losses of known constants on a 4 x 4 grid): the table,
+  the constants, and D_opt / N_opt at the largest run's compute found by brute force along 6ND = C."""
+  true = dict(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28)
+  grid = [(n, d) for n in (1e6, 3e6, 1e7, 3e7) for d in (1e8, 3e8, 1e9, 3e9)]
+  runs = [(n, d, float(chinchilla.predict(true, n, d)), f"run{i}") for i, (n, d) in enumerate(grid)]
+  monkeypatch.setattr(chinchilla, "finished_runs", lambda sweep_dir: runs)
+  result = chinchilla.report(str(tmp_path), samples=10)
+  assert abs(result["alpha"] - 0.34) < 0.01 and abs(result["beta"] - 0.28) < 0.01
+  flops = 6 * 3e7 * 3e9
+  sizes = np.logspace(6, 11, 50001)
+  n_best = sizes[np.argmin(chinchilla.predict(true, sizes, flops / 6 / sizes))]
+  assert result["tokens_per_param"] == pytest.approx(flops / 6 / n_best**2, rel=0.05)
+  text = (tmp_path / "chinchilla.md").read_text()
+  assert "| 1,000,000 | 100,000,000 |" in text and "tokens per parameter" in text
+  assert json.loads((tmp_path / "chinchilla.json").read_text())["points"][0]["run"] == "run0"
+  assert (tmp_path / "chinchilla.png").stat().st_size > 0
+  monkeypatch.setattr(chinchilla, "finished_runs", lambda sweep_dir: runs[:4])  # one size only
+  with pytest.raises(ValueError, match="varying both"):
+    chinchilla.report(str(tmp_path))

@@ -162,7 +162,8 @@ def report(sweep_dir: str, samples: int = 200) -> dict:
     "|---:|---:|---:|---:|---|",
   ]
   lines += [
-    f"| {p[0]:,} | {p[1]:,} | {p[2]:.4f} | {predict(result, p[0], p[1]):.4f} | {p[3]} |" for p in points
+    f"| {int(p[0]):,} | {int(p[1]):,} | {p[2]:.4f} | {predict(result, p[0], p[1]):.4f} | {p[3]} |"
+    for p in points
   ]
   iv = result["intervals"]
   lines += ["", "| constant | fit | 90% bootstrap interval |", "|---|---:|---|"]
