@@ -6,7 +6,11 @@ A 3 x 3 grid of learning rate and weight decay, 2000 steps a point:
   lmjax-sweep --config=experiments/asha_shakespeare.py --workdir=runs/asha/halving \
     --search=halving --eta=3 --rungs=3
 
-or both and the comparison table with `python benchmarks/asha_vs_grid.py --workdir=runs/asha`. Halving
+Optuna's TPE over the same ranges (continuous, log-uniform), for comparison:
+
+  lmjax-sweep --config=experiments/asha_shakespeare.py --workdir=runs/asha/tpe --search=optuna --trials=9
+
+The grid, the halving and their comparison: `python benchmarks/asha_vs_grid.py --workdir=runs/asha`. Halving
 trains all 9 points to step 222, the best 3 to 666 and the best one to 2000: 4664 of the grid's
 18000 steps (26%).
 """
@@ -24,3 +28,7 @@ def get_config(variant: str = ""):
 
 def get_sweep():
   return {"optim.lr": [1e-3, 3e-3, 1e-2], "optim.weight_decay": [0.0, 0.1, 0.3]}
+
+
+def get_search_space():
+  return {"optim.lr": (1e-3, 1e-2), "optim.weight_decay": (0.01, 0.3)}
