@@ -245,3 +245,9 @@ def test_muon_with_wsd_resumes_bitwise(tmp_path, corpus_file):
     checkpoint.load_params(str(tmp_path / n / "checkpoints" / "6")) for n in ("straight", "resumed")
   )
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_every_optimizer_declares_the_fields_it_reads():
+  assert set(optimizer_lib.READS) == set(config_lib.OPTIMIZERS)
+  base = config_lib.base_config().optim
+  assert all(k in base for k in optimizer_lib.HYPERPARAMETERS)

@@ -40,6 +40,16 @@ from lmjax.train import schedules
 # What a parameter is, for weight decay and Muon (param_roles).
 HIDDEN, EMBEDDING, VECTOR, ADAPTER = "hidden", "embedding", "vector", "adapter"
 _MUON_DEFAULT_MOMENTUM, _SGD_DEFAULT_MOMENTUM = 0.95, 0.9
+# The optim fields each optimizer reads besides lr, weight_decay, grad_clip and the schedule's (the
+# others are refused when set: preflight.check_fields_used); HYPERPARAMETERS: all of them.
+READS = {
+  "adamw": ("b1", "b2", "eps"),
+  "lion": ("b1", "b2"),
+  "adafactor": (),
+  "sgd": ("momentum", "nesterov"),
+  "muon": ("b1", "b2", "eps", "momentum", "muon_adam_lr"),
+}
+HYPERPARAMETERS = tuple(dict.fromkeys(k for fields in READS.values() for k in fields))
 
 
 class Role(NamedTuple):

@@ -15,7 +15,7 @@ from lmjax.core import errors, sharding
 from lmjax.model import lora
 from lmjax.run import config as config_lib, resume, rundir
 from lmjax.tasks import generators, is_finetuning
-from lmjax.train import schedules
+from lmjax.train import optimizer, schedules
 
 
 def check_resume(cfg, workdir: str):
@@ -122,17 +122,10 @@ def check_logging(cfg) -> None:
 
 def _optim_rules(optim, lora: bool) -> list:
   """(field, why) for the optim fields that `optim.name` and `optim.schedule` do not read."""
-  uses = {  # the hyperparameters each optimizer reads (train/optimizer.py)
-    "adamw": ("b1", "b2", "eps"),
-    "lion": ("b1", "b2"),
-    "adafactor": (),
-    "sgd": ("momentum", "nesterov"),
-    "muon": ("b1", "b2", "eps", "momentum", "muon_adam_lr"),
-  }[optim.name]
   rules = [
     (f"optim.{k}", f"optim.name={optim.name!r} does not use it")
-    for k in ("b1", "b2", "eps", "momentum", "nesterov", "muon_adam_lr")
-    if k not in uses
+    for k in optimizer.HYPERPARAMETERS
+    if k not in optimizer.READS[optim.name]
   ]
   if optim.name == "sgd" and optim.momentum == 0:
     rules.append(("optim.nesterov", "optim.momentum=0: plain SGD has no momentum to look ahead with"))
