@@ -14,7 +14,7 @@ from test_sweep import ENV, run_sweep, write_experiment
 
 from lmjax.research import halving, optuna_search, sweep
 
-from conftest import REPO
+from conftest import REPO, TINY_EXPERIMENT
 
 
 def test_promotion_keeps_the_best_fraction_ties_by_name_failures_never():
@@ -34,6 +34,14 @@ def test_rungs_end_at_fractions_of_the_budget():
     halving.rung_steps(8, eta=3, rungs=3)
   with pytest.raises(ValueError, match="eta >= 2"):
     halving.rung_steps(100, eta=1, rungs=2)
+
+
+def test_halving_refuses_points_that_set_the_budget_and_rungs_that_do_not_fit(tmp_path):
+  with pytest.raises(ValueError, match="a point of get_sweep\\(\\) sets it"):
+    halving.run_halving(TINY_EXPERIMENT, str(tmp_path), [{"train.steps": 10}], eta=2, rungs=2)
+  with pytest.raises(ValueError, match="do not fit train.steps=40"):  # the tiny experiment's 40 steps
+    halving.run_halving(TINY_EXPERIMENT, str(tmp_path), [{"optim.lr": 0.01}], eta=4, rungs=4)
+  assert not os.listdir(tmp_path)  # refused before anything is written
 
 
 def test_search_space_checks_and_integer_ranges():

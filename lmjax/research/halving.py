@@ -33,7 +33,8 @@ from lmjax.run import rundir
 from lmjax.train import metrics_log
 
 RUNGS_FILE = "rungs.json"
-# Set by the halving itself on every point: a point or the command line that sets them is refused.
+# Set by the halving itself on every point: a point of get_sweep() that sets them is refused (the
+# command line's --config.train.steps is the full budget, --config.optim.decay_steps the horizon).
 SCHEDULE_FIELDS = ("train.steps", "optim.decay_steps")
 
 
@@ -95,15 +96,16 @@ def run_halving(
   while it runs); writes the rung history and the results table (sweep.report) and returns the
   sweep's exit status. Re-running the same command resumes: points that already reached a rung are
   not trained again. `parallel`, `devices_per_point`, `base`: as sweep.run_sweep.
-  Raises ValueError for points or `base` that set SCHEDULE_FIELDS, points with another train.steps,
-  or rungs that do not fit train.steps (rung_steps); files.WorkdirInUse as run_sweep."""
+  Raises ValueError for points that set SCHEDULE_FIELDS or rungs that do not fit train.steps
+  (rung_steps); files.WorkdirInUse as run_sweep."""
   base = dict(base or {})
-  for overrides in [base, *points]:
-    fixed = sorted(set(overrides) & set(SCHEDULE_FIELDS))
+  for point in points:
+    fixed = sorted(set(point) & set(SCHEDULE_FIELDS))
     if fixed:
       raise ValueError(
-        f"successive halving sets {fixed[0]} itself (rungs end at fractions of the experiment's "
-        "train.steps); set train.steps in the experiment file instead"
+        f"successive halving sets {fixed[0]} of each point itself (rungs end at fractions of the "
+        f"full budget, train.steps), but a point of get_sweep() sets it: {point}; set the budget in the "
+        "experiment file or with --config.train.steps for every point"
       )
   cfg = sweep.point_config(config, base)
   if cfg is None:
