@@ -13,6 +13,7 @@ import pytest
 from test_sweep import ENV, run_sweep, write_experiment
 
 from lmjax.research import halving, optuna_search, sweep
+from lmjax.run import rundir
 
 from conftest import REPO, TINY_EXPERIMENT
 
@@ -123,9 +124,7 @@ def test_optuna_study_resumes_after_the_sweep_is_killed(tmp_path, corpus_file):
       trials = study.get_trials()
       if len(trials) == 2 and trials[1].state.name == "RUNNING":
         second = os.path.join(workdir, sweep.point_name(trials[1].params))
-        if os.path.isdir(os.path.join(second, "checkpoints")) and os.listdir(
-          os.path.join(second, "checkpoints")
-        ):
+        if rundir.steps(second):  # a finished checkpoint, not Orbax's temporary directory
           break
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
@@ -142,3 +141,62 @@ def test_optuna_study_resumes_after_the_sweep_is_killed(tmp_path, corpus_file):
   for t in after:  # each trial's objective is its point's final validation loss
     assert t.value == _val_losses(os.path.join(workdir, sweep.point_name(t.params)))[200]
   assert os.path.getsize(os.path.join(workdir, "optuna_history.png")) > 0
+
+
+def fake_runs(monkeypatch, loss_of, fail=()):
+  """sweep.run_point replaced by a run that writes what a finished lmjax-train run would (metrics.jsonl
+  with a val loss at its train.steps, finished.json), in milliseconds; `loss_of(point)` gives the
+  loss, a point in `fail` fails. Returns the list of (point, train.steps) runs."""
+  runs = []
+
+  def run_point(config, sweep_dir, overrides, env=None, base=None):
+    workdir = os.path.join(sweep_dir, sweep.point_name(overrides))
+    steps = (base or {}).get("train.steps", 40)
+    runs.append((overrides, steps))
+    os.makedirs(workdir, exist_ok=True)
+    if sweep.point_name(overrides) in fail:
+      return {"overrides": overrides, "workdir": workdir, "status": "failed", "error": "boom"}
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": steps, "val_loss": loss_of(overrides) + 1.0 / steps}) + "\n")
+    with open(os.path.join(workdir, rundir.FINISHED_FILE), "w") as f:
+      json.dump({"steps": steps}, f)
+    return {"overrides": overrides, "workdir": workdir, "status": "ok"}
+
+  monkeypatch.setattr(sweep, "run_point", run_point)
+  monkeypatch.setattr(sweep, "plot_results", lambda *args: [])
+  return runs
+
+
+def test_extending_an_optuna_study_draws_new_points_and_a_new_space_is_refused(tmp_path, monkeypatch):
+  runs = fake_runs(monkeypatch, lambda p: abs(math.log(p["optim.lr"] / 3e-3)))
+  space = {"optim.lr": (1e-4, 1e-1)}
+  assert optuna_search.run_optuna(TINY_EXPERIMENT, str(tmp_path), space, trials=2, startup_trials=1) == 0
+  assert optuna_search.run_optuna(TINY_EXPERIMENT, str(tmp_path), space, trials=4, startup_trials=1) == 0
+  lrs = [p["optim.lr"] for p, _ in runs]
+  assert len(lrs) == 4 and len(set(lrs)) == 4  # the extension did not replay the first draws
+  trials = optuna_search.load_study(str(tmp_path), 0, 1).get_trials()
+  assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+  with pytest.raises(ValueError, match="use another --workdir for a new search space"):
+    optuna_search.run_optuna(TINY_EXPERIMENT, str(tmp_path), {"optim.lr": (1e-4, 1e-2)}, trials=5)
+
+
+def test_halving_stops_failed_points_refuses_other_rungs_and_stops_when_none_is_left(tmp_path, monkeypatch):
+  points = [{"optim.lr": lr} for lr in (0.1, 0.01, 0.001, 0.0001)]
+  failing = sweep.point_name(points[3])  # the best loss, but its run fails: never promoted
+  runs = fake_runs(monkeypatch, lambda p: p["optim.lr"] if p != points[3] else 0.0, fail={failing})
+  assert halving.run_halving(TINY_EXPERIMENT, str(tmp_path), points, eta=2, rungs=2) == 0
+  assert sorted((p["optim.lr"], steps) for p, steps in runs) == [
+    (0.0001, 20), (0.001, 20), (0.001, 40), (0.01, 20), (0.01, 40), (0.1, 20)
+  ]  # fmt: skip
+  with open(tmp_path / halving.RUNGS_FILE) as f:
+    saved = json.load(f)
+  assert saved["plan"] == {"eta": 2, "rungs": 2, "steps": [20, 40]}
+  with open(tmp_path / "results.csv") as f:
+    text = f.read()
+  assert "stopped at rung 0, step 20" in text and "boom" in text
+  with pytest.raises(ValueError, match="re-run with those to resume it, or use another --workdir"):
+    halving.run_halving(TINY_EXPERIMENT, str(tmp_path), points, eta=4, rungs=2)
+  everything_fails = {sweep.point_name(p) for p in points}
+  runs = fake_runs(monkeypatch, lambda p: 1.0, fail=everything_fails)
+  assert halving.run_halving(TINY_EXPERIMENT, str(tmp_path / "all_fail"), points, eta=2, rungs=2) == 0
+  assert len(runs) == 4  # rung 0 only: nothing to promote

@@ -63,6 +63,8 @@ def main(argv):
   f = flags.FLAGS
   config = config_flags.get_config_filename(flags.FLAGS["config"])
   base = dict(config_flags.get_override_values(flags.FLAGS["config"]))
+  if f.search != "grid" and (f.print_commands or f.emit):
+    raise app.UsageError(f"--search={f.search} decides which points go on as it runs; it cannot be printed")
   if f.search == "optuna":
     return _optuna(config, base)
   try:
@@ -82,8 +84,6 @@ def main(argv):
       flush=True,
     )
   os.makedirs(f.workdir, exist_ok=True)
-  if f.search != "grid" and (f.print_commands or f.emit):
-    raise app.UsageError(f"--search={f.search} decides which points go on as it runs; it cannot be printed")
   if f.print_commands or f.emit:  # their points run later, in this directory: record what they share
     try:
       sweep.record_base(f.workdir, base)

@@ -13,8 +13,10 @@ promoted points are the same whatever `--parallel` is (ASHA's asynchronous promo
 point finishes first). A promoted point resumes from its checkpoint: lmjax's resume is exact, and the
 learning-rate schedule's horizon is pinned to S (`optim.decay_steps` of cosine and wsd, unless the
 experiment sets it), so a point that reaches S is bitwise the run it would have been without
-stopping. A stopped point keeps its checkpoint: `lmjax-train --config=... --workdir=POINT
---config.train.steps=S` (with the sweep's overrides) continues it later to any rung.
+stopping. A stopped point keeps its checkpoint and continues later to the full budget with
+`lmjax-train --config=EXPERIMENT --workdir=DIR/POINT` plus the sweep's and the point's overrides
+(DIR/sweep_overrides.json, DIR/POINT/sweep_point.json) and `--config.optim.decay_steps=S` (cosine,
+wsd; the pinned horizon), `--config.train.steps=S`.
 
 Ties in validation loss are broken by the point's name; a point that failed, or whose loss is not a
 number, is never promoted. Files beside the results table: DIR/rungs.json and DIR/rungs.md (each
@@ -30,7 +32,7 @@ import os
 from lmjax.core import files
 from lmjax.research import sweep
 from lmjax.run import rundir
-from lmjax.train import metrics_log
+from lmjax.train import metrics_log, schedules
 
 RUNGS_FILE = "rungs.json"
 # Set by the halving itself on every point: a point of get_sweep() that sets them is refused (the
@@ -74,14 +76,6 @@ def reached(workdir: str) -> int:
   return max([done, *checkpoints])
 
 
-def loss_at(workdir: str, step: int) -> float | None:
-  """The point's validation loss at `step` (None when it has none there)."""
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    return None
-  losses = [r["val_loss"] for r in metrics_log.read_metrics(workdir) if r["step"] == step and "val_loss" in r]
-  return losses[-1] if losses else None
-
-
 def run_halving(
   config: str,
   sweep_dir: str,
@@ -93,68 +87,100 @@ def run_halving(
   base: dict | None = None,
 ) -> int:
   """Successive halving over `points` (override dicts) of experiment `config` in `sweep_dir` (locked
-  while it runs); writes the rung history and the results table (sweep.report) and returns the
-  sweep's exit status. Re-running the same command resumes: points that already reached a rung are
-  not trained again. `parallel`, `devices_per_point`, `base`: as sweep.run_sweep.
-  Raises ValueError for points that set SCHEDULE_FIELDS or rungs that do not fit train.steps
-  (rung_steps); files.WorkdirInUse as run_sweep."""
+  while it runs); writes the rung history and the results table (sweep.report; a point that did
+  not go on is 'stopped', with its rung in the error column) and returns the sweep's exit status.
+  Re-running the same command resumes: points that already reached a rung are not trained again.
+  `parallel`, `devices_per_point`, `base`: as sweep.run_sweep.
+  Raises ValueError for points that set SCHEDULE_FIELDS, rungs that do not fit train.steps
+  (rung_steps), or a directory that holds a halving with other rungs; files.WorkdirInUse as
+  run_sweep."""
   base = dict(base or {})
   for point in points:
     fixed = sorted(set(point) & set(SCHEDULE_FIELDS))
     if fixed:
       raise ValueError(
-        f"successive halving sets {fixed[0]} of each point itself (rungs end at fractions of the "
-        f"full budget, train.steps), but a point of get_sweep() sets it: {point}; set the budget in the "
-        "experiment file or with --config.train.steps for every point"
+        f"successive halving sets {fixed[0]} of each point itself (rungs end at fractions of "
+        f"train.steps, the horizon is pinned to it), but a point of get_sweep() sets it: {point}; set "
+        f"{fixed[0]} for every point in the experiment file or with --config.{fixed[0]}"
       )
   cfg = sweep.point_config(config, base)
   if cfg is None:
     raise ValueError(f"{config} does not load with {base}; run lmjax-train with it to see why")
   total = cfg.train.steps
   steps = rung_steps(total, eta, rungs)
-  # cosine and wsd decay to a horizon: pinned to the full budget (constant, inverse_sqrt have none)
-  horizon = (
-    {"optim.decay_steps": cfg.optim.decay_steps or total} if cfg.optim.schedule in ("cosine", "wsd") else {}
-  )
+  plan = {"eta": eta, "rungs": rungs, "steps": steps}
   history, live, records = [], list(points), {}
   with files.lock(sweep_dir):
+    _check_plan(sweep_dir, plan)
     sweep.record_base(sweep_dir, base)
     for k, step in enumerate(steps):
-      rung_base = {**base, **horizon, "train.steps": step}
       todo = [p for p in live if reached(_workdir(sweep_dir, p)) < step]
-      for record in sweep.run_points(config, sweep_dir, todo, parallel, devices_per_point, rung_base):
+      rung_base = lambda p, step=step: {**base, **_horizon(config, base, p, total), "train.steps": step}
+      for record in sweep.run_points(
+        config, sweep_dir, todo, parallel, devices_per_point, base_for=rung_base
+      ):
         records[sweep.point_name(record["overrides"])] = record
       for p in live:  # points that reached the rung in an earlier invocation
         records.setdefault(sweep.point_name(p), sweep.point_record(sweep_dir, p, "ok"))
-      if any(records[sweep.point_name(p)]["status"] == "interrupted" for p in live):
+      status = {sweep.point_name(p): records[sweep.point_name(p)]["status"] for p in live}
+      if "interrupted" in status.values():
         break  # a signal stopped the sweep: promotions wait for the rung to finish
-      losses = {sweep.point_name(p): loss_at(_workdir(sweep_dir, p), step) for p in live}
+      losses = {
+        name: metrics_log.val_losses(os.path.join(sweep_dir, name)).get(step) if state == "ok" else None
+        for name, state in status.items()
+      }
       promoted = promote(losses, eta) if k < rungs - 1 else []
-      history.append(
-        {
-          "rung": k,
-          "steps": step,
-          "points": [
-            {"point": name, "val_loss": loss, "promoted": name in promoted} for name, loss in losses.items()
-          ],
-        }
-      )
+      points_seen = [{"point": n, "val_loss": loss, "promoted": n in promoted} for n, loss in losses.items()]
+      history.append({"rung": k, "steps": step, "points": points_seen})
+      for name in losses:
+        if k < rungs - 1 and name not in promoted and records[name]["status"] == "ok":
+          shown = "none" if losses[name] is None else f"{losses[name]:.4f}"
+          why = f"stopped at rung {k}, step {step} (val loss {shown}): not among the best 1/{eta}"
+          records[name] = {**records[name], "status": "stopped", "error": why}
       live = [p for p in live if sweep.point_name(p) in promoted]
-  _write_history(sweep_dir, history, len(points) * total)
+      if not live:
+        break  # nothing finite to promote (every point failed): the table says why
+  _write_history(sweep_dir, plan, history, len(points) * total)
   ordered = [records[sweep.point_name(p)] for p in points if sweep.point_name(p) in records]
   return sweep.report(config, sweep_dir, ordered, list(dict.fromkeys(k for p in points for k in p)))
+
+
+def _horizon(config: str, base: dict, point: dict, total: int) -> dict:
+  """The point's pinned decay horizon (optim.decay_steps at the full budget) when its schedule has
+  one (schedules.HORIZON_SCHEDULES); {} for one that does not, or a point whose config does not load
+  (its run then reports why)."""
+  cfg = sweep.point_config(config, {**base, **point})
+  if cfg is None or cfg.optim.schedule not in schedules.HORIZON_SCHEDULES:
+    return {}
+  return {"optim.decay_steps": schedules.decay_horizon(cfg.optim, total)}
+
+
+def _check_plan(sweep_dir: str, plan: dict) -> None:
+  """Raises ValueError when the directory holds a halving with other rungs (its points' losses are
+  at other steps, and its promotions would not be this one's)."""
+  path = os.path.join(sweep_dir, RUNGS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f).get("plan")
+  if saved and saved != plan:
+    raise ValueError(
+      f"{sweep_dir} holds a successive halving with eta={saved['eta']}, rungs={saved['rungs']} (rung ends "
+      f"{saved['steps']}), not eta={plan['eta']}, rungs={plan['rungs']} ({plan['steps']}); re-run with "
+      "those to resume it, or use another --workdir"
+    )
 
 
 def _workdir(sweep_dir: str, point: dict) -> str:
   return os.path.join(sweep_dir, sweep.point_name(point))
 
 
-def _write_history(sweep_dir: str, history: list, grid_steps: int) -> None:
+def _write_history(sweep_dir: str, plan: dict, history: list, grid_steps: int) -> None:
   """rungs.json and rungs.md; the markdown ends with the steps trained against the same points'
   full-length grid (each point's furthest step, counted once)."""
   names = [p["point"] for p in history[0]["points"]] if history else []
   trained = sum(reached(os.path.join(sweep_dir, name)) for name in names)
-  summary = {"rungs": history, "steps_trained": trained, "grid_steps": grid_steps}
+  summary = {"plan": plan, "rungs": history, "steps_trained": trained, "grid_steps": grid_steps}
   files.write_json(os.path.join(sweep_dir, RUNGS_FILE), summary)
   lines = ["| rung | steps | point | val_loss | promoted |", "|---|---|---|---|---|"]
   for rung in history:

@@ -313,11 +313,17 @@ def run_points(
   parallel: int = 1,
   devices_per_point: int = 0,
   base: dict | None = None,
+  base_for=None,
 ) -> list:
-  """Runs `points` with `parallel` at once, each in a slot of `devices_per_point` devices of its own
-  (0: all share the node's; devices.slot_environments); returns their records in the order of
-  `points` (run_point). The caller holds the sweep directory's lock. Raises ValueError when the node
-  lacks the devices asked for."""
+  """Runs `points` with `parallel` at once (at most one per point), each in a slot of
+  `devices_per_point` devices of its own (0: all share the node's; devices.slot_environments);
+  returns their records in the order of `points` (run_point). `base`: overrides every point shares;
+  `base_for(point)`: a point's own shared overrides instead (successive halving's rung budget).
+  The caller holds the sweep directory's lock. Raises ValueError when the node lacks the devices
+  asked for."""
+  if not points:
+    return []
+  parallel = min(parallel, len(points))
   platform, node = devices.node_devices()
   slots = queue.SimpleQueue()
   for env in devices.slot_environments(platform, node, parallel, devices_per_point):
@@ -326,7 +332,7 @@ def run_points(
   def run_in_a_slot(point):
     env = slots.get()  # a free slot exists: as many workers as slots
     try:
-      return run_point(config, sweep_dir, point, env, base)
+      return run_point(config, sweep_dir, point, env, base_for(point) if base_for else base)
     finally:
       slots.put(env)
 
@@ -336,16 +342,19 @@ def run_points(
 
 def report(config: str, sweep_dir: str, records: list, swept: list) -> int:
   """Writes the results table and plots of `records`, prints the table, calls the experiment's
-  `analyze_sweep`, and returns the sweep's exit status: 0 when every point finished,
-  INTERRUPTED_EXIT when one was stopped by a signal, 1 when the analysis failed."""
+  `analyze_sweep`, and returns the sweep's exit status: INTERRUPTED_EXIT when a point was stopped by
+  a signal (re-run to resume), 1 when the analysis failed, else 0 (failed points are in the table,
+  each with its error). Status 'stopped' (successive halving's points that did not go on) is
+  counted apart from finished points."""
   rows = [summarize(r) for r in records]
   write_results(sweep_dir, rows)
   plot_results(sweep_dir, records, swept)
   with open(os.path.join(sweep_dir, "results.md")) as fh:
     print(fh.read())
-  counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "interrupted", "failed")}
+  counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "stopped", "interrupted", "failed")}
+  stopped = f"{counts['stopped']} stopped early by the search, " if counts["stopped"] else ""
   print(
-    f"{counts['ok']} points finished, {counts['interrupted']} interrupted (re-run to resume), "
+    f"{counts['ok']} points finished, {stopped}{counts['interrupted']} interrupted (re-run to resume), "
     f"{counts['failed']} failed; results in {sweep_dir}"
   )
   analyze = getattr(experiment_module(config), "analyze_sweep", None)

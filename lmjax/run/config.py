@@ -211,6 +211,7 @@ _RANGES = {
   "data.vocab_size": (0, True, None, False),
   "data.tokenizer_sample_mb": (0, False, None, False),
   "optim.lr": (0.0, False, None, False),
+  "optim.muon_adam_lr": (0.0, False, None, False),
   "optim.min_lr": (0.0, True, None, False),
   "optim.warmup_steps": (0, True, None, False),
   "optim.decay_steps": (0, True, None, False),

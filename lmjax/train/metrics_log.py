@@ -85,8 +85,8 @@ class MetricsLogger:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
-    if self._wandb is not None:
-      self._wandb.finish()
+    if self._wandb is not None:  # called from the loop's `finally`: an exception marks the run failed
+      self._wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 def _wandb_run(workdir: str, options: dict):
@@ -143,6 +143,13 @@ def read_metrics(workdir: str) -> list:
     for record in _records(f):
       by_step.setdefault(record["step"], {}).update(record)
   return [by_step[s] for s in sorted(by_step)]
+
+
+def val_losses(workdir: str) -> dict:
+  """{step: validation loss} of the run's metrics.jsonl ({} when it has none yet)."""
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return {}
+  return {r["step"]: r["val_loss"] for r in read_metrics(workdir) if "val_loss" in r}
 
 
 def plot_loss(workdir: str, reference=None) -> str:

@@ -159,6 +159,8 @@ def _muon(optim_cfg, schedule, roles, mask) -> optax.GradientTransformation:
     adam_learning_rate=adam_schedule,
     muon_weight_dimension_numbers=lambda _: dims,
   )
+  if ratio == 1.0:  # one decay for both branches (and the optimizer state of runs before muon_adam_lr)
+    return _with_decay(muon, schedule, optim_cfg.weight_decay, mask)
   muon_mask = jax.tree.map(lambda m, on: m and on, mask, _where(roles, on_muon))
   adam_mask = jax.tree.map(lambda m, on: m and not on, mask, _where(roles, on_muon))
   decayed = _with_decay(muon, schedule, optim_cfg.weight_decay, muon_mask)

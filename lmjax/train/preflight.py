@@ -131,7 +131,7 @@ def _optim_rules(optim, lora: bool) -> list:
     rules.append(("optim.nesterov", "optim.momentum=0: plain SGD has no momentum to look ahead with"))
   if optim.schedule != "wsd":
     rules += [(f"optim.{k}", "only optim.schedule='wsd' reads it") for k in ("decay_fraction", "decay_shape")]
-  if optim.schedule in ("constant", "inverse_sqrt"):
+  if optim.schedule not in schedules.HORIZON_SCHEDULES:
     why = f"optim.schedule={optim.schedule!r} does not decay to a horizon"
     rules += [("optim.min_lr", why), ("optim.decay_steps", why)]
   if not lora:

@@ -22,6 +22,8 @@ import optax
 
 from lmjax.run.config import DECAY_SHAPES, SCHEDULES
 
+HORIZON_SCHEDULES = ("cosine", "wsd")  # the schedules that decay to a horizon (optim.decay_steps)
+
 
 def decay_horizon(optim_cfg, total_steps: int) -> int:
   """H: the step at which decaying schedules reach min_lr (optim.decay_steps, else train.steps)."""
