@@ -1,0 +1,134 @@
+"""lmjax as an lm-evaluation-harness model (EleutherAI's lm-eval, `lm_eval.api.model.TemplateLM`),
+registered under the name "lmjax".
+
+    from lm_eval import simple_evaluate
+    from lmjax.tasks import harness
+    simple_evaluate(model=harness.LmjaxLM.from_name("smollm2-135m-instruct"), tasks=["hellaswag"])
+
+or `python -m lmjax.evaluate --model=RUN|pretrained:NAME --tasks=...`. The three request kinds:
+
+- `loglikelihood` (multiple choice, LAMBADA): TemplateLM splits each (context, continuation) as
+  lm-eval's `hf` backend does: trailing spaces of the context move to the continuation, the whole
+  text is encoded and the continuation is what follows the context's tokens (so a first token that
+  merges across the boundary belongs to the continuation); an empty context is the prefix token.
+  Scoring is batched by length (loglikelihood.score).
+- `loglikelihood_rolling` (perplexity): lm-eval's disjoint rolling windows of max_len tokens over
+  each document, the first conditioned on the prefix token (`lm_eval.utils.get_rolling_token_windows`,
+  context_len 1); the document's log-likelihood is the sum over its windows.
+- `generate_until`: lmjax's sampler with the task's `until` strings (the text ends before the first)
+  and `max_gen_toks`; greedy unless the task asks to sample (`do_sample` with a temperature > 0).
+  The prompt keeps its last max_len - max_gen_toks tokens when it is longer (as the `hf` backend).
+
+The prefix token is the tokenizer's EOS, else its BOS (SmolLM2: <|endoftext|>, as for `hf`); a
+character-level tokenizer with neither uses the id of "\\n".
+"""
+
+from __future__ import annotations
+
+import collections
+
+from lm_eval import utils as lm_eval_utils
+from lm_eval.api import model as lm_eval_model
+from lm_eval.api.registry import register_model
+
+from lmjax.data import tokenizer_base
+from lmjax.inference.language_model import LanguageModel
+from lmjax.tasks import loglikelihood
+
+
+@register_model("lmjax")
+class LmjaxLM(lm_eval_model.TemplateLM):
+  """A LanguageModel behind lm-eval's LM interface (module docstring). `batch_size`: requests scored
+  per forward pass; `max_gen_toks`: generate_until's default length."""
+
+  def __init__(self, lm: LanguageModel | None = None, pretrained: str = "", batch_size=16, max_gen_toks=256):
+    super().__init__()
+    if (lm is None) == (not pretrained):
+      raise ValueError("give a LanguageModel or pretrained= (a run directory, registered name or model file)")
+    self.lm = lm or LanguageModel.from_pretrained(pretrained)
+    self.tokenizer = self.lm.tokenizer
+    self.batch_size = int(batch_size)
+    self.max_gen_toks = int(max_gen_toks)
+
+  @classmethod
+  def from_name(cls, name: str, **kwargs) -> "LmjaxLM":
+    """A run directory, registered name, GGUF file or Hugging Face directory (pretrained.load)."""
+    return cls(pretrained=name, **kwargs)
+
+  @property
+  def max_length(self) -> int:
+    return self.lm.cfg.max_len
+
+  @property
+  def eot_token_id(self) -> int:
+    tok = self.tokenizer
+    for special in (tok.eos_id, tok.bos_id):
+      if special is not None:
+        return special
+    try:
+      return tok.encode("\n")[0]
+    except ValueError:
+      raise ValueError(
+        "the tokenizer has no EOS or BOS and no newline to start an empty context or a document's first "
+        "window with; evaluate a model whose tokenizer has one"
+      ) from None
+
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list:
+    del add_special_tokens, kwargs  # lmjax's tokenizers add no special tokens to plain text
+    return list(self.tokenizer.encode(string))
+
+  def tok_decode(self, tokens) -> str:
+    return self.tokenizer.decode(tokens)
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list:
+    """requests: [((context, continuation), context ids, continuation ids)] (TemplateLM's split)."""
+    results = loglikelihood.score(
+      self.lm.cfg, self.lm.params, [(c, x) for _, c, x in requests], self.batch_size
+    )
+    for (key, _, _), result in zip(requests, results):
+      self.cache_hook.add_partial("loglikelihood", key, result)
+    return results
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:
+    windows, owner = [], []
+    for doc, request in enumerate(requests):
+      tokens = self.tok_encode(request.args[0])
+      rolling = lm_eval_utils.get_rolling_token_windows(
+        token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1
+      )
+      for window in map(lm_eval_utils.make_disjoint_window, rolling):
+        windows.append(window)
+        owner.append(doc)
+    scores = loglikelihood.score(self.lm.cfg, self.lm.params, windows, self.batch_size)
+    totals = [0.0] * len(requests)
+    for doc, (logprob, _) in zip(owner, scores):
+      totals[doc] += logprob
+    for request, total in zip(requests, totals):
+      self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+    return totals
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list:
+    by_kwargs = collections.defaultdict(list)  # one sampler call per distinct generation setting
+    for i, request in enumerate(requests):
+      context, gen_kwargs = request.args
+      by_kwargs[repr(sorted(gen_kwargs.items()))].append((i, context, gen_kwargs))
+    outputs = [None] * len(requests)
+    for group in by_kwargs.values():
+      gen_kwargs = dict(group[0][2])
+      until = gen_kwargs.pop("until", None) or []
+      until = [until] if isinstance(until, str) else list(until)
+      length = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+      temperature = float(gen_kwargs.pop("temperature", 0.0))
+      sample = bool(gen_kwargs.pop("do_sample", False)) and temperature > 0
+      room = max(1, self.max_length - length)
+      prompts = [self.tok_encode(context)[-room:] for _, context, _ in group]
+      for start in range(0, len(prompts), self.batch_size):
+        chunk = prompts[start : start + self.batch_size]
+        sequences = self.lm.generate(
+          chunk, max_new_tokens=length, do_sample=sample, temperature=temperature or 1.0, stop_sequences=until
+        )
+        for (i, context, kwargs), prompt, seq in zip(group[start : start + len(chunk)], chunk, sequences):
+          text = self.tokenizer.decode(seq[len(prompt) :])
+          outputs[i] = tokenizer_base.cut_at_stop(text, until)
+          self.cache_hook.add_partial("generate_until", (context, kwargs), outputs[i])
+    return outputs

@@ -1,0 +1,91 @@
+"""The lm-eval backend: batched log-likelihoods against an unbatched numpy scorer, rolling windows
+against the windowed sum written out, generate_until's stop strings."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
+
+from lmjax import model
+from lmjax.data import tokenizers
+from lmjax.inference.language_model import LanguageModel
+from lmjax.tasks import harness, loglikelihood
+
+TEXT = "the quick brown fox jumps over the lazy dog.\n" * 3
+TOKENIZER = tokenizers.train("char", TEXT)
+CFG = dataclasses.replace(
+  model.ModelConfig(), vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=16
+)
+PARAMS = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
+
+
+def numpy_logprobs(ids):
+  """log p(ids[i+1] | ids[:i+1]) for each i, from one unbatched forward pass, log-softmax in float64."""
+  logits = np.asarray(model.Transformer(CFG).apply({"params": PARAMS}, np.asarray([ids[:-1]], np.int32))[0])
+  logits = logits.astype(np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  return logits[np.arange(len(ids) - 1), ids[1:]] - logz, logits.argmax(-1) == np.asarray(ids[1:])
+
+
+def test_batched_scores_equal_an_unbatched_numpy_scorer():
+  ids = TOKENIZER.encode(TEXT)
+  # lengths across buckets, one past the context (cut from the left), a one-token continuation
+  requests = [(ids[:3], ids[3:5]), (ids[:10], ids[10:13]), (ids[5:30], ids[30:34]), (ids[:1], ids[1:2])]
+  requests += [(ids[i : i + 7], ids[i + 7 : i + 9]) for i in range(0, 40, 4)]
+  got = loglikelihood.score(CFG, PARAMS, requests, batch_size=4)
+  for (context, continuation), (logprob, greedy) in zip(requests, got):
+    window = (context + continuation)[-(CFG.max_len + 1) :]
+    logp, argmax = numpy_logprobs(window)
+    n = len(continuation)
+    assert logprob == pytest.approx(logp[-n:].sum(), abs=1e-4)
+    assert greedy == bool(argmax[-n:].all())
+  with pytest.raises(ValueError, match="loglikelihood_rolling"):
+    loglikelihood.score(CFG, PARAMS, [(ids[:2], ids[2:20])])
+
+
+def backend(**kwargs):
+  return harness.LmjaxLM(LanguageModel(CFG, PARAMS, TOKENIZER), **kwargs)
+
+
+def test_loglikelihood_moves_trailing_spaces_and_scores_the_continuation():
+  lm = backend(batch_size=2)
+  requests = [
+    Instance("loglikelihood", {}, ("the quick ", "brown"), 0),
+    Instance("loglikelihood", {}, ("", "dog"), 1),
+  ]
+  (with_context, _), (no_context, _) = lm.loglikelihood(requests)
+  ids = TOKENIZER.encode("the quick brown")  # 15 tokens: inside the context
+  expected = numpy_logprobs(ids)[0][len("the quick") - 1 :].sum()  # " brown" given "the quick"
+  assert with_context == pytest.approx(expected, abs=1e-4)
+  prefix = lm.prefix_token_id
+  assert no_context == pytest.approx(numpy_logprobs([prefix] + TOKENIZER.encode("dog"))[0].sum(), abs=1e-4)
+
+
+def test_rolling_loglikelihood_is_the_windowed_sum_written_out():
+  """lm-eval's rule: the targets are cut into blocks of max_len; each block is predicted from the
+  max_len tokens before its last target ([prefix] + text), and only its own targets are scored."""
+  lm = backend(batch_size=3)
+  text = TEXT[:70]  # 70 tokens: blocks of 16, the last one partial
+  (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+  x = [lm.prefix_token_id] + TOKENIZER.encode(text)  # x[j + 1] is target j
+  total, start, L = 0.0, 0, CFG.max_len
+  while start < len(x) - 1:
+    end = min(start + L, len(x) - 1)
+    window = x[max(0, end - L) : end + 1]
+    total += numpy_logprobs(window)[0][-(end - start) :].sum()
+    start = end
+  assert got == pytest.approx(total, abs=1e-3)
+
+
+def test_generate_until_stops_before_the_first_stop_string():
+  lm = backend()
+  prompt = "the quick brown"
+  requests = [
+    Instance("generate_until", {}, (prompt, {"until": ["o"], "max_gen_toks": 8}), 0),
+    Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 8}), 1),
+  ]
+  cut, free = lm.generate_until(requests)
+  assert len(TOKENIZER.encode(free)) == 8  # no stop string: the whole length
+  assert "o" not in cut and free.startswith(cut) and (cut == free or free[len(cut)] == "o")
