@@ -39,6 +39,7 @@ setup(
     "tqdm",  # preparation progress
     "tiktoken",  # byte-level BPE encoding (data.tokenizer='bytelevel'); custom ranks, no download
     "optuna>=4.0",  # lmjax-sweep --search=optuna (TPE, a journal file per study)
+    "lm-eval>=0.4.9",  # EleutherAI's evaluation harness: lmjax is a backend of it (tasks/harness.py)
   ],
   # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
   # formatter's output is what the check compares against
