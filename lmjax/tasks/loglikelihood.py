@@ -7,9 +7,10 @@ left to the model's max_len (lm-eval's reference backends keep the last max_len 
 way), and the last len(continuation) positions are scored.
 
 Requests are sorted by length, longest first (so a too-large batch fails on the first one), cut
-into batches of `batch_size`, and each batch right-padded to a bucket length (a power of two, at
-least 16, at most max_len: sampler.bucket_length), so a whole task compiles a handful of shapes.
-Right padding changes no score: attention is causal and positions start at 0 for every row.
+into batches of `batch_size`, and each batch right-padded to a bucket length (`bucket`: a multiple
+of an eighth of the next power of two, so at most ~1/8 padding, at most max_len) and its rows to a
+power of two, so a whole task compiles a handful of shapes. Right padding changes no score:
+attention is causal and positions start at 0 for every row.
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import model
-from lmjax.inference import sampler
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _target_logprobs(cfg: model.ModelConfig, params, inputs_BT, targets_BT):
   """(log p(target) [B, T] fp32, target == argmax [B, T]) of a right-padded batch."""
   logits_BTV = model.Transformer(cfg).apply({"params": params}, inputs_BT).astype(jnp.float32)
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  chosen_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return chosen_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  chosen_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  logp_BT = chosen_BT - jax.nn.logsumexp(logits_BTV, axis=-1)  # no second [B, T, V] buffer
+  return logp_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
+
+def bucket(n: int, limit: int) -> int:
+  """n rounded up to a multiple of max(16, 2^(k-3)) where 2^(k-1) < n <= 2^k, capped at `limit`."""
+  step = max(16, 1 << max(0, (max(n, 1) - 1).bit_length() - 3))
+  return min(-(-n // step) * step, limit)
 
 
 def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) -> list:
@@ -53,9 +59,10 @@ def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) 
   results = [None] * len(requests)
   for start in range(0, len(order), batch_size):
     batch = order[start : start + batch_size]
-    length = sampler.bucket_length(max(len(windows[i]) - 1 for i in batch), cfg.max_len)
-    inputs_BT = np.zeros((batch_size, length), np.int32)  # full batches: one shape per bucket
-    targets_BT = np.zeros((batch_size, length), np.int32)
+    length = bucket(max(len(windows[i]) - 1 for i in batch), cfg.max_len)
+    rows = 1 << (len(batch) - 1).bit_length()
+    inputs_BT = np.zeros((rows, length), np.int32)
+    targets_BT = np.zeros((rows, length), np.int32)
     for row, i in enumerate(batch):
       window = windows[i]
       inputs_BT[row, : len(window) - 1] = window[:-1]
