@@ -11,7 +11,7 @@ from lm_eval.api.instance import Instance
 from lmjax import model
 from lmjax.data import tokenizers
 from lmjax.inference.language_model import LanguageModel
-from lmjax.tasks import harness, loglikelihood
+from lmjax.tasks import harness, harness_tasks, loglikelihood
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 3
 TOKENIZER = tokenizers.train("char", TEXT)
@@ -89,3 +89,33 @@ def test_generate_until_stops_before_the_first_stop_string():
   cut, free = lm.generate_until(requests)
   assert len(TOKENIZER.encode(free)) == 8  # no stop string: the whole length
   assert "o" not in cut and free.startswith(cut) and (cut == free or free[len(cut)] == "o")
+
+
+def test_multiple_choice_accuracy_equals_a_numpy_scorer_over_the_same_loglikelihoods(tmp_path):
+  from lm_eval import simple_evaluate
+  from lm_eval.tasks import TaskManager
+
+  tokenizer = tokenizers.ByteTokenizer()
+  cfg = dataclasses.replace(CFG, vocab_size=tokenizer.vocab_size, max_len=64)
+  params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(1))
+  lm = harness.LmjaxLM(LanguageModel(cfg, params, tokenizer), batch_size=8)
+  directory = harness_tasks.write(str(tmp_path), count=24)
+  results = simple_evaluate(
+    model=lm, tasks=["lmjax_qa_mc"], task_manager=TaskManager(include_path=directory), log_samples=True
+  )
+  samples = results["samples"]["lmjax_qa_mc"]
+  assert len(samples) == 24
+  chosen = [int(np.argmax([ll for ll, _ in s["filtered_resps"]])) for s in samples]
+  accuracy = float(np.mean([c == s["doc"]["label"] for c, s in zip(chosen, samples)]))
+  assert results["results"]["lmjax_qa_mc"]["acc,none"] == pytest.approx(accuracy)
+  for s in samples[:3]:  # and each choice's log-likelihood is the model's, scored independently
+    context = s["arguments"][0][0]
+    for (ctx, continuation), (ll, _) in zip([a for a in s["arguments"]], s["filtered_resps"]):
+      assert ctx == context
+      c_ids, x_ids = tokenizer.encode(ctx), tokenizer.encode(continuation)
+      window = (c_ids + x_ids)[-(cfg.max_len + 1) :]
+      logits = np.asarray(model.Transformer(cfg).apply({"params": params}, np.asarray([window[:-1]])))[0]
+      logits = logits.astype(np.float64)
+      logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+      want = (logits[np.arange(len(window) - 1), window[1:]] - logz)[-len(x_ids) :].sum()
+      assert ll == pytest.approx(want, abs=1e-4)

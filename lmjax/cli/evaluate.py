@@ -3,18 +3,26 @@
   lmjax-evaluate --workdir=runs/ft_qa --task=qa
   lmjax-evaluate --pretrained=smollm2-135m-instruct --task=translate --num_examples=64
   lmjax-evaluate --workdir=runs/shakespeare_char --text_file=some.txt
+  lmjax-evaluate --model=pretrained:smollm2-135m-instruct --tasks=lmjax_qa_mc,lmjax_shakespeare_ppl
+  lmjax-evaluate --model=runs/my_run --tasks=hellaswag,arc_easy --num_fewshot=0 --limit=100
 
-Results are printed and written as JSON and as a markdown table (--output).
+Results are printed and written as JSON and as a markdown table (--output). With --tasks the model
+runs under EleutherAI's lm-evaluation-harness (tasks/harness.py): any of its tasks by name (they
+download their datasets: a machine with internet), and the local tasks lmjax_qa_mc, lmjax_qa_gen and
+lmjax_shakespeare_ppl (tasks/harness_tasks.py, offline); lm-eval's results JSON and its table go
+to --output, default <run>/lm_eval/results.{json,md} for a run.
 """
 
 import json
+import os
 
 from absl import app, flags
 
 from lmjax import cli
-from lmjax.core import files
+from lmjax.core import errors, files
 from lmjax.inference.language_model import LanguageModel
-from lmjax.tasks import evaluators, generators
+from lmjax.run import rundir
+from lmjax.tasks import evaluators, generators, harness, harness_tasks
 
 flags.DEFINE_string("workdir", None, "A training or fine-tuning run (latest checkpoint).")
 flags.DEFINE_string("pretrained", None, "A registered name, a .gguf file, a Hugging Face directory or a run.")
@@ -23,6 +31,13 @@ flags.DEFINE_integer("num_examples", 64, "Task examples to score.")
 flags.DEFINE_string("text_file", None, "A UTF-8 text to compute perplexity on.")
 flags.DEFINE_integer("seq_len", 256, "Window length for perplexity.")
 flags.DEFINE_string("output", None, "Write OUTPUT.json and OUTPUT.md.")
+flags.DEFINE_string(
+  "model", None, "lm-eval: a run directory, or pretrained:NAME (registered name, .gguf, HF dir)."
+)
+flags.DEFINE_list("tasks", None, "lm-eval task names (comma-separated); lmjax_* tasks are local.")
+flags.DEFINE_integer("num_fewshot", None, "lm-eval: few-shot examples per prompt (default: the task's).")
+flags.DEFINE_float("limit", None, "lm-eval: documents per task (an integer), or a fraction below 1.")
+flags.DEFINE_integer("batch_size", 16, "lm-eval: requests per forward pass.")
 
 
 def main(argv):
@@ -31,6 +46,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logging()
   f = flags.FLAGS
+  if f.tasks or f.model:
+    return _harness(f)
   if bool(f.workdir) == bool(f.pretrained):
     raise app.UsageError("give exactly one of --workdir or --pretrained")
   lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_pretrained(f.pretrained)
@@ -57,6 +74,45 @@ def main(argv):
   if f.output:
     files.write_json(f.output + ".json", results)
     files.write_atomic(f.output + ".md", evaluators.markdown_table(results))
+
+
+def _harness(f) -> None:
+  """--model/--tasks: the model under lm-eval (simple_evaluate), local tasks written first."""
+  from lm_eval import evaluator, utils as lm_eval_utils
+  from lm_eval.tasks import TaskManager
+
+  if not (f.model and f.tasks):
+    raise app.UsageError("lm-eval needs both --model (a run or pretrained:NAME) and --tasks")
+  if f.workdir or f.pretrained or f.task or f.text_file:
+    raise app.UsageError(
+      "--model/--tasks (lm-eval) and --workdir/--pretrained/--task/--text_file are two modes"
+    )
+  name = f.model.removeprefix("pretrained:")
+  if name == f.model and not rundir.is_run(name):
+    raise errors.UserError(
+      f"--model={f.model}: not an lmjax run directory; for other models write pretrained:NAME"
+    )
+  lm = LanguageModel.from_pretrained(name)
+  limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
+  manager = TaskManager(include_path=harness_tasks.write())
+  unknown = sorted(set(f.tasks) - set(manager.all_tasks))
+  if unknown:
+    raise errors.UserError(f"unknown lm-eval tasks {unknown}; the local ones are {list(harness_tasks.TASKS)}")
+  results = evaluator.simple_evaluate(
+    model=harness.LmjaxLM(lm, batch_size=f.batch_size),
+    tasks=list(f.tasks),
+    num_fewshot=f.num_fewshot,
+    limit=limit,
+    task_manager=manager,
+  )
+  table = lm_eval_utils.make_table(results)
+  print(table)
+  output = f.output or (os.path.join(name, "lm_eval", "results") if rundir.is_run(name) else None)
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    files.write_atomic(output + ".json", json.dumps(results, indent=2, default=str, ensure_ascii=False))
+    files.write_atomic(output + ".md", table)
+    print(f"wrote {output}.json and {output}.md")
 
 
 def run(argv=None):
