@@ -32,6 +32,7 @@ TINY = {  # appended to each command (absl takes a flag's last value)
   ],
   "lmjax-sample": ["--max_new_tokens=8"],
   "lmjax-sweep": ["--print_commands"],
+  "lmjax-evaluate": ["--limit=2"],  # only lm-eval's mode reads it; the others ignore its value
   "lmjax-prepare": [],
   "lmjax-coordcheck": ["--widths=16,32", "--steps=1", "--head_dim=8", "--seq_len=16", "--batch_size=2"],
 }
