@@ -2,6 +2,8 @@
 against the windowed sum written out, generate_until's stop strings."""
 
 import dataclasses
+import json
+import os
 
 import jax
 import numpy as np
@@ -12,6 +14,8 @@ from lmjax import model
 from lmjax.data import tokenizers
 from lmjax.inference.language_model import LanguageModel
 from lmjax.tasks import harness, harness_tasks, loglikelihood
+
+from conftest import REPO
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 3
 TOKENIZER = tokenizers.train("char", TEXT)
@@ -119,3 +123,19 @@ def test_multiple_choice_accuracy_equals_a_numpy_scorer_over_the_same_loglikelih
       logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
       want = (logits[np.arange(len(window) - 1), window[1:]] - logz)[-len(x_ids) :].sum()
       assert ll == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_loglikelihoods_equal_lm_evals_hf_backend():
+  """The reference: lm-eval's own `hf` backend (transformers fp32 on the same GGUF) on the same
+  requests, made by benchmarks/harness_reference.py: mid-word continuations, a first token that
+  merges across the boundary, an empty context, and the local multiple-choice task's choices."""
+  with open(os.path.join(REPO, "tests", "data", "smollm2_harness_reference.json"), encoding="utf-8") as f:
+    reference = json.load(f)["requests"]
+  lm = harness.LmjaxLM(LanguageModel.from_pretrained("smollm2-135m-instruct"), batch_size=16)
+  requests = [
+    Instance("loglikelihood", {}, (r["context"], r["continuation"]), i) for i, r in enumerate(reference)
+  ]
+  for (logprob, greedy), r in zip(lm.loglikelihood(requests, disable_tqdm=True), reference):
+    assert logprob == pytest.approx(r["loglikelihood"], abs=1e-4), (r["context"], r["continuation"])
+    assert greedy == r["is_greedy"]

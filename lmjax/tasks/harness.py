@@ -19,8 +19,8 @@ or `python -m lmjax.evaluate --model=RUN|pretrained:NAME --tasks=...`. The three
   and `max_gen_toks`; greedy unless the task asks to sample (`do_sample` with a temperature > 0).
   The prompt keeps its last max_len - max_gen_toks tokens when it is longer (as the `hf` backend).
 
-The prefix token is the tokenizer's EOS, else its BOS (SmolLM2: <|endoftext|>, as for `hf`); a
-character-level tokenizer with neither uses the id of "\\n".
+The prefix token (before an empty context and a document's first window) is the tokenizer's BOS,
+else its EOS, as for the `hf` backend; a character-level tokenizer with neither uses the id of "\\n".
 """
 
 from __future__ import annotations
@@ -61,12 +61,18 @@ class LmjaxLM(lm_eval_model.TemplateLM):
 
   @property
   def eot_token_id(self) -> int:
-    tok = self.tokenizer
-    for special in (tok.eos_id, tok.bos_id):
+    return self._special(self.tokenizer.eos_id, self.tokenizer.bos_id)
+
+  @property
+  def prefix_token_id(self) -> int:
+    return self._special(self.tokenizer.bos_id, self.tokenizer.eos_id)  # the hf backend's order
+
+  def _special(self, *candidates) -> int:
+    for special in candidates:
       if special is not None:
         return special
     try:
-      return tok.encode("\n")[0]
+      return self.tokenizer.encode("\n")[0]
     except ValueError:
       raise ValueError(
         "the tokenizer has no EOS or BOS and no newline to start an empty context or a document's first "
