@@ -95,6 +95,7 @@ def test_generate_until_stops_before_the_first_stop_string():
   assert "o" not in cut and free.startswith(cut) and (cut == free or free[len(cut)] == "o")
 
 
+@pytest.mark.slow
 def test_multiple_choice_accuracy_equals_a_numpy_scorer_over_the_same_loglikelihoods(tmp_path):
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
