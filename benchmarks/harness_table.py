@@ -35,8 +35,8 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   start = time.time()
   subprocess.run(
-    [sys.executable, "-m", "lmjax.cli.evaluate", "--model=pretrained:smollm2-135m-instruct", f"--tasks={tasks}",
-     f"--limit={f.limit}", f"--batch_size={f.batch_size}", f"--output={f.out}_lmjax"],
+    [sys.executable, "-m", "lmjax.cli.evaluate", "--model=pretrained:smollm2-135m-instruct",
+     f"--tasks={tasks}", f"--limit={f.limit}", f"--batch_size={f.batch_size}", f"--output={f.out}_lmjax"],
     check=True,
   )  # fmt: skip
   ours_s = time.time() - start
@@ -62,9 +62,8 @@ def main(argv):
   for task in harness_tasks.TASKS:
     for key, value in ours[task].items():
       if "," in key and not key.split(",")[0].endswith("_stderr") and isinstance(value, float):
-        lines.append(
-          f"| {task} | {key.split(',')[0]} | {value:.4f} | {theirs[task].get(key, float('nan')):.4f} |"
-        )
+        other = theirs[task].get(key, float("nan"))
+        lines.append(f"| {task} | {key.split(',')[0]} | {value:.4f} | {other:.4f} |")
   lines += ["", f"wall time: lmjax {ours_s:.0f} s, hf {hf_s:.0f} s (model loading and task setup included)"]
   text = "\n".join(lines) + "\n"
   with open(f.out + ".md", "w", encoding="utf-8") as fh:
