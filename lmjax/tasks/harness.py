@@ -1,11 +1,7 @@
 """lmjax as an lm-evaluation-harness model (EleutherAI's lm-eval, `lm_eval.api.model.TemplateLM`),
-registered under the name "lmjax".
-
-    from lm_eval import simple_evaluate
-    from lmjax.tasks import harness
-    simple_evaluate(model=harness.LmjaxLM.from_name("smollm2-135m-instruct"), tasks=["hellaswag"])
-
-or `python -m lmjax.evaluate --model=RUN|pretrained:NAME --tasks=...`. The three request kinds:
+registered under the name "lmjax": pass `LmjaxLM.from_name("smollm2-135m-instruct")` (or
+`LmjaxLM(language_model)`) as `model=` to `lm_eval.simple_evaluate`, or run
+`python -m lmjax.evaluate --model=RUN|pretrained:NAME --tasks=...`. The three request kinds:
 
 - `loglikelihood` (multiple choice, LAMBADA): TemplateLM splits each (context, continuation) as
   lm-eval's `hf` backend does: trailing spaces of the context move to the continuation, the whole
