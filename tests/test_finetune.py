@@ -192,7 +192,10 @@ def test_full_finetuning_on_a_task_writes_before_after_table(tmp_path, corpus_fi
     results = json.load(f)
   assert set(results) == {"before", "after"} and {"chrf", "exact_match"} <= set(results["after"])
   records = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
-  assert records[-1]["loss"] < records[0]["loss"]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert losses[-1] < losses[0]
+  scores = {r["step"]: r["translate/chrf"] for r in records if "translate/chrf" in r}  # logged with the step
+  assert scores == {0: results["before"]["chrf"], 40: results["after"]["chrf"]}
   assert "| after fine-tuning |" in (tmp_path / "ft" / "task_eval.md").read_text()
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 
-from lmjax import model
+from lmjax import model, train
+from lmjax.core import errors
 from lmjax.data import tokenizers
 from lmjax.inference.language_model import LanguageModel
 from lmjax.tasks import harness, harness_tasks, loglikelihood
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 3
 TOKENIZER = tokenizers.train("char", TEXT)
@@ -25,9 +26,9 @@ CFG = dataclasses.replace(
 PARAMS = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
-def numpy_logprobs(ids):
+def numpy_logprobs(ids, cfg=CFG, params=PARAMS):
   """log p(ids[i+1] | ids[:i+1]) for each i, from one unbatched forward pass, log-softmax in float64."""
-  logits = np.asarray(model.Transformer(CFG).apply({"params": PARAMS}, np.asarray([ids[:-1]], np.int32))[0])
+  logits = np.asarray(model.Transformer(cfg).apply({"params": params}, np.asarray([ids[:-1]], np.int32))[0])
   logits = logits.astype(np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   return logits[np.arange(len(ids) - 1), ids[1:]] - logz, logits.argmax(-1) == np.asarray(ids[1:])
@@ -118,11 +119,7 @@ def test_multiple_choice_accuracy_equals_a_numpy_scorer_over_the_same_loglikelih
     for (ctx, continuation), (ll, _) in zip([a for a in s["arguments"]], s["filtered_resps"]):
       assert ctx == context
       c_ids, x_ids = tokenizer.encode(ctx), tokenizer.encode(continuation)
-      window = (c_ids + x_ids)[-(cfg.max_len + 1) :]
-      logits = np.asarray(model.Transformer(cfg).apply({"params": params}, np.asarray([window[:-1]])))[0]
-      logits = logits.astype(np.float64)
-      logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-      want = (logits[np.arange(len(window) - 1), window[1:]] - logz)[-len(x_ids) :].sum()
+      want = numpy_logprobs((c_ids + x_ids)[-(cfg.max_len + 1) :], cfg, params)[0][-len(x_ids) :].sum()
       assert ll == pytest.approx(want, abs=1e-4)
 
 
@@ -140,3 +137,73 @@ def test_smollm2_loglikelihoods_equal_lm_evals_hf_backend():
   for (logprob, greedy), r in zip(lm.loglikelihood(requests, disable_tqdm=True), reference):
     assert logprob == pytest.approx(r["loglikelihood"], abs=1e-4), (r["context"], r["continuation"])
     assert greedy == r["is_greedy"]
+
+
+def tensorboard_scalars(directory):
+  """{tag: {step: value}} from the TensorBoard event files in `directory` (TFRecord framing: length,
+  its CRC, the Event proto, its CRC), read without TensorFlow."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+@pytest.mark.slow
+def test_lm_eval_evaluator_logs_task_metrics_with_the_step(tmp_path, corpus_file):
+  """cfg.evals kind lm_eval during training: lmjax_qa_mc's acc at steps 5 and 10 in metrics.jsonl,
+  TensorBoard and finished.json; the final acc is the argmax over choices of log-likelihoods that an
+  independent numpy forward of the final checkpoint reproduces."""
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=10, ckpt_every=5, eval_every=5, num_samples=0)
+  cfg.data.tokenizer = "byte"
+  cfg.evals.harness = dict(kind="lm_eval", every=5, tasks="lmjax_qa_mc", limit=6, batch_size=4)
+  train.train(cfg, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  logged = {r["step"]: r["harness/lmjax_qa_mc/acc"] for r in records if "harness/lmjax_qa_mc/acc" in r}
+  assert sorted(logged) == [5, 10]
+  assert all("harness/lmjax_qa_mc/acc_norm" in r for r in records if r["step"] in logged)
+  assert not any("stderr" in k for r in records for k in r)
+  tensorboard = tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+  assert tensorboard["harness/lmjax_qa_mc/acc"] == pytest.approx(logged)
+  with open(os.path.join(workdir, "finished.json")) as f:
+    assert json.load(f)["evals"]["harness/lmjax_qa_mc/acc"] == logged[10]
+
+  with open(os.path.join(workdir, "lm_eval_harness", "step_10.json")) as f:
+    samples = json.load(f)["samples"]["lmjax_qa_mc"]
+  assert len(samples) == 6
+  lm = LanguageModel.from_workdir(workdir)
+  correct = []
+  for sample in samples:
+    lls = []
+    for (context, continuation), (logged_ll, _) in zip(sample["arguments"], sample["filtered_resps"]):
+      context_ids, continuation_ids = list(context.encode()), list(continuation.encode())  # byte tokenizer
+      window = (context_ids + continuation_ids)[-(lm.cfg.max_len + 1) :]
+      ll = numpy_logprobs(window, lm.cfg, lm.params)[0][-len(continuation_ids) :].sum()
+      assert logged_ll == pytest.approx(ll, abs=1e-4)
+      lls.append(ll)
+    correct.append(int(np.argmax(lls)) == sample["doc"]["label"])
+  assert logged[10] == pytest.approx(np.mean(correct))
+
+
+def test_lm_eval_evaluator_refuses_a_tokenizer_that_cannot_encode_arbitrary_text(tmp_path, corpus_file):
+  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"))  # char tokenizer fitted on the corpus
+  cfg.evals.harness = dict(kind="lm_eval", tasks="lmjax_qa_mc")
+  with pytest.raises(errors.ConfigError, match="evals.harness .kind 'lm_eval'.: the run's tokenizer cannot"):
+    train.train(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")
+  cfg.evals.harness = dict(kind="lm_eval", tasks=" , ")
+  with pytest.raises(errors.ConfigError, match="must name lm-eval tasks"):
+    train.train(cfg, str(tmp_path / "run"))

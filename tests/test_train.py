@@ -272,13 +272,15 @@ def test_evaluators_declared_in_the_config_run_during_training_and_at_the_end(tm
   cfg.evals.ppl = dict(kind="perplexity", every=4, text_file=corpus_file, seq_len=16)
   cfg.evals.peek = dict(kind="samples", every=6, count=2, length=5)
   train.train(cfg, workdir)
-  with open(os.path.join(workdir, "evals.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  assert [(r["eval"], r["step"]) for r in records] == [("ppl", 4), ("ppl", 8), ("ppl", 10)]
+  records = [r for r in read_jsonl(workdir) if "ppl/perplexity" in r]  # merged into the step's record
+  assert [r["step"] for r in records] == [4, 8, 10]
+  assert all("loss" in r and "ppl/loss" in r for r in records)  # log_every=1: one record per step
   lm = LanguageModel.from_workdir(workdir)
   with open(corpus_file, encoding="utf-8") as f:
     expected = evaluators.perplexity(lm.cfg, lm.params, lm.tokenizer, f.read(), 16)
-  assert records[-1]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+  assert records[-1]["ppl/perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+  with open(os.path.join(workdir, "finished.json")) as f:
+    assert json.load(f)["evals"] == {k: records[-1][k] for k in ("ppl/loss", "ppl/perplexity")}
   assert sorted(n for n in os.listdir(workdir) if n.startswith("samples")) == [
     "samples_peek.txt",
     "samples_peek_step6.txt",

@@ -17,12 +17,13 @@ import json
 import os
 
 from absl import app, flags
+from lm_eval import utils as lm_eval_utils
 
 from lmjax import cli
 from lmjax.core import errors, files
 from lmjax.inference.language_model import LanguageModel
 from lmjax.run import rundir
-from lmjax.tasks import evaluators, generators, harness, harness_tasks
+from lmjax.tasks import evaluators, generators, harness
 
 flags.DEFINE_string("workdir", None, "A training or fine-tuning run (latest checkpoint).")
 flags.DEFINE_string("pretrained", None, "A registered name, a .gguf file, a Hugging Face directory or a run.")
@@ -77,10 +78,7 @@ def main(argv):
 
 
 def _harness(f) -> None:
-  """--model/--tasks: the model under lm-eval (simple_evaluate), local tasks written first."""
-  from lm_eval import evaluator, utils as lm_eval_utils
-  from lm_eval.tasks import TaskManager
-
+  """--model/--tasks: the model under lm-eval (harness.evaluate), local tasks written first."""
   if not (f.model and f.tasks):
     raise app.UsageError("lm-eval needs both --model (a run or pretrained:NAME) and --tasks")
   if f.workdir or f.pretrained or f.task or f.text_file:
@@ -92,27 +90,16 @@ def _harness(f) -> None:
     raise errors.UserError(
       f"--model={f.model}: not an lmjax run directory; for other models write pretrained:NAME"
     )
+  manager = harness.task_manager(f.tasks)
   lm = LanguageModel.from_pretrained(name)
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
-  manager = TaskManager(include_path=harness_tasks.write())
-  unknown = sorted(set(f.tasks) - set(manager.all_tasks))
-  if unknown:
-    raise errors.UserError(f"unknown lm-eval tasks {unknown}; the local ones are {list(harness_tasks.TASKS)}")
-  results = evaluator.simple_evaluate(
-    model=harness.LmjaxLM(lm, batch_size=f.batch_size),
-    tasks=list(f.tasks),
-    num_fewshot=f.num_fewshot,
-    limit=limit,
-    task_manager=manager,
-  )
-  table = lm_eval_utils.make_table(results)
-  print(table)
+  results = harness.evaluate(lm, f.tasks, manager, limit, f.num_fewshot, f.batch_size)
   output = f.output or (os.path.join(name, "lm_eval", "results") if rundir.is_run(name) else None)
   if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    files.write_atomic(output + ".json", json.dumps(results, indent=2, default=str, ensure_ascii=False))
-    files.write_atomic(output + ".md", table)
+    print(harness.write_results(results, output))
     print(f"wrote {output}.json and {output}.md")
+  else:
+    print(lm_eval_utils.make_table(results))
 
 
 def run(argv=None):

@@ -125,8 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     pretrained="",  # a registered name, GGUF file, Hugging Face directory or lmjax run
   )
   # Evaluators run during training and at the end, big_vision's style: {name: dict(kind=..., every=N,
-  # options)}, e.g. evals.ppl = dict(kind="perplexity", every=500, text_file="val.txt"); EVAL_OPTIONS
-  # lists the kinds and their options (tasks/evaluators.py runs them). every=0: at the end only.
+  # options)}, e.g. evals.ppl = dict(kind="perplexity", every=500, text_file="val.txt") or
+  # evals.harness = dict(kind="lm_eval", every=1000, tasks="lmjax_qa_mc", limit=100); EVAL_OPTIONS
+  # lists the kinds and their options (tasks/eval_config.py builds them). every=0: at the end only.
   cfg.evals = ml_collections.ConfigDict()
   cfg.finetune = dict(
     task="",  # a built-in task: translate, summarize, qa, search (tasks/generators.py)
@@ -259,6 +260,7 @@ EVAL_OPTIONS = {
   "perplexity": (("text_file",), ("every", "seq_len")),
   "samples": ((), ("every", "count", "prompt", "length")),
   "task": (("task",), ("every", "num_examples")),
+  "lm_eval": (("tasks",), ("every", "limit", "num_fewshot", "batch_size")),
 }
 
 
@@ -276,11 +278,15 @@ def _check_evals(evals) -> None:
         f"evals.{name} (kind {spec.kind!r}): missing {missing}, unknown {unknown}; it takes "
         f"{list(required)} and optionally {list(optional)}"
       )
-    for key in ("every", "seq_len", "count", "length", "num_examples"):
-      if key in spec and (not isinstance(spec[key], int) or spec[key] < (0 if key == "every" else 1)):
-        raise errors.ConfigError(
-          f"evals.{name}.{key}={spec[key]!r} must be an integer >= {0 if key == 'every' else 1}"
-        )
+    for key in ("every", "seq_len", "count", "length", "num_examples", "limit", "num_fewshot", "batch_size"):
+      least = 0 if key in ("every", "num_fewshot") else 1
+      if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < least):
+        raise errors.ConfigError(f"evals.{name}.{key}={spec[key]!r} must be an integer >= {least}")
+    if spec.kind == "lm_eval" and not (isinstance(spec.tasks, str) and spec.tasks.strip(", ")):
+      raise errors.ConfigError(
+        f"evals.{name}.tasks={spec.tasks!r} must name lm-eval tasks, comma-separated, "
+        "e.g. 'lmjax_qa_mc,hellaswag'"
+      )
 
 
 def validate(cfg) -> None:

@@ -1,6 +1,6 @@
 """The run directory's one owner: what describes a run (its config, architecture, tokenizer,
 checkpoints and finished marker) is written and read here. Logs and results (metrics.jsonl,
-TensorBoard, loss.png, samples, task_eval, evals.jsonl) are written by their producers
+TensorBoard, loss.png, samples, task_eval, lm_eval_NAME) are written by their producers
 (train/metrics_log.py, tasks/evaluators.py) through core/files.py.
 
     <workdir>/config.json        the experiment config the run was started with (write_config)

@@ -16,11 +16,12 @@ import jax
 import numpy as np
 
 from lmjax import model
-from lmjax.core import errors, files
+from lmjax.core import files
 from lmjax.data import tokenizer_base
 from lmjax.data.tokenizer_base import Tokenizer
 from lmjax.inference import sampler
-from lmjax.tasks import generators, metrics
+from lmjax.inference.language_model import LanguageModel
+from lmjax.tasks import generators, harness, metrics
 from lmjax.tasks.losses import mean_pooled
 
 
@@ -135,13 +136,25 @@ def markdown_table(rows: dict) -> str:
 # Evaluators: objects the trainer calls as `evaluator(params, workdir, when, step)` at the points
 # named in `.when` ("before": step 0 of a fresh run, "after": the end) and, during training, every
 # `.every` steps (when = "step"; 0: never), on process 0 only, with host-local weights (the trainer
-# gathers them on every process first). A task brings its own (task scores, end-of-run samples);
-# the config declares more in `cfg.evals` (`from_config`, big_vision's style).
+# gathers them on every process first). Each returns its numbers as {"NAME/metric": value}, which the
+# trainer logs with the step (metrics.jsonl, TensorBoard, W&B) and keeps the last of in finished.json.
+# A task brings its own (task scores, end-of-run samples); the config declares more in `cfg.evals`
+# (eval_config.py, big_vision's style).
+
+
+def named_numbers(name: str, results: dict) -> dict:
+  """{f"{name}/{key}": float} of the int and float values of `results` (strings and bools left out)."""
+  return {
+    f"{name}/{k}": float(v)
+    for k, v in results.items()
+    if isinstance(v, (int, float)) and not isinstance(v, bool)
+  }
 
 
 @dataclasses.dataclass
 class TaskScores:
-  """Scores a built-in task on held-out examples; task_eval.json/.md hold the before/after table."""
+  """Scores a built-in task on held-out examples; task_eval.json/.md hold the before/after table.
+  Its numbers are logged as "NAME/metric" (NAME: `name`, else the task)."""
 
   task: str
   examples: list
@@ -151,18 +164,19 @@ class TaskScores:
   every: int = 0
   filename: str = "task_eval"  # FILENAME.json / .md, one per evaluator
   row_label: str = "{} fine-tuning"  # the table's row name, given `when`
+  name: str = ""
 
-  def __call__(self, params, workdir: str, when: str, step: int) -> None:
-    when = f"step {step}" if when == "step" else when
+  def __call__(self, params, workdir: str, when: str, step: int) -> dict:
+    label = f"step {step}" if when == "step" else when
     path = os.path.join(workdir, f"{self.filename}.json")
     results = {}
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         results = json.load(f)
     if self.task == "search":
-      results[when] = evaluate_search(self.model_cfg, params, self.tokenizer, len(self.examples))
+      results[label] = evaluate_search(self.model_cfg, params, self.tokenizer, len(self.examples))
     else:
-      results[when] = evaluate_task(self.model_cfg, params, self.tokenizer, self.task, self.examples)
+      results[label] = evaluate_task(self.model_cfg, params, self.tokenizer, self.task, self.examples)
     files.write_json(path, results)
     table = markdown_table({self.row_label.format(k): v for k, v in results.items()})
     files.write_atomic(
@@ -170,8 +184,9 @@ class TaskScores:
       f"Task `{self.task}`, {len(self.examples)} held-out examples\n\n{table}",
     )
     print(
-      f"task {self.task} {when} fine-tuning: " + json.dumps(results[when], ensure_ascii=False), flush=True
+      f"task {self.task} {label} fine-tuning: " + json.dumps(results[label], ensure_ascii=False), flush=True
     )
+    return named_numbers(self.name or self.task, {k: v for k, v in results[label].items() if k != "examples"})
 
 
 @dataclasses.dataclass
@@ -193,13 +208,13 @@ class Samples:
   filename: str = "samples.txt"
   prompts: tuple = ()
 
-  def __call__(self, params, workdir: str, when: str, step: int) -> None:
+  def __call__(self, params, workdir: str, when: str, step: int) -> dict:
     tokenizer, limit = self.tokenizer, self.model_cfg.max_len
     prompts = list(self.prompts) or [self.prompt or "\n"] * self.count
     encoded = [(p, tokenizer.encode(p)) for p in prompts]  # a chat-formatted prompt keeps its specials
     encoded = [(p, ids) for p, ids in encoded if 0 < len(ids) < limit]
     if not encoded:
-      return
+      return {}
     prompts, ids = zip(*encoded)
     result = sampler.generate_tokens(
       self.model_cfg,
@@ -215,12 +230,12 @@ class Samples:
     name = self.filename if when == "after" else self.filename.replace(".txt", f"_step{step}.txt")
     files.write_atomic(os.path.join(workdir, name), "\n\n==========\n\n".join(texts) + "\n")
     print(f"samples at step {step} (also in {name}):\n" + "\n----------\n".join(texts), flush=True)
+    return {}
 
 
 @dataclasses.dataclass
 class Perplexity:
-  """Perplexity of a text file (`perplexity`), appended to evals.jsonl as {"eval", "step", "loss",
-  "perplexity", "tokens"} and printed."""
+  """Perplexity of a text (`perplexity`): logged as NAME/loss (nats/token) and NAME/perplexity."""
 
   name: str
   text: str
@@ -230,108 +245,39 @@ class Perplexity:
   when: tuple = ("after",)
   every: int = 0
 
-  def __call__(self, params, workdir: str, when: str, step: int) -> None:
-    result = {
-      "eval": self.name,
-      "step": step,
-      **perplexity(self.model_cfg, params, self.tokenizer, self.text, self.seq_len),
-    }
-    path = os.path.join(workdir, EVALS_FILE)
-    if (self.name, step) in _recorded(path):  # a finished run re-started: its result is on record
-      return
-    with open(path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(result) + "\n")
+  def __call__(self, params, workdir: str, when: str, step: int) -> dict:
+    del workdir, when
+    result = perplexity(self.model_cfg, params, self.tokenizer, self.text, self.seq_len)
     print(
       f"eval {self.name} at step {step}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}",
       flush=True,
     )
+    return named_numbers(self.name, {k: result[k] for k in ("loss", "perplexity")})
 
 
-EVALS_FILE = "evals.jsonl"  # the trainer drops records after the step a run resumes from
+@dataclasses.dataclass
+class LmEval:
+  """lm-evaluation-harness tasks (harness.evaluate) on the current weights: lm-eval's results JSON and
+  table go to lm_eval_NAME/step_STEP.{json,md}, each task's metrics (stderr left out) are logged as
+  NAME/TASK/METRIC (lm-eval's filter suffix ",none" dropped, another filter kept as "_FILTER").
+  `manager`: the lm_eval TaskManager that knows `tasks` (harness.task_manager), built once."""
 
+  name: str
+  tasks: tuple
+  manager: object
+  model_cfg: model.ModelConfig
+  tokenizer: Tokenizer
+  limit: int | None = None
+  num_fewshot: int | None = None
+  batch_size: int = 16
+  when: tuple = ("after",)
+  every: int = 0
 
-def _recorded(path: str) -> set:
-  """(eval, step) of every complete record in an evals.jsonl file."""
-  if not os.path.exists(path):
-    return set()
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.endswith("\n")]
-  return {(r["eval"], r["step"]) for r in map(json.loads, lines)}
-
-
-def _check_prompt(name: str, tokenizer, text: str, room: int) -> None:
-  """ConfigError, before training, when `text` does not encode or leaves no room in the context."""
-  try:
-    ids = tokenizer.encode(text)
-  except ValueError as err:
-    raise errors.ConfigError(
-      f"evals.{name}: its text cannot be encoded by the run's tokenizer: {err}"
-    ) from None
-  if len(ids) >= room:
-    raise errors.ConfigError(
-      f"evals.{name}: a prompt of {len(ids)} tokens leaves no room in the context of {room}"
-    )
-
-
-def from_config(evals_cfg, model_cfg: model.ModelConfig, tokenizer, seed: int) -> list:
-  """The evaluators `cfg.evals` declares: {name: {kind, every, options}} with kinds
-  perplexity (text_file, seq_len), samples (count, prompt, length) and task (task, num_examples);
-  each runs every `every` steps (0: at the end only) and at the end. config.validate has checked
-  kinds and options; raises errors.ConfigError for a text file that cannot be read or an unknown task."""
-  built = []
-  for name, spec in evals_cfg.items():
-    every = spec.get("every", 0)
-    if spec.kind == "perplexity":
-      try:
-        with open(spec.text_file, encoding="utf-8") as f:
-          text = f.read()
-      except OSError as err:
-        raise errors.ConfigError(f"evals.{name}.text_file={spec.text_file!r} cannot be read: {err}") from None
-      seq_len = min(spec.get("seq_len", model_cfg.max_len - 1), model_cfg.max_len - 1)
-      _check_prompt(name, tokenizer, text, room=len(text) + 2)  # encodes (any length is windowed)
-      if len(tokenizer.encode(text)) < 2:
-        raise errors.ConfigError(f"evals.{name}.text_file={spec.text_file!r} has fewer than 2 tokens")
-      built.append(Perplexity(name, text, seq_len, model_cfg, tokenizer, every=every))
-    elif spec.kind == "samples":
-      _check_prompt(name, tokenizer, spec.get("prompt", "\n"), room=model_cfg.max_len)
-      built.append(
-        Samples(
-          spec.get("count", 3),
-          spec.get("prompt", "\n"),
-          spec.get("length", 200),
-          seed,
-          model_cfg,
-          tokenizer,
-          every=every,
-          filename=f"samples_{name}.txt",
-        )
-      )
-    else:  # "task"
-      if spec.task not in generators.GENERATORS and spec.task != "search":
-        raise errors.ConfigError(
-          f"evals.{name}.task={spec.task!r} is not a built-in task; known: "
-          f"{sorted(generators.GENERATORS) + ['search']}"
-        )
-      count = spec.get("num_examples", 64)
-      examples = (
-        generators.search_set(count, generators.EVAL_SEED)[1]
-        if spec.task == "search"
-        else generators.examples(spec.task, count, generators.EVAL_SEED)
-      )
-      for example in examples:
-        _check_prompt(
-          name, tokenizer, example if spec.task == "search" else example.prompt, model_cfg.max_len
-        )
-      built.append(
-        TaskScores(
-          spec.task,
-          examples,
-          model_cfg,
-          tokenizer,
-          when=("after",),
-          every=every,
-          filename=f"task_eval_{name}",
-          row_label="{}",
-        )
-      )
-  return built
+  def __call__(self, params, workdir: str, when: str, step: int) -> dict:
+    del when
+    lm = LanguageModel(self.model_cfg, params, self.tokenizer)
+    results = harness.evaluate(lm, self.tasks, self.manager, self.limit, self.num_fewshot, self.batch_size)
+    output = os.path.join(workdir, f"lm_eval_{self.name}", f"step_{step}")
+    table = harness.write_results(results, output)
+    print(f"eval {self.name} (lm-eval) at step {step}:\n{table}", flush=True)
+    return named_numbers(self.name, harness.task_metrics(results))

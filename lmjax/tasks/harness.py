@@ -22,14 +22,17 @@ else its EOS, as for the `hf` backend; a character-level tokenizer with neither 
 from __future__ import annotations
 
 import collections
+import json
+import os
 
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api import model as lm_eval_model
 from lm_eval.api.registry import register_model
 
+from lmjax.core import errors, files
 from lmjax.data import tokenizer_base
 from lmjax.inference.language_model import LanguageModel
-from lmjax.tasks import loglikelihood
+from lmjax.tasks import harness_tasks, loglikelihood
 
 
 @register_model("lmjax")
@@ -134,3 +137,59 @@ class LmjaxLM(lm_eval_model.TemplateLM):
           outputs[i] = tokenizer_base.cut_at_stop(text, until)
           self.cache_hook.add_partial("generate_until", (context, kwargs), outputs[i])
     return outputs
+
+
+def task_manager(tasks) -> object:
+  """lm-eval's TaskManager for `tasks` (names), with the local tasks written (harness_tasks.write).
+  lm-eval's own index of its ~15k standard tasks takes ~12 s to build on this CPU, so it is read only
+  when a task is not one of the local ones. Raises errors.ConfigError naming the unknown tasks."""
+  from lm_eval.tasks import TaskManager  # ~1 s: only where lm-eval tasks are run
+
+  local_only = set(tasks) <= set(harness_tasks.TASKS)
+  manager = TaskManager(include_path=harness_tasks.write(), include_defaults=not local_only)
+  unknown = sorted(set(tasks) - set(manager.all_tasks))
+  if unknown:
+    raise errors.ConfigError(
+      f"unknown lm-eval tasks {unknown}: give names `lm_eval ls tasks` lists, or the local ones "
+      f"{list(harness_tasks.TASKS)}"
+    )
+  return manager
+
+
+def evaluate(lm: LanguageModel, tasks, manager, limit=None, num_fewshot=None, batch_size: int = 16) -> dict:
+  """lm-eval's `simple_evaluate` of `lm` on `tasks` (names `manager` knows): its results dict
+  ("results": {task: {"metric,filter": value}}, "samples", "config", ...). `limit`: documents per
+  task (an int) or a fraction (< 1); `num_fewshot`: None for each task's own."""
+  from lm_eval import evaluator  # ~1 s: only where lm-eval tasks are run
+
+  return evaluator.simple_evaluate(
+    model=LmjaxLM(lm, batch_size=batch_size),
+    tasks=list(tasks),
+    num_fewshot=num_fewshot,
+    limit=limit,
+    task_manager=manager,
+  )
+
+
+def write_results(results: dict, output: str) -> str:
+  """Writes lm-eval's results as OUTPUT.json and its markdown table as OUTPUT.md (directories made);
+  returns the table."""
+  table = lm_eval_utils.make_table(results)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  files.write_atomic(output + ".json", json.dumps(results, indent=2, default=str, ensure_ascii=False))
+  files.write_atomic(output + ".md", table)
+  return table
+
+
+def task_metrics(results: dict) -> dict:
+  """{"TASK/METRIC": value} of lm-eval's results: the numbers of each task (and group), without their
+  standard errors; lm-eval's default filter suffix ",none" is dropped, another becomes "_FILTER"."""
+  numbers = {}
+  for task, metrics in results["results"].items():
+    for key, value in metrics.items():
+      metric, _, filter_name = key.partition(",")
+      if "_stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+        continue
+      suffix = "" if filter_name in ("", "none") else f"_{filter_name}"
+      numbers[f"{task}/{metric}{suffix}"] = float(value)
+  return numbers

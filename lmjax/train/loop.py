@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -22,7 +21,6 @@ from lmjax import model, tasks
 from lmjax.core import files, sharding
 from lmjax.data import loader
 from lmjax.run import config as config_lib, rundir
-from lmjax.tasks import evaluators
 from lmjax.train import (
   metrics_log,
   preflight,
@@ -144,7 +142,6 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     task.save(workdir)
     if start_step < tc.steps:
       rundir.clear_finished(workdir)
-    metrics_log.drop_records_after(os.path.join(workdir, evaluators.EVALS_FILE), start_step)
   step_args = dict(
     frozen_shardings=frozen_sh, model_params=task.model_params, rules=cfg.mesh.rules, loss=task.loss
   )
@@ -164,9 +161,6 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
       [eval_step(params, global_batch(task.val_batch, i), frozen) for i in range(tc.eval_steps)]
     )
     return float(sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1.0))
-
-  if start_step == 0:
-    _run_evaluators(task, state.params, frozen, workdir, "before", 0, primary)
 
   tokens_per_step = tc.batch_size * (task.tokens_per_row or tc.seq_len)  # padding is not throughput
   trainable = sum(x.size for x in jax.tree.leaves(state.params))
@@ -191,6 +185,11 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
     note = preflight.schedule_change_note(saved_cfg, cfg, start_step)
     if note:
       log.info(note)
+  evaluated = (
+    _run_evaluators(task, state.params, frozen, workdir, "before", 0, primary) if not start_step else {}
+  )
+  if evaluated:
+    log.write(0, evaluated)
 
   def check_health(state):
     bad = int(jax.device_get(state.first_bad_step))
@@ -228,7 +227,8 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         window_start, window_steps = time.perf_counter(), 0
       done = step + 1
       eval_now = done % tc.eval_every == 0 or done == tc.steps
-      if done % tc.log_every == 0 or eval_now:
+      log_now = done % tc.log_every == 0 or eval_now
+      if log_now:
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         check_health(state)
         elapsed = time.perf_counter() - window_start
@@ -238,39 +238,49 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         if eval_now:
           metrics["val_loss"] = evaluate(state.params)
           metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
-        log.write(done, metrics)
-        window_start, window_steps = time.perf_counter(), 0
       if done % tc.ckpt_every == 0 or done == tc.steps:
         check_health(state)
-        ckpt.save(done, state)
+        ckpt.save(done, state)  # asynchronous: the evaluators below run while it writes
         last_saved = done
-      if done < tc.steps:  # the end is the "after" point
-        _run_evaluators(task, state.params, frozen, workdir, "step", done, primary)
+      evaluated = _run_evaluators(
+        task, state.params, frozen, workdir, "step" if done < tc.steps else "after", done, primary
+      )
+      if log_now or evaluated:  # the evaluators' numbers join the step's record
+        log.write(done, {**metrics, **evaluated} if log_now else evaluated)
+        window_start, window_steps = time.perf_counter(), 0  # evaluation time is not throughput
       stopping = stop.agreed(at_sync_point=done % tc.log_every == 0 or done % tc.ckpt_every == 0)
+    if start_step >= tc.steps:  # a finished run re-started: only its end-of-run evaluators run again
+      if evaluated := _run_evaluators(task, state.params, frozen, workdir, "after", tc.steps, primary):
+        log.write(tc.steps, evaluated)
     ckpt.wait()
   finally:
     stop.restore()
     ckpt.close()
     log.close()
-  _run_evaluators(task, state.params, frozen, workdir, "after", tc.steps, primary)
   if primary:
     reference = cfg.reference if config_lib.reference_applies(cfg) else None
     metrics_log.plot_loss(workdir, reference)
-    # From metrics.jsonl, not `metrics`: a finished run re-started only re-samples and has no new eval.
-    evals = [r for r in metrics_log.read_metrics(workdir) if "val_loss" in r]
+    # From metrics.jsonl, not `metrics`: a finished run re-started has no new validation loss.
+    records = metrics_log.read_metrics(workdir)
+    evals = [r for r in records if "val_loss" in r]
     if evals and reference:
       print(
         f"final val loss {evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}; reference "
         f"{cfg.reference.val_loss} at step {cfg.reference.step} ({cfg.reference.source})",
         flush=True,
       )
-    rundir.mark_finished(workdir, tc.steps, {"val_loss": evals[-1]["val_loss"]} if evals else {})
+    summary = {"val_loss": evals[-1]["val_loss"]} if evals else {}
+    if final := metrics_log.evaluator_values(records):
+      summary["evals"] = final
+      print("final evaluations: " + metrics_log.format_values(final), flush=True)
+    rundir.mark_finished(workdir, tc.steps, summary)
   return metrics
 
 
-def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int, primary: bool) -> None:
+def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int, primary: bool) -> dict:
   """Runs the task's evaluators due at `when`: "before" (step 0 of a fresh run), "after" (the end),
-  or "step" (during training: those whose `every` divides `step`).
+  or "step" (during training: those whose `every` divides `step`); returns their numbers,
+  {"NAME/metric": value} ({} on processes other than 0).
 
   Parameters sharded across processes (FSDP, TP) cannot be read or run by one process alone, so
   every process takes part in gathering the weights (a collective); then process 0 evaluates on
@@ -281,10 +291,12 @@ def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int,
   else:
     due = [e for e in task.evaluators if when in e.when]
   if not due:
-    return
+    return {}
   if jax.process_count() > 1:
     trainable, frozen = multihost_utils.process_allgather((trainable, frozen), tiled=True)
+  evaluated = {}
   if primary:
     params = task.model_params(trainable, frozen)
     for evaluator in due:
-      evaluator(params, workdir, when, step)
+      evaluated.update(evaluator(params, workdir, when, step))
+  return evaluated

@@ -15,7 +15,9 @@ import uuid
 
 from lmjax.core import files
 
-WANDB_ID_FILE = "wandb_id.txt"  # in the workdir: the W&B run a resumed run continues
+WANDB_ID_FILE = "wandb_id.txt"
+# Evaluators' numbers are logged as "NAME/metric" (tasks/evaluators.py); the trainer's own have no "/".
+EVALUATOR_SEPARATOR = "/"  # in the workdir: the W&B run a resumed run continues
 
 
 class MetricsLogger:
@@ -62,6 +64,11 @@ class MetricsLogger:
     self._console(step, record)
 
   def _console(self, step: int, record: dict) -> None:
+    evaluated = {k: v for k, v in record.items() if EVALUATOR_SEPARATOR in k}
+    if evaluated:
+      print(("\n" if self.tty else "") + f"step {step} evaluators: " + format_values(evaluated), flush=True)
+    if "loss" not in record:  # an evaluation between logging steps
+      return
     elapsed = time.time() - self._start_time
     done = step - self.start_step
     eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
@@ -87,6 +94,19 @@ class MetricsLogger:
       self._tb.close()
     if self._wandb is not None:  # called from the loop's `finally`: an exception marks the run failed
       self._wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+
+
+def format_values(values: dict) -> str:
+  """ "name value, ..." with values to 4 significant digits (console lines)."""
+  return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+def evaluator_values(records: list) -> dict:
+  """{"NAME/metric": value} of the evaluators' latest numbers in `records` (read_metrics order)."""
+  latest = {}
+  for record in records:
+    latest.update({k: v for k, v in record.items() if EVALUATOR_SEPARATOR in k})
+  return latest
 
 
 def _wandb_run(workdir: str, options: dict):
