@@ -39,6 +39,8 @@ def test_batched_scores_equal_an_unbatched_numpy_scorer():
   # lengths across buckets, one past the context (cut from the left), a one-token continuation
   requests = [(ids[:3], ids[3:5]), (ids[:10], ids[10:13]), (ids[5:30], ids[30:34]), (ids[:1], ids[1:2])]
   requests += [(ids[i : i + 7], ids[i + 7 : i + 9]) for i in range(0, 40, 4)]
+  # multiple choice: one context, one-token choices (one shared row) and longer ones (prefixes)
+  requests += [(ids[:9], [t]) for t in sorted(set(ids))[:5]] + [(ids[:9], ids[9:12]), (ids[:9], ids[9:11])]
   got = loglikelihood.score(CFG, PARAMS, requests, batch_size=4)
   for (context, continuation), (logprob, greedy) in zip(requests, got):
     window = (context + continuation)[-(CFG.max_len + 1) :]
@@ -48,6 +50,32 @@ def test_batched_scores_equal_an_unbatched_numpy_scorer():
     assert greedy == bool(argmax[-n:].all())
   with pytest.raises(ValueError, match="loglikelihood_rolling"):
     loglikelihood.score(CFG, PARAMS, [(ids[:2], ids[2:20])])
+
+
+def test_shared_rows_read_each_input_from_an_input_it_is_a_prefix_of():
+  rng = np.random.default_rng(0)
+  inputs = [tuple(rng.integers(0, 3, rng.integers(1, 6))) for _ in range(300)]
+  owner = loglikelihood.shared_rows(inputs)
+  for i, row in enumerate(owner):
+    assert inputs[row][: len(inputs[i])] == inputs[i]  # a prefix of its row's input
+    assert owner[row] == row  # rows are read from themselves
+    extended = any(len(other) > len(inputs[i]) and other[: len(inputs[i])] == inputs[i] for other in inputs)
+    assert (len(inputs[row]) > len(inputs[i])) == extended  # shared whenever some input extends it
+  assert len(set(owner)) < len(inputs)
+
+
+def test_packing_places_every_row_once_within_the_capacity():
+  rng = np.random.default_rng(1)
+  lengths = {row: int(n) for row, n in enumerate(rng.integers(1, 41, 200))}
+  sequences = loglikelihood.pack(lengths, 40)
+  assert sorted(r for s in sequences for r in s) == sorted(lengths)
+  loads = sorted(sum(lengths[r] for r in s) for s in sequences)
+  assert loads[-1] <= 40
+  assert loads[0] + loads[1] > 40  # best fit opens a sequence only when no other has room: no two merge
+  with pytest.raises(ValueError, match="does not fit"):
+    loglikelihood.pack({0: 41}, 40)
+  length, packed = loglikelihood.packing(CFG, {0: 9, 1: 3, 2: 3}, batch_size=4)
+  assert length == 16 and packed == [[0, 1, 2]]  # 9 rounds up to 16 (max_len), which holds all three
 
 
 def backend(**kwargs):

@@ -145,7 +145,11 @@ def prefill(
       k: nn.with_logical_constraint(v, model.CACHE_AXES[k], rules=rules, mesh=mesh) for k, v in cache.items()
     }
   logits_B1V, cache = model.Transformer(cfg).apply(
-    {"params": params}, tokens_BP, positions_BT=positions_BP, cache=cache, last_logits_only=True
+    {"params": params},
+    tokens_BP,
+    positions_BT=positions_BP,
+    cache=cache,
+    logits_at_BN=jnp.full((B, 1), P - 1),
   )
   seen_BV = (
     jnp.zeros((B, cfg.vocab_size), jnp.int32)
@@ -225,7 +229,7 @@ def decode_cropped(
       window_BW,
       positions_BT=positions_BW,
       cache=model.init_cache(cfg, B, W),
-      last_logits_only=True,
+      logits_at_BN=jnp.full((B, 1), W - 1),
     )
     return _choose(logits_B1V[:, -1], s, sampling, eos_id, pad_id)
 

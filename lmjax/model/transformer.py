@@ -33,7 +33,9 @@ class Transformer(nn.Module):
   `targets_BT` (and optionally `loss_mask_BT`) it returns the next-token loss instead of logits:
   (sum of cross-entropies over the masked-in tokens, their count), computed in chunks of the
   sequence for large vocabularies so the [B, T, V] logits never exist at once (chunked_loss.py).
-  `last_logits_only`: logits of the last position only, [B, 1, V] (what sampling reads).
+  `logits_at_BN` (indices into T): the logits of those positions only, [B, N, V], since the head's
+  [B, T, V] output is the largest tensor of a forward (sampling reads the last position, scoring
+  log-likelihoods a continuation's).
   """
 
   cfg: ModelConfig
@@ -49,7 +51,7 @@ class Transformer(nn.Module):
     segment_ids_BT=None,
     targets_BT=None,
     loss_mask_BT=None,
-    last_logits_only: bool = False,
+    logits_at_BN=None,
   ):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     B, T = tokens_BT.shape
@@ -124,8 +126,9 @@ class Transformer(nn.Module):
       unscaled, head = head, lambda x: unscaled(x) * mup.logit_mult(cfg)
     if targets_BT is not None:  # the loss, chunked for large vocabularies (chunked_loss.py)
       return chunked_loss.token_loss_sum(x_BTD, head, targets_BT, loss_mask_BT)
-    # Sampling reads the last position only: [B, 1, V] instead of [B, T, V] logits.
-    logits_BTV = head(x_BTD[:, -1:] if last_logits_only else x_BTD)
+    if logits_at_BN is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[..., None], axis=1)  # [B, N, D]
+    logits_BTV = head(x_BTD)
     if cache is None:
       return logits_BTV
     return logits_BTV, {"k": new_layer_caches[0], "v": new_layer_caches[1], "pos": k_pos_BS, "end": start + T}

@@ -2,19 +2,30 @@
 
 A request is (context ids, continuation ids). Its score is sum_i log p(continuation_i | context,
 continuation_<i) and whether greedy decoding would have produced the whole continuation (lm-eval's
-`(logprob, is_greedy)`). The model reads context + continuation minus its last token, cut from the
-left to the model's max_len (lm-eval's reference backends keep the last max_len + 1 tokens the same
-way), and the last len(continuation) positions are scored.
+`(logprob, is_greedy)`). The model reads context + continuation minus its last token (the request's
+input), cut from the left to the model's max_len (lm-eval's reference backends keep the last
+max_len + 1 tokens the same way), and the last len(continuation) positions are scored.
 
-Requests are sorted by length, longest first (so a too-large batch fails on the first one), cut
-into batches of `batch_size`, and each batch right-padded to a bucket length (`bucket`: a multiple
-of an eighth of the next power of two, so at most ~1/8 padding, at most max_len) and its rows to a
-power of two, so a whole task compiles a handful of shapes. Right padding changes no score:
-attention is causal and positions start at 0 for every row.
+Requests share rows: a request whose input is a prefix of another's (the choices of a multiple-choice
+question with a one-token answer all have the same input, the context) is read from that one's row,
+since causal attention gives a prefix the same logits inside a longer row. (lm-eval's `hf` backend
+shares a row only between equal inputs with a one-token continuation.) Only the scored positions go
+through the output head and log-softmax, not all [B, T, V] logits.
+
+Rows are packed into sequences of one length L, best-fit decreasing, each row a segment with its own
+positions from 0 (`segment_ids`, as packed training rows), so short rows fill the space longer ones
+leave instead of padding. L is the longest row's length rounded up to a multiple of 8, or up to twice
+that where the forward FLOPs (accounting.train_flops_per_token / 3, attention included) of all
+sequences come out lower. Sequences are scored `batch_size` at a time, longest rows first (a
+too-large batch fails on the first one); the last forward's sequences are padded to a power of two
+and each sequence's scored positions to a bucket (`bucket`: a multiple of an eighth of the next
+power of two), so a call compiles a few shapes.
+Packing changes no score: a segment sees only itself, and its positions start at 0 as a row's would.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 
 import jax
@@ -25,18 +36,21 @@ from lmjax import model
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _target_logprobs(cfg: model.ModelConfig, params, inputs_BT, targets_BT):
-  """(log p(target) [B, T] fp32, target == argmax [B, T]) of a right-padded batch."""
-  logits_BTV = model.Transformer(cfg).apply({"params": params}, inputs_BT).astype(jnp.float32)
-  chosen_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  logp_BT = chosen_BT - jax.nn.logsumexp(logits_BTV, axis=-1)  # no second [B, T, V] buffer
-  return logp_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+def _target_logprobs(cfg: model.ModelConfig, params, inputs_BT, positions_BT, segments_BT, at_BN, targets_BN):
+  """(log p(target) [B, N] fp32, target == argmax [B, N]) at indices at_BN of packed sequences."""
+  logits_BNV = model.Transformer(cfg).apply(
+    {"params": params}, inputs_BT, positions_BT=positions_BT, segment_ids_BT=segments_BT, logits_at_BN=at_BN
+  )
+  logits_BNV = logits_BNV.astype(jnp.float32)
+  chosen_BN = jnp.take_along_axis(logits_BNV, targets_BN[..., None], axis=-1)[..., 0]
+  logp_BN = chosen_BN - jax.nn.logsumexp(logits_BNV, axis=-1)  # no second [B, N, V] buffer
+  return logp_BN, jnp.argmax(logits_BNV, axis=-1) == targets_BN
 
 
-def bucket(n: int, limit: int) -> int:
-  """n rounded up to a multiple of max(16, 2^(k-3)) where 2^(k-1) < n <= 2^k, capped at `limit`."""
-  step = max(16, 1 << max(0, (max(n, 1) - 1).bit_length() - 3))
-  return min(-(-n // step) * step, limit)
+def bucket(n: int) -> int:
+  """n rounded up to a multiple of max(1, 2^(k-3)) where 2^(k-1) < n <= 2^k: exact up to 8."""
+  step = 1 << max(0, (max(n, 1) - 1).bit_length() - 3)
+  return -(-n // step) * step
 
 
 def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) -> list:
@@ -54,24 +68,91 @@ def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) 
         f"request {i}: its continuation has {len(continuation)} tokens, more than the model's context "
         f"of {cfg.max_len}; score it with loglikelihood_rolling"
       )
+  if not requests:
+    return []
   windows = [(list(c) + list(x))[-(cfg.max_len + 1) :] for c, x in requests]
-  order = sorted(range(len(requests)), key=lambda i: -len(windows[i]))
-  results = [None] * len(requests)
-  for start in range(0, len(order), batch_size):
-    batch = order[start : start + batch_size]
-    length = bucket(max(len(windows[i]) - 1 for i in batch), cfg.max_len)
-    rows = 1 << (len(batch) - 1).bit_length()
-    inputs_BT = np.zeros((rows, length), np.int32)
-    targets_BT = np.zeros((rows, length), np.int32)
-    for row, i in enumerate(batch):
-      window = windows[i]
-      inputs_BT[row, : len(window) - 1] = window[:-1]
-      targets_BT[row, : len(window) - 1] = window[1:]
-    logp_BT, greedy_BT = jax.device_get(_target_logprobs(cfg, params, inputs_BT, targets_BT))
-    for row, i in enumerate(batch):
-      end, n = len(windows[i]) - 1, len(requests[i][1])
-      results[i] = (
-        float(np.sum(logp_BT[row, end - n : end], dtype=np.float64)),
-        bool(greedy_BT[row, end - n : end].all()),
-      )
-  return results
+  owner = shared_rows([tuple(w[:-1]) for w in windows])
+  scored = {}  # row (a request index) -> [(request, position, target)]
+  for i, window in enumerate(windows):
+    end, n = len(window) - 1, len(requests[i][1])
+    scored.setdefault(owner[i], []).extend((i, p, window[p + 1]) for p in range(end - n, end))
+  length, sequences = packing(cfg, {r: len(windows[r]) - 1 for r in scored}, batch_size)
+  logp = np.zeros(len(requests), np.float64)
+  greedy = np.ones(len(requests), bool)
+  for start in range(0, len(sequences), batch_size):
+    batch = sequences[start : start + batch_size]
+    rows_B = 1 << (len(batch) - 1).bit_length()
+    inputs_BT, positions_BT, segments_BT = (np.zeros((rows_B, length), np.int32) for _ in range(3))
+    positions_BT[:] = np.arange(length)  # the padding after the last segment: segment 0
+    entries = [[] for _ in batch]  # per sequence: (request, index in the sequence, target)
+    for b, sequence in enumerate(batch):
+      offset = 0
+      for segment, r in enumerate(sequence, start=1):
+        n = len(windows[r]) - 1
+        inputs_BT[b, offset : offset + n] = windows[r][:-1]
+        positions_BT[b, offset : offset + n] = np.arange(n)
+        segments_BT[b, offset : offset + n] = segment
+        entries[b] += [(i, offset + p, t) for i, p, t in scored[r]]
+        offset += n
+    width = bucket(max(map(len, entries)))
+    at_BN, targets_BN = np.zeros((rows_B, width), np.int32), np.zeros((rows_B, width), np.int32)
+    for b, sequence_entries in enumerate(entries):
+      _, at_BN[b, : len(sequence_entries)], targets_BN[b, : len(sequence_entries)] = zip(*sequence_entries)
+    logp_BN, greedy_BN = jax.device_get(
+      _target_logprobs(cfg, params, inputs_BT, positions_BT, segments_BT, at_BN, targets_BN)
+    )
+    for b, sequence_entries in enumerate(entries):
+      owners = np.asarray([i for i, _, _ in sequence_entries])
+      np.add.at(logp, owners, logp_BN[b, : len(owners)].astype(np.float64))
+      np.logical_and.at(greedy, owners, greedy_BN[b, : len(owners)])
+  return [(float(lp), bool(g)) for lp, g in zip(logp, greedy)]
+
+
+def packing(cfg: model.ModelConfig, lengths: dict, batch_size: int) -> tuple:
+  """(L, pack(lengths, L)) of the least forward FLOPs among L = the longest row rounded up to a
+  multiple of 8 and up to twice that, in eighths (module docstring)."""
+  fit = -(-max(lengths.values()) // 8) * 8
+  best = None
+  for length in sorted({min(-(-fit * (8 + k) // 64) * 8, cfg.max_len) for k in range(9)}):
+    sequences = pack(lengths, length)
+    rows = sum(
+      1 << (min(batch_size, len(sequences) - s) - 1).bit_length()
+      for s in range(0, len(sequences), batch_size)
+    )
+    flops = rows * length * model.train_flops_per_token(cfg, length)
+    if best is None or flops < best[0]:
+      best = (flops, length, sequences)
+  return best[1:]
+
+
+def pack(lengths: dict, capacity: int) -> list:
+  """Best-fit decreasing: {row: length} -> sequences [[row, ...]] whose lengths sum to at most
+  `capacity`, longest rows first; each row goes where it leaves the least space (a new sequence
+  when none has room). Raises ValueError for a row longer than `capacity`."""
+  sequences, room = [], []  # room: sorted (free space, sequence index)
+  for row in sorted(lengths, key=lambda r: (-lengths[r], r)):
+    if lengths[row] > capacity:
+      raise ValueError(f"a row of {lengths[row]} tokens does not fit a sequence of {capacity}")
+    k = bisect.bisect_left(room, (lengths[row], -1))
+    if k == len(room):
+      free, index = capacity, len(sequences)
+      sequences.append([])
+    else:
+      free, index = room.pop(k)
+    sequences[index].append(row)
+    if free > lengths[row]:
+      bisect.insort(room, (free - lengths[row], index))
+  return sequences
+
+
+def shared_rows(inputs: list) -> list:
+  """For each input (a tuple of ids), the index of the input whose row it is read from: one it is a
+  prefix of (itself when there is none). Sorted lexicographically, the inputs that extend an input
+  come right after it, so one pass from the end finds each input's row."""
+  order = sorted(range(len(inputs)), key=inputs.__getitem__)
+  owner = list(range(len(inputs)))
+  for k in range(len(order) - 2, -1, -1):
+    this, after = inputs[order[k]], inputs[order[k + 1]]
+    if after[: len(this)] == this:
+      owner[order[k]] = owner[order[k + 1]]
+  return owner
