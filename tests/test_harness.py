@@ -15,6 +15,7 @@ from lmjax.core import errors
 from lmjax.data import tokenizers
 from lmjax.inference.language_model import LanguageModel
 from lmjax.tasks import harness, harness_tasks, loglikelihood
+from lmjax.train import metrics_log
 
 from conftest import REPO, tiny_config
 
@@ -74,8 +75,6 @@ def test_packing_places_every_row_once_within_the_capacity():
   assert loads[0] + loads[1] > 40  # best fit opens a sequence only when no other has room: no two merge
   with pytest.raises(ValueError, match="does not fit"):
     loglikelihood.pack({0: 41}, 40)
-  length, packed = loglikelihood.packing(CFG, {0: 9, 1: 3, 2: 3}, batch_size=4)
-  assert length == 16 and packed == [[0, 1, 2]]  # 9 rounds up to 16 (max_len), which holds all three
 
 
 def backend(**kwargs):
@@ -198,8 +197,7 @@ def test_lm_eval_evaluator_logs_task_metrics_with_the_step(tmp_path, corpus_file
   cfg.data.tokenizer = "byte"
   cfg.evals.harness = dict(kind="lm_eval", every=5, tasks="lmjax_qa_mc", limit=6, batch_size=4)
   train.train(cfg, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  records = metrics_log.read_metrics(workdir)  # a step's training and evaluator records merged
   logged = {r["step"]: r["harness/lmjax_qa_mc/acc"] for r in records if "harness/lmjax_qa_mc/acc" in r}
   assert sorted(logged) == [5, 10]
   assert all("harness/lmjax_qa_mc/acc_norm" in r for r in records if r["step"] in logged)

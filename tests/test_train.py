@@ -266,15 +266,16 @@ def test_metrics_reader_prefers_latest_record_per_step(tmp_path):
 @pytest.mark.slow
 def test_evaluators_declared_in_the_config_run_during_training_and_at_the_end(tmp_path, corpus_file):
   """cfg.evals: a perplexity evaluator every 4 steps and samples every 6 run at those steps and at
-  the end; the last perplexity is the final weights' perplexity on that text."""
+  the end, logging steps or not; the last perplexity is the final weights' perplexity on that text.
+  The finished run re-started re-samples but does not evaluate again what is on record."""
   workdir = str(tmp_path / "run")
-  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=10, ckpt_every=10, num_samples=0)
+  cfg = tiny_config(corpus_file, str(tmp_path / "tfds"), steps=10, ckpt_every=10, num_samples=0, log_every=5)
   cfg.evals.ppl = dict(kind="perplexity", every=4, text_file=corpus_file, seq_len=16)
   cfg.evals.peek = dict(kind="samples", every=6, count=2, length=5)
   train.train(cfg, workdir)
-  records = [r for r in read_jsonl(workdir) if "ppl/perplexity" in r]  # merged into the step's record
+  records = [r for r in metrics_log.read_metrics(workdir) if "ppl/perplexity" in r]  # merged per step
   assert [r["step"] for r in records] == [4, 8, 10]
-  assert all("loss" in r and "ppl/loss" in r for r in records)  # log_every=1: one record per step
+  assert ["loss" in r for r in records] == [False, False, True]  # steps 4 and 8 are not logging steps
   lm = LanguageModel.from_workdir(workdir)
   with open(corpus_file, encoding="utf-8") as f:
     expected = evaluators.perplexity(lm.cfg, lm.params, lm.tokenizer, f.read(), 16)
@@ -285,6 +286,10 @@ def test_evaluators_declared_in_the_config_run_during_training_and_at_the_end(tm
     "samples_peek.txt",
     "samples_peek_step6.txt",
   ]
+  os.remove(os.path.join(workdir, "samples_peek.txt"))
+  lines = len(read_jsonl(workdir))
+  train.train(cfg, workdir)  # finished: samples again, perplexity is on record
+  assert os.path.exists(os.path.join(workdir, "samples_peek.txt")) and len(read_jsonl(workdir)) == lines
   with pytest.raises(errors.ConfigError, match=r"evals.bad \(kind 'perplexity'\): missing \['text_file'\]"):
     bad = tiny_config(corpus_file, str(tmp_path / "tfds"))
     bad.evals.bad = dict(kind="perplexity", every=2)

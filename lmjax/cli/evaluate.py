@@ -38,7 +38,7 @@ flags.DEFINE_string(
 flags.DEFINE_list("tasks", None, "lm-eval task names (comma-separated); lmjax_* tasks are local.")
 flags.DEFINE_integer("num_fewshot", None, "lm-eval: few-shot examples per prompt (default: the task's).")
 flags.DEFINE_float("limit", None, "lm-eval: documents per task (an integer), or a fraction below 1.")
-flags.DEFINE_integer("batch_size", 16, "lm-eval: requests per forward pass.")
+flags.DEFINE_integer("batch_size", 16, "lm-eval: sequences per forward pass (requests share and pack them).")
 
 
 def main(argv):

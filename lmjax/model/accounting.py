@@ -8,7 +8,6 @@ the best of a few runs, which on a shared 2-core VM moves by 2x between starts).
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -19,10 +18,8 @@ from lmjax.model.config import ModelConfig
 from lmjax.model.transformer import init_params
 
 
-@functools.lru_cache(maxsize=64)
 def param_count(cfg: ModelConfig) -> int:
-  """Number of parameters, from shapes only (nothing is allocated); traced once per config (~0.1 s),
-  then remembered, as callers ask per batch (loglikelihood.packing)."""
+  """Number of parameters, from shapes only (nothing is allocated)."""
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 

@@ -57,6 +57,7 @@ def _samples(name, spec, model_cfg, tokenizer, every, seed) -> evaluators.Sample
     tokenizer,
     every=every,
     filename=f"samples_{name}.txt",
+    name=name,
   )
 
 

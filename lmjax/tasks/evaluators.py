@@ -133,11 +133,13 @@ def markdown_table(rows: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-# Evaluators: objects the trainer calls as `evaluator(params, workdir, when, step)` at the points
-# named in `.when` ("before": step 0 of a fresh run, "after": the end) and, during training, every
-# `.every` steps (when = "step"; 0: never), on process 0 only, with host-local weights (the trainer
-# gathers them on every process first). Each returns its numbers as {"NAME/metric": value}, which the
-# trainer logs with the step (metrics.jsonl, TensorBoard, W&B) and keeps the last of in finished.json.
+# Evaluators: objects with a `name` that the trainer calls as `evaluator(params, workdir, when, step)`
+# at the points named in `.when` ("before": step 0 of a fresh run, "after": the end) and, during
+# training, every `.every` steps (when = "step"; 0: never), on process 0 only, with host-local weights
+# (the trainer gathers them on every process first). Each returns its numbers as {"NAME/metric":
+# value}, which the trainer logs with the step (metrics.jsonl, TensorBoard, W&B) and keeps the last of
+# in finished.json; a finished run re-started re-runs only the end-of-run evaluators with no numbers
+# on record at its last step (samples, for one).
 # A task brings its own (task scores, end-of-run samples); the config declares more in `cfg.evals`
 # (eval_config.py, big_vision's style).
 
@@ -164,7 +166,10 @@ class TaskScores:
   every: int = 0
   filename: str = "task_eval"  # FILENAME.json / .md, one per evaluator
   row_label: str = "{} fine-tuning"  # the table's row name, given `when`
-  name: str = ""
+  name: str = ""  # "" = the task's name
+
+  def __post_init__(self):
+    self.name = self.name or self.task
 
   def __call__(self, params, workdir: str, when: str, step: int) -> dict:
     label = f"step {step}" if when == "step" else when
@@ -186,7 +191,7 @@ class TaskScores:
     print(
       f"task {self.task} {label} fine-tuning: " + json.dumps(results[label], ensure_ascii=False), flush=True
     )
-    return named_numbers(self.name or self.task, {k: v for k, v in results[label].items() if k != "examples"})
+    return named_numbers(self.name, {k: v for k, v in results[label].items() if k != "examples"})
 
 
 @dataclasses.dataclass
@@ -207,6 +212,7 @@ class Samples:
   every: int = 0
   filename: str = "samples.txt"
   prompts: tuple = ()
+  name: str = "samples"
 
   def __call__(self, params, workdir: str, when: str, step: int) -> dict:
     tokenizer, limit = self.tokenizer, self.model_cfg.max_len

@@ -7,7 +7,7 @@ registered under the name "lmjax": pass `LmjaxLM.from_name("smollm2-135m-instruc
   lm-eval's `hf` backend does: trailing spaces of the context move to the continuation, the whole
   text is encoded and the continuation is what follows the context's tokens (so a first token that
   merges across the boundary belongs to the continuation); an empty context is the prefix token.
-  Scoring is batched by length (loglikelihood.score).
+  Scoring shares and packs rows (loglikelihood.score).
 - `loglikelihood_rolling` (perplexity): lm-eval's disjoint rolling windows of max_len tokens over
   each document, the first conditioned on the prefix token (`lm_eval.utils.get_rolling_token_windows`,
   context_len 1); the document's log-likelihood is the sum over its windows.
@@ -37,8 +37,10 @@ from lmjax.tasks import harness_tasks, loglikelihood
 
 @register_model("lmjax")
 class LmjaxLM(lm_eval_model.TemplateLM):
-  """A LanguageModel behind lm-eval's LM interface (module docstring). `batch_size`: requests scored
-  per forward pass; `max_gen_toks`: generate_until's default length."""
+  """A LanguageModel behind lm-eval's LM interface (module docstring). `batch_size`: log-likelihood
+  sequences per forward pass (each as long as the longest request, holding one or more requests:
+  loglikelihood.score), prompts per generate_until batch; `max_gen_toks`: generate_until's default
+  length."""
 
   def __init__(self, lm: LanguageModel | None = None, pretrained: str = "", batch_size=16, max_gen_toks=256):
     super().__init__()

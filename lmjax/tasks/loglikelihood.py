@@ -12,14 +12,15 @@ since causal attention gives a prefix the same logits inside a longer row. (lm-e
 shares a row only between equal inputs with a one-token continuation.) Only the scored positions go
 through the output head and log-softmax, not all [B, T, V] logits.
 
-Rows are packed into sequences of one length L, best-fit decreasing, each row a segment with its own
-positions from 0 (`segment_ids`, as packed training rows), so short rows fill the space longer ones
-leave instead of padding. L is the longest row's length rounded up to a multiple of 8, or up to twice
-that where the forward FLOPs (accounting.train_flops_per_token / 3, attention included) of all
-sequences come out lower. Sequences are scored `batch_size` at a time, longest rows first (a
-too-large batch fails on the first one); the last forward's sequences are padded to a power of two
-and each sequence's scored positions to a bucket (`bucket`: a multiple of an eighth of the next
-power of two), so a call compiles a few shapes.
+Rows are packed into sequences of one length L, the longest row's rounded up to a multiple of 8
+(at most max_len), best-fit decreasing, each row a segment with its own positions from 0
+(`segment_ids`, as packed training rows), so short rows fill the space longer ones leave instead of
+padding. `batch_size` sequences go through the model at a time, so a forward holds at most
+batch_size x L tokens, as a batch of that many unpacked rows would. The sequence count of a forward
+is padded to a power of two and each sequence's scored positions to a bucket (`bucket`: a multiple
+of an eighth of the next power of two), so a call compiles a few shapes. The [B, N, V] logits of
+the scored positions are the largest buffer; N is largest where many short requests share a
+sequence.
 Packing changes no score: a segment sees only itself, and its positions start at 0 as a row's would.
 """
 
@@ -55,7 +56,7 @@ def bucket(n: int) -> int:
 
 def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) -> list:
   """[(log-likelihood in nats, is_greedy)] for `requests` [(context ids, continuation ids)], in the
-  requests' order (module docstring).
+  requests' order; `batch_size` packed sequences per forward pass (module docstring).
 
   Raises ValueError for an empty continuation, an empty context (lm-eval puts a prefix token there)
   or a continuation longer than cfg.max_len (it cannot be scored in one window).
@@ -76,7 +77,8 @@ def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) 
   for i, window in enumerate(windows):
     end, n = len(window) - 1, len(requests[i][1])
     scored.setdefault(owner[i], []).extend((i, p, window[p + 1]) for p in range(end - n, end))
-  length, sequences = packing(cfg, {r: len(windows[r]) - 1 for r in scored}, batch_size)
+  length = min(-(-max(len(windows[r]) - 1 for r in scored) // 8) * 8, cfg.max_len)
+  sequences = pack({r: len(windows[r]) - 1 for r in scored}, length)
   logp = np.zeros(len(requests), np.float64)
   greedy = np.ones(len(requests), bool)
   for start in range(0, len(sequences), batch_size):
@@ -106,23 +108,6 @@ def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) 
       np.add.at(logp, owners, logp_BN[b, : len(owners)].astype(np.float64))
       np.logical_and.at(greedy, owners, greedy_BN[b, : len(owners)])
   return [(float(lp), bool(g)) for lp, g in zip(logp, greedy)]
-
-
-def packing(cfg: model.ModelConfig, lengths: dict, batch_size: int) -> tuple:
-  """(L, pack(lengths, L)) of the least forward FLOPs among L = the longest row rounded up to a
-  multiple of 8 and up to twice that, in eighths (module docstring)."""
-  fit = -(-max(lengths.values()) // 8) * 8
-  best = None
-  for length in sorted({min(-(-fit * (8 + k) // 64) * 8, cfg.max_len) for k in range(9)}):
-    sequences = pack(lengths, length)
-    rows = sum(
-      1 << (min(batch_size, len(sequences) - s) - 1).bit_length()
-      for s in range(0, len(sequences), batch_size)
-    )
-    flops = rows * length * model.train_flops_per_token(cfg, length)
-    if best is None or flops < best[0]:
-      best = (flops, length, sequences)
-  return best[1:]
 
 
 def pack(lengths: dict, capacity: int) -> list:

@@ -238,19 +238,22 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
         if eval_now:
           metrics["val_loss"] = evaluate(state.params)
           metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 700))
+        log.write(done, metrics)  # before the save: a checkpoint never lacks its step's record
+        window_start, window_steps = time.perf_counter(), 0
       if done % tc.ckpt_every == 0 or done == tc.steps:
         check_health(state)
         ckpt.save(done, state)  # asynchronous: the evaluators below run while it writes
         last_saved = done
-      evaluated = _run_evaluators(
-        task, state.params, frozen, workdir, "step" if done < tc.steps else "after", done, primary
-      )
-      if log_now or evaluated:  # the evaluators' numbers join the step's record
-        log.write(done, {**metrics, **evaluated} if log_now else evaluated)
+      due = "step" if done < tc.steps else "after"
+      if evaluated := _run_evaluators(task, state.params, frozen, workdir, due, done, primary):
+        log.write(done, evaluated)  # a second record of the step (read_metrics merges them)
+        metrics = {**metrics, **evaluated}
         window_start, window_steps = time.perf_counter(), 0  # evaluation time is not throughput
       stopping = stop.agreed(at_sync_point=done % tc.log_every == 0 or done % tc.ckpt_every == 0)
-    if start_step >= tc.steps:  # a finished run re-started: only its end-of-run evaluators run again
-      if evaluated := _run_evaluators(task, state.params, frozen, workdir, "after", tc.steps, primary):
+    if start_step >= tc.steps:  # a finished run re-started: end-of-run evaluators not on record run
+      on_record = metrics_log.evaluator_names(workdir, tc.steps) if primary else set()
+      evaluated = _run_evaluators(task, state.params, frozen, workdir, "after", tc.steps, primary, on_record)
+      if evaluated:
         log.write(tc.steps, evaluated)
     ckpt.wait()
   finally:
@@ -277,10 +280,12 @@ def _train(cfg, workdir: str, primary: bool) -> dict:
   return metrics
 
 
-def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int, primary: bool) -> dict:
+def _run_evaluators(
+  task, trainable, frozen, workdir: str, when: str, step: int, primary: bool, skip=frozenset()
+) -> dict:
   """Runs the task's evaluators due at `when`: "before" (step 0 of a fresh run), "after" (the end),
-  or "step" (during training: those whose `every` divides `step`); returns their numbers,
-  {"NAME/metric": value} ({} on processes other than 0).
+  or "step" (during training: those whose `every` divides `step`), except those named in `skip`;
+  returns their numbers, {"NAME/metric": value} ({} on processes other than 0).
 
   Parameters sharded across processes (FSDP, TP) cannot be read or run by one process alone, so
   every process takes part in gathering the weights (a collective); then process 0 evaluates on
@@ -297,6 +302,6 @@ def _run_evaluators(task, trainable, frozen, workdir: str, when: str, step: int,
   evaluated = {}
   if primary:
     params = task.model_params(trainable, frozen)
-    for evaluator in due:
+    for evaluator in (e for e in due if e.name not in skip):  # skip: decided on process 0 only
       evaluated.update(evaluator(params, workdir, when, step))
   return evaluated

@@ -15,9 +15,9 @@ import uuid
 
 from lmjax.core import files
 
-WANDB_ID_FILE = "wandb_id.txt"
+WANDB_ID_FILE = "wandb_id.txt"  # in the workdir: the W&B run a resumed run continues
 # Evaluators' numbers are logged as "NAME/metric" (tasks/evaluators.py); the trainer's own have no "/".
-EVALUATOR_SEPARATOR = "/"  # in the workdir: the W&B run a resumed run continues
+EVALUATOR_SEPARATOR = "/"
 
 
 class MetricsLogger:
@@ -72,7 +72,7 @@ class MetricsLogger:
     elapsed = time.time() - self._start_time
     done = step - self.start_step
     eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
-    text = f"step {step}/{self.total_steps}  loss {record.get('loss', float('nan')):.4f}"
+    text = f"step {step}/{self.total_steps}  loss {record['loss']:.4f}"
     if "val_loss" in record:
       text += f"  val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
     if "tokens_per_sec" in record:
@@ -99,6 +99,12 @@ class MetricsLogger:
 def format_values(values: dict) -> str:
   """ "name value, ..." with values to 4 significant digits (console lines)."""
   return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+def evaluator_names(workdir: str, step: int) -> set:
+  """The NAMEs of the evaluators whose numbers metrics.jsonl holds at `step`."""
+  at_step = [r for r in read_metrics(workdir) if r["step"] == step]
+  return {k.split(EVALUATOR_SEPARATOR)[0] for r in at_step for k in r if EVALUATOR_SEPARATOR in k}
 
 
 def evaluator_values(records: list) -> dict:
