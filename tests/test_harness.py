@@ -75,6 +75,12 @@ def test_packing_places_every_row_once_within_the_capacity():
   assert loads[0] + loads[1] > 40  # best fit opens a sequence only when no other has room: no two merge
   with pytest.raises(ValueError, match="does not fit"):
     loglikelihood.pack({0: 41}, 40)
+  # 16 rows of 17 tokens: 16 sequences of 24 (384 tokens in one forward), or two rows per sequence
+  # of 40: 8 sequences, 320 tokens, at most 16 * 24 // 40 = 9 per forward (no more tokens than 16 x 24)
+  cfg = dataclasses.replace(CFG, max_len=128)
+  length, sequences, per_forward = loglikelihood.packing(cfg, 10_000, dict.fromkeys(range(16), 17), 16)
+  assert (length, len(sequences), per_forward) == (40, 8, 9)
+  assert loglikelihood.packing(cfg, 10_000, dict.fromkeys(range(16), 24), 16)[0] == 24  # nothing to gain
 
 
 def backend(**kwargs):

@@ -12,15 +12,14 @@ since causal attention gives a prefix the same logits inside a longer row. (lm-e
 shares a row only between equal inputs with a one-token continuation.) Only the scored positions go
 through the output head and log-softmax, not all [B, T, V] logits.
 
-Rows are packed into sequences of one length L, the longest row's rounded up to a multiple of 8
-(at most max_len), best-fit decreasing, each row a segment with its own positions from 0
-(`segment_ids`, as packed training rows), so short rows fill the space longer ones leave instead of
-padding. `batch_size` sequences go through the model at a time, so a forward holds at most
-batch_size x L tokens, as a batch of that many unpacked rows would. The sequence count of a forward
+Rows are packed into sequences of one length L, best-fit decreasing, each row a segment with its
+own positions from 0 (`segment_ids`, as packed training rows), so short rows fill the space longer
+ones leave instead of padding. L is the longest row's length rounded up to a multiple of 8 (at most
+max_len), or up to twice that where fewer FLOPs result (`packing`); a forward holds at most as many
+tokens as `batch_size` unpacked rows of the longest request would. The last forward's sequence count
 is padded to a power of two and each sequence's scored positions to a bucket (`bucket`: a multiple
-of an eighth of the next power of two), so a call compiles a few shapes. The [B, N, V] logits of
-the scored positions are the largest buffer; N is largest where many short requests share a
-sequence.
+of an eighth of the next power of two), so a call compiles a few shapes. The [B, N, V] logits of the
+scored positions are the largest buffer; N is largest where many short requests share a sequence.
 Packing changes no score: a segment sees only itself, and its positions start at 0 as a row's would.
 """
 
@@ -56,7 +55,8 @@ def bucket(n: int) -> int:
 
 def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) -> list:
   """[(log-likelihood in nats, is_greedy)] for `requests` [(context ids, continuation ids)], in the
-  requests' order; `batch_size` packed sequences per forward pass (module docstring).
+  requests' order; a forward pass holds at most `batch_size` times the longest request's tokens
+  (module docstring).
 
   Raises ValueError for an empty continuation, an empty context (lm-eval puts a prefix token there)
   or a continuation longer than cfg.max_len (it cannot be scored in one window).
@@ -77,13 +77,13 @@ def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) 
   for i, window in enumerate(windows):
     end, n = len(window) - 1, len(requests[i][1])
     scored.setdefault(owner[i], []).extend((i, p, window[p + 1]) for p in range(end - n, end))
-  length = min(-(-max(len(windows[r]) - 1 for r in scored) // 8) * 8, cfg.max_len)
-  sequences = pack({r: len(windows[r]) - 1 for r in scored}, length)
+  weights = sum(x.size for x in jax.tree.leaves(params))
+  length, sequences, per_forward = packing(cfg, weights, {r: len(windows[r]) - 1 for r in scored}, batch_size)
   logp = np.zeros(len(requests), np.float64)
   greedy = np.ones(len(requests), bool)
-  for start in range(0, len(sequences), batch_size):
-    batch = sequences[start : start + batch_size]
-    rows_B = 1 << (len(batch) - 1).bit_length()
+  for start in range(0, len(sequences), per_forward):
+    batch = sequences[start : start + per_forward]
+    rows_B = _padded_rows(len(batch), per_forward)
     inputs_BT, positions_BT, segments_BT = (np.zeros((rows_B, length), np.int32) for _ in range(3))
     positions_BT[:] = np.arange(length)  # the padding after the last segment: segment 0
     entries = [[] for _ in batch]  # per sequence: (request, index in the sequence, target)
@@ -108,6 +108,30 @@ def score(cfg: model.ModelConfig, params, requests: list, batch_size: int = 16) 
       np.add.at(logp, owners, logp_BN[b, : len(owners)].astype(np.float64))
       np.logical_and.at(greedy, owners, greedy_BN[b, : len(owners)])
   return [(float(lp), bool(g)) for lp, g in zip(logp, greedy)]
+
+
+def packing(cfg: model.ModelConfig, weights: int, lengths: dict, batch_size: int) -> tuple:
+  """(L, pack(lengths, L), sequences per forward) with the fewest forward FLOPs (2 per weight and
+  token, plus attention's 4 * n_layers * L * n_heads * dim_per_head; padding rows counted) among
+  L = the longest row rounded up to a multiple of 8 (`fit`, at most max_len) and up to twice that,
+  in eighths. A forward holds batch_size * fit // L sequences: never more tokens than batch_size
+  unpacked rows of the longest request."""
+  fit = min(-(-max(lengths.values()) // 8) * 8, cfg.max_len)
+  best = None
+  for length in sorted({min(-(-fit * (8 + k) // 64) * 8, cfg.max_len) for k in range(9)}):
+    sequences, per_forward = pack(lengths, length), max(1, batch_size * fit // length)
+    full, last = divmod(len(sequences), per_forward)
+    rows = full * per_forward + (_padded_rows(last, per_forward) if last else 0)
+    flops = rows * length * (2 * weights + 4 * cfg.n_layers * length * cfg.n_heads * cfg.dim_per_head)
+    if best is None or flops < best[0]:
+      best = (flops, length, sequences, per_forward)
+  return best[1:]
+
+
+def _padded_rows(count: int, per_forward: int) -> int:
+  """The sequence count a forward of `count` runs with: a partial (last) forward's, padded to a power
+  of two, so its shape repeats across calls."""
+  return per_forward if count == per_forward else min(1 << (count - 1).bit_length(), per_forward)
 
 
 def pack(lengths: dict, capacity: int) -> list:
