@@ -239,6 +239,20 @@ def test_prompt_lengths_share_bucketed_compilations():
 
 
 @pytest.mark.slow
+def test_new_max_new_tokens_values_reuse_the_compiled_prefill_and_decode():
+  """max_new_tokens 5, 9, 12 and 16 share one compiled prefill and one decode loop (the cache and the
+  output buffer are powers of two); each greedy result is the first tokens of the longest one."""
+  cfg, params = tiny_model(seed=6)
+  greedy = sampler.SamplingConfig(temperature=0.0)
+  compiled = lambda: (sampler.prefill._cache_size(), sampler.decode._cache_size())
+  longest = sampler.generate_tokens(cfg, params, [[1, 2, 3]], 16, greedy).tokens[0]
+  before = compiled()
+  for new in (5, 9, 12):
+    assert sampler.generate_tokens(cfg, params, [[1, 2, 3]], new, greedy).tokens[0] == longest[:new]
+  assert compiled() == before
+
+
+@pytest.mark.slow
 def test_generate_api_and_cli_on_a_trained_run(tmp_path, corpus_file):
   workdir = str(tmp_path / "run")
   train.train(tiny_config(corpus_file, str(tmp_path / "tfds"), steps=20, num_samples=0), workdir)
