@@ -5,7 +5,8 @@
 Prints GB/s of weight bytes read for: a jitted sum (the bandwidth bound); a [1, 576] @ [576, 49152]
 matvec (SmolLM2's output head); the same weights as an [8, 576] matmul (batch-8 decode); and 30
 [1, 576] @ [576, 1536] matvecs in a fori_loop that slices them out of one stacked array (what a
-scan over layers does in a decode step). Then decode ms/token of the SmolLM2-135M shape (random
+scan over layers does in a decode step); one layer's matvecs scanned over 30 layers with q/k/v and
+gate/up separate and fused. Then decode ms/token of the SmolLM2-135M shape (random
 fp32 weights, 32-token prompt, 128 greedy tokens) with its layers scanned and unrolled, and of a
 30-layer model of width 64 (the per-token cost that does not depend on the weights).
 """
@@ -45,6 +46,31 @@ def bandwidths() -> None:
   print(f"30 matvecs sliced from a stack {sliced:6.1f} GB/s")
 
 
+def fused_layers() -> None:
+  """One SmolLM2 layer's matvecs (q, k, v, o, gate, up, down), scanned over 30 stacked layers, with
+  q/k/v and gate/up as separate matrices and fused into one each: GB/s of weights read."""
+  shapes = {
+    "separate": [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)],
+    "fused": [(576, 960), (576, 576), (576, 3072), (1536, 576)],
+  }
+
+  def separate(h, w):
+    mixed = (h @ w[0]) + jnp.pad((h @ w[1]) + (h @ w[2]), ((0, 0), (0, 384)))
+    out = mixed @ w[3]
+    return ((out @ w[4]) * (out @ w[5])) @ w[6]
+
+  def fused(h, w):
+    out = (h @ w[0])[:, :576] @ w[1]
+    gate_up = out @ w[2]
+    return (gate_up[:, :1536] * gate_up[:, 1536:]) @ w[3]
+
+  for name, layer in (("separate", separate), ("fused", fused)):
+    weights = [jnp.ones((30, *shape), jnp.float32) for shape in shapes[name]]
+    scan = jax.jit(lambda x, ws, layer=layer: jax.lax.scan(lambda h, lw: (layer(h, lw), None), x, ws)[0])
+    rate = sum(w.size for w in weights) * 4 / 1e9 / seconds(scan, jnp.ones((1, 576)), weights)
+    print(f"30 layers, q/k/v and gate/up {name:8s} {rate:6.1f} GB/s")
+
+
 def unrolled(cfg, params):
   """The same model with "blocks" [L, ...] split into "block_i" (Transformer's unscanned names)."""
   layers = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(cfg.n_layers)}
@@ -63,6 +89,7 @@ def decode_ms_per_token(cfg, params, new=128) -> float:
 
 def main(_):
   bandwidths()
+  fused_layers()
   for name, shape in (("SmolLM2-135M shape", _SMOLLM2), ("width 64", _NARROW)):
     common = dict(max_len=2048, n_layers=30, pos_encoding="rope", mlp="swiglu", norm="rmsnorm")
     cfg = model.ModelConfig(tie_embeddings=True, **common, **shape)
