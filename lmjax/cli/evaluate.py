@@ -19,7 +19,7 @@ import os
 from absl import app, flags
 from lm_eval import utils as lm_eval_utils
 
-from lmjax import cli
+from lmjax import cli, pretrained
 from lmjax.core import errors, files
 from lmjax.inference.language_model import LanguageModel
 from lmjax.run import rundir
@@ -27,6 +27,12 @@ from lmjax.tasks import evaluators, generators, harness
 
 flags.DEFINE_string("workdir", None, "A training or fine-tuning run (latest checkpoint).")
 flags.DEFINE_string("pretrained", None, "A registered name, a .gguf file, a Hugging Face directory or a run.")
+flags.DEFINE_enum(
+  "dtype",
+  None,
+  list(pretrained.INFERENCE_DTYPES),
+  "Parameter/compute dtype to evaluate in (default: the model's own); int8/int4: quantized weights.",
+)
 flags.DEFINE_enum("task", None, sorted(generators.GENERATORS) + ["search"], "A built-in task to score.")
 flags.DEFINE_integer("num_examples", 64, "Task examples to score.")
 flags.DEFINE_string("text_file", None, "A UTF-8 text to compute perplexity on.")
@@ -51,7 +57,7 @@ def main(argv):
     return _harness(f)
   if bool(f.workdir) == bool(f.pretrained):
     raise app.UsageError("give exactly one of --workdir or --pretrained")
-  lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_pretrained(f.pretrained)
+  lm = LanguageModel.from_pretrained(f.workdir or f.pretrained, dtype=f.dtype)
   results = {}
   if f.task == "search":
     results["search"] = evaluators.evaluate_search(lm.cfg, lm.params, lm.tokenizer, f.num_examples)
@@ -91,7 +97,7 @@ def _harness(f) -> None:
       f"--model={f.model}: not an lmjax run directory; for other models write pretrained:NAME"
     )
   manager = harness.task_manager(f.tasks)
-  lm = LanguageModel.from_pretrained(name)
+  lm = LanguageModel.from_pretrained(name, dtype=f.dtype)
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
   results = harness.evaluate(lm, f.tasks, manager, limit, f.num_fewshot, f.batch_size)
   output = f.output or (os.path.join(name, "lm_eval", "results") if rundir.is_run(name) else None)

@@ -7,7 +7,7 @@ lmjax-sample --pretrained=/path/to/hf_model_dir --prompt="Once upon a time"
 
 from absl import app, flags
 
-from lmjax import cli
+from lmjax import cli, pretrained
 from lmjax.core import errors
 from lmjax.data import tokenizer_base
 from lmjax.inference import sampler
@@ -21,7 +21,11 @@ flags.DEFINE_string(
   "A registered name (smollm2-135m-instruct), a .gguf file, a Hugging Face directory or a run.",
 )
 flags.DEFINE_enum(
-  "dtype", "float32", ["float32", "bfloat16"], "Parameter/compute dtype of a --pretrained model."
+  "dtype",
+  None,
+  list(pretrained.INFERENCE_DTYPES),
+  "Parameter/compute dtype (default: the model's own; fp32 for GGUF/HF files); int8/int4: quantized "
+  "weights, fp32 activations (GGUF Q8_0 / Q4_0 / Q4_1 blocks are kept as they are).",
 )
 flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template (instruct models).")
 flags.DEFINE_string("system", None, "System message for --chat (default: the template's own).")
@@ -72,7 +76,7 @@ def main(argv):
   if f.pretrained:
     lm = LanguageModel.from_pretrained(f.pretrained, dtype=f.dtype)
   else:
-    lm = LanguageModel.from_workdir(f.workdir) if f.workdir else LanguageModel.from_checkpoint(f.checkpoint)
+    lm = LanguageModel.from_checkpoint(f.workdir or f.checkpoint, dtype=f.dtype)
   try:
     sampler.rolling_config(lm.cfg, f.past_context)
   except ValueError as err:

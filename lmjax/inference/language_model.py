@@ -44,6 +44,10 @@ class LanguageModel:
       )
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
+    if mesh is not None and model.quantize.is_quantized(params):
+      raise ValueError(
+        "quantized (int8/int4) weights run on one device; load the model in a float dtype to shard it"
+      )
     if mesh is not None:
       params = jax.device_put(params, sharding.logical_shardings(model.boxed_param_shapes(cfg), mesh, rules))
     else:  # on the device once, not re-uploaded by every prefill/decode call
@@ -58,10 +62,14 @@ class LanguageModel:
     return cls.from_checkpoint(workdir if step is None else rundir.checkpoint_dir(workdir, step), **kwargs)
 
   @classmethod
-  def from_checkpoint(cls, path: str, mesh=None, rules=sharding.DEFAULT_RULES, **model_overrides):
+  def from_checkpoint(
+    cls, path: str, dtype: str | None = None, mesh=None, rules=sharding.DEFAULT_RULES, **model_overrides
+  ):
     """A run directory (its latest step) or one step, RUN/checkpoints/STEP (pretrained.load_run).
-    `model_overrides`: ModelConfig fields to change at load (dtype, attention_impl, ...)."""
+    `dtype`: as in from_pretrained; `model_overrides`: ModelConfig fields to change at load
+    (attention_impl, ...)."""
     cfg, params, tokenizer = pretrained.load_run(path)
+    cfg, params = pretrained.with_dtype(cfg, params, dtype)
     return cls(dataclasses.replace(cfg, **model_overrides), params, tokenizer, mesh, rules)
 
   @classmethod
@@ -75,8 +83,9 @@ class LanguageModel:
   ) -> "LanguageModel":
     """Anything `pretrained.load` takes: a registered name (e.g. 'smollm2-135m-instruct'), a GGUF file, a
     Hugging Face directory, or an lmjax run or checkpoint step. `dtype` (e.g. 'bfloat16') replaces the
-    parameter and compute dtype (None keeps the source's); `model_overrides` other ModelConfig fields
-    that only change how the model runs (attention_impl, matmul_impl, ...)."""
+    parameter and compute dtype (None keeps the source's); 'int8' and 'int4' quantize the weight
+    matrices (model/quantize.py: fp32 activations, 4x / ~6x fewer weight bytes); `model_overrides`
+    other ModelConfig fields that only change how the model runs (attention_impl, matmul_impl, ...)."""
     cfg, params, tokenizer = pretrained.load(name_or_path, dtype=dtype)
     return cls(dataclasses.replace(cfg, **model_overrides), params, tokenizer, mesh, rules)
 

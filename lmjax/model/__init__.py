@@ -5,7 +5,7 @@ May import: `lmjax.core`, `lmjax.ops`. Never data, runs, training or anything ab
 The names below are the layer's public API (`from lmjax import model; model.Transformer(cfg)`).
 """
 
-from lmjax.model import mup
+from lmjax.model import mup, quantize
 from lmjax.model.accounting import (
   datasheet_peak_flops,
   measure_matmul_peak,
@@ -42,6 +42,7 @@ __all__ = [
   "mup",
   "non_embedding_param_count",
   "param_count",
+  "quantize",
   "sinusoidal_encoding",
   "train_flops_per_token",
 ]

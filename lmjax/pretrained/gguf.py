@@ -15,6 +15,7 @@ from gguf import quants
 
 from lmjax import model
 from lmjax.data import hf_tokenizer
+from lmjax.ops import quantized
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:
@@ -34,6 +35,37 @@ def tensor_to_numpy(tensor) -> np.ndarray:
       "an F16/F32 GGUF"
     ) from None
   return np.asarray(values, np.float32).reshape(shape)
+
+
+# GGUF block formats kept as they are (ggml-common.h): name -> (bits, bytes per block of 32 weights).
+DIRECT_BLOCKS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def blocks_to_quantized(tensor, shape: tuple, in_dims: int) -> quantized.QuantizedWeight:
+  """A Q8_0, Q4_0 or Q4_1 tensor's own integers and scales as a QuantizedWeight (rows = the file's
+  [out, in] rows, group 32), numpy arrays.
+
+  Blocks (ggml-common.h): Q8_0 = f16 d, 32 int8 q: w = d*q. Q4_0 = f16 d, 16 bytes whose low nibbles
+  are weights 0-15 and high nibbles 16-31: w = d*(q - 8). Q4_1 = f16 d, f16 m, the same 16 bytes:
+  w = d*q + m, kept as d*(q - 8) + (m + 8d) so the nibbles are signed as in ops/quantized.py.
+  """
+  kind = tensor.tensor_type.name
+  data = np.asarray(tensor.data, np.uint8)
+  rows = data.shape[0]
+  blocks = data.reshape(rows, -1, _BLOCK_BYTES[kind])
+  d = blocks[..., :2].copy().view(np.float16)[..., 0]
+  if kind == "Q8_0":
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+    return quantized.QuantizedWeight(q, d, None, shape, in_dims, 8, 32)
+  qs = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+  q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int8) - 8  # [rows, blocks, 32] in order
+  offset = None
+  if kind == "Q4_1":
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    offset = m.astype(np.float32) + 8 * d.astype(np.float32)
+  values = np.asarray(quantized.pack_int4(q.reshape(rows, -1)))
+  return quantized.QuantizedWeight(values, d, offset, shape, in_dims, 4, 32)
 
 
 def unpermute_rope_rows(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -170,46 +202,59 @@ def read_config(reader) -> model.ModelConfig:
   )
 
 
-def read_params(reader, cfg: model.ModelConfig) -> dict:
-  """lmjax params (scanned layout: per-layer weights stacked on a leading axis), fp32 numpy."""
+def read_params(reader, cfg: model.ModelConfig, bits: int | None = None) -> dict:
+  """lmjax params (scanned layout: per-layer weights stacked on a leading axis), fp32 numpy. With `bits`
+  (8 or 4), matrices stored in blocks of that many bits (DIRECT_BLOCKS) are kept as QuantizedWeights
+  holding the file's own integers and scales; the rest stay fp32 (model.quantize_params takes them)."""
   raw = {t.name: t for t in reader.tensors}
-  D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+  D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
 
   used = set()
 
-  def get(name):
+  def tensor(name):
     if name not in raw:
       raise ValueError(f"the GGUF file has no tensor {name!r}; is it a complete Llama-architecture model?")
     used.add(name)
-    return tensor_to_numpy(raw[name])
+    return raw[name]
+
+  def get(name):
+    return tensor_to_numpy(tensor(name))
+
+  def matrix(name, shape, in_dims, rope_heads=None):
+    """A weight stored [out, in] in the file, as lmjax declares it (`shape`, `in_dims`: see
+    ops/quantized.py), unpermuting RoPE rows when `rope_heads` is given."""
+    t = tensor(name)
+    unpermute = (lambda a: unpermute_rope_rows(a, rope_heads)) if rope_heads else (lambda a: a)
+    if bits is not None and DIRECT_BLOCKS.get(t.tensor_type.name) == bits:
+      return jax.tree.map(unpermute, blocks_to_quantized(t, shape, in_dims))
+    w_OI = unpermute(tensor_to_numpy(t))
+    return w_OI if in_dims == -1 else w_OI.T.reshape(shape)
 
   def layer(i):
-    wq = unpermute_rope_rows(get(f"blk.{i}.attn_q.weight"), N)  # [N*H, D] (out, in)
-    wk = unpermute_rope_rows(get(f"blk.{i}.attn_k.weight"), K)
     return {
       "attn": {
-        "wq": wq.T.reshape(D, N, H),
-        "wk": wk.T.reshape(D, K, H),
-        "wv": get(f"blk.{i}.attn_v.weight").T.reshape(D, K, H),
-        "wo": get(f"blk.{i}.attn_output.weight").T.reshape(N, H, D),
+        "wq": matrix(f"blk.{i}.attn_q.weight", (D, N, H), 1, rope_heads=N),
+        "wk": matrix(f"blk.{i}.attn_k.weight", (D, K, H), 1, rope_heads=K),
+        "wv": matrix(f"blk.{i}.attn_v.weight", (D, K, H), 1),
+        "wo": matrix(f"blk.{i}.attn_output.weight", (N, H, D), 2),
       },
       "attn_norm": {"scale": get(f"blk.{i}.attn_norm.weight")},
       "mlp": {
-        "w1": get(f"blk.{i}.ffn_gate.weight").T,
-        "w3": get(f"blk.{i}.ffn_up.weight").T,
-        "w2": get(f"blk.{i}.ffn_down.weight").T,
+        "w1": matrix(f"blk.{i}.ffn_gate.weight", (D, F), 1),
+        "w3": matrix(f"blk.{i}.ffn_up.weight", (D, F), 1),
+        "w2": matrix(f"blk.{i}.ffn_down.weight", (F, D), 1),
       },
       "mlp_norm": {"scale": get(f"blk.{i}.ffn_norm.weight")},
     }
 
   layers = [layer(i) for i in range(cfg.n_layers)]
   params = {
-    "embedding": get("token_embd.weight"),
+    "embedding": matrix("token_embd.weight", (cfg.vocab_size, D), -1),
     "final_norm": {"scale": get("output_norm.weight")},
     "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers),
   }
   if not cfg.tie_embeddings:
-    params["lm_head"] = get("output.weight").T
+    params["lm_head"] = matrix("output.weight", (D, cfg.vocab_size), 1)
   unused = sorted(set(raw) - used)
   if unused:  # e.g. rope_freqs.weight (scaled RoPE) or q/k/v biases: dropping them would change the model
     raise ValueError(
@@ -219,8 +264,9 @@ def read_params(reader, cfg: model.ModelConfig) -> dict:
   return params
 
 
-def load(path: str):
+def load(path: str, bits: int | None = None):
   """(ModelConfig, fp32 numpy params with scanned layers, tokenizer) from a Llama-architecture GGUF file.
+  `bits` (8 or 4): keep matrices stored in blocks of that many bits quantized (read_params).
 
   Raises ValueError for metadata that would change the outputs (named), a tensor type the gguf package
   cannot dequantize, or tensors lmjax would not use."""
@@ -239,4 +285,4 @@ def load(path: str):
     pad_id=_field(reader, "tokenizer.ggml.padding_token_id", -1),
     chat_template=_field(reader, "tokenizer.chat_template", ""),
   )
-  return cfg, read_params(reader, cfg), tokenizer
+  return cfg, read_params(reader, cfg, bits), tokenizer

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lmjax import model
 from lmjax.core import errors
 from lmjax.data import hf_tokenizer
-from lmjax.model import lora
+from lmjax.model import lora, quantize
 from lmjax.pretrained import gguf, hf
 from lmjax.pretrained.registry import resolve
 from lmjax.run import checkpoint, rundir
@@ -38,14 +39,16 @@ def load(name_or_path: str, dtype: str | None = None):
   """(ModelConfig, params, tokenizer) of a registered name, a GGUF file, a Hugging Face directory
   (config.json + *.safetensors + tokenizer.json) or an lmjax run (directory or checkpoint step).
 
-  `dtype` (e.g. 'bfloat16', which halves memory) becomes the parameter and compute dtype; None keeps
+  `dtype` (e.g. 'bfloat16', which halves memory) becomes the parameter and compute dtype; 'int8' or
+  'int4' quantize the weight matrices for inference (model/quantize.py; fp32 activations); None keeps
   the source's (fp32 for GGUF and HF files, the run's own for runs). Raises errors.ConfigError for a
   name or path that is none of these, ValueError for files whose contents lmjax cannot vouch for.
   """
   hf_dir = os.path.isdir(name_or_path) and glob.glob(os.path.join(glob.escape(name_or_path), "*.safetensors"))
   path = name_or_path if hf_dir or rundir.is_run(name_or_path) else resolve(name_or_path)
   if os.path.isfile(path) and path.endswith(".gguf"):
-    cfg, params, tokenizer = gguf.load(path)
+    bits = quantize.QUANTIZED_DTYPES[dtype][0] if dtype in quantize.QUANTIZED_DTYPES else None
+    cfg, params, tokenizer = gguf.load(path, bits)
   elif hf_dir:  # (an lmjax run never holds safetensors)
     cfg, params = hf.load(path)
     tokenizer = hf_tokenizer.from_hf_directory(path)
@@ -56,10 +59,28 @@ def load(name_or_path: str, dtype: str | None = None):
       f"{path}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors + "
       "tokenizer.json) or an lmjax run directory (with checkpoints/)"
     )
+  return (*with_dtype(cfg, params, dtype), tokenizer)
+
+
+# What `dtype` may name when loading for inference: a float dtype, or quantized weights.
+INFERENCE_DTYPES = (*model.DTYPES, *quantize.QUANTIZED_DTYPES)
+
+
+def with_dtype(cfg, params, dtype: str | None):
+  """(cfg, params) in `dtype`: a float dtype becomes the parameter and compute dtype; 'int8'/'int4'
+  quantize the weight matrices (model/quantize.py; activations fp32); None changes nothing. Raises
+  errors.ConfigError for any other name."""
   if dtype is None:
-    return cfg, params, tokenizer
+    return cfg, params
+  if dtype in quantize.QUANTIZED_DTYPES:  # weight-only: the activations stay fp32
+    cfg = dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
+    return cfg, quantize.quantize_params(params, dtype)
+  if dtype not in model.DTYPES:
+    raise errors.ConfigError(f"dtype {dtype!r} is not supported; allowed: {list(INFERENCE_DTYPES)}")
+  if quantize.is_quantized(params):
+    params = quantize.dequantize_params(params)
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-  return cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params), tokenizer
+  return cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
 def load_run(path: str):

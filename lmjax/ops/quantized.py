@@ -1,0 +1,141 @@
+"""Weight-only quantization: int8 and int4 weights with scales, dequantized inside the matmul.
+
+A `QuantizedWeight` holds one weight matrix as [N, K] integers (N outputs, K inputs), in groups of
+`group_size` consecutive inputs that share a scale (and, for llama.cpp's Q4_1, an offset):
+
+    w[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G]        q in [-127, 127] or [-8, 7]
+
+Activations stay in floating point; only the weights' bytes shrink (4x for int8, ~6x for int4 with
+group 32), which is what decoding one token at a time is limited by. Symmetric absmax rounding per
+group is llama.cpp's Q8_0/Q4_0 rule (ggml-quants.c `quantize_row_q8_0_ref`); per output channel
+(G = K) is LLM.int8's vector-wise weight quantization without its outlier split (Dettmers et al.
+2022).
+
+Why [N, K] and a dequantize-then-dot: XLA:CPU fuses the int8 -> fp32 convert and the per-group
+scale into a matrix-vector product whose weight is the transposed [N, K] operand, reading the int8
+bytes once (measured 27-35 GB/s of weight bytes, 5x fp32's time per weight, BUILD_NOTES); the
+[K, N] layout or an integer dot does not fuse (8-9 GB/s). Two int4 values share a byte (element 2i
+in the low nibble, 2i+1 in the high one); unpacking them does not fuse as well, so int4 saves
+memory more than time on a CPU. Qwix (Google's JAX quantization library) was tried first: it
+recognises a weight only when the Flax parameter itself reaches the dot, and our layers reshape and
+stack parameters before their 2-D matmuls (ops/matmul.py), so it refused the model; its weight-only
+path is the same dequantize-then-dot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BITS = (8, 4)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+  """One quantized weight (a pytree, so it passes through jit, scan and device_put like an array).
+
+  values: int8 [..., N, K] (bits 8) or [..., N, K // 2] (bits 4, two per byte; see module doc).
+  scale, offset: [..., N, K // group_size] floats; offset is None for symmetric quantization.
+  shape: the float weight's shape as its layer declares it (one layer: leading axes such as scanned
+    layers are not part of it); `in_dims` of its leading axes are the inputs (flattened to K), the
+    rest the outputs (flattened to N); in_dims=-1: the weight is declared [N, K] (a tied embedding).
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  offset: jax.Array | None
+  shape: tuple = dataclasses.field(metadata={"static": True})
+  in_dims: int = dataclasses.field(metadata={"static": True})
+  bits: int = dataclasses.field(metadata={"static": True})
+  group_size: int = dataclasses.field(metadata={"static": True})
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held (values, scales and offsets), over all leading axes."""
+    arrays = [self.values, self.scale] + ([] if self.offset is None else [self.offset])
+    return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays))
+
+
+def quantize(w_NK, bits: int, group_size: int | None, shape: tuple, in_dims: int) -> QuantizedWeight:
+  """Symmetric absmax quantization of a float [..., N, K] matrix, per group of `group_size` inputs
+  (None: one group per output row). scale = max|w| / qmax with qmax 127 (int8) or 7 (int4), q =
+  round(w / scale). Raises ValueError for other `bits` or a group size that does not divide K (or is
+  odd for int4)."""
+  if bits not in BITS:
+    raise ValueError(f"bits={bits} is not supported; allowed: {list(BITS)}")
+  w_NK = jnp.asarray(w_NK, jnp.float32)
+  K = w_NK.shape[-1]
+  group_size = group_size or K
+  if K % group_size or (bits == 4 and group_size % 2):
+    raise ValueError(
+      f"group_size={group_size} must divide the input dimension {K}"
+      + (" and be even for int4" if bits == 4 else "")
+    )
+  qmax = 127 if bits == 8 else 7
+  w_NgG = w_NK.reshape(*w_NK.shape[:-1], K // group_size, group_size)
+  scale_Ng = jnp.max(jnp.abs(w_NgG), axis=-1) / qmax
+  safe_Ng = jnp.where(scale_Ng == 0, 1.0, scale_Ng)
+  q_NK = jnp.clip(jnp.round(w_NgG / safe_Ng[..., None]), -qmax, qmax).astype(jnp.int8).reshape(w_NK.shape)
+  values = pack_int4(q_NK) if bits == 4 else q_NK
+  return QuantizedWeight(values, scale_Ng, None, tuple(shape), in_dims, bits, group_size)
+
+
+def pack_int4(q_NK) -> jax.Array:
+  """int8 values in [-8, 7], [..., N, K] -> [..., N, K // 2] bytes: element 2i in the low nibble."""
+  q = jnp.asarray(q_NK, jnp.int8)
+  lo, hi = q[..., 0::2], q[..., 1::2]
+  return (jnp.left_shift(hi, 4) | (lo & 0xF)).astype(jnp.int8)
+
+
+def unpack_int4(packed) -> jax.Array:
+  """Inverse of pack_int4: [..., N, K // 2] bytes -> int8 [..., N, K] in [-8, 7] (sign-extending
+  shifts)."""
+  lo = jnp.right_shift(jnp.left_shift(packed, 4), 4)
+  hi = jnp.right_shift(packed, 4)
+  return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+  """The float [..., N, K] matrix w stands for (module docstring's formula)."""
+  q_NK = unpack_int4(w.values) if w.bits == 4 else w.values
+  *lead, N, K = q_NK.shape
+  G = w.group_size
+  w_NgG = q_NK.astype(jnp.float32).reshape(*lead, N, K // G, G) * w.scale.astype(jnp.float32)[..., None]
+  if w.offset is not None:
+    w_NgG = w_NgG + w.offset.astype(jnp.float32)[..., None]
+  return w_NgG.reshape(*lead, N, K).astype(dtype)
+
+
+def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
+  """x_MK @ w^T for a one-layer QuantizedWeight ([N, K]): fp32 [M, N], computed in fp32 whatever x's
+  dtype (XLA:CPU's bf16 matrix-vector products are slower than fp32 ones; the bytes saved are the
+  weights')."""
+  x_MK = jax.lax.platform_dependent(x_MK, cpu=_materialized, default=lambda x: x)
+  # Tie the weight to x: otherwise XLA hoists the dequantization of a weight that a decode loop reads
+  # every step (the tied head) out of the loop, and each step reads the fp32 copy (4x the bytes).
+  w, x_MK = jax.lax.optimization_barrier((w, x_MK))
+  return jnp.dot(x_MK.astype(jnp.float32), dequantize(w).T, preferred_element_type=jnp.float32)
+
+
+def _materialized(x):
+  """x, computed before the matmul that reads it. XLA:CPU fuses a matrix-vector product into one loop
+  together with x's producers (an attention output's normalisation, a norm) and recomputes x for every
+  output row: wo's product ran at 1.8 GB/s of weight bytes that way, 28 GB/s with x materialised
+  (BUILD_NOTES). A conditional is opaque to fusion; its predicate (false only for a NaN, where both
+  branches give x anyway) keeps XLA from folding it. CPU only: on GPUs a conditional waits for the
+  host."""
+  return jax.lax.cond(x.reshape(-1)[0] == x.reshape(-1)[0], lambda x: x, lambda x: x + 0, x)
+
+
+def take_rows(w: QuantizedWeight, ids) -> jax.Array:
+  """Rows `ids` (any int shape I) of a [N, K] QuantizedWeight, dequantized: fp32 [*I, K] (the token
+  embedding lookup)."""
+  offset = None if w.offset is None else jnp.take(w.offset, ids, axis=0)
+  rows = dataclasses.replace(
+    w, values=jnp.take(w.values, ids, axis=0), scale=jnp.take(w.scale, ids, axis=0), offset=offset
+  )
+  return dequantize(rows)
