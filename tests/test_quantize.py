@@ -33,14 +33,20 @@ def np_dequantize(w: quantized.QuantizedWeight) -> np.ndarray:
   return q * scale + offset
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 64)])
-def test_quantized_matmul_equals_numpy_dequantize_then_matmul(bits, group):
+@pytest.mark.parametrize(
+  "bits,group,asymmetric", [(8, None, False), (8, 32, False), (4, 32, False), (4, 64, True), (8, 64, True)]
+)
+def test_quantized_matmul_equals_numpy_dequantize_then_matmul(bits, group, asymmetric):
   rng = np.random.default_rng(bits + (group or 0))
   w_NK = rng.normal(size=(48, 128)).astype(np.float32)
-  w = quantized.quantize(w_NK, bits, group, (128, 48), 1)
-  qmax = 127 if bits == 8 else 7
+  w = quantized.quantize(w_NK, bits, group, (128, 48), 1, asymmetric)
   q = np_unpack_int4(np.asarray(w.values)) if bits == 4 else np.asarray(w.values)
-  assert np.abs(q).max() == qmax  # each group's largest weight lands on the top level
+  half = 2 ** (bits - 1)
+  if asymmetric:  # each group's smallest and largest weights land on the end levels
+    assert (q.min(), q.max()) == (-half, half - 1)
+    np.testing.assert_allclose(np_dequantize(w).min(-1), w_NK.min(-1), atol=1e-5)
+  else:  # the largest |w| lands on the top level
+    assert np.abs(q).max() == half - 1
   assert w.scale.shape == (48, 128 // (group or 128))
   # Round to nearest: no weight is more than half a step from its level.
   step = np.repeat(np.asarray(w.scale), group or 128, axis=-1)

@@ -5,11 +5,11 @@ A `QuantizedWeight` holds one weight matrix as [N, K] integers (N outputs, K inp
 
     w[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G]        q in [-127, 127] or [-8, 7]
 
-Activations stay in floating point; only the weights' bytes shrink (4x for int8, ~6x for int4 with
-group 32), which is what decoding one token at a time is limited by. Symmetric absmax rounding per
-group is llama.cpp's Q8_0/Q4_0 rule (ggml-quants.c `quantize_row_q8_0_ref`); per output channel
-(G = K) is LLM.int8's vector-wise weight quantization without its outlier split (Dettmers et al.
-2022).
+Activations stay in floating point; only the weights' bytes shrink (~4x for int8, ~5x for int4 with
+group 32), which is what decoding one token at a time is limited by. `quantize` rounds to nearest
+per group, symmetric (llama.cpp's Q8_0: scale = max|w| / qmax) or asymmetric (Q4_1: the levels span
+[min, max]; ggml-quants.c `quantize_row_q8_0_ref` / `quantize_row_q4_1_ref`); one group per output
+row is LLM.int8's vector-wise weight quantization without its outlier split (Dettmers et al. 2022).
 
 Why [N, K] and a dequantize-then-dot: XLA:CPU fuses the int8 -> fp32 convert and the per-group
 scale into a matrix-vector product whose weight is the transposed [N, K] operand, reading the int8
@@ -60,11 +60,15 @@ class QuantizedWeight:
     return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays))
 
 
-def quantize(w_NK, bits: int, group_size: int | None, shape: tuple, in_dims: int) -> QuantizedWeight:
-  """Symmetric absmax quantization of a float [..., N, K] matrix, per group of `group_size` inputs
-  (None: one group per output row). scale = max|w| / qmax with qmax 127 (int8) or 7 (int4), q =
-  round(w / scale). Raises ValueError for other `bits` or a group size that does not divide K (or is
-  odd for int4)."""
+def quantize(
+  w_NK, bits: int, group_size: int | None, shape: tuple, in_dims: int, asymmetric: bool = False
+) -> QuantizedWeight:
+  """Round-to-nearest quantization of a float [..., N, K] matrix, per group of `group_size` inputs
+  (None: one group per output row). Symmetric (llama.cpp's Q8_0): scale = max|w| / qmax, qmax 127
+  (int8) or 7 (int4), q = round(w / scale). `asymmetric` (Q4_1): the 2^bits levels span [min, max]:
+  scale = (max - min) / (2^bits - 1), q = round((w - min) / scale) - 2^(bits-1), offset = min +
+  2^(bits-1) * scale. Either way no weight is more than scale / 2 from its level. Raises ValueError
+  for other `bits` or a group size that does not divide K (or is odd for int4)."""
   if bits not in BITS:
     raise ValueError(f"bits={bits} is not supported; allowed: {list(BITS)}")
   w_NK = jnp.asarray(w_NK, jnp.float32)
@@ -75,13 +79,22 @@ def quantize(w_NK, bits: int, group_size: int | None, shape: tuple, in_dims: int
       f"group_size={group_size} must divide the input dimension {K}"
       + (" and be even for int4" if bits == 4 else "")
     )
-  qmax = 127 if bits == 8 else 7
   w_NgG = w_NK.reshape(*w_NK.shape[:-1], K // group_size, group_size)
-  scale_Ng = jnp.max(jnp.abs(w_NgG), axis=-1) / qmax
-  safe_Ng = jnp.where(scale_Ng == 0, 1.0, scale_Ng)
-  q_NK = jnp.clip(jnp.round(w_NgG / safe_Ng[..., None]), -qmax, qmax).astype(jnp.int8).reshape(w_NK.shape)
+  half = 2 ** (bits - 1)
+  if asymmetric:
+    low_Ng = jnp.min(w_NgG, axis=-1)
+    scale_Ng = (jnp.max(w_NgG, axis=-1) - low_Ng) / (2 * half - 1)
+    safe_Ng = jnp.where(scale_Ng == 0, 1.0, scale_Ng)
+    q_NgG = jnp.clip(jnp.round((w_NgG - low_Ng[..., None]) / safe_Ng[..., None]), 0, 2 * half - 1) - half
+    offset_Ng = low_Ng + half * scale_Ng
+  else:
+    scale_Ng = jnp.max(jnp.abs(w_NgG), axis=-1) / (half - 1)
+    safe_Ng = jnp.where(scale_Ng == 0, 1.0, scale_Ng)
+    q_NgG = jnp.clip(jnp.round(w_NgG / safe_Ng[..., None]), 1 - half, half - 1)
+    offset_Ng = None
+  q_NK = q_NgG.astype(jnp.int8).reshape(w_NK.shape)
   values = pack_int4(q_NK) if bits == 4 else q_NK
-  return QuantizedWeight(values, scale_Ng, None, tuple(shape), in_dims, bits, group_size)
+  return QuantizedWeight(values, scale_Ng, offset_Ng, tuple(shape), in_dims, bits, group_size)
 
 
 def pack_int4(q_NK) -> jax.Array:

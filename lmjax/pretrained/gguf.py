@@ -15,6 +15,7 @@ from gguf import quants
 
 from lmjax import model
 from lmjax.data import hf_tokenizer
+from lmjax.model import quantize
 from lmjax.ops import quantized
 
 
@@ -37,7 +38,7 @@ def tensor_to_numpy(tensor) -> np.ndarray:
   return np.asarray(values, np.float32).reshape(shape)
 
 
-# GGUF block formats kept as they are (ggml-common.h): name -> (bits, bytes per block of 32 weights).
+# GGUF block formats kept as they are (ggml-common.h): name -> bits; and bytes per block of 32 weights.
 DIRECT_BLOCKS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
@@ -202,10 +203,11 @@ def read_config(reader) -> model.ModelConfig:
   )
 
 
-def read_params(reader, cfg: model.ModelConfig, bits: int | None = None) -> dict:
-  """lmjax params (scanned layout: per-layer weights stacked on a leading axis), fp32 numpy. With `bits`
-  (8 or 4), matrices stored in blocks of that many bits (DIRECT_BLOCKS) are kept as QuantizedWeights
-  holding the file's own integers and scales; the rest stay fp32 (model.quantize_params takes them)."""
+def read_params(reader, cfg: model.ModelConfig, quantized_dtype: str | None = None) -> dict:
+  """lmjax params (scanned layout: per-layer weights stacked on a leading axis), fp32 numpy. With
+  `quantized_dtype` ('int8' or 'int4'), a matrix stored in blocks of the bits that dtype gives it
+  (DIRECT_BLOCKS; model.quantize.scheme) is kept as a QuantizedWeight holding the file's own integers
+  and scales; the rest stay fp32 (model.quantize.quantize_params takes them)."""
   raw = {t.name: t for t in reader.tensors}
   D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
 
@@ -220,12 +222,13 @@ def read_params(reader, cfg: model.ModelConfig, bits: int | None = None) -> dict
   def get(name):
     return tensor_to_numpy(tensor(name))
 
-  def matrix(name, shape, in_dims, rope_heads=None):
+  def matrix(name, shape, in_dims, rope_heads=None, param="matrix"):
     """A weight stored [out, in] in the file, as lmjax declares it (`shape`, `in_dims`: see
-    ops/quantized.py), unpermuting RoPE rows when `rope_heads` is given."""
+    ops/quantized.py; `param`: its lmjax name), unpermuting RoPE rows when `rope_heads` is given."""
     t = tensor(name)
     unpermute = (lambda a: unpermute_rope_rows(a, rope_heads)) if rope_heads else (lambda a: a)
-    if bits is not None and DIRECT_BLOCKS.get(t.tensor_type.name) == bits:
+    bits = quantize.scheme(quantized_dtype, param)[0] if quantized_dtype else None
+    if DIRECT_BLOCKS.get(t.tensor_type.name) == bits:
       return jax.tree.map(unpermute, blocks_to_quantized(t, shape, in_dims))
     w_OI = unpermute(tensor_to_numpy(t))
     return w_OI if in_dims == -1 else w_OI.T.reshape(shape)
@@ -249,12 +252,12 @@ def read_params(reader, cfg: model.ModelConfig, bits: int | None = None) -> dict
 
   layers = [layer(i) for i in range(cfg.n_layers)]
   params = {
-    "embedding": matrix("token_embd.weight", (cfg.vocab_size, D), -1),
+    "embedding": matrix("token_embd.weight", (cfg.vocab_size, D), -1, param="embedding"),
     "final_norm": {"scale": get("output_norm.weight")},
     "blocks": jax.tree.map(lambda *xs: np.stack(xs), *layers),
   }
   if not cfg.tie_embeddings:
-    params["lm_head"] = matrix("output.weight", (D, cfg.vocab_size), 1)
+    params["lm_head"] = matrix("output.weight", (D, cfg.vocab_size), 1, param="lm_head")
   unused = sorted(set(raw) - used)
   if unused:  # e.g. rope_freqs.weight (scaled RoPE) or q/k/v biases: dropping them would change the model
     raise ValueError(
@@ -264,9 +267,9 @@ def read_params(reader, cfg: model.ModelConfig, bits: int | None = None) -> dict
   return params
 
 
-def load(path: str, bits: int | None = None):
+def load(path: str, quantized_dtype: str | None = None):
   """(ModelConfig, fp32 numpy params with scanned layers, tokenizer) from a Llama-architecture GGUF file.
-  `bits` (8 or 4): keep matrices stored in blocks of that many bits quantized (read_params).
+  `quantized_dtype` ('int8', 'int4'): keep matrices stored in blocks of its bits quantized (read_params).
 
   Raises ValueError for metadata that would change the outputs (named), a tensor type the gguf package
   cannot dequantize, or tensors lmjax would not use."""
@@ -285,4 +288,4 @@ def load(path: str, bits: int | None = None):
     pad_id=_field(reader, "tokenizer.ggml.padding_token_id", -1),
     chat_template=_field(reader, "tokenizer.chat_template", ""),
   )
-  return cfg, read_params(reader, cfg, bits), tokenizer
+  return cfg, read_params(reader, cfg, quantized_dtype), tokenizer

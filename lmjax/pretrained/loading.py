@@ -47,8 +47,7 @@ def load(name_or_path: str, dtype: str | None = None):
   hf_dir = os.path.isdir(name_or_path) and glob.glob(os.path.join(glob.escape(name_or_path), "*.safetensors"))
   path = name_or_path if hf_dir or rundir.is_run(name_or_path) else resolve(name_or_path)
   if os.path.isfile(path) and path.endswith(".gguf"):
-    bits = quantize.QUANTIZED_DTYPES[dtype][0] if dtype in quantize.QUANTIZED_DTYPES else None
-    cfg, params, tokenizer = gguf.load(path, bits)
+    cfg, params, tokenizer = gguf.load(path, dtype if dtype in quantize.QUANTIZED_DTYPES else None)
   elif hf_dir:  # (an lmjax run never holds safetensors)
     cfg, params = hf.load(path)
     tokenizer = hf_tokenizer.from_hf_directory(path)

@@ -1,0 +1,142 @@
+"""SmolLM2-135M batch-1 greedy decode: lmjax fp32 / int8 / int4 weights against llama.cpp, in one run.
+
+Each round measures, interleaved: a jitted sum's read bandwidth (the weight-bandwidth limit is that
+rate over the bytes of weights a token reads), lmjax decode tokens/s for each dtype, and llama.cpp's
+decode tokens/s on the same GGUF file (llama-cpp-python in another interpreter, its own
+`llama_perf_context` timings, 2 threads). Then the quantized models' quality: mean KL(fp32 || q) per
+token, in nats, on a Shakespeare passage none of them was tuned on. The fp32 reference is the GGUF
+file dequantized (its layers are Q4_1), so int4 as loaded keeps exactly those layers.
+
+  python benchmarks/quantized_decode.py --llama_python=/tmp/llvenv/bin/python
+  (build it with: python -m venv /tmp/llvenv && /tmp/llvenv/bin/pip install llama-cpp-python)
+"""
+
+import json
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from lmjax import model, pretrained
+from lmjax.data import shakespeare
+from lmjax.inference import sampler
+from lmjax.model import quantize
+from lmjax.ops import quantized
+
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "Greedy tokens decoded per measurement.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "int8", "int4"], "lmjax weight dtypes.")
+_LLAMA = flags.DEFINE_string("llama_python", None, "A Python with llama_cpp installed (None: skip).")
+_KL_TOKENS = flags.DEFINE_integer("kl_tokens", 1024, "Held-out tokens for the KL measurement.")
+_NAME = "smollm2-135m-instruct"
+_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+_LLAMA_SCRIPT = """
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_threads=2, n_ctx=512, verbose=False)
+out = llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0,
+                            logit_bias={llm.token_eos(): -1e9})
+perf = llama_cpp.llama_perf_context(llm.ctx)
+print(json.dumps({"n_eval": perf.n_eval, "t_eval_ms": perf.t_eval_ms}))
+"""
+
+
+def sum_bandwidth() -> float:
+  """GB/s a jitted sum reads from a 512 MiB fp32 array (best of 5)."""
+  x = jnp.ones((128, 1 << 20), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(5))
+  return x.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def weight_bytes_per_token(params) -> int:
+  """Bytes of all weights: what one decode step of a tied-embedding model (SmolLM2) reads, as its head
+  reads the whole embedding."""
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quantized.QuantizedWeight))
+  return sum(w.nbytes for w in leaves)
+
+
+def lmjax_decode(cfg, params, prompt_ids) -> float:
+  """Decode tokens/s of one greedy row after its prompt (compiled before timing)."""
+  tokens = jnp.asarray([prompt_ids], jnp.int32)
+  positions = jnp.arange(tokens.shape[1])[None]
+  args = dict(sampling=sampler.SamplingConfig(temperature=0.0), eos_id=-1, pad_id=0)
+  state = sampler.prefill(cfg, params, tokens, positions, jax.random.key(0), num_new=_NEW.value, **args)
+  run = lambda: jax.block_until_ready(sampler.decode(cfg, params, state, jnp.int32(_NEW.value), **args))
+  run()
+  return (_NEW.value - 1) / min(_timed(run) for _ in range(2))
+
+
+def llama_decode(path: str) -> float:
+  out = subprocess.run(
+    [_LLAMA.value, "-c", _LLAMA_SCRIPT, path, _PROMPT, str(_NEW.value)],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  perf = json.loads(out.stdout.strip().splitlines()[-1])
+  return perf["n_eval"] / perf["t_eval_ms"] * 1e3
+
+
+def mean_kl(cfg, params, params_q, ids) -> float:
+  """Mean over tokens of KL(p_fp32 || p_q) of the next-token distributions, nats."""
+  apply = jax.jit(lambda p, t: jax.nn.log_softmax(model.Transformer(cfg).apply({"params": p}, t)))
+  windows = np.asarray(ids[: len(ids) // 512 * 512]).reshape(-1, 512)
+  kls = []
+  for row in windows:
+    logp = np.asarray(apply(params, jnp.asarray(row[None])), np.float64)
+    logq = np.asarray(apply(params_q, jnp.asarray(row[None])), np.float64)
+    kls.append((np.exp(logp) * (logp - logq)).sum(-1).ravel())
+  return float(np.concatenate(kls).mean())
+
+
+def main(_):
+  models = {
+    dtype: pretrained.load(_NAME, dtype=None if dtype == "float32" else dtype) for dtype in _DTYPES.value
+  }
+  tokenizer = models[_DTYPES.value[0]][2]
+  prompt_ids = tokenizer.encode(_PROMPT)
+  print(f"prompt {len(prompt_ids)} tokens, {_NEW.value} greedy tokens, batch 1")
+  results = {name: [] for name in ["sum GB/s", *_DTYPES.value] + (["llama.cpp"] if _LLAMA.value else [])}
+  for r in range(_ROUNDS.value):
+    results["sum GB/s"].append(sum_bandwidth())
+    for dtype in _DTYPES.value:
+      cfg, params, _ = models[dtype]
+      results[dtype].append(lmjax_decode(cfg, params, prompt_ids))
+    if _LLAMA.value:
+      results["llama.cpp"].append(llama_decode(pretrained.resolve(_NAME)))
+    print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()), flush=True)
+  bandwidth = np.median(results["sum GB/s"]) * 1e9
+  for name, values in results.items():
+    line = f"{name:10s} {min(values):7.1f} - {max(values):7.1f}"
+    if name in models:
+      per_token = weight_bytes_per_token(models[name][1])
+      limit = bandwidth / per_token
+      line += f" tok/s; weights {per_token / 1e6:6.1f} MB/token, limit {limit:6.1f} tok/s at the median sum"
+      line += f" bandwidth: {np.median(values) / limit:5.1%} of it"
+    print(line)
+  text_ids = tokenizer.encode(shakespeare.shakespeare_text()[-40000:])[: _KL_TOKENS.value]
+  cfg, params, _ = models.get("float32") or pretrained.load(_NAME)
+  for dtype in _DTYPES.value:
+    if dtype in quantize.QUANTIZED_DTYPES:
+      loaded = mean_kl(cfg, params, models[dtype][1], text_ids)
+      ours = mean_kl(cfg, params, quantize.quantize_params(params, dtype), text_ids)
+      print(
+        f"mean KL(fp32 || {dtype}) per token over {len(text_ids) // 512 * 512} Shakespeare tokens: "
+        f"{loaded:.5f} nats as loaded (the file's blocks kept where their bits match), {ours:.5f} "
+        "with every matrix quantized by lmjax"
+      )
+
+
+if __name__ == "__main__":
+  app.run(main)
