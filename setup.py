@@ -56,7 +56,7 @@ setup(
   entry_points={
     "console_scripts": [
       f"lmjax-{name}=lmjax.cli.{name}:run"
-      for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling", "coordcheck")
+      for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling", "coordcheck", "export")
     ]
   },
 )

@@ -1,6 +1,6 @@
 """Layer `cli`: the command-line entry points, one module each, all in one absl pattern: flags defined
 at module level, `main(argv)` reading them, `run(argv=None)` as the console script
-(setup.py: lmjax-train, lmjax-sample, lmjax-evaluate, lmjax-sweep, lmjax-scaling) and for
+(setup.py: lmjax-train, lmjax-sample, lmjax-evaluate, lmjax-sweep, lmjax-scaling, lmjax-export) and for
 `python -m lmjax.cli.NAME`. Calling `run([...])` from Python parses that argv and runs the command.
 
 May import: every other layer. Nothing imports `cli`.
@@ -20,7 +20,7 @@ import sys
 from lmjax.core import hugepages
 
 # The commands' modules before the cli layer (lmjax/main.py, ...): aliases of lmjax.cli.*.
-_ALIASES = ("lmjax.main", "lmjax.sample", "lmjax.evaluate", "lmjax.sweep", "lmjax.scaling")
+_ALIASES = ("lmjax.main", "lmjax.sample", "lmjax.evaluate", "lmjax.sweep", "lmjax.scaling", "lmjax.export")
 
 
 def _is_command_module(name: str) -> bool:
@@ -53,7 +53,7 @@ from absl import app, flags, logging  # noqa: E402 (after the re-exec above)
 from ml_collections.config_flags import config_flags as config_flags_lib  # noqa: E402
 
 from lmjax.core import errors  # noqa: E402
-from lmjax.run import config as config_lib, field_docs  # noqa: E402
+from lmjax.run import config as config_lib, field_docs, rundir  # noqa: E402
 
 
 def quiet_library_logging() -> None:
@@ -144,6 +144,18 @@ def print_help(main, argv) -> None:
         spec = None
     print(f"\nconfig fields ({'of ' + spec if spec else 'defaults'}; override with --config.FIELD=VALUE):")
     print(field_docs.help_text(cfg))
+
+
+def model_source(spec: str) -> str:
+  """What `--model=RUN|pretrained:NAME` names, for pretrained.load: an lmjax run directory, or after
+  `pretrained:` a registered name, a .gguf file or a Hugging Face directory. Raises errors.UserError for
+  a bare value that is not a run."""
+  name = spec.removeprefix("pretrained:")
+  if name == spec and not rundir.is_run(spec):
+    raise errors.UserError(
+      f"--model={spec}: not an lmjax run directory; for other models write pretrained:NAME"
+    )
+  return name
 
 
 def run(main, argv=None, flags_parser=app.parse_flags_with_usage) -> None:

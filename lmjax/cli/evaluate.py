@@ -20,7 +20,7 @@ from absl import app, flags
 from lm_eval import utils as lm_eval_utils
 
 from lmjax import cli, pretrained
-from lmjax.core import errors, files
+from lmjax.core import files
 from lmjax.inference.language_model import LanguageModel
 from lmjax.run import rundir
 from lmjax.tasks import evaluators, generators, harness
@@ -91,11 +91,7 @@ def _harness(f) -> None:
     raise app.UsageError(
       "--model/--tasks (lm-eval) and --workdir/--pretrained/--task/--text_file are two modes"
     )
-  name = f.model.removeprefix("pretrained:")
-  if name == f.model and not rundir.is_run(name):
-    raise errors.UserError(
-      f"--model={f.model}: not an lmjax run directory; for other models write pretrained:NAME"
-    )
+  name = cli.model_source(f.model)
   manager = harness.task_manager(f.tasks)
   lm = LanguageModel.from_pretrained(name, dtype=f.dtype)
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)

@@ -258,3 +258,51 @@ def save_hf_directory(tokenizer: HFTokenizer, directory: str) -> None:
   for kind in ("bos", "eos", "pad"):
     settings[f"{kind}_token"] = tokenizer._token(getattr(tokenizer, f"{kind}_id")) or None
   files.write_json(os.path.join(directory, "tokenizer_config.json"), settings)
+
+
+def to_gguf_metadata(tokenizer: HFTokenizer) -> dict:
+  """The `tokenizer.ggml.*` description of a byte-level BPE (from_gguf_metadata's arguments), for GGUF
+  export: tokens by id, llama.cpp token types (1 normal, 3 control = special added tokens, 4 user
+  defined), merges as "a b" strings, the pre-tokenizer's llama.cpp name, special ids and chat template.
+
+  Raises ValueError for what llama.cpp would tokenize differently: a model other than BPE, a
+  normalizer, no merges, or a pre-tokenizer other than GPT-2's regex or SmolLM's digits-then-GPT-2.
+  """
+  spec = json.loads(tokenizer._tok.to_str())
+  model = spec["model"]
+  if model.get("type") != "BPE" or spec.get("normalizer"):
+    raise ValueError(
+      f"a {model.get('type')} tokenizer{' with a normalizer' if spec.get('normalizer') else ''} has no "
+      "llama.cpp equivalent; GGUF export takes byte-level BPE tokenizers"
+    )
+  pre = spec.get("pre_tokenizer") or {}
+  steps = [
+    (p["type"], p.get("use_regex"), p.get("individual_digits")) for p in pre.get("pretokenizers", [pre])
+  ]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+  if not merges:  # gguf refuses an empty array, llama.cpp a gpt2 vocabulary without the key
+    raise ValueError("a byte-level vocabulary without merges (lmjax's `byte` kind) cannot be written as GGUF")
+  if steps == [("ByteLevel", True, None)]:
+    pre_name = "gpt2"
+  elif steps == [("Digits", None, True), ("ByteLevel", True, None)]:
+    pre_name = "smollm"
+  else:
+    raise ValueError(
+      f"pre-tokenizer {pre} has no llama.cpp equivalent (supported: GPT-2's byte-level regex, SmolLM's "
+      "digits then GPT-2's)"
+    )
+  by_id = {i: (t, 1) for t, i in model["vocab"].items()}
+  by_id.update({a["id"]: (a["content"], 3 if a["special"] else 4) for a in spec["added_tokens"]})
+  if sorted(by_id) != list(range(len(by_id))):
+    raise ValueError("the tokenizer's ids are not 0..vocab_size-1 without gaps, as GGUF lists them")
+  return {
+    "tokens": [by_id[i][0] for i in range(len(by_id))],
+    "token_types": [by_id[i][1] for i in range(len(by_id))],
+    "merges": merges,
+    "model_kind": "gpt2",
+    "pre": pre_name,
+    "bos_id": tokenizer.bos_id,
+    "eos_id": tokenizer.eos_id,
+    "pad_id": tokenizer.pad_id,
+    "chat_template": tokenizer.chat_template,
+  }

@@ -228,7 +228,7 @@ def read_params(reader, cfg: model.ModelConfig, quantized_dtype: str | None = No
     t = tensor(name)
     unpermute = (lambda a: unpermute_rope_rows(a, rope_heads)) if rope_heads else (lambda a: a)
     bits = quantize.scheme(quantized_dtype, param)[0] if quantized_dtype else None
-    if DIRECT_BLOCKS.get(t.tensor_type.name) == bits:
+    if bits is not None and DIRECT_BLOCKS.get(t.tensor_type.name) == bits:
       return jax.tree.map(unpermute, blocks_to_quantized(t, shape, in_dims))
     w_OI = unpermute(tensor_to_numpy(t))
     return w_OI if in_dims == -1 else w_OI.T.reshape(shape)

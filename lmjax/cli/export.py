@@ -1,0 +1,70 @@
+"""`lmjax-export` (python -m lmjax.export): a Llama-style run or pretrained model as a GGUF file for
+llama.cpp / ollama, or a Hugging Face directory.
+
+lmjax-export --model=runs/my_llama --format=gguf --dtype=q8_0 --output=my_llama.q8_0.gguf
+lmjax-export --model=pretrained:smollm2-135m-instruct --format=gguf --dtype=f16 --output=smollm2.f16.gguf
+lmjax-export --model=runs/my_llama --format=hf --output=my_llama_hf/
+
+The output is written beside its final name and moved there only when complete; an existing output is
+never replaced.
+"""
+
+import os
+import shutil
+import tempfile
+
+from absl import app, flags
+
+from lmjax import cli, pretrained
+from lmjax.core import errors
+from lmjax.pretrained import gguf_export, hf
+
+flags.DEFINE_string("model", None, "An lmjax run directory, or pretrained:NAME (registered, .gguf, HF dir).")
+flags.DEFINE_enum(
+  "format", "gguf", ["gguf", "hf"], "gguf: one llama.cpp file; hf: a LlamaForCausalLM directory."
+)
+flags.DEFINE_enum("dtype", "f32", list(gguf_export.EXPORT_DTYPES), "GGUF matrices: F32, F16 or Q8_0 blocks.")
+flags.DEFINE_string("output", None, "The file (gguf) or directory (hf) to write; must not exist.")
+
+
+def main(argv):
+  """Exports as the flags say (`run()` parses them first)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logging()
+  f = flags.FLAGS
+  if not f.model or not f.output:
+    raise app.UsageError("give --model and --output")
+  if os.path.exists(f.output):
+    raise errors.UserError(f"--output={f.output} exists; choose a new path (nothing is overwritten)")
+  if f.format == "hf" and f["dtype"].present:
+    raise errors.UserError("--dtype is for --format=gguf; a Hugging Face export is fp32 safetensors")
+  cfg, params, tokenizer = pretrained.load(cli.model_source(f.model))
+  parent = os.path.dirname(os.path.abspath(f.output))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(f.output)}.")
+  try:
+    written = os.path.join(staging, "out")
+    if f.format == "gguf":
+      gguf_export.export(cfg, params, tokenizer, written, f.dtype)
+    else:
+      hf.export_llama(cfg, params, written, tokenizer)
+    os.rename(written, f.output)
+  except ValueError as err:  # what the format cannot express: the user's model, named
+    raise errors.UserError(f"cannot export {f.model}: {err}") from None
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  size = (
+    os.path.getsize(f.output)
+    if f.format == "gguf"
+    else sum(os.path.getsize(os.path.join(f.output, n)) for n in os.listdir(f.output))
+  )
+  print(f"wrote {f.output} ({size / 2**20:.1f} MiB)")
+
+
+def run(argv=None) -> None:
+  cli.run(main, argv)
+
+
+if __name__ == "__main__":
+  run()
