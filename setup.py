@@ -40,11 +40,13 @@ setup(
     "tiktoken",  # byte-level BPE encoding (data.tokenizer='bytelevel'); custom ranks, no download
     "optuna>=4.0",  # lmjax-sweep --search=optuna (TPE, a journal file per study)
     "lm-eval>=0.4.9",  # EleutherAI's evaluation harness: lmjax is a backend of it (tasks/harness.py)
+    "fastapi",  # lmjax-serve: the OpenAI-compatible HTTP API
+    "uvicorn",  # lmjax-serve's ASGI server
   ],
   # hypothesis: property tests (tokenizer round trips); ruff: `make lint`, pinned because its
-  # formatter's output is what the check compares against
+  # formatter's output is what the check compares against; openai: the client lmjax-serve is tested with
   extras_require={
-    "test": ["pytest", "hypothesis", "ruff==0.17.6", "wandb"],
+    "test": ["pytest", "hypothesis", "ruff==0.17.6", "wandb", "openai"],
     # logging.wandb=True: Weights & Biases (online, or WANDB_MODE=offline into the run directory)
     "wandb": ["wandb"],
     # Accelerator builds of jaxlib (README, "GPU and TPU"): NVIDIA GPUs with CUDA 12 or 13 wheels
@@ -56,7 +58,7 @@ setup(
   entry_points={
     "console_scripts": [
       f"lmjax-{name}=lmjax.cli.{name}:run"
-      for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling", "coordcheck", "export")
+      for name in ("train", "prepare", "sample", "evaluate", "sweep", "scaling", "coordcheck", "export", "serve")
     ]
   },
 )

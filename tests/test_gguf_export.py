@@ -38,17 +38,8 @@ def byte_level_bpe():
 
 
 def tiny_llama(tied: bool, vocab_size: int = 300, **overrides):
-  cfg = model.ModelConfig(
-    vocab_size=vocab_size,
-    max_len=64,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=96,
-    tie_embeddings=tied,
-    **{**LLAMA, **overrides},
-  )
+  shape = dict(vocab_size=vocab_size, max_len=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96)
+  cfg = model.ModelConfig(tie_embeddings=tied, **{**shape, **LLAMA, **overrides})
   return cfg, model.init_params(cfg, jax.random.key(7))
 
 

@@ -1,7 +1,7 @@
 """Layer `cli`: the command-line entry points, one module each, all in one absl pattern: flags defined
-at module level, `main(argv)` reading them, `run(argv=None)` as the console script
-(setup.py: lmjax-train, lmjax-sample, lmjax-evaluate, lmjax-sweep, lmjax-scaling, lmjax-export) and for
-`python -m lmjax.cli.NAME`. Calling `run([...])` from Python parses that argv and runs the command.
+at module level, `main(argv)` reading them, `run(argv=None)` as the console script (setup.py:
+lmjax-train, lmjax-sample, lmjax-evaluate, lmjax-sweep, lmjax-scaling, lmjax-export, lmjax-serve) and
+for `python -m lmjax.cli.NAME`. Calling `run([...])` from Python parses that argv and runs the command.
 
 May import: every other layer. Nothing imports `cli`.
 
@@ -20,7 +20,15 @@ import sys
 from lmjax.core import hugepages
 
 # The commands' modules before the cli layer (lmjax/main.py, ...): aliases of lmjax.cli.*.
-_ALIASES = ("lmjax.main", "lmjax.sample", "lmjax.evaluate", "lmjax.sweep", "lmjax.scaling", "lmjax.export")
+_ALIASES = (
+  "lmjax.main",
+  "lmjax.sample",
+  "lmjax.evaluate",
+  "lmjax.sweep",
+  "lmjax.scaling",
+  "lmjax.export",
+  "lmjax.serve",
+)
 
 
 def _is_command_module(name: str) -> bool:

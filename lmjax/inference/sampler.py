@@ -63,13 +63,18 @@ def process_logits(logits_BV, seen_BV, sampling: SamplingConfig):
     kth_B1 = jax.lax.top_k(logits_BV, min(sampling.top_k, logits_BV.shape[-1]))[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
   if sampling.top_p < 1.0:
-    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < sampling.top_p
-    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    threshold_B1 = top_p_threshold(jnp.sort(logits_BV, axis=-1)[:, ::-1], sampling.top_p)
     logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
   return logits_BV
+
+
+def top_p_threshold(sorted_BV, top_p) -> jax.Array:
+  """The smallest logit nucleus sampling keeps, [B, 1], from logits sorted in descending order: the
+  smallest prefix whose mass reaches top_p (a float or [B, 1]) stays, i.e. a token stays if the mass
+  before it is < top_p (Holtzman et al. 2020)."""
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
+  return jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
 
 
 @dataclasses.dataclass

@@ -63,6 +63,15 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 # Layers.
 
 
+def write_cache(cache_BS, new_BT, slot) -> jax.Array:
+  """`new_BT` written into `cache_BS` (any trailing dims) along axis 1 from column `slot`: the same
+  column for every row (a scalar), or each row's own (an int [B]: rows at different lengths, as
+  continuous batching keeps them)."""
+  if jnp.ndim(slot) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache_BS, new_BT, slot, 1)
+  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, 0))(cache_BS, new_BT, slot)
+
+
 def embed(embedding_VD, tokens_BT) -> jax.Array:
   """The rows of the token embedding (an array or a QuantizedWeight) for tokens_BT: [B, T, D]."""
   if isinstance(embedding_VD, quantized.QuantizedWeight):
@@ -184,12 +193,8 @@ class Attention(nn.Module):
       q_BTNH = apply_rope(q_BTNH, q_pos_BT, cfg.rope_theta)
       k_BTKH = apply_rope(k_BTKH, q_pos_BT, cfg.rope_theta)
     if layer_cache is not None:
-      k_BSKH = jax.lax.dynamic_update_slice_in_dim(
-        layer_cache[0], k_BTKH.astype(layer_cache[0].dtype), cache_end, 1
-      )
-      v_BSKH = jax.lax.dynamic_update_slice_in_dim(
-        layer_cache[1], v_BTKH.astype(layer_cache[1].dtype), cache_end, 1
-      )
+      k_BSKH = write_cache(layer_cache[0], k_BTKH.astype(layer_cache[0].dtype), cache_end)
+      v_BSKH = write_cache(layer_cache[1], v_BTKH.astype(layer_cache[1].dtype), cache_end)
       new_cache = (k_BSKH, v_BSKH)
     else:
       k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None

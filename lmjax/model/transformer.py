@@ -17,7 +17,16 @@ from flax import linen as nn
 from lmjax.core import sharding
 from lmjax.model import chunked_loss, mup
 from lmjax.model.config import REMAT_POLICIES, ModelConfig
-from lmjax.model.layers import ACTIVATION_AXES, Block, Norm, dense, embed, make_param, sinusoidal_encoding
+from lmjax.model.layers import (
+  ACTIVATION_AXES,
+  Block,
+  Norm,
+  dense,
+  embed,
+  make_param,
+  sinusoidal_encoding,
+  write_cache,
+)
 from lmjax.ops.dropout import Dropout
 
 
@@ -58,7 +67,8 @@ class Transformer(nn.Module):
     start = 0 if cache is None else cache["end"]
     # The cache is a ring of S slots: tokens past its end overwrite the oldest slots (a rolling KV
     # cache). Their keys keep their positions, so the mask stays right; a write of T > 1 tokens must
-    # not cross the end (prefill writes at slot 0, decode one token at a time).
+    # not cross the end (prefill writes at slot 0, decode one token at a time). `end` is one count for
+    # all rows, or each row's own ([B]: continuous batching).
     slot = 0 if cache is None else start % cache["pos"].shape[1]
     if segment_ids_BT is not None and cache is not None:
       raise ValueError("segment_ids (packed documents) are for training and scoring, not a KV cache")
@@ -66,11 +76,13 @@ class Transformer(nn.Module):
     # kernel may skip masked blocks).
     causal = (positions_BT is None or segment_ids_BT is not None) and cache is None
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+      positions_BT = jnp.broadcast_to(
+        jnp.reshape(start, (-1, 1)) + jnp.arange(T, dtype=jnp.int32)[None], (B, T)
+      )
     if cache is None:
       k_pos_BS, layer_caches = positions_BT, None
     else:
-      k_pos_BS = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions_BT.astype(jnp.int32), slot, 1)
+      k_pos_BS = write_cache(cache["pos"], positions_BT.astype(jnp.int32), slot)
       layer_caches = (cache["k"], cache["v"])
 
     embedding_VD = make_param(

@@ -1,0 +1,253 @@
+"""Continuous batching: requests join and leave a running decode batch at every step.
+
+The engine holds a KV cache of `max_batch` rows ("slots") of `max_context` columns, each row at its own
+length (model/transformer.py takes one cache `end` per row). One thread loops:
+
+  1. admit waiting requests into free slots: each prompt's prefill runs alone (its row of the cache is
+     taken out, reset, filled and put back) and gives its first token;
+  2. one decode step for all slots at once (jit-compiled once, cache donated so it is updated in
+     place), each row sampled with its own temperature / top-k / top-p and seed;
+  3. hand each active request its token (text released in whole characters, held back while it could
+     still begin a stop string); a request that hits EOS, a stop string or max_tokens, or whose client
+     went away, leaves its slot, which the next waiting request takes at once.
+
+So a short request never waits for a long one to finish (Orca, Yu et al. 2022, "iteration-level
+scheduling"; vLLM's continuous batching). Free slots still compute (fixed shapes: one compiled step),
+and each step attends over all `max_context` columns, so `max_context` trades memory and step time for
+the longest request served. Prompt lengths are padded to powers of two (prefill compiles once per
+bucket). A row's token k is drawn with key fold_in(key(seed), k), so a seeded request samples the same
+text whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import model
+from lmjax.data import tokenizer_base
+from lmjax.inference import sampler
+
+
+class QueueFull(Exception):
+  """More requests are waiting than the engine's `max_queue`."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation: prompt ids in, events out through `emit(text_delta, finish_reason)` (called on the
+  engine thread; finish_reason None while it runs, then 'stop' or 'length')."""
+
+  prompt_ids: list
+  max_tokens: int
+  emit: object
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple = ()
+  output_ids: list = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
+  submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
+  first_token_s: float | None = None
+  sent_text: str = ""  # the text emitted so far
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _prefill_row(cfg, params, cache, row, tokens_1P, length, key, temperature, top_k, top_p):
+  """Fills cache row `row` with one prompt (tokens_1P right-padded; `length` real tokens) and draws its
+  first token. Returns (cache, token)."""
+  take = lambda c: jax.lax.dynamic_index_in_dim(c, row, axis=1, keepdims=True)
+  row_cache = {"k": take(cache["k"]), "v": take(cache["v"]), "end": jnp.zeros((1,), jnp.int32)}
+  row_cache["pos"] = jnp.full_like(cache["pos"][:1], -1)  # forget the slot's previous request
+  P = tokens_1P.shape[1]
+  positions_1P = jnp.where(jnp.arange(P) < length, jnp.arange(P), -1)[None]
+  logits_11V, row_cache = model.Transformer(cfg).apply(
+    {"params": params},
+    tokens_1P,
+    positions_BT=positions_1P,
+    cache=row_cache,
+    logits_at_BN=(length - 1)[None, None],
+  )
+  put = lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=1)
+  cache = {
+    "k": put(cache["k"], row_cache["k"]),
+    "v": put(cache["v"], row_cache["v"]),
+    "pos": jax.lax.dynamic_update_index_in_dim(cache["pos"], row_cache["pos"][0], row, axis=0),
+    "end": cache["end"].at[row].set(length),
+  }
+  token = sample_rows(logits_11V[:, 0], key[None], temperature[None], top_k[None], top_p[None])[0]
+  return cache, token
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _decode_step(cfg, params, cache, last_B, keys_B, temperature_B, top_k_B, top_p_B):
+  """One token for every slot, each at its own position (its row's length). Returns (cache, tokens_B)."""
+  logits_B1V, cache = model.Transformer(cfg).apply(
+    {"params": params}, last_B[:, None], positions_BT=cache["end"][:, None], cache=cache
+  )
+  return cache, sample_rows(logits_B1V[:, 0], keys_B, temperature_B, top_k_B, top_p_B)
+
+
+def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array:
+  """Per-row sampling: greedy where temperature is 0, else softmax(logits / temperature) restricted to
+  the top_k (0: all) most likely tokens and the smallest set whose mass reaches top_p (the rules of
+  sampler.process_logits, with one setting per row). int32 [B]."""
+  V = logits_BV.shape[-1]
+  scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+
+  def filtered(x_BV):
+    sorted_BV = jnp.sort(x_BV, axis=-1)[:, ::-1]
+    kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(top_k_B - 1, 0, V - 1)[:, None], axis=-1)
+    x_BV = jnp.where((top_k_B[:, None] > 0) & (x_BV < kth_B1), -jnp.inf, x_BV)
+    threshold_B1 = sampler.top_p_threshold(jnp.sort(x_BV, axis=-1)[:, ::-1], top_p_B[:, None])
+    return jnp.where(x_BV < threshold_B1, -jnp.inf, x_BV)
+
+  needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
+  scaled_BV = jax.lax.cond(needs_filter, filtered, lambda x: x, scaled_BV)
+  sampled_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
+  return jnp.where(temperature_B == 0, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
+
+
+class Engine:
+  """Serves Requests by continuous batching (module docstring) on a background thread."""
+
+  def __init__(self, cfg, params, tokenizer, max_batch: int = 8, max_context: int = 512, max_queue: int = 64):
+    """`max_context`: cache columns per slot, the longest prompt + max_tokens served (at most the model's
+    max_len). `max_queue`: requests that may wait for a slot; `submit` raises QueueFull beyond it."""
+    if max_context > cfg.max_len:
+      raise ValueError(f"max_context={max_context} exceeds the model's context ({cfg.max_len} tokens)")
+    self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+    self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
+    cache = model.init_cache(cfg, max_batch, max_context)
+    self._cache = {**cache, "end": jnp.zeros((max_batch,), jnp.int32)}
+    self._slots: list = [None] * max_batch
+    self._streams: list = [None] * max_batch
+    self._waiting: collections.deque = collections.deque()
+    self._wake = threading.Condition()
+    self._stopped = False
+    self._thread = threading.Thread(target=self._loop, name="lmjax-engine", daemon=True)
+    self._thread.start()
+
+  def submit(self, request: Request) -> None:
+    """Queues `request`. Raises QueueFull when max_queue requests already wait, ValueError when its
+    prompt plus max_tokens does not fit max_context."""
+    if len(request.prompt_ids) + request.max_tokens > self.max_context:
+      raise ValueError(
+        f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_tokens}: more "
+        f"than this server's context of {self.max_context} tokens"
+      )
+    with self._wake:
+      if len(self._waiting) >= self.max_queue:
+        raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
+      self._waiting.append(request)
+      self._wake.notify()
+
+  def active(self) -> int:
+    """Slots in use."""
+    return sum(s is not None for s in self._slots)
+
+  def close(self) -> None:
+    with self._wake:
+      self._stopped = True
+      self._wake.notify()
+    self._thread.join(timeout=30)
+
+  def _loop(self) -> None:
+    while True:
+      with self._wake:
+        while not self._stopped and not self._waiting and not any(self._slots):
+          self._wake.wait()
+        if self._stopped:
+          return
+        admitted = []
+        while self._waiting and None in self._slots:
+          row = self._slots.index(None)
+          self._slots[row] = self._waiting.popleft()
+          admitted.append(row)
+      for row in admitted:
+        self._prefill(row)
+      if any(self._slots):
+        self._step()
+
+  def _prefill(self, row: int) -> None:
+    request = self._slots[row]
+    if request.cancelled:
+      self._slots[row] = None
+      return
+    length = len(request.prompt_ids)
+    bucket = min(max(16, 1 << (length - 1).bit_length()), self.max_context)
+    tokens = np.zeros((1, bucket), np.int32)
+    tokens[0, :length] = request.prompt_ids
+    self._cache, token = _prefill_row(
+      self.cfg,
+      self.params,
+      self._cache,
+      jnp.int32(row),
+      jnp.asarray(tokens),
+      jnp.int32(length),
+      self._key(request),
+      jnp.float32(request.temperature),
+      jnp.int32(request.top_k),
+      jnp.float32(request.top_p),
+    )
+    self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
+    request.first_token_s = time.perf_counter()
+    self._accept(row, int(token))
+
+  def _key(self, request: Request) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(request.seed), len(request.output_ids))
+
+  def _step(self) -> None:
+    last, keys, temperature, top_k, top_p = [], [], [], [], []
+    for request in self._slots:
+      live = request is not None
+      last.append(request.output_ids[-1] if live else 0)
+      keys.append(self._key(request) if live else jax.random.key(0))
+      temperature.append(request.temperature if live else 0.0)
+      top_k.append(request.top_k if live else 0)
+      top_p.append(request.top_p if live else 1.0)
+    self._cache, tokens = _decode_step(
+      self.cfg,
+      self.params,
+      self._cache,
+      jnp.asarray(last, jnp.int32),
+      jnp.stack(keys),
+      jnp.asarray(temperature, jnp.float32),
+      jnp.asarray(top_k, jnp.int32),
+      jnp.asarray(top_p, jnp.float32),
+    )
+    for row, token in enumerate(np.asarray(tokens).tolist()):
+      if self._slots[row] is not None:
+        self._accept(row, token)
+
+  def _accept(self, row: int, token: int) -> None:
+    """Gives slot `row`'s request its next token; frees the slot when the request is over."""
+    request, stream = self._slots[row], self._streams[row]
+    if request.cancelled:
+      self._slots[row] = None
+      return
+    request.output_ids.append(token)
+    eos = token == self.tokenizer.eos_id
+    text = stream.released + ("" if eos else stream.push(token))
+    finish = "stop" if eos else None
+    if request.stop and tokenizer_base.cut_at_stop(text, request.stop) != text:
+      text, finish = tokenizer_base.cut_at_stop(text, request.stop), "stop"
+    elif finish is None and len(request.output_ids) >= request.max_tokens:
+      text, finish = text + stream.flush(), "length"
+    sent = request.sent_text
+    hold = 0 if finish else max([len(s) - 1 for s in request.stop] + [0])
+    visible = text[: max(len(sent), len(text) - hold)]
+    request.sent_text, request.finish_reason = visible, finish
+    if visible[len(sent) :] or finish:
+      request.emit(visible[len(sent) :], finish)
+    if finish:
+      self._slots[row] = None

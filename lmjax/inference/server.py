@@ -1,0 +1,250 @@
+"""An OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI; `lmjax-serve` runs it
+under uvicorn).
+
+  GET  /v1/models            the one model served
+  POST /v1/completions       {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
+                              "seed", "stream"}
+  POST /v1/chat/completions  {"model", "messages", ... as above (max_completion_tokens too)}; the
+                              model's chat template renders the messages
+
+Responses, streamed chunks (server-sent events ending with `data: [DONE]`) and errors follow OpenAI's
+shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1). Errors: 400
+(malformed JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown
+model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` is an extension
+(as vLLM's); `n` > 1, `logprobs` and tools are not served and are refused by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmjax.inference import engine as engine_lib
+
+# Fields this server does not implement, with the one value it accepts (their default).
+_UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": False, "echo": False, "top_logprobs": None, "suffix": None}
+_UNSUPPORTED.update({"tools": None, "functions": None, "response_format": None})
+
+
+class ApiError(Exception):
+  def __init__(
+    self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+  ):
+    super().__init__(message)
+    self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error(err: ApiError) -> JSONResponse:
+  body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": None}}
+  return JSONResponse(body, status_code=err.status)
+
+
+def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | None = None) -> FastAPI:
+  """The FastAPI app serving `lm` (a LanguageModel: its tokenizer and chat template) as `model_name`
+  through `engine`. With `api_key`, every request needs `Authorization: Bearer <api_key>`."""
+  app = FastAPI(title="lmjax", docs_url=None, redoc_url=None)
+  created = int(time.time())
+
+  @app.middleware("http")
+  async def check_key(request: HttpRequest, call_next):
+    if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+      return _error(
+        ApiError(
+          401, "missing or wrong API key (send Authorization: Bearer <key>)", kind="authentication_error"
+        )
+      )
+    return await call_next(request)
+
+  @app.get("/v1/models")
+  async def models():
+    return {
+      "object": "list",
+      "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmjax"}],
+    }
+
+  @app.post("/v1/completions")
+  async def completions(http: HttpRequest):
+    try:
+      body = await _body(http)
+      prompt = body.get("prompt")
+      if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+      if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt")
+      return await _generate(http, body, lm.tokenizer.encode(prompt), chat=False)
+    except ApiError as err:
+      return _error(err)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: HttpRequest):
+    try:
+      body = await _body(http)
+      messages = body.get("messages")
+      if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+        raise ApiError(
+          400, "messages must be a non-empty list of {role, content} with string content", "messages"
+        )
+      try:
+        ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+      except ValueError as err:  # e.g. a model without a chat template
+        raise ApiError(400, f"cannot render the chat: {err}", "messages") from None
+      return await _generate(http, body, ids, chat=True)
+    except ApiError as err:
+      return _error(err)
+
+  async def _body(http: HttpRequest) -> dict:
+    try:
+      body = json.loads(await http.body())
+    except ValueError as err:
+      raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+      raise ApiError(400, "the request body must be a JSON object")
+    if body.get("model") != model_name:
+      raise ApiError(
+        404,
+        f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+        "model",
+        "model_not_found",
+      )
+    for field, default in _UNSUPPORTED.items():
+      value = body.get(field)
+      if value is not None and not (type(value) is type(default) and value == default):
+        raise ApiError(400, f"{field}={value!r} is not supported by this server", field)
+    return body
+
+  async def _generate(http: HttpRequest, body: dict, prompt_ids: list, chat: bool):
+    request, events = _request(body, prompt_ids, asyncio.get_running_loop())
+    try:
+      engine.submit(request)
+    except engine_lib.QueueFull as err:
+      raise ApiError(429, f"the server is busy: {err}", kind="rate_limit_error") from None
+    except ValueError as err:
+      raise ApiError(400, str(err), "max_tokens") from None
+    reply = _Reply(chat, model_name, request)
+    if body.get("stream"):
+      usage = bool((body.get("stream_options") or {}).get("include_usage"))
+      return StreamingResponse(_stream(http, request, events, reply, usage), media_type="text/event-stream")
+    text = []
+    while True:
+      try:
+        delta, finish = await asyncio.wait_for(events.get(), timeout=0.5)
+      except TimeoutError:
+        if await http.is_disconnected():
+          request.cancelled = True
+          return JSONResponse({}, status_code=499)
+        continue
+      text.append(delta)
+      if finish:
+        return reply.whole("".join(text), finish)
+
+  async def _stream(http, request, events, reply, usage: bool):
+    try:
+      if reply.chat:
+        yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
+      while True:
+        delta, finish = await events.get()
+        if delta or finish:
+          yield _sse(reply.chunk({"content": delta} if reply.chat else delta, finish))
+        if finish:
+          break
+      if usage:
+        yield _sse({**reply.chunk(None, None), "choices": [], "usage": reply.usage()})
+      yield "data: [DONE]\n\n"
+    finally:  # the client went away (the generator is closed) or the request ended
+      request.cancelled = request.finish_reason is None
+
+  return app
+
+
+def _is_message(m) -> bool:
+  return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def _request(body: dict, prompt_ids: list, loop) -> tuple:
+  """(an engine Request from the body's sampling fields, the asyncio queue its events arrive on)."""
+  max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
+  stop = body.get("stop") or ()
+  stop = (stop,) if isinstance(stop, str) else tuple(stop)
+  checks = [
+    (
+      "max_tokens",
+      isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
+      "a positive integer",
+    ),
+    ("temperature", _number(body.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
+    ("top_p", _number(body.get("top_p", 1.0), 0, 1) and body.get("top_p", 1.0) > 0, "a number in (0, 1]"),
+    ("top_k", isinstance(body.get("top_k", 0), int) and body.get("top_k", 0) >= 0, "an integer >= 0"),
+    ("seed", body.get("seed") is None or isinstance(body.get("seed"), int), "an integer"),
+    (
+      "stop",
+      len(stop) <= 4 and all(isinstance(s, str) and s for s in stop),
+      "a string or up to 4 non-empty strings",
+    ),
+  ]
+  for field, ok, expected in checks:
+    if not ok:
+      raise ApiError(400, f"{field} must be {expected}, got {body.get(field)!r}", field)
+  events: asyncio.Queue = asyncio.Queue()
+  request = engine_lib.Request(
+    prompt_ids=list(prompt_ids),
+    max_tokens=max_tokens,
+    emit=lambda delta, finish: loop.call_soon_threadsafe(events.put_nowait, (delta, finish)),
+    temperature=float(body.get("temperature", 1.0)),
+    top_k=int(body.get("top_k", 0)),
+    top_p=float(body.get("top_p", 1.0)),
+    seed=body.get("seed") if body.get("seed") is not None else uuid.uuid4().int % 2**31,
+    stop=stop,
+  )
+  return request, events
+
+
+def _number(value, low: float, high: float) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _sse(payload: dict) -> str:
+  return f"data: {json.dumps(payload)}\n\n"
+
+
+class _Reply:
+  """OpenAI's response objects for one request: the whole response, or stream chunks."""
+
+  def __init__(self, chat: bool, model_name: str, request: engine_lib.Request):
+    self.chat, self.model, self.request = chat, model_name, request
+    self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    self.created = int(time.time())
+
+  def usage(self) -> dict:
+    prompt, completion = len(self.request.prompt_ids), len(self.request.output_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+  def _envelope(self, kind: str, choices: list) -> dict:
+    return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+  def whole(self, text: str, finish: str) -> dict:
+    if self.chat:
+      choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish,
+        "logprobs": None,
+      }
+    else:
+      choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return {
+      **self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
+      "usage": self.usage(),
+    }
+
+  def chunk(self, delta, finish) -> dict:
+    if self.chat:
+      choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+      return self._envelope("chat.completion.chunk", [choice])
+    return self._envelope(
+      "text_completion", [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]
+    )

@@ -1,0 +1,237 @@
+"""lmjax-serve (inference/engine.py, inference/server.py): an OpenAI-compatible server with continuous
+batching, driven by the `openai` client and raw HTTP, against LanguageModel.generate as the reference."""
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from test_gguf_export import byte_level_bpe, tiny_llama
+
+from lmjax.inference import engine as engine_lib, server
+from lmjax.inference.language_model import LanguageModel
+
+openai = pytest.importorskip("openai")
+
+
+class Served:
+  """A tiny model behind a real uvicorn server on a free loopback port."""
+
+  def __init__(self, max_batch=3, max_context=96, max_queue=16, api_key=None, **shape):
+    tokenizer = byte_level_bpe()
+    cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=max(128, max_context), **shape)
+    self.lm = LanguageModel(cfg, params, tokenizer)
+    self.engine = engine_lib.Engine(cfg, self.lm.params, tokenizer, max_batch, max_context, max_queue)
+    app = server.create_app(self.lm, "tiny", self.engine, api_key)
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    while not self.server.started:
+      time.sleep(0.02)
+    self.url = f"http://127.0.0.1:{self.port}/v1"
+
+  def client(self, api_key="none"):
+    return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0)
+
+  def close(self):
+    self.server.should_exit = True
+    self.thread.join(timeout=10)
+    self.engine.close()
+
+
+@pytest.fixture(scope="module")
+def served():
+  s = Served()
+  yield s
+  s.close()
+
+
+def reference(lm, ids, max_new_tokens, stop=()):
+  """What generate() gives greedily for these prompt ids, as text (cut before a stop string)."""
+  out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, stop_sequences=stop)[0]
+  text = lm.tokenizer.decode(out[len(ids) :])
+  return min((text[: text.find(s)] for s in stop if s in text), key=len, default=text), len(out) - len(ids)
+
+
+def chat_ids(lm, messages):
+  return lm.tokenizer.encode(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_openai_client_gets_generates_greedy_text_with_usage(served):
+  client = served.client()
+  assert [m.id for m in client.models.list().data] == ["tiny"]
+  messages = [{"role": "user", "content": "Hello world"}]
+  chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+  ids = chat_ids(served.lm, messages)
+  text, count = reference(served.lm, ids, 20)
+  assert chat.choices[0].message.content == text and chat.choices[0].message.role == "assistant"
+  assert chat.choices[0].finish_reason == ("length" if count == 20 else "stop")
+  assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(ids), count)
+  completion = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=12, temperature=0)
+  text, _ = reference(served.lm, served.lm.tokenizer.encode("the quick brown"), 12)
+  assert completion.choices[0].text == text
+
+
+def test_streamed_chunks_concatenate_to_the_full_text(served):
+  client = served.client()
+  messages = [{"role": "user", "content": "fox jumps"}]
+  whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=25, temperature=0)
+  stream = client.chat.completions.create(
+    model="tiny",
+    messages=messages,
+    max_tokens=25,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+  )
+  chunks = list(stream)
+  streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert streamed == whole.choices[0].message.content
+  assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+  pieces = client.completions.create(
+    model="tiny", prompt="lazy dog", max_tokens=15, temperature=0, stop=["o"], stream=True
+  )
+  text, _ = reference(served.lm, served.lm.tokenizer.encode("lazy dog"), 15, stop=("o",))
+  assert "".join(c.choices[0].text for c in pieces) == text
+
+
+def test_concurrent_requests_of_different_lengths_are_each_right(served):
+  client = served.client()
+  prompts = ["Hello", "the lazy dog 123", "quick", "fox", "world, the", "12345 brown"]
+  lengths = [30, 4, 17, 9, 25, 2]  # more requests than slots: they join and leave the batch
+
+  def ask(i):
+    r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+    return r.choices[0].text
+
+  with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+    texts = list(pool.map(ask, range(len(prompts))))
+  for prompt, n, text in zip(prompts, lengths, texts):
+    assert text == reference(served.lm, served.lm.tokenizer.encode(prompt), n)[0]
+
+
+def test_seeded_sampling_repeats(served):
+  client = served.client()
+  ask = lambda: client.completions.create(
+    model="tiny", prompt="Hello", max_tokens=10, temperature=1.0, top_p=0.9, seed=5
+  )
+  assert ask().choices[0].text == ask().choices[0].text
+
+
+def post(served, path, body, raw=None):
+  content = raw if raw is not None else json.dumps(body)
+  return httpx.post(
+    served.url + path, content=content, headers={"content-type": "application/json"}, timeout=30
+  )
+
+
+@pytest.mark.parametrize(
+  "path,body,raw,status,message",
+  [
+    ("/completions", None, "{not json", 400, "not valid JSON"),
+    ("/completions", {"model": "gpt-4", "prompt": "a"}, None, 404, "model 'gpt-4' is not served here"),
+    (
+      "/completions",
+      {"model": "tiny", "prompt": "a", "max_tokens": 0},
+      None,
+      400,
+      "max_tokens must be a positive",
+    ),
+    (
+      "/completions",
+      {"model": "tiny", "prompt": "a " * 200, "max_tokens": 5},
+      None,
+      400,
+      "context of 96 tokens",
+    ),
+    ("/completions", {"model": "tiny", "prompt": "a", "temperature": 3}, None, 400, "temperature must be"),
+    ("/completions", {"model": "tiny", "prompt": "a", "n": 2}, None, 400, "n=2 is not supported"),
+    (
+      "/chat/completions",
+      {"model": "tiny", "messages": "hi"},
+      None,
+      400,
+      "messages must be a non-empty list",
+    ),
+  ],
+)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
+  served, path, body, raw, status, message
+):
+  response = post(served, path, body, raw)
+  assert response.status_code == status
+  assert message in response.json()["error"]["message"]
+  ok = post(served, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 3})
+  assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_the_queue_limit_is_an_http_429():
+  s = Served(max_queue=0)
+  try:
+    response = post(s, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert response.status_code == 429 and "the server is busy" in response.json()["error"]["message"]
+  finally:
+    s.close()
+
+
+def test_engine_queues_up_to_max_queue_then_refuses():
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=512)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=512, max_queue=1)
+  try:
+    done = threading.Event()
+    long = engine_lib.Request(tokenizer.encode("a"), 480, lambda d, f: f and done.set(), temperature=0)
+    engine.submit(long)
+    while engine.active() == 0:
+      time.sleep(0.001)
+    engine.submit(engine_lib.Request(tokenizer.encode("b"), 2, lambda d, f: None))  # waits for the slot
+    with pytest.raises(engine_lib.QueueFull, match="1 requests are already waiting"):
+      engine.submit(engine_lib.Request(tokenizer.encode("c"), 2, lambda d, f: None))
+    assert not done.is_set()  # the long request was still running all along
+  finally:
+    engine.close()
+
+
+def test_a_client_that_disconnects_frees_its_slot():
+  s = Served(max_batch=1, max_context=512, d_model=256, n_layers=4, d_ff=512)  # ~1 ms a token
+  try:
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 480, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", s.url + "/completions", json=body) as response:
+      next(response.iter_lines())
+      request = s.engine._slots[0]
+    deadline = time.time() + 20
+    while s.engine.active() and time.time() < deadline:
+      time.sleep(0.01)
+    assert s.engine.active() == 0 and request.cancelled
+    assert len(request.output_ids) < 480  # stopped when the client left, not at max_tokens
+    assert post(s, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
+  finally:
+    s.close()
+
+
+def test_api_key_is_required_when_set():
+  s = Served(api_key="secret")
+  try:
+    with pytest.raises(openai.AuthenticationError):
+      s.client("wrong").models.list()
+    assert [m.id for m in s.client("secret").models.list().data] == ["tiny"]
+  finally:
+    s.close()
+
+
+def test_no_recompilation_across_requests(served):
+  client = served.client()
+  client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
+  before = engine_lib._decode_step._cache_size()
+  for n in (3, 11, 7):
+    client.completions.create(
+      model="tiny", prompt="fox " * n, max_tokens=n, temperature=0.5, extra_body={"top_k": 5}
+    )
+  assert engine_lib._decode_step._cache_size() == before
