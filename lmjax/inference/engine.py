@@ -53,6 +53,7 @@ class Request:
   top_p: float = 1.0
   seed: int = 0
   stop: tuple = ()
+  ignore_eos: bool = False  # run to max_tokens (benchmarks; vLLM's extension of the same name)
   output_ids: list = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
@@ -236,7 +237,7 @@ class Engine:
       self._slots[row] = None
       return
     request.output_ids.append(token)
-    eos = token == self.tokenizer.eos_id
+    eos = token == self.tokenizer.eos_id and not request.ignore_eos
     text = stream.released + ("" if eos else stream.push(token))
     finish = "stop" if eos else None
     if request.stop and tokenizer_base.cut_at_stop(text, request.stop) != text:

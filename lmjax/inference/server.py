@@ -10,8 +10,8 @@ under uvicorn).
 Responses, streamed chunks (server-sent events ending with `data: [DONE]`) and errors follow OpenAI's
 shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1). Errors: 400
 (malformed JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown
-model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` is an extension
-(as vLLM's); `n` > 1, `logprobs` and tools are not served and are refused by name.
+model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos`
+are extensions (as vLLM's); `n` > 1, `logprobs` and tools are not served and are refused by name.
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def _request(body: dict, prompt_ids: list, loop) -> tuple:
     ("top_p", _number(body.get("top_p", 1.0), 0, 1) and body.get("top_p", 1.0) > 0, "a number in (0, 1]"),
     ("top_k", isinstance(body.get("top_k", 0), int) and body.get("top_k", 0) >= 0, "an integer >= 0"),
     ("seed", body.get("seed") is None or isinstance(body.get("seed"), int), "an integer"),
+    ("ignore_eos", isinstance(body.get("ignore_eos", False), bool), "true or false"),
     (
       "stop",
       len(stop) <= 4 and all(isinstance(s, str) and s for s in stop),
@@ -199,6 +200,7 @@ def _request(body: dict, prompt_ids: list, loop) -> tuple:
     top_p=float(body.get("top_p", 1.0)),
     seed=body.get("seed") if body.get("seed") is not None else uuid.uuid4().int % 2**31,
     stop=stop,
+    ignore_eos=body.get("ignore_eos", False),
   )
   return request, events
 

@@ -1,0 +1,115 @@
+"""lmjax-serve under load: 16 chat requests of 128 greedy tokens to SmolLM2-135M on loopback, one at a
+time and all at once (continuous batching), through the `openai` client with streaming.
+
+Prints total completion tokens/s both ways and their ratio, p50/p95 time to first token of the
+concurrent run, and whether every concurrent reply equals LanguageModel.generate's greedy text for
+the same chat prompt.
+
+  python benchmarks/serve_throughput.py --dtype=float32
+  python benchmarks/serve_throughput.py --dtype=int8 --max_batch=16
+"""
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import numpy as np
+import openai
+import uvicorn
+from absl import app, flags
+
+from lmjax.inference import engine as engine_lib, server
+from lmjax.inference.language_model import LanguageModel
+
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Weights: float32, bfloat16, int8 or int4.")
+_REQUESTS = flags.DEFINE_integer("requests", 16, "Chat requests.")
+_TOKENS = flags.DEFINE_integer("max_tokens", 128, "Tokens per reply (ignore_eos: exactly this many).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Engine slots.")
+_CONTEXT = flags.DEFINE_integer("max_context", 256, "Engine cache columns per slot.")
+_TOPICS = [
+  "the sea",
+  "a lighthouse",
+  "mountains",
+  "a library",
+  "the moon",
+  "a bakery",
+  "rain",
+  "a train",
+  "a garden",
+  "winter",
+  "a violin",
+  "the desert",
+  "a city at night",
+  "a river",
+  "an old map",
+  "a fox",
+]
+
+
+def main(_):
+  lm = LanguageModel.from_pretrained(
+    "smollm2-135m-instruct", dtype=None if _DTYPE.value == "float32" else _DTYPE.value
+  )
+  eng = engine_lib.Engine(lm.cfg, lm.params, lm.tokenizer, _MAX_BATCH.value, _CONTEXT.value, max_queue=256)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  uv = uvicorn.Server(
+    uvicorn.Config(server.create_app(lm, "smollm2", eng), host="127.0.0.1", port=port, log_level="error")
+  )
+  threading.Thread(target=uv.run, daemon=True).start()
+  while not uv.started:
+    time.sleep(0.05)
+  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+  questions = [f"Write a short poem about {_TOPICS[i % len(_TOPICS)]}." for i in range(_REQUESTS.value)]
+
+  def ask(question):
+    start, first, text, tokens = time.perf_counter(), None, [], 0
+    stream = client.chat.completions.create(
+      model="smollm2",
+      messages=[{"role": "user", "content": question}],
+      max_tokens=_TOKENS.value,
+      temperature=0,
+      stream=True,
+      stream_options={"include_usage": True},
+      extra_body={"ignore_eos": True},
+    )
+    for chunk in stream:
+      if chunk.choices and chunk.choices[0].delta.content:
+        first = first or time.perf_counter()
+        text.append(chunk.choices[0].delta.content)
+      if chunk.usage:
+        tokens = chunk.usage.completion_tokens
+    return "".join(text), tokens, (first or time.perf_counter()) - start
+
+  ask(questions[0])  # compile prefill buckets and the decode step
+  start = time.perf_counter()
+  one_by_one = [ask(q) for q in questions]
+  sequential_s = time.perf_counter() - start
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+    together = list(pool.map(ask, questions))
+  concurrent_s = time.perf_counter() - start
+  seq_rate = sum(t for _, t, _ in one_by_one) / sequential_s
+  conc_rate = sum(t for _, t, _ in together) / concurrent_s
+  ttft = np.array([f for _, _, f in together])
+  print(
+    f"SmolLM2 {_DTYPE.value}, {len(questions)} chat requests x {_TOKENS.value} tokens, "
+    f"{_MAX_BATCH.value} slots:"
+  )
+  print(f"  one at a time: {sequential_s:.1f} s, {seq_rate:.1f} tokens/s")
+  print(f"  concurrent:    {concurrent_s:.1f} s, {conc_rate:.1f} tokens/s ({conc_rate / seq_rate:.2f}x)")
+  print(
+    f"  time to first token, concurrent: p50 {np.median(ttft):.2f} s, p95 {np.percentile(ttft, 95):.2f} s"
+  )
+  prompts = [lm.tokenizer.encode(lm.chat_prompt(q)) for q in questions]
+  reference = lm.generate(prompts, max_new_tokens=_TOKENS.value, do_sample=False, eos_token_id=-1)
+  same = sum(lm.tokenizer.decode(r[len(p) :]) == t for r, p, (t, _, _) in zip(reference, prompts, together))
+  print(f"  greedy replies equal to LanguageModel.generate: {same}/{len(questions)}")
+  uv.should_exit = True
+  eng.close()
+
+
+if __name__ == "__main__":
+  app.run(main)
