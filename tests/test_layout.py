@@ -61,6 +61,8 @@ COMMAND_ALIASES = (
   "lmjax.evaluate",
   "lmjax.sweep",
   "lmjax.scaling",
+  "lmjax.export",  # issue 24 names `python -m lmjax.export` and `python -m lmjax.serve`
+  "lmjax.serve",
 )
 
 
