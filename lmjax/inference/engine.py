@@ -5,15 +5,16 @@ length (model/transformer.py takes one cache `end` per row). One thread loops:
 
   1. admit waiting requests into free slots: each prompt's prefill runs alone (its row of the cache is
      taken out, reset, filled and put back) and gives its first token;
-  2. one decode step for all slots at once (jit-compiled once, cache donated so it is updated in
-     place), each row sampled with its own temperature / top-k / top-p and seed;
+  2. one decode step for the slots in use at once (jit-compiled once per power-of-two number of rows,
+     cache donated so it is updated in place), each row sampled with its own temperature / top-k /
+     top-p and seed;
   3. hand each active request its token (text released in whole characters, held back while it could
      still begin a stop string); a request that hits EOS, a stop string or max_tokens, or whose client
      went away, leaves its slot, which the next waiting request takes at once.
 
 So a short request never waits for a long one to finish (Orca, Yu et al. 2022, "iteration-level
-scheduling"; vLLM's continuous batching). Free slots still compute (fixed shapes: one compiled step),
-and each step attends over all `max_context` columns, so `max_context` trades memory and step time for
+scheduling"; vLLM's continuous batching). Free slots below the highest one in use still compute, and
+each step attends over all `max_context` columns, so `max_context` trades memory and step time for
 the longest request served. Prompt lengths are padded to powers of two (prefill compiles once per
 bucket). A row's token k is drawn with key fold_in(key(seed), k), so a seeded request samples the same
 text whatever else is in the batch.
@@ -89,13 +90,24 @@ def _prefill_row(cfg, params, cache, row, tokens_1P, length, key, temperature, t
   return cache, token
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode_step(cfg, params, cache, last_B, keys_B, temperature_B, top_k_B, top_p_B):
-  """One token for every slot, each at its own position (its row's length). Returns (cache, tokens_B)."""
-  logits_B1V, cache = model.Transformer(cfg).apply(
-    {"params": params}, last_B[:, None], positions_BT=cache["end"][:, None], cache=cache
+@functools.partial(jax.jit, static_argnames=("cfg", "rows"), donate_argnames=("cache",))
+def _decode_step(cfg, rows, params, cache, last_R, keys_R, temperature_R, top_k_R, top_p_R):
+  """One token for each of the first `rows` slots, each at its own position (its row's length); the
+  other slots are left as they are. Returns (cache, tokens_R)."""
+  every = rows == cache["end"].shape[0]
+  sub = cache if every else {"k": cache["k"][:, :rows], "v": cache["v"][:, :rows], "pos": cache["pos"][:rows]}
+  sub = {**sub, "end": cache["end"][:rows]}
+  logits_R1V, sub = model.Transformer(cfg).apply(
+    {"params": params}, last_R[:, None], positions_BT=sub["end"][:, None], cache=sub
   )
-  return cache, sample_rows(logits_B1V[:, 0], keys_B, temperature_B, top_k_B, top_p_B)
+  if not every:  # written back in place (the cache is donated)
+    sub = {
+      "k": cache["k"].at[:, :rows].set(sub["k"]),
+      "v": cache["v"].at[:, :rows].set(sub["v"]),
+      "pos": cache["pos"].at[:rows].set(sub["pos"]),
+      "end": cache["end"].at[:rows].set(sub["end"]),
+    }
+  return sub, sample_rows(logits_R1V[:, 0], keys_R, temperature_R, top_k_R, top_p_R)
 
 
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array:
@@ -208,8 +220,12 @@ class Engine:
     return jax.random.fold_in(jax.random.key(request.seed), len(request.output_ids))
 
   def _step(self) -> None:
+    # Only the slots up to the highest one in use run (rounded up to a power of two: one compiled step
+    # per size); requests take the lowest free slot, so a lone request costs a 1-row step.
+    highest = max(i for i, request in enumerate(self._slots) if request is not None)
+    rows = min(1 << highest.bit_length(), self.max_batch)
     last, keys, temperature, top_k, top_p = [], [], [], [], []
-    for request in self._slots:
+    for request in self._slots[:rows]:
       live = request is not None
       last.append(request.output_ids[-1] if live else 0)
       keys.append(self._key(request) if live else jax.random.key(0))
@@ -218,6 +234,7 @@ class Engine:
       top_p.append(request.top_p if live else 1.0)
     self._cache, tokens = _decode_step(
       self.cfg,
+      rows,
       self.params,
       self._cache,
       jnp.asarray(last, jnp.int32),
@@ -249,6 +266,9 @@ class Engine:
     visible = text[: max(len(sent), len(text) - hold)]
     request.sent_text, request.finish_reason = visible, finish
     if visible[len(sent) :] or finish:
-      request.emit(visible[len(sent) :], finish)
-    if finish:
+      try:
+        request.emit(visible[len(sent) :], finish)
+      except Exception:  # noqa: BLE001 (the receiver is gone, e.g. its event loop closed: stop serving it)
+        request.cancelled = True
+    if finish or request.cancelled:
       self._slots[row] = None
