@@ -110,6 +110,10 @@ def test_what_gguf_cannot_express_is_refused(tmp_path):
     gguf_export.export(cfg, params, tokenizer, path, "q4_0")
   with pytest.raises(ValueError, match="has no llama.cpp equivalent"):
     gguf_export.export(cfg, params, tokenizers.train("char", "abc"), path)
+  cfg, params = tiny_llama(True, parametrization="mup", mup_base_width=32)
+  with pytest.raises(ValueError, match="'parametrization': 'mup'"):
+    gguf_export.export(cfg, params, tokenizer, path)
+  cfg, params = tiny_llama(True)
   with pytest.raises(ValueError, match="without merges"):
     gguf_export.export(cfg, params, tokenizers.ByteTokenizer(), path)
   assert not os.path.exists(path)

@@ -117,6 +117,14 @@ def test_concurrent_requests_of_different_lengths_are_each_right(served):
     assert text == reference(served.lm, served.lm.tokenizer.encode(prompt), n)[0]
 
 
+def test_nulls_take_defaults_and_chat_runs_past_16_tokens(served):
+  body = {"model": "tiny", "prompt": "a", "max_tokens": 3, "temperature": None, "top_p": None, "seed": 2**70}
+  assert post(served, "/completions", {**body, "top_k": 2**40}).status_code == 200
+  chat = post(served, "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+  reply = chat.json()
+  assert reply["usage"]["completion_tokens"] > 16 or reply["choices"][0]["finish_reason"] == "stop"
+
+
 def test_seeded_sampling_repeats(served):
   client = served.client()
   ask = lambda: client.completions.create(
@@ -159,6 +167,15 @@ def post(served, path, body, raw=None):
       None,
       400,
       "messages must be a non-empty list",
+    ),
+    ("/completions", {"model": "tiny", "prompt": "", "max_tokens": 2}, None, 400, "the prompt is empty"),
+    ("/completions", {"model": "tiny", "prompt": "a", "stop": 5}, None, 400, "stop must be"),
+    (
+      "/completions",
+      {"model": "tiny", "prompt": "a", "stream": True, "stream_options": "x"},
+      None,
+      400,
+      "stream_options",
     ),
   ],
 )

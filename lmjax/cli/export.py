@@ -49,6 +49,8 @@ def main(argv):
       gguf_export.export(cfg, params, tokenizer, written, f.dtype)
     else:
       hf.export_llama(cfg, params, written, tokenizer)
+    if os.path.exists(f.output):  # appeared while the model loaded
+      raise errors.UserError(f"--output={f.output} exists now; nothing was written there")
     os.rename(written, f.output)
   except ValueError as err:  # what the format cannot express: the user's model, named
     raise errors.UserError(f"cannot export {f.model}: {err}") from None

@@ -23,8 +23,10 @@ text whatever else is in the batch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import logging
 import threading
 import time
 
@@ -44,7 +46,8 @@ class QueueFull(Exception):
 @dataclasses.dataclass
 class Request:
   """One generation: prompt ids in, events out through `emit(text_delta, finish_reason)` (called on the
-  engine thread; finish_reason None while it runs, then 'stop' or 'length')."""
+  engine thread; finish_reason None while it runs, then 'stop', 'length', or 'error' when the engine
+  failed on it). Any int seed (taken mod 2^32); top_k above the vocabulary means all tokens."""
 
   prompt_ids: list
   max_tokens: int
@@ -138,6 +141,10 @@ class Engine:
     max_len). `max_queue`: requests that may wait for a slot; `submit` raises QueueFull beyond it."""
     if max_context > cfg.max_len:
       raise ValueError(f"max_context={max_context} exceeds the model's context ({cfg.max_len} tokens)")
+    if max_batch < 1 or max_context < 2 or max_queue < 0:
+      raise ValueError(
+        f"need max_batch >= 1, max_context >= 2, max_queue >= 0; got {max_batch}, {max_context}, {max_queue}"
+      )
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
     cache = model.init_cache(cfg, max_batch, max_context)
@@ -153,14 +160,19 @@ class Engine:
   def submit(self, request: Request) -> None:
     """Queues `request`. Raises QueueFull when max_queue requests already wait, ValueError when its
     prompt plus max_tokens does not fit max_context."""
+    if not request.prompt_ids:
+      raise ValueError("the prompt is empty: give at least one token")
+    if not self._thread.is_alive():
+      raise RuntimeError("the engine has stopped")
     if len(request.prompt_ids) + request.max_tokens > self.max_context:
       raise ValueError(
         f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_tokens}: more "
         f"than this server's context of {self.max_context} tokens"
       )
     with self._wake:
-      if len(self._waiting) >= self.max_queue:
-        raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry later")
+      waiting = sum(not r.cancelled for r in self._waiting)
+      if waiting >= self.max_queue:
+        raise QueueFull(f"{waiting} requests are already waiting; retry later")
       self._waiting.append(request)
       self._wake.notify()
 
@@ -186,10 +198,19 @@ class Engine:
           row = self._slots.index(None)
           self._slots[row] = self._waiting.popleft()
           admitted.append(row)
-      for row in admitted:
-        self._prefill(row)
-      if any(self._slots):
-        self._step()
+      try:
+        for row in admitted:
+          self._prefill(row)
+        if any(self._slots):
+          self._step()
+      except Exception as err:  # noqa: BLE001 (end the requests in flight, keep serving the next ones)
+        logging.exception("lmjax engine step failed: %s", err)
+        for row, request in enumerate(self._slots):
+          if request is not None:
+            self._slots[row] = None
+            request.finish_reason = "error"
+            with contextlib.suppress(Exception):
+              request.emit("", "error")
 
   def _prefill(self, row: int) -> None:
     request = self._slots[row]
@@ -209,7 +230,7 @@ class Engine:
       jnp.int32(length),
       self._key(request),
       jnp.float32(request.temperature),
-      jnp.int32(request.top_k),
+      jnp.int32(min(request.top_k, self.cfg.vocab_size)),
       jnp.float32(request.top_p),
     )
     self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
@@ -217,7 +238,7 @@ class Engine:
     self._accept(row, int(token))
 
   def _key(self, request: Request) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(request.seed), len(request.output_ids))
+    return jax.random.fold_in(jax.random.key(request.seed % 2**32), len(request.output_ids))
 
   def _step(self) -> None:
     # Only the slots up to the highest one in use run (rounded up to a power of two: one compiled step
@@ -230,7 +251,7 @@ class Engine:
       last.append(request.output_ids[-1] if live else 0)
       keys.append(self._key(request) if live else jax.random.key(0))
       temperature.append(request.temperature if live else 0.0)
-      top_k.append(request.top_k if live else 0)
+      top_k.append(min(request.top_k, self.cfg.vocab_size) if live else 0)
       top_p.append(request.top_p if live else 1.0)
     self._cache, tokens = _decode_step(
       self.cfg,

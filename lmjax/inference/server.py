@@ -118,16 +118,20 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
     return body
 
   async def _generate(http: HttpRequest, body: dict, prompt_ids: list, chat: bool):
-    request, events = _request(body, prompt_ids, asyncio.get_running_loop())
+    # max_tokens' default: OpenAI's 16 for completions; for chat, the rest of the context.
+    default_max_tokens = max(1, engine.max_context - len(prompt_ids)) if chat else 16
+    request, events = _request(body, prompt_ids, asyncio.get_running_loop(), default_max_tokens)
     try:
       engine.submit(request)
     except engine_lib.QueueFull as err:
       raise ApiError(429, f"the server is busy: {err}", kind="rate_limit_error") from None
     except ValueError as err:
-      raise ApiError(400, str(err), "max_tokens") from None
+      raise ApiError(400, str(err), "max_tokens" if "max_tokens" in str(err) else "prompt") from None
+    except RuntimeError as err:
+      raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
     reply = _Reply(chat, model_name, request)
     if body.get("stream"):
-      usage = bool((body.get("stream_options") or {}).get("include_usage"))
+      usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked a dict in _request
       return StreamingResponse(_stream(http, request, events, reply, usage), media_type="text/event-stream")
     text = []
     while True:
@@ -139,6 +143,10 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
           return JSONResponse({}, status_code=499)
         continue
       text.append(delta)
+      if finish == "error":
+        return _error(
+          ApiError(500, "generation failed on the server (its log has the cause)", kind="server_error")
+        )
       if finish:
         return reply.whole("".join(text), finish)
 
@@ -149,7 +157,7 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       while True:
         delta, finish = await events.get()
         if delta or finish:
-          yield _sse(reply.chunk({"content": delta} if reply.chat else delta, finish))
+          yield _sse(reply.chunk(({"content": delta} if delta else None) if reply.chat else delta, finish))
         if finish:
           break
       if usage:
@@ -165,25 +173,25 @@ def _is_message(m) -> bool:
   return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
-def _request(body: dict, prompt_ids: list, loop) -> tuple:
-  """(an engine Request from the body's sampling fields, the asyncio queue its events arrive on)."""
-  max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
-  stop = body.get("stop") or ()
-  stop = (stop,) if isinstance(stop, str) else tuple(stop)
+def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int) -> tuple:
+  """(an engine Request from the body's sampling fields, the asyncio queue its events arrive on). A
+  field given as null takes its default, as OpenAI's API does."""
+  given = {k: v for k, v in body.items() if v is not None}
+  max_tokens = given.get("max_completion_tokens", given.get("max_tokens", default_max_tokens))
+  stop = given.get("stop", ())
+  stop = (stop,) if isinstance(stop, str) else stop
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   checks = [
-    (
-      "max_tokens",
-      isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0,
-      "a positive integer",
-    ),
-    ("temperature", _number(body.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
-    ("top_p", _number(body.get("top_p", 1.0), 0, 1) and body.get("top_p", 1.0) > 0, "a number in (0, 1]"),
-    ("top_k", isinstance(body.get("top_k", 0), int) and body.get("top_k", 0) >= 0, "an integer >= 0"),
-    ("seed", body.get("seed") is None or isinstance(body.get("seed"), int), "an integer"),
-    ("ignore_eos", isinstance(body.get("ignore_eos", False), bool), "true or false"),
+    ("max_tokens", is_int(max_tokens) and max_tokens > 0, "a positive integer"),
+    ("temperature", _number(given.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
+    ("top_p", _number(given.get("top_p", 1.0), 0, 1) and given.get("top_p", 1.0) > 0, "a number in (0, 1]"),
+    ("top_k", is_int(given.get("top_k", 0)) and given.get("top_k", 0) >= 0, "an integer >= 0"),
+    ("seed", is_int(given.get("seed", 0)), "an integer"),
+    ("ignore_eos", isinstance(given.get("ignore_eos", False), bool), "true or false"),
+    ("stream_options", isinstance(given.get("stream_options", {}), dict), "an object"),
     (
       "stop",
-      len(stop) <= 4 and all(isinstance(s, str) and s for s in stop),
+      isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop),
       "a string or up to 4 non-empty strings",
     ),
   ]
@@ -195,12 +203,12 @@ def _request(body: dict, prompt_ids: list, loop) -> tuple:
     prompt_ids=list(prompt_ids),
     max_tokens=max_tokens,
     emit=lambda delta, finish: loop.call_soon_threadsafe(events.put_nowait, (delta, finish)),
-    temperature=float(body.get("temperature", 1.0)),
-    top_k=int(body.get("top_k", 0)),
-    top_p=float(body.get("top_p", 1.0)),
-    seed=body.get("seed") if body.get("seed") is not None else uuid.uuid4().int % 2**31,
-    stop=stop,
-    ignore_eos=body.get("ignore_eos", False),
+    temperature=float(given.get("temperature", 1.0)),
+    top_k=given.get("top_k", 0),
+    top_p=float(given.get("top_p", 1.0)),
+    seed=given.get("seed", uuid.uuid4().int % 2**31),
+    stop=tuple(stop),
+    ignore_eos=given.get("ignore_eos", False),
   )
   return request, events
 

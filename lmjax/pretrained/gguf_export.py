@@ -38,6 +38,8 @@ def check_exportable(cfg: model.ModelConfig) -> None:
   differ.update({k: True for k in _LLAMA_FALSE if getattr(cfg, k)})
   if cfg.sliding_window is not None:
     differ["sliding_window"] = cfg.sliding_window
+  if cfg.parametrization != "sp":  # μP's attention and output multipliers have no GGUF field
+    differ["parametrization"] = cfg.parametrization
   if differ:
     raise ValueError(
       f"model options {differ} have no GGUF 'llama' equivalent (it needs {_LLAMA}, no biases, no "

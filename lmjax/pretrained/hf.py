@@ -274,6 +274,7 @@ def export_llama(cfg: model.ModelConfig, params, directory: str, tokenizer=None)
     "norm": "rmsnorm",
     "scale_embeddings": False,
     "sliding_window": None,
+    "parametrization": "sp",  # μP's attention and output multipliers have no config.json field
   }
   differ = {k: getattr(cfg, k) for k, v in expressible.items() if getattr(cfg, k) != v}
   if differ:
