@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import logging
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -61,13 +60,11 @@ class Request:
   output_ids: list = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
-  submitted_s: float = dataclasses.field(default_factory=time.perf_counter)
-  first_token_s: float | None = None
   sent_text: str = ""  # the text emitted so far
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill_row(cfg, params, cache, row, tokens_1P, length, key, temperature, top_k, top_p):
+def _prefill_row(cfg, params, cache, row, tokens_1P, length, seed, temperature, top_k, top_p):
   """Fills cache row `row` with one prompt (tokens_1P right-padded; `length` real tokens) and draws its
   first token. Returns (cache, token)."""
   take = lambda c: jax.lax.dynamic_index_in_dim(c, row, axis=1, keepdims=True)
@@ -89,12 +86,13 @@ def _prefill_row(cfg, params, cache, row, tokens_1P, length, key, temperature, t
     "pos": jax.lax.dynamic_update_index_in_dim(cache["pos"], row_cache["pos"][0], row, axis=0),
     "end": cache["end"].at[row].set(length),
   }
-  token = sample_rows(logits_11V[:, 0], key[None], temperature[None], top_k[None], top_p[None])[0]
+  keys_1 = token_keys(seed[None], jnp.zeros((1,), jnp.int32))
+  token = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])[0]
   return cache, token
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rows"), donate_argnames=("cache",))
-def _decode_step(cfg, rows, params, cache, last_R, keys_R, temperature_R, top_k_R, top_p_R):
+def _decode_step(cfg, rows, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R):
   """One token for each of the first `rows` slots, each at its own position (its row's length); the
   other slots are left as they are. Returns (cache, tokens_R)."""
   every = rows == cache["end"].shape[0]
@@ -110,7 +108,13 @@ def _decode_step(cfg, rows, params, cache, last_R, keys_R, temperature_R, top_k_
       "pos": cache["pos"].at[:rows].set(sub["pos"]),
       "end": cache["end"].at[:rows].set(sub["end"]),
     }
-  return sub, sample_rows(logits_R1V[:, 0], keys_R, temperature_R, top_k_R, top_p_R)
+  return sub, sample_rows(logits_R1V[:, 0], token_keys(seeds_R, counts_R), temperature_R, top_k_R, top_p_R)
+
+
+def token_keys(seeds_R, counts_R) -> jax.Array:
+  """Each row's key for its next token: fold_in(key(seed), tokens it has so far), so a seeded request
+  samples the same text whatever else is in the batch. seeds uint32 [R], counts int32 [R]."""
+  return jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds_R, counts_R)
 
 
 def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array:
@@ -228,28 +232,25 @@ class Engine:
       jnp.int32(row),
       jnp.asarray(tokens),
       jnp.int32(length),
-      self._key(request),
+      jnp.uint32(request.seed % 2**32),
       jnp.float32(request.temperature),
       jnp.int32(min(request.top_k, self.cfg.vocab_size)),
       jnp.float32(request.top_p),
     )
     self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
-    request.first_token_s = time.perf_counter()
     self._accept(row, int(token))
-
-  def _key(self, request: Request) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(request.seed % 2**32), len(request.output_ids))
 
   def _step(self) -> None:
     # Only the slots up to the highest one in use run (rounded up to a power of two: one compiled step
     # per size); requests take the lowest free slot, so a lone request costs a 1-row step.
     highest = max(i for i, request in enumerate(self._slots) if request is not None)
     rows = min(1 << highest.bit_length(), self.max_batch)
-    last, keys, temperature, top_k, top_p = [], [], [], [], []
+    last, seeds, counts, temperature, top_k, top_p = [], [], [], [], [], []
     for request in self._slots[:rows]:
       live = request is not None
       last.append(request.output_ids[-1] if live else 0)
-      keys.append(self._key(request) if live else jax.random.key(0))
+      seeds.append(request.seed % 2**32 if live else 0)
+      counts.append(len(request.output_ids) if live else 0)
       temperature.append(request.temperature if live else 0.0)
       top_k.append(min(request.top_k, self.cfg.vocab_size) if live else 0)
       top_p.append(request.top_p if live else 1.0)
@@ -259,7 +260,8 @@ class Engine:
       self.params,
       self._cache,
       jnp.asarray(last, jnp.int32),
-      jnp.stack(keys),
+      jnp.asarray(seeds, jnp.uint32),
+      jnp.asarray(counts, jnp.int32),
       jnp.asarray(temperature, jnp.float32),
       jnp.asarray(top_k, jnp.int32),
       jnp.asarray(top_p, jnp.float32),
