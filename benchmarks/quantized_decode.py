@@ -11,6 +11,11 @@ file dequantized (its layers are Q4_1), so int4 as loaded keeps exactly those la
   (build it with: python -m venv /tmp/llvenv && /tmp/llvenv/bin/pip install llama-cpp-python)
 """
 
+from lmjax.core import hugepages
+
+if __name__ == "__main__":  # huge pages as lmjax's commands have them; before JAX is imported
+  hugepages.reexec_with_huge_pages()
+
 import json
 import subprocess
 import time

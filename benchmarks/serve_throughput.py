@@ -9,6 +9,11 @@ the same chat prompt.
   python benchmarks/serve_throughput.py --dtype=int8 --max_batch=16
 """
 
+from lmjax.core import hugepages
+
+if __name__ == "__main__":  # huge pages as lmjax's commands have them; before JAX is imported
+  hugepages.reexec_with_huge_pages()
+
 import concurrent.futures
 import socket
 import threading

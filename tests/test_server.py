@@ -25,7 +25,7 @@ class Served:
     tokenizer = byte_level_bpe()
     cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=max(128, max_context), **shape)
     self.lm = LanguageModel(cfg, params, tokenizer)
-    self.engine = engine_lib.Engine(cfg, self.lm.params, tokenizer, max_batch, max_context, max_queue)
+    self.engine = engine_lib.Engine(self.lm.cfg, self.lm.params, tokenizer, max_batch, max_context, max_queue)
     app = server.create_app(self.lm, "tiny", self.engine, api_key)
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))

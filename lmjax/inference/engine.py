@@ -1,13 +1,13 @@
 """Continuous batching: requests join and leave a running decode batch at every step.
 
-The engine holds a KV cache of `max_batch` rows ("slots") of `max_context` columns, each row at its own
-length (model/transformer.py takes one cache `end` per row). One thread loops:
+The engine holds a KV cache of up to `max_batch` rows ("slots") of `max_context` columns, each row at its
+own length (model/transformer.py takes one cache `end` per row). One thread loops:
 
   1. admit waiting requests into free slots: each prompt's prefill runs alone (its row of the cache is
      taken out, reset, filled and put back) and gives its first token;
-  2. one decode step for the slots in use at once (jit-compiled once per power-of-two number of rows,
-     cache donated so it is updated in place), each row sampled with its own temperature / top-k /
-     top-p and seed;
+  2. one decode step for the slots in use at once (the cache is resized to the slots up to the highest
+     in use, a power of two, so one step compiles per size; donated, so it is updated in place), each
+     row sampled with its own temperature / top-k / top-p and seed;
   3. hand each active request its token (text released in whole characters, held back while it could
      still begin a stop string); a request that hits EOS, a stop string or max_tokens, or whose client
      went away, leaves its slot, which the next waiting request takes at once.
@@ -67,8 +67,8 @@ class Request:
 def _prefill_row(cfg, params, cache, row, tokens_1P, length, seed, temperature, top_k, top_p):
   """Fills cache row `row` with one prompt (tokens_1P right-padded; `length` real tokens) and draws its
   first token. Returns (cache, token)."""
-  take = lambda c: jax.lax.dynamic_index_in_dim(c, row, axis=1, keepdims=True)
-  row_cache = {"k": take(cache["k"]), "v": take(cache["v"]), "end": jnp.zeros((1,), jnp.int32)}
+  take = lambda axis, c: jax.lax.dynamic_index_in_dim(c, row, axis=axis, keepdims=True)
+  row_cache = {**model.map_kv(take, cache), "end": jnp.zeros((1,), jnp.int32)}
   row_cache["pos"] = jnp.full_like(cache["pos"][:1], -1)  # forget the slot's previous request
   P = tokens_1P.shape[1]
   positions_1P = jnp.where(jnp.arange(P) < length, jnp.arange(P), -1)[None]
@@ -79,10 +79,9 @@ def _prefill_row(cfg, params, cache, row, tokens_1P, length, seed, temperature, 
     cache=row_cache,
     logits_at_BN=(length - 1)[None, None],
   )
-  put = lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=1)
+  put = lambda axis, c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=axis)
   cache = {
-    "k": put(cache["k"], row_cache["k"]),
-    "v": put(cache["v"], row_cache["v"]),
+    **model.map_kv(put, cache, row_cache),
     "pos": jax.lax.dynamic_update_index_in_dim(cache["pos"], row_cache["pos"][0], row, axis=0),
     "end": cache["end"].at[row].set(length),
   }
@@ -91,24 +90,30 @@ def _prefill_row(cfg, params, cache, row, tokens_1P, length, seed, temperature, 
   return cache, token
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rows"), donate_argnames=("cache",))
-def _decode_step(cfg, rows, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R):
-  """One token for each of the first `rows` slots, each at its own position (its row's length); the
-  other slots are left as they are. Returns (cache, tokens_R)."""
-  every = rows == cache["end"].shape[0]
-  sub = cache if every else {"k": cache["k"][:, :rows], "v": cache["v"][:, :rows], "pos": cache["pos"][:rows]}
-  sub = {**sub, "end": cache["end"][:rows]}
-  logits_R1V, sub = model.Transformer(cfg).apply(
-    {"params": params}, last_R[:, None], positions_BT=sub["end"][:, None], cache=sub
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R):
+  """One token for each of the cache's R rows, each at its own position (its row's length). Returns
+  (cache, tokens_R)."""
+  logits_R1V, cache = model.Transformer(cfg).apply(
+    {"params": params}, last_R[:, None], positions_BT=cache["end"][:, None], cache=cache
   )
-  if not every:  # written back in place (the cache is donated)
-    sub = {
-      "k": cache["k"].at[:, :rows].set(sub["k"]),
-      "v": cache["v"].at[:, :rows].set(sub["v"]),
-      "pos": cache["pos"].at[:rows].set(sub["pos"]),
-      "end": cache["end"].at[:rows].set(sub["end"]),
+  return cache, sample_rows(logits_R1V[:, 0], token_keys(seeds_R, counts_R), temperature_R, top_k_R, top_p_R)
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _resized(cache, rows: int) -> dict:
+  """The cache with `rows` rows: its first rows, or all of them and empty ones after."""
+  R = cache["end"].shape[0]
+  if rows <= R:
+    return {
+      **model.map_kv(lambda axis, c: jax.lax.slice_in_dim(c, 0, rows, axis=axis), cache),
+      "pos": cache["pos"][:rows],
+      "end": cache["end"][:rows],
     }
-  return sub, sample_rows(logits_R1V[:, 0], token_keys(seeds_R, counts_R), temperature_R, top_k_R, top_p_R)
+  pad = lambda axis, c, fill=0: jnp.pad(
+    c, [(0, rows - R) if a == axis else (0, 0) for a in range(c.ndim)], constant_values=fill
+  )
+  return {**model.map_kv(pad, cache), "pos": pad(0, cache["pos"], -1), "end": pad(0, cache["end"])}
 
 
 def token_keys(seeds_R, counts_R) -> jax.Array:
@@ -149,10 +154,11 @@ class Engine:
       raise ValueError(
         f"need max_batch >= 1, max_context >= 2, max_queue >= 0; got {max_batch}, {max_context}, {max_queue}"
       )
+    cfg, params = model.quantize.for_decoding(cfg, params)  # as LanguageModel holds them already
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
-    cache = model.init_cache(cfg, max_batch, max_context)
-    self._cache = {**cache, "end": jnp.zeros((max_batch,), jnp.int32)}
+    cache = model.init_cache(cfg, 1, max_context)  # grown and shrunk with the slots in use (_fit)
+    self._cache = {**cache, "end": jnp.zeros((1,), jnp.int32)}
     self._slots: list = [None] * max_batch
     self._streams: list = [None] * max_batch
     self._waiting: collections.deque = collections.deque()
@@ -203,9 +209,11 @@ class Engine:
           self._slots[row] = self._waiting.popleft()
           admitted.append(row)
       try:
+        self._fit()
         for row in admitted:
           self._prefill(row)
         if any(self._slots):
+          self._fit()
           self._step()
       except Exception as err:  # noqa: BLE001 (end the requests in flight, keep serving the next ones)
         logging.exception("lmjax engine step failed: %s", err)
@@ -240,11 +248,17 @@ class Engine:
     self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
     self._accept(row, int(token))
 
-  def _step(self) -> None:
-    # Only the slots up to the highest one in use run (rounded up to a power of two: one compiled step
-    # per size); requests take the lowest free slot, so a lone request costs a 1-row step.
-    highest = max(i for i, request in enumerate(self._slots) if request is not None)
+  def _fit(self) -> None:
+    """Resizes the cache to the slots up to the highest one in use, rounded up to a power of two (one
+    compiled step per size): requests take the lowest free slot, so a lone request costs a 1-row step.
+    Resizing copies the cache once; a step over a slice of a larger cache copied it every step."""
+    highest = max([i for i, request in enumerate(self._slots) if request is not None], default=0)
     rows = min(1 << highest.bit_length(), self.max_batch)
+    if rows != self._cache["end"].shape[0]:
+      self._cache = _resized(self._cache, rows)
+
+  def _step(self) -> None:
+    rows = self._cache["end"].shape[0]
     last, seeds, counts, temperature, top_k, top_p = [], [], [], [], [], []
     for request in self._slots[:rows]:
       live = request is not None
@@ -256,7 +270,6 @@ class Engine:
       top_p.append(request.top_p if live else 1.0)
     self._cache, tokens = _decode_step(
       self.cfg,
-      rows,
       self.params,
       self._cache,
       jnp.asarray(last, jnp.int32),

@@ -42,7 +42,7 @@ class LanguageModel:
         f"tokenizer/checkpoint mismatch: the tokenizer has {tokenizer.vocab_size} ids but the "
         f"model's embedding has {rows} rows; load the tokenizer saved with this checkpoint"
       )
-    self.cfg, self.tokenizer = cfg, tokenizer
+    self.tokenizer = tokenizer
     self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
     if mesh is not None and model.quantize.is_quantized(params):
       raise ValueError(
@@ -50,9 +50,10 @@ class LanguageModel:
       )
     if mesh is not None:
       params = jax.device_put(params, sharding.logical_shardings(model.boxed_param_shapes(cfg), mesh, rules))
-    else:  # on the device once, not re-uploaded by every prefill/decode call
+    else:  # laid out for decoding (unrolled, [N, K] matrices); on the device once, not re-uploaded
+      cfg, params = model.quantize.for_decoding(cfg, params)
       params = jax.device_put(params)
-    self.params = params
+    self.cfg, self.params = cfg, params
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> "LanguageModel":

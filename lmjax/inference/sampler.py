@@ -147,9 +147,9 @@ def prefill(
   cache = model.init_cache(cfg, B, P + (num_new if cached_new is None else cached_new))
   if mesh_rules is not None:
     mesh, rules = mesh_rules
-    cache = {
-      k: nn.with_logical_constraint(v, model.CACHE_AXES[k], rules=rules, mesh=mesh) for k, v in cache.items()
-    }
+    constrain = lambda v, axes: nn.with_logical_constraint(v, axes, rules=rules, mesh=mesh)
+    kv = model.map_kv(lambda axis, v: constrain(v, model.CACHE_AXES["k"][1 - axis :]), cache)
+    cache = {**kv, **{k: constrain(cache[k], model.CACHE_AXES[k]) for k in ("pos", "end")}}
   logits_B1V, cache = model.Transformer(cfg).apply(
     {"params": params},
     tokens_BP,

@@ -16,7 +16,14 @@ from lmjax.model.accounting import (
 )
 from lmjax.model.config import DTYPES, MLP_KINDS, NORM_KINDS, POS_ENCODINGS, REMAT_POLICIES, ModelConfig
 from lmjax.model.layers import ACTIVATION_AXES, MLP, Attention, Block, Norm, apply_rope, sinusoidal_encoding
-from lmjax.model.transformer import CACHE_AXES, Transformer, boxed_param_shapes, init_cache, init_params
+from lmjax.model.transformer import (
+  CACHE_AXES,
+  Transformer,
+  boxed_param_shapes,
+  init_cache,
+  init_params,
+  map_kv,
+)
 
 __all__ = [
   "ACTIVATION_AXES",
@@ -35,6 +42,7 @@ __all__ = [
   "apply_rope",
   "boxed_param_shapes",
   "init_cache",
+  "map_kv",
   "init_params",
   "datasheet_peak_flops",
   "measure_matmul_peak",

@@ -119,7 +119,7 @@ def dense(x, w, cfg: ModelConfig, in_dims: int = 1, out_dtype=None, w_is_NK: boo
   lead_dims = x.shape[: x.ndim - in_dims]
   if isinstance(w, quantized.QuantizedWeight):
     out_dims = w.shape[:1] if w_is_NK else w.shape[in_dims:]
-    y = quantized.matmul(x.reshape(-1, w.values.shape[-1] * (8 // w.bits)), w)
+    y = quantized.matmul(x.reshape(-1, w.inputs), w)
     return y.reshape(*lead_dims, *out_dims).astype(out_dtype or cfg.dtype)
   operand_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
   if w_is_NK:

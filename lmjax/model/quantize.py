@@ -1,7 +1,9 @@
-"""A Transformer's weight matrices as int8 or int4 QuantizedWeights (ops/quantized.py), for inference.
+"""A Transformer's weights laid out for inference: int8 or int4 QuantizedWeights (ops/quantized.py),
+and the layout decoding is fastest with (`for_decoding`).
 
     params_q = quantize_params(params, "int8")      # or "int4"; any params tree of model/transformer.py
     logits = Transformer(cfg).apply({"params": params_q}, tokens_BT)
+    cfg_d, params_d = for_decoding(cfg, params)     # unrolled layers, matrices [N, K]: same logits
 
 Every matrix a token's forward reads is quantized: q/k/v/o, the MLP, the token embedding (lookup and
 tied head alike) and an untied head; norms and learned positions stay float (they are vectors, or
@@ -9,6 +11,8 @@ read one row a token). Scanned and unrolled layers alike: leading layer axes are
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +41,12 @@ MATRICES = {
 }
 
 
-def as_NK(w, rank: int, in_dims: int) -> tuple:
-  """(the [..., N, K] matrix of a declared-layout weight w, its one-layer shape)."""
-  w = jnp.asarray(w, jnp.float32)
+def as_NK(w, rank: int, in_dims: int, dtype=jnp.float32) -> tuple:
+  """(the [..., N, K] matrix of a declared-layout weight w (or a float QuantizedWeight), its one-layer
+  shape)."""
+  if isinstance(w, quantized.QuantizedWeight):
+    return w.values.astype(dtype), w.shape
+  w = jnp.asarray(w, dtype)
   lead, shape = w.shape[: w.ndim - rank], w.shape[w.ndim - rank :]
   if in_dims == -1:
     return w, shape
@@ -61,9 +68,11 @@ def quantize_params(params, dtype: str, group_size: int | None = None):
 
   def convert(path, w):
     name = getattr(path[-1], "key", None)
-    if name not in MATRICES or isinstance(w, quantized.QuantizedWeight):
+    if name not in MATRICES or (isinstance(w, quantized.QuantizedWeight) and w.is_integer):
       return w
     rank, in_dims = MATRICES[name]
+    if isinstance(w, quantized.QuantizedWeight):
+      in_dims = w.in_dims
     bits, group, asymmetric = scheme(dtype, name)
     w_NK, shape = as_NK(w, rank, in_dims)
     group = group_size or group
@@ -91,6 +100,34 @@ def dequantize_params(params):
 
 
 def is_quantized(params) -> bool:
-  """Whether any weight in `params` is a QuantizedWeight."""
+  """Whether any weight in `params` is an integer QuantizedWeight (int8/int4)."""
   leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quantized.QuantizedWeight))
-  return any(isinstance(x, quantized.QuantizedWeight) for x in leaves)
+  return any(isinstance(x, quantized.QuantizedWeight) and x.is_integer for x in leaves)
+
+
+def for_decoding(cfg, params) -> tuple:
+  """(cfg, params) of the same model laid out for fast decoding on one device; logits are unchanged.
+
+  - Scanned layers are unrolled (`blocks` [L, ...] -> `block_0` ... `block_{L-1}`): a scan reads each
+    layer's weights and KV cache through per-step dynamic slices, which XLA:CPU copies (a 16-row
+    SmolLM2 decode step spent ~50 ms of ~140 in those copies; BUILD_NOTES).
+  - fp32 matrices are stored [N, K] (`quantized.transposed`): matrix-vector products read them ~2x
+    faster. Integer (int8/int4) weights are [N, K] already; bf16/fp16 ones stay as declared, so their
+    matmuls keep running in the model's dtype.
+  Costs one copy of the weights and a longer compile (the layers unrolled)."""
+  if cfg.scan_layers:
+    blocks = params["blocks"]
+    params = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(cfg.n_layers):
+      params[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+
+  def convert(path, w):
+    name = getattr(path[-1], "key", None)
+    if name not in MATRICES or isinstance(w, quantized.QuantizedWeight) or w.dtype != jnp.float32:
+      return w
+    w_NK, shape = as_NK(w, *MATRICES[name])
+    return quantized.transposed(w_NK, shape, MATRICES[name][1])
+
+  is_weight = lambda x: isinstance(x, quantized.QuantizedWeight)
+  return cfg, jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_weight)

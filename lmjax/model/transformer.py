@@ -81,6 +81,8 @@ class Transformer(nn.Module):
       )
     if cache is None:
       k_pos_BS, layer_caches = positions_BT, None
+    elif cfg.scan_layers and isinstance(cache["k"], tuple):
+      raise ValueError("a per-layer KV cache (init_cache of unrolled layers) given to scanned layers")
     else:
       k_pos_BS = write_cache(cache["pos"], positions_BT.astype(jnp.int32), slot)
       layer_caches = (cache["k"], cache["v"])
@@ -119,12 +121,14 @@ class Transformer(nn.Module):
     else:
       per_layer = []
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], layer_caches)
+        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
         x_BTD, new_cache = block(cfg, deterministic, causal, name=f"block_{i}")(
           x_BTD, layer_cache, attn_inputs
         )
         per_layer.append(new_cache)
-      new_layer_caches = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+      if cache is not None:  # given back in the layout it came in (init_cache's per-layer tuples)
+        gather = tuple if isinstance(cache["k"], tuple) else jnp.stack
+        new_layer_caches = tuple(gather([c[j] for c in per_layer]) for j in (0, 1))
 
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     if return_hidden:  # the last hidden states (after the final norm), e.g. for embeddings
@@ -156,16 +160,36 @@ CACHE_AXES = {
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache: k/v [L, B, S, K, H], key positions [B, S] (-1 = empty), and `end`, the number of
-  tokens written (slot `end % S` is written next: see Transformer)."""
-  shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+  """An empty KV cache: k/v [L, B, S, K, H] (scanned layers) or a tuple of L [B, S, K, H] arrays
+  (unrolled layers: each layer then reads and updates its own buffer in place, where slicing a stacked
+  one copies it), key positions [B, S] (-1 = empty), and `end`, the number of tokens written (slot
+  `end % S` is written next: see Transformer). `map_kv` applies a function to the rows of either."""
+  shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
   dtype = jnp.dtype(dtype or cfg.dtype)
+  if cfg.scan_layers:
+    zeros = lambda: jnp.zeros((cfg.n_layers, *shape), dtype)
+  else:
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
   return {
-    "k": jnp.zeros(shape, dtype),
-    "v": jnp.zeros(shape, dtype),
+    "k": zeros(),
+    "v": zeros(),
     "pos": jnp.full((batch_size, max_len), -1, jnp.int32),
     "end": jnp.zeros((), jnp.int32),
   }
+
+
+def map_kv(fn, *caches) -> dict:
+  """{"k": ..., "v": ...} of fn(batch_axis, *arrays) over the K/V arrays of `caches` (init_cache's
+  layout, all alike): called once with the stacked [L, B, ...] arrays (batch_axis 1), or once per layer
+  with [B, ...] ones (batch_axis 0). E.g. the rows of a cache: map_kv(lambda ax, a: a[:2] if ax == 0
+  else a[:, :2], cache)."""
+
+  def one(*arrays):
+    if isinstance(arrays[0], tuple):
+      return tuple(fn(0, *layer) for layer in zip(*arrays))
+    return fn(1, *arrays)
+
+  return {name: one(*(c[name] for c in caches)) for name in ("k", "v")}
 
 
 def boxed_param_shapes(cfg: ModelConfig):

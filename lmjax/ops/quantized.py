@@ -1,4 +1,5 @@
-"""Weight-only quantization: int8 and int4 weights with scales, dequantized inside the matmul.
+"""Weight matrices stored [N, K] for inference: int8 and int4 with scales (weight-only quantization,
+dequantized inside the matmul), or float ones as they are.
 
 A `QuantizedWeight` holds one weight matrix as [N, K] integers (N outputs, K inputs), in groups of
 `group_size` consecutive inputs that share a scale (and, for llama.cpp's Q4_1, an offset):
@@ -20,6 +21,11 @@ memory more than time on a CPU. Qwix (Google's JAX quantization library) was tri
 recognises a weight only when the Flax parameter itself reaches the dot, and our layers reshape and
 stack parameters before their 2-D matmuls (ops/matmul.py), so it refused the model; its weight-only
 path is the same dequantize-then-dot.
+
+The same container holds a float matrix transposed to [N, K] without scales (`transposed`): XLA:CPU's
+matrix-vector products read fp32 weights stored [N, K] at ~2x the rate of the [K, N] layout the layers
+declare (SmolLM2 batch-1 decode 52-57 tok/s against 38-44, BUILD_NOTES), so inference keeps every
+float matrix that way (model/quantize.py `for_decoding`).
 """
 
 from __future__ import annotations
@@ -38,15 +44,17 @@ BITS = (8, 4)
 class QuantizedWeight:
   """One quantized weight (a pytree, so it passes through jit, scan and device_put like an array).
 
-  values: int8 [..., N, K] (bits 8) or [..., N, K // 2] (bits 4, two per byte; see module doc).
-  scale, offset: [..., N, K // group_size] floats; offset is None for symmetric quantization.
+  values: int8 [..., N, K] (bits 8), [..., N, K // 2] (bits 4, two per byte; see module doc), or a
+    float matrix [..., N, K] (bits 32 or 16: `transposed`, not quantized).
+  scale, offset: [..., N, K // group_size] floats; offset is None for symmetric quantization, and both
+    are None for a float matrix.
   shape: the float weight's shape as its layer declares it (one layer: leading axes such as scanned
     layers are not part of it); `in_dims` of its leading axes are the inputs (flattened to K), the
     rest the outputs (flattened to N); in_dims=-1: the weight is declared [N, K] (a tied embedding).
   """
 
   values: jax.Array
-  scale: jax.Array
+  scale: jax.Array | None
   offset: jax.Array | None
   shape: tuple = dataclasses.field(metadata={"static": True})
   in_dims: int = dataclasses.field(metadata={"static": True})
@@ -54,9 +62,19 @@ class QuantizedWeight:
   group_size: int = dataclasses.field(metadata={"static": True})
 
   @property
+  def inputs(self) -> int:
+    """K, the matrix's inputs (two int4 values share a byte)."""
+    return self.values.shape[-1] * (2 if self.bits == 4 else 1)
+
+  @property
+  def is_integer(self) -> bool:
+    """Whether the values are quantized integers (False: a `transposed` float matrix)."""
+    return self.scale is not None
+
+  @property
   def nbytes(self) -> int:
     """Bytes held (values, scales and offsets), over all leading axes."""
-    arrays = [self.values, self.scale] + ([] if self.offset is None else [self.offset])
+    arrays = [a for a in (self.values, self.scale, self.offset) if a is not None]
     return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays))
 
 
@@ -97,6 +115,16 @@ def quantize(
   return QuantizedWeight(values, scale_Ng, offset_Ng, tuple(shape), in_dims, bits, group_size)
 
 
+def transposed(w_NK, shape: tuple, in_dims: int) -> QuantizedWeight:
+  """A float [..., N, K] matrix kept as it is (its dtype, no scales), for layers that declare `shape`
+  with `in_dims` input axes (QuantizedWeight's fields)."""
+  w_NK = jnp.asarray(w_NK)
+  if not jnp.issubdtype(w_NK.dtype, jnp.floating):
+    raise ValueError(f"transposed() takes a float matrix, got {w_NK.dtype}; quantize() makes integer ones")
+  bits = jnp.dtype(w_NK.dtype).itemsize * 8
+  return QuantizedWeight(w_NK, None, None, tuple(shape), in_dims, bits, w_NK.shape[-1])
+
+
 def pack_int4(q_NK) -> jax.Array:
   """int8 values in [-8, 7], [..., N, K] -> [..., N, K // 2] bytes: element 2i in the low nibble."""
   q = jnp.asarray(q_NK, jnp.int8)
@@ -114,6 +142,8 @@ def unpack_int4(packed) -> jax.Array:
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
   """The float [..., N, K] matrix w stands for (module docstring's formula)."""
+  if not w.is_integer:
+    return w.values.astype(dtype)
   q_NK = unpack_int4(w.values) if w.bits == 4 else w.values
   *lead, N, K = q_NK.shape
   G = w.group_size
@@ -147,8 +177,5 @@ def _materialized(x):
 def take_rows(w: QuantizedWeight, ids) -> jax.Array:
   """Rows `ids` (any int shape I) of a [N, K] QuantizedWeight, dequantized: fp32 [*I, K] (the token
   embedding lookup)."""
-  offset = None if w.offset is None else jnp.take(w.offset, ids, axis=0)
-  rows = dataclasses.replace(
-    w, values=jnp.take(w.values, ids, axis=0), scale=jnp.take(w.scale, ids, axis=0), offset=offset
-  )
-  return dequantize(rows)
+  take = lambda a: None if a is None else jnp.take(a, ids, axis=0)
+  return dequantize(dataclasses.replace(w, values=take(w.values), scale=take(w.scale), offset=take(w.offset)))
