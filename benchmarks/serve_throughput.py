@@ -57,6 +57,7 @@ def main(_):
     "smollm2-135m-instruct", dtype=None if _DTYPE.value == "float32" else _DTYPE.value
   )
   eng = engine_lib.Engine(lm.cfg, lm.params, lm.tokenizer, _MAX_BATCH.value, _CONTEXT.value, max_queue=256)
+  eng.warmup()  # as lmjax-serve does before serving
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

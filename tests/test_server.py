@@ -26,6 +26,7 @@ class Served:
     cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=max(128, max_context), **shape)
     self.lm = LanguageModel(cfg, params, tokenizer)
     self.engine = engine_lib.Engine(self.lm.cfg, self.lm.params, tokenizer, max_batch, max_context, max_queue)
+    self.engine.warmup()  # as lmjax-serve does
     app = server.create_app(self.lm, "tiny", self.engine, api_key)
     with socket.socket() as s:
       s.bind(("127.0.0.1", 0))
@@ -244,11 +245,19 @@ def test_api_key_is_required_when_set():
 
 
 def test_no_recompilation_across_requests(served):
+  """After warmup (Served, as lmjax-serve) neither lone nor concurrent requests compile a decode step or
+  a cache insert: the cache's row counts were all compiled."""
   client = served.client()
   client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
-  before = engine_lib._decode_step._cache_size()
-  for n in (3, 11, 7):
+  before = engine_lib._decode_step._cache_size(), engine_lib._insert._cache_size()
+
+  def ask(n):
     client.completions.create(
       model="tiny", prompt="fox " * n, max_tokens=n, temperature=0.5, extra_body={"top_k": 5}
     )
-  assert engine_lib._decode_step._cache_size() == before
+
+  for n in (3, 11, 7):
+    ask(n)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    list(pool.map(ask, (3, 9, 5)))
+  assert (engine_lib._decode_step._cache_size(), engine_lib._insert._cache_size()) == before

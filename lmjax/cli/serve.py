@@ -48,6 +48,8 @@ def main(argv):
   eng = engine.Engine(
     lm.cfg, lm.params, lm.tokenizer, f.max_batch, min(f.max_context, lm.cfg.max_len), f.max_queue
   )
+  print(f"compiling the decode step for up to {f.max_batch} slots", flush=True)
+  eng.warmup()
   name = f.model.removeprefix("pretrained:")
   api = server.create_app(lm, name, eng, f.api_key or os.environ.get("LMJAX_API_KEY"))
   print(

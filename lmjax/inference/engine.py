@@ -63,15 +63,14 @@ class Request:
   sent_text: str = ""  # the text emitted so far
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _prefill_row(cfg, params, cache, row, tokens_1P, length, seed, temperature, top_k, top_p):
-  """Fills cache row `row` with one prompt (tokens_1P right-padded; `length` real tokens) and draws its
-  first token. Returns (cache, token)."""
-  take = lambda axis, c: jax.lax.dynamic_index_in_dim(c, row, axis=axis, keepdims=True)
-  row_cache = {**model.map_kv(take, cache), "end": jnp.zeros((1,), jnp.int32)}
-  row_cache["pos"] = jnp.full_like(cache["pos"][:1], -1)  # forget the slot's previous request
+@functools.partial(jax.jit, static_argnames=("cfg", "columns"))
+def _prefill(cfg, params, columns, tokens_1P, length, seed, temperature, top_k, top_p):
+  """One prompt (tokens_1P right-padded; `length` real tokens) into a fresh one-row cache of `columns`
+  columns, and its first token. Returns (row_cache, token). Compiled per prompt bucket, whatever the
+  size of the engine's cache (`_insert` puts the row in)."""
   P = tokens_1P.shape[1]
   positions_1P = jnp.where(jnp.arange(P) < length, jnp.arange(P), -1)[None]
+  row_cache = {**model.init_cache(cfg, 1, columns), "end": jnp.zeros((1,), jnp.int32)}
   logits_11V, row_cache = model.Transformer(cfg).apply(
     {"params": params},
     tokens_1P,
@@ -79,15 +78,19 @@ def _prefill_row(cfg, params, cache, row, tokens_1P, length, seed, temperature, 
     cache=row_cache,
     logits_at_BN=(length - 1)[None, None],
   )
-  put = lambda axis, c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=axis)
-  cache = {
-    **model.map_kv(put, cache, row_cache),
-    "pos": jax.lax.dynamic_update_index_in_dim(cache["pos"], row_cache["pos"][0], row, axis=0),
-    "end": cache["end"].at[row].set(length),
-  }
   keys_1 = token_keys(seed[None], jnp.zeros((1,), jnp.int32))
   token = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])[0]
-  return cache, token
+  return {**row_cache, "end": jnp.reshape(length, (1,))}, token
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache, row_cache, row):
+  """`cache` with row `row` replaced by the one-row `row_cache` (in place: the cache is donated)."""
+  put = lambda axis, c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=axis)
+  return {
+    **model.map_kv(put, cache, row_cache),
+    **{k: put(0, cache[k], row_cache[k]) for k in ("pos", "end")},
+  }
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -167,6 +170,20 @@ class Engine:
     self._thread = threading.Thread(target=self._loop, name="lmjax-engine", daemon=True)
     self._thread.start()
 
+  def warmup(self) -> None:
+    """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows) by running it once on
+    an empty cache, so the first burst of requests does not wait for compilers (SmolLM2: ~4 s a size).
+    Call before serving; prompts still compile once per length bucket as they come."""
+    empty = lambda rows: {
+      **model.init_cache(self.cfg, rows, self.max_context),
+      "end": jnp.zeros((rows,), jnp.int32),
+    }
+    for rows in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
+      cache = _insert(empty(rows), empty(1), jnp.int32(0))
+      zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
+      args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones)
+      jax.block_until_ready(_decode_step(self.cfg, self.params, cache, *args))
+
   def submit(self, request: Request) -> None:
     """Queues `request`. Raises QueueFull when max_queue requests already wait, ValueError when its
     prompt plus max_tokens does not fit max_context."""
@@ -233,11 +250,10 @@ class Engine:
     bucket = min(max(16, 1 << (length - 1).bit_length()), self.max_context)
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, :length] = request.prompt_ids
-    self._cache, token = _prefill_row(
+    row_cache, token = _prefill(
       self.cfg,
       self.params,
-      self._cache,
-      jnp.int32(row),
+      self.max_context,
       jnp.asarray(tokens),
       jnp.int32(length),
       jnp.uint32(request.seed % 2**32),
@@ -245,6 +261,7 @@ class Engine:
       jnp.int32(min(request.top_k, self.cfg.vocab_size)),
       jnp.float32(request.top_p),
     )
+    self._cache = _insert(self._cache, row_cache, jnp.int32(row))
     self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
     self._accept(row, int(token))
 
