@@ -109,6 +109,8 @@ def main(_):
   models = {
     dtype: pretrained.load(_NAME, dtype=None if dtype == "float32" else dtype) for dtype in _DTYPES.value
   }
+  # as LanguageModel holds them: unrolled layers, fp32 matrices [N, K] (model.quantize.for_decoding)
+  decoding = {dtype: quantize.for_decoding(cfg, params) for dtype, (cfg, params, _) in models.items()}
   tokenizer = models[_DTYPES.value[0]][2]
   prompt_ids = tokenizer.encode(_PROMPT)
   print(f"prompt {len(prompt_ids)} tokens, {_NEW.value} greedy tokens, batch 1")
@@ -116,8 +118,7 @@ def main(_):
   for r in range(_ROUNDS.value):
     results["sum GB/s"].append(sum_bandwidth())
     for dtype in _DTYPES.value:
-      cfg, params, _ = models[dtype]
-      results[dtype].append(lmjax_decode(cfg, params, prompt_ids))
+      results[dtype].append(lmjax_decode(*decoding[dtype], prompt_ids))
     if _LLAMA.value:
       results["llama.cpp"].append(llama_decode(pretrained.resolve(_NAME)))
     print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()), flush=True)

@@ -8,6 +8,9 @@ import threading
 import time
 
 import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import uvicorn
 from test_gguf_export import byte_level_bpe, tiny_llama
@@ -261,3 +264,32 @@ def test_no_recompilation_across_requests(served):
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     list(pool.map(ask, (3, 9, 5)))
   assert (engine_lib._decode_step._cache_size(), engine_lib._insert._cache_size()) == before
+
+
+def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
+  """Each row as the reference draws it alone: numpy's argmax (first maximum) where temperature is 0,
+  jax.random.categorical of logits / temperature (top-k filtered with numpy) elsewhere."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 300)).astype(np.float32)
+  logits[0, [7, 200]] = 9.0  # a tie: the first index wins
+  temperature = np.array([0, 0.7, 1.3, 0, 1.0], np.float32)
+  top_k = np.array([0, 0, 5, 3, 0], np.int32)
+  keys = engine_lib.token_keys(jnp.arange(5, dtype=jnp.uint32), jnp.full((5,), 4, jnp.int32))
+  got = np.asarray(
+    engine_lib.sample_rows(
+      jnp.asarray(logits), keys, jnp.asarray(temperature), jnp.asarray(top_k), jnp.ones(5)
+    )
+  )
+  for i in range(5):
+    if temperature[i] == 0:
+      assert got[i] == np.argmax(logits[i])
+      continue
+    x = logits[i] / temperature[i]
+    if top_k[i]:
+      x = np.where(x < np.sort(x)[::-1][top_k[i] - 1], -np.inf, x)
+    assert got[i] == int(jax.random.categorical(keys[i], jnp.asarray(x)))
+  assert got[0] == 7
+  greedy = engine_lib.sample_rows(
+    jnp.asarray(logits), keys, jnp.zeros(5), jnp.zeros(5, jnp.int32), jnp.ones(5)
+  )
+  assert np.asarray(greedy).tolist() == np.argmax(logits, axis=-1).tolist()

@@ -1,10 +1,9 @@
 """Sampling: jit-compiled prefill and KV-cache decode, sampling methods, generate().
 
-Prompts are left-padded to a bucket length (a power of two), so new prompt
-lengths reuse a compiled prefill; padding has position -1 and is never
-attended to (see model/transformer.py). Decoding is one `lax.while_loop` over a pure
-`decode_step`, run to a traced step count: all at once, one token at a time
-(streaming), or in chunks between host checks of text stop strings (`stop_at`).
+Prompts are left-padded to a bucket length (a power of two), so new prompt lengths reuse a compiled
+prefill; padding has position -1 and is never attended to (see model/transformer.py). Decoding is one
+`lax.while_loop` over a pure `decode_step`, run to a traced step count: all at once, one token at a
+time (streaming), or in chunks between host checks of text stop strings (`stop_at`).
 
 Context: the model attends over at most `max_len` tokens (the context it was trained on); a prompt
 that does not leave room for one new token is an error. Past the context, generation goes on in one
@@ -147,9 +146,11 @@ def prefill(
   cache = model.init_cache(cfg, B, P + (num_new if cached_new is None else cached_new))
   if mesh_rules is not None:
     mesh, rules = mesh_rules
-    constrain = lambda v, axes: nn.with_logical_constraint(v, axes, rules=rules, mesh=mesh)
-    kv = model.map_kv(lambda axis, v: constrain(v, model.CACHE_AXES["k"][1 - axis :]), cache)
-    cache = {**kv, **{k: constrain(cache[k], model.CACHE_AXES[k]) for k in ("pos", "end")}}
+    axes = {
+      k: (model.CACHE_AXES[k][1:],) * len(v) if isinstance(v, tuple) else model.CACHE_AXES[k]
+      for k, v in cache.items()
+    }
+    cache = jax.tree.map(lambda v, a: nn.with_logical_constraint(v, a, rules=rules, mesh=mesh), cache, axes)
   logits_B1V, cache = model.Transformer(cfg).apply(
     {"params": params},
     tokens_BP,

@@ -23,7 +23,7 @@ from lmjax.core import sharding
 from lmjax.model import mup
 from lmjax.model.config import ModelConfig
 from lmjax.ops import quantized
-from lmjax.ops.attention import attention
+from lmjax.ops.attention import attention, cached_attention
 from lmjax.ops.dropout import Dropout
 from lmjax.ops.matmul import matmul
 
@@ -63,13 +63,13 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 # Layers.
 
 
-def write_cache(cache_BS, new_BT, slot) -> jax.Array:
-  """`new_BT` written into `cache_BS` (any trailing dims) along axis 1 from column `slot`: the same
-  column for every row (a scalar), or each row's own (an int [B]: rows at different lengths, as
-  continuous batching keeps them)."""
+def write_cache(cache, new, slot, axis: int = 1) -> jax.Array:
+  """`new` written into `cache` (rows first: [B, ...]) along `axis` (its length axis) from column
+  `slot`: the same column for every row (a scalar), or each row's own (an int [B]: rows at different
+  lengths, as continuous batching keeps them)."""
   if jnp.ndim(slot) == 0:
-    return jax.lax.dynamic_update_slice_in_dim(cache_BS, new_BT, slot, 1)
-  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, 0))(cache_BS, new_BT, slot)
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, slot, axis)
+  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis - 1))(cache, new, slot)
 
 
 def embed(embedding_VD, tokens_BT) -> jax.Array:
@@ -192,27 +192,33 @@ class Attention(nn.Module):
     if cfg.pos_encoding == "rope":
       q_BTNH = apply_rope(q_BTNH, q_pos_BT, cfg.rope_theta)
       k_BTKH = apply_rope(k_BTKH, q_pos_BT, cfg.rope_theta)
-    if layer_cache is not None:
-      k_BSKH = write_cache(layer_cache[0], k_BTKH.astype(layer_cache[0].dtype), cache_end)
-      v_BSKH = write_cache(layer_cache[1], v_BTKH.astype(layer_cache[1].dtype), cache_end)
-      new_cache = (k_BSKH, v_BSKH)
+    operand_dtype = jnp.dtype(cfg.matmul_dtype or cfg.dtype)
+    if layer_cache is not None:  # keys stored [B, K, H, S] and values [B, K, S, H]: see init_cache
+      k_BKHS = write_cache(
+        layer_cache[0], k_BTKH.astype(layer_cache[0].dtype).transpose(0, 2, 3, 1), cache_end, 3
+      )
+      v_BKSH = write_cache(
+        layer_cache[1], v_BTKH.astype(layer_cache[1].dtype).transpose(0, 2, 1, 3), cache_end, 2
+      )
+      new_cache = (k_BKHS, v_BKSH)
+      out_BTNH = cached_attention(
+        q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS, cfg.sliding_window, operand_dtype
+      )
     else:
-      k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
-
-    B, T = q_BTNH.shape[:2]
-    out_BTNH = attention(
-      q_BTNH,
-      k_BSKH.astype(dtype),
-      v_BSKH.astype(dtype),
-      q_pos_BT,
-      k_pos_BS,
-      causal=self.causal,
-      window=cfg.sliding_window,
-      dropout=Dropout(cfg.attn_dropout, deterministic=self.deterministic),
-      operand_dtype=jnp.dtype(cfg.matmul_dtype or cfg.dtype),
-      impl=cfg.attention_impl,
-      segment_ids_BT=segment_ids_BT,
-    )
+      new_cache = None
+      out_BTNH = attention(
+        q_BTNH,
+        k_BTKH,
+        v_BTKH,
+        q_pos_BT,
+        k_pos_BS,
+        causal=self.causal,
+        window=cfg.sliding_window,
+        dropout=Dropout(cfg.attn_dropout, deterministic=self.deterministic),
+        operand_dtype=operand_dtype,
+        impl=cfg.attention_impl,
+        segment_ids_BT=segment_ids_BT,
+      )
 
     wo_NHD = make_param(self, "wo", (N, H, D), ("heads", "kv", "embed"), out_std)
     out_BTD = dense(out_BTNH, wo_NHD, cfg, in_dims=2)

@@ -152,27 +152,29 @@ class Transformer(nn.Module):
 
 # Logical names of the cache dimensions, so the cache shards by the same rules as the parameters.
 CACHE_AXES = {
-  "k": ("layers", "batch", "length", "heads", "kv"),
-  "v": ("layers", "batch", "length", "heads", "kv"),
+  "k": ("layers", "batch", "heads", "kv", "length"),
+  "v": ("layers", "batch", "heads", "length", "kv"),
   "pos": ("batch", "length"),
   "end": (),
 }
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> dict:
-  """An empty KV cache: k/v [L, B, S, K, H] (scanned layers) or a tuple of L [B, S, K, H] arrays
-  (unrolled layers: each layer then reads and updates its own buffer in place, where slicing a stacked
-  one copies it), key positions [B, S] (-1 = empty), and `end`, the number of tokens written (slot
-  `end % S` is written next: see Transformer). `map_kv` applies a function to the rows of either."""
-  shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+  """An empty KV cache: keys [L, B, K, H, S] and values [L, B, K, S, H] (K heads of H dims, S slots:
+  the layouts attention's matmuls read, ops/attention.cached_attention) for scanned layers, or tuples
+  of L [B, ...] arrays for unrolled ones (each layer then reads and updates its own buffer in place,
+  where slicing a stacked one copies it), key positions [B, S] (-1 = empty), and `end`, the number of
+  tokens written (slot `end % S` is written next: see Transformer). `map_kv` applies a function to the
+  rows of either."""
+  B, S, K, H = batch_size, max_len, cfg.kv_heads, cfg.dim_per_head
   dtype = jnp.dtype(dtype or cfg.dtype)
   if cfg.scan_layers:
-    zeros = lambda: jnp.zeros((cfg.n_layers, *shape), dtype)
+    zeros = lambda shape: jnp.zeros((cfg.n_layers, *shape), dtype)
   else:
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
   return {
-    "k": zeros(),
-    "v": zeros(),
+    "k": zeros((B, K, H, S)),
+    "v": zeros((B, K, S, H)),
     "pos": jnp.full((batch_size, max_len), -1, jnp.int32),
     "end": jnp.zeros((), jnp.int32),
   }
