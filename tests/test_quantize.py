@@ -108,6 +108,56 @@ def test_quantized_transformer_computes_the_dequantized_model(dtype, layout):
   assert out_q == out_f
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8", "bfloat16"])
+@pytest.mark.parametrize("layout", list(CONFIGS))
+def test_decoding_layout_computes_the_same_model(dtype, layout):
+  """for_decoding: layers unrolled (one KV buffer per layer), fp32 matrices stored [N, K] (their
+  transposes, unscaled), others as they were; logits, cached decoding and the declared weights (through
+  dequantize_params and a re-stack) are the original model's."""
+  cfg = model.ModelConfig(
+    vocab_size=96, d_model=64, n_layers=2, n_heads=4, d_ff=128, mlp="swiglu", **CONFIGS[layout]
+  )
+  params = model.init_params(cfg, jax.random.key(1))
+  if dtype == "int8":
+    params = quantize.quantize_params(params, dtype)
+  elif dtype == "bfloat16":
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  cfg_d, params_d = quantize.for_decoding(cfg, params)
+  assert not cfg_d.scan_layers and "blocks" not in params_d
+  wq = params_d["block_1"]["attn"]["wq"]
+  layer_1 = jax.tree.map(lambda a: a[1], params["blocks"]) if cfg.scan_layers else params["block_1"]
+  wq_1 = layer_1["attn"]["wq"]
+  if dtype == "float32":  # [D, N, H] declared -> [N*H, D] stored
+    assert not wq.is_integer and wq.values.shape == (64, 64)
+    np.testing.assert_array_equal(np.asarray(wq.values), np.asarray(wq_1).reshape(64, 64).T)
+  elif dtype == "int8":
+    np.testing.assert_array_equal(np.asarray(wq.values), np.asarray(wq_1.values))
+  else:
+    assert wq.dtype == jnp.bfloat16 and wq.shape == wq_1.shape
+  assert quantize.is_quantized(params_d) == (dtype == "int8")
+  assert quantize.for_decoding(cfg_d, params_d)[1] is not None  # a second call changes nothing
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
+  logits = model.Transformer(cfg).apply({"params": params}, tokens)
+  logits_d = model.Transformer(cfg_d).apply({"params": params_d}, tokens)
+  tol = 2e-2 if dtype == "bfloat16" else 1e-5
+  np.testing.assert_allclose(
+    np.asarray(logits_d, np.float32), np.asarray(logits, np.float32), atol=tol, rtol=tol
+  )
+  cache = model.init_cache(cfg_d, 2, 16)
+  assert isinstance(cache["k"], tuple) and len(cache["k"]) == 2
+  _, cache = model.Transformer(cfg_d).apply({"params": params_d}, tokens[:, :11], cache=cache)
+  last, cache = model.Transformer(cfg_d).apply({"params": params_d}, tokens[:, 11:], cache=cache)
+  np.testing.assert_allclose(
+    np.asarray(last[:, 0], np.float32), np.asarray(logits[:, 11], np.float32), atol=tol, rtol=tol
+  )
+  if dtype == "float32":
+    declared = quantize.dequantize_params(params_d)["block_0"]["mlp"]["w2"]
+    original = params["blocks"]["mlp"]["w2"][0] if cfg.scan_layers else params["block_0"]["mlp"]["w2"]
+    np.testing.assert_array_equal(np.asarray(declared), np.asarray(original))
+    # quantizing the decoding layout quantizes its float matrices (not kept as "already quantized")
+    assert quantize.is_quantized(quantize.quantize_params(params_d, "int8"))
+
+
 def gguf_tensor(kind: str, w_OI: np.ndarray):
   """A reader-like tensor: `w_OI` encoded by the gguf package's own quantizer."""
   from gguf import GGMLQuantizationType, quants
