@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lmjax import model, train
+from lmjax import model, pretrained, train
 from lmjax.data import sft as sft_lib, tokenizers
-from lmjax.inference import LanguageModel
 from lmjax.model import lora as lora_lib
 from lmjax.run import checkpoint, config as config_lib
 from lmjax.tasks import evaluators, generators, losses, metrics
@@ -169,9 +168,9 @@ def test_lora_training_changes_only_adapters(tmp_path, corpus_file):
   logged = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl") if '"mfu"' in line][-1]
   assert logged["mfu"] * 1e12 / logged["tokens_per_sec"] == pytest.approx(hand, rel=1e-9)
   assert any(np.abs(np.asarray(v)).max() > 0 for path, v in leaves if path[-1].key == "b")  # B moved from 0
-  base = LanguageModel.from_workdir(base_dir)
-  tuned = LanguageModel.from_workdir(str(tmp_path / "ft"))  # base + merged adapters
-  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), base.params, tuned.params)
+  base = pretrained.load(base_dir)[1]  # as declared (LanguageModel holds the decoding layout)
+  tuned = pretrained.load(str(tmp_path / "ft"))[1]  # base + merged adapters
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), base, tuned)
   flat = {
     "/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(changed)[0]
   }

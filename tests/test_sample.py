@@ -330,6 +330,17 @@ tokens = np.zeros((4, 16), np.int32); positions = np.tile(np.arange(16), (4, 1))
 state = sampler.prefill(cfg, sharded_params, tokens, positions, jax.random.key(0), num_new=4, sampling=greedy,
                        eos_id=-1, pad_id=0, mesh_rules=(mesh, rules))
 print("cache", state.cache["k"].sharding.spec, state.cache["k"].addressable_shards[0].data.shape)
+import dataclasses  # unrolled layers: one cache buffer per layer, sharded alike
+cfg = dataclasses.replace(cfg, scan_layers=False)
+params = jax.tree.map(lambda p: p * 4, model.init_params(cfg, jax.random.key(0)))
+single = sampler.generate_tokens(cfg, params, prompts, 8, greedy).tokens
+boxed = model.boxed_param_shapes(cfg)
+sharded_params = jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
+sharded = sampler.generate_tokens(cfg, sharded_params, prompts, 8, greedy, mesh_rules=(mesh, rules)).tokens
+assert sharded == single, (sharded, single)
+state = sampler.prefill(cfg, sharded_params, tokens, positions, jax.random.key(0), num_new=4, sampling=greedy,
+                       eos_id=-1, pad_id=0, mesh_rules=(mesh, rules))
+print("layer cache", state.cache["v"][1].sharding.spec, state.cache["v"][1].addressable_shards[0].data.shape)
 """
 
 
@@ -340,5 +351,7 @@ def test_sampling_on_a_mesh_matches_one_device_and_shards_the_cache():
     [sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  # k: [layers, batch, length, kv heads, head_dim] -> batch over (data, fsdp) = 4, kv heads over tensor = 2.
-  assert "cache P(None, ('data', 'fsdp'), None, 'tensor') (2, 1, 20, 1, 8)" in result.stdout
+  # k: [layers, batch, kv heads, head_dim, length] -> batch over (data, fsdp) = 4, kv heads over tensor = 2.
+  assert "cache P(None, ('data', 'fsdp'), 'tensor') (2, 1, 1, 8, 20)" in result.stdout
+  # v of one unrolled layer: [batch, kv heads, length, head_dim].
+  assert "layer cache P(('data', 'fsdp'), 'tensor') (1, 1, 20, 8)" in result.stdout
