@@ -1,6 +1,7 @@
 """int8/int4 weight-only quantization (ops/quantized.py, model/quantize.py, GGUF blocks in gguf.py),
 against numpy re-implementations of the formulas and against the `gguf` package's own dequantizer."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax
@@ -108,7 +109,7 @@ def test_quantized_transformer_computes_the_dequantized_model(dtype, layout):
   assert out_q == out_f
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4", "bfloat16", "fp32-weights-bf16-compute"])
 @pytest.mark.parametrize("layout", list(CONFIGS))
 def test_decoding_layout_computes_the_same_model(dtype, layout):
   """for_decoding: layers unrolled (one KV buffer per layer), fp32 matrices stored [N, K] (their
@@ -118,7 +119,9 @@ def test_decoding_layout_computes_the_same_model(dtype, layout):
     vocab_size=96, d_model=64, n_layers=2, n_heads=4, d_ff=128, mlp="swiglu", **CONFIGS[layout]
   )
   params = model.init_params(cfg, jax.random.key(1))
-  if dtype == "int8":
+  if dtype == "fp32-weights-bf16-compute":  # matrices stay as declared: bf16 matmuls, unchanged
+    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+  if dtype in ("int8", "int4"):
     params = quantize.quantize_params(params, dtype)
   elif dtype == "bfloat16":
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -130,16 +133,19 @@ def test_decoding_layout_computes_the_same_model(dtype, layout):
   if dtype == "float32":  # [D, N, H] declared -> [N*H, D] stored
     assert not wq.is_integer and wq.values.shape == (64, 64)
     np.testing.assert_array_equal(np.asarray(wq.values), np.asarray(wq_1).reshape(64, 64).T)
-  elif dtype == "int8":
+  elif dtype in ("int8", "int4"):
     np.testing.assert_array_equal(np.asarray(wq.values), np.asarray(wq_1.values))
   else:
-    assert wq.dtype == jnp.bfloat16 and wq.shape == wq_1.shape
-  assert quantize.is_quantized(params_d) == (dtype == "int8")
-  assert quantize.for_decoding(cfg_d, params_d)[1] is not None  # a second call changes nothing
+    assert wq.dtype == wq_1.dtype and wq.shape == wq_1.shape
+  assert quantize.is_quantized(params_d) == (dtype in ("int8", "int4"))
+  cfg_again, params_again = quantize.for_decoding(cfg_d, params_d)  # a second call changes nothing
+  assert cfg_again == cfg_d
+  assert jax.tree.structure(params_again) == jax.tree.structure(params_d)
+  assert all(a is b for a, b in zip(jax.tree.leaves(params_again), jax.tree.leaves(params_d)))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)), jnp.int32)
   logits = model.Transformer(cfg).apply({"params": params}, tokens)
   logits_d = model.Transformer(cfg_d).apply({"params": params_d}, tokens)
-  tol = 2e-2 if dtype == "bfloat16" else 1e-5
+  tol = 1e-5 if cfg.dtype == "float32" and dtype != "bfloat16" else 2e-2
   np.testing.assert_allclose(
     np.asarray(logits_d, np.float32), np.asarray(logits, np.float32), atol=tol, rtol=tol
   )

@@ -293,3 +293,7 @@ def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
     jnp.asarray(logits), keys, jnp.zeros(5), jnp.zeros(5, jnp.int32), jnp.ones(5)
   )
   assert np.asarray(greedy).tolist() == np.argmax(logits, axis=-1).tolist()
+  nan_row = jnp.asarray([[0.0, np.nan, 1.0, np.nan], [2.0, 5.0, 5.0, 1.0]])
+  assert (
+    engine_lib.first_argmax(nan_row).tolist() == np.argmax(np.asarray(nan_row), axis=-1).tolist() == [1, 1]
+  )

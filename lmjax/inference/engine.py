@@ -3,8 +3,8 @@
 The engine holds a KV cache of up to `max_batch` rows ("slots") of `max_context` columns, each row at its
 own length (model/transformer.py takes one cache `end` per row). One thread loops:
 
-  1. admit waiting requests into free slots: each prompt's prefill runs alone (its row of the cache is
-     taken out, reset, filled and put back) and gives its first token;
+  1. admit waiting requests into free slots: each prompt's prefill runs alone (into a fresh one-row
+     cache that then replaces the slot's row) and gives its first token;
   2. one decode step for the slots in use at once (the cache is resized to the slots up to the highest
      in use, a power of two, so one step compiles per size; donated, so it is updated in place), each
      row sampled with its own temperature / top-k / top-p and seed;
@@ -149,10 +149,11 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array
 
 
 def first_argmax(x_BV) -> jax.Array:
-  """jnp.argmax(x_BV, axis=-1) (the first index of the maximum), int32 [B], as two plain reductions:
-  XLA:CPU does not vectorise argmax's variadic reduction (16 x 49152 logits: 1.8 ms against 0.4)."""
+  """jnp.argmax(x_BV, axis=-1) (the first index of the maximum, or of a NaN), int32 [B], as two plain
+  reductions: XLA:CPU does not vectorise argmax's variadic reduction (16 x 49152 logits: 1.8 ms
+  against 0.4)."""
   V = x_BV.shape[-1]
-  is_max_BV = x_BV == x_BV.max(axis=-1, keepdims=True)
+  is_max_BV = (x_BV == x_BV.max(axis=-1, keepdims=True)) | jnp.isnan(x_BV)  # the first NaN, as argmax
   return jnp.min(jnp.where(is_max_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
@@ -171,8 +172,7 @@ class Engine:
     cfg, params = model.quantize.for_decoding(cfg, params)  # as LanguageModel holds them already
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
-    cache = model.init_cache(cfg, 1, max_context)  # grown and shrunk with the slots in use (_fit)
-    self._cache = {**cache, "end": jnp.zeros((1,), jnp.int32)}
+    self._cache = self._empty(1)  # grown and shrunk with the slots in use (_fit)
     self._slots: list = [None] * max_batch
     self._streams: list = [None] * max_batch
     self._waiting: collections.deque = collections.deque()
@@ -185,15 +185,15 @@ class Engine:
     """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows) by running it once on
     an empty cache, so the first burst of requests does not wait for compilers (SmolLM2: ~4 s a size).
     Call before serving; prompts still compile once per length bucket as they come."""
-    empty = lambda rows: {
-      **model.init_cache(self.cfg, rows, self.max_context),
-      "end": jnp.zeros((rows,), jnp.int32),
-    }
     for rows in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
-      cache = _insert(empty(rows), empty(1), jnp.int32(0))
+      cache = _insert(self._empty(rows), self._empty(1), jnp.int32(0))
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
       args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones)
       jax.block_until_ready(_decode_step(self.cfg, self.params, cache, *args))
+
+  def _empty(self, rows: int) -> dict:
+    """An empty cache of `rows` rows, each with its own length (`end`)."""
+    return {**model.init_cache(self.cfg, rows, self.max_context), "end": jnp.zeros((rows,), jnp.int32)}
 
   def submit(self, request: Request) -> None:
     """Queues `request`. Raises QueueFull when max_queue requests already wait, ValueError when its
@@ -233,8 +233,11 @@ class Engine:
           return
         admitted = []
         while self._waiting and None in self._slots:
+          request = self._waiting.popleft()
+          if request.cancelled:  # its client left while it waited
+            continue
           row = self._slots.index(None)
-          self._slots[row] = self._waiting.popleft()
+          self._slots[row] = request
           admitted.append(row)
       try:
         self._fit()
@@ -245,6 +248,7 @@ class Engine:
           self._step()
       except Exception as err:  # noqa: BLE001 (end the requests in flight, keep serving the next ones)
         logging.exception("lmjax engine step failed: %s", err)
+        self._cache = self._empty(1)  # the failed call may have taken (donated) the cache's buffers
         for row, request in enumerate(self._slots):
           if request is not None:
             self._slots[row] = None

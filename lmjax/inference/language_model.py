@@ -44,9 +44,10 @@ class LanguageModel:
       )
     self.tokenizer = tokenizer
     self.mesh_rules = None if mesh is None else (mesh, tuple(tuple(r) for r in rules))
-    if mesh is not None and model.quantize.is_quantized(params):
+    if mesh is not None and model.quantize.has_weight_containers(params):
       raise ValueError(
-        "quantized (int8/int4) weights run on one device; load the model in a float dtype to shard it"
+        "quantized (int8/int4) or decoding-layout weights run on one device; load the model in a float "
+        "dtype (as declared) to shard it"
       )
     if mesh is not None:
       params = jax.device_put(params, sharding.logical_shardings(model.boxed_param_shapes(cfg), mesh, rules))

@@ -7,7 +7,9 @@ Shape suffixes name tensor dimensions:
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `length`,
 `layers`) so that sharding is one table in the config (DESIGN.md property 3); the layers never name
-a mesh axis. Matmuls and attention go through ops/ (`model.matmul_impl`, `model.attention_impl`).
+a mesh axis. Matmuls and attention go through ops/ (`model.matmul_impl`, `model.attention_impl`;
+a one-token decode step over a KV cache uses `cached_attention`, weights held for decoding
+`quantized.matmul`).
 """
 
 from __future__ import annotations
@@ -152,9 +154,10 @@ class Norm(nn.Module):
 class Attention(nn.Module):
   """Causal multi-head attention softmax(QK^T/sqrt(d_k))V with grouped KV heads.
 
-  With `layer_cache=(k_BSKH, v_BSKH)` the new keys/values are written into the
-  cache at slot `cache_end` and the queries attend over the whole cache; the
-  updated cache is returned (None without a cache).
+  With `layer_cache=(k_BKHS, v_BKSH)` (model.init_cache's layouts) the new keys/values are written
+  into the cache at slot `cache_end` and the queries attend over the whole cache (one query, a decode
+  step: `cached_attention` on the cache as stored; more: `attention` as configured); the updated
+  cache is returned (None without a cache).
   """
 
   cfg: ModelConfig
@@ -201,11 +204,15 @@ class Attention(nn.Module):
         layer_cache[1], v_BTKH.astype(layer_cache[1].dtype).transpose(0, 2, 1, 3), cache_end, 2
       )
       new_cache = (k_BKHS, v_BKSH)
+    else:
+      new_cache = None
+    if layer_cache is not None and q_BTNH.shape[1] == 1:  # a decode step: the cache as stored
       out_BTNH = cached_attention(
         q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS, cfg.sliding_window, operand_dtype
       )
-    else:
-      new_cache = None
+    else:  # training, scoring and a prompt's prefill (keys as [B, S, K, H]: `attention_impl` applies)
+      if layer_cache is not None:
+        k_BTKH, v_BTKH = k_BKHS.transpose(0, 3, 1, 2), v_BKSH.transpose(0, 2, 1, 3)
       out_BTNH = attention(
         q_BTNH,
         k_BTKH,

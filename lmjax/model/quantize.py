@@ -41,12 +41,12 @@ MATRICES = {
 }
 
 
-def as_NK(w, rank: int, in_dims: int, dtype=jnp.float32) -> tuple:
+def as_NK(w, rank: int, in_dims: int) -> tuple:
   """(the [..., N, K] matrix of a declared-layout weight w (or a float QuantizedWeight), its one-layer
   shape)."""
   if isinstance(w, quantized.QuantizedWeight):
-    return w.values.astype(dtype), w.shape
-  w = jnp.asarray(w, dtype)
+    return w.values.astype(jnp.float32), w.shape
+  w = jnp.asarray(w, jnp.float32)
   lead, shape = w.shape[: w.ndim - rank], w.shape[w.ndim - rank :]
   if in_dims == -1:
     return w, shape
@@ -105,26 +105,45 @@ def is_quantized(params) -> bool:
   return any(isinstance(x, quantized.QuantizedWeight) and x.is_integer for x in leaves)
 
 
+def has_weight_containers(params) -> bool:
+  """Whether any weight in `params` is a QuantizedWeight (integer, or a float one `for_decoding` made)."""
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quantized.QuantizedWeight))
+  return any(isinstance(x, quantized.QuantizedWeight) for x in leaves)
+
+
 def for_decoding(cfg, params) -> tuple:
-  """(cfg, params) of the same model laid out for fast decoding on one device; logits are unchanged.
+  """(cfg, params) of the same model laid out for fast decoding on one CPU device; logits are
+  unchanged. On other backends (GPUs, TPUs: not measured there) (cfg, params) come back as they are.
 
   - Scanned layers are unrolled (`blocks` [L, ...] -> `block_0` ... `block_{L-1}`): a scan reads each
     layer's weights and KV cache through per-step dynamic slices, which XLA:CPU copies (a 16-row
     SmolLM2 decode step spent ~50 ms of ~140 in those copies; BUILD_NOTES).
   - fp32 matrices are stored [N, K] (`quantized.transposed`): matrix-vector products read them ~2x
-    faster. Integer (int8/int4) weights are [N, K] already; bf16/fp16 ones stay as declared, so their
-    matmuls keep running in the model's dtype.
-  Costs one copy of the weights and a longer compile (the layers unrolled)."""
+    faster. Only when the model computes in fp32 (dtype and matmul_dtype): the stored matrices are
+    multiplied in fp32. Integer (int8/int4) weights are [N, K] already; the others stay as declared.
+  Applying it again changes nothing. Converting holds up to ~3x the weights' memory at its peak while
+  the caller keeps the originals; a longer compile follows (the layers unrolled). Raises ValueError
+  when `params` do not match `cfg` (scanned layers without `blocks`)."""
+  if jax.default_backend() != "cpu":
+    return cfg, params
   if cfg.scan_layers:
+    if "blocks" not in params:
+      raise ValueError(
+        "cfg has scanned layers but params have no 'blocks': pass the cfg the params came with"
+      )
     blocks = params["blocks"]
     params = {k: v for k, v in params.items() if k != "blocks"}
     for i in range(cfg.n_layers):
       params[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], blocks)
     cfg = dataclasses.replace(cfg, scan_layers=False)
 
+  fp32_compute = jnp.dtype(cfg.matmul_dtype or cfg.dtype) == jnp.float32
+
   def convert(path, w):
     name = getattr(path[-1], "key", None)
     if name not in MATRICES or isinstance(w, quantized.QuantizedWeight) or w.dtype != jnp.float32:
+      return w
+    if not fp32_compute:
       return w
     w_NK, shape = as_NK(w, *MATRICES[name])
     return quantized.transposed(w_NK, shape, MATRICES[name][1])

@@ -2,7 +2,8 @@
 
 Attention masks are computed from token *positions*: a key is visible to a query when
 `0 <= key_pos <= query_pos`. Position -1 marks padding. The same rule serves training (positions
-0..T-1), left-padded prompts and the KV cache, so the sampler needs no second attention path.
+0..T-1), left-padded prompts and the KV cache (a decode step reads it through
+ops/attention.cached_attention, in the layouts it is stored in).
 Shape suffixes: see layers.py.
 """
 

@@ -1,4 +1,5 @@
-"""Attention kernels, chosen by name (`model.attention_impl`); the model calls `attention` only.
+"""Attention kernels, chosen by name (`model.attention_impl`); the model calls `attention`, and
+`cached_attention` for a decode step's one query over a KV cache.
 
   auto       the fastest implementation measured for the backend and shape (`auto_impl`): xla_cpu
              or blockwise on CPU, cudnn on GPU, splash on TPU. The default.
@@ -121,9 +122,10 @@ def auto_impl(
   positions, blockwise from there for its O(T) memory (BUILD_NOTES: attention speed). GPU: cudnn for causal
   self-attention with bf16/fp16 operands and head dims that are multiples of 8 up to 128 (cuDNN's
   flash attention), blockwise for other training shapes. TPU: splash for causal self-attention over
-  multiples of 128 positions, blockwise otherwise. Attention over a KV cache on GPU/TPU (decode, a
-  few query rows): reference. `backend` is where the step runs (jax.default_backend()), so a CPU
-  host exporting for an accelerator exports the CPU choice; name the implementation to export another.
+  multiples of 128 positions, blockwise otherwise. Attention of a prompt over a KV cache on GPU/TPU
+  (prefill): reference; a one-token decode step takes `cached_attention` instead. `backend` is where
+  the step runs (jax.default_backend()), so a CPU host exporting for an accelerator exports the CPU
+  choice; name the implementation to export another.
   """
   if dropout:
     return "xla_cpu"
@@ -267,8 +269,9 @@ def attention_core(q_BKMH, k_BKSH, v_BKSH, bias_BKMS, keep_BKMS, operand_dtype) 
 def _attention_fwd(q_BKMH, k_BKSH, v_BKSH, bias_BKMS, keep_BKMS, operand_dtype):
   dtype = jnp.zeros((0,), q_BKMH.dtype)  # carries the input dtype to the backward pass
   q, k, v = (a.astype(operand_dtype) for a in (q_BKMH, k_BKSH, v_BKSH))
-  # A row-major copy of K pays off for training's blocks of >= 64 queries; decode steps
-  # (a few query rows) ran ~14% slower with it (SmolLM2 bf16, batch 8), so XLA gets K as is.
+  # A row-major copy of K pays off for training's blocks of >= 64 queries; decode steps (a few
+  # query rows, when they came this way) ran ~14% slower with it (SmolLM2 bf16, batch 8), so short
+  # query blocks give XLA K as is.
   k_BKHS = swap_minor(k) if q.shape[-2] >= _MIN_ROWS_FOR_K_COPY else jnp.swapaxes(k, -1, -2)
   logits_BKMS = batched_matmul(q, k_BKHS) + bias_BKMS
   exp_BKMS = jnp.exp(logits_BKMS - logits_BKMS.max(-1, keepdims=True))

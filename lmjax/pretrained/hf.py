@@ -285,6 +285,7 @@ def export_llama(cfg: model.ModelConfig, params, directory: str, tokenizer=None)
   from safetensors.numpy import save_file
 
   D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+  params = model.quantize.dequantize_params(params)  # int8/int4 or decoding-layout weights: as declared
   p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   blocks = p["blocks"] if "blocks" in p else _stack([p[f"block_{i}"] for i in range(cfg.n_layers)])
   t = {"model.embed_tokens.weight": p["embedding"], "model.norm.weight": p["final_norm"]["scale"]}

@@ -76,7 +76,7 @@ def with_dtype(cfg, params, dtype: str | None):
     return cfg, quantize.quantize_params(params, dtype)
   if dtype not in model.DTYPES:
     raise errors.ConfigError(f"dtype {dtype!r} is not supported; allowed: {list(INFERENCE_DTYPES)}")
-  if quantize.is_quantized(params):
+  if quantize.has_weight_containers(params):
     params = quantize.dequantize_params(params)
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
   return cfg, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
