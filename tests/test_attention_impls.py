@@ -120,16 +120,17 @@ def test_implementations_refuse_what_they_cannot_do_when_the_config_is_made():
   M.ModelConfig(**small, attn_dropout=0.1)  # auto: xla_cpu, which has dropout
 
 
+@pytest.mark.parametrize("T", [1, 3])  # T=1: a decode step, the C++ kernel on a CPU
 @pytest.mark.parametrize("window", [None, 3])
-def test_cached_attention_equals_numpy_over_the_cache_layouts(window):
+def test_cached_attention_equals_numpy_over_the_cache_layouts(window, T):
   """cached_attention over keys [B, K, H, S] and values [B, K, S, H] (GQA: 4 query heads on 2 KV heads),
   empty slots (position -1) and a ring's out-of-order positions, against a numpy softmax per head."""
   rng = np.random.default_rng(0)
-  B, T, N, K, H, S = 2, 3, 4, 2, 8, 7
+  B, N, K, H, S = 2, 4, 2, 8, 7
   q = rng.normal(size=(B, T, N, H)).astype(np.float32)
   k_BSKH, v_BSKH = (rng.normal(size=(B, S, K, H)).astype(np.float32) for _ in range(2))
   k_pos = np.array([[0, 1, 2, 3, 4, -1, -1], [7, 8, 2, 3, 4, 5, 6]], np.int32)
-  q_pos = np.array([[2, 3, 4], [6, 7, 8]], np.int32)
+  q_pos = np.array([[2, 3, 4], [6, 7, 8]], np.int32)[:, 3 - T :]
   got = attention_lib.cached_attention(
     jnp.asarray(q),
     jnp.asarray(k_BSKH.transpose(0, 2, 3, 1)),

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.ops import accelerator_attention, blockwise_attention, masks
+from lmjax.ops import accelerator_attention, blockwise_attention, decode_kernels, masks
 from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
 # Causal self-attention of at least this many positions takes blockwise under "auto" on CPU. xla_cpu
@@ -95,8 +95,34 @@ def cached_attention(q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS, window=None, op
   in q's dtype. The cache holds keys as [B, K, H, S] and values as [B, K, S, H], the operand layouts of
   the two batched matmuls, so a decode step reads them as stored: with [B, S, K, H] XLA:CPU copied
   both into those layouts every step (~20 ms of a 90 ms 16-row SmolLM2 step, BUILD_NOTES). The mask
-  comes from the positions (`masks.position_mask`; -1: an empty slot). Plain XLA on every backend:
-  a decode step's few query rows are bound by reading the cache, which fused kernels do not change."""
+  comes from the positions (`masks.position_mask`; -1: an empty slot). Plain XLA on GPUs and TPUs:
+  a decode step's few query rows are bound by reading the cache, which fused kernels do not change.
+  On a CPU one query per row with fp32 operands goes to the C++ kernel (ops/decode_kernels.py), which
+  reads each row's cache only up to its last filled slot; a row that sees no slot then gives zeros
+  (XLA: the mean of its values)."""
+  if _kernel_takes(q_BTNH, k_BKHS, v_BKSH, operand_dtype):
+    args = (q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS)
+    kernel = lambda *a: _kernel_attention(*a, window)
+    xla = lambda *a: _xla_cached_attention(*a, window, operand_dtype)
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+  return _xla_cached_attention(q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS, window, operand_dtype)
+
+
+def _kernel_takes(q_BTNH, k_BKHS, v_BKSH, operand_dtype) -> bool:
+  """One query per row with fp32 operands on a CPU: the C++ decode kernel (ops/decode_kernels.py)."""
+  fp32 = (
+    all(a.dtype == jnp.float32 for a in (q_BTNH, k_BKHS, v_BKSH)) and jnp.dtype(operand_dtype) == jnp.float32
+  )
+  return q_BTNH.shape[1] == 1 and fp32 and jax.default_backend() == "cpu" and decode_kernels.available()
+
+
+def _kernel_attention(q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS, window):
+  H = q_BTNH.shape[-1]
+  q_BNH = q_BTNH[:, 0] * jnp.asarray(H**-0.5, q_BTNH.dtype)
+  return decode_kernels.attention(q_BNH, k_BKHS, v_BKSH, q_pos_BT[:, 0], k_pos_BS, window)[:, None]
+
+
+def _xla_cached_attention(q_BTNH, k_BKHS, v_BKSH, q_pos_BT, k_pos_BS, window, operand_dtype):
   B, T, N, H = q_BTNH.shape
   K = k_BKHS.shape[1]
   G = N // K

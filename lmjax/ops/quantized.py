@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.ops import decode_kernels
+
 BITS = (8, 4)
 
 
@@ -156,7 +158,32 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   """x_MK @ w^T for a one-layer QuantizedWeight ([N, K]): fp32 [M, N], computed in fp32 whatever x's
   dtype (XLA:CPU's bf16 matrix-vector products are slower than fp32 ones; the bytes saved are the
-  weights')."""
+  weights'). A decode step's few rows (M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4 weights go
+  to the C++ kernel on a CPU (ops/decode_kernels.py), everything else to XLA's dot."""
+  if _kernel_takes(x_MK, w):
+    return jax.lax.platform_dependent(x_MK, w, cpu=_kernel_matmul, default=_xla_matmul)
+  return _xla_matmul(x_MK, w)
+
+
+def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
+  float_ok = not w.is_integer and w.values.dtype == jnp.float32
+  integer_ok = w.is_integer and all(
+    a is None or a.dtype in (jnp.float32, jnp.float16) for a in (w.scale, w.offset)
+  )
+  return (
+    x_MK.shape[0] <= decode_kernels.MAX_ROWS
+    and w.values.ndim == 2
+    and (float_ok or integer_ok)
+    and jax.default_backend() == "cpu"
+    and decode_kernels.available()
+  )
+
+
+def _kernel_matmul(x_MK, w: QuantizedWeight) -> jax.Array:
+  return decode_kernels.matmul(x_MK, w.values, w.scale, w.offset, w.bits, w.group_size)
+
+
+def _xla_matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   x_MK = jax.lax.platform_dependent(x_MK, cpu=_materialized, default=lambda x: x)
   # Tie the weight to x: otherwise XLA hoists the dequantization of a weight that a decode loop reads
   # every step (the tied head) out of the loop, and each step reads the fp32 copy (4x the bytes).

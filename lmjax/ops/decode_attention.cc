@@ -1,0 +1,123 @@
+// Attention of one query token per row over its KV cache (a decode step), as an XLA FFI custom call
+// (lmjax/ops/decode_kernels.py builds and registers it). GQA: q [B, N, H] already
+// scaled by 1/sqrt(H), heads n = kv_head * G + g; keys [B, K, H, S], values [B, K, S, H] (the layouts
+// model/layers.py keeps); k_pos [B, S] each slot's position (-1: empty), q_pos [B]. A slot is seen if
+// 0 <= k_pos <= q_pos (and q_pos - k_pos < window when window > 0), as ops/masks.position_mask.
+// Only slots up to a row's last filled one are read, so a short row costs what it holds, not the
+// cache's length. A row that sees no slot gets zeros.
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "decode_kernels.h"
+
+namespace lmjax {
+namespace {
+
+// e^x for x <= 0 in 16 lanes: x = n ln2 + r, e^r by Cephes' expf polynomial (|r| <= ln2 / 2, ~1 ulp),
+// times 2^n built in the exponent bits; exactly 0 below -87 (where fp32 underflows), so -inf too.
+inline vfloat exp_nonpositive(vfloat x) {
+  const vint underflow = x < -87.0f;
+  x = x < -87.0f ? -87.0f : x;
+  const vint n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vint);  // round to nearest
+  const vfloat nf = __builtin_convertvector(n, vfloat);
+  const vfloat r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vfloat y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vint scaled = (vint)y + (n << 23);
+  return (vfloat)(scaled & ~underflow);
+}
+
+struct AttentionProblem {
+  const float *q, *k, *v;
+  const int32_t *q_pos, *k_pos;
+  int64_t B, K, G, H, S, window;
+  float* out;
+};
+
+void attend(const AttentionProblem& p, int64_t b, int64_t kv_head) {
+  const int64_t G = p.G, H = p.H, S = p.S;
+  const int32_t* k_pos = p.k_pos + b * S;
+  const int32_t q_pos = p.q_pos[b];
+  float* out = p.out + (b * p.K * G + kv_head * G) * H;
+  int64_t L = S;
+  while (L > 0 && k_pos[L - 1] < 0) --L;
+  thread_local std::vector<float> scores;
+  scores.assign(G * L, 0.0f);
+  const float* q = p.q + (b * p.K * G + kv_head * G) * H;
+  const float* keys = p.k + (b * p.K + kv_head) * H * S;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t g = 0; g < G; ++g) {
+      const float qh = q[g * H + h];
+      float* row = scores.data() + g * L;
+      const float* key = keys + h * S;
+      for (int64_t s = 0; s < L; ++s) row[s] += qh * key[s];
+    }
+  const float* values = p.v + (b * p.K + kv_head) * S * H;
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = scores.data() + g * L;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < L; ++s) {
+      const bool seen = k_pos[s] >= 0 && k_pos[s] <= q_pos && (p.window <= 0 || q_pos - k_pos[s] < p.window);
+      row[s] = seen ? row[s] : -std::numeric_limits<float>::infinity();
+      top = std::max(top, row[s]);
+    }
+    float* o = out + g * H;
+    std::fill(o, o + H, 0.0f);
+    if (top == -std::numeric_limits<float>::infinity()) continue;
+    vfloat totals = vfloat{};
+    int64_t s = 0;
+    for (; s + kLanes <= L; s += kLanes) {
+      const vfloat e = exp_nonpositive(load(row + s) - top);
+      std::memcpy(row + s, &e, sizeof(e));
+      totals += e;
+    }
+    float total = sum_lanes(totals);
+    for (; s < L; ++s) total += row[s] = std::exp(row[s] - top);
+    for (int64_t s = 0; s < L; ++s) {
+      if (row[s] == 0.0f) continue;
+      const float weight = row[s];
+      const float* value = values + s * H;
+      for (int64_t h = 0; h < H; ++h) o[h] += weight * value[h];
+    }
+    for (int64_t h = 0; h < H; ++h) o[h] /= total;
+  }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
+                           ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t window) {
+  auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions();
+  if (q_dims.size() != 3 || k_dims.size() != 4 || v_dims.size() != 4)
+    return ffi::Error::InvalidArgument("decode_attention takes q [B, N, H], keys [B, K, H, S], values [B, K, S, H]");
+  const int64_t B = q_dims[0], N = q_dims[1], H = q_dims[2], K = k_dims[1], S = k_dims[3];
+  if (k_dims[0] != B || k_dims[2] != H || N % K || v_dims[0] != B || v_dims[1] != K || v_dims[2] != S ||
+      v_dims[3] != H || q_pos.element_count() != B || k_pos.element_count() != B * S)
+    return ffi::Error::InvalidArgument("decode_attention: shapes of q, keys, values or positions disagree");
+  auto shared = std::make_shared<Parallel<AttentionProblem>>();
+  shared->problem = AttentionProblem{q.typed_data(), k.typed_data(), v.typed_data(), q_pos.typed_data(),
+                                     k_pos.typed_data(), B, K, N / K, H, S, window, out->typed_data()};
+  shared->run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
+  shared->chunks = B * K;
+  const int64_t cache_bytes = 2 * B * K * S * H * sizeof(float);
+  return shared->launch(pool, cache_bytes < kParallelBytes ? 1 : std::max<int64_t>(1, pool.num_threads()));
+}
+}  // namespace
+}  // namespace lmjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeAttention, lmjax::DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
+

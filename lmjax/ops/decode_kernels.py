@@ -1,0 +1,145 @@
+"""A decode step's two kernels on a CPU, in C++ called through the XLA FFI: the matmul of a few rows
+of activations by a [N, K] weight, fp32 or int8/int4 with scales (`decode_matmul.cc`), and the
+attention of one query token per row over its KV cache (`decode_attention.cc`).
+
+Why our own kernels: a decode step multiplies 1-16 rows by every weight matrix and reads every
+layer's KV cache, and XLA:CPU has no kernel for either that runs at the memory's or the cores' rate.
+With one row it fuses int8 dequantize-then-dot into a loop reading ~22 GB/s (a jitted sum reads
+32-36); with 16 rows YNNPACK multiplies at 65-120 GFLOP/s of a measured 201, and int8 weights are
+dequantized into an fp32 temporary first (16-row int8 step 123-126 ms, 46-47 with the kernel). Its
+batched dots read every column of the cache whatever the rows hold, and with one row XLA fused the
+cache update twice and copied each layer's K and V buffers twice a step. The kernels read int8 and
+int4 once, converting in registers; multiply 16 rows in register tiles; read each row's cache only
+up to its last filled slot; and share the work with XLA's intra-op threads. A/B numbers in
+BUILD_NOTES (Decisions, "Decode kernels"). No library fills this seat: XNNPACK's and oneDNN's int8
+GEMMs are not reachable from JAX, and Qwix / AQT lower to the same XLA dots (ops/quantized.py).
+
+The sources are compiled once per machine with the system's C++ compiler (`c++`, or $CXX) for the
+host CPU (-march=native), into $LMJAX_CACHE (default ~/.cache/lmjax)/kernels, keyed by the sources,
+the compiler and its flags, and jaxlib's version (a few seconds, the first time). Without a
+compiler, or with LMJAX_DECODE_KERNEL=0, `available()` is False and the callers
+(ops/quantized.matmul, ops/attention.cached_attention) use XLA (the same values up to rounding
+order). Neither kernel is differentiable: they serve inference weights (model/quantize.py
+`for_decoding`) and decode steps only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = ("decode_matmul.cc", "decode_attention.cc")
+_HEADER = "decode_kernels.h"
+_TARGETS = {"lmjax_decode_matmul": "LmjaxDecodeMatmul", "lmjax_decode_attention": "LmjaxDecodeAttention"}
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# The kernel serves decode steps; more rows than this are a prefill or a scoring batch, where XLA's
+# GEMMs (compute-bound, YNNPACK) are the better choice.
+MAX_ROWS = 16
+
+
+def _cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("LMJAX_CACHE", pathlib.Path.home() / ".cache" / "lmjax")) / "kernels"
+
+
+def build() -> pathlib.Path:
+  """Compiles the kernels into the kernel cache if it is not there yet; returns the library's
+  path. The file appears atomically (compiled to a temporary name, then renamed), so processes that
+  build at once do not read a half-written library. Raises RuntimeError with the compiler's output if
+  the compiler is missing or fails."""
+  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if not compiler:
+    raise RuntimeError("no C++ compiler found (set $CXX or install g++/clang++)")
+  source = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, _HEADER))
+  key = hashlib.sha256(source + " ".join((compiler,) + _FLAGS).encode() + jaxlib.__version__.encode())
+  library = _cache_dir() / f"decode_kernels-{key.hexdigest()[:16]}.so"
+  if library.exists():
+    return library
+  library.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+    partial = pathlib.Path(scratch) / library.name
+    sources = [str(_HERE / name) for name in _SOURCES]
+    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *sources, "-o", str(partial)]
+    try:
+      done = subprocess.run(command, capture_output=True, text=True)
+    except OSError as error:
+      raise RuntimeError(f"cannot run the C++ compiler {compiler}: {error}") from error
+    if done.returncode:
+      raise RuntimeError(f"compiling the decode kernels failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+    os.replace(partial, library)
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel is built and registered with XLA for the CPU (once per process). False when
+  LMJAX_DECODE_KERNEL=0 or the build fails (logged once, with the reason)."""
+  if os.environ.get("LMJAX_DECODE_KERNEL", "1") == "0":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except (RuntimeError, OSError) as error:
+    logging.warning("decode kernel unavailable, decoding uses XLA's dots (slower): %s", error)
+    return False
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return True
+
+
+def _require():
+  if not available():
+    raise RuntimeError(
+      "the C++ decode kernels are not available (LMJAX_DECODE_KERNEL=0, or the build failed: see the"
+      " warning logged above); callers check decode_kernels.available() first"
+    )
+
+
+def matmul(x_MK, values, scale, offset, bits: int, group_size: int) -> jax.Array:
+  """fp32 [M, N] = x_MK @ w^T for w [N, K] given by ops/quantized.py's QuantizedWeight fields:
+  `values` f32 [N, K] (bits 32, scale and offset None) or int8 [N, K] / [N, K // 2] (bits 8 / 4),
+  `scale` and `offset` [N, K // group_size] (f32 or f16; offset may be None). x is cast to fp32.
+  CPU only (a custom call registered for the CPU); RuntimeError if `available()` is False."""
+  _require()
+  empty = jnp.zeros((0,), jnp.float32)
+  call = jax.ffi.ffi_call(
+    "lmjax_decode_matmul", jax.ShapeDtypeStruct((x_MK.shape[0], values.shape[0]), jnp.float32)
+  )
+  return call(
+    x_MK.astype(jnp.float32),
+    values,
+    empty if scale is None else scale,
+    empty if offset is None else offset,
+    bits=np.int32(bits),
+    group_size=np.int64(group_size),
+  )
+
+
+def attention(q_BNH, k_BKHS, v_BKSH, q_pos_B, k_pos_BS, window: int | None) -> jax.Array:
+  """fp32 [B, N, H]: softmax(q k^T) v for one query per row, q_BNH already scaled by 1/sqrt(H), its N
+  heads in K groups of N // K that share a KV head (GQA: head n reads KV head n // (N // K)). Keys
+  [B, K, H, S] and values [B, K, S, H] as model/layers.py stores them; k_pos_BS each slot's position
+  (-1: empty), q_pos_B the query's; a slot is seen if 0 <= k_pos <= q_pos (and q_pos - k_pos < window),
+  ops/masks.position_mask's rule. A row that sees no slot gives zeros. fp32 operands only; CPU only;
+  RuntimeError if `available()` is False."""
+  _require()
+  call = jax.ffi.ffi_call("lmjax_decode_attention", jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32))
+  return call(
+    q_BNH.astype(jnp.float32),
+    k_BKHS,
+    v_BKSH,
+    q_pos_B.astype(jnp.int32),
+    k_pos_BS.astype(jnp.int32),
+    window=np.int64(window or 0),
+  )

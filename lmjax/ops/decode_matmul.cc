@@ -1,0 +1,372 @@
+// y[M, N] = x[M, K] @ w[N, K]^T for the few rows of a decode step, on a CPU, as an XLA FFI custom
+// call (lmjax/ops/decode_kernels.py builds and registers it; its docstring says why it exists).
+//
+// w is one of ops/quantized.py's QuantizedWeight layouts:
+//   fp32    values f32 [N, K]                       (no scale)
+//   int8    values s8  [N, K],     scale [N, K / G] (f32 or f16), offset [N, K / G] or empty
+//   int4    values s8  [N, K / 2]  two per byte: element 2i in the low nibble, 2i+1 in the high one
+// w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G].
+//
+// One or two rows of x with quantized groups of a multiple of 32 (`fused_tile`): each weight byte is
+// converted in registers and used at once, one pass over the weights. Otherwise (`block`): 16 weight
+// rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they are) times
+// every row of x in register tiles of 4x4, 2x8 or 1x16 dot products. Output rows are split into
+// chunks shared with XLA's intra-op threads (`Parallel`).
+
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "decode_kernels.h"
+
+namespace lmjax {
+namespace {
+
+constexpr int kRowsW = 16;  // weight rows dequantized and multiplied together
+
+// IEEE half -> float, for GGUF's f16 block scales.
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ffu, bits;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exponent = 127 - 15 + 1;
+      while (!(mantissa & 0x400u)) {
+        mantissa <<= 1;
+        --exponent;
+      }
+      bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+    }
+  } else if (exponent == 31) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct Weight {
+  const void* values;
+  int bits;  // 32 (fp32), 8 or 4
+  const void* scale;
+  bool scale_f16;
+  const void* offset;  // nullptr: none
+  bool offset_f16;
+  int64_t group_size;
+
+  float group_value(const void* p, bool f16, int64_t i) const {
+    return f16 ? half_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+  }
+
+  // Row n as K floats into out.
+  void dequantize_row(int64_t n, int64_t K, float* out) const {
+    if (bits == 32) {
+      std::memcpy(out, static_cast<const float*>(values) + n * K, K * sizeof(float));
+      return;
+    }
+    const int64_t groups = K / group_size;
+    const int8_t* row = static_cast<const int8_t*>(values) + n * (bits == 4 ? K / 2 : K);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = group_value(scale, scale_f16, n * groups + g);
+      const float o = offset ? group_value(offset, offset_f16, n * groups + g) : 0.0f;
+      float* dst = out + g * group_size;
+      if (bits == 8) {
+        const int8_t* q = row + g * group_size;
+        for (int64_t k = 0; k < group_size; ++k) dst[k] = static_cast<float>(q[k]) * s + o;
+      } else {
+        const int8_t* q = row + g * group_size / 2;
+        for (int64_t k = 0; k < group_size / 2; ++k) {
+          const int8_t byte = q[k];
+          dst[2 * k] = static_cast<float>(static_cast<int8_t>(byte << 4) >> 4) * s + o;
+          dst[2 * k + 1] = static_cast<float>(byte >> 4) * s + o;
+        }
+      }
+    }
+  }
+};
+
+struct Problem {
+  const float* x;  // [M, K]
+  int64_t M, K, N;
+  Weight w;
+  float* y;  // [M, N]
+};
+
+// Lane i of the result: the sum of v[i]'s lanes. Four rounds of halving, each adding two vectors' halves
+// side by side (15 adds, 30 shuffles, against 240 scalar adds lane by lane).
+inline vfloat sum_lanes16(const vfloat* v) {
+  vfloat c[8], e[4], g[2];
+  for (int i = 0; i < 8; ++i)  // c[i]: lanes 0-7 partial sums of v[2i], 8-15 of v[2i+1]
+    c[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // e[i]: four lanes each of v[4i..4i+3]
+    e[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // g[i]: two lanes each of v[8i..8i+7]
+    g[i] = __builtin_shufflevector(e[2 * i], e[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(e[2 * i], e[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// y[m0:m0+MX, n0:n0+NW] from x rows m0.. and weight rows w_rows[0..NW) (row stride K): dot products
+// along K in 16 lanes, MX * NW accumulators (16 make a full register tile).
+template <int MX, int NW>
+void tile(const Problem& p, int64_t m0, int64_t n0, const float* w_rows) {
+  const int64_t K = p.K, body = K - K % kLanes;
+  vfloat acc[MX * NW];
+  for (int a = 0; a < MX * NW; ++a) acc[a] = vfloat{};
+  for (int64_t k = 0; k < body; k += kLanes) {
+    vfloat wv[NW];
+    for (int j = 0; j < NW; ++j) wv[j] = load(w_rows + j * K + k);
+    for (int i = 0; i < MX; ++i) {
+      const vfloat xv = load(p.x + (m0 + i) * K + k);
+      for (int j = 0; j < NW; ++j) acc[i * NW + j] += xv * wv[j];
+    }
+  }
+  float sums[MX * NW];
+  if constexpr (MX * NW == kLanes) {
+    const vfloat v = sum_lanes16(acc);
+    std::memcpy(sums, &v, sizeof(v));
+  } else {
+    for (int a = 0; a < MX * NW; ++a) sums[a] = sum_lanes(acc[a]);
+  }
+  for (int i = 0; i < MX; ++i)
+    for (int j = 0; j < NW; ++j) {
+      float total = sums[i * NW + j];
+      for (int64_t k = body; k < K; ++k) total += p.x[(m0 + i) * K + k] * w_rows[j * K + k];
+      p.y[(m0 + i) * p.N + n0 + j] = total;
+    }
+}
+
+// Every row of x against a block of kRowsW weight rows (fewer at the end of N: one at a time).
+void block(const Problem& p, int64_t n0, int64_t count, const float* w_rows) {
+  if (count < kRowsW) {
+    for (int64_t j = 0; j < count; ++j)
+      for (int64_t m = 0; m < p.M; ++m) tile<1, 1>(p, m, n0 + j, w_rows + j * p.K);
+    return;
+  }
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4)
+    for (int j = 0; j < kRowsW; j += 4) tile<4, 4>(p, m, n0 + j, w_rows + j * p.K);
+  if (m + 2 <= p.M) {
+    tile<2, 8>(p, m, n0, w_rows);
+    tile<2, 8>(p, m, n0 + 8, w_rows + 8 * p.K);
+    m += 2;
+  }
+  if (m < p.M) tile<1, 16>(p, m, n0, w_rows);
+}
+
+// Rows of x that the fused kernel below takes; more rows share a dequantized buffer (`columns`).
+constexpr int kFusedRowsX = 2;
+
+// 16 int8 at p as floats; and 16 bytes' low and high nibbles (signed int4) as floats. GCC lowers vector
+// conversions from int8 lane by lane, so AVX-512 gets intrinsics; other targets a loop.
+#ifdef __AVX512F__
+inline vfloat widen(const int8_t* p) {
+  return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+inline vfloat low_nibbles(const int8_t* p) {
+  const __m512i bytes = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
+  return (vfloat)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(bytes, 28), 28));
+}
+inline vfloat high_nibbles(const int8_t* p) {
+  return (vfloat)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)), 4));
+}
+#else
+inline vfloat widen(const int8_t* p) {
+  vfloat v;
+  for (int l = 0; l < kLanes; ++l) v[l] = p[l];
+  return v;
+}
+inline vfloat low_nibbles(const int8_t* p) {
+  vfloat v;
+  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<int8_t>(p[l] << 4) >> 4;
+  return v;
+}
+inline vfloat high_nibbles(const int8_t* p) {
+  vfloat v;
+  for (int l = 0; l < kLanes; ++l) v[l] = p[l] >> 4;
+  return v;
+}
+#endif
+
+// What the fused kernel needs besides the problem: int4 weights pair with x's even and odd inputs
+// (x_even[m, i] = x[m, 2i], low nibbles; x_odd, high nibbles), so no nibble is shuffled back into
+// order; offsets add offset[n, g] * (sum of x over group g), x_group_sums [M, K / G].
+struct Prepared {
+  std::vector<float> x_even, x_odd, x_group_sums;
+};
+
+// y[0:MX, n0:n0+NW] for quantized weights with groups of a multiple of 32 inputs, converting each
+// int8 (or pair of int4) in registers: one pass over the weight bytes, as a decode step needs.
+template <int MX, int NW, int BITS>
+void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
+  const Weight& w = p.w;
+  const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
+  vfloat acc[MX][NW];
+  float offsets[MX][NW] = {};
+  for (int i = 0; i < MX; ++i)
+    for (int j = 0; j < NW; ++j) acc[i][j] = vfloat{};
+  const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
+  for (int64_t g = 0; g < groups; ++g) {
+    vfloat group_acc[MX][NW];
+    for (int i = 0; i < MX; ++i)
+      for (int j = 0; j < NW; ++j) group_acc[i][j] = vfloat{};
+    if (BITS == 8) {
+      for (int64_t k = g * G; k < (g + 1) * G; k += kLanes) {
+        vfloat wv[NW];
+        for (int j = 0; j < NW; ++j) wv[j] = widen(rows + j * row_bytes + k);
+        for (int i = 0; i < MX; ++i) {
+          const vfloat xv = load(p.x + i * K + k);
+          for (int j = 0; j < NW; ++j) group_acc[i][j] += xv * wv[j];
+        }
+      }
+    } else {
+      for (int64_t b = g * G / 2; b < (g + 1) * G / 2; b += kLanes) {
+        vfloat low[NW], high[NW];
+        for (int j = 0; j < NW; ++j) {
+          low[j] = low_nibbles(rows + j * row_bytes + b);
+          high[j] = high_nibbles(rows + j * row_bytes + b);
+        }
+        for (int i = 0; i < MX; ++i) {
+          const vfloat even = load(prep.x_even.data() + i * K / 2 + b);
+          const vfloat odd = load(prep.x_odd.data() + i * K / 2 + b);
+          for (int j = 0; j < NW; ++j) group_acc[i][j] += even * low[j] + odd * high[j];
+        }
+      }
+    }
+    for (int j = 0; j < NW; ++j) {
+      const float s = w.group_value(w.scale, w.scale_f16, (n0 + j) * groups + g);
+      const float o = w.offset ? w.group_value(w.offset, w.offset_f16, (n0 + j) * groups + g) : 0.0f;
+      for (int i = 0; i < MX; ++i) {
+        acc[i][j] += group_acc[i][j] * s;
+        if (w.offset) offsets[i][j] += o * prep.x_group_sums[i * groups + g];
+      }
+    }
+  }
+  for (int i = 0; i < MX; ++i)
+    for (int j = 0; j < NW; ++j) p.y[i * p.N + n0 + j] = sum_lanes(acc[i][j]) + offsets[i][j];
+}
+
+template <int BITS>
+void fused_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    if (p.M == 1) fused_tile<1, 4, BITS>(p, prep, n);
+    else fused_tile<2, 4, BITS>(p, prep, n);
+  }
+  for (; n < n_end; ++n) {
+    if (p.M == 1) fused_tile<1, 1, BITS>(p, prep, n);
+    else fused_tile<2, 1, BITS>(p, prep, n);
+  }
+}
+
+bool fusable(const Problem& p) {
+  return p.w.bits != 32 && p.M <= kFusedRowsX && p.w.group_size % (2 * kLanes) == 0;
+}
+
+// Output columns [n_begin, n_end).
+void columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
+  if (fusable(p)) {
+    if (p.w.bits == 8) fused_columns<8>(p, prep, n_begin, n_end);
+    else fused_columns<4>(p, prep, n_begin, n_end);
+    return;
+  }
+  thread_local std::vector<float> buffer;
+  if (p.w.bits != 32) buffer.resize(kRowsW * p.K);
+  for (int64_t n = n_begin; n < n_end; n += kRowsW) {
+    const int64_t count = std::min<int64_t>(kRowsW, n_end - n);
+    const float* w_rows = static_cast<const float*>(p.w.values) + n * p.K;  // fp32: rows as stored
+    if (p.w.bits != 32) {
+      for (int64_t j = 0; j < count; ++j) p.w.dequantize_row(n + j, p.K, buffer.data() + j * p.K);
+      w_rows = buffer.data();
+    }
+    block(p, n, count, w_rows);
+  }
+}
+
+Prepared prepare(const Problem& p) {
+  Prepared prep;
+  if (!fusable(p)) return prep;
+  const int64_t K = p.K, G = p.w.group_size, groups = K / G;
+  if (p.w.bits == 4) {
+    prep.x_even.resize(p.M * K / 2);
+    prep.x_odd.resize(p.M * K / 2);
+    for (int64_t i = 0; i < p.M * K / 2; ++i) {
+      prep.x_even[i] = p.x[2 * i];
+      prep.x_odd[i] = p.x[2 * i + 1];
+    }
+  }
+  if (p.w.offset) {
+    prep.x_group_sums.assign(p.M * groups, 0.0f);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t k = 0; k < K; ++k) prep.x_group_sums[m * groups + k / G] += p.x[m * K + k];
+  }
+  return prep;
+}
+
+struct MatmulTasks {
+  Problem problem;
+  Prepared prepared;
+  int64_t chunk;
+};
+
+// Below this many weight bytes a helper thread's wake-up costs more than it saves.
+ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                        ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                        int32_t bits, int64_t group_size) {
+  auto x_dims = x.dimensions(), v_dims = values.dimensions();
+  if (x_dims.size() != 2 || v_dims.size() != 2)
+    return ffi::Error::InvalidArgument("decode_matmul takes x [M, K] and a 2-D weight");
+  const int64_t M = x_dims[0], K = x_dims[1], N = v_dims[0];
+  const bool is_float = bits == 32;
+  if (is_float ? values.element_type() != ffi::F32 : values.element_type() != ffi::S8)
+    return ffi::Error::InvalidArgument("decode_matmul: values must be f32 (bits 32) or s8 (bits 8, 4)");
+  if (v_dims[1] * (bits == 4 ? 2 : 1) != K || (!is_float && (group_size <= 0 || K % group_size)))
+    return ffi::Error::InvalidArgument("decode_matmul: weight inputs or group size do not match x");
+  auto is_f16 = [](const ffi::AnyBuffer& b) { return b.element_type() == ffi::F16; };
+  if (!is_float && scale.element_count() != N * (K / group_size))
+    return ffi::Error::InvalidArgument("decode_matmul: scale must be [N, K / group_size]");
+  const bool has_offset = offset.element_count() > 0;
+  if (has_offset && offset.element_count() != N * (K / group_size))
+    return ffi::Error::InvalidArgument("decode_matmul: offset must be [N, K / group_size] or empty");
+
+  auto shared = std::make_shared<Parallel<MatmulTasks>>();
+  MatmulTasks& tasks = shared->problem;
+  tasks.problem = Problem{x.typed_data(), M, K, N,
+                          Weight{values.untyped_data(), bits, scale.untyped_data(), is_f16(scale),
+                                 has_offset ? offset.untyped_data() : nullptr, is_f16(offset), group_size},
+                          y->typed_data()};
+  tasks.prepared = prepare(tasks.problem);
+  const int64_t weight_bytes = N * K * (is_float ? 4 : 1) / (bits == 4 ? 2 : 1);
+  const int64_t threads = weight_bytes < kParallelBytes ? 1 : std::max<int64_t>(1, pool.num_threads());
+  // Several chunks per thread so that a thread that starts late still finds work.
+  const int64_t per_chunk = (N + 4 * threads - 1) / (4 * threads);
+  tasks.chunk = std::max<int64_t>(kRowsW, (per_chunk + kRowsW - 1) / kRowsW * kRowsW);
+  shared->chunks = (N + tasks.chunk - 1) / tasks.chunk;
+  shared->run = [](const MatmulTasks& t, int64_t i) {
+    columns(t.problem, t.prepared, i * t.chunk, std::min(t.problem.N, (i + 1) * t.chunk));
+  };
+  return shared->launch(pool, threads);
+}
+
+}  // namespace
+}  // namespace lmjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeMatmul, lmjax::DecodeMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int64_t>("group_size"));
+

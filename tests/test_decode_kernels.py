@@ -1,0 +1,151 @@
+"""The C++ decode matmul (ops/decode_kernels.cc) against numpy: dequantize with the formula in
+ops/quantized.py's docstring (written again here in numpy), multiply in float64."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax.ops import decode_kernels, quantized
+
+
+def numpy_weight(values, scale, offset, bits, group_size):
+  """w[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G], in float64; int4: element 2i in a
+  byte's low nibble, 2i+1 in its high one, both signed."""
+  values = np.asarray(values)
+  if bits == 32:
+    return values.astype(np.float64)
+  if bits == 4:
+    byte = values.astype(np.int16)
+    low = ((byte & 0xF) ^ 8) - 8
+    high = byte >> 4
+    values = np.stack([low, high], axis=-1).reshape(values.shape[0], -1)
+  N, K = values.shape
+  scale_NK = np.repeat(np.asarray(scale, np.float64), group_size, axis=1)
+  offset_NK = 0.0 if offset is None else np.repeat(np.asarray(offset, np.float64), group_size, axis=1)
+  return values.astype(np.float64) * scale_NK + offset_NK
+
+
+def random_weight(rng, N, K, bits, group_size, with_offset, scale_dtype):
+  if bits == 32:
+    return rng.standard_normal((N, K)).astype(np.float32), None, None
+  high = 127 if bits == 8 else 7
+  q = rng.integers(-high - (bits == 4), high + 1, (N, K)).astype(np.int8)
+  values = np.asarray(quantized.pack_int4(q)) if bits == 4 else q
+  scale = (rng.uniform(0.5, 1.5, (N, K // group_size)) / high).astype(scale_dtype)
+  offset = rng.uniform(-0.1, 0.1, (N, K // group_size)).astype(scale_dtype) if with_offset else None
+  return values, scale, offset
+
+
+def kernel(x, values, scale, offset, bits, group_size):
+  call = lambda x, v, s, o: decode_kernels.matmul(x, v, s, o, bits, group_size)
+  return np.asarray(jax.jit(call)(x, values, scale, offset))
+
+
+def test_the_kernel_builds_here():
+  """Where a C++ compiler exists (as on CI), decoding must get the kernel, not the fallback."""
+  assert shutil.which("c++") or shutil.which("g++"), "no C++ compiler on this machine"
+  assert decode_kernels.available()
+
+
+# (bits, group size, offset): fp32; int8 per row and in groups (Q8_0); int4 with and without offset
+# (Q4_1, Q4_0); a group that is not a multiple of 32 takes the dequantize-into-buffer path.
+KINDS = [
+  (32, None, False),
+  (8, None, False),
+  (8, 32, False),
+  (8, 64, True),
+  (4, 32, True),
+  (4, 32, False),
+  (8, 8, True),
+]
+
+
+@pytest.mark.parametrize("bits,group_size,with_offset", KINDS)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+def test_matches_numpy(bits, group_size, with_offset, M):
+  rng = np.random.default_rng(M * 100 + bits)
+  N, K = 37, 128  # N not a multiple of the kernel's 16-row blocks
+  G = group_size or K
+  values, scale, offset = random_weight(rng, N, K, bits, G, with_offset, np.float32)
+  x = rng.standard_normal((M, K)).astype(np.float32)
+  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, G).T
+  np.testing.assert_allclose(kernel(x, values, scale, offset, bits, G), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("K", [40, 100])
+def test_inputs_not_a_multiple_of_16(K):
+  """fp32 and one-group int8 rows whose length leaves a tail after the 16-lane loop."""
+  rng = np.random.default_rng(K)
+  x = rng.standard_normal((4, K)).astype(np.float32)
+  for bits in (32, 8):
+    values, scale, offset = random_weight(rng, 20, K, bits, K, False, np.float32)
+    want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, K).T
+    np.testing.assert_allclose(kernel(x, values, scale, offset, bits, K), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float16_scales_as_gguf_stores_them(bits):
+  rng = np.random.default_rng(bits)
+  values, scale, offset = random_weight(rng, 24, 64, bits, 32, bits == 4, np.float16)
+  x = rng.standard_normal((2, 64)).astype(np.float32)
+  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, 32).T
+  np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_large_weight_split_over_threads(bits):
+  """Above the kernel's 128 KiB threshold the output rows are shared with XLA's threads."""
+  rng = np.random.default_rng(7)
+  N, K = 1030, 256
+  values, scale, offset = random_weight(rng, N, K, bits, 32, bits == 4, np.float32)
+  x = rng.standard_normal((3, K)).astype(np.float32)
+  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, 32).T
+  np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_matmul_uses_the_kernel_for_decode_rows_only():
+  w = quantized.quantize(np.ones((64, 32), np.float32), 8, 32, (32, 64), 1)
+  hlo = lambda M: jax.jit(quantized.matmul).lower(jnp.ones((M, 32)), w).as_text()
+  assert "lmjax_decode_matmul" in hlo(decode_kernels.MAX_ROWS)
+  assert "lmjax_decode_matmul" not in hlo(decode_kernels.MAX_ROWS + 1)
+
+
+def test_build_failure_names_the_compiler_problem(monkeypatch, tmp_path):
+  monkeypatch.setenv("LMJAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.raises((RuntimeError, OSError), match="no-such-compiler"):
+    decode_kernels.build()
+  assert not list((tmp_path / "kernels").glob("*.so")), "a failed build must leave no library behind"
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("B,K,G,H,S", [(3, 2, 3, 16, 45), (4, 3, 3, 64, 256)])  # the second: threaded
+def test_attention_matches_numpy(B, K, G, H, S, window):
+  """One query per row over keys [B, K, H, S] / values [B, K, S, H] with GQA; rows: a prefix of filled
+  slots, a ring whose positions wrap, random empty slots, and an empty row (zeros)."""
+  rng = np.random.default_rng(S)
+  q = rng.standard_normal((B, K * G, H)).astype(np.float32) / np.sqrt(H)
+  k = rng.standard_normal((B, K, H, S)).astype(np.float32)
+  v = rng.standard_normal((B, K, S, H)).astype(np.float32)
+  k_pos = np.full((B, S), -1, np.int32)
+  k_pos[0, :20] = np.arange(20)
+  k_pos[1] = (np.arange(S) - 7) % S + S  # a full ring: slot s holds position S + (s - 7) mod S
+  k_pos[2] = np.where(rng.random(S) < 0.5, np.arange(S), -1)
+  q_pos = np.array([19, 2 * S - 1, S - 1] + [0] * (B - 3), np.int32)
+  got = np.asarray(
+    jax.jit(lambda *a: decode_kernels.attention(*a, window))(q, k, v, q_pos, k_pos), np.float64
+  )
+  for b, n in np.ndindex(B, K * G):
+    seen = (k_pos[b] >= 0) & (k_pos[b] <= q_pos[b])
+    if window is not None:
+      seen &= q_pos[b] - k_pos[b] < window
+    if not seen.any():
+      np.testing.assert_array_equal(got[b, n], 0.0)
+      continue
+    scores = q[b, n].astype(np.float64) @ k[b, n // G].astype(np.float64)
+    p = np.where(seen, np.exp(scores - scores[seen].max()), 0.0)
+    want = (p / p.sum()) @ v[b, n // G].astype(np.float64)
+    np.testing.assert_allclose(got[b, n], want, rtol=1e-5, atol=1e-5)
