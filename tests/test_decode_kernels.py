@@ -1,6 +1,7 @@
 """The C++ decode matmul (ops/decode_kernels.cc) against numpy: dequantize with the formula in
 ops/quantized.py's docstring (written again here in numpy), multiply in float64."""
 
+import pathlib
 import shutil
 
 import jax
@@ -26,6 +27,35 @@ def numpy_weight(values, scale, offset, bits, group_size):
   scale_NK = np.repeat(np.asarray(scale, np.float64), group_size, axis=1)
   offset_NK = 0.0 if offset is None else np.repeat(np.asarray(offset, np.float64), group_size, axis=1)
   return values.astype(np.float64) * scale_NK + offset_NK
+
+
+def quantized_x(x, block=32):
+  """The VNNI path's x (ops/decode_matmul_vnni.h): per row, blocks of 32 inputs, xq = rint(x * 127 /
+  max|x|) times max|x| / 127, in fp32 as the kernel computes them."""
+  x_blocks = x.reshape(x.shape[0], -1, block)
+  top = np.abs(x_blocks).max(-1, keepdims=True)
+  inverse = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0).astype(np.float32)
+  q = np.rint(x_blocks * inverse)
+  return (q.astype(np.float64) * (top / np.float32(127)).astype(np.float64)).reshape(x.shape)
+
+
+_VNNI = "avx512_vnni" in open("/proc/cpuinfo").read() if pathlib.Path("/proc/cpuinfo").exists() else False
+
+
+def reference(x, values, scale, offset, bits, group_size):
+  """x @ w^T in float64; where the kernel takes the VNNI path (int8, 1-2 rows, groups of a multiple of
+  32, rows of a multiple of 64 inputs, on a CPU with AVX-512 VNNI) x is quantized as it does, and the
+  offsets still see x's exact sums."""
+  w = numpy_weight(values, scale, offset, bits, group_size)
+  K = x.shape[1]
+  if not (_VNNI and bits == 8 and x.shape[0] <= 2 and group_size % 32 == 0 and K % 64 == 0):
+    return x.astype(np.float64) @ w.T
+  w_scaled = numpy_weight(values, scale, None, bits, group_size)
+  y = quantized_x(x) @ w_scaled.T
+  if offset is not None:
+    offset_NK = np.repeat(np.asarray(offset, np.float64), group_size, axis=1)
+    y += x.astype(np.float64) @ offset_NK.T
+  return y
 
 
 def random_weight(rng, N, K, bits, group_size, with_offset, scale_dtype):
@@ -71,7 +101,7 @@ def test_matches_numpy(bits, group_size, with_offset, M):
   G = group_size or K
   values, scale, offset = random_weight(rng, N, K, bits, G, with_offset, np.float32)
   x = rng.standard_normal((M, K)).astype(np.float32)
-  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, G).T
+  want = reference(x, values, scale, offset, bits, G)
   np.testing.assert_allclose(kernel(x, values, scale, offset, bits, G), want, rtol=1e-5, atol=1e-4)
 
 
@@ -91,7 +121,7 @@ def test_float16_scales_as_gguf_stores_them(bits):
   rng = np.random.default_rng(bits)
   values, scale, offset = random_weight(rng, 24, 64, bits, 32, bits == 4, np.float16)
   x = rng.standard_normal((2, 64)).astype(np.float32)
-  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, 32).T
+  want = reference(x, values, scale, offset, bits, 32)
   np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
 
 
@@ -102,7 +132,7 @@ def test_large_weight_split_over_threads(bits):
   N, K = 1030, 256
   values, scale, offset = random_weight(rng, N, K, bits, 32, bits == 4, np.float32)
   x = rng.standard_normal((3, K)).astype(np.float32)
-  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, 32).T
+  want = reference(x, values, scale, offset, bits, 32)
   np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
 
 

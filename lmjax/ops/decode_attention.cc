@@ -105,7 +105,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   shared->run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
   shared->chunks = B * K;
   const int64_t cache_bytes = 2 * B * K * S * H * sizeof(float);
-  return shared->launch(pool, cache_bytes < kParallelBytes ? 1 : std::max<int64_t>(1, pool.num_threads()));
+  return shared->launch(pool, cache_bytes >= kParallelBytes);
 }
 }  // namespace
 }  // namespace lmjax

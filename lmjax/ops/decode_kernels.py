@@ -42,7 +42,7 @@ import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = ("decode_matmul.cc", "decode_attention.cc")
-_HEADER = "decode_kernels.h"
+_HEADERS = ("decode_kernels.h", "decode_matmul_vnni.h")
 _TARGETS = {"lmjax_decode_matmul": "LmjaxDecodeMatmul", "lmjax_decode_attention": "LmjaxDecodeAttention"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # The kernel serves decode steps; more rows than this are a prefill or a scoring batch, where XLA's
@@ -62,7 +62,7 @@ def build() -> pathlib.Path:
   compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
   if not compiler:
     raise RuntimeError("no C++ compiler found (set $CXX or install g++/clang++)")
-  source = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, _HEADER))
+  source = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, *_HEADERS))
   key = hashlib.sha256(source + " ".join((compiler,) + _FLAGS).encode() + jaxlib.__version__.encode())
   library = _cache_dir() / f"decode_kernels-{key.hexdigest()[:16]}.so"
   if library.exists():

@@ -1,0 +1,107 @@
+// decode_matmul.cc's int8 path on CPUs with AVX-512 VNNI: integer dot products (vpdpbusd, 64 byte
+// products an instruction) instead of converting every weight to fp32, which bounds the fp32 path at
+// ~10 GB/s of int8 a core. As llama.cpp does for its Q8_0/Q4 dot products, x is quantized for the
+// product: per row, in blocks of 32 inputs, xq = rint(x / sx), sx = max|x| / 127 (fp32 sums of x feed
+// the offsets). vpdpbusd multiplies unsigned by signed bytes, so it takes xq + 128 and subtracts
+// 128 * (the weights' sum, one more vpdpbusd with ones), exact for every int8 weight, -128 included.
+// Included by decode_matmul.cc after Problem and Prepared.
+
+#pragma once
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LMJAX_VNNI 1
+#include <immintrin.h>
+#endif
+
+namespace lmjax {
+namespace {
+
+constexpr int64_t kXBlock = 32;  // inputs of x that share one scale
+
+// The VNNI path takes int8 weights in groups of a multiple of 32 over rows of a multiple of 64 inputs.
+inline bool vnni_takes(const Problem& p) {
+#ifdef LMJAX_VNNI
+  return p.w.bits == 8 && p.M <= kFusedRowsX && p.w.group_size % kXBlock == 0 && p.K % 64 == 0;
+#else
+  return false;
+#endif
+}
+
+// x's xq + 128 as bytes [M, K] and its scales [M, K / 32].
+inline void quantize_x(const Problem& p, Prepared& prep) {
+  const int64_t K = p.K;
+  prep.x_biased.assign(p.M * K, 0);
+  prep.x_scale.assign(p.M * K / kXBlock, 0.0f);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t b = 0; b < K / kXBlock; ++b) {
+      const float* x = p.x + m * K + b * kXBlock;
+      float top = 0.0f;
+      for (int64_t k = 0; k < kXBlock; ++k) top = std::max(top, std::fabs(x[k]));
+      const float scale = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+      prep.x_scale[m * K / kXBlock + b] = scale;
+      for (int64_t k = 0; k < kXBlock; ++k) {
+        const int q = static_cast<int>(std::nearbyint(x[k] * inverse));
+        prep.x_biased[m * K + b * kXBlock + k] = static_cast<uint8_t>(q + 128);
+      }
+    }
+}
+
+#ifdef LMJAX_VNNI
+// y[0:MX, n0:n0+NW], 64 inputs a step: for each 32-input half, (sum of xq * w) * sx * scale.
+template <int MX, int NW>
+void vnni_tile(const Problem& p, const Prepared& prep, int64_t n0) {
+  const Weight& w = p.w;
+  const int64_t K = p.K, G = w.group_size, groups = K / G;
+  const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * K;
+  const __m512i zero = _mm512_setzero_si512(), ones = _mm512_set1_epi8(1);
+  __m512 acc[MX][NW];
+  for (int i = 0; i < MX; ++i)
+    for (int j = 0; j < NW; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K / 64; ++c) {
+    __m512i x_biased[MX];
+    __m512 x_scale[MX];
+    for (int i = 0; i < MX; ++i) {
+      x_biased[i] = _mm512_loadu_si512(prep.x_biased.data() + i * K + c * 64);
+      const float* sx = prep.x_scale.data() + i * K / kXBlock + 2 * c;
+      x_scale[i] = _mm512_insertf32x8(_mm512_set1_ps(sx[0]), _mm256_set1_ps(sx[1]), 1);
+    }
+    for (int j = 0; j < NW; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows + (kPrefetchRows + j) * K + c * 64), _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(rows + j * K + c * 64);
+      const int64_t g0 = (n0 + j) * groups + c * 64 / G, g1 = (n0 + j) * groups + (c * 64 + 32) / G;
+      const __m512 w_scale = _mm512_insertf32x8(_mm512_set1_ps(w.group_value(w.scale, w.scale_f16, g0)),
+                                                _mm256_set1_ps(w.group_value(w.scale, w.scale_f16, g1)), 1);
+      const __m512i bias = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, wv), 7);  // 128 * sum of w
+      for (int i = 0; i < MX; ++i) {
+        const __m512i dots = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, x_biased[i], wv), bias);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(x_scale[i], w_scale), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MX; ++i)
+    for (int j = 0; j < NW; ++j) {
+      float total = _mm512_reduce_add_ps(acc[i][j]);
+      if (w.offset)
+        for (int64_t g = 0; g < groups; ++g)
+          total += w.group_value(w.offset, w.offset_f16, (n0 + j) * groups + g) * prep.x_group_sums[i * groups + g];
+      p.y[i * p.N + n0 + j] = total;
+    }
+}
+
+inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    if (p.M == 1) vnni_tile<1, 4>(p, prep, n);
+    else vnni_tile<2, 4>(p, prep, n);
+  }
+  for (; n < n_end; ++n) {
+    if (p.M == 1) vnni_tile<1, 1>(p, prep, n);
+    else vnni_tile<2, 1>(p, prep, n);
+  }
+}
+#else
+inline void vnni_columns(const Problem&, const Prepared&, int64_t, int64_t) {}
+#endif
+
+}  // namespace
+}  // namespace lmjax
