@@ -39,9 +39,12 @@ _KL_TOKENS = flags.DEFINE_integer("kl_tokens", 1024, "Held-out tokens for the KL
 _NAME = "smollm2-135m-instruct"
 _PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
+# The prompt goes in one token at a time (n_batch=1): llama-cpp-python 0.3.36 built on an Intel Xeon
+# with AVX-512 VNNI/AMX (2026-12-01) segfaulted on batched prompts. t_eval times only the generated
+# tokens, one per step either way.
 _LLAMA_SCRIPT = """
 import json, sys, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_threads=2, n_ctx=512, verbose=False)
+llm = llama_cpp.Llama(sys.argv[1], n_threads=2, n_ctx=512, n_batch=1, n_ubatch=1, verbose=False)
 out = llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0,
                             logit_bias={llm.token_eos(): -1e9})
 perf = llama_cpp.llama_perf_context(llm.ctx)
@@ -105,6 +108,25 @@ def mean_kl(cfg, params, params_q, ids) -> float:
   return float(np.concatenate(kls).mean())
 
 
+def decode_step_kl(cfg, params, cfg_q, params_q, ids) -> float:
+  """Mean KL(p_fp32 || p_q) where p_q comes from one-token decode steps over a KV cache (cfg_q /
+  params_q in the decoding layout: on a CPU the C++ decode kernels, whose int8 products also round x
+  to int8), p_fp32 from one fp32 forward over the same tokens. nats."""
+  logp = np.asarray(
+    jax.nn.log_softmax(model.Transformer(cfg).apply({"params": params}, ids[None])), np.float64
+  )
+  step = jax.jit(
+    lambda p, cache, token: model.Transformer(cfg_q).apply({"params": p}, token[None, None], cache=cache)
+  )
+  cache = model.init_cache(cfg_q, 1, len(ids))
+  kls = []
+  for t, token in enumerate(ids):
+    logits, cache = step(params_q, cache, jnp.int32(token))
+    logq = np.asarray(jax.nn.log_softmax(logits[0, 0]), np.float64)
+    kls.append((np.exp(logp[0, t]) * (logp[0, t] - logq)).sum())
+  return float(np.mean(kls))
+
+
 def main(_):
   models = {
     dtype: pretrained.load(_NAME, dtype=None if dtype == "float32" else dtype) for dtype in _DTYPES.value
@@ -141,6 +163,10 @@ def main(_):
         f"mean KL(fp32 || {dtype}) per token over {len(text_ids) // 512 * 512} Shakespeare tokens: "
         f"{loaded:.5f} nats as loaded (the file's blocks kept where their bits match), {ours:.5f} "
         "with every matrix quantized by lmjax"
+      )
+      steps = decode_step_kl(cfg, params, *decoding[dtype], jnp.asarray(text_ids[:256]))
+      print(
+        f"  through one-token decode steps (the decode kernels), first 256 tokens, as loaded: {steps:.5f}"
       )
 
 
