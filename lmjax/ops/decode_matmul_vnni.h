@@ -27,7 +27,8 @@ inline bool vnni_takes(const Problem& p) {
 #endif
 }
 
-// x's xq + 128 as bytes [M, K] and its scales [M, K / 32].
+// x's xq + 128 as bytes [M, K] and its scales [M, K / 32]. Vectorised where the path runs: a
+// scalar loop (nearbyint per input) cost ~0.5 ms of a ~6 ms int8 token over 211 calls.
 inline void quantize_x(const Problem& p, Prepared& prep) {
   const int64_t K = p.K;
   prep.x_biased.assign(p.M * K, 0);
@@ -35,14 +36,23 @@ inline void quantize_x(const Problem& p, Prepared& prep) {
   for (int64_t m = 0; m < p.M; ++m)
     for (int64_t b = 0; b < K / kXBlock; ++b) {
       const float* x = p.x + m * K + b * kXBlock;
+      uint8_t* out = prep.x_biased.data() + m * K + b * kXBlock;
+#ifdef LMJAX_VNNI
+      const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+      const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+      const __m512i bias = _mm512_set1_epi32(128);  // cvtps rounds to nearest even, as nearbyint
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                       _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)), bias)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16),
+                       _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse)), bias)));
+#else
       float top = 0.0f;
       for (int64_t k = 0; k < kXBlock; ++k) top = std::max(top, std::fabs(x[k]));
-      const float scale = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
-      prep.x_scale[m * K / kXBlock + b] = scale;
-      for (int64_t k = 0; k < kXBlock; ++k) {
-        const int q = static_cast<int>(std::nearbyint(x[k] * inverse));
-        prep.x_biased[m * K + b * kXBlock + k] = static_cast<uint8_t>(q + 128);
-      }
+      const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+      for (int64_t k = 0; k < kXBlock; ++k) out[k] = static_cast<uint8_t>(std::nearbyint(x[k] * inverse) + 128);
+#endif
+      prep.x_scale[m * K / kXBlock + b] = top / 127.0f;
     }
 }
 
