@@ -319,7 +319,7 @@ void columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_
 
 Prepared prepare(const Problem& p) {
   Prepared prep;
-  if (!fusable(p)) return prep;
+  if (!fusable(p) && !vnni_takes(p)) return prep;
   const int64_t K = p.K, G = p.w.group_size, groups = K / G;
   if (p.w.bits == 4) {
     prep.x_even.resize(p.M * K / 2);

@@ -18,10 +18,12 @@ namespace {
 
 constexpr int64_t kXBlock = 32;  // inputs of x that share one scale
 
-// The VNNI path takes int8 weights in groups of a multiple of 32 over rows of a multiple of 64 inputs.
+// The VNNI path takes int8 weights in groups of a multiple of 32 over rows of a multiple of 64 inputs,
+// whatever the number of rows of x: each row's result is the same at 1 row or 16 (the server's batch
+// and generate() agree), and the rounding of x does not depend on the batch.
 inline bool vnni_takes(const Problem& p) {
 #ifdef LMJAX_VNNI
-  return p.w.bits == 8 && p.M <= kFusedRowsX && p.w.group_size % kXBlock == 0 && p.K % 64 == 0;
+  return p.w.bits == 8 && p.w.group_size % kXBlock == 0 && p.K % 64 == 0;
 #else
   return false;
 #endif
@@ -59,7 +61,7 @@ inline void quantize_x(const Problem& p, Prepared& prep) {
 #ifdef LMJAX_VNNI
 // y[0:MX, n0:n0+NW], 64 inputs a step: for each 32-input half, (sum of xq * w) * sx * scale.
 template <int MX, int NW>
-void vnni_tile(const Problem& p, const Prepared& prep, int64_t n0) {
+void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G;
   const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * K;
@@ -71,8 +73,8 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t n0) {
     __m512i x_biased[MX];
     __m512 x_scale[MX];
     for (int i = 0; i < MX; ++i) {
-      x_biased[i] = _mm512_loadu_si512(prep.x_biased.data() + i * K + c * 64);
-      const float* sx = prep.x_scale.data() + i * K / kXBlock + 2 * c;
+      x_biased[i] = _mm512_loadu_si512(prep.x_biased.data() + (m0 + i) * K + c * 64);
+      const float* sx = prep.x_scale.data() + (m0 + i) * K / kXBlock + 2 * c;
       x_scale[i] = _mm512_insertf32x8(_mm512_set1_ps(sx[0]), _mm256_set1_ps(sx[1]), 1);
     }
     for (int j = 0; j < NW; ++j) {
@@ -93,21 +95,27 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t n0) {
       float total = _mm512_reduce_add_ps(acc[i][j]);
       if (w.offset)
         for (int64_t g = 0; g < groups; ++g)
-          total += w.group_value(w.offset, w.offset_f16, (n0 + j) * groups + g) * prep.x_group_sums[i * groups + g];
-      p.y[i * p.N + n0 + j] = total;
+          total += w.group_value(w.offset, w.offset_f16, (n0 + j) * groups + g) * prep.x_group_sums[(m0 + i) * groups + g];
+      p.y[(m0 + i) * p.N + n0 + j] = total;
     }
+}
+
+template <int NW>
+void vnni_rows(const Problem& p, const Prepared& prep, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) vnni_tile<4, NW>(p, prep, m, n);
+  switch (p.M - m) {
+    case 3: vnni_tile<3, NW>(p, prep, m, n); break;
+    case 2: vnni_tile<2, NW>(p, prep, m, n); break;
+    case 1: vnni_tile<1, NW>(p, prep, m, n); break;
+    default: break;
+  }
 }
 
 inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) {
-    if (p.M == 1) vnni_tile<1, 4>(p, prep, n);
-    else vnni_tile<2, 4>(p, prep, n);
-  }
-  for (; n < n_end; ++n) {
-    if (p.M == 1) vnni_tile<1, 1>(p, prep, n);
-    else vnni_tile<2, 1>(p, prep, n);
-  }
+  for (; n + 4 <= n_end; n += 4) vnni_rows<4>(p, prep, n);
+  for (; n < n_end; ++n) vnni_rows<1>(p, prep, n);
 }
 #else
 inline void vnni_columns(const Problem&, const Prepared&, int64_t, int64_t) {}
