@@ -96,7 +96,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (q_dims.size() != 3 || k_dims.size() != 4 || v_dims.size() != 4)
     return ffi::Error::InvalidArgument("decode_attention takes q [B, N, H], keys [B, K, H, S], values [B, K, S, H]");
   const int64_t B = q_dims[0], N = q_dims[1], H = q_dims[2], K = k_dims[1], S = k_dims[3];
-  if (k_dims[0] != B || k_dims[2] != H || N % K || v_dims[0] != B || v_dims[1] != K || v_dims[2] != S ||
+  if (K == 0 || k_dims[0] != B || k_dims[2] != H || N % K || v_dims[0] != B || v_dims[1] != K || v_dims[2] != S ||
       v_dims[3] != H || q_pos.element_count() != B || k_pos.element_count() != B * S)
     return ffi::Error::InvalidArgument("decode_attention: shapes of q, keys, values or positions disagree");
   auto shared = std::make_shared<Parallel<AttentionProblem>>();

@@ -41,6 +41,15 @@ inline float sum_lanes(vfloat v) {
 }
 
 
+// A spin-wait's pause: frees the core's shared resources for its sibling hyperthread.
+inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
 // Work split into tasks that threads claim from one counter.
 struct Tasks {
   virtual ~Tasks() = default;
@@ -92,6 +101,7 @@ class Helpers {
     for (;;) {
       const auto spin_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
       while (epoch_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until) {
+        pause();
       }
       std::shared_ptr<Tasks> job;
       {
@@ -134,8 +144,7 @@ struct Parallel : Tasks, std::enable_shared_from_this<Parallel<P>> {
     Helpers& helpers = Helpers::get(pool.num_threads());
     const bool helped = parallel && chunks > 1 && helpers.submit(this->shared_from_this());
     work();
-    while (done.load(std::memory_order_acquire) < chunks) {
-    }
+    while (done.load(std::memory_order_acquire) < chunks) pause();
     if (helped) helpers.release();
     return ffi::Error::Success();
   }

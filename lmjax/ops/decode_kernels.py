@@ -9,18 +9,22 @@ With one row it fuses int8 dequantize-then-dot into a loop reading ~22 GB/s (a j
 dequantized into an fp32 temporary first (16-row int8 step 123-126 ms, 46-47 with the kernel). Its
 batched dots read every column of the cache whatever the rows hold, and with one row XLA fused the
 cache update twice and copied each layer's K and V buffers twice a step. The kernels read int8 and
-int4 once, converting in registers; multiply 16 rows in register tiles; read each row's cache only
-up to its last filled slot; and share the work with XLA's intra-op threads. A/B numbers in
+int4 once (int8 through AVX-512 VNNI integer dots where the CPU has them, rounding x to int8 per 32
+inputs as llama.cpp does; elsewhere converted to fp32 in registers); multiply 16 rows in register
+tiles; read each row's cache only up to its last filled slot; and share the work with helper
+threads of their own (as many as XLA's intra-op threads). A/B numbers in
 BUILD_NOTES (Decisions, "Decode kernels"). No library fills this seat: XNNPACK's and oneDNN's int8
 GEMMs are not reachable from JAX, and Qwix / AQT lower to the same XLA dots (ops/quantized.py).
 
 The sources are compiled once per machine with the system's C++ compiler (`c++`, or $CXX) for the
 host CPU (-march=native), into $LMJAX_CACHE (default ~/.cache/lmjax)/kernels, keyed by the sources,
 the compiler and its flags, and jaxlib's version (a few seconds, the first time). Without a
-compiler, or with LMJAX_DECODE_KERNEL=0, `available()` is False and the callers
-(ops/quantized.matmul, ops/attention.cached_attention) use XLA (the same values up to rounding
-order). Neither kernel is differentiable: they serve inference weights (model/quantize.py
-`for_decoding`) and decode steps only.
+compiler (GCC 12+ or Clang), or with LMJAX_DECODE_KERNEL=0, `available()` is False and the callers
+(ops/quantized.matmul, ops/attention.cached_attention) use XLA: the same values up to rounding order,
+except that the VNNI path's rounding of x is gone. Any matmul over at most 16 rows of a
+QuantizedWeight takes the kernel, so a forward of up to 16 tokens (a short prompt's prefill) does
+too. Neither kernel is differentiable (they serve inference weights, model/quantize.py
+`for_decoding`); under vmap they run once per element.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -54,6 +59,16 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("LMJAX_CACHE", pathlib.Path.home() / ".cache" / "lmjax")) / "kernels"
 
 
+def _cpu_signature() -> bytes:
+  """The host CPU's model and feature flags (Linux), or its platform name elsewhere."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    first = [line for line in lines if line.startswith(("model name", "flags", "Features"))][:2]
+    return "".join(first).encode()
+  except OSError:
+    return platform.processor().encode() + platform.machine().encode()
+
+
 def build() -> pathlib.Path:
   """Compiles the kernels into the kernel cache if it is not there yet; returns the library's
   path. The file appears atomically (compiled to a temporary name, then renamed), so processes that
@@ -63,7 +78,10 @@ def build() -> pathlib.Path:
   if not compiler:
     raise RuntimeError("no C++ compiler found (set $CXX or install g++/clang++)")
   source = b"".join((_HERE / name).read_bytes() for name in (*_SOURCES, *_HEADERS))
-  key = hashlib.sha256(source + " ".join((compiler,) + _FLAGS).encode() + jaxlib.__version__.encode())
+  # -march=native: a library built on one CPU can crash another (SIGILL) if a cache is shared.
+  key = hashlib.sha256(
+    source + " ".join((compiler,) + _FLAGS).encode() + jaxlib.__version__.encode() + _cpu_signature()
+  )
   library = _cache_dir() / f"decode_kernels-{key.hexdigest()[:16]}.so"
   if library.exists():
     return library
@@ -95,7 +113,18 @@ def available() -> bool:
     return False
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  global _HAS_VNNI
+  _HAS_VNNI = bool(library.LmjaxDecodeHasVnni())
   return True
+
+
+_HAS_VNNI = False
+
+
+def rounds_int8_activations() -> bool:
+  """Whether the built kernel's int8 path uses AVX-512 VNNI and so rounds x to int8 per 32 inputs
+  (False when the kernels are unavailable)."""
+  return available() and _HAS_VNNI
 
 
 def _require():
@@ -109,7 +138,8 @@ def _require():
 def matmul(x_MK, values, scale, offset, bits: int, group_size: int) -> jax.Array:
   """fp32 [M, N] = x_MK @ w^T for w [N, K] given by ops/quantized.py's QuantizedWeight fields:
   `values` f32 [N, K] (bits 32, scale and offset None) or int8 [N, K] / [N, K // 2] (bits 8 / 4),
-  `scale` and `offset` [N, K // group_size] (f32 or f16; offset may be None). x is cast to fp32.
+  `scale` and `offset` [N, K // group_size] (f32 or f16; offset may be None). x is cast to fp32;
+  int8 on a CPU with AVX-512 VNNI rounds it to int8 per 32 inputs (decode_matmul_vnni.h).
   CPU only (a custom call registered for the CPU); RuntimeError if `available()` is False."""
   _require()
   empty = jnp.zeros((0,), jnp.float32)
@@ -134,7 +164,9 @@ def attention(q_BNH, k_BKHS, v_BKSH, q_pos_B, k_pos_BS, window: int | None) -> j
   ops/masks.position_mask's rule. A row that sees no slot gives zeros. fp32 operands only; CPU only;
   RuntimeError if `available()` is False."""
   _require()
-  call = jax.ffi.ffi_call("lmjax_decode_attention", jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32))
+  call = jax.ffi.ffi_call(
+    "lmjax_decode_attention", jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32), vmap_method="sequential"
+  )
   return call(
     q_BNH.astype(jnp.float32),
     k_BKHS,

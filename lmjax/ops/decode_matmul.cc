@@ -11,7 +11,7 @@
 // converted in registers and used at once, one pass over the weights. Otherwise (`block`): 16 weight
 // rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they are) times
 // every row of x in register tiles of 4x4, 2x8 or 1x16 dot products. Output rows are split into
-// chunks shared with XLA's intra-op threads (`Parallel`).
+// chunks shared with helper threads (`Parallel`, decode_kernels.h).
 
 #include <cmath>
 #include <vector>
@@ -104,6 +104,8 @@ struct Problem {
 
 // Lane i of the result: the sum of v[i]'s lanes. Four rounds of halving, each adding two vectors' halves
 // side by side (15 adds, 30 shuffles, against 240 scalar adds lane by lane).
+#if defined(__clang__) || __GNUC__ >= 12
+constexpr bool kHasShuffle = true;  // __builtin_shufflevector: GCC 12+, Clang
 inline vfloat sum_lanes16(const vfloat* v) {
   vfloat c[8], e[4], g[2];
   for (int i = 0; i < 8; ++i)  // c[i]: lanes 0-7 partial sums of v[2i], 8-15 of v[2i+1]
@@ -118,6 +120,10 @@ inline vfloat sum_lanes16(const vfloat* v) {
   return __builtin_shufflevector(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#else
+constexpr bool kHasShuffle = false;  // older GCC: lane by lane (`tile`'s other branch)
+inline vfloat sum_lanes16(const vfloat* v) { return v[0]; }
+#endif
 
 // y[m0:m0+MX, n0:n0+NW] from x rows m0.. and weight rows w_rows[0..NW) (row stride K): dot products
 // along K in 16 lanes, MX * NW accumulators (16 make a full register tile).
@@ -129,7 +135,7 @@ void tile(const Problem& p, int64_t m0, int64_t n0, const float* w_rows) {
   for (int64_t k = 0; k < body; k += kLanes) {
     vfloat wv[NW];
     for (int j = 0; j < NW; ++j) {
-      __builtin_prefetch(w_rows + (kRowsW + j) * K + k);  // the next block (see kPrefetchRows)
+      __builtin_prefetch(w_rows + (kRowsW + j) * K + k);  // the next block of kRowsW rows
       wv[j] = load(w_rows + j * K + k);
     }
     for (int i = 0; i < MX; ++i) {
@@ -138,7 +144,7 @@ void tile(const Problem& p, int64_t m0, int64_t n0, const float* w_rows) {
     }
   }
   float sums[MX * NW];
-  if constexpr (MX * NW == kLanes) {
+  if constexpr (MX * NW == kLanes && kHasShuffle) {
     const vfloat v = sum_lanes16(acc);
     std::memcpy(sums, &v, sizeof(v));
   } else {
@@ -344,7 +350,6 @@ struct MatmulTasks {
   int64_t chunk;
 };
 
-// Below this many weight bytes a helper thread's wake-up costs more than it saves.
 ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
                         ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::Buffer<ffi::F32>> y,
                         int32_t bits, int64_t group_size) {
@@ -353,10 +358,19 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
     return ffi::Error::InvalidArgument("decode_matmul takes x [M, K] and a 2-D weight");
   const int64_t M = x_dims[0], K = x_dims[1], N = v_dims[0];
   const bool is_float = bits == 32;
+  if (bits != 32 && bits != 8 && bits != 4)
+    return ffi::Error::InvalidArgument("decode_matmul: bits must be 32, 8 or 4");
   if (is_float ? values.element_type() != ffi::F32 : values.element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("decode_matmul: values must be f32 (bits 32) or s8 (bits 8, 4)");
-  if (v_dims[1] * (bits == 4 ? 2 : 1) != K || (!is_float && (group_size <= 0 || K % group_size)))
+  if (v_dims[1] * (bits == 4 ? 2 : 1) != K || (!is_float && (group_size <= 0 || K % group_size)) ||
+      (bits == 4 && group_size % 2))
     return ffi::Error::InvalidArgument("decode_matmul: weight inputs or group size do not match x");
+  auto is_float_type = [](const ffi::AnyBuffer& b) {
+    return b.element_type() == ffi::F32 || b.element_type() == ffi::F16 || b.element_count() == 0;
+  };
+  if (!is_float_type(scale) || !is_float_type(offset))
+    return ffi::Error::InvalidArgument("decode_matmul: scale and offset must be f32 or f16");
+  if (M == 0 || N == 0 || K == 0) return ffi::Error::Success();
   auto is_f16 = [](const ffi::AnyBuffer& b) { return b.element_type() == ffi::F16; };
   if (!is_float && scale.element_count() != N * (K / group_size))
     return ffi::Error::InvalidArgument("decode_matmul: scale must be [N, K / group_size]");
@@ -397,3 +411,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeMatmul, lmjax::DecodeMatmul,
                                   .Attr<int32_t>("bits")
                                   .Attr<int64_t>("group_size"));
 
+
+// Whether this build multiplies int8 through AVX-512 VNNI (and so rounds x to int8): tests ask.
+extern "C" int LmjaxDecodeHasVnni() {
+#ifdef LMJAX_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}

@@ -8,7 +8,7 @@
 
 #pragma once
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #define LMJAX_VNNI 1
 #include <immintrin.h>
 #endif

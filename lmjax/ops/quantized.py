@@ -158,8 +158,9 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   """x_MK @ w^T for a one-layer QuantizedWeight ([N, K]): fp32 [M, N], computed in fp32 whatever x's
   dtype (XLA:CPU's bf16 matrix-vector products are slower than fp32 ones; the bytes saved are the
-  weights'). A decode step's few rows (M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4 weights go
-  to the C++ kernel on a CPU (ops/decode_kernels.py), everything else to XLA's dot."""
+  weights'). A decode step's few rows (1 <= M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4
+  weights go to the C++ kernel on a CPU (ops/decode_kernels.py; its int8 path on CPUs with AVX-512
+  VNNI also rounds x to int8 per 32 inputs), everything else to XLA's dot."""
   if _kernel_takes(x_MK, w):
     return jax.lax.platform_dependent(x_MK, w, cpu=_kernel_matmul, default=_xla_matmul)
   return _xla_matmul(x_MK, w)
@@ -171,7 +172,7 @@ def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
     a is None or a.dtype in (jnp.float32, jnp.float16) for a in (w.scale, w.offset)
   )
   return (
-    x_MK.shape[0] <= decode_kernels.MAX_ROWS
+    1 <= x_MK.shape[0] <= decode_kernels.MAX_ROWS
     and w.values.ndim == 2
     and (float_ok or integer_ok)
     and jax.default_backend() == "cpu"
