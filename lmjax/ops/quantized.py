@@ -26,6 +26,10 @@ The same container holds a float matrix transposed to [N, K] without scales (`tr
 matrix-vector products read fp32 weights stored [N, K] at ~2x the rate of the [K, N] layout the layers
 declare (SmolLM2 batch-1 decode 52-57 tok/s against 38-44, BUILD_NOTES), so inference keeps every
 float matrix that way (model/quantize.py `for_decoding`).
+
+On a CPU, `matmul` over 1-16 rows (a decode step) goes to the C++ kernels of ops/decode_kernels.py
+instead, which read every layout above in one pass (int8 through AVX-512 VNNI where available);
+the XLA path described here serves larger products and other backends.
 """
 
 from __future__ import annotations
