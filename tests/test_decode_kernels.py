@@ -69,7 +69,7 @@ def random_weight(rng, N, K, bits, group_size, with_offset, scale_dtype):
 
 
 def kernel(x, values, scale, offset, bits, group_size):
-  call = lambda x, v, s, o: decode_kernels.matmul(x, v, s, o, bits, group_size)
+  call = lambda x, v, s, o: decode_kernels.matmul(x, [(v, s, o)], bits, group_size)[0]
   return np.asarray(jax.jit(call)(x, values, scale, offset))
 
 
@@ -165,6 +165,48 @@ def test_a_row_gives_the_same_result_in_any_batch(bits):
   batch = kernel(x, values, scale, offset, bits, 64)
   for m in (0, 5, 15):
     np.testing.assert_array_equal(kernel(x[m : m + 1], values, scale, offset, bits, 64)[0], batch[m])
+
+
+@pytest.mark.parametrize("bits,group_size,with_offset", [(32, None, False), (8, 32, False), (4, 32, True)])
+@pytest.mark.parametrize("M", [1, 3])
+def test_several_weights_in_one_call(bits, group_size, with_offset, M):
+  """Weights of different widths that share x (q, k and v; w1 and w3), in one call: each result is
+  that weight's product; sizes above the threading threshold, so chunks of different weights run on
+  different threads."""
+  rng = np.random.default_rng(M + bits)
+  K = 256
+  G = group_size or K
+  weights = [random_weight(rng, N, K, bits, G, with_offset, np.float32) for N in (200, 37, 700)]
+  x = rng.standard_normal((M, K)).astype(np.float32)
+  got = jax.jit(lambda x, ws: decode_kernels.matmul(x, ws, bits, G))(x, weights)
+  assert len(got) == 3
+  for y, (values, scale, offset) in zip(got, weights):
+    want = reference(x, values, scale, offset, bits, G)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_matmuls_groups_weights_by_kind():
+  """quantized.matmuls: weights of one kind share a kernel call; another kind gets its own call, and a
+  weight the kernel does not take (bf16) goes to XLA; every result is its weight's product."""
+  rng = np.random.default_rng(0)
+  w_NK = [rng.standard_normal((N, 64)).astype(np.float32) for N in (48, 16, 32, 24)]
+  ws = [
+    quantized.quantize(w_NK[0], 8, 32, (64, 48), 1),
+    quantized.quantize(w_NK[1], 8, 32, (64, 16), 1),
+    quantized.quantize(w_NK[2], 4, 32, (64, 32), 1, asymmetric=True),
+    quantized.transposed(jnp.asarray(w_NK[3], jnp.bfloat16), (64, 24), 1),
+  ]
+  x = rng.standard_normal((2, 64)).astype(np.float32)
+  hlo = jax.jit(quantized.matmuls).lower(x, ws).as_text()
+  calls = [line for line in hlo.splitlines() if "@lmjax_decode_matmul(" in line]
+  # int4: x, values, scale, offset; int8: x and two weights' values and scales (their offsets: one empty
+  # constant, not an argument).
+  assert sorted(line.count("%arg") for line in calls) == [4, 5]
+  got = jax.jit(quantized.matmuls)(x, ws)
+  for y, w in zip(got, ws):
+    want = x.astype(np.float64) @ np.asarray(quantized.dequantize(w), np.float64).T
+    tolerance = 0.05 if w.bits == 8 and decode_kernels.rounds_int8_activations() else 1e-4
+    np.testing.assert_allclose(np.asarray(y), want, rtol=tolerance, atol=tolerance * 10)
 
 
 def test_quantized_matmul_uses_the_kernel_for_decode_rows_only():

@@ -99,13 +99,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (K == 0 || k_dims[0] != B || k_dims[2] != H || N % K || v_dims[0] != B || v_dims[1] != K || v_dims[2] != S ||
       v_dims[3] != H || q_pos.element_count() != B || k_pos.element_count() != B * S)
     return ffi::Error::InvalidArgument("decode_attention: shapes of q, keys, values or positions disagree");
-  auto shared = std::make_shared<Parallel<AttentionProblem>>();
-  shared->problem = AttentionProblem{q.typed_data(), k.typed_data(), v.typed_data(), q_pos.typed_data(),
+  Parallel<AttentionProblem> job;
+  job.problem = AttentionProblem{q.typed_data(), k.typed_data(), v.typed_data(), q_pos.typed_data(),
                                      k_pos.typed_data(), B, K, N / K, H, S, window, out->typed_data()};
-  shared->run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
-  shared->chunks = B * K;
+  job.run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
+  job.chunks = B * K;
   const int64_t cache_bytes = 2 * B * K * S * H * sizeof(float);
-  return shared->launch(pool, cache_bytes >= kParallelBytes);
+  return job.launch(pool, cache_bytes >= kParallelBytes);
 }
 }  // namespace
 }  // namespace lmjax

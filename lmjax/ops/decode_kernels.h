@@ -11,7 +11,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -59,7 +58,11 @@ struct Tasks {
 // Helper threads of our own that spin for a while after each job before they sleep. XLA's intra-op
 // pool parks its idle threads, and waking one took longer than a decode step's matmul (~40 us), so
 // the calling thread ended up doing the whole job (one row's int8 step 15 ms; BUILD_NOTES). As
-// llama.cpp's threads do, ours poll between the step's kernels. Started on first use, one fewer than
+// llama.cpp's threads do, ours poll between the step's kernels, and a job reaches a polling helper
+// through atomics only: a mutex between submitter and helper made a helper that saw the job wait on the
+// lock, a futex sleep and wake per call (profiled, SmolLM2's int8 step: its 90 matmuls of
+// w1/w3, w2 and wo took 5.3 ms with the mutex, 4.2 ms without). The mutex and condition variable
+// serve only helpers that spun 2 ms without a job and sleep. Started on first use, one fewer than
 // XLA's thread count; a job submitted while another is running gets no helpers (its caller works
 // alone). Never destroyed: the threads outlive static destructors without touching them.
 class Helpers {
@@ -70,24 +73,24 @@ class Helpers {
   }
   int64_t count() const { return count_; }
 
-  // Offers `job` to the helpers; false (and nothing offered) if another job holds them.
-  bool submit(std::shared_ptr<Tasks> job) {
+  // Offers `job` to the helpers; false (and nothing offered) if another job holds them. The job must
+  // stay alive until `release` returns.
+  bool submit(Tasks* job) {
     if (count_ == 0 || busy_.exchange(true, std::memory_order_acquire)) return false;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = std::move(job);
-      epoch_.fetch_add(1, std::memory_order_release);
+    job_.store(job);
+    epoch_.fetch_add(1);
+    if (sleepers_.load() > 0) {  // a helper between its last check of epoch_ and its wait holds the mutex
+      { std::lock_guard<std::mutex> lock(mutex_); }
+      wake_.notify_all();
     }
-    wake_.notify_all();
     return true;
   }
 
-  // After the submitter saw every task done: helpers that look later find no job.
+  // After the submitter saw every task done: withdraws the job and waits for helpers still inside it
+  // (they find no task left), so the caller may free it.
   void release() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_.reset();
-    }
+    job_.store(nullptr);
+    while (active_.load() > 0) pause();
     busy_.store(false, std::memory_order_release);
   }
 
@@ -97,36 +100,40 @@ class Helpers {
   }
 
   void loop() {
-    uint64_t seen = 0;
+    uint64_t seen = epoch_.load();
     for (;;) {
       const auto spin_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
       while (epoch_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until) {
         pause();
       }
-      std::shared_ptr<Tasks> job;
-      {
+      if (epoch_.load() == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != seen; });
-        seen = epoch_.load(std::memory_order_relaxed);
-        job = job_;
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return epoch_.load() != seen; });
+        sleepers_.fetch_sub(1);
       }
-      if (job) job->work();
+      seen = epoch_.load();
+      // Sequentially consistent with release(): either it sees this helper active, or the helper sees
+      // the job withdrawn.
+      active_.fetch_add(1);
+      if (Tasks* job = job_.load()) job->work();
+      active_.fetch_sub(1);
     }
   }
 
   const int64_t count_;
   std::atomic<bool> busy_{false};
   std::atomic<uint64_t> epoch_{0};
+  std::atomic<int64_t> active_{0}, sleepers_{0};
+  std::atomic<Tasks*> job_{nullptr};
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::shared_ptr<Tasks> job_;
 };
 
 // Tasks 0..chunks-1 of a problem, claimed from one counter by the calling thread and the helpers; the
-// caller waits only for tasks some running thread has claimed. Shared ownership keeps the problem
-// alive for a helper that starts after the call returned (it finds nothing left).
+// caller waits only for tasks some running thread has claimed, then for helpers to leave (`release`).
 template <typename P>
-struct Parallel : Tasks, std::enable_shared_from_this<Parallel<P>> {
+struct Parallel : Tasks {
   P problem;
   void (*run)(const P&, int64_t task);
   int64_t chunks = 0;
@@ -142,7 +149,7 @@ struct Parallel : Tasks, std::enable_shared_from_this<Parallel<P>> {
   // `parallel`: offer the tasks to the helpers (sized by XLA's intra-op thread count), else run alone.
   ffi::Error launch(ffi::ThreadPool& pool, bool parallel) {
     Helpers& helpers = Helpers::get(pool.num_threads());
-    const bool helped = parallel && chunks > 1 && helpers.submit(this->shared_from_this());
+    const bool helped = parallel && chunks > 1 && helpers.submit(this);
     work();
     while (done.load(std::memory_order_acquire) < chunks) pause();
     if (helped) helpers.release();

@@ -47,7 +47,7 @@ import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = ("decode_matmul.cc", "decode_attention.cc")
-_HEADERS = ("decode_kernels.h", "decode_matmul_vnni.h")
+_HEADERS = ("decode_kernels.h", "decode_matmul_fused.h", "decode_matmul_vnni.h")
 _TARGETS = {"lmjax_decode_matmul": "LmjaxDecodeMatmul", "lmjax_decode_attention": "LmjaxDecodeAttention"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # The kernel serves decode steps; more rows than this are a prefill or a scoring batch, where XLA's
@@ -135,25 +135,22 @@ def _require():
     )
 
 
-def matmul(x_MK, values, scale, offset, bits: int, group_size: int) -> jax.Array:
-  """fp32 [M, N] = x_MK @ w^T for w [N, K] given by ops/quantized.py's QuantizedWeight fields:
-  `values` f32 [N, K] (bits 32, scale and offset None) or int8 [N, K] / [N, K // 2] (bits 8 / 4),
-  `scale` and `offset` [N, K // group_size] (f32 or f16; offset may be None). x is cast to fp32;
-  int8 on a CPU with AVX-512 VNNI rounds it to int8 per 32 inputs (decode_matmul_vnni.h).
-  CPU only (a custom call registered for the CPU); RuntimeError if `available()` is False."""
+def matmul(x_MK, weights, bits: int, group_size: int) -> list[jax.Array]:
+  """[fp32 [M, N_i] = x_MK @ w_i^T for each weight w_i [N_i, K]], in one call that shares x (its
+  conversion, and one hand-off to the helper threads) among the weights: a layer's q, k and v, or
+  its w1 and w3, read as one matrix (SmolLM2 int8 chain of 210 matvecs -> 120 calls: 17-20 -> 22-24
+  GB/s, BUILD_NOTES). `weights`: (values, scale, offset) per weight, ops/quantized.py's
+  QuantizedWeight fields, all of one kind: `values` f32 [N_i, K] (bits 32, scale and offset None) or
+  int8 [N_i, K] / [N_i, K // 2] (bits 8 / 4), `scale` and `offset` [N_i, K // group_size] (f32 or
+  f16; offset may be None). x is cast to fp32; int8 on a CPU with AVX-512 VNNI rounds it to int8 per
+  32 inputs (decode_matmul_vnni.h). CPU only (a custom call registered for the CPU); RuntimeError if
+  `available()` is False."""
   _require()
   empty = jnp.zeros((0,), jnp.float32)
-  call = jax.ffi.ffi_call(
-    "lmjax_decode_matmul", jax.ShapeDtypeStruct((x_MK.shape[0], values.shape[0]), jnp.float32)
-  )
-  return call(
-    x_MK.astype(jnp.float32),
-    values,
-    empty if scale is None else scale,
-    empty if offset is None else offset,
-    bits=np.int32(bits),
-    group_size=np.int64(group_size),
-  )
+  results = [jax.ShapeDtypeStruct((x_MK.shape[0], values.shape[0]), jnp.float32) for values, _, _ in weights]
+  operands = [empty if a is None else a for weight in weights for a in weight]
+  call = jax.ffi.ffi_call("lmjax_decode_matmul", results, vmap_method="sequential")
+  return call(x_MK.astype(jnp.float32), *operands, bits=np.int32(bits), group_size=np.int64(group_size))
 
 
 def attention(q_BNH, k_BKHS, v_BKSH, q_pos_B, k_pos_BS, window: int | None) -> jax.Array:

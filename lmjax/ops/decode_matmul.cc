@@ -7,16 +7,20 @@
 //   int4    values s8  [N, K / 2]  two per byte: element 2i in the low nibble, 2i+1 in the high one
 // w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G].
 //
-// One or two rows of x with quantized groups of a multiple of 32 (`fused_tile`): each weight byte is
-// converted in registers and used at once, one pass over the weights. Otherwise (`block`): 16 weight
-// rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they are) times
-// every row of x in register tiles of 4x4, 2x8 or 1x16 dot products. Output rows are split into
-// chunks shared with helper threads (`Parallel`, decode_kernels.h).
+// int8 on CPUs with AVX-512 VNNI: integer dots at any row count (decode_matmul_vnni.h). Other quantized
+// weights at one or two rows of x with groups of a multiple of 32: each weight byte converted in
+// registers and used at once, one pass over the weights (decode_matmul_fused.h). Otherwise (`block`):
+// 16 weight rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they
+// are) times every row of x in register tiles of 4x4, 2x8 or 1x16 dot products.
+//
+// One call takes several weights that share x (a layer's q, k and v): x is prepared once, and the
+// output rows of all of them are split into spans shared with helper threads (`Parallel`,
+// decode_kernels.h).
 
 #include <cmath>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -31,8 +35,11 @@ constexpr int kRowsW = 16;  // weight rows dequantized and multiplied together
 // hint, so reading past the end of a weight never faults.
 constexpr int64_t kPrefetchRows = 24;
 
-// IEEE half -> float, for GGUF's f16 block scales.
+// IEEE half -> float, for GGUF's f16 block scales (one instruction with F16C).
 inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
   uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ffu, bits;
   if (exponent == 0) {
     if (mantissa == 0) {
@@ -53,6 +60,7 @@ inline float half_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+#endif
 }
 
 struct Weight {
@@ -176,124 +184,19 @@ void block(const Problem& p, int64_t n0, int64_t count, const float* w_rows) {
   if (m < p.M) tile<1, 16>(p, m, n0, w_rows);
 }
 
-// Rows of x that the fused kernel below takes; more rows share a dequantized buffer (`columns`).
-constexpr int kFusedRowsX = 2;
-
-// 16 int8 at p as floats; and 16 bytes' low and high nibbles (signed int4) as floats. GCC lowers vector
-// conversions from int8 lane by lane, so AVX-512 gets intrinsics; other targets a loop.
-#ifdef __AVX512F__
-inline vfloat widen(const int8_t* p) {
-  return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-inline vfloat low_nibbles(const int8_t* p) {
-  const __m512i bytes = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
-  return (vfloat)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(bytes, 28), 28));
-}
-inline vfloat high_nibbles(const int8_t* p) {
-  return (vfloat)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)), 4));
-}
-#else
-inline vfloat widen(const int8_t* p) {
-  vfloat v;
-  for (int l = 0; l < kLanes; ++l) v[l] = p[l];
-  return v;
-}
-inline vfloat low_nibbles(const int8_t* p) {
-  vfloat v;
-  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<int8_t>(p[l] << 4) >> 4;
-  return v;
-}
-inline vfloat high_nibbles(const int8_t* p) {
-  vfloat v;
-  for (int l = 0; l < kLanes; ++l) v[l] = p[l] >> 4;
-  return v;
-}
-#endif
-
 // What the fused kernel needs besides the problem: int4 weights pair with x's even and odd inputs
 // (x_even[m, i] = x[m, 2i], low nibbles; x_odd, high nibbles), so no nibble is shuffled back into
 // order; offsets add offset[n, g] * (sum of x over group g), x_group_sums [M, K / G].
 struct Prepared {
   std::vector<float> x_even, x_odd, x_group_sums;
-  std::vector<uint8_t> x_biased;  // the VNNI path's quantized x (decode_matmul_vnni.h)
+  std::vector<int8_t> x_q;  // the VNNI path's quantized x (decode_matmul_vnni.h)
   std::vector<float> x_scale;
 };
-
-// y[0:MX, n0:n0+NW] for quantized weights with groups of a multiple of 32 inputs, converting each
-// int8 (or pair of int4) in registers: one pass over the weight bytes, as a decode step needs.
-template <int MX, int NW, int BITS>
-void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
-  const Weight& w = p.w;
-  const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
-  vfloat acc[MX][NW];
-  float offsets[MX][NW] = {};
-  for (int i = 0; i < MX; ++i)
-    for (int j = 0; j < NW; ++j) acc[i][j] = vfloat{};
-  const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
-  for (int64_t g = 0; g < groups; ++g) {
-    vfloat group_acc[MX][NW];
-    for (int i = 0; i < MX; ++i)
-      for (int j = 0; j < NW; ++j) group_acc[i][j] = vfloat{};
-    if (BITS == 8) {
-      for (int64_t k = g * G; k < (g + 1) * G; k += kLanes) {
-        vfloat wv[NW];
-        for (int j = 0; j < NW; ++j) {
-          __builtin_prefetch(rows + (kPrefetchRows + j) * row_bytes + k);
-          wv[j] = widen(rows + j * row_bytes + k);
-        }
-        for (int i = 0; i < MX; ++i) {
-          const vfloat xv = load(p.x + i * K + k);
-          for (int j = 0; j < NW; ++j) group_acc[i][j] += xv * wv[j];
-        }
-      }
-    } else {
-      for (int64_t b = g * G / 2; b < (g + 1) * G / 2; b += kLanes) {
-        vfloat low[NW], high[NW];
-        for (int j = 0; j < NW; ++j) {
-          __builtin_prefetch(rows + (kPrefetchRows + j) * row_bytes + b);
-          low[j] = low_nibbles(rows + j * row_bytes + b);
-          high[j] = high_nibbles(rows + j * row_bytes + b);
-        }
-        for (int i = 0; i < MX; ++i) {
-          const vfloat even = load(prep.x_even.data() + i * K / 2 + b);
-          const vfloat odd = load(prep.x_odd.data() + i * K / 2 + b);
-          for (int j = 0; j < NW; ++j) group_acc[i][j] += even * low[j] + odd * high[j];
-        }
-      }
-    }
-    for (int j = 0; j < NW; ++j) {
-      const float s = w.group_value(w.scale, w.scale_f16, (n0 + j) * groups + g);
-      const float o = w.offset ? w.group_value(w.offset, w.offset_f16, (n0 + j) * groups + g) : 0.0f;
-      for (int i = 0; i < MX; ++i) {
-        acc[i][j] += group_acc[i][j] * s;
-        if (w.offset) offsets[i][j] += o * prep.x_group_sums[i * groups + g];
-      }
-    }
-  }
-  for (int i = 0; i < MX; ++i)
-    for (int j = 0; j < NW; ++j) p.y[i * p.N + n0 + j] = sum_lanes(acc[i][j]) + offsets[i][j];
-}
-
-template <int BITS>
-void fused_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) {
-    if (p.M == 1) fused_tile<1, 4, BITS>(p, prep, n);
-    else fused_tile<2, 4, BITS>(p, prep, n);
-  }
-  for (; n < n_end; ++n) {
-    if (p.M == 1) fused_tile<1, 1, BITS>(p, prep, n);
-    else fused_tile<2, 1, BITS>(p, prep, n);
-  }
-}
-
-bool fusable(const Problem& p) {
-  return p.w.bits != 32 && p.M <= kFusedRowsX && p.w.group_size % (2 * kLanes) == 0;
-}
 
 }  // namespace
 }  // namespace lmjax
 
+#include "decode_matmul_fused.h"
 #include "decode_matmul_vnni.h"
 
 namespace lmjax {
@@ -344,57 +247,97 @@ Prepared prepare(const Problem& p) {
   return prep;
 }
 
+// The weights of one call share x (and so its preparation); tasks are spans of one weight's rows.
 struct MatmulTasks {
-  Problem problem;
+  std::vector<Problem> problems;
   Prepared prepared;
-  int64_t chunk;
+  struct Span {
+    int32_t weight;
+    int64_t begin, end;
+  };
+  std::vector<Span> spans;
 };
 
-ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
-                        ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                        int32_t bits, int64_t group_size) {
-  auto x_dims = x.dimensions(), v_dims = values.dimensions();
-  if (x_dims.size() != 2 || v_dims.size() != 2)
-    return ffi::Error::InvalidArgument("decode_matmul takes x [M, K] and a 2-D weight");
-  const int64_t M = x_dims[0], K = x_dims[1], N = v_dims[0];
+// Weight i of a call is arguments 3i..3i+2 after x (values, scale, offset) and result i.
+ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, size_t i,
+                          const float* x, int64_t M, int64_t K, int32_t bits, int64_t group_size, Problem& out) {
+  auto values = args.get<ffi::AnyBuffer>(3 * i), scale = args.get<ffi::AnyBuffer>(3 * i + 1),
+       offset = args.get<ffi::AnyBuffer>(3 * i + 2);
+  auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+  if (!values.has_value() || !scale.has_value() || !offset.has_value() || !y.has_value())
+    return ffi::Error::InvalidArgument("decode_matmul: each weight is values, scale, offset and an f32 result");
+  auto v_dims = values->dimensions(), y_dims = (*y)->dimensions();
+  if (v_dims.size() != 2) return ffi::Error::InvalidArgument("decode_matmul takes 2-D weights");
+  const int64_t N = v_dims[0];
   const bool is_float = bits == 32;
-  if (bits != 32 && bits != 8 && bits != 4)
-    return ffi::Error::InvalidArgument("decode_matmul: bits must be 32, 8 or 4");
-  if (is_float ? values.element_type() != ffi::F32 : values.element_type() != ffi::S8)
+  if (is_float ? values->element_type() != ffi::F32 : values->element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("decode_matmul: values must be f32 (bits 32) or s8 (bits 8, 4)");
-  if (v_dims[1] * (bits == 4 ? 2 : 1) != K || (!is_float && (group_size <= 0 || K % group_size)) ||
-      (bits == 4 && group_size % 2))
+  if (v_dims[1] * (bits == 4 ? 2 : 1) != K)
     return ffi::Error::InvalidArgument("decode_matmul: weight inputs or group size do not match x");
+  if (y_dims.size() != 2 || y_dims[0] != M || y_dims[1] != N)
+    return ffi::Error::InvalidArgument("decode_matmul: result i must be [M, N] of weight i");
   auto is_float_type = [](const ffi::AnyBuffer& b) {
     return b.element_type() == ffi::F32 || b.element_type() == ffi::F16 || b.element_count() == 0;
   };
-  if (!is_float_type(scale) || !is_float_type(offset))
+  if (!is_float_type(*scale) || !is_float_type(*offset))
     return ffi::Error::InvalidArgument("decode_matmul: scale and offset must be f32 or f16");
-  if (M == 0 || N == 0 || K == 0) return ffi::Error::Success();
-  auto is_f16 = [](const ffi::AnyBuffer& b) { return b.element_type() == ffi::F16; };
-  if (!is_float && scale.element_count() != N * (K / group_size))
+  const int64_t groups = is_float ? 0 : K / group_size;
+  if (!is_float && static_cast<int64_t>(scale->element_count()) != N * groups)
     return ffi::Error::InvalidArgument("decode_matmul: scale must be [N, K / group_size]");
-  const bool has_offset = offset.element_count() > 0;
-  if (has_offset && offset.element_count() != N * (K / group_size))
+  const bool has_offset = offset->element_count() > 0;
+  if (has_offset && static_cast<int64_t>(offset->element_count()) != N * groups)
     return ffi::Error::InvalidArgument("decode_matmul: offset must be [N, K / group_size] or empty");
+  auto is_f16 = [](const ffi::AnyBuffer& b) { return b.element_type() == ffi::F16; };
+  out = Problem{x, M, K, N,
+                Weight{values->untyped_data(), bits, scale->untyped_data(), is_f16(*scale),
+                       has_offset ? offset->untyped_data() : nullptr, is_f16(*offset), group_size},
+                (*y)->typed_data()};
+  return ffi::Error::Success();
+}
 
-  auto shared = std::make_shared<Parallel<MatmulTasks>>();
-  MatmulTasks& tasks = shared->problem;
-  tasks.problem = Problem{x.typed_data(), M, K, N,
-                          Weight{values.untyped_data(), bits, scale.untyped_data(), is_f16(scale),
-                                 has_offset ? offset.untyped_data() : nullptr, is_f16(offset), group_size},
-                          y->typed_data()};
-  tasks.prepared = prepare(tasks.problem);
-  const int64_t weight_bytes = N * K * (is_float ? 4 : 1) / (bits == 4 ? 2 : 1);
+ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                        ffi::RemainingRets ys, int32_t bits, int64_t group_size) {
+  auto x_dims = x.dimensions();
+  if (x_dims.size() != 2) return ffi::Error::InvalidArgument("decode_matmul takes x [M, K]");
+  const int64_t M = x_dims[0], K = x_dims[1];
+  if (bits != 32 && bits != 8 && bits != 4)
+    return ffi::Error::InvalidArgument("decode_matmul: bits must be 32, 8 or 4");
+  if (bits != 32 && (group_size <= 0 || K % group_size || (bits == 4 && group_size % 2)))
+    return ffi::Error::InvalidArgument("decode_matmul: weight inputs or group size do not match x");
+  if (weights.size() != 3 * ys.size() || ys.empty())
+    return ffi::Error::InvalidArgument("decode_matmul: takes x, then values, scale, offset per result");
+
+  Parallel<MatmulTasks> job;
+  MatmulTasks& tasks = job.problem;
+  tasks.problems.resize(ys.size());
+  int64_t rows = 0;
+  for (size_t i = 0; i < ys.size(); ++i) {
+    ffi::Error error = weight_problem(weights, ys, i, x.typed_data(), M, K, bits, group_size, tasks.problems[i]);
+    if (error.failure()) return error;
+    rows += tasks.problems[i].N;
+  }
+  if (M == 0 || K == 0 || rows == 0) {
+    for (const Problem& p : tasks.problems) std::fill(p.y, p.y + p.M * p.N, 0.0f);
+    return ffi::Error::Success();
+  }
+  // Offsets need x's group sums: prepare for a weight that has them, if any does.
+  auto with_offset = std::find_if(tasks.problems.begin(), tasks.problems.end(),
+                                  [](const Problem& p) { return p.w.offset != nullptr; });
+  tasks.prepared = prepare(with_offset != tasks.problems.end() ? *with_offset : tasks.problems[0]);
+  const int64_t weight_bytes = rows * K * (bits == 32 ? 4 : 1) / (bits == 4 ? 2 : 1);
   const int64_t threads = weight_bytes < kParallelBytes ? 1 : std::max<int64_t>(1, pool.num_threads());
   // Several chunks per thread so that a thread that starts late still finds work.
-  const int64_t per_chunk = (N + 4 * threads - 1) / (4 * threads);
-  tasks.chunk = std::max<int64_t>(kRowsW, (per_chunk + kRowsW - 1) / kRowsW * kRowsW);
-  shared->chunks = (N + tasks.chunk - 1) / tasks.chunk;
-  shared->run = [](const MatmulTasks& t, int64_t i) {
-    columns(t.problem, t.prepared, i * t.chunk, std::min(t.problem.N, (i + 1) * t.chunk));
+  const int64_t per_chunk = (rows + 4 * threads - 1) / (4 * threads);
+  const int64_t chunk = std::max<int64_t>(kRowsW, (per_chunk + kRowsW - 1) / kRowsW * kRowsW);
+  for (size_t i = 0; i < tasks.problems.size(); ++i)
+    for (int64_t n = 0; n < tasks.problems[i].N; n += chunk)
+      tasks.spans.push_back({static_cast<int32_t>(i), n, std::min(tasks.problems[i].N, n + chunk)});
+  job.chunks = tasks.spans.size();
+  job.run = [](const MatmulTasks& t, int64_t i) {
+    const MatmulTasks::Span& span = t.spans[i];
+    columns(t.problems[span.weight], t.prepared, span.begin, span.end);
   };
-  return shared->launch(pool, threads > 1);
+  return job.launch(pool, threads > 1);
 }
 
 }  // namespace
@@ -404,10 +347,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeMatmul, lmjax::DecodeMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int32_t>("bits")
                                   .Attr<int64_t>("group_size"));
 

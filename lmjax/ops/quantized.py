@@ -165,9 +165,34 @@ def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   weights'). A decode step's few rows (1 <= M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4
   weights go to the C++ kernel on a CPU (ops/decode_kernels.py; its int8 path on CPUs with AVX-512
   VNNI also rounds x to int8 per 32 inputs), everything else to XLA's dot."""
-  if _kernel_takes(x_MK, w):
-    return jax.lax.platform_dependent(x_MK, w, cpu=_kernel_matmul, default=_xla_matmul)
-  return _xla_matmul(x_MK, w)
+  return matmuls(x_MK, [w])[0]
+
+
+def matmuls(x_MK, ws) -> list[jax.Array]:
+  """[x_MK @ w^T for w in ws]: `matmul` for several weights that read the same input (a layer's q, k
+  and v; its w1 and w3). Weights of one kind (bits, group size, dtypes, K) that the C++ kernel takes
+  go to it in one call, which quantizes x once and splits all their rows among its threads, as one
+  larger matrix would be; the rest go one by one."""
+  ws = list(ws)
+  kernel = [i for i, w in enumerate(ws) if _kernel_takes(x_MK, w)]
+  kinds = {}
+  for i in kernel:
+    kinds.setdefault(_kind(ws[i]), []).append(i)
+  results = [None] * len(ws)
+  for indices in kinds.values():
+    group = [ws[i] for i in indices]
+    ys = jax.lax.platform_dependent(
+      x_MK, group, cpu=_kernel_matmul, default=lambda x, g: [_xla_matmul(x, w) for w in g]
+    )
+    for i, y in zip(indices, ys):
+      results[i] = y
+  return [_xla_matmul(x_MK, w) if y is None else y for w, y in zip(ws, results)]
+
+
+def _kind(w: QuantizedWeight) -> tuple:
+  """What one kernel call needs its weights to share."""
+  dtype = lambda a: None if a is None else jnp.dtype(a.dtype).name
+  return (w.bits, w.group_size, w.inputs, dtype(w.values), dtype(w.scale), dtype(w.offset))
 
 
 def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
@@ -184,8 +209,9 @@ def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
   )
 
 
-def _kernel_matmul(x_MK, w: QuantizedWeight) -> jax.Array:
-  return decode_kernels.matmul(x_MK, w.values, w.scale, w.offset, w.bits, w.group_size)
+def _kernel_matmul(x_MK, ws) -> list[jax.Array]:
+  w = ws[0]
+  return decode_kernels.matmul(x_MK, [(w.values, w.scale, w.offset) for w in ws], w.bits, w.group_size)
 
 
 def _xla_matmul(x_MK, w: QuantizedWeight) -> jax.Array:
