@@ -40,6 +40,42 @@ struct AttentionProblem {
   float* out;
 };
 
+// scores[g, s] = q[g] . keys[:, s] for GB query heads at once, slots [0, L): each key vector loaded
+// once for all GB heads, 16 slots in registers. Keys are [H, S]; slots past L (up to S) may be read.
+template <int GB>
+void head_scores(const float* q, const float* keys, int64_t H, int64_t S, int64_t L, float* scores, int64_t stride) {
+  int64_t s = 0;
+  for (; s < L && s + kLanes <= S; s += kLanes) {
+    vfloat acc[GB];
+    for (int g = 0; g < GB; ++g) acc[g] = vfloat{};
+    for (int64_t h = 0; h < H; ++h) {
+      const vfloat key = load(keys + h * S + s);
+      for (int g = 0; g < GB; ++g) acc[g] += q[g * H + h] * key;
+    }
+    const int64_t n = std::min<int64_t>(kLanes, L - s);
+    for (int g = 0; g < GB; ++g) std::memcpy(scores + g * stride + s, &acc[g], n * sizeof(float));
+  }
+  for (; s < L; ++s)  // the last slots of a cache whose length is not a multiple of 16
+    for (int g = 0; g < GB; ++g) {
+      float total = 0.0f;
+      for (int64_t h = 0; h < H; ++h) total += q[g * H + h] * keys[h * S + s];
+      scores[g * stride + s] = total;
+    }
+}
+
+// out[h] = sum over slots s < L of weights[s] * values[s, h], H = 16 * HV held in registers.
+template <int HV>
+void weighted_values(const float* weights, const float* values, int64_t L, float* out) {
+  vfloat acc[HV];
+  for (int v = 0; v < HV; ++v) acc[v] = vfloat{};
+  for (int64_t s = 0; s < L; ++s) {
+    const float weight = weights[s];
+    if (weight == 0.0f) continue;
+    for (int v = 0; v < HV; ++v) acc[v] += weight * load(values + s * HV * kLanes + v * kLanes);
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
 void attend(const AttentionProblem& p, int64_t b, int64_t kv_head) {
   const int64_t G = p.G, H = p.H, S = p.S;
   const int32_t* k_pos = p.k_pos + b * S;
@@ -51,13 +87,15 @@ void attend(const AttentionProblem& p, int64_t b, int64_t kv_head) {
   scores.assign(G * L, 0.0f);
   const float* q = p.q + (b * p.K * G + kv_head * G) * H;
   const float* keys = p.k + (b * p.K + kv_head) * H * S;
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t g = 0; g < G; ++g) {
-      const float qh = q[g * H + h];
-      float* row = scores.data() + g * L;
-      const float* key = keys + h * S;
-      for (int64_t s = 0; s < L; ++s) row[s] += qh * key[s];
+  for (int64_t g = 0; g < G; g += 4) {
+    float* rows = scores.data() + g * L;
+    switch (std::min<int64_t>(4, G - g)) {
+      case 4: head_scores<4>(q + g * H, keys, H, S, L, rows, L); break;
+      case 3: head_scores<3>(q + g * H, keys, H, S, L, rows, L); break;
+      case 2: head_scores<2>(q + g * H, keys, H, S, L, rows, L); break;
+      default: head_scores<1>(q + g * H, keys, H, S, L, rows, L); break;
     }
+  }
   const float* values = p.v + (b * p.K + kv_head) * S * H;
   for (int64_t g = 0; g < G; ++g) {
     float* row = scores.data() + g * L;
@@ -79,11 +117,17 @@ void attend(const AttentionProblem& p, int64_t b, int64_t kv_head) {
     }
     float total = sum_lanes(totals);
     for (; s < L; ++s) total += row[s] = std::exp(row[s] - top);
-    for (int64_t s = 0; s < L; ++s) {
-      if (row[s] == 0.0f) continue;
-      const float weight = row[s];
-      const float* value = values + s * H;
-      for (int64_t h = 0; h < H; ++h) o[h] += weight * value[h];
+    if (H == 4 * kLanes) {
+      weighted_values<4>(row, values, L, o);
+    } else if (H == 8 * kLanes) {
+      weighted_values<8>(row, values, L, o);
+    } else {
+      for (int64_t s = 0; s < L; ++s) {
+        if (row[s] == 0.0f) continue;
+        const float weight = row[s];
+        const float* value = values + s * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += weight * value[h];
+      }
     }
     for (int64_t h = 0; h < H; ++h) o[h] /= total;
   }
@@ -104,8 +148,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
                                      k_pos.typed_data(), B, K, N / K, H, S, window, out->typed_data()};
   job.run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
   job.chunks = B * K;
-  const int64_t cache_bytes = 2 * B * K * S * H * sizeof(float);
-  return job.launch(pool, cache_bytes >= kParallelBytes);
+  int64_t filled = 0;  // slots read: each row's up to its last filled one (as `attend`)
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t L = S;
+    while (L > 0 && k_pos.typed_data()[b * S + L - 1] < 0) --L;
+    filled += L;
+  }
+  return job.launch(pool, 2 * filled * K * H * static_cast<int64_t>(sizeof(float)) >= kParallelBytes);
 }
 }  // namespace
 }  // namespace lmjax
