@@ -141,20 +141,11 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array
 
   def sampled(x_BV):  # jax.random.categorical's Gumbel-max draw
     x_BV = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1.0)), filtered, lambda x: x, x_BV)
-    return first_argmax(x_BV + jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_B))
+    return sampler.first_argmax(x_BV + jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_B))
 
-  greedy_B = first_argmax(logits_BV)
+  greedy_B = sampler.first_argmax(logits_BV)
   sampled_B = jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda x: greedy_B, scaled_BV)
   return jnp.where(temperature_B == 0, greedy_B, sampled_B)
-
-
-def first_argmax(x_BV) -> jax.Array:
-  """jnp.argmax(x_BV, axis=-1) (the first index of the maximum, or of a NaN), int32 [B], as two plain
-  reductions: XLA:CPU does not vectorise argmax's variadic reduction (16 x 49152 logits: 1.8 ms
-  against 0.4)."""
-  V = x_BV.shape[-1]
-  is_max_BV = (x_BV == x_BV.max(axis=-1, keepdims=True)) | jnp.isnan(x_BV)  # the first NaN, as argmax
-  return jnp.min(jnp.where(is_max_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
 class Engine:
