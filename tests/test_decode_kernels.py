@@ -41,13 +41,13 @@ def quantized_x(x, block=32):
 
 
 def reference(x, values, scale, offset, bits, group_size):
-  """x @ w^T in float64; where the kernel takes the VNNI path (int8, groups of a multiple of 32, rows of
-  a multiple of 64 inputs, on a CPU with AVX-512 VNNI) x is quantized as it does, and the offsets
-  still see x's exact sums."""
+  """x @ w^T in float64; where the kernel takes the VNNI path (int8 or int4, groups of a multiple of 32,
+  rows of a multiple of 64 inputs, on a CPU with AVX-512 VNNI) x is quantized as it does, and the
+  offsets still see x's exact sums."""
   w = numpy_weight(values, scale, offset, bits, group_size)
   K = x.shape[1]
   vnni = decode_kernels.rounds_int8_activations()
-  if not (vnni and bits == 8 and group_size % 32 == 0 and K % 64 == 0):
+  if not (vnni and bits in (8, 4) and group_size % 32 == 0 and K % 64 == 0):
     return x.astype(np.float64) @ w.T
   w_scaled = numpy_weight(values, scale, None, bits, group_size)
   y = quantized_x(x) @ w_scaled.T
@@ -120,6 +120,17 @@ def test_int8_rows_of_96_inputs_convert_in_registers(M):
   np.testing.assert_allclose(kernel(x, values, scale, offset, 8, 32), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits,scale_dtype", [(8, np.float32), (4, np.float16)])
+def test_rows_of_more_than_16_groups_with_offsets(bits, scale_dtype):
+  """20 groups of 32 a row (as SmolLM2's 576-input rows have 18): offsets are summed 16 groups at a
+  time, then the rest."""
+  rng = np.random.default_rng(bits)
+  values, scale, offset = random_weight(rng, 9, 640, bits, 32, True, scale_dtype)
+  x = rng.standard_normal((2, 640)).astype(np.float32)
+  want = reference(x, values, scale, offset, bits, 32)
+  np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("K", [40, 100])
 def test_inputs_not_a_multiple_of_16(K):
   """fp32 and one-group int8 rows whose length leaves a tail after the 16-lane loop."""
@@ -152,13 +163,13 @@ def test_large_weight_split_over_threads(bits):
   np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 8, 4])
 def test_a_row_gives_the_same_result_in_any_batch(bits):
-  """A decode step's row does not depend on the other rows: fp32 always, int8 where it takes the VNNI
-  path for every row count (elsewhere 1-2 rows convert in registers, more go through a buffer, and
-  the two round differently)."""
-  if bits == 8 and not decode_kernels.rounds_int8_activations():
-    pytest.skip("int8 without AVX-512 VNNI: 1-2 rows and more rows take differently rounded paths")
+  """A decode step's row does not depend on the other rows: fp32 always, int8 and int4 where they take
+  the VNNI path for every row count (elsewhere 1-2 rows convert in registers, more go through a
+  buffer, and the two round differently)."""
+  if bits != 32 and not decode_kernels.rounds_int8_activations():
+    pytest.skip("without AVX-512 VNNI, 1-2 rows and more rows take differently rounded paths")
   rng = np.random.default_rng(3)
   values, scale, offset = random_weight(rng, 80, 128, bits, 64, False, np.float32)
   x = rng.standard_normal((16, 128)).astype(np.float32)
@@ -205,7 +216,7 @@ def test_quantized_matmuls_groups_weights_by_kind():
   got = jax.jit(quantized.matmuls)(x, ws)
   for y, w in zip(got, ws):
     want = x.astype(np.float64) @ np.asarray(quantized.dequantize(w), np.float64).T
-    tolerance = 0.05 if w.bits == 8 and decode_kernels.rounds_int8_activations() else 1e-4
+    tolerance = 0.05 if w.is_integer and decode_kernels.rounds_int8_activations() else 1e-4
     np.testing.assert_allclose(np.asarray(y), want, rtol=tolerance, atol=tolerance * 10)
 
 

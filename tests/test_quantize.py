@@ -13,7 +13,7 @@ from test_pretrained import needs_smollm2
 from lmjax import model, pretrained
 from lmjax.inference import sampler
 from lmjax.model import quantize
-from lmjax.ops import quantized
+from lmjax.ops import decode_kernels, quantized
 from lmjax.pretrained import gguf as gguf_loader
 
 
@@ -52,18 +52,18 @@ def test_quantized_matmul_equals_numpy_dequantize_then_matmul(bits, group, asymm
   # Round to nearest: no weight is more than half a step from its level.
   step = np.repeat(np.asarray(w.scale), group or 128, axis=-1)
   assert np.all(np.abs(np_dequantize(w) - w_NK) <= step / 2 + 1e-6)
-  # XLA's dot and the decode kernel (CPU) equal dequantize-then-matmul, except that with int8 the
-  # kernel may take its VNNI path, which also rounds x to int8 (test_decode_kernels checks it exactly):
-  # here within 1% of the output's scale.
+  # XLA's dot and the decode kernel (CPU) equal dequantize-then-matmul, except that the kernel may take
+  # its VNNI path, which also rounds x to int8 (test_decode_kernels checks it exactly): here within 1%
+  # of the output's scale.
   for M in (1, 5):
     x_MK = rng.normal(size=(M, 128)).astype(np.float32)
     want = x_MK @ np_dequantize(w).T
     np.testing.assert_allclose(jax.jit(quantized._xla_matmul)(x_MK, w), want, rtol=1e-5, atol=1e-4)
     got = np.asarray(jax.jit(quantized.matmul)(jnp.asarray(x_MK), w))
-    if bits == 4:
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    else:
+    if decode_kernels.rounds_int8_activations():  # every group here is a multiple of 32
       assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_int4_packing_layout():

@@ -189,7 +189,7 @@ void block(const Problem& p, int64_t n0, int64_t count, const float* w_rows) {
 // order; offsets add offset[n, g] * (sum of x over group g), x_group_sums [M, K / G].
 struct Prepared {
   std::vector<float> x_even, x_odd, x_group_sums;
-  std::vector<int8_t> x_q;  // the VNNI path's quantized x (decode_matmul_vnni.h)
+  std::vector<int8_t> x_q, x_q4;  // the VNNI path's quantized x (decode_matmul_vnni.h)
   std::vector<float> x_scale;
 };
 
@@ -230,7 +230,7 @@ Prepared prepare(const Problem& p) {
   Prepared prep;
   if (!fusable(p) && !vnni_takes(p)) return prep;
   const int64_t K = p.K, G = p.w.group_size, groups = K / G;
-  if (p.w.bits == 4) {
+  if (p.w.bits == 4 && !vnni_takes(p)) {  // the fused path's
     prep.x_even.resize(p.M * K / 2);
     prep.x_odd.resize(p.M * K / 2);
     for (int64_t i = 0; i < p.M * K / 2; ++i) {

@@ -6,6 +6,11 @@
 // XOR of the sign bit) times xq, which adds 128 * (sum of xq) to each dot; that sum depends on x only,
 // so it is computed once per block of x and taken as the dot's starting value, negated. Exact for every
 // int8 weight, -128 included.
+//
+// int4 (two per byte, element 2i in the low nibble) takes the same dots: 32 weight bytes give 64 nibbles,
+// the low ones (the even inputs of a 64-input chunk) in bytes 0-31 and the high ones (odd inputs) in
+// 32-63, each as q + 8 in [0, 15] (the nibble XOR 8), against x's quantized bytes laid out the same way
+// per chunk (`x_q4`: 32 even inputs, then 32 odd); the starting value is -8 * (sum of xq).
 // Included by decode_matmul.cc after Problem and Prepared.
 
 #pragma once
@@ -20,19 +25,20 @@ namespace {
 
 constexpr int64_t kXBlock = 32;  // inputs of x that share one scale
 
-// The VNNI path takes int8 weights in groups of a multiple of 32 over rows of a multiple of 64 inputs,
-// whatever the number of rows of x: each row's result is the same at 1 row or 16 (the server's batch
-// and generate() agree), and the rounding of x does not depend on the batch.
+// The VNNI path takes int8 and int4 weights in groups of a multiple of 32 over rows of a multiple of 64
+// inputs, whatever the number of rows of x: each row's result is the same at 1 row or 16 (the server's
+// batch and generate() agree), and the rounding of x does not depend on the batch.
 inline bool vnni_takes(const Problem& p) {
 #ifdef LMJAX_VNNI
-  return p.w.bits == 8 && p.w.group_size % kXBlock == 0 && p.K % 64 == 0;
+  return (p.w.bits == 8 || p.w.bits == 4) && p.w.group_size % kXBlock == 0 && p.K % 64 == 0;
 #else
   return false;
 #endif
 }
 
-// x's xq as bytes [M, K] and its scales [M, K / 32]. Vectorised where the path runs: a
-// scalar loop (nearbyint per input) cost ~0.5 ms of a ~6 ms int8 token over 211 calls.
+// x's xq as bytes [M, K] and its scales [M, K / 32] (for int4 weights also `x_q4`, each 64-input chunk's
+// even inputs then its odd ones). Vectorised where the path runs: a scalar loop (nearbyint per input)
+// cost ~0.5 ms of a ~6 ms int8 token over 211 calls.
 inline void quantize_x(const Problem& p, Prepared& prep) {
   const int64_t K = p.K;
   prep.x_q.assign(p.M * K, 0);
@@ -57,24 +63,76 @@ inline void quantize_x(const Problem& p, Prepared& prep) {
 #endif
       prep.x_scale[m * K / kXBlock + b] = top / 127.0f;
     }
+  if (p.w.bits != 4) return;
+  prep.x_q4.resize(p.M * K);
+  for (int64_t i = 0; i < p.M * K; i += 64)
+    for (int64_t k = 0; k < 32; ++k) {
+      prep.x_q4[i + k] = prep.x_q[i + 2 * k];
+      prep.x_q4[i + 32 + k] = prep.x_q[i + 2 * k + 1];
+    }
 }
 
 #ifdef LMJAX_VNNI
-// The weight scales of inputs [64c, 64c + 64) of row n (its groups from row_group0), lanes 0-7 for the
-// first 32 and 8-15 for the second (vpdpbusd's lane l sums inputs 4l..4l+3).
-inline __m512 scale_pair(const Weight& w, int64_t row_group0, int64_t c) {
-  const float s0 = w.group_value(w.scale, w.scale_f16, row_group0 + c * 64 / w.group_size),
-              s1 = w.group_value(w.scale, w.scale_f16, row_group0 + (c * 64 + 32) / w.group_size);
-  return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+// Lane l of a chunk's dot products sums its bytes 4l..4l+3: for int8 inputs 4l..4l+3 of the chunk, so
+// lanes 0-7 hold its first 32 inputs and 8-15 the second; for int4, lanes 0-3 and 8-11 the first 32
+// (even and odd inputs), 4-7 and 12-15 the second.
+template <int BITS>
+__attribute__((always_inline)) inline __m512 per_lane(__m128 first_second) {
+  const __m512i index = BITS == 8 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                  : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(first_second));
+}
+
+// Groups i and i + 1 of a scale or offset array (f32 or f16) in lanes 0 and 1.
+__attribute__((always_inline)) inline __m128 two_groups(const void* values, bool f16, int64_t i) {
+  if (f16) {
+    uint32_t both;
+    std::memcpy(&both, static_cast<const uint16_t*>(values) + i, sizeof(both));
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(both)));
+  }
+  return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(static_cast<const float*>(values) + i)));
+}
+
+// The weight scales of a chunk's two halves (its inputs 0-31 and 32-63: groups `first` and `second` of
+// the row whose groups start at group0) in lanes 0 and 1. Groups hold a multiple of 32 inputs, so
+// second is first (groups of 64 or more) or first + 1 (groups of 32).
+__attribute__((always_inline)) inline __m128 chunk_scales(const Weight& w, int64_t group0, int64_t first, int64_t second) {
+  if (second != first) return two_groups(w.scale, w.scale_f16, group0 + first);
+  return _mm_set1_ps(w.group_value(w.scale, w.scale_f16, group0 + first));
+}
+
+// sum over groups g of offset[group0 + g] * sums[g]: a row's offsets against x's group sums.
+inline float offsets_dot(const Weight& w, int64_t group0, const float* sums, int64_t groups) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 mask = groups - g >= 16 ? 0xffff : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __m512 offset =
+        w.offset_f16
+            ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(w.offset) + group0 + g))
+            : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(w.offset) + group0 + g);
+    acc = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(mask, sums + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// A chunk of 64 weights of a row as unsigned bytes w + 128 (int8) or q + 8 (int4, nibbles unpacked
+// low ones first), in the order of x's bytes.
+template <int BITS>
+__attribute__((always_inline)) inline __m512i biased_weights(const int8_t* at) {
+  if (BITS == 8) return _mm512_xor_si512(_mm512_loadu_si512(at), _mm512_set1_epi8(static_cast<char>(0x80)));
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(bytes), _mm256_srli_epi16(bytes, 4), 1);
+  return _mm512_xor_si512(_mm512_and_si512(both, _mm512_set1_epi8(0x0f)), _mm512_set1_epi8(0x08));
 }
 
 // y[0:MX, n0:n0+NW], 64 inputs a step: for each 32-input half, (sum of xq * w) * sx * scale.
-template <int MX, int NW>
+template <int MX, int NW, int BITS>
 void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
-  const int64_t K = p.K, G = w.group_size, groups = K / G;
-  const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * K;
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
+  const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
+  const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
+  const __m512i bias = _mm512_set1_epi8(BITS == 4 ? 8 : static_cast<char>(0x80));
   __m512 acc[MX][NW];
   for (int i = 0; i < MX; ++i)
     for (int j = 0; j < NW; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -82,18 +140,20 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
     __m512i x_q[MX], start[MX];
     __m512 x_scale[MX];
     for (int i = 0; i < MX; ++i) {
-      x_q[i] = _mm512_loadu_si512(prep.x_q.data() + (m0 + i) * K + c * 64);
-      // -128 * (sum of xq over each lane's 4 inputs): the dots' starting value.
-      start[i] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), sign, x_q[i]));
+      x_q[i] = _mm512_loadu_si512(xs + (m0 + i) * K + c * 64);
+      // -bias * (sum of xq over each lane's 4 inputs): the dots' starting value.
+      start[i] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, x_q[i]));
       const float* sx = prep.x_scale.data() + (m0 + i) * K / kXBlock + 2 * c;
-      x_scale[i] = _mm512_insertf32x8(_mm512_set1_ps(sx[0]), _mm256_set1_ps(sx[1]), 1);
+      x_scale[i] = per_lane<BITS>(two_groups(sx, false, 0));
     }
+    const int64_t first = c * 64 / G, second = (c * 64 + 32) / G;  // the halves' groups
     for (int j = 0; j < NW; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows + (kPrefetchRows + j) * K + c * 64), _MM_HINT_T0);
-      const __m512i w_biased = _mm512_xor_si512(_mm512_loadu_si512(rows + j * K + c * 64), sign);
-      const __m512 w_scale = scale_pair(w, (n0 + j) * groups, c);
+      const int8_t* chunk = rows + j * row_bytes + c * 64 * BITS / 8;
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + kPrefetchRows * row_bytes), _MM_HINT_T0);
+      const __m512i weights = biased_weights<BITS>(chunk);
+      const __m512 w_scale = per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
       for (int i = 0; i < MX; ++i) {
-        const __m512i dots = _mm512_dpbusd_epi32(start[i], w_biased, x_q[i]);
+        const __m512i dots = _mm512_dpbusd_epi32(start[i], weights, x_q[i]);
         acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(x_scale[i], w_scale), acc[i][j]);
       }
     }
@@ -101,29 +161,33 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   for (int i = 0; i < MX; ++i)
     for (int j = 0; j < NW; ++j) {
       float total = _mm512_reduce_add_ps(acc[i][j]);
-      if (w.offset)
-        for (int64_t g = 0; g < groups; ++g)
-          total += w.group_value(w.offset, w.offset_f16, (n0 + j) * groups + g) * prep.x_group_sums[(m0 + i) * groups + g];
+      if (w.offset) total += offsets_dot(w, (n0 + j) * groups, prep.x_group_sums.data() + (m0 + i) * groups, groups);
       p.y[(m0 + i) * p.N + n0 + j] = total;
     }
 }
 
-template <int NW>
+template <int NW, int BITS>
 void vnni_rows(const Problem& p, const Prepared& prep, int64_t n) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) vnni_tile<4, NW>(p, prep, m, n);
+  for (; m + 4 <= p.M; m += 4) vnni_tile<4, NW, BITS>(p, prep, m, n);
   switch (p.M - m) {
-    case 3: vnni_tile<3, NW>(p, prep, m, n); break;
-    case 2: vnni_tile<2, NW>(p, prep, m, n); break;
-    case 1: vnni_tile<1, NW>(p, prep, m, n); break;
+    case 3: vnni_tile<3, NW, BITS>(p, prep, m, n); break;
+    case 2: vnni_tile<2, NW, BITS>(p, prep, m, n); break;
+    case 1: vnni_tile<1, NW, BITS>(p, prep, m, n); break;
     default: break;
   }
 }
 
-inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
+template <int BITS>
+void vnni_columns_of(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) vnni_rows<4>(p, prep, n);
-  for (; n < n_end; ++n) vnni_rows<1>(p, prep, n);
+  for (; n + 4 <= n_end; n += 4) vnni_rows<4, BITS>(p, prep, n);
+  for (; n < n_end; ++n) vnni_rows<1, BITS>(p, prep, n);
+}
+
+inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
+  if (p.w.bits == 4) vnni_columns_of<4>(p, prep, n_begin, n_end);
+  else vnni_columns_of<8>(p, prep, n_begin, n_end);
 }
 #else
 inline void vnni_columns(const Problem&, const Prepared&, int64_t, int64_t) {}
