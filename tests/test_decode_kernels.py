@@ -23,7 +23,7 @@ def numpy_weight(values, scale, offset, bits, group_size):
     byte = values.astype(np.int16)
     low = ((byte & 0xF) ^ 8) - 8
     high = byte >> 4
-    values = np.stack([low, high], axis=-1).reshape(values.shape[0], -1)
+    values = np.stack([low, high], axis=-1).reshape(values.shape[0], 2 * values.shape[1])
   N, K = values.shape
   scale_NK = np.repeat(np.asarray(scale, np.float64), group_size, axis=1)
   offset_NK = 0.0 if offset is None else np.repeat(np.asarray(offset, np.float64), group_size, axis=1)
@@ -93,6 +93,7 @@ KINDS = [
   (8, 64, True),
   (4, 32, True),
   (4, 32, False),
+  (4, 64, True),
   (8, 8, True),
 ]
 
@@ -109,15 +110,26 @@ def test_matches_numpy(bits, group_size, with_offset, M):
   np.testing.assert_allclose(kernel(x, values, scale, offset, bits, G), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M", [1, 2])
-def test_int8_rows_of_96_inputs_convert_in_registers(M):
-  """int8 in groups of 32 over 96 inputs: the fused one-pass path (the VNNI path needs rows of a
-  multiple of 64), exact against dequantize-then-matmul."""
-  rng = np.random.default_rng(M)
-  values, scale, offset = random_weight(rng, 21, 96, 8, 32, True, np.float32)
+def test_rows_of_96_inputs_convert_in_registers(bits, M):
+  """int8 and int4 in groups of 32 over 96 inputs: the fused one-pass path (the VNNI path needs rows
+  of a multiple of 64), exact against dequantize-then-matmul."""
+  rng = np.random.default_rng(M + bits)
+  values, scale, offset = random_weight(rng, 21, 96, bits, 32, True, np.float32)
   x = rng.standard_normal((M, 96)).astype(np.float32)
-  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, 8, 32).T
-  np.testing.assert_allclose(kernel(x, values, scale, offset, 8, 32), want, rtol=1e-5, atol=1e-4)
+  want = x.astype(np.float64) @ numpy_weight(values, scale, offset, bits, 32).T
+  np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_groups_that_straddle_a_64_input_chunk(bits):
+  """Groups of 96 over 192 inputs: the VNNI path's second 64-input chunk has its halves in two groups."""
+  rng = np.random.default_rng(bits)
+  values, scale, offset = random_weight(rng, 13, 192, bits, 96, True, np.float16)
+  x = rng.standard_normal((3, 192)).astype(np.float32)
+  want = reference(x, values, scale, offset, bits, 96)
+  np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 96), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits,scale_dtype", [(8, np.float32), (4, np.float16)])
@@ -185,7 +197,7 @@ def test_several_weights_in_one_call(bits, group_size, with_offset, M):
   that weight's product; sizes above the threading threshold, so chunks of different weights run on
   different threads."""
   rng = np.random.default_rng(M + bits)
-  K = 256
+  K = 512
   G = group_size or K
   weights = [random_weight(rng, N, K, bits, G, with_offset, np.float32) for N in (200, 37, 700)]
   x = rng.standard_normal((M, K)).astype(np.float32)
@@ -194,6 +206,48 @@ def test_several_weights_in_one_call(bits, group_size, with_offset, M):
   for y, (values, scale, offset) in zip(got, weights):
     want = reference(x, values, scale, offset, bits, G)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+
+
+def test_one_call_with_an_empty_weight_and_mixed_offsets():
+  """A call's weights may differ in rows (one has none) and in having offsets: each result is its own."""
+  rng = np.random.default_rng(5)
+  weights = [
+    random_weight(rng, N, 128, 4, 32, with_offset, np.float32)
+    for N, with_offset in ((30, False), (0, True), (20, True))
+  ]
+  x = rng.standard_normal((2, 128)).astype(np.float32)
+  got = jax.jit(lambda x, ws: decode_kernels.matmul(x, ws, 4, 32))(x, weights)
+  assert got[1].shape == (2, 0)
+  for y, (values, scale, offset) in zip(got, weights):
+    np.testing.assert_allclose(
+      np.asarray(y), reference(x, values, scale, offset, 4, 32), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_a_quantized_decode_step_reads_qkv_and_w1_w3_in_one_call_each():
+  """Per layer: q/k/v, wo, w1/w3 and w2, one kernel call each; plus the tied head."""
+  from lmjax import model
+  from lmjax.model import quantize
+
+  cfg = model.ModelConfig(
+    vocab_size=256,
+    max_len=32,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=128,
+    mlp="swiglu",
+    norm="rmsnorm",
+    pos_encoding="rope",
+    tie_embeddings=True,
+  )
+  params = quantize.quantize_params(model.init_params(cfg, jax.random.key(0)), "int8")
+  cfg, params = quantize.for_decoding(cfg, params)
+  cache = model.init_cache(cfg, 1, 32)
+  step = lambda p, c, t: model.Transformer(cfg).apply({"params": p}, t, cache=c)
+  hlo = jax.jit(step).lower(params, cache, jnp.zeros((1, 1), jnp.int32)).as_text()
+  assert sum("@lmjax_decode_matmul(" in line for line in hlo.splitlines()) == 4 * cfg.n_layers + 1
 
 
 def test_quantized_matmuls_groups_weights_by_kind():
@@ -236,7 +290,12 @@ def test_build_failure_names_the_compiler_problem(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("B,K,G,H,S", [(3, 2, 3, 16, 45), (4, 3, 3, 64, 256)])  # the second: threaded
+# GQA groups of 1-4 query heads per key load (and 5 = 4 + 1), head sizes in and out of registers; the
+# second case is threaded.
+@pytest.mark.parametrize(
+  "B,K,G,H,S",
+  [(3, 2, 3, 16, 45), (4, 3, 3, 64, 256), (3, 1, 4, 128, 40), (3, 2, 2, 32, 33), (3, 1, 5, 64, 20)],
+)
 def test_attention_matches_numpy(B, K, G, H, S, window):
   """One query per row over keys [B, K, H, S] / values [B, K, S, H] with GQA; rows: a prefix of filled
   slots, a ring whose positions wrap, random empty slots, and an empty row (zeros)."""

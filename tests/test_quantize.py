@@ -161,7 +161,7 @@ def test_decoding_layout_computes_the_same_model(dtype, layout):
   assert isinstance(cache["k"], tuple) and len(cache["k"]) == 2
   _, cache = model.Transformer(cfg_d).apply({"params": params_d}, tokens[:, :11], cache=cache)
   last, cache = model.Transformer(cfg_d).apply({"params": params_d}, tokens[:, 11:], cache=cache)
-  # A one-token step's int8 products may round x to int8 too (the decode kernel's VNNI path, as
+  # A one-token step's int8 and int4 products may round x to int8 too (the decode kernel's VNNI path, as
   # llama.cpp's): within 5% of the logits' scale; its exact values are checked in test_decode_kernels.
   step_tol = 0.05 * float(np.abs(np.asarray(logits)).max()) if dtype in ("int8", "int4") else tol
   np.testing.assert_allclose(

@@ -15,8 +15,9 @@ import pytest
 import uvicorn
 from test_gguf_export import byte_level_bpe, tiny_llama
 
-from lmjax.inference import engine as engine_lib, sampler, server
+from lmjax.inference import engine as engine_lib, server
 from lmjax.inference.language_model import LanguageModel
+from lmjax.ops import reductions
 
 openai = pytest.importorskip("openai")
 
@@ -294,4 +295,6 @@ def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
   )
   assert np.asarray(greedy).tolist() == np.argmax(logits, axis=-1).tolist()
   nan_row = jnp.asarray([[0.0, np.nan, 1.0, np.nan], [2.0, 5.0, 5.0, 1.0]])
-  assert sampler.first_argmax(nan_row).tolist() == np.argmax(np.asarray(nan_row), axis=-1).tolist() == [1, 1]
+  assert (
+    reductions.first_argmax(nan_row).tolist() == np.argmax(np.asarray(nan_row), axis=-1).tolist() == [1, 1]
+  )

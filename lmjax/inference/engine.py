@@ -36,6 +36,7 @@ import numpy as np
 from lmjax import model
 from lmjax.data import tokenizer_base
 from lmjax.inference import sampler
+from lmjax.ops.reductions import first_argmax
 
 
 class QueueFull(Exception):
@@ -141,9 +142,9 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array
 
   def sampled(x_BV):  # jax.random.categorical's Gumbel-max draw
     x_BV = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1.0)), filtered, lambda x: x, x_BV)
-    return sampler.first_argmax(x_BV + jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_B))
+    return first_argmax(x_BV + jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_B))
 
-  greedy_B = sampler.first_argmax(logits_BV)
+  greedy_B = first_argmax(logits_BV)
   sampled_B = jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda x: greedy_B, scaled_BV)
   return jnp.where(temperature_B == 0, greedy_B, sampled_B)
 

@@ -76,13 +76,19 @@ void weighted_values(const float* weights, const float* values, int64_t L, float
   std::memcpy(out, acc, sizeof(acc));
 }
 
+// A row's slots up to its last filled one (k_pos >= 0): what `attend` reads.
+int64_t slots_read(const int32_t* k_pos, int64_t S) {
+  int64_t L = S;
+  while (L > 0 && k_pos[L - 1] < 0) --L;
+  return L;
+}
+
 void attend(const AttentionProblem& p, int64_t b, int64_t kv_head) {
   const int64_t G = p.G, H = p.H, S = p.S;
   const int32_t* k_pos = p.k_pos + b * S;
   const int32_t q_pos = p.q_pos[b];
   float* out = p.out + (b * p.K * G + kv_head * G) * H;
-  int64_t L = S;
-  while (L > 0 && k_pos[L - 1] < 0) --L;
+  const int64_t L = slots_read(k_pos, S);
   thread_local std::vector<float> scores;
   scores.assign(G * L, 0.0f);
   const float* q = p.q + (b * p.K * G + kv_head * G) * H;
@@ -145,15 +151,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     return ffi::Error::InvalidArgument("decode_attention: shapes of q, keys, values or positions disagree");
   Parallel<AttentionProblem> job;
   job.problem = AttentionProblem{q.typed_data(), k.typed_data(), v.typed_data(), q_pos.typed_data(),
-                                     k_pos.typed_data(), B, K, N / K, H, S, window, out->typed_data()};
+                                 k_pos.typed_data(), B, K, N / K, H, S, window, out->typed_data()};
   job.run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
   job.chunks = B * K;
-  int64_t filled = 0;  // slots read: each row's up to its last filled one (as `attend`)
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t L = S;
-    while (L > 0 && k_pos.typed_data()[b * S + L - 1] < 0) --L;
-    filled += L;
-  }
+  int64_t filled = 0;  // slots read
+  for (int64_t b = 0; b < B; ++b) filled += slots_read(k_pos.typed_data() + b * S, S);
   return job.launch(pool, 2 * filled * K * H * static_cast<int64_t>(sizeof(float)) >= kParallelBytes);
 }
 }  // namespace

@@ -49,6 +49,16 @@ inline void pause() {
 #endif
 }
 
+// Spins until done() holds, yielding the core after a while: the thread waited for may have been
+// preempted (2 cores, XLA's threads and ours), and spinning would only delay it.
+template <typename Done>
+inline void wait_until(Done done) {
+  for (int spins = 0; !done(); ++spins) {
+    if (spins < 4096) pause();
+    else std::this_thread::yield();
+  }
+}
+
 // Work split into tasks that threads claim from one counter.
 struct Tasks {
   virtual ~Tasks() = default;
@@ -71,7 +81,6 @@ class Helpers {
     static Helpers* helpers = new Helpers(std::max<int64_t>(0, threads - 1));
     return *helpers;
   }
-  int64_t count() const { return count_; }
 
   // Offers `job` to the helpers; false (and nothing offered) if another job holds them. The job must
   // stay alive until `release` returns.
@@ -90,7 +99,7 @@ class Helpers {
   // (they find no task left), so the caller may free it.
   void release() {
     job_.store(nullptr);
-    while (active_.load() > 0) pause();
+    wait_until([&] { return active_.load() == 0; });
     busy_.store(false, std::memory_order_release);
   }
 
@@ -122,6 +131,9 @@ class Helpers {
   }
 
   const int64_t count_;
+  // job_, epoch_, active_ and sleepers_ stay sequentially consistent (their default): submit/loop and
+  // release/loop are Dekker pairs (each side stores, then loads the other's), which acquire/release
+  // ordering would not keep.
   std::atomic<bool> busy_{false};
   std::atomic<uint64_t> epoch_{0};
   std::atomic<int64_t> active_{0}, sleepers_{0};
@@ -151,7 +163,7 @@ struct Parallel : Tasks {
     Helpers& helpers = Helpers::get(pool.num_threads());
     const bool helped = parallel && chunks > 1 && helpers.submit(this);
     work();
-    while (done.load(std::memory_order_acquire) < chunks) pause();
+    wait_until([&] { return done.load(std::memory_order_acquire) >= chunks; });
     if (helped) helpers.release();
     return ffi::Error::Success();
   }

@@ -9,11 +9,12 @@ With one row it fuses int8 dequantize-then-dot into a loop reading ~22 GB/s (a j
 dequantized into an fp32 temporary first (16-row int8 step 123-126 ms, 46-47 with the kernel). Its
 batched dots read every column of the cache whatever the rows hold, and with one row XLA fused the
 cache update twice and copied each layer's K and V buffers twice a step. The kernels read int8 and
-int4 once (int8 through AVX-512 VNNI integer dots where the CPU has them, rounding x to int8 per 32
+int4 once (through AVX-512 VNNI integer dots where the CPU has them, rounding x to int8 per 32
 inputs as llama.cpp does; elsewhere converted to fp32 in registers); multiply 16 rows in register
-tiles; read each row's cache only up to its last filled slot; and share the work with helper
-threads of their own (as many as XLA's intra-op threads). A/B numbers in
-BUILD_NOTES (Decisions, "Decode kernels"). No library fills this seat: XNNPACK's and oneDNN's int8
+tiles; take the weights that share an input (q, k and v; w1 and w3) in one call; read each row's
+cache only up to its last filled slot; and share the work with helper threads of their own (as many
+as XLA's intra-op threads) that poll for jobs between kernels. A/B numbers in BUILD_NOTES
+(Decisions, "Decode kernels"). No library fills this seat: XNNPACK's and oneDNN's int8
 GEMMs are not reachable from JAX, and Qwix / AQT lower to the same XLA dots (ops/quantized.py).
 
 The sources are compiled once per machine with the system's C++ compiler (`c++`, or $CXX) for the
@@ -122,8 +123,8 @@ _HAS_VNNI = False
 
 
 def rounds_int8_activations() -> bool:
-  """Whether the built kernel's int8 path uses AVX-512 VNNI and so rounds x to int8 per 32 inputs
-  (False when the kernels are unavailable)."""
+  """Whether the built kernel multiplies int8 and int4 weights through AVX-512 VNNI and so rounds x to
+  int8 per 32 inputs (False when the kernels are unavailable)."""
   return available() and _HAS_VNNI
 
 
@@ -138,12 +139,12 @@ def _require():
 def matmul(x_MK, weights, bits: int, group_size: int) -> list[jax.Array]:
   """[fp32 [M, N_i] = x_MK @ w_i^T for each weight w_i [N_i, K]], in one call that shares x (its
   conversion, and one hand-off to the helper threads) among the weights: a layer's q, k and v, or
-  its w1 and w3, read as one matrix (SmolLM2 int8 chain of 210 matvecs -> 120 calls: 17-20 -> 22-24
-  GB/s, BUILD_NOTES). `weights`: (values, scale, offset) per weight, ops/quantized.py's
+  its w1 and w3, read as one matrix (a chain of SmolLM2's int8 matrices, 210 calls -> 120: 5.98-7.07
+  -> 4.98-5.53 ms, BUILD_NOTES). `weights`: (values, scale, offset) per weight, ops/quantized.py's
   QuantizedWeight fields, all of one kind: `values` f32 [N_i, K] (bits 32, scale and offset None) or
   int8 [N_i, K] / [N_i, K // 2] (bits 8 / 4), `scale` and `offset` [N_i, K // group_size] (f32 or
-  f16; offset may be None). x is cast to fp32; int8 on a CPU with AVX-512 VNNI rounds it to int8 per
-  32 inputs (decode_matmul_vnni.h). CPU only (a custom call registered for the CPU); RuntimeError if
+  f16; offset may be None). x is cast to fp32; int8 and int4 on a CPU with AVX-512 VNNI round it to
+  int8 per 32 inputs (decode_matmul_vnni.h). CPU only (a custom call registered for the CPU); RuntimeError if
   `available()` is False."""
   _require()
   empty = jnp.zeros((0,), jnp.float32)

@@ -7,9 +7,9 @@
 //   int4    values s8  [N, K / 2]  two per byte: element 2i in the low nibble, 2i+1 in the high one
 // w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G].
 //
-// int8 on CPUs with AVX-512 VNNI: integer dots at any row count (decode_matmul_vnni.h). Other quantized
-// weights at one or two rows of x with groups of a multiple of 32: each weight byte converted in
-// registers and used at once, one pass over the weights (decode_matmul_fused.h). Otherwise (`block`):
+// int8 and int4 on CPUs with AVX-512 VNNI: integer dots at any row count (decode_matmul_vnni.h). Other
+// quantized weights at one or two rows of x with groups of a multiple of 32: each weight byte converted
+// in registers and used at once, one pass over the weights (decode_matmul_fused.h). Otherwise (`block`):
 // 16 weight rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they
 // are) times every row of x in register tiles of 4x4, 2x8 or 1x16 dot products.
 //
@@ -18,6 +18,7 @@
 // decode_kernels.h).
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -272,10 +273,11 @@ ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRe
   const bool is_float = bits == 32;
   if (is_float ? values->element_type() != ffi::F32 : values->element_type() != ffi::S8)
     return ffi::Error::InvalidArgument("decode_matmul: values must be f32 (bits 32) or s8 (bits 8, 4)");
+  const std::string which = "decode_matmul: weight " + std::to_string(i);
   if (v_dims[1] * (bits == 4 ? 2 : 1) != K)
-    return ffi::Error::InvalidArgument("decode_matmul: weight inputs or group size do not match x");
+    return ffi::Error::InvalidArgument(which + "'s inputs do not match x's");
   if (y_dims.size() != 2 || y_dims[0] != M || y_dims[1] != N)
-    return ffi::Error::InvalidArgument("decode_matmul: result i must be [M, N] of weight i");
+    return ffi::Error::InvalidArgument(which + ": its result must be [M, N]");
   auto is_float_type = [](const ffi::AnyBuffer& b) {
     return b.element_type() == ffi::F32 || b.element_type() == ffi::F16 || b.element_count() == 0;
   };
@@ -303,7 +305,7 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
   if (bits != 32 && bits != 8 && bits != 4)
     return ffi::Error::InvalidArgument("decode_matmul: bits must be 32, 8 or 4");
   if (bits != 32 && (group_size <= 0 || K % group_size || (bits == 4 && group_size % 2)))
-    return ffi::Error::InvalidArgument("decode_matmul: weight inputs or group size do not match x");
+    return ffi::Error::InvalidArgument("decode_matmul: group_size must divide x's inputs (and be even for int4)");
   if (weights.size() != 3 * ys.size() || ys.empty())
     return ffi::Error::InvalidArgument("decode_matmul: takes x, then values, scale, offset per result");
 
@@ -353,7 +355,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeMatmul, lmjax::DecodeMatmul,
                                   .Attr<int64_t>("group_size"));
 
 
-// Whether this build multiplies int8 through AVX-512 VNNI (and so rounds x to int8): tests ask.
+// Whether this build multiplies int8 and int4 through AVX-512 VNNI (and so rounds x to int8): tests ask.
 extern "C" int LmjaxDecodeHasVnni() {
 #ifdef LMJAX_VNNI
   return 1;

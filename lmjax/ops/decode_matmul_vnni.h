@@ -1,4 +1,4 @@
-// decode_matmul.cc's int8 path on CPUs with AVX-512 VNNI: integer dot products (vpdpbusd, 64 byte
+// decode_matmul.cc's int8 and int4 path on CPUs with AVX-512 VNNI: integer dot products (vpdpbusd, 64 byte
 // products an instruction) instead of converting every weight to fp32, which bounds the fp32 path at
 // ~10 GB/s of int8 a core. As llama.cpp does for its Q8_0/Q4 dot products, x is quantized for the
 // product: per row, in blocks of 32 inputs, xq = rint(x / sx), sx = max|x| / 127 (fp32 sums of x feed
@@ -15,7 +15,8 @@
 
 #pragma once
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__F16C__)
 #define LMJAX_VNNI 1
 #include <immintrin.h>
 #endif
@@ -83,19 +84,19 @@ __attribute__((always_inline)) inline __m512 per_lane(__m128 first_second) {
   return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(first_second));
 }
 
-// Groups i and i + 1 of a scale or offset array (f32 or f16) in lanes 0 and 1.
+// Elements i and i + 1 of a scale array (f32 or f16: the weights', or x's) in lanes 0 and 1.
 __attribute__((always_inline)) inline __m128 two_groups(const void* values, bool f16, int64_t i) {
   if (f16) {
     uint32_t both;
     std::memcpy(&both, static_cast<const uint16_t*>(values) + i, sizeof(both));
     return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(both)));
   }
-  return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(static_cast<const float*>(values) + i)));
+  return _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const float*>(values) + i)));
 }
 
 // The weight scales of a chunk's two halves (its inputs 0-31 and 32-63: groups `first` and `second` of
 // the row whose groups start at group0) in lanes 0 and 1. Groups hold a multiple of 32 inputs, so
-// second is first (groups of 64 or more) or first + 1 (groups of 32).
+// second is first, or first + 1 where the chunk crosses a group boundary (always for groups of 32).
 __attribute__((always_inline)) inline __m128 chunk_scales(const Weight& w, int64_t group0, int64_t first, int64_t second) {
   if (second != first) return two_groups(w.scale, w.scale_f16, group0 + first);
   return _mm_set1_ps(w.group_value(w.scale, w.scale_f16, group0 + first));

@@ -28,8 +28,8 @@ declare (SmolLM2 batch-1 decode 52-57 tok/s against 38-44, BUILD_NOTES), so infe
 float matrix that way (model/quantize.py `for_decoding`).
 
 On a CPU, `matmul` over 1-16 rows (a decode step) goes to the C++ kernels of ops/decode_kernels.py
-instead, which read every layout above in one pass (int8 through AVX-512 VNNI where available);
-the XLA path described here serves larger products and other backends.
+instead, which read every layout above in one pass (int8 and int4 through AVX-512 VNNI where
+available); the XLA path described here serves larger products and other backends.
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   """x_MK @ w^T for a one-layer QuantizedWeight ([N, K]): fp32 [M, N], computed in fp32 whatever x's
   dtype (XLA:CPU's bf16 matrix-vector products are slower than fp32 ones; the bytes saved are the
   weights'). A decode step's few rows (1 <= M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4
-  weights go to the C++ kernel on a CPU (ops/decode_kernels.py; its int8 path on CPUs with AVX-512
-  VNNI also rounds x to int8 per 32 inputs), everything else to XLA's dot."""
+  weights go to the C++ kernel on a CPU (ops/decode_kernels.py; its int8 and int4 paths on CPUs with
+  AVX-512 VNNI also round x to int8 per 32 inputs), everything else to XLA's dot."""
   return matmuls(x_MK, [w])[0]
 
 
