@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_gguf_export import tiny_llama
 
+from lmjax import model
+from lmjax.model import quantize
 from lmjax.ops import decode_kernels, quantized
 
 
@@ -226,27 +229,10 @@ def test_one_call_with_an_empty_weight_and_mixed_offsets():
 
 def test_a_quantized_decode_step_reads_qkv_and_w1_w3_in_one_call_each():
   """Per layer: q/k/v, wo, w1/w3 and w2, one kernel call each; plus the tied head."""
-  from lmjax import model
-  from lmjax.model import quantize
-
-  cfg = model.ModelConfig(
-    vocab_size=256,
-    max_len=32,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=128,
-    mlp="swiglu",
-    norm="rmsnorm",
-    pos_encoding="rope",
-    tie_embeddings=True,
-  )
-  params = quantize.quantize_params(model.init_params(cfg, jax.random.key(0)), "int8")
-  cfg, params = quantize.for_decoding(cfg, params)
-  cache = model.init_cache(cfg, 1, 32)
+  cfg, params = tiny_llama(True)
+  cfg, params = quantize.for_decoding(cfg, quantize.quantize_params(params, "int8"))
   step = lambda p, c, t: model.Transformer(cfg).apply({"params": p}, t, cache=c)
-  hlo = jax.jit(step).lower(params, cache, jnp.zeros((1, 1), jnp.int32)).as_text()
+  hlo = jax.jit(step).lower(params, model.init_cache(cfg, 1, 32), jnp.zeros((1, 1), jnp.int32)).as_text()
   assert sum("@lmjax_decode_matmul(" in line for line in hlo.splitlines()) == 4 * cfg.n_layers + 1
 
 
