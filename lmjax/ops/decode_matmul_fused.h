@@ -64,7 +64,7 @@ void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
       for (int64_t k = g * G; k < (g + 1) * G; k += kLanes) {
         vfloat wv[NW];
         for (int j = 0; j < NW; ++j) {
-          __builtin_prefetch(rows + (kPrefetchRows + j) * row_bytes + k, 0, 2);
+          __builtin_prefetch(rows + kPrefetchBytes + j * row_bytes + k, 0, 2);
           wv[j] = widen(rows + j * row_bytes + k);
         }
         for (int i = 0; i < MX; ++i) {
@@ -76,7 +76,7 @@ void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
       for (int64_t b = g * G / 2; b < (g + 1) * G / 2; b += kLanes) {
         vfloat low[NW], high[NW];
         for (int j = 0; j < NW; ++j) {
-          __builtin_prefetch(rows + (kPrefetchRows + j) * row_bytes + b, 0, 2);
+          __builtin_prefetch(rows + kPrefetchBytes + j * row_bytes + b, 0, 2);
           low[j] = low_nibbles(rows + j * row_bytes + b);
           high[j] = high_nibbles(rows + j * row_bytes + b);
         }

@@ -150,7 +150,7 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
     const int64_t first = c * 64 / G, second = (c * 64 + 32) / G;  // the halves' groups
     for (int j = 0; j < NW; ++j) {
       const int8_t* chunk = rows + j * row_bytes + c * 64 * BITS / 8;
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + kPrefetchRows * row_bytes), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + kPrefetchBytes), _MM_HINT_T1);
       const __m512i weights = biased_weights<BITS>(chunk);
       const __m512 w_scale = WHOLE ? _mm512_set1_ps(w.group_value(w.scale, w.scale_f16, (n0 + j) * groups + first))
                                    : per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
