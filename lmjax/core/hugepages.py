@@ -11,11 +11,17 @@ any of them imports JAX) calls `reexec_with_huge_pages`: it replaces the process
 arguments) with one that has the tunable set. Only on CPU hosts: where a GPU or TPU is present the
 host's malloc is not on the step's path, so the process is left as it is, as it is with
 `LMJAX_HUGE_PAGES=0`.
+
+The tunable does not reach the arenas XLA keeps long-lived buffers in, so weights stay in 4 KiB
+pages; `arrays_in_huge_pages` moves a tree of arrays (a decoding model's weights,
+model/quantize.for_decoding) into one mapping advised for huge pages. JAX is imported there only,
+as the re-exec must run before it.
 """
 
 import glob
 import os
 import sys
+import weakref
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -24,17 +30,21 @@ _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 def huge_pages_env(environ) -> dict | None:
   """The environment to re-execute with, or None when there is nothing to switch on."""
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if (
-    environ.get("LMJAX_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables or accelerator_host(environ)
-  ):
-    return None
-  try:
-    with open(_THP_SETTING) as f:
-      if "[never]" in f.read():
-        return None
-  except OSError:  # not Linux, or a kernel without THP
+  if "glibc.malloc.hugetlb" in tunables or not huge_pages_usable(environ):
     return None
   return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, TUNABLE)))}
+
+
+def huge_pages_usable(environ) -> bool:
+  """Whether host memory here should ask for transparent huge pages: not switched off
+  (LMJAX_HUGE_PAGES=0), a CPU host, and a kernel whose THP setting is not `never`."""
+  if environ.get("LMJAX_HUGE_PAGES") == "0" or accelerator_host(environ):
+    return False
+  try:
+    with open(_THP_SETTING) as f:
+      return "[never]" not in f.read()
+  except OSError:  # not Linux, or a kernel without THP
+    return False
 
 
 def accelerator_host(environ) -> bool:
@@ -55,3 +65,52 @@ def reexec_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+def arrays_in_huge_pages(tree):
+  """`tree` with its JAX arrays copied into one anonymous memory mapping advised for transparent huge
+  pages (madvise MADV_HUGEPAGE) and handed back to JAX without a further copy (on CPU, JAX aliases
+  page-aligned numpy memory). For weights a decode step streams: XLA's allocator puts them in 4 KiB
+  pages (its arenas are not advised), and a SmolLM2 int8 token reads ~35,000 such pages; a chain of
+  the model's int8 matrices ran 4.48-4.64 ms from 4 KiB pages and 4.06-4.09 ms from huge pages (AMD
+  EPYC, session 17, BUILD_NOTES). Values, dtypes and shapes are unchanged. The mapping is freed with the
+  last array that uses it. Returns `tree` as it is where nothing can be advised (LMJAX_HUGE_PAGES=0,
+  THP `never`, no MADV_HUGEPAGE) or it holds no array. Host (CPU) arrays only: the caller checks the
+  backend."""
+  import mmap
+
+  import jax
+  import numpy as np
+
+  leaves, treedef = jax.tree.flatten(tree)
+  indices = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and x.nbytes]
+  if not indices or not hasattr(mmap, "MADV_HUGEPAGE") or not huge_pages_usable(os.environ):
+    return tree
+  if all(_in_a_region(leaves[i]) for i in indices):  # moved before: nothing to do
+    return tree
+  page = mmap.PAGESIZE
+  sizes = [-(-leaves[i].nbytes // page) * page for i in indices]
+  region = mmap.mmap(-1, sum(sizes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  region.madvise(mmap.MADV_HUGEPAGE)
+  start = np.frombuffer(region, np.uint8, 1).ctypes.data
+  _REGIONS[id(region)] = (start, start + len(region))
+  weakref.finalize(region, _REGIONS.pop, id(region), None)
+  offset = 0
+  for i, size in zip(indices, sizes):
+    array = leaves[i]
+    view = np.frombuffer(region, array.dtype, array.size, offset).reshape(array.shape)
+    view[...] = np.asarray(array)
+    leaves[i] = jax.device_put(view, array.sharding)
+    offset += size
+  return jax.tree.unflatten(treedef, leaves)
+
+
+_REGIONS = {}  # id of each live mapping arrays_in_huge_pages made -> its (start, end) addresses
+
+
+def _in_a_region(array) -> bool:
+  try:
+    pointer = array.unsafe_buffer_pointer()
+  except Exception:  # noqa: BLE001 (sharded over several devices, or deleted): not one of ours
+    return False
+  return any(start <= pointer < end for start, end in _REGIONS.values())
