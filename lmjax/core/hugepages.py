@@ -73,17 +73,19 @@ def arrays_in_huge_pages(tree):
   page-aligned numpy memory). For weights a decode step streams: XLA's allocator puts them in 4 KiB
   pages (its arenas are not advised), and a SmolLM2 int8 token reads ~35,000 such pages; a chain of
   the model's int8 matrices ran 4.48-4.64 ms from 4 KiB pages and 4.06-4.09 ms from huge pages (AMD
-  EPYC, session 17, BUILD_NOTES). Values, dtypes and shapes are unchanged. The mapping is freed with the
-  last array that uses it. Returns `tree` as it is where nothing can be advised (LMJAX_HUGE_PAGES=0,
-  THP `never`, no MADV_HUGEPAGE) or it holds no array. Host (CPU) arrays only: the caller checks the
-  backend."""
+  EPYC, session 17, BUILD_NOTES). Values, dtypes and shapes are unchanged. Only arrays held whole on
+  one CPU device move (others, and non-array leaves, stay as they are). The mapping is freed with the
+  last array that uses it, so one surviving array (or a jit that captured one) keeps all of it; an
+  array that appears twice in `tree` is copied twice. Returns `tree` as it is where nothing can be
+  advised (LMJAX_HUGE_PAGES=0, THP `never`, no MADV_HUGEPAGE, the advice refused), where it holds no
+  such array, or where all of them were moved before."""
   import mmap
 
   import jax
   import numpy as np
 
   leaves, treedef = jax.tree.flatten(tree)
-  indices = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and x.nbytes]
+  indices = [i for i, x in enumerate(leaves) if _movable(x)]
   if not indices or not hasattr(mmap, "MADV_HUGEPAGE") or not huge_pages_usable(os.environ):
     return tree
   if all(_in_a_region(leaves[i]) for i in indices):  # moved before: nothing to do
@@ -91,7 +93,10 @@ def arrays_in_huge_pages(tree):
   page = mmap.PAGESIZE
   sizes = [-(-leaves[i].nbytes // page) * page for i in indices]
   region = mmap.mmap(-1, sum(sizes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-  region.madvise(mmap.MADV_HUGEPAGE)
+  try:
+    region.madvise(mmap.MADV_HUGEPAGE)
+  except OSError:  # e.g. EINVAL where a sandbox refuses the advice: keep the arrays where they are
+    return tree
   start = np.frombuffer(region, np.uint8, 1).ctypes.data
   _REGIONS[id(region)] = (start, start + len(region))
   weakref.finalize(region, _REGIONS.pop, id(region), None)
@@ -100,9 +105,23 @@ def arrays_in_huge_pages(tree):
     array = leaves[i]
     view = np.frombuffer(region, array.dtype, array.size, offset).reshape(array.shape)
     view[...] = np.asarray(array)
-    leaves[i] = jax.device_put(view, array.sharding)
+    leaves[i] = jax.device_put(view, array.sharding) if array.committed else jax.device_put(view)
     offset += size
   return jax.tree.unflatten(treedef, leaves)
+
+
+def _movable(x) -> bool:
+  """A non-empty array held whole on one CPU device, of a dtype numpy can view (not a PRNG key)."""
+  import jax
+
+  return (
+    isinstance(x, jax.Array)
+    and x.nbytes > 0
+    and x.is_fully_addressable
+    and len(x.devices()) == 1
+    and next(iter(x.devices())).platform == "cpu"
+    and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
+  )
 
 
 _REGIONS = {}  # id of each live mapping arrays_in_huge_pages made -> its (start, end) addresses
@@ -113,4 +132,5 @@ def _in_a_region(array) -> bool:
     pointer = array.unsafe_buffer_pointer()
   except Exception:  # noqa: BLE001 (sharded over several devices, or deleted): not one of ours
     return False
-  return any(start <= pointer < end for start, end in _REGIONS.values())
+  # a copy: a finalizer on another thread may remove a region meanwhile
+  return any(start <= pointer < end for start, end in tuple(_REGIONS.values()))

@@ -31,14 +31,21 @@ namespace lmjax {
 namespace {
 
 constexpr int kRowsW = 16;  // weight rows dequantized and multiplied together
-// Bytes of a weight read ahead by software prefetch: the hardware prefetchers do not ramp up on the short
-// rows the tiles read side by side (a chain of SmolLM2's 210 int8 matvecs: 11.5 -> 22-24 GB/s). Into L2,
-// not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill buffers; on an AMD
-// EPYC (Zen 4) a chain of SmolLM2's int8 matrices ran 7.0-8.2 -> 4.5-6.0 ms. Measured there, interleaved:
-// ~4.6-6.9 KB ahead beat 14-55 KB (int8 rows of 576 inputs, 8 vs 24 rows ahead: 4.3-5.1 vs 4.5-6.4 ms;
-// int4, 24 rows of 288 bytes vs 8: 3.6-5.2 vs 3.8-4.1). A prefetch is a hint, so reading past the end
-// of a weight never faults.
+// Bytes of a quantized weight read ahead by software prefetch, past the rows a tile reads together
+// (`prefetch_ahead`); the fp32 tile reads ahead kRowsW rows. The hardware prefetchers do not ramp up on
+// the short rows the tiles read side by side (a chain of SmolLM2's 210 int8 matvecs: 11.5 -> 22-24
+// GB/s). Into L2, not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill
+// buffers; on an AMD EPYC (Zen 4) a chain of SmolLM2's int8 matrices ran 7.0-8.2 -> 4.5-6.0 ms (no
+// change on session 16's Intel host). 6 KB was the best distance in interleaved rounds there, clearly
+// only with huge-page weights (3.7-4.5 ms against 4.5-5.3 at 12 KB and 4.8-5.3 at 3 KB). A prefetch
+// is a hint, so reading past the end of a weight never faults.
 constexpr int64_t kPrefetchBytes = 6144;
+
+// How far ahead of a tile of `rows` rows of `row_bytes` to prefetch: kPrefetchBytes, or past the tile
+// when its rows span more (rows of over 1536 int8 inputs at 4 a tile).
+inline int64_t prefetch_ahead(int64_t rows, int64_t row_bytes) {
+  return std::max(kPrefetchBytes, rows * row_bytes);
+}
 
 // IEEE half -> float, for GGUF's f16 block scales (one instruction with F16C).
 inline float half_to_float(uint16_t h) {

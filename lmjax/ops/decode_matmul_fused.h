@@ -56,6 +56,7 @@ void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
   for (int i = 0; i < MX; ++i)
     for (int j = 0; j < NW; ++j) acc[i][j] = vfloat{};
   const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
+  const int64_t ahead = prefetch_ahead(NW, row_bytes);
   for (int64_t g = 0; g < groups; ++g) {
     vfloat group_acc[MX][NW];
     for (int i = 0; i < MX; ++i)
@@ -64,7 +65,7 @@ void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
       for (int64_t k = g * G; k < (g + 1) * G; k += kLanes) {
         vfloat wv[NW];
         for (int j = 0; j < NW; ++j) {
-          __builtin_prefetch(rows + kPrefetchBytes + j * row_bytes + k, 0, 2);
+          __builtin_prefetch(rows + ahead + j * row_bytes + k, 0, 2);
           wv[j] = widen(rows + j * row_bytes + k);
         }
         for (int i = 0; i < MX; ++i) {
@@ -76,7 +77,7 @@ void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {
       for (int64_t b = g * G / 2; b < (g + 1) * G / 2; b += kLanes) {
         vfloat low[NW], high[NW];
         for (int j = 0; j < NW; ++j) {
-          __builtin_prefetch(rows + kPrefetchBytes + j * row_bytes + b, 0, 2);
+          __builtin_prefetch(rows + ahead + j * row_bytes + b, 0, 2);
           low[j] = low_nibbles(rows + j * row_bytes + b);
           high[j] = high_nibbles(rows + j * row_bytes + b);
         }

@@ -132,6 +132,7 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
   const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
+  const int64_t ahead = prefetch_ahead(NW, row_bytes);
   const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
   const __m512i bias = _mm512_set1_epi8(BITS == 4 ? 8 : static_cast<char>(0x80));
   __m512 acc[MX][NW];
@@ -150,10 +151,11 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
     const int64_t first = c * 64 / G, second = (c * 64 + 32) / G;  // the halves' groups
     for (int j = 0; j < NW; ++j) {
       const int8_t* chunk = rows + j * row_bytes + c * 64 * BITS / 8;
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + kPrefetchBytes), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T1);
       const __m512i weights = biased_weights<BITS>(chunk);
-      const __m512 w_scale = WHOLE ? _mm512_set1_ps(w.group_value(w.scale, w.scale_f16, (n0 + j) * groups + first))
-                                   : per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
+      const __m512 w_scale =
+          WHOLE ? _mm512_set1_ps(w.group_value(w.scale, w.scale_f16, (n0 + j) * groups + first))
+                : per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
       for (int i = 0; i < MX; ++i) {
         const __m512i dots = _mm512_dpbusd_epi32(start[i], weights, x_q[i]);
         acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(x_scale[i], w_scale), acc[i][j]);
