@@ -127,7 +127,7 @@ __attribute__((always_inline)) inline __m512i biased_weights(const int8_t* at) {
 }
 
 // y[0:MX, n0:n0+NW], 64 inputs a step: for each 32-input half, (sum of xq * w) * sx * scale.
-template <int MX, int NW, int BITS, bool WHOLE>
+template <int MX, int NW, int BITS>
 void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
@@ -153,9 +153,7 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
       const int8_t* chunk = rows + j * row_bytes + c * 64 * BITS / 8;
       _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T1);
       const __m512i weights = biased_weights<BITS>(chunk);
-      const __m512 w_scale =
-          WHOLE ? _mm512_set1_ps(w.group_value(w.scale, w.scale_f16, (n0 + j) * groups + first))
-                : per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
+      const __m512 w_scale = per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
       for (int i = 0; i < MX; ++i) {
         const __m512i dots = _mm512_dpbusd_epi32(start[i], weights, x_q[i]);
         acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(x_scale[i], w_scale), acc[i][j]);
@@ -170,37 +168,28 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
     }
 }
 
-template <int NW, int BITS, bool WHOLE>
+template <int NW, int BITS>
 void vnni_rows(const Problem& p, const Prepared& prep, int64_t n) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) vnni_tile<4, NW, BITS, WHOLE>(p, prep, m, n);
+  for (; m + 4 <= p.M; m += 4) vnni_tile<4, NW, BITS>(p, prep, m, n);
   switch (p.M - m) {
-    case 3: vnni_tile<3, NW, BITS, WHOLE>(p, prep, m, n); break;
-    case 2: vnni_tile<2, NW, BITS, WHOLE>(p, prep, m, n); break;
-    case 1: vnni_tile<1, NW, BITS, WHOLE>(p, prep, m, n); break;
+    case 3: vnni_tile<3, NW, BITS>(p, prep, m, n); break;
+    case 2: vnni_tile<2, NW, BITS>(p, prep, m, n); break;
+    case 1: vnni_tile<1, NW, BITS>(p, prep, m, n); break;
     default: break;
   }
 }
 
-template <int BITS, bool WHOLE>
+template <int BITS>
 void vnni_columns_of(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) vnni_rows<4, BITS, WHOLE>(p, prep, n);
-  for (; n < n_end; ++n) vnni_rows<1, BITS, WHOLE>(p, prep, n);
+  for (; n + 4 <= n_end; n += 4) vnni_rows<4, BITS>(p, prep, n);
+  for (; n < n_end; ++n) vnni_rows<1, BITS>(p, prep, n);
 }
 
-// WHOLE: groups of a multiple of 64 inputs, so each chunk has one weight scale, broadcast (int8's
-// default groups of 64), instead of a pair spread over the lanes by a permute.
 inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
-  const bool whole = p.w.group_size % 64 == 0;
-  if (p.w.bits == 4) {
-    if (whole) vnni_columns_of<4, true>(p, prep, n_begin, n_end);
-    else vnni_columns_of<4, false>(p, prep, n_begin, n_end);
-  } else if (whole) {
-    vnni_columns_of<8, true>(p, prep, n_begin, n_end);
-  } else {
-    vnni_columns_of<8, false>(p, prep, n_begin, n_end);
-  }
+  if (p.w.bits == 4) vnni_columns_of<4>(p, prep, n_begin, n_end);
+  else vnni_columns_of<8>(p, prep, n_begin, n_end);
 }
 #else
 inline void vnni_columns(const Problem&, const Prepared&, int64_t, int64_t) {}
