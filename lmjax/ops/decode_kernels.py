@@ -136,22 +136,24 @@ def _require():
     )
 
 
-def matmul(x_MK, weights, bits: int, group_size: int) -> list[jax.Array]:
+def matmul(x_MK, weights, bits: int, group_size: int, tile_rows: int = 1) -> list[jax.Array]:
   """[fp32 [M, N_i] = x_MK @ w_i^T for each weight w_i [N_i, K]], in one call that shares x (its
   conversion, and one hand-off to the helper threads) among the weights: a layer's q, k and v, or
   its w1 and w3, read as one matrix (a chain of SmolLM2's int8 matrices, 210 calls -> 120: 5.98-7.07
   -> 4.98-5.53 ms, BUILD_NOTES). `weights`: (values, scale, offset) per weight, ops/quantized.py's
   QuantizedWeight fields, all of one kind: `values` f32 [N_i, K] (bits 32, scale and offset None) or
   int8 [N_i, K] / [N_i, K // 2] (bits 8 / 4), `scale` and `offset` [N_i, K // group_size] (f32 or
-  f16; offset may be None). x is cast to fp32; int8 and int4 on a CPU with AVX-512 VNNI round it to
-  int8 per 32 inputs (decode_matmul_vnni.h). CPU only (a custom call registered for the CPU); RuntimeError if
-  `available()` is False."""
+  f16; offset may be None). `tile_rows` 4: integer values in quantized.tile's order (VNNI path only;
+  the call fails with an InvalidArgument error elsewhere). x is cast to fp32; int8 and int4 on a CPU with
+  AVX-512 VNNI round it to int8 per 32 inputs (decode_matmul_vnni.h). CPU only (a custom call registered
+  for the CPU); RuntimeError if `available()` is False."""
   _require()
   empty = jnp.zeros((0,), jnp.float32)
   results = [jax.ShapeDtypeStruct((x_MK.shape[0], values.shape[0]), jnp.float32) for values, _, _ in weights]
   operands = [empty if a is None else a for weight in weights for a in weight]
   call = jax.ffi.ffi_call("lmjax_decode_matmul", results, vmap_method="sequential")
-  return call(x_MK.astype(jnp.float32), *operands, bits=np.int32(bits), group_size=np.int64(group_size))
+  attrs = dict(bits=np.int32(bits), group_size=np.int64(group_size), tile_rows=np.int32(tile_rows))
+  return call(x_MK.astype(jnp.float32), *operands, **attrs)
 
 
 def attention(q_BNH, k_BKHS, v_BKSH, q_pos_B, k_pos_BS, window: int | None) -> jax.Array:

@@ -5,7 +5,9 @@
 //   fp32    values f32 [N, K]                       (no scale)
 //   int8    values s8  [N, K],     scale [N, K / G] (f32 or f16), offset [N, K / G] or empty
 //   int4    values s8  [N, K / 2]  two per byte: element 2i in the low nibble, 2i+1 in the high one
-// w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G].
+// w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G]. With tile_rows 4 (int8 and int4 on the VNNI
+// path only) the values' bytes come in tiles of 4 rows, each tile 64 inputs at a time: the 4 rows' bytes
+// of inputs 0-63 side by side, then of 64-127, ... (ops/quantized.py `tile`).
 //
 // int8 and int4 on CPUs with AVX-512 VNNI: integer dots at any row count (decode_matmul_vnni.h). Other
 // quantized weights at one or two rows of x with groups of a multiple of 32: each weight byte converted
@@ -34,7 +36,8 @@ constexpr int kRowsW = 16;  // weight rows dequantized and multiplied together
 // Bytes of a quantized weight read ahead by software prefetch, past the rows a tile reads together
 // (`prefetch_ahead`); the fp32 tile reads ahead kRowsW rows. The hardware prefetchers do not ramp up on
 // the short rows the tiles read side by side (a chain of SmolLM2's 210 int8 matvecs: 11.5 -> 22-24
-// GB/s). Into L2, not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill
+// GB/s); with weights stored in tiles (one stream) they do, and this still adds to them (SmolLM2 int8
+// decode 179 tok/s at 6 KB, 165 without, 168 at 2 KB, 170 at 12 KB; session 18, same process). Into L2, not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill
 // buffers; on an AMD EPYC (Zen 4) a chain of SmolLM2's int8 matrices ran 7.0-8.2 -> 4.5-6.0 ms (no
 // change on session 16's Intel host). 6 KB was the best distance in interleaved rounds there, clearly
 // only with huge-page weights (3.7-4.5 ms against 4.5-5.3 at 12 KB and 4.8-5.3 at 3 KB). A prefetch
@@ -83,6 +86,7 @@ struct Weight {
   const void* offset;  // nullptr: none
   bool offset_f16;
   int64_t group_size;
+  int tile_rows;  // 1: rows as stored; 4: tiles (top of file)
 
   float group_value(const void* p, bool f16, int64_t i) const {
     return f16 ? half_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
@@ -272,7 +276,8 @@ struct MatmulTasks {
 
 // Weight i of a call is arguments 3i..3i+2 after x (values, scale, offset) and result i.
 ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, size_t i,
-                          const float* x, int64_t M, int64_t K, int32_t bits, int64_t group_size, Problem& out) {
+                          const float* x, int64_t M, int64_t K, int32_t bits, int64_t group_size, int32_t tile_rows,
+                          Problem& out) {
   auto values = args.get<ffi::AnyBuffer>(3 * i), scale = args.get<ffi::AnyBuffer>(3 * i + 1),
        offset = args.get<ffi::AnyBuffer>(3 * i + 2);
   auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
@@ -303,13 +308,17 @@ ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRe
   auto is_f16 = [](const ffi::AnyBuffer& b) { return b.element_type() == ffi::F16; };
   out = Problem{x, M, K, N,
                 Weight{values->untyped_data(), bits, scale->untyped_data(), is_f16(*scale),
-                       has_offset ? offset->untyped_data() : nullptr, is_f16(*offset), group_size},
+                       has_offset ? offset->untyped_data() : nullptr, is_f16(*offset), group_size, tile_rows},
                 (*y)->typed_data()};
+  if (tile_rows != 1 && (tile_rows != 4 || N % 4 || !vnni_takes(out)))
+    return ffi::Error::InvalidArgument(which + ": tile_rows 4 takes int8 or int4 weights with rows a multiple of 4 "
+                                       "on the VNNI path (groups of a multiple of 32, inputs of 64, an AVX-512 VNNI "
+                                       "build); tile_rows must be 1 otherwise");
   return ffi::Error::Success();
 }
 
 ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
-                        ffi::RemainingRets ys, int32_t bits, int64_t group_size) {
+                        ffi::RemainingRets ys, int32_t bits, int64_t group_size, int32_t tile_rows) {
   auto x_dims = x.dimensions();
   if (x_dims.size() != 2) return ffi::Error::InvalidArgument("decode_matmul takes x [M, K]");
   const int64_t M = x_dims[0], K = x_dims[1];
@@ -325,7 +334,7 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
   tasks.problems.resize(ys.size());
   int64_t rows = 0;
   for (size_t i = 0; i < ys.size(); ++i) {
-    ffi::Error error = weight_problem(weights, ys, i, x.typed_data(), M, K, bits, group_size, tasks.problems[i]);
+    ffi::Error error = weight_problem(weights, ys, i, x.typed_data(), M, K, bits, group_size, tile_rows, tasks.problems[i]);
     if (error.failure()) return error;
     rows += tasks.problems[i].N;
   }
@@ -367,7 +376,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeMatmul, lmjax::DecodeMatmul,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<int32_t>("bits")
-                                  .Attr<int64_t>("group_size"));
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int32_t>("tile_rows"));
 
 
 // Whether this build multiplies int8 and int4 through AVX-512 VNNI (and so rounds x to int8): tests ask.

@@ -131,6 +131,9 @@ template <int MX, int NW, int BITS>
 void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
+  // Rows as stored, or tiles of NW == 4 rows (n0 a multiple of 4): a chunk's rows side by side.
+  const int64_t chunk_bytes = 64 * BITS / 8, row_step = w.tile_rows > 1 ? chunk_bytes : row_bytes,
+                chunk_step = w.tile_rows > 1 ? NW * chunk_bytes : chunk_bytes;
   const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
   const int64_t ahead = prefetch_ahead(NW, row_bytes);
   const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
@@ -150,7 +153,7 @@ void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
     }
     const int64_t first = c * 64 / G, second = (c * 64 + 32) / G;  // the halves' groups
     for (int j = 0; j < NW; ++j) {
-      const int8_t* chunk = rows + j * row_bytes + c * 64 * BITS / 8;
+      const int8_t* chunk = rows + j * row_step + c * chunk_step;
       _mm_prefetch(reinterpret_cast<const char*>(chunk + ahead), _MM_HINT_T1);
       const __m512i weights = biased_weights<BITS>(chunk);
       const __m512 w_scale = per_lane<BITS>(chunk_scales(w, (n0 + j) * groups, first, second));
@@ -184,7 +187,7 @@ template <int BITS>
 void vnni_columns_of(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4) vnni_rows<4, BITS>(p, prep, n);
-  for (; n < n_end; ++n) vnni_rows<1, BITS>(p, prep, n);
+  for (; n < n_end; ++n) vnni_rows<1, BITS>(p, prep, n);  // never for tiles (N and spans: multiples of 4)
 }
 
 inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {

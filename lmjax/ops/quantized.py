@@ -29,7 +29,8 @@ float matrix that way (model/quantize.py `for_decoding`).
 
 On a CPU, `matmul` over 1-16 rows (a decode step) goes to the C++ kernels of ops/decode_kernels.py
 instead, which read every layout above in one pass (int8 and int4 through AVX-512 VNNI where
-available); the XLA path described here serves larger products and other backends.
+available, from weights stored in tiles of 4 rows: `tile`); the XLA path described here serves larger
+products and other backends.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class QuantizedWeight:
   shape: the float weight's shape as its layer declares it (one layer: leading axes such as scanned
     layers are not part of it); `in_dims` of its leading axes are the inputs (flattened to K), the
     rest the outputs (flattened to N); in_dims=-1: the weight is declared [N, K] (a tied embedding).
+  tile_rows: 1, or TILE_ROWS for integer values stored in tiles (`tile`): the same [..., N, K] (or
+    [..., N, K // 2]) array, its bytes reordered so that the decode kernel reads one stream.
   """
 
   values: jax.Array
@@ -66,6 +69,7 @@ class QuantizedWeight:
   in_dims: int = dataclasses.field(metadata={"static": True})
   bits: int = dataclasses.field(metadata={"static": True})
   group_size: int = dataclasses.field(metadata={"static": True})
+  tile_rows: int = dataclasses.field(default=1, metadata={"static": True})
 
   @property
   def inputs(self) -> int:
@@ -146,11 +150,60 @@ def unpack_int4(packed) -> jax.Array:
   return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+# Rows of a tile and inputs of its chunks (`tile`): decode_matmul_vnni.h reads 4 weight rows a step,
+# 64 inputs at a time.
+TILE_ROWS, TILE_INPUTS = 4, 64
+
+
+def can_tile(w: QuantizedWeight) -> bool:
+  """Whether `tile` takes w: integer values in rows, N a multiple of TILE_ROWS, K of TILE_INPUTS, and
+  groups of a multiple of 32 inputs (the decode kernel's VNNI path, the one that reads tiles)."""
+  N, K = w.values.shape[-2], w.inputs
+  return (
+    w.is_integer
+    and w.tile_rows == 1
+    and N % TILE_ROWS == 0
+    and K % TILE_INPUTS == 0
+    and w.group_size % 32 == 0
+  )
+
+
+def tile(w: QuantizedWeight) -> QuantizedWeight:
+  """w with its values in tiles of TILE_ROWS rows, each stored chunk-major: for every 64 inputs, the
+  tile's 4 rows' bytes side by side (64 bytes a row for int8, 32 for int4), then the next 64 inputs.
+  A decode step's kernel reads 4 rows 64 inputs at a time, so it then reads the weight as one
+  sequential stream, which the CPU's hardware prefetchers follow; rows stored whole make 4 short
+  streams that they do not (BUILD_NOTES, "Decode kernels, session 18"). Scales and offsets keep their
+  [..., N, groups] layout. Raises ValueError unless `can_tile(w)`."""
+  if not can_tile(w):
+    raise ValueError(
+      f"tile() takes integer weights with rows a multiple of {TILE_ROWS}, inputs of {TILE_INPUTS} and"
+      f" groups of 32; got values {w.values.shape} (bits {w.bits}, group {w.group_size}, tile_rows"
+      f" {w.tile_rows})"
+    )
+  *lead, N, R = w.values.shape
+  chunks = w.inputs // TILE_INPUTS
+  v = jnp.asarray(w.values).reshape(*lead, N // TILE_ROWS, TILE_ROWS, chunks, R // chunks)
+  v = jnp.swapaxes(v, -3, -2).reshape(*lead, N, R)
+  return dataclasses.replace(w, values=v, tile_rows=TILE_ROWS)
+
+
+def row_values(w: QuantizedWeight) -> jax.Array:
+  """w's values as rows ([..., N, K] or [..., N, K // 2]), whether or not they are stored in tiles."""
+  if w.tile_rows == 1:
+    return w.values
+  *lead, N, R = w.values.shape
+  chunks = w.inputs // TILE_INPUTS
+  v = w.values.reshape(*lead, N // w.tile_rows, chunks, w.tile_rows, R // chunks)
+  return jnp.swapaxes(v, -3, -2).reshape(*lead, N, R)
+
+
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
   """The float [..., N, K] matrix w stands for (module docstring's formula)."""
   if not w.is_integer:
     return w.values.astype(dtype)
-  q_NK = unpack_int4(w.values) if w.bits == 4 else w.values
+  values = row_values(w)
+  q_NK = unpack_int4(values) if w.bits == 4 else values
   *lead, N, K = q_NK.shape
   G = w.group_size
   w_NgG = q_NK.astype(jnp.float32).reshape(*lead, N, K // G, G) * w.scale.astype(jnp.float32)[..., None]
@@ -192,7 +245,7 @@ def matmuls(x_MK, ws) -> list[jax.Array]:
 def _kind(w: QuantizedWeight) -> tuple:
   """What one kernel call needs its weights to share."""
   dtype = lambda a: None if a is None else jnp.dtype(a.dtype).name
-  return (w.bits, w.group_size, w.inputs, dtype(w.values), dtype(w.scale), dtype(w.offset))
+  return (w.bits, w.group_size, w.inputs, w.tile_rows, dtype(w.values), dtype(w.scale), dtype(w.offset))
 
 
 def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
@@ -206,12 +259,14 @@ def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
     and (float_ok or integer_ok)
     and jax.default_backend() == "cpu"
     and decode_kernels.available()
+    and (w.tile_rows == 1 or decode_kernels.rounds_int8_activations())  # tiles: the VNNI path only
   )
 
 
 def _kernel_matmul(x_MK, ws) -> list[jax.Array]:
-  w = ws[0]
-  return decode_kernels.matmul(x_MK, [(w.values, w.scale, w.offset) for w in ws], w.bits, w.group_size)
+  kind = ws[0]
+  weights = [(w.values, w.scale, w.offset) for w in ws]
+  return decode_kernels.matmul(x_MK, weights, kind.bits, kind.group_size, kind.tile_rows)
 
 
 def _xla_matmul(x_MK, w: QuantizedWeight) -> jax.Array:
@@ -236,4 +291,14 @@ def take_rows(w: QuantizedWeight, ids) -> jax.Array:
   """Rows `ids` (any int shape I) of a [N, K] QuantizedWeight, dequantized: fp32 [*I, K] (the token
   embedding lookup)."""
   take = lambda a: None if a is None else jnp.take(a, ids, axis=0)
-  return dequantize(dataclasses.replace(w, values=take(w.values), scale=take(w.scale), offset=take(w.offset)))
+  ids = jnp.asarray(ids)
+  if w.tile_rows == 1:
+    values = take(w.values)
+  else:  # row r is chunk by chunk in tile r // T, at place r % T
+    N, R = w.values.shape
+    chunks = w.inputs // TILE_INPUTS
+    tiles = w.values.reshape(N // w.tile_rows, chunks, w.tile_rows, R // chunks)
+    values = tiles[ids // w.tile_rows, :, ids % w.tile_rows, :].reshape(*ids.shape, R)
+  return dequantize(
+    dataclasses.replace(w, values=values, scale=take(w.scale), offset=take(w.offset), tile_rows=1)
+  )
