@@ -261,10 +261,15 @@ def test_quantized_matmuls_groups_weights_by_kind():
 
 
 def test_quantized_matmul_uses_the_kernel_for_decode_rows_only():
-  w = quantized.quantize(np.ones((64, 32), np.float32), 8, 32, (32, 64), 1)
-  hlo = lambda M: jax.jit(quantized.matmul).lower(jnp.ones((M, 32)), w).as_text()
-  assert "lmjax_decode_matmul" in hlo(decode_kernels.MAX_ROWS)
-  assert "lmjax_decode_matmul" not in hlo(decode_kernels.MAX_ROWS + 1)
+  """Up to MAX_ROWS rows; weights in tiles (VNNI builds only) up to MAX_TILED_ROWS."""
+  w = quantized.quantize(np.ones((64, 64), np.float32), 8, 32, (64, 64), 1)
+  ws = [(w, decode_kernels.MAX_ROWS)]
+  if decode_kernels.rounds_int8_activations():
+    ws.append((quantized.tile(w), decode_kernels.MAX_TILED_ROWS))
+  for w, limit in ws:
+    hlo = lambda M, w=w: jax.jit(quantized.matmul).lower(jnp.ones((M, 64)), w).as_text()
+    assert "lmjax_decode_matmul" in hlo(limit)
+    assert "lmjax_decode_matmul" not in hlo(limit + 1)
 
 
 def test_build_failure_names_the_compiler_problem(monkeypatch, tmp_path):

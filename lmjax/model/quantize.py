@@ -128,7 +128,8 @@ def for_decoding(cfg, params) -> tuple:
     the model computes in fp32 (dtype and matmul_dtype): the stored matrices are multiplied in fp32.
     Integer (int8/int4) weights are [N, K] already; where the decode kernel multiplies them through
     AVX-512 VNNI they are stored in tiles of 4 rows (`quantized.tile`: one sequential stream for the
-    kernel; SmolLM2 batch-1 decode, same-process A/B: int8 142 -> 172 tok/s, int4 192 -> 206). The others stay as declared.
+    kernel; SmolLM2 batch-1 decode, same-process A/B: int8 142 -> 172 tok/s, int4 192 -> 206). The
+    others stay as declared.
   - Every array moves into memory advised for transparent huge pages
     (`core.hugepages.arrays_in_huge_pages`): XLA's allocator keeps them in 4 KiB pages, and SmolLM2
     batch-1 decode ran int8 156-172 tok/s against 141-145 from those (session 17, same-host A/B).

@@ -54,6 +54,13 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # The kernel serves decode steps; more rows than this are a prefill or a scoring batch, where XLA's
 # GEMMs (compute-bound, YNNPACK) are the better choice.
 MAX_ROWS = 16
+# Weights in tiles (ops/quantized.py `tile`: the decoding layout of int8 and int4 on the VNNI path) go to
+# the kernel up to 64 rows, a short prompt's prefill too: XLA would have to read them out of tiles first.
+# SmolLM2 prefill of 32 tokens, int8: XLA 120-136 ms from rows, 160 from tiles, the kernel 57; int4:
+# 166-181 vs 120; at 64 tokens int8 about even (175-229 vs 178); at 128 int4's kernel is the slower (384
+# vs 330-370), its nibbles are compute-bound (session 18, BUILD_NOTES). So such a prefill rounds x to
+# int8 as the decode steps after it do (and as llama.cpp's prompt processing does).
+MAX_TILED_ROWS = 64
 
 
 def _cache_dir() -> pathlib.Path:

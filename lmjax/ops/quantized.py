@@ -217,7 +217,8 @@ def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   dtype (XLA:CPU's bf16 matrix-vector products are slower than fp32 ones; the bytes saved are the
   weights'). A decode step's few rows (1 <= M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4
   weights go to the C++ kernel on a CPU (ops/decode_kernels.py; its int8 and int4 paths on CPUs with
-  AVX-512 VNNI also round x to int8 per 32 inputs), everything else to XLA's dot."""
+  AVX-512 VNNI also round x to int8 per 32 inputs; weights in tiles go to it up to MAX_TILED_ROWS
+  rows, a short prefill's), everything else to XLA's dot."""
   return matmuls(x_MK, [w])[0]
 
 
@@ -253,8 +254,9 @@ def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
   integer_ok = w.is_integer and all(
     a is None or a.dtype in (jnp.float32, jnp.float16) for a in (w.scale, w.offset)
   )
+  limit = decode_kernels.MAX_ROWS if w.tile_rows == 1 else decode_kernels.MAX_TILED_ROWS
   return (
-    1 <= x_MK.shape[0] <= decode_kernels.MAX_ROWS
+    1 <= x_MK.shape[0] <= limit
     and w.values.ndim == 2
     and (float_ok or integer_ok)
     and jax.default_backend() == "cpu"
