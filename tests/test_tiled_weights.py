@@ -74,7 +74,7 @@ vnni_only = pytest.mark.skipif(
 @pytest.mark.parametrize(
   "bits,group_size,with_offset", [(8, 64, False), (8, 32, False), (8, None, False), (4, 32, True)]
 )
-@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 33, 64])
 def test_the_kernel_reads_tiles(bits, group_size, with_offset, M):
   """Three weights in one call, the first large enough (>= 128 KB) to be split among threads in spans."""
   rng = np.random.default_rng(M * 10 + bits)
@@ -91,11 +91,14 @@ def test_the_kernel_reads_tiles(bits, group_size, with_offset, M):
 
 
 @vnni_only
-def test_the_kernel_refuses_tiles_it_cannot_read():
+@pytest.mark.parametrize("N,group_size,tile_rows", [(8, 8, 4), (10, 32, 4), (8, 32, 2)])
+def test_the_kernel_refuses_tiles_it_cannot_read(N, group_size, tile_rows):
+  """Groups of 8 (not the VNNI path), rows not a multiple of 4, tiles of another height."""
   rng = np.random.default_rng(0)
-  values, scale, offset = random_weight(rng, 8, 128, 8, 8, False, np.float32)  # groups of 8: not VNNI
+  values, scale, offset = random_weight(rng, N, 128, 8, group_size, False, np.float32)
   with pytest.raises(Exception, match="tile_rows 4 takes int8 or int4 weights"):
-    decode_kernels.matmul(jnp.ones((1, 128)), [(values, scale, offset)], 8, 8, 4)[0].block_until_ready()
+    y = decode_kernels.matmul(jnp.ones((1, 128)), [(values, scale, offset)], 8, group_size, tile_rows)[0]
+    y.block_until_ready()
 
 
 def test_for_decoding_tiles_integer_weights_where_the_kernel_reads_them():

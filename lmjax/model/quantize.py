@@ -3,7 +3,7 @@ and the layout decoding is fastest with (`for_decoding`).
 
     params_q = quantize_params(params, "int8")      # or "int4"; any params tree of model/transformer.py
     logits = Transformer(cfg).apply({"params": params_q}, tokens_BT)
-    cfg_d, params_d = for_decoding(cfg, params)     # unrolled layers, matrices [N, K]: same logits
+    cfg_d, params_d = for_decoding(cfg, params)     # unrolled layers, matrices [N, K]: same model
 
 Every matrix a token's forward reads is quantized: q/k/v/o, the MLP, the token embedding (lookup and
 tied head alike) and an untied head; norms and learned positions stay float (they are vectors, or
@@ -118,7 +118,9 @@ def has_weight_containers(params) -> bool:
 
 def for_decoding(cfg, params) -> tuple:
   """(cfg, params) of the same model laid out for fast decoding on one CPU device; logits are
-  unchanged. On other backends (GPUs, TPUs: not measured there) (cfg, params) come back as they are.
+  unchanged, except that on a CPU with AVX-512 VNNI int8/int4 products of up to
+  decode_kernels.MAX_TILED_ROWS rows (a decode step, a short prefill) round x to int8 in the decode
+  kernel. On other backends (GPUs, TPUs: not measured there) (cfg, params) come back as they are.
 
   - Scanned layers are unrolled (`blocks` [L, ...] -> `block_0` ... `block_{L-1}`): a scan reads each
     layer's weights and KV cache through per-step dynamic slices, which XLA:CPU copies (a 16-row
@@ -150,7 +152,8 @@ def for_decoding(cfg, params) -> tuple:
     cfg = dataclasses.replace(cfg, scan_layers=False)
 
   fp32_compute = jnp.dtype(cfg.matmul_dtype or cfg.dtype) == jnp.float32
-  tiles = decode_kernels.rounds_int8_activations()  # the kernel path that reads tiles is there
+  # The kernel path that reads tiles is there (asked only for integer weights: it builds the kernels).
+  tiles = is_quantized(params) and decode_kernels.rounds_int8_activations()
 
   def convert(path, w):
     name = getattr(path[-1], "key", None)

@@ -22,10 +22,11 @@ host CPU (-march=native), into $LMJAX_CACHE (default ~/.cache/lmjax)/kernels, ke
 the compiler and its flags, and jaxlib's version (a few seconds, the first time). Without a
 compiler (GCC 12+ or Clang), or with LMJAX_DECODE_KERNEL=0, `available()` is False and the callers
 (ops/quantized.matmul, ops/attention.cached_attention) use XLA: the same values up to rounding order,
-except that the VNNI path's rounding of x is gone. Any matmul over at most 16 rows of a
-QuantizedWeight takes the kernel, so a forward of up to 16 tokens (a short prompt's prefill) does
-too. Neither kernel is differentiable (they serve inference weights, model/quantize.py
-`for_decoding`); under vmap they run once per element.
+except that the VNNI path's rounding of x is gone. Any matmul over at most MAX_ROWS (16) rows of a
+QuantizedWeight takes the kernel, and one in tiles (int8/int4 as `for_decoding` lays them out on a
+VNNI CPU) up to MAX_TILED_ROWS (64), so a short prompt's prefill does too. Neither kernel is
+differentiable (they serve inference weights, model/quantize.py `for_decoding`); under vmap they run
+once per element.
 """
 
 from __future__ import annotations

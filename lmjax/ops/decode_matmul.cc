@@ -36,8 +36,8 @@ constexpr int kRowsW = 16;  // weight rows dequantized and multiplied together
 // Bytes of a quantized weight read ahead by software prefetch, past the rows a tile reads together
 // (`prefetch_ahead`); the fp32 tile reads ahead kRowsW rows. The hardware prefetchers do not ramp up on
 // the short rows the tiles read side by side (a chain of SmolLM2's 210 int8 matvecs: 11.5 -> 22-24
-// GB/s); with weights stored in tiles (one stream) they do, and this still adds to them (SmolLM2 int8
-// decode 179 tok/s at 6 KB, 165 without, 168 at 2 KB, 170 at 12 KB; session 18, same process). Into L2, not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill
+// GB/s); with weights stored in tiles (one stream) they do, and this still adds to them (SmolLM2
+// int8 decode 179 tok/s at 6 KB, 165 without, 168 at 2 KB, 170 at 12 KB; session 18, same process). Into L2, not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill
 // buffers; on an AMD EPYC (Zen 4) a chain of SmolLM2's int8 matrices ran 7.0-8.2 -> 4.5-6.0 ms (no
 // change on session 16's Intel host). 6 KB was the best distance in interleaved rounds there, clearly
 // only with huge-page weights (3.7-4.5 ms against 4.5-5.3 at 12 KB and 4.8-5.3 at 3 KB). A prefetch

@@ -131,11 +131,13 @@ template <int MX, int NW, int BITS>
 void vnni_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G, row_bytes = BITS == 4 ? K / 2 : K;
-  // Rows as stored, or tiles of NW == 4 rows (n0 a multiple of 4): a chunk's rows side by side.
-  const int64_t chunk_bytes = 64 * BITS / 8, row_step = w.tile_rows > 1 ? chunk_bytes : row_bytes,
-                chunk_step = w.tile_rows > 1 ? NW * chunk_bytes : chunk_bytes;
+  // Rows as stored, or a tile (`vnni_columns_of` gives tiles whole: NW == tile_rows, n0 a multiple of
+  // it): a chunk's rows side by side, one stream, so the prefetch runs kPrefetchBytes ahead of it.
+  const bool tiled = w.tile_rows > 1;
+  const int64_t chunk_bytes = 64 * BITS / 8, row_step = tiled ? chunk_bytes : row_bytes,
+                chunk_step = tiled ? w.tile_rows * chunk_bytes : chunk_bytes;
   const int8_t* rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
-  const int64_t ahead = prefetch_ahead(NW, row_bytes);
+  const int64_t ahead = tiled ? kPrefetchBytes : prefetch_ahead(NW, row_bytes);
   const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
   const __m512i bias = _mm512_set1_epi8(BITS == 4 ? 8 : static_cast<char>(0x80));
   __m512 acc[MX][NW];
@@ -187,7 +189,8 @@ template <int BITS>
 void vnni_columns_of(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4) vnni_rows<4, BITS>(p, prep, n);
-  for (; n < n_end; ++n) vnni_rows<1, BITS>(p, prep, n);  // never for tiles (N and spans: multiples of 4)
+  if (p.w.tile_rows > 1) return;  // N and spans are multiples of 4 (DecodeMatmul checks N): no rows left
+  for (; n < n_end; ++n) vnni_rows<1, BITS>(p, prep, n);
 }
 
 inline void vnni_columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {

@@ -29,8 +29,8 @@ float matrix that way (model/quantize.py `for_decoding`).
 
 On a CPU, `matmul` over 1-16 rows (a decode step) goes to the C++ kernels of ops/decode_kernels.py
 instead, which read every layout above in one pass (int8 and int4 through AVX-512 VNNI where
-available, from weights stored in tiles of 4 rows: `tile`); the XLA path described here serves larger
-products and other backends.
+available, from weights stored in tiles of 4 rows, `tile`, and then up to 64 rows); the XLA path
+described here serves larger products and other backends.
 """
 
 from __future__ import annotations
