@@ -34,14 +34,14 @@ namespace {
 
 constexpr int kRowsW = 16;  // weight rows dequantized and multiplied together
 // Bytes of a quantized weight read ahead by software prefetch, past the rows a tile reads together
-// (`prefetch_ahead`); the fp32 tile reads ahead kRowsW rows. The hardware prefetchers do not ramp up on
-// the short rows the tiles read side by side (a chain of SmolLM2's 210 int8 matvecs: 11.5 -> 22-24
-// GB/s); with weights stored in tiles (one stream) they do, and this still adds to them (SmolLM2
-// int8 decode 179 tok/s at 6 KB, 165 without, 168 at 2 KB, 170 at 12 KB; session 18, same process). Into L2, not L1 (_MM_HINT_T1 / locality 2): L2 keeps more misses in flight than L1's fill
-// buffers; on an AMD EPYC (Zen 4) a chain of SmolLM2's int8 matrices ran 7.0-8.2 -> 4.5-6.0 ms (no
-// change on session 16's Intel host). 6 KB was the best distance in interleaved rounds there, clearly
-// only with huge-page weights (3.7-4.5 ms against 4.5-5.3 at 12 KB and 4.8-5.3 at 3 KB). A prefetch
-// is a hint, so reading past the end of a weight never faults.
+// (`prefetch_ahead`); the fp32 tile reads ahead kRowsW rows. The hardware prefetchers do not ramp up on the
+// short rows the tiles read side by side (a chain of SmolLM2's 210 int8 matvecs: 11.5 -> 22-24 GB/s); with
+// weights stored in tiles (one stream) they do, and this still adds to them (SmolLM2 int8 decode 179 tok/s at
+// 6 KB, 165 without, 168 at 2 KB, 170 at 12 KB; session 18, same process). Into L2, not L1 (_MM_HINT_T1 /
+// locality 2): L2 keeps more misses in flight than L1's fill buffers; on an AMD EPYC (Zen 4) a chain of
+// SmolLM2's int8 matrices ran 7.0-8.2 -> 4.5-6.0 ms (no change on session 16's Intel host). 6 KB was the best
+// distance in interleaved rounds there, clearly only with huge-page weights (3.7-4.5 ms against 4.5-5.3 at 12
+// KB and 4.8-5.3 at 3 KB). A prefetch is a hint, so reading past the end of a weight never faults.
 constexpr int64_t kPrefetchBytes = 6144;
 
 // How far ahead of a tile of `rows` rows of `row_bytes` to prefetch: kPrefetchBytes, or past the tile
@@ -276,8 +276,8 @@ struct MatmulTasks {
 
 // Weight i of a call is arguments 3i..3i+2 after x (values, scale, offset) and result i.
 ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, size_t i,
-                          const float* x, int64_t M, int64_t K, int32_t bits, int64_t group_size, int32_t tile_rows,
-                          Problem& out) {
+                          const float* x, int64_t M, int64_t K, int32_t bits, int64_t group_size,
+                          int32_t tile_rows, Problem& out) {
   auto values = args.get<ffi::AnyBuffer>(3 * i), scale = args.get<ffi::AnyBuffer>(3 * i + 1),
        offset = args.get<ffi::AnyBuffer>(3 * i + 2);
   auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
@@ -311,9 +311,9 @@ ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRe
                        has_offset ? offset->untyped_data() : nullptr, is_f16(*offset), group_size, tile_rows},
                 (*y)->typed_data()};
   if (tile_rows != 1 && (tile_rows != 4 || N % 4 || !vnni_takes(out)))
-    return ffi::Error::InvalidArgument(which + ": tile_rows 4 takes int8 or int4 weights with rows a multiple of 4 "
-                                       "on the VNNI path (groups of a multiple of 32, inputs of 64, an AVX-512 VNNI "
-                                       "build); tile_rows must be 1 otherwise");
+    return ffi::Error::InvalidArgument(which + ": tile_rows 4 takes int8 or int4 weights with rows a "
+                                       "multiple of 4 on the VNNI path (groups of a multiple of 32, inputs "
+                                       "of 64, an AVX-512 VNNI build); tile_rows must be 1 otherwise");
   return ffi::Error::Success();
 }
 
@@ -334,7 +334,8 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
   tasks.problems.resize(ys.size());
   int64_t rows = 0;
   for (size_t i = 0; i < ys.size(); ++i) {
-    ffi::Error error = weight_problem(weights, ys, i, x.typed_data(), M, K, bits, group_size, tile_rows, tasks.problems[i]);
+    ffi::Error error =
+        weight_problem(weights, ys, i, x.typed_data(), M, K, bits, group_size, tile_rows, tasks.problems[i]);
     if (error.failure()) return error;
     rows += tasks.problems[i].N;
   }
