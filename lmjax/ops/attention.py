@@ -11,6 +11,9 @@
   reference  `jax.nn.dot_product_attention(implementation="xla")`, the mask materialised.
   blockwise  FlashAttention's algorithm in plain JAX (blockwise_attention.py): O(T) memory on any
              backend, scores recomputed in the backward.
+  flash_cpu  FlashAttention-2 as our C++ kernel for CPUs (flash_attention_cpu.py): O(T) memory, scores
+             kept in the cache. Calls it cannot take (not causal, T not a multiple of 64, operand
+             dtypes this CPU's build lacks, a non-CPU platform) run xla_cpu.
   cudnn      cuDNN flash attention (GPU), accelerator_attention.py.
   splash     Pallas splash attention (TPU), accelerator_attention.py.
 
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.ops import accelerator_attention, blockwise_attention, decode_kernels, masks
+from lmjax.ops import accelerator_attention, blockwise_attention, decode_kernels, flash_attention_cpu, masks
 from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
 # Causal self-attention of at least this many positions takes blockwise under "auto" on CPU. xla_cpu
@@ -226,6 +229,28 @@ def _blocked(
   return out_BKGTH.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def _flash_cpu(
+  q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT=None
+):
+  """flash_cpu (see the module docstring): the C++ kernel where it takes the call on a CPU, else xla_cpu."""
+  if dropout is not None and not dropout.deterministic and dropout.rate > 0:
+    raise ValueError(
+      "model.attention_impl='flash_cpu' has no attention dropout; set model.attn_dropout=0 or use "
+      "attention_impl='xla_cpu'"
+    )
+
+  def xla(q, k, v, q_pos, k_pos, segment_ids):
+    return _blocked(q, k, v, q_pos, k_pos, causal, window, dropout, operand_dtype, segment_ids)
+
+  def kernel(q, k, v, q_pos, k_pos, segment_ids):
+    return flash_attention_cpu.flash(q, k, v, segment_ids, window, operand_dtype)
+
+  args = (q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, segment_ids_BT)
+  if not flash_attention_cpu.takes(q_BTNH.shape[1], q_BTNH.shape[-1], causal, operand_dtype):
+    return xla(*args)
+  return jax.lax.platform_dependent(*args, cpu=kernel, default=xla)
+
+
 def _reference(
   q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT=None
 ):
@@ -333,6 +358,7 @@ ATTENTION_IMPLS = {
   "xla_cpu": _blocked,
   "reference": _reference,
   "blockwise": blockwise_attention.blockwise,
+  "flash_cpu": _flash_cpu,
   "cudnn": accelerator_attention.cudnn,
   "splash": accelerator_attention.splash,
 }

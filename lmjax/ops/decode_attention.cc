@@ -15,24 +15,6 @@
 namespace lmjax {
 namespace {
 
-// e^x for x <= 0 in 16 lanes: x = n ln2 + r, e^r by Cephes' expf polynomial (|r| <= ln2 / 2, ~1 ulp),
-// times 2^n built in the exponent bits; exactly 0 below -87 (where fp32 underflows), so -inf too.
-inline vfloat exp_nonpositive(vfloat x) {
-  const vint underflow = x < -87.0f;
-  x = x < -87.0f ? -87.0f : x;
-  const vint n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vint);  // round to nearest
-  const vfloat nf = __builtin_convertvector(n, vfloat);
-  const vfloat r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  vfloat y = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const vint scaled = (vint)y + (n << 23);
-  return (vfloat)(scaled & ~underflow);
-}
-
 struct AttentionProblem {
   const float *q, *k, *v;
   const int32_t *q_pos, *k_pos;
@@ -152,7 +134,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   Parallel<AttentionProblem> job;
   job.problem = AttentionProblem{q.typed_data(), k.typed_data(), v.typed_data(), q_pos.typed_data(),
                                  k_pos.typed_data(), B, K, N / K, H, S, window, out->typed_data()};
-  job.run = [](const AttentionProblem& p, int64_t task) { attend(p, task / p.K, task % p.K); };
+  job.run = [](const AttentionProblem& p, int64_t task, int64_t) { attend(p, task / p.K, task % p.K); };
   job.chunks = B * K;
   int64_t filled = 0;  // slots read
   for (int64_t b = 0; b < B; ++b) filled += slots_read(k_pos.typed_data() + b * S, S);

@@ -39,6 +39,23 @@ inline float sum_lanes(vfloat v) {
   return total;
 }
 
+// e^x for x <= 0 in 16 lanes: x = n ln2 + r, e^r by Cephes' expf polynomial (|r| <= ln2 / 2, ~1 ulp),
+// times 2^n built in the exponent bits; exactly 0 below -87 (where fp32 underflows), so -inf too.
+inline vfloat exp_nonpositive(vfloat x) {
+  const vint underflow = x < -87.0f;
+  x = x < -87.0f ? -87.0f : x;
+  const vint n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vint);  // round to nearest
+  const vfloat nf = __builtin_convertvector(n, vfloat);
+  const vfloat r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vfloat y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vint scaled = (vint)y + (n << 23);
+  return (vfloat)(scaled & ~underflow);
+}
 
 // A spin-wait's pause: frees the core's shared resources for its sibling hyperthread.
 inline void pause() {
@@ -81,6 +98,9 @@ class Helpers {
     static Helpers* helpers = new Helpers(std::max<int64_t>(0, threads - 1));
     return *helpers;
   }
+
+  // How many helper threads there are (a job runs on at most this many plus its caller).
+  int64_t count() const { return count_; }
 
   // Offers `job` to the helpers; false (and nothing offered) if another job holds them. The job must
   // stay alive until `release` returns.
@@ -144,16 +164,18 @@ class Helpers {
 
 // Tasks 0..chunks-1 of a problem, claimed from one counter by the calling thread and the helpers; the
 // caller waits only for tasks some running thread has claimed, then for helpers to leave (`release`).
+// Each thread that takes part gets its own `slot` (0 .. helpers' count), for scratch no other touches.
 template <typename P>
 struct Parallel : Tasks {
   P problem;
-  void (*run)(const P&, int64_t task);
+  void (*run)(const P&, int64_t task, int64_t slot);
   int64_t chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int64_t> next{0}, done{0}, slots{0};
 
   void work() override {
+    const int64_t slot = slots.fetch_add(1, std::memory_order_relaxed);
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      run(problem, i);
+      run(problem, i, slot);
       done.fetch_add(1, std::memory_order_release);
     }
   }

@@ -48,9 +48,14 @@ import jaxlib
 import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = ("decode_matmul.cc", "decode_attention.cc")
+_SOURCES = ("decode_matmul.cc", "decode_attention.cc", "flash_attention.cc")
 _HEADERS = ("decode_kernels.h", "decode_matmul_fused.h", "decode_matmul_vnni.h")
-_TARGETS = {"lmjax_decode_matmul": "LmjaxDecodeMatmul", "lmjax_decode_attention": "LmjaxDecodeAttention"}
+_TARGETS = {
+  "lmjax_decode_matmul": "LmjaxDecodeMatmul",
+  "lmjax_decode_attention": "LmjaxDecodeAttention",
+  "lmjax_flash_forward": "LmjaxFlashForward",
+  "lmjax_flash_backward": "LmjaxFlashBackward",
+}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # The kernel serves decode steps; more rows than this are a prefill or a scoring batch, where XLA's
 # GEMMs (compute-bound, YNNPACK) are the better choice.
@@ -122,12 +127,21 @@ def available() -> bool:
     return False
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  global _HAS_VNNI
+  global _HAS_VNNI, _FLASH_DTYPES
   _HAS_VNNI = bool(library.LmjaxDecodeHasVnni())
+  flags = library.LmjaxFlashAttentionDtypes()
+  _FLASH_DTYPES = tuple(name for bit, name in ((1, "float32"), (2, "bfloat16")) if flags & bit)
   return True
 
 
 _HAS_VNNI = False
+_FLASH_DTYPES: tuple[str, ...] = ()
+
+
+def flash_attention_dtypes() -> tuple[str, ...]:
+  """The operand dtypes the built flash attention kernel takes (flash_attention.cc): "float32" with
+  AVX-512, "bfloat16" with AVX-512 BF16 too; () when the kernels are unavailable."""
+  return _FLASH_DTYPES if available() else ()
 
 
 def rounds_int8_activations() -> bool:

@@ -360,7 +360,7 @@ ffi::Error DecodeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
     for (int64_t n = 0; n < tasks.problems[i].N; n += chunk)
       tasks.spans.push_back({static_cast<int32_t>(i), n, std::min(tasks.problems[i].N, n + chunk)});
   job.chunks = tasks.spans.size();
-  job.run = [](const MatmulTasks& t, int64_t i) {
+  job.run = [](const MatmulTasks& t, int64_t i, int64_t) {
     const MatmulTasks::Span& span = t.spans[i];
     columns(t.problems[span.weight], t.prepared, span.begin, span.end);
   };
