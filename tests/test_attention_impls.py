@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmjax import model as M
-from lmjax.ops import accelerator_attention, attention as attention_lib, blockwise_attention
+from lmjax.ops import accelerator_attention, attention as attention_lib, blockwise_attention, decode_kernels
 
 B, N, H, T = 2, 4, 8, 128  # splash needs multiples of 128 positions
 
@@ -93,7 +93,9 @@ def test_cudnn_arguments_describe_the_same_mask(name):
   np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-def test_auto_chooses_per_backend_and_shape():
+def test_auto_chooses_per_backend_and_shape(monkeypatch):
+  """Without the flash_cpu kernel (its own choices: test_flash_attention_cpu.py)."""
+  monkeypatch.setattr(decode_kernels, "flash_attention_dtypes", lambda: ())
   choose = attention_lib.auto_impl
   short, long = attention_lib.CPU_BLOCKWISE_FROM - 1, attention_lib.CPU_BLOCKWISE_FROM
   assert choose("cpu", short, 64, True, False, "bfloat16") == "xla_cpu"

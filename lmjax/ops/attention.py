@@ -1,8 +1,8 @@
 """Attention kernels, chosen by name (`model.attention_impl`); the model calls `attention`, and
 `cached_attention` for a decode step's one query over a KV cache.
 
-  auto       the fastest implementation measured for the backend and shape (`auto_impl`): xla_cpu
-             or blockwise on CPU, cudnn on GPU, splash on TPU. The default.
+  auto       the fastest implementation measured for the backend and shape (`auto_impl`): xla_cpu,
+             flash_cpu or blockwise on CPU, cudnn on GPU, splash on TPU. The default.
   xla_cpu    this file's blocked attention: plain causal self-attention is split into query blocks
              that skip the key blocks above the diagonal; each block is `attention_core`, a
              custom-VJP softmax(q k^T + bias) v whose every matmul is a plain batched [m, k] @ [k, n]
@@ -38,9 +38,14 @@ import numpy as np
 from lmjax.ops import accelerator_attention, blockwise_attention, decode_kernels, flash_attention_cpu, masks
 from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
-# Causal self-attention of at least this many positions takes blockwise under "auto" on CPU. xla_cpu
-# is faster (6x384 training step: 1.5x at 1k-4k, 1.4x at 8k) but stores the scores: a GPT-2-small
-# step (batch 1, remat full) needs 38.4 GiB of temporaries at 8k with it and 8.1 GiB with blockwise.
+# Causal self-attention of at least this many positions takes flash_cpu under "auto" on a CPU whose
+# kernel build takes the operand dtype: at 1k-4k positions its forward and backward beat xla_cpu's
+# (1x6x64 heads, bf16: 22 vs 24 ms at 1k, 169 vs 278 at 4k) and its memory is O(T); shorter ones stay
+# on xla_cpu (at 256, fp32: 6.1 vs 3.9 ms). BUILD_NOTES: attention speed.
+CPU_FLASH_FROM = 1024
+# Where flash_cpu cannot run, causal self-attention of at least this many positions takes blockwise on
+# a CPU: xla_cpu is faster (6x384 training step: 1.5x at 1k-4k, 1.4x at 8k) but stores the scores: a
+# GPT-2-small step (batch 1, remat full) needs 38.4 GiB of temporaries at 8k with it, 8.1 with blockwise.
 CPU_BLOCKWISE_FROM = 8192
 # Query rows per KV head from which attention_core copies K row-major (see _attention_fwd).
 _MIN_ROWS_FOR_K_COPY = 64
@@ -147,8 +152,9 @@ def auto_impl(
   """What `impl="auto"` runs: the fastest implementation measured for the backend and shape that
   can do the call.
 
-  Attention dropout: xla_cpu (the only one with it). CPU: xla_cpu below CPU_BLOCKWISE_FROM query
-  positions, blockwise from there for its O(T) memory (BUILD_NOTES: attention speed). GPU: cudnn for causal
+  Attention dropout: xla_cpu (the only one with it). CPU: flash_cpu from CPU_FLASH_FROM query positions
+  where its kernel takes the call (flash_attention_cpu.takes), else xla_cpu below CPU_BLOCKWISE_FROM
+  positions and blockwise from there for its O(T) memory (BUILD_NOTES: attention speed). GPU: cudnn for causal
   self-attention with bf16/fp16 operands and head dims that are multiples of 8 up to 128 (cuDNN's
   flash attention), blockwise for other training shapes. TPU: splash for causal self-attention over
   multiples of 128 positions, blockwise otherwise. Attention of a prompt over a KV cache on GPU/TPU
@@ -159,6 +165,8 @@ def auto_impl(
   if dropout:
     return "xla_cpu"
   if backend == "cpu":
+    if seq_len >= CPU_FLASH_FROM and flash_attention_cpu.takes(seq_len, head_dim, causal, operand_dtype):
+      return "flash_cpu"
     return "xla_cpu" if seq_len < CPU_BLOCKWISE_FROM else "blockwise"
   if not causal:
     return "reference"

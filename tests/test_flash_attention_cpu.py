@@ -1,0 +1,135 @@
+"""flash_cpu, the C++ FlashAttention-2 kernel for CPUs: values and gradients against the float64 numpy
+reference (fp32 to 1e-5 of the largest, bf16 to its rounding), its masks (GQA, packed segments whose
+boundaries fall inside and between tiles, sliding windows), the calls it hands to xla_cpu, what `auto`
+picks, and its export for accelerators (the CPU kernel must not reach a GPU or TPU lowering)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_attention_impls import numpy_attention_vjp
+
+from lmjax.ops import attention as attention_lib, decode_kernels, flash_attention_cpu
+
+pytestmark = pytest.mark.skipif(
+  os.environ.get("LMJAX_DECODE_KERNEL") == "0" or "float32" not in decode_kernels.flash_attention_dtypes(),
+  reason="the flash attention kernel needs the C++ kernels built with AVX-512",
+)
+needs_bf16 = pytest.mark.skipif(
+  "bfloat16" not in decode_kernels.flash_attention_dtypes(), reason="bf16 needs AVX-512 BF16"
+)
+
+
+def inputs(T, N, K, H, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(2, T, N, H)).astype(np.float32)
+  k, v = (rng.normal(size=(2, T, K, H)).astype(np.float32) for _ in range(2))
+  dout = rng.normal(size=(2, T, N, H)).astype(np.float32)
+  return q, k, v, dout
+
+
+def visible_of(T, segments, window):
+  """[B, T, S] float64-reference mask of causal self-attention with segments and a window."""
+  index = np.arange(T)
+  visible = index[None, :] <= index[:, None]
+  if window:
+    visible &= index[:, None] - index[None, :] < window
+  return visible[None] & (segments[:, :, None] == segments[:, None, :])
+
+
+def flash_vjp(q, k, v, dout, segments, window, dtype):
+  def attend(q, k, v):
+    return flash_attention_cpu.flash(q, k, v, jnp.asarray(segments), window, dtype)
+
+  out, pullback = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v))(q, k, v)
+  return (out, *pullback(jnp.asarray(dout)))
+
+
+SEGMENTS = {
+  "one document": lambda T: np.zeros((2, T), np.int32),
+  # Boundaries inside tiles (row 0) and on tile edges, where whole tiles are skipped (row 1).
+  "packed": lambda T: np.stack([np.repeat([1, 2, 3], [10, T - 80, 70]), np.repeat([5, 6], [64, T - 64])]),
+}
+
+
+@pytest.mark.parametrize("segments", SEGMENTS)
+@pytest.mark.parametrize("window", [None, 70, 5])
+@pytest.mark.parametrize("shape", [(192, 4, 2, 64), (128, 3, 1, 16), (128, 2, 2, 48)])
+def test_fp32_values_and_gradients_equal_numpy(shape, window, segments):
+  """T (3 or 2 tiles), N query heads over K KV heads (GQA, MQA, plain) and head dims 64, 16, 48."""
+  T, N, K, H = shape
+  q, k, v, dout = inputs(T, N, K, H)
+  ids = SEGMENTS[segments](T)
+  got = flash_vjp(q, k, v, dout, ids, window, jnp.float32)
+  expected = numpy_attention_vjp(q, k, v, visible_of(T, ids, window), dout)
+  for what, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(e).max(), err_msg=what)
+
+
+@needs_bf16
+@pytest.mark.parametrize("window", [None, 70])
+def test_bf16_operands_equal_numpy_to_their_rounding(window):
+  """bf16 q, k, v and dO with fp32 sums: within 2% of the largest value of the numpy reference taken
+  over the same rounded inputs (P and dS are rounded to bf16 for their matmuls, as xla_cpu rounds them)."""
+  T, N, K, H = 192, 4, 2, 64
+  q, k, v, dout = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in inputs(T, N, K, H))
+  ids = SEGMENTS["packed"](T)
+  got = flash_vjp(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, dout)), ids, window, jnp.bfloat16)
+  expected = numpy_attention_vjp(q, k, v, visible_of(T, ids, window), dout)
+  for what, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    assert g.dtype == jnp.bfloat16, what
+    np.testing.assert_allclose(g.astype(np.float32), e, rtol=0, atol=2e-2 * np.abs(e).max(), err_msg=what)
+
+
+@pytest.mark.parametrize("T, causal", [(128, True), (100, True), (64, False)])
+def test_attention_routes_calls_the_kernel_cannot_take_to_xla_cpu(T, causal):
+  """impl="flash_cpu": a kernel call for causal T % 64 == 0; T = 100 (not a multiple of 64) and
+  attention by positions (not causal, as over a KV cache) run xla_cpu and still equal numpy."""
+  q, k, v, dout = inputs(T, 2, 1, 16)
+  pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+
+  def attend(q, k, v):
+    return attention_lib.attention(
+      q, k, v, pos, pos, causal=causal, impl="flash_cpu", operand_dtype=jnp.float32
+    )
+
+  hlo = jax.jit(attend).lower(q, k, v).as_text()
+  assert ("lmjax_flash_forward" in hlo) == (T == 128 and causal)
+  out, pullback = jax.vjp(attend, q, k, v)
+  expected = numpy_attention_vjp(q, k, v, visible_of(T, np.zeros((2, T)), None), dout)
+  for g, e in zip((out, *pullback(jnp.asarray(dout))), expected):
+    np.testing.assert_allclose(g, e, rtol=0, atol=1e-5 * np.abs(e).max())
+
+
+def test_auto_takes_the_kernel_from_1024_positions_where_the_build_takes_the_dtype(monkeypatch):
+  choose = attention_lib.auto_impl
+  flash_from = attention_lib.CPU_FLASH_FROM
+  monkeypatch.setattr(decode_kernels, "flash_attention_dtypes", lambda: ("float32", "bfloat16"))
+  assert choose("cpu", flash_from, 64, True, False, "bfloat16") == "flash_cpu"
+  assert choose("cpu", 16384, 64, True, False, "float32") == "flash_cpu"
+  assert choose("cpu", flash_from - 64, 64, True, False, "bfloat16") == "xla_cpu"  # short: no gain
+  assert choose("cpu", flash_from + 1, 64, True, False, "bfloat16") == "xla_cpu"  # not a multiple of 64
+  assert choose("cpu", flash_from, 64, True, True, "bfloat16") == "xla_cpu"  # attention dropout
+  assert choose("cpu", 16384, 8, True, False, "bfloat16") == "blockwise"  # head dim 8: O(T) memory still
+  assert choose("gpu", 2048, 64, True, False, "bfloat16") == "cudnn"
+  monkeypatch.setattr(decode_kernels, "flash_attention_dtypes", lambda: ("float32",))  # no AVX-512 BF16
+  assert choose("cpu", flash_from, 64, True, False, "bfloat16") == "xla_cpu"
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_exports_for_accelerators_without_the_cpu_kernel(platform):
+  """The kernel is the CPU branch of a platform_dependent: an accelerator export lowers xla_cpu."""
+  T, N, H = 128, 2, 16
+  q = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T), (1, T))
+
+  def loss(q, k, v):
+    out = attention_lib.attention(
+      q, k, v, pos, pos, causal=True, impl="flash_cpu", operand_dtype=jnp.bfloat16
+    )
+    return out.sum()
+
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform])(q, q, q)
+  assert "lmjax_flash" not in exported.mlir_module()
