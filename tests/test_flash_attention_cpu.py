@@ -114,6 +114,9 @@ def test_auto_takes_the_kernel_from_1024_positions_where_the_build_takes_the_dty
   assert choose("cpu", flash_from, 64, True, True, "bfloat16") == "xla_cpu"  # attention dropout
   assert choose("cpu", 16384, 8, True, False, "bfloat16") == "blockwise"  # head dim 8: O(T) memory still
   assert choose("gpu", 2048, 64, True, False, "bfloat16") == "cudnn"
+  monkeypatch.setattr(jax, "device_count", lambda: 8)  # a mesh: the kernel has no sharding rule
+  assert choose("cpu", flash_from, 64, True, False, "bfloat16") == "xla_cpu"
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
   monkeypatch.setattr(decode_kernels, "flash_attention_dtypes", lambda: ("float32",))  # no AVX-512 BF16
   assert choose("cpu", flash_from, 64, True, False, "bfloat16") == "xla_cpu"
 

@@ -13,7 +13,8 @@
              backend, scores recomputed in the backward.
   flash_cpu  FlashAttention-2 as our C++ kernel for CPUs (flash_attention_cpu.py): O(T) memory, scores
              kept in the cache. Calls it cannot take (not causal, T not a multiple of 64, operand
-             dtypes this CPU's build lacks, a non-CPU platform) run xla_cpu.
+             dtypes this CPU's build lacks, a non-CPU platform) run xla_cpu. No sharding rule: over
+             a mesh XLA gathers its operands to each device (auto takes it on one device only).
   cudnn      cuDNN flash attention (GPU), accelerator_attention.py.
   splash     Pallas splash attention (TPU), accelerator_attention.py.
 
@@ -41,7 +42,8 @@ from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 # Causal self-attention of at least this many positions takes flash_cpu under "auto" on a CPU whose
 # kernel build takes the operand dtype: at 1k-4k positions its forward and backward beat xla_cpu's
 # (1x6x64 heads, bf16: 22 vs 24 ms at 1k, 169 vs 278 at 4k) and its memory is O(T); shorter ones stay
-# on xla_cpu (at 256, fp32: 6.1 vs 3.9 ms). BUILD_NOTES: attention speed.
+# on xla_cpu (at 256, fp32: 6.1 vs 3.9 ms). Only on one device: the kernel has no sharding rule, so
+# over a mesh XLA would gather its operands onto every device. BUILD_NOTES: attention speed.
 CPU_FLASH_FROM = 1024
 # Where flash_cpu cannot run, causal self-attention of at least this many positions takes blockwise on
 # a CPU: xla_cpu is faster (6x384 training step: 1.5x at 1k-4k, 1.4x at 8k) but stores the scores: a
@@ -152,20 +154,26 @@ def auto_impl(
   """What `impl="auto"` runs: the fastest implementation measured for the backend and shape that
   can do the call.
 
-  Attention dropout: xla_cpu (the only one with it). CPU: flash_cpu from CPU_FLASH_FROM query positions
-  where its kernel takes the call (flash_attention_cpu.takes), else xla_cpu below CPU_BLOCKWISE_FROM
-  positions and blockwise from there for its O(T) memory (BUILD_NOTES: attention speed). GPU: cudnn for causal
-  self-attention with bf16/fp16 operands and head dims that are multiples of 8 up to 128 (cuDNN's
-  flash attention), blockwise for other training shapes. TPU: splash for causal self-attention over
-  multiples of 128 positions, blockwise otherwise. Attention of a prompt over a KV cache on GPU/TPU
-  (prefill): reference; a one-token decode step takes `cached_attention` instead. `backend` is where
-  the step runs (jax.default_backend()), so a CPU host exporting for an accelerator exports the CPU
-  choice; name the implementation to export another.
+  Attention dropout: xla_cpu (the only one with it). CPU: flash_cpu from CPU_FLASH_FROM query
+  positions on one device where its kernel takes the call (flash_attention_cpu.takes), else xla_cpu
+  below CPU_BLOCKWISE_FROM positions and blockwise from there for its O(T) memory (BUILD_NOTES:
+  attention speed). GPU: cudnn for causal self-attention with bf16/fp16 operands and head dims that
+  are multiples of 8 up to 128 (cuDNN's flash attention), blockwise for other training shapes. TPU:
+  splash for causal self-attention over multiples of 128 positions, blockwise otherwise. Attention
+  of a prompt over a KV cache on GPU/TPU (prefill): reference; a one-token decode step takes
+  `cached_attention` instead. `backend` is where the step runs (jax.default_backend()), so a CPU host
+  exporting for an accelerator exports the CPU choice (flash_cpu's accelerator branch is xla_cpu);
+  name the implementation to export another.
   """
   if dropout:
     return "xla_cpu"
   if backend == "cpu":
-    if seq_len >= CPU_FLASH_FROM and flash_attention_cpu.takes(seq_len, head_dim, causal, operand_dtype):
+    one_device = jax.device_count() == 1
+    if (
+      seq_len >= CPU_FLASH_FROM
+      and one_device
+      and flash_attention_cpu.takes(seq_len, head_dim, causal, operand_dtype)
+    ):
       return "flash_cpu"
     return "xla_cpu" if seq_len < CPU_BLOCKWISE_FROM else "blockwise"
   if not causal:

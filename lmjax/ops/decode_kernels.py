@@ -1,6 +1,7 @@
 """A decode step's two kernels on a CPU, in C++ called through the XLA FFI: the matmul of a few rows
 of activations by a [N, K] weight, fp32 or int8/int4 with scales (`decode_matmul.cc`), and the
-attention of one query token per row over its KV cache (`decode_attention.cc`).
+attention of one query token per row over its KV cache (`decode_attention.cc`). The same library holds
+the training attention kernel `flash_cpu` (`flash_attention.cc`, used by ops/flash_attention_cpu.py).
 
 Why our own kernels: a decode step multiplies 1-16 rows by every weight matrix and reads every
 layer's KV cache, and XLA:CPU has no kernel for either that runs at the memory's or the cores' rate.
@@ -49,7 +50,7 @@ import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = ("decode_matmul.cc", "decode_attention.cc", "flash_attention.cc")
-_HEADERS = ("decode_kernels.h", "decode_matmul_fused.h", "decode_matmul_vnni.h")
+_HEADERS = ("decode_kernels.h", "decode_matmul_fused.h", "decode_matmul_vnni.h", "flash_attention_tiles.h")
 _TARGETS = {
   "lmjax_decode_matmul": "LmjaxDecodeMatmul",
   "lmjax_decode_attention": "LmjaxDecodeAttention",
