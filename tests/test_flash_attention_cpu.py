@@ -50,15 +50,20 @@ def flash_vjp(q, k, v, dout, segments, window, dtype):
 SEGMENTS = {
   "one document": lambda T: np.zeros((2, T), np.int32),
   # Boundaries inside tiles (row 0) and on tile edges, where whole tiles are skipped (row 1).
-  "packed": lambda T: np.stack([np.repeat([1, 2, 3], [10, T - 80, 70]), np.repeat([5, 6], [64, T - 64])]),
+  "packed": lambda T: np.stack(
+    [np.repeat([1, 2, 3], [10, T - 10 - T // 3, T // 3]), np.repeat([5, 6], [64, T - 64])]
+  ),
 }
 
 
 @pytest.mark.parametrize("segments", SEGMENTS)
-@pytest.mark.parametrize("window", [None, 70, 5])
-@pytest.mark.parametrize("shape", [(192, 4, 2, 64), (128, 3, 1, 16), (128, 2, 2, 48)])
+@pytest.mark.parametrize("window", [None, 70, 5, 200])
+@pytest.mark.parametrize(
+  "shape", [(192, 4, 2, 64), (128, 3, 1, 16), (128, 2, 2, 48), (64, 2, 1, 128), (512, 2, 1, 16)]
+)
 def test_fp32_values_and_gradients_equal_numpy(shape, window, segments):
-  """T (3 or 2 tiles), N query heads over K KV heads (GQA, MQA, plain) and head dims 64, 16, 48."""
+  """T (1-8 tiles), N query heads over K KV heads (GQA, MQA, plain), head dims 16-128 (128: two
+  column blocks of the tile matmul); window 200 leaves whole tiles inside it at T = 512."""
   T, N, K, H = shape
   q, k, v, dout = inputs(T, N, K, H)
   ids = SEGMENTS[segments](T)
@@ -114,6 +119,7 @@ def test_auto_takes_the_kernel_from_1024_positions_where_the_build_takes_the_dty
   assert choose("cpu", flash_from, 64, True, True, "bfloat16") == "xla_cpu"  # attention dropout
   assert choose("cpu", 16384, 8, True, False, "bfloat16") == "blockwise"  # head dim 8: O(T) memory still
   assert choose("gpu", 2048, 64, True, False, "bfloat16") == "cudnn"
+  assert choose("cpu", 16384, 64, True, False, "float16") == "blockwise"  # a dtype the build lacks
   monkeypatch.setattr(jax, "device_count", lambda: 8)  # a mesh: the kernel has no sharding rule
   assert choose("cpu", flash_from, 64, True, False, "bfloat16") == "xla_cpu"
   monkeypatch.setattr(jax, "device_count", lambda: 1)
@@ -136,3 +142,18 @@ def test_exports_for_accelerators_without_the_cpu_kernel(platform):
 
   exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform])(q, q, q)
   assert "lmjax_flash" not in exported.mlir_module()
+
+
+def test_accelerator_branch_of_long_sequences_is_blockwise():
+  """flash_cpu's non-CPU branch from CPU_BLOCKWISE_FROM positions is blockwise (O(T) memory), not
+  xla_cpu's [T, S] scores: the exported program holds no [T, T] array."""
+  T = attention_lib.CPU_BLOCKWISE_FROM
+  q = jax.ShapeDtypeStruct((1, T, 1, 16), jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(T), (1, T))
+
+  def out(q):
+    return attention_lib.attention(
+      q, q, q, pos, pos, causal=True, impl="flash_cpu", operand_dtype=jnp.bfloat16
+    )
+
+  assert f"{T}x{T}" not in jax.export.export(jax.jit(out), platforms=["cuda"])(q).mlir_module()

@@ -12,9 +12,10 @@
   blockwise  FlashAttention's algorithm in plain JAX (blockwise_attention.py): O(T) memory on any
              backend, scores recomputed in the backward.
   flash_cpu  FlashAttention-2 as our C++ kernel for CPUs (flash_attention_cpu.py): O(T) memory, scores
-             kept in the cache. Calls it cannot take (not causal, T not a multiple of 64, operand
-             dtypes this CPU's build lacks, a non-CPU platform) run xla_cpu. No sharding rule: over
-             a mesh XLA gathers its operands to each device (auto takes it on one device only).
+             kept in the cache. Calls it cannot take (not causal, T not a multiple of 64, head dims
+             not a multiple of 16 up to 256, a CPU without AVX-512 (bf16: AVX-512 BF16), a non-CPU
+             platform) run xla_cpu, or blockwise from CPU_BLOCKWISE_FROM positions. No sharding
+             rule: over a mesh XLA gathers its operands to each device (auto: one device only).
   cudnn      cuDNN flash attention (GPU), accelerator_attention.py.
   splash     Pallas splash attention (TPU), accelerator_attention.py.
 
@@ -162,8 +163,8 @@ def auto_impl(
   splash for causal self-attention over multiples of 128 positions, blockwise otherwise. Attention
   of a prompt over a KV cache on GPU/TPU (prefill): reference; a one-token decode step takes
   `cached_attention` instead. `backend` is where the step runs (jax.default_backend()), so a CPU host
-  exporting for an accelerator exports the CPU choice (flash_cpu's accelerator branch is xla_cpu);
-  name the implementation to export another.
+  exporting for an accelerator exports the CPU choice (flash_cpu's accelerator branch is xla_cpu, or
+  blockwise from CPU_BLOCKWISE_FROM positions); name the implementation to export another.
   """
   if dropout:
     return "xla_cpu"
@@ -255,8 +256,12 @@ def _flash_cpu(
       "attention_impl='xla_cpu'"
     )
 
+  # Elsewhere (other calls, an accelerator's lowering) what auto would run without the kernel: xla_cpu,
+  # or blockwise from CPU_BLOCKWISE_FROM positions for its O(T) memory.
+  fallback = _blocked if q_BTNH.shape[1] < CPU_BLOCKWISE_FROM else blockwise_attention.blockwise
+
   def xla(q, k, v, q_pos, k_pos, segment_ids):
-    return _blocked(q, k, v, q_pos, k_pos, causal, window, dropout, operand_dtype, segment_ids)
+    return fallback(q, k, v, q_pos, k_pos, causal, window, dropout, operand_dtype, segment_ids)
 
   def kernel(q, k, v, q_pos, k_pos, segment_ids):
     return flash_attention_cpu.flash(q, k, v, segment_ids, window, operand_dtype)

@@ -1,4 +1,4 @@
-// Shared by decode_matmul.cc and decode_attention.cc, the CPU kernels of a decode step that
+// Shared by decode_matmul.cc, decode_attention.cc and flash_attention.cc, the CPU kernels that
 // lmjax/ops/decode_kernels.py compiles into one library and registers with XLA as FFI targets.
 // Written with GCC/Clang vector extensions (16 fp32 lanes: AVX-512 where the compiler targets it,
 // NEON or SSE elsewhere) and intrinsics only where GCC's lowering is poor.
@@ -164,16 +164,19 @@ class Helpers {
 
 // Tasks 0..chunks-1 of a problem, claimed from one counter by the calling thread and the helpers; the
 // caller waits only for tasks some running thread has claimed, then for helpers to leave (`release`).
-// Each thread that takes part gets its own `slot` (0 .. helpers' count), for scratch no other touches.
+// Each thread that takes part gets its own `slot` (0 .. helpers' count), for scratch no other touches;
+// threads past `max_slots` leave the job to the others.
 template <typename P>
 struct Parallel : Tasks {
   P problem;
   void (*run)(const P&, int64_t task, int64_t slot);
   int64_t chunks = 0;
+  int64_t max_slots = INT64_MAX;
   std::atomic<int64_t> next{0}, done{0}, slots{0};
 
   void work() override {
     const int64_t slot = slots.fetch_add(1, std::memory_order_relaxed);
+    if (slot >= max_slots) return;
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       run(problem, i, slot);
       done.fetch_add(1, std::memory_order_release);

@@ -23,6 +23,8 @@
 namespace lmjax {
 namespace {
 
+constexpr int64_t kDqSlots = 8;  // threads of a backward call, each with its own dQ buffer
+
 struct Shape {
   int64_t B, T, N, K, H, window;
   int64_t tiles() const { return T / kTile; }
@@ -148,7 +150,7 @@ void forward_tile(const Problem<E>& p, int64_t task) {
   const Shape& sh = p.sh;
   const int64_t H = sh.H, tiles = sh.tiles();
   // Largest tiles (most key tiles) first, so the threads finish together.
-  const int64_t i = tiles - 1 - task % tiles, n = task / tiles % sh.N, b = task / tiles / sh.N;
+  const int64_t i = tiles - 1 - task / (sh.B * sh.N), n = task % sh.N, b = task / sh.N % sh.B;
   const int64_t kv = n / sh.G();
   alignas(64) float scores[kTile * kTile];
   alignas(64) E probs[kTile * kTile];
@@ -192,7 +194,8 @@ template <typename E>
 void backward_tile(const Problem<E>& p, int64_t task, int64_t slot) {
   const Shape& sh = p.sh;
   const int64_t H = sh.H, tiles = sh.tiles();
-  const int64_t j = task % tiles, kv = task / tiles % sh.K, b = task / tiles / sh.K;
+  // Key tile 0 (seen by every query tile) first, so the threads finish together.
+  const int64_t j = task / (sh.B * sh.K), kv = task % sh.K, b = task / sh.K % sh.B;
   alignas(64) float probs[kTile * kTile], dscores[kTile * kTile];
   alignas(64) E probs_packed[kTile * kTile], dscores_packed[kTile * kTile], dscores_rows[kTile * kTile];
   std::vector<float> dk_t(H * kTile, 0.0f), dv_t(H * kTile, 0.0f);  // [H, kTile]: dK^T, dV^T
@@ -287,8 +290,9 @@ ffi::Error backward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer
   for (auto* v : {&packed.keys_by_dim, &packed.keys_by_row, &packed.values_by_dim}) v->resize(blocks);
   packed.q_transposed.resize(heads);
   packed.dout_transposed.resize(heads);
-  // dQ sums over key tiles, which run on different threads: one buffer per thread, slot 0 the result.
-  const int64_t slots = Helpers::get(pool.num_threads()).count() + 1;
+  // dQ sums over key tiles, which run on different threads: one buffer per thread, slot 0 the result,
+  // at most kDqSlots threads (on a many-core host the buffers would outgrow the attention's inputs).
+  const int64_t slots = std::min<int64_t>(kDqSlots, Helpers::get(pool.num_threads()).count() + 1);
   std::vector<float> scratch((slots - 1) * heads, 0.0f);
   std::fill(dq, dq + heads, 0.0f);
   Problem<E> problem{sh, (const E*)q.untyped_data(), (const E*)k.untyped_data(), (const E*)v.untyped_data(),
@@ -301,6 +305,7 @@ ffi::Error backward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer
   pass.launch(pool, true);
   attend.run = [](const Problem<E>& p, int64_t task, int64_t slot) { backward_tile(p, task, slot); };
   attend.chunks = sh.B * sh.K * sh.tiles();
+  attend.max_slots = slots;
   ffi::Error error = attend.launch(pool, true);
   for (int64_t s = 1; s < slots; ++s)
     for (int64_t e = 0; e < heads; ++e) dq[e] += scratch[(s - 1) * heads + e];
