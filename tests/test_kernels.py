@@ -136,7 +136,7 @@ def test_unknown_kernels_are_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["auto", "xla_cpu", "reference", "blockwise", "splash"])
+@pytest.mark.parametrize("impl", ["auto", "xla_cpu", "reference", "blockwise", "flash_cpu", "splash"])
 def test_every_kernel_lowers_for_gpu_and_tpu_from_this_host(impl):
   """jax.export of a bf16-matmul training gradient for cuda and tpu (splash: tpu only, its Pallas
   kernel): the XLA:CPU layout pins are chosen per lowering platform, so nothing CPU-only reaches an
@@ -216,7 +216,7 @@ def test_blockwise_attention_with_padding_and_a_longer_key_cache(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["auto", "xla_cpu", "reference", "blockwise"])
+@pytest.mark.parametrize("impl", ["auto", "xla_cpu", "reference", "blockwise", "flash_cpu"])
 def test_prefill_and_decode_lower_for_gpu_and_tpu_from_this_host(impl):
   """jax.export of the sampler's prefill (the KV cache filled from padded prompts) and its decode
   loop for cuda and tpu, so sampling on an accelerator meets no lowering error."""
