@@ -12,6 +12,7 @@
 // LmjaxFlashAttentionDtypes says which this build takes.
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -72,60 +73,31 @@ struct Mask {
   }
 };
 
-// K and V (and for the backward Q and dO) rearranged once per call into the operand layouts of the
-// tiles' matmuls; [B, K or N, tiles] blocks of kTile * H elements each.
-template <typename E>
-struct Packed {
-  std::vector<E> keys_by_dim, keys_by_row, values_by_dim, values_by_row, q_transposed, dout_transposed;
-};
-
+// Every operand of the tiles' matmuls arrives in the layout they read it (ops/flash_attention_cpu.py
+// rearranges them with XLA's transposes, which ran 4x faster than a packing pass here): K and V
+// "by dim" [B, K, tiles, H / step, kTile, step] (B of q k^T and dO v^T), "by row" [B, K, tiles,
+// kTile / step, H, step] (B of P v and dS k), and for the backward q and dO as [B, N, H, T] (A of the
+// products summed over query rows).
 template <typename E>
 struct Problem {
   Shape sh;
-  const E *q, *k, *v, *dout;
+  const E *q, *dout;  // [B, T, N, H]
+  const E *keys_by_dim, *values_by_dim, *keys_by_row, *values_by_row;
+  const E *q_transposed, *dout_transposed;
   const float *lse, *delta;  // backward: [B, N, T]
   const Mask* mask;
-  Packed<E>* packed;
-  float *out, *lse_out;        // forward: [B, T, N, H], [B, N, T]
-  float *dq, *dk, *dv;         // backward: [B, T, N, H] (thread slot 0's sums), [B, T, K, H] x 2
-  float* dq_scratch;           // backward: [slots - 1][B, T, N, H], the other threads' sums of dQ
+  float *out, *lse_out;  // forward: [B, T, N, H], [B, N, T]
+  float *dq, *dk, *dv;   // backward: [B, T, N, H] (thread slot 0's sums), [B, T, K, H] x 2
+  float* dq_scratch;     // backward: [slots - 1][B, T, N, H], the other threads' sums of dQ
   int64_t dq_size;
 
-  const E* kv_block(const std::vector<E>& packed_kv, int64_t b, int64_t kv, int64_t j) const {
-    return packed_kv.data() + ((b * sh.K + kv) * sh.tiles() + j) * kTile * sh.H;
+  const E* kv_block(const E* packed, int64_t b, int64_t kv, int64_t j) const {
+    return packed + ((b * sh.K + kv) * sh.tiles() + j) * kTile * sh.H;
   }
-  // The [H, T] transposes of q and dO for head n: rows of A for products summed over query rows.
-  const E* head_rows(const std::vector<E>& transposed, int64_t b, int64_t n) const {
-    return transposed.data() + (b * sh.N + n) * sh.H * sh.T;
+  const E* head_rows(const E* transposed, int64_t b, int64_t n) const {
+    return transposed + (b * sh.N + n) * sh.H * sh.T;
   }
 };
-
-// Task (b, kv, j) of the packing pass: keys and values of tile j in each layout the pass needs.
-template <typename E>
-void pack_keys_values(const Problem<E>& p, int64_t task, bool backward) {
-  const Shape& sh = p.sh;
-  const int64_t j = task % sh.tiles(), kv = task / sh.tiles() % sh.K, b = task / sh.tiles() / sh.K;
-  const int64_t offset = ((b * sh.T + j * kTile) * sh.K + kv) * sh.H, stride = sh.K * sh.H;
-  Packed<E>& packed = *p.packed;
-  auto at = [&](std::vector<E>& v) { return const_cast<E*>(p.kv_block(v, b, kv, j)); };
-  pack_transposed(p.k + offset, stride, kTile, sh.H, at(packed.keys_by_dim));
-  if (!backward) {
-    pack(p.v + offset, stride, kTile, sh.H, at(packed.values_by_row));
-    return;
-  }
-  pack_transposed(p.v + offset, stride, kTile, sh.H, at(packed.values_by_dim));
-  pack(p.k + offset, stride, kTile, sh.H, at(packed.keys_by_row));
-  for (int64_t g = 0; g < sh.G(); ++g) {  // q and dO of the query heads on kv, tile j, as [H, T]
-    const int64_t n = kv * sh.G() + g;
-    E* qt = const_cast<E*>(p.head_rows(packed.q_transposed, b, n));
-    E* dot = const_cast<E*>(p.head_rows(packed.dout_transposed, b, n));
-    for (int64_t t = j * kTile; t < (j + 1) * kTile; ++t)
-      for (int64_t h = 0; h < sh.H; ++h) {
-        qt[h * sh.T + t] = p.q[((b * sh.T + t) * sh.N + n) * sh.H + h];
-        dot[h * sh.T + t] = p.dout[((b * sh.T + t) * sh.N + n) * sh.H + h];
-      }
-  }
-}
 
 inline float max_of_row(const float* row) {
   __m512 m = _mm512_loadu_ps(row);
@@ -162,7 +134,7 @@ void forward_tile(const Problem<E>& p, int64_t task) {
   for (int64_t j = 0; j <= i; ++j) {
     const Seen seen = p.mask->seen(sh, b, i, j);
     if (seen == Seen::kNone) continue;
-    gemm(q, sh.N * H, kTile, p.kv_block(p.packed->keys_by_dim, b, kv, j), H, kTile, scores, kTile, false);
+    gemm(q, sh.N * H, kTile, p.kv_block(p.keys_by_dim, b, kv, j), H, kTile, scores, kTile, false);
     if (seen == Seen::kSome) p.mask->apply(sh, b, i, j, scores);
     for (int64_t r = 0; r < kTile; ++r) {
       float* row = scores + r * kTile;
@@ -178,7 +150,7 @@ void forward_tile(const Problem<E>& p, int64_t task) {
         for (int64_t h = 0; h < H; ++h) acc[r * H + h] *= scale;
     }
     store_tile(scores, probs);
-    gemm(probs, kTile, kTile, p.kv_block(p.packed->values_by_row, b, kv, j), kTile, H, acc.data(), H, true);
+    gemm(probs, kTile, kTile, p.kv_block(p.values_by_row, b, kv, j), kTile, H, acc.data(), H, true);
   }
   for (int64_t r = 0; r < kTile; ++r) {
     const int64_t t = i * kTile + r;
@@ -200,16 +172,15 @@ void backward_tile(const Problem<E>& p, int64_t task, int64_t slot) {
   alignas(64) E probs_packed[kTile * kTile], dscores_packed[kTile * kTile], dscores_rows[kTile * kTile];
   std::vector<float> dk_t(H * kTile, 0.0f), dv_t(H * kTile, 0.0f);  // [H, kTile]: dK^T, dV^T
   float* dq = slot == 0 ? p.dq : p.dq_scratch + (slot - 1) * p.dq_size;
-  const Packed<E>& packed = *p.packed;
   for (int64_t g = 0; g < sh.G(); ++g) {
     const int64_t n = kv * sh.G() + g;
     for (int64_t i = j; i < tiles; ++i) {
       const Seen seen = p.mask->seen(sh, b, i, j);
       if (seen == Seen::kNone) continue;
       const int64_t row0 = (b * sh.T + i * kTile) * sh.N + n;
-      gemm(p.q + row0 * H, sh.N * H, kTile, p.kv_block(packed.keys_by_dim, b, kv, j), H, kTile, probs, kTile, false);
+      gemm(p.q + row0 * H, sh.N * H, kTile, p.kv_block(p.keys_by_dim, b, kv, j), H, kTile, probs, kTile, false);
       if (seen == Seen::kSome) p.mask->apply(sh, b, i, j, probs);
-      gemm(p.dout + row0 * H, sh.N * H, kTile, p.kv_block(packed.values_by_dim, b, kv, j), H, kTile, dscores, kTile,
+      gemm(p.dout + row0 * H, sh.N * H, kTile, p.kv_block(p.values_by_dim, b, kv, j), H, kTile, dscores, kTile,
            false);
       const float* lse = p.lse + (b * sh.N + n) * sh.T + i * kTile;
       const float* delta = p.delta + (b * sh.N + n) * sh.T + i * kTile;
@@ -223,11 +194,11 @@ void backward_tile(const Problem<E>& p, int64_t task, int64_t slot) {
       pack_tile_rows(dscores, dscores_packed);
       store_tile(dscores, dscores_rows);
       const int64_t first = i * kTile;
-      gemm(p.head_rows(packed.dout_transposed, b, n) + first, sh.T, H, probs_packed, kTile, kTile, dv_t.data(), kTile,
+      gemm(p.head_rows(p.dout_transposed, b, n) + first, sh.T, H, probs_packed, kTile, kTile, dv_t.data(), kTile,
            true);
-      gemm(p.head_rows(packed.q_transposed, b, n) + first, sh.T, H, dscores_packed, kTile, kTile, dk_t.data(), kTile,
+      gemm(p.head_rows(p.q_transposed, b, n) + first, sh.T, H, dscores_packed, kTile, kTile, dk_t.data(), kTile,
            true);
-      gemm(dscores_rows, kTile, kTile, p.kv_block(packed.keys_by_row, b, kv, j), kTile, H, dq + row0 * H, sh.N * H,
+      gemm(dscores_rows, kTile, kTile, p.kv_block(p.keys_by_row, b, kv, j), kTile, H, dq + row0 * H, sh.N * H,
            true);
     }
   }
@@ -240,69 +211,84 @@ void backward_tile(const Problem<E>& p, int64_t task, int64_t slot) {
   }
 }
 
-// The shapes of q [B, T, N, H] and k, v [B, T, K, H], or an error naming what does not fit.
-ffi::Error shape_of(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+// The shape from q [B, T, N, H] and K/V operands [B, K, ...] of B * K * T * H elements each, or an
+// error naming what does not fit.
+ffi::Error shape_of(const ffi::AnyBuffer& q, std::initializer_list<const ffi::AnyBuffer*> kv,
                     const ffi::Buffer<ffi::S32>& ids, int64_t window, Shape& sh) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument("flash_attention takes q [B, T, N, H], k and v [B, T, K, H]");
-  sh = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], window};
-  for (auto d : {kd, vd})
-    if (d[0] != sh.B || d[1] != sh.T || d[3] != sh.H || d[2] != sh.K)
-      return ffi::Error::InvalidArgument("flash_attention: k and v must be [B, T, K, H] with q's B, T and H");
+  auto qd = q.dimensions(), kd = (*kv.begin())->dimensions();
+  if (qd.size() != 4 || kd.size() < 2)
+    return ffi::Error::InvalidArgument("flash_attention takes q [B, T, N, H] and K/V operands [B, K, ...]");
+  sh = Shape{qd[0], qd[1], qd[2], kd[1], qd[3], window};
   if (sh.K == 0 || sh.N % sh.K || sh.T % kTile || sh.H % 16 || sh.H > 256)
     return ffi::Error::InvalidArgument(
         "flash_attention needs K dividing N, T a multiple of 64 and H a multiple of 16 up to 256");
-  if (q.element_type() != k.element_type() || q.element_type() != v.element_type())
-    return ffi::Error::InvalidArgument("flash_attention: q, k and v must share a dtype");
+  for (const ffi::AnyBuffer* operand : kv) {
+    if (operand->element_type() != q.element_type())
+      return ffi::Error::InvalidArgument("flash_attention: q, k and v must share a dtype");
+    if (operand->element_count() != sh.B * sh.K * sh.T * sh.H)
+      return ffi::Error::InvalidArgument("flash_attention: K/V operands must hold B * K * T * H elements");
+  }
   if (ids.element_count() != sh.B * sh.T)
     return ffi::Error::InvalidArgument("flash_attention: segment_ids must be [B, T]");
   return ffi::Error::Success();
 }
 
 template <typename E>
-ffi::Error forward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                   const ffi::AnyBuffer& v, const int32_t* ids, float* out, float* lse) {
+const E* data(const ffi::AnyBuffer& buffer) {
+  return static_cast<const E*>(buffer.untyped_data());
+}
+
+template <typename E>
+ffi::Error forward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& keys_by_dim,
+                   const ffi::AnyBuffer& values_by_row, const int32_t* ids, float* out, float* lse) {
   const Mask mask(ids, sh);
-  Packed<E> packed;
-  const int64_t blocks = sh.B * sh.K * sh.T * sh.H;
-  packed.keys_by_dim.resize(blocks);
-  packed.values_by_row.resize(blocks);
-  Parallel<Problem<E>> pass, attend;
-  Problem<E> problem{sh, (const E*)q.untyped_data(), (const E*)k.untyped_data(), (const E*)v.untyped_data(),
-                     nullptr, nullptr, nullptr, &mask, &packed, out, lse, nullptr, nullptr, nullptr, nullptr, 0};
-  pass.problem = attend.problem = problem;
-  pass.run = [](const Problem<E>& p, int64_t task, int64_t) { pack_keys_values(p, task, false); };
-  pass.chunks = sh.B * sh.K * sh.tiles();
-  pass.launch(pool, true);
+  Parallel<Problem<E>> attend;
+  Problem<E>& p = attend.problem;
+  p = Problem<E>{};
+  p.sh = sh;
+  p.q = data<E>(q);
+  p.keys_by_dim = data<E>(keys_by_dim);
+  p.values_by_row = data<E>(values_by_row);
+  p.mask = &mask;
+  p.out = out;
+  p.lse_out = lse;
   attend.run = [](const Problem<E>& p, int64_t task, int64_t) { forward_tile(p, task); };
   attend.chunks = sh.B * sh.N * sh.tiles();
   return attend.launch(pool, true);
 }
 
 template <typename E>
-ffi::Error backward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                    const ffi::AnyBuffer& v, const ffi::AnyBuffer& dout, const int32_t* ids, const float* lse,
-                    const float* delta, float* dq, float* dk, float* dv) {
+ffi::Error backward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer& q, const ffi::AnyBuffer& dout,
+                    const ffi::AnyBuffer& q_transposed, const ffi::AnyBuffer& dout_transposed,
+                    const ffi::AnyBuffer& keys_by_dim, const ffi::AnyBuffer& values_by_dim,
+                    const ffi::AnyBuffer& keys_by_row, const int32_t* ids, const float* lse, const float* delta,
+                    float* dq, float* dk, float* dv) {
   const Mask mask(ids, sh);
-  Packed<E> packed;
-  const int64_t blocks = sh.B * sh.K * sh.T * sh.H, heads = sh.B * sh.N * sh.T * sh.H;
-  for (auto* v : {&packed.keys_by_dim, &packed.keys_by_row, &packed.values_by_dim}) v->resize(blocks);
-  packed.q_transposed.resize(heads);
-  packed.dout_transposed.resize(heads);
+  const int64_t heads = sh.B * sh.N * sh.T * sh.H;
   // dQ sums over key tiles, which run on different threads: one buffer per thread, slot 0 the result,
   // at most kDqSlots threads (on a many-core host the buffers would outgrow the attention's inputs).
   const int64_t slots = std::min<int64_t>(kDqSlots, Helpers::get(pool.num_threads()).count() + 1);
   std::vector<float> scratch((slots - 1) * heads, 0.0f);
   std::fill(dq, dq + heads, 0.0f);
-  Problem<E> problem{sh, (const E*)q.untyped_data(), (const E*)k.untyped_data(), (const E*)v.untyped_data(),
-                     (const E*)dout.untyped_data(), lse, delta, &mask, &packed, nullptr, nullptr, dq, dk, dv,
-                     scratch.data(), heads};
-  Parallel<Problem<E>> pass, attend;
-  pass.problem = attend.problem = problem;
-  pass.run = [](const Problem<E>& p, int64_t task, int64_t) { pack_keys_values(p, task, true); };
-  pass.chunks = sh.B * sh.K * sh.tiles();
-  pass.launch(pool, true);
+  Parallel<Problem<E>> attend;
+  Problem<E>& p = attend.problem;
+  p = Problem<E>{};
+  p.sh = sh;
+  p.q = data<E>(q);
+  p.dout = data<E>(dout);
+  p.q_transposed = data<E>(q_transposed);
+  p.dout_transposed = data<E>(dout_transposed);
+  p.keys_by_dim = data<E>(keys_by_dim);
+  p.values_by_dim = data<E>(values_by_dim);
+  p.keys_by_row = data<E>(keys_by_row);
+  p.lse = lse;
+  p.delta = delta;
+  p.mask = &mask;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.dq_scratch = scratch.data();
+  p.dq_size = heads;
   attend.run = [](const Problem<E>& p, int64_t task, int64_t slot) { backward_tile(p, task, slot); };
   attend.chunks = sh.B * sh.K * sh.tiles();
   attend.max_slots = slots;
@@ -335,33 +321,41 @@ ffi::Error with_operand_type(ffi::DataType dtype, Body body) {
       "AVX-512, bf16 AVX-512 BF16)");
 }
 
-ffi::Error FlashForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                        ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::F32>> out,
-                        ffi::Result<ffi::Buffer<ffi::F32>> lse, int64_t window) {
+ffi::Error FlashForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys_by_dim,
+                        ffi::AnyBuffer values_by_row, ffi::Buffer<ffi::S32> ids,
+                        ffi::Result<ffi::Buffer<ffi::F32>> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                        int64_t window) {
 #if defined(__AVX512F__)
   Shape sh;
-  if (ffi::Error error = shape_of(q, k, v, ids, window, sh); error.failure()) return error;
+  if (ffi::Error error = shape_of(q, {&keys_by_dim, &values_by_row}, ids, window, sh); error.failure()) return error;
   return with_operand_type(q.element_type(), [&](auto e) {
-    return forward<decltype(e)>(pool, sh, q, k, v, ids.typed_data(), out->typed_data(), lse->typed_data());
+    return forward<decltype(e)>(pool, sh, q, keys_by_dim, values_by_row, ids.typed_data(), out->typed_data(),
+                                lse->typed_data());
   });
 #else
   return with_operand_type(q.element_type(), [](auto) { return ffi::Error::Success(); });
 #endif
 }
 
-ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                         ffi::AnyBuffer dout, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> lse,
+ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer dout, ffi::AnyBuffer q_transposed,
+                         ffi::AnyBuffer dout_transposed, ffi::AnyBuffer keys_by_dim, ffi::AnyBuffer values_by_dim,
+                         ffi::AnyBuffer keys_by_row, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> lse,
                          ffi::Buffer<ffi::F32> delta, ffi::Result<ffi::Buffer<ffi::F32>> dq,
                          ffi::Result<ffi::Buffer<ffi::F32>> dk, ffi::Result<ffi::Buffer<ffi::F32>> dv,
                          int64_t window) {
 #if defined(__AVX512F__)
   Shape sh;
-  if (ffi::Error error = shape_of(q, k, v, ids, window, sh); error.failure()) return error;
-  if (dout.element_type() != q.element_type() || dout.element_count() != q.element_count() ||
-      lse.element_count() != sh.B * sh.N * sh.T || delta.element_count() != sh.B * sh.N * sh.T)
-    return ffi::Error::InvalidArgument("flash_attention backward: dout, lse or delta disagree with q");
+  if (ffi::Error error = shape_of(q, {&keys_by_dim, &values_by_dim, &keys_by_row}, ids, window, sh); error.failure())
+    return error;
+  const int64_t heads = sh.B * sh.N * sh.T * sh.H;
+  for (const ffi::AnyBuffer* a : {&dout, &q_transposed, &dout_transposed})
+    if (a->element_type() != q.element_type() || a->element_count() != heads)
+      return ffi::Error::InvalidArgument("flash_attention backward: dO or a transpose disagrees with q");
+  if (lse.element_count() != sh.B * sh.N * sh.T || delta.element_count() != sh.B * sh.N * sh.T)
+    return ffi::Error::InvalidArgument("flash_attention backward: lse and delta must be [B, N, T]");
   return with_operand_type(q.element_type(), [&](auto e) {
-    return backward<decltype(e)>(pool, sh, q, k, v, dout, ids.typed_data(), lse.typed_data(), delta.typed_data(),
+    return backward<decltype(e)>(pool, sh, q, dout, q_transposed, dout_transposed, keys_by_dim, values_by_dim,
+                                 keys_by_row, ids.typed_data(), lse.typed_data(), delta.typed_data(),
                                  dq->typed_data(), dk->typed_data(), dv->typed_data());
   });
 #else
@@ -386,6 +380,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxFlashForward, lmjax::FlashForward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxFlashBackward, lmjax::FlashBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

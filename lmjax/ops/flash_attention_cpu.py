@@ -45,8 +45,16 @@ def flash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window: int | None, operand_dt
   q [B, T, N, H], k and v [B, T, K, H] (K divides N; head n reads KV head n // (N // K)); matmul operands
   in `operand_dtype`, softmax and sums in fp32. A key at t' is visible to a query at t iff t' <= t, they
   share a segment id (`segment_ids_BT` int [B, T], or None: one document) and t - t' < window (None: no
-  window). Call only where `takes` holds: otherwise the kernel returns an InvalidArgument error at run time.
+  window). Call only where `takes` holds: ValueError for an operand dtype this build does not take (or
+  no kernels at all); other shapes `takes` refuses fail with the kernel's InvalidArgument error at run time.
   """
+  built = decode_kernels.flash_attention_dtypes()  # also registers the kernel with XLA, once
+  if jnp.dtype(operand_dtype).name not in built:
+    raise ValueError(
+      f"flash attention on this CPU takes operand dtypes {list(built)} (none: the C++ kernels are off or "
+      f"failed to build, see the logged warning), not {jnp.dtype(operand_dtype).name}; use "
+      "model.attention_impl='xla_cpu'"
+    )
   B, T = q_BTNH.shape[:2]
   H = q_BTNH.shape[-1]
   ids_BT = jnp.zeros((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
@@ -59,23 +67,47 @@ def _flash(q_BTNH, k_BTKH, v_BTKH, ids_BT, window, operand_dtype):
   return _forward(q_BTNH, k_BTKH, v_BTKH, ids_BT, window, operand_dtype)[0]
 
 
+def _step(dtype) -> int:
+  """Elements of the summed dimension one lane multiplies: bf16 pairs (vdpbf16ps), fp32 one."""
+  return 2 if jnp.dtype(dtype) == jnp.bfloat16 else 1
+
+
+def _by_dim(x_BTKH):
+  """[B, K, tiles, H / step, TILE, step]: the B operand of a product summed over the head dim (q k^T,
+  dO v^T): each tile's rows become columns, `step` dims side by side."""
+  B, T, K, H = x_BTKH.shape
+  step = _step(x_BTKH.dtype)
+  return x_BTKH.reshape(B, T // TILE, TILE, K, H // step, step).transpose(0, 3, 1, 4, 2, 5)
+
+
+def _by_row(x_BTKH):
+  """[B, K, tiles, TILE / step, H, step]: the B operand of a product summed over key rows (P v, dS k),
+  `step` rows interleaved."""
+  B, T, K, H = x_BTKH.shape
+  step = _step(x_BTKH.dtype)
+  return x_BTKH.reshape(B, T // TILE, TILE // step, step, K, H).transpose(0, 4, 1, 2, 5, 3)
+
+
 def _forward(q_BTNH, k_BTKH, v_BTKH, ids_BT, window, operand_dtype):
   B, T, N, _ = q_BTNH.shape
-  operands = tuple(a.astype(operand_dtype) for a in (q_BTNH, k_BTKH, v_BTKH))
-  results = (jax.ShapeDtypeStruct(q_BTNH.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+  q, k, v = (a.astype(operand_dtype) for a in (q_BTNH, k_BTKH, v_BTKH))
+  results = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
   call = jax.ffi.ffi_call("lmjax_flash_forward", results, vmap_method="sequential")
-  out_BTNH, lse_BNT = call(*operands, ids_BT, window=np.int64(window))
+  out_BTNH, lse_BNT = call(q, _by_dim(k), _by_row(v), ids_BT, window=np.int64(window))
   dtypes = tuple(jnp.zeros((0,), a.dtype) for a in (q_BTNH, k_BTKH, v_BTKH))  # the inputs' dtypes
-  return out_BTNH.astype(q_BTNH.dtype), (*operands, ids_BT, out_BTNH, lse_BNT, dtypes)
+  return out_BTNH.astype(q_BTNH.dtype), (q, k, v, ids_BT, out_BTNH, lse_BNT, dtypes)
 
 
 def _backward(window, operand_dtype, residuals, dout_BTNH):
   q, k, v, ids_BT, out_BTNH, lse_BNT, dtypes = residuals
   # FlashAttention's D = rowsum(dO * O), the softmax's correction term, in fp32 as the kernel wants it.
   delta_BNT = (dout_BTNH.astype(jnp.float32) * out_BTNH).sum(-1).transpose(0, 2, 1)
+  dout = dout_BTNH.astype(operand_dtype)
+  q_BNHT, dout_BNHT = (a.transpose(0, 2, 3, 1) for a in (q, dout))
   results = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v)]
   call = jax.ffi.ffi_call("lmjax_flash_backward", results, vmap_method="sequential")
-  grads = call(q, k, v, dout_BTNH.astype(operand_dtype), ids_BT, lse_BNT, delta_BNT, window=np.int64(window))
+  operands = (q, dout, q_BNHT, dout_BNHT, _by_dim(k), _by_dim(v), _by_row(k), ids_BT, lse_BNT, delta_BNT)
+  grads = call(*operands, window=np.int64(window))
   return (*(g.astype(d.dtype) for g, d in zip(grads, dtypes)), None)
 
 

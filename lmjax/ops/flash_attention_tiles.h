@@ -57,7 +57,7 @@ struct Operand<bf16> {
 #endif
 
 // C[r, c] (+)= sum over d < depth of A[r * lda + d] * B[d, c], for r < rows (a multiple of 4) and c <
-// cols (a multiple of 16). B is packed as [depth / step][cols][step] (`pack`), so each step of d
+// cols (a multiple of 16). B is packed as [depth / step][cols][step] (flash_attention_cpu.py), so each step of d
 // broadcasts `step` elements of a row of A against 16 columns of B: 4 rows x NV vectors of C stay in
 // registers while B streams from L1.
 template <typename E, int NV>
@@ -95,24 +95,6 @@ void gemm(const E* A, int64_t lda, int64_t rows, const E* B, int64_t depth, int6
       default: gemm_columns<E, 1>(A, lda, rows, b, depth, cols, C + c0, ldc, accumulate); break;
     }
   }
-}
-
-// to[d / step][c][d % step] = from[c * stride + d] for c < cols, d < depth: rows of `from` become the
-// columns of a packed B (keys for q k^T, values for dO v^T).
-template <typename E>
-void pack_transposed(const E* from, int64_t stride, int64_t cols, int64_t depth, E* to) {
-  constexpr int s = Operand<E>::step;
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t d = 0; d < depth; ++d) to[(d / s * cols + c) * s + d % s] = from[c * stride + d];
-}
-
-// to[d / step][c][d % step] = from[d * stride + c] for d < depth, c < cols: rows of `from` stay rows
-// (values for P v, keys for dS k).
-template <typename E>
-void pack(const E* from, int64_t stride, int64_t depth, int64_t cols, E* to) {
-  constexpr int s = Operand<E>::step;
-  for (int64_t d = 0; d < depth; ++d)
-    for (int64_t c = 0; c < cols; ++c) to[(d / s * cols + c) * s + d % s] = from[d * stride + c];
 }
 
 // fp32 [kTile, kTile] tile -> the packed B of a product summed over its rows.
