@@ -113,7 +113,7 @@ inline float exp_row(float* row, float m) {
     std::memcpy(row + c, &e, sizeof(e));
     total += e;
   }
-  return sum_lanes(total);
+  return _mm512_reduce_add_ps((__m512)total);
 }
 
 // Forward task: query tile i of head n in row b, over key tiles 0..i (Algorithm 1).
@@ -143,7 +143,7 @@ void forward_tile(const Problem<E>& p, int64_t task) {
         std::fill(row, row + kTile, 0.0f);
         continue;
       }
-      const float scale = std::exp(row_max[r] - m);
+      const float scale = m == row_max[r] ? 1.0f : std::exp(row_max[r] - m);
       row_sum[r] = row_sum[r] * scale + exp_row(row, m);
       row_max[r] = m;
       if (scale != 1.0f)
