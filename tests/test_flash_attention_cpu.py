@@ -185,3 +185,24 @@ def test_the_model_trains_the_same_with_flash_cpu(scan_layers, remat):
     np.testing.assert_allclose(a, b, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_flash_refuses_an_operand_dtype_the_build_lacks():
+  q = jnp.zeros((1, 64, 2, 16), jnp.float16)
+  with pytest.raises(
+    ValueError, match="takes operand dtypes .* not float16; use model.attention_impl='xla_cpu'"
+  ):
+    flash_attention_cpu.flash(q, q, q, None, None, jnp.float16)
+
+
+def test_the_kernel_refuses_operands_in_the_wrong_layout():
+  """Packed K/V swapped (by row where by dim belongs): the kernel's shape check, not wrong values."""
+  T, H = 128, 32
+  q = jnp.zeros((1, T, 2, H), jnp.float32)
+  k = jnp.zeros((1, T, 1, H), jnp.float32)
+  results = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((1, 2, T), jnp.float32))
+  call = jax.ffi.ffi_call("lmjax_flash_forward", results, vmap_method="sequential")
+  ids = jnp.zeros((1, T), jnp.int32)
+  swapped = (flash_attention_cpu._by_row(k), flash_attention_cpu._by_dim(k))
+  with pytest.raises(Exception, match="by dim is not"):
+    jax.block_until_ready(call(q, *swapped, ids, window=np.int64(0)))

@@ -50,7 +50,13 @@ import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = ("decode_matmul.cc", "decode_attention.cc", "flash_attention.cc")
-_HEADERS = ("decode_kernels.h", "decode_matmul_fused.h", "decode_matmul_vnni.h", "flash_attention_tiles.h")
+_HEADERS = (
+  "decode_kernels.h",
+  "decode_matmul_fused.h",
+  "decode_matmul_vnni.h",
+  "flash_attention_tiles.h",
+  "flash_attention_mask.h",
+)
 _TARGETS = {
   "lmjax_decode_matmul": "LmjaxDecodeMatmul",
   "lmjax_decode_attention": "LmjaxDecodeAttention",

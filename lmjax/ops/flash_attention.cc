@@ -19,59 +19,12 @@
 #include "decode_kernels.h"
 
 #if defined(__AVX512F__)
-#include "flash_attention_tiles.h"
+#include "flash_attention_mask.h"
 
 namespace lmjax {
 namespace {
 
 constexpr int64_t kDqSlots = 8;  // threads of a backward call, each with its own dQ buffer
-
-struct Shape {
-  int64_t B, T, N, K, H, window;
-  int64_t tiles() const { return T / kTile; }
-  int64_t G() const { return N / K; }
-};
-
-// Which keys of tile j the queries of tile i see: none, all, or some (then `visible` per pair).
-enum class Seen { kNone, kAll, kSome };
-
-struct Mask {
-  const int32_t* segment_ids;   // [B, T]
-  std::vector<int64_t> uniform;  // [B, tiles]: a tile's one segment id, or INT64_MIN when it has several
-
-  Mask(const int32_t* ids, const Shape& sh) : segment_ids(ids), uniform(sh.B * sh.tiles()) {
-    for (int64_t b = 0; b < sh.B; ++b)
-      for (int64_t i = 0; i < sh.tiles(); ++i) {
-        const int32_t* tile = ids + b * sh.T + i * kTile;
-        const bool one = std::all_of(tile, tile + kTile, [&](int32_t id) { return id == tile[0]; });
-        uniform[b * sh.tiles() + i] = one ? tile[0] : std::numeric_limits<int64_t>::min();
-      }
-  }
-
-  Seen seen(const Shape& sh, int64_t b, int64_t i, int64_t j) const {
-    if (j > i) return Seen::kNone;
-    if (sh.window > 0 && (i - j) * kTile - (kTile - 1) >= sh.window) return Seen::kNone;
-    const int64_t qi = uniform[b * sh.tiles() + i], kj = uniform[b * sh.tiles() + j];
-    const bool one_segment = qi == kj && qi != std::numeric_limits<int64_t>::min();
-    if (!one_segment && qi != std::numeric_limits<int64_t>::min() && kj != std::numeric_limits<int64_t>::min())
-      return Seen::kNone;
-    const bool cut_by_window = sh.window > 0 && (i - j) * kTile + (kTile - 1) >= sh.window;
-    return j == i || cut_by_window || !one_segment ? Seen::kSome : Seen::kAll;
-  }
-
-  // Scores of pairs tile i's queries do not see -> -inf.
-  void apply(const Shape& sh, int64_t b, int64_t i, int64_t j, float* scores) const {
-    const int32_t* ids = segment_ids + b * sh.T;
-    for (int64_t r = 0; r < kTile; ++r) {
-      const int64_t t = i * kTile + r;
-      for (int64_t c = 0; c < kTile; ++c) {
-        const int64_t key = j * kTile + c;
-        const bool visible = key <= t && ids[key] == ids[t] && (sh.window <= 0 || t - key < sh.window);
-        if (!visible) scores[r * kTile + c] = kNegInf;
-      }
-    }
-  }
-};
 
 // Every operand of the tiles' matmuls arrives in the layout they read it (ops/flash_attention_cpu.py
 // rearranges them with XLA's transposes, which ran 4x faster than a packing pass here): K and V
@@ -211,23 +164,31 @@ void backward_tile(const Problem<E>& p, int64_t task, int64_t slot) {
   }
 }
 
-// The shape from q [B, T, N, H] and K/V operands [B, K, ...] of B * K * T * H elements each, or an
-// error naming what does not fit.
-ffi::Error shape_of(const ffi::AnyBuffer& q, std::initializer_list<const ffi::AnyBuffer*> kv,
-                    const ffi::Buffer<ffi::S32>& ids, int64_t window, Shape& sh) {
-  auto qd = q.dimensions(), kd = (*kv.begin())->dimensions();
-  if (qd.size() != 4 || kd.size() < 2)
-    return ffi::Error::InvalidArgument("flash_attention takes q [B, T, N, H] and K/V operands [B, K, ...]");
+bool dims_are(const ffi::AnyBuffer& a, std::initializer_list<int64_t> dims) {
+  auto d = a.dimensions();
+  return d.size() == dims.size() && std::equal(dims.begin(), dims.end(), d.begin());
+}
+
+// The shape from q [B, T, N, H] and the packed K/V operands (flash_attention_cpu.py's `_by_dim`
+// [B, K, tiles, H / step, 64, step] and `_by_row` [B, K, tiles, 64 / step, H, step]), or an error naming
+// what does not fit.
+ffi::Error shape_of(const ffi::AnyBuffer& q, std::initializer_list<const ffi::AnyBuffer*> by_dim,
+                    std::initializer_list<const ffi::AnyBuffer*> by_row, const ffi::Buffer<ffi::S32>& ids,
+                    int64_t window, Shape& sh) {
+  auto qd = q.dimensions(), kd = (*by_dim.begin())->dimensions();
+  if (qd.size() != 4 || kd.size() != 6)
+    return ffi::Error::InvalidArgument("flash_attention takes q [B, T, N, H] and packed K/V [B, K, ...] (6-D)");
   sh = Shape{qd[0], qd[1], qd[2], kd[1], qd[3], window};
   if (sh.K == 0 || sh.N % sh.K || sh.T % kTile || sh.H % 16 || sh.H > 256)
     return ffi::Error::InvalidArgument(
         "flash_attention needs K dividing N, T a multiple of 64 and H a multiple of 16 up to 256");
-  for (const ffi::AnyBuffer* operand : kv) {
-    if (operand->element_type() != q.element_type())
-      return ffi::Error::InvalidArgument("flash_attention: q, k and v must share a dtype");
-    if (operand->element_count() != sh.B * sh.K * sh.T * sh.H)
-      return ffi::Error::InvalidArgument("flash_attention: K/V operands must hold B * K * T * H elements");
-  }
+  const int64_t s = q.element_type() == ffi::DataType::BF16 ? 2 : 1;
+  for (const ffi::AnyBuffer* a : by_dim)
+    if (a->element_type() != q.element_type() || !dims_are(*a, {sh.B, sh.K, sh.tiles(), sh.H / s, kTile, s}))
+      return ffi::Error::InvalidArgument("flash_attention: a K/V operand by dim is not [B, K, T/64, H/step, 64, step]");
+  for (const ffi::AnyBuffer* a : by_row)
+    if (a->element_type() != q.element_type() || !dims_are(*a, {sh.B, sh.K, sh.tiles(), kTile / s, sh.H, s}))
+      return ffi::Error::InvalidArgument("flash_attention: a K/V operand by row is not [B, K, T/64, 64/step, H, step]");
   if (ids.element_count() != sh.B * sh.T)
     return ffi::Error::InvalidArgument("flash_attention: segment_ids must be [B, T]");
   return ffi::Error::Success();
@@ -327,7 +288,7 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         int64_t window) {
 #if defined(__AVX512F__)
   Shape sh;
-  if (ffi::Error error = shape_of(q, {&keys_by_dim, &values_by_row}, ids, window, sh); error.failure()) return error;
+  if (ffi::Error error = shape_of(q, {&keys_by_dim}, {&values_by_row}, ids, window, sh); error.failure()) return error;
   return with_operand_type(q.element_type(), [&](auto e) {
     return forward<decltype(e)>(pool, sh, q, keys_by_dim, values_by_row, ids.typed_data(), out->typed_data(),
                                 lse->typed_data());
@@ -345,12 +306,13 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
                          int64_t window) {
 #if defined(__AVX512F__)
   Shape sh;
-  if (ffi::Error error = shape_of(q, {&keys_by_dim, &values_by_dim, &keys_by_row}, ids, window, sh); error.failure())
+  if (ffi::Error error = shape_of(q, {&keys_by_dim, &values_by_dim}, {&keys_by_row}, ids, window, sh); error.failure())
     return error;
-  const int64_t heads = sh.B * sh.N * sh.T * sh.H;
-  for (const ffi::AnyBuffer* a : {&dout, &q_transposed, &dout_transposed})
-    if (a->element_type() != q.element_type() || a->element_count() != heads)
-      return ffi::Error::InvalidArgument("flash_attention backward: dO or a transpose disagrees with q");
+  if (dout.element_type() != q.element_type() || !dims_are(dout, {sh.B, sh.T, sh.N, sh.H}))
+    return ffi::Error::InvalidArgument("flash_attention backward: dO must be q's shape and dtype");
+  for (const ffi::AnyBuffer* a : {&q_transposed, &dout_transposed})
+    if (a->element_type() != q.element_type() || !dims_are(*a, {sh.B, sh.N, sh.H, sh.T}))
+      return ffi::Error::InvalidArgument("flash_attention backward: q and dO transposed must be [B, N, H, T]");
   if (lse.element_count() != sh.B * sh.N * sh.T || delta.element_count() != sh.B * sh.N * sh.T)
     return ffi::Error::InvalidArgument("flash_attention backward: lse and delta must be [B, N, T]");
   return with_operand_type(q.element_type(), [&](auto e) {

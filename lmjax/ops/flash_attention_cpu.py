@@ -46,7 +46,8 @@ def flash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window: int | None, operand_dt
   in `operand_dtype`, softmax and sums in fp32. A key at t' is visible to a query at t iff t' <= t, they
   share a segment id (`segment_ids_BT` int [B, T], or None: one document) and t - t' < window (None: no
   window). Call only where `takes` holds: ValueError for an operand dtype this build does not take (or
-  no kernels at all); other shapes `takes` refuses fail with the kernel's InvalidArgument error at run time.
+  no kernels at all); T not a multiple of TILE (or an odd H with bf16) fails to reshape at trace time,
+  other shapes `takes` refuses fail with the kernel's InvalidArgument error at run time.
   """
   built = decode_kernels.flash_attention_dtypes()  # also registers the kernel with XLA, once
   if jnp.dtype(operand_dtype).name not in built:

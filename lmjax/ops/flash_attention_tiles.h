@@ -15,7 +15,6 @@ namespace lmjax {
 namespace {
 
 constexpr int64_t kTile = 64;  // query rows and key columns of a tile of scores
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 typedef uint16_t bf16;
 
 // What a matmul of operand type E needs: `step` consecutive elements of the summed dimension are
@@ -57,9 +56,9 @@ struct Operand<bf16> {
 #endif
 
 // C[r, c] (+)= sum over d < depth of A[r * lda + d] * B[d, c], for r < rows (a multiple of 4) and c <
-// cols (a multiple of 16). B is packed as [depth / step][cols][step] (flash_attention_cpu.py), so each step of d
-// broadcasts `step` elements of a row of A against 16 columns of B: 4 rows x NV vectors of C stay in
-// registers while B streams from L1.
+// cols (a multiple of 16). B is packed as [depth / step][cols][step] (K and V by flash_attention_cpu.py,
+// P and dS by `pack_tile_rows`), so each step of d broadcasts `step` elements of a row of A against 16
+// columns of B: 4 rows x NV vectors of C stay in registers while B streams from L1.
 template <typename E, int NV>
 void gemm_columns(const E* A, int64_t lda, int64_t rows, const E* B, int64_t depth, int64_t cols, float* C,
                   int64_t ldc, bool accumulate) {
