@@ -246,15 +246,20 @@ def _blocked(
   return out_BKGTH.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def _refuse_dropout(impl: str, dropout) -> None:
+  """ValueError if `dropout` (a flax Dropout module or None) would drop: `impl` has no attention dropout."""
+  if dropout is not None and not dropout.deterministic and dropout.rate > 0:
+    raise ValueError(
+      f"model.attention_impl={impl!r} has no attention dropout; set model.attn_dropout=0 or use "
+      "attention_impl='xla_cpu'"
+    )
+
+
 def _flash_cpu(
   q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT=None
 ):
   """flash_cpu (see the module docstring): the C++ kernel where it takes the call on a CPU, else xla_cpu."""
-  if dropout is not None and not dropout.deterministic and dropout.rate > 0:
-    raise ValueError(
-      "model.attention_impl='flash_cpu' has no attention dropout; set model.attn_dropout=0 or use "
-      "attention_impl='xla_cpu'"
-    )
+  _refuse_dropout("flash_cpu", dropout)
 
   # Elsewhere (other calls, an accelerator's lowering) what auto would run without the kernel: xla_cpu,
   # or blockwise from CPU_BLOCKWISE_FROM positions for its O(T) memory.
@@ -276,11 +281,7 @@ def _reference(
   q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, causal, window, dropout, operand_dtype, segment_ids_BT=None
 ):
   """The reference implementation: jax.nn.dot_product_attention with the mask materialised."""
-  if dropout is not None and not dropout.deterministic and dropout.rate > 0:
-    raise ValueError(
-      "model.attention_impl='reference' has no attention dropout; set model.attn_dropout=0 or use "
-      "attention_impl='xla_cpu'"
-    )
+  _refuse_dropout("reference", dropout)
   if causal:
     T = q_BTNH.shape[1]
     q_pos_BT = k_pos_BS = jnp.arange(T, dtype=jnp.int32)[None]
