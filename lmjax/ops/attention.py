@@ -42,9 +42,9 @@ from lmjax.ops.matmul import batched_matmul, swap_minor, swap_minor_of_product
 
 # Causal self-attention of at least this many positions takes flash_cpu under "auto" on a CPU whose
 # kernel build takes the operand dtype: at 1k-4k positions its forward and backward beat xla_cpu's
-# (1x6x64 heads, bf16: 22 vs 24 ms at 1k, 169 vs 278 at 4k) and its memory is O(T); shorter ones stay
-# on xla_cpu (at 256, fp32: 6.1 vs 3.9 ms). Only on one device: the kernel has no sharding rule, so
-# over a mesh XLA would gather its operands onto every device. BUILD_NOTES: attention speed.
+# (1x6x64 heads, bf16, fwd+bwd: 22.5 vs 31.4 ms at 1k, 174 vs 281 at 4k) and its memory is O(T); shorter
+# ones stay on xla_cpu (at 256, fp32: 6.1 vs 3.9 ms). Only on one device: the kernel has no sharding
+# rule, so over a mesh XLA would gather its operands onto every device. BUILD_NOTES: attention speed.
 CPU_FLASH_FROM = 1024
 # Where flash_cpu cannot run, causal self-attention of at least this many positions takes blockwise on
 # a CPU: xla_cpu is faster (6x384 training step: 1.5x at 1k-4k, 1.4x at 8k) but stores the scores: a
