@@ -4,6 +4,7 @@ boundaries fall inside and between tiles, sliding windows), the calls it hands t
 picks, and its export for accelerators (the CPU kernel must not reach a GPU or TPU lowering)."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -144,19 +145,29 @@ def test_exports_for_accelerators_without_the_cpu_kernel(platform):
   assert "lmjax_flash" not in exported.mlir_module()
 
 
+def largest_score_block(mlir: str) -> int:
+  """The largest a x b over the float tensors of an exported program, a and b its two trailing dims:
+  the biggest block of attention scores it holds at once."""
+  blocks = [int(a) * int(b) for a, b in re.findall(r"tensor<(?:\d+x)*(\d+)x(\d+)x(?:f32|bf16|f16)>", mlir)]
+  return max(blocks, default=0)
+
+
 def test_accelerator_branch_of_long_sequences_is_blockwise():
-  """flash_cpu's non-CPU branch from CPU_BLOCKWISE_FROM positions is blockwise (O(T) memory), not
-  xla_cpu's [T, S] scores: the exported program holds no [T, T] array."""
+  """flash_cpu's non-CPU branch from CPU_BLOCKWISE_FROM positions is blockwise (O(T) memory: 512 x 512
+  score tiles), not xla_cpu's [1024, S] score blocks. The same measure on xla_cpu's export shows what it
+  tells apart."""
   T = attention_lib.CPU_BLOCKWISE_FROM
   q = jax.ShapeDtypeStruct((1, T, 1, 16), jnp.bfloat16)
   pos = jnp.broadcast_to(jnp.arange(T), (1, T))
 
-  def out(q):
-    return attention_lib.attention(
-      q, q, q, pos, pos, causal=True, impl="flash_cpu", operand_dtype=jnp.bfloat16
-    )
+  def exported(impl):
+    def out(q):
+      return attention_lib.attention(q, q, q, pos, pos, causal=True, impl=impl, operand_dtype=jnp.bfloat16)
 
-  assert f"{T}x{T}" not in jax.export.export(jax.jit(out), platforms=["cuda"])(q).mlir_module()
+    return jax.export.export(jax.jit(out), platforms=["cuda"])(q).mlir_module()
+
+  assert largest_score_block(exported("xla_cpu")) >= 1024 * T
+  assert largest_score_block(exported("flash_cpu")) <= 512 * 512
 
 
 @pytest.mark.parametrize("scan_layers, remat", [(True, "full"), (False, "none")])
