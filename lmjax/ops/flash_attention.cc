@@ -266,21 +266,24 @@ ffi::Error backward(ffi::ThreadPool& pool, const Shape& sh, const ffi::AnyBuffer
 namespace lmjax {
 namespace {
 
-// Runs `body` with E the operand type of q, or returns an error for a dtype this build cannot take.
-template <typename Body>
-ffi::Error with_operand_type(ffi::DataType dtype, Body body) {
-#if defined(__AVX512F__)
-  if (dtype == ffi::DataType::F32) return body(float{});
-#if defined(__AVX512BF16__)
-  if (dtype == ffi::DataType::BF16) return body(bf16{});
-#endif
-#endif
-  (void)dtype;
-  (void)body;
+// The error for an operand dtype this build cannot take (the wrapper asks LmjaxFlashAttentionDtypes first).
+ffi::Error unsupported_dtype() {
   return ffi::Error::InvalidArgument(
       "flash_attention: this build takes only the operand dtypes LmjaxFlashAttentionDtypes names (fp32 needs "
       "AVX-512, bf16 AVX-512 BF16)");
 }
+
+#if defined(__AVX512F__)
+// Runs `body` with E the operand type of q, or returns unsupported_dtype().
+template <typename Body>
+ffi::Error with_operand_type(ffi::DataType dtype, Body body) {
+  if (dtype == ffi::DataType::F32) return body(float{});
+#if defined(__AVX512BF16__)
+  if (dtype == ffi::DataType::BF16) return body(bf16{});
+#endif
+  return unsupported_dtype();
+}
+#endif
 
 ffi::Error FlashForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys_by_dim,
                         ffi::AnyBuffer values_by_row, ffi::Buffer<ffi::S32> ids,
@@ -294,7 +297,7 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                                 lse->typed_data());
   });
 #else
-  return with_operand_type(q.element_type(), [](auto) { return ffi::Error::Success(); });
+  return unsupported_dtype();
 #endif
 }
 
@@ -321,7 +324,7 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer 
                                  dq->typed_data(), dk->typed_data(), dv->typed_data());
   });
 #else
-  return with_operand_type(q.element_type(), [](auto) { return ffi::Error::Success(); });
+  return unsupported_dtype();
 #endif
 }
 
