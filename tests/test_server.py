@@ -249,11 +249,13 @@ def test_api_key_is_required_when_set():
 
 
 def test_no_recompilation_across_requests(served):
-  """After warmup (Served, as lmjax-serve) neither lone nor concurrent requests compile a decode step or
-  a cache insert: the cache's row counts were all compiled."""
+  """After warmup (Served, as lmjax-serve) neither lone nor concurrent requests compile a decode step, a
+  cache insert or a prefill: the cache's row counts and the prompt buckets were all compiled."""
   client = served.client()
-  client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
-  before = engine_lib._decode_step._cache_size(), engine_lib._insert._cache_size()
+  compiled = lambda: [
+    f._cache_size() for f in (engine_lib._decode_step, engine_lib._insert, engine_lib._prefill)
+  ]
+  before = compiled()
 
   def ask(n):
     client.completions.create(
@@ -264,7 +266,7 @@ def test_no_recompilation_across_requests(served):
     ask(n)
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     list(pool.map(ask, (3, 9, 5)))
-  assert (engine_lib._decode_step._cache_size(), engine_lib._insert._cache_size()) == before
+  assert compiled() == before
 
 
 def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
@@ -298,3 +300,41 @@ def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
   assert (
     reductions.first_argmax(nan_row).tolist() == np.argmax(np.asarray(nan_row), axis=-1).tolist() == [1, 1]
   )
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_between_decode_steps():
+  """With prefill_chunk=16, a 70-token prompt admitted with a 4-token one is prefilled in pieces of 16,
+  16, 16, 16 and 6 tokens, one an iteration after the short prompt's (a 16-token piece does not fit
+  beside it), each followed by a decode step of the short request, which a whole prefill would have
+  held up; both replies equal generate()'s greedy tokens,
+  which depend on the long prompt's first token (init_std 0.3: a tiny model that does not repeat one
+  token)."""
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128, init_std=0.3)
+  lm = LanguageModel(cfg, params, tokenizer)
+  with pytest.raises(ValueError, match="prefill_chunk >= 16"):
+    engine_lib.Engine(cfg, params, tokenizer, max_context=128, prefill_chunk=8)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=2, max_context=128, prefill_chunk=16)
+  accepted = []  # the slot of each token the engine hands out, in order
+  accept = engine._accept
+  engine._accept = lambda row, token: (accepted.append(row), accept(row, token))
+  long_ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 6)[:70]
+  prompts, max_tokens = [long_ids[-4:], long_ids], [30, 20]
+  done = [threading.Event() for _ in prompts]
+  requests = [
+    engine_lib.Request(ids, n, lambda d, f, e=e: f and e.set(), temperature=0)
+    for ids, n, e in zip(prompts, max_tokens, done)
+  ]
+  try:
+    with engine._wake:  # both wait before the engine's next iteration, which admits them together
+      for request in requests:
+        engine.submit(request)
+    assert all(e.wait(60) for e in done)
+  finally:
+    engine.close()
+  assert len(prompts[0]) == 4 and len(long_ids) == 70
+  assert accepted[: accepted.index(1)] == [0] * 6
+  for request, ids, n in zip(requests, prompts, max_tokens):
+    assert request.output_ids == lm.generate(ids, max_new_tokens=n, do_sample=False)[0][len(ids) :].tolist()
+  other = lm.generate([long_ids[1]] + long_ids[1:], max_new_tokens=20, do_sample=False)[0][70:].tolist()
+  assert requests[1].output_ids != other

@@ -28,9 +28,18 @@ flags.DEFINE_integer("port", 8000, "TCP port.")
 flags.DEFINE_string(
   "api_key", None, "Require `Authorization: Bearer KEY` (default: $LMJAX_API_KEY, else none)."
 )
-flags.DEFINE_integer("max_batch", 8, "Requests decoded together (cache slots).")
-flags.DEFINE_integer("max_context", 512, "Longest prompt + max_tokens served (cache columns per slot).")
-flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more get HTTP 429.")
+flags.DEFINE_integer("max_batch", 8, "Requests decoded together (cache slots).", lower_bound=1)
+flags.DEFINE_integer(
+  "max_context", 512, "Longest prompt + max_tokens served (cache columns per slot).", lower_bound=2
+)
+flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more get HTTP 429.", lower_bound=0)
+flags.DEFINE_integer(
+  "prefill_chunk",
+  engine.PREFILL_CHUNK,
+  "Prompt tokens prefilled between two decode steps (chunked prefill): lower keeps running replies "
+  "flowing while a long prompt arrives, higher prefills long prompts sooner.",
+  lower_bound=16,
+)
 
 
 def main(argv):
@@ -46,7 +55,13 @@ def main(argv):
   source = cli.model_source(f.model)
   lm = LanguageModel.from_pretrained(source, dtype=f.dtype)
   eng = engine.Engine(
-    lm.cfg, lm.params, lm.tokenizer, f.max_batch, min(f.max_context, lm.cfg.max_len), f.max_queue
+    lm.cfg,
+    lm.params,
+    lm.tokenizer,
+    f.max_batch,
+    min(f.max_context, lm.cfg.max_len),
+    f.max_queue,
+    f.prefill_chunk,
   )
   print(f"compiling the decode step for up to {f.max_batch} slots", flush=True)
   eng.warmup()

@@ -3,21 +3,23 @@
 The engine holds a KV cache of up to `max_batch` rows ("slots") of `max_context` columns, each row at its
 own length (model/transformer.py takes one cache `end` per row). One thread loops:
 
-  1. admit waiting requests into free slots: each prompt's prefill runs alone (into a fresh one-row
-     cache that then replaces the slot's row) and gives its first token;
-  2. one decode step for the slots in use at once (the cache is resized to the slots up to the highest
-     in use, a power of two, so one step compiles per size; donated, so it is updated in place), each
-     row sampled with its own temperature / top-k / top-p and seed;
+  1. admit waiting requests into free slots and prefill prompts, at most `prefill_chunk` prompt tokens
+     an iteration (chunked prefill): each prompt runs alone, in pieces, into its own one-row cache,
+     which replaces the slot's row when the prompt is done and gives its first token;
+  2. one decode step for the slots whose prompt is done, at once (the cache is resized to the slots up
+     to the highest in use, a power of two, so one step compiles per size; donated, so it is updated in
+     place), each row sampled with its own temperature / top-k / top-p and seed;
   3. hand each active request its token (text released in whole characters, held back while it could
      still begin a stop string); a request that hits EOS, a stop string or max_tokens, or whose client
      went away, leaves its slot, which the next waiting request takes at once.
 
 So a short request never waits for a long one to finish (Orca, Yu et al. 2022, "iteration-level
-scheduling"; vLLM's continuous batching). Free slots below the highest one in use still compute, and
-each step attends over all `max_context` columns, so `max_context` trades memory and step time for
-the longest request served. Prompt lengths are padded to powers of two (prefill compiles once per
-bucket). A row's token k is drawn with key fold_in(key(seed), k), so a seeded request samples the same
-text whatever else is in the batch.
+scheduling"; vLLM's continuous batching), nor for all of a long prompt's prefill: between its pieces
+the running requests take their next token (Sarathi-Serve, Agrawal et al. 2024, "chunked prefills").
+Free slots below the highest one in use still compute, and each step attends over all `max_context`
+columns, so `max_context` trades memory and step time for the longest request served. Prompt pieces
+are padded to powers of two (prefill compiles once per bucket). A row's token k is drawn with key
+fold_in(key(seed), k), so a seeded request samples the same text whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from lmjax import model
 from lmjax.data import tokenizer_base
 from lmjax.inference import sampler
 from lmjax.ops.reductions import first_argmax
+
+# Prompt tokens prefilled between two decode steps. SmolLM2-135M on 2 CPU cores: DOCUMENTED BELOW.
+PREFILL_CHUNK = 256
 
 
 class QueueFull(Exception):
@@ -64,14 +69,15 @@ class Request:
   sent_text: str = ""  # the text emitted so far
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "columns"))
-def _prefill(cfg, params, columns, tokens_1P, length, seed, temperature, top_k, top_p):
-  """One prompt (tokens_1P right-padded; `length` real tokens) into a fresh one-row cache of `columns`
-  columns, and its first token. Returns (row_cache, token). Compiled per prompt bucket, whatever the
-  size of the engine's cache (`_insert` puts the row in)."""
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("row_cache",))
+def _prefill(cfg, params, row_cache, tokens_1P, length, seed, temperature, top_k, top_p):
+  """The next piece of one prompt (tokens_1P right-padded; its first `length` tokens real) into the
+  prompt's one-row cache, which holds its first row_cache["end"] tokens, and the token drawn after the
+  piece (the request's first token when the piece ends the prompt). Returns (row_cache, token).
+  Compiled per piece bucket, whatever the size of the engine's cache (`_insert` puts the row in)."""
   P = tokens_1P.shape[1]
-  positions_1P = jnp.where(jnp.arange(P) < length, jnp.arange(P), -1)[None]
-  row_cache = {**model.init_cache(cfg, 1, columns), "end": jnp.zeros((1,), jnp.int32)}
+  start_1 = row_cache["end"]
+  positions_1P = jnp.where(jnp.arange(P) < length, start_1[0] + jnp.arange(P), -1)[None]
   logits_11V, row_cache = model.Transformer(cfg).apply(
     {"params": params},
     tokens_1P,
@@ -81,7 +87,12 @@ def _prefill(cfg, params, columns, tokens_1P, length, seed, temperature, top_k, 
   )
   keys_1 = token_keys(seed[None], jnp.zeros((1,), jnp.int32))
   token = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])[0]
-  return {**row_cache, "end": jnp.reshape(length, (1,))}, token
+  return {**row_cache, "end": start_1 + length}, token
+
+
+def _bucket(length: int, room: int) -> int:
+  """The padded length of a prompt piece of `length` tokens: a power of two from 16, at most `room`."""
+  return min(max(16, 1 << (length - 1).bit_length()), room)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -152,21 +163,35 @@ def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array
 class Engine:
   """Serves Requests by continuous batching (module docstring) on a background thread."""
 
-  def __init__(self, cfg, params, tokenizer, max_batch: int = 8, max_context: int = 512, max_queue: int = 64):
+  def __init__(
+    self,
+    cfg,
+    params,
+    tokenizer,
+    max_batch: int = 8,
+    max_context: int = 512,
+    max_queue: int = 64,
+    prefill_chunk: int = PREFILL_CHUNK,
+  ):
     """`max_context`: cache columns per slot, the longest prompt + max_tokens served (at most the model's
-    max_len). `max_queue`: requests that may wait for a slot; `submit` raises QueueFull beyond it."""
+    max_len). `max_queue`: requests that may wait for a slot; `submit` raises QueueFull beyond it.
+    `prefill_chunk`: prompt tokens prefilled per iteration, between decode steps (module docstring);
+    max_context or more prefills every prompt whole. Raises ValueError for values out of range."""
     if max_context > cfg.max_len:
       raise ValueError(f"max_context={max_context} exceeds the model's context ({cfg.max_len} tokens)")
-    if max_batch < 1 or max_context < 2 or max_queue < 0:
+    if max_batch < 1 or max_context < 2 or max_queue < 0 or prefill_chunk < 16:
       raise ValueError(
-        f"need max_batch >= 1, max_context >= 2, max_queue >= 0; got {max_batch}, {max_context}, {max_queue}"
+        "need max_batch >= 1, max_context >= 2, max_queue >= 0, prefill_chunk >= 16; got "
+        f"{max_batch}, {max_context}, {max_queue}, {prefill_chunk}"
       )
     cfg, params = model.quantize.for_decoding(cfg, params)  # as LanguageModel holds them already
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
+    self.prefill_chunk = prefill_chunk
     self._cache = self._empty(1)  # grown and shrunk with the slots in use (_fit)
     self._slots: list = [None] * max_batch
     self._streams: list = [None] * max_batch
+    self._prefilling: dict = {}  # slot -> (its prompt's one-row cache, tokens in it), oldest first
     self._waiting: collections.deque = collections.deque()
     self._wake = threading.Condition()
     self._stopped = False
@@ -174,9 +199,13 @@ class Engine:
     self._thread.start()
 
   def warmup(self) -> None:
-    """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows) by running it once on
-    an empty cache, so the first burst of requests does not wait for compilers (SmolLM2: ~4 s a size).
-    Call before serving; prompts still compile once per length bucket as they come."""
+    """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows) and the prefill of
+    every piece bucket (16, 32, ... up to prefill_chunk) by running them once on empty caches, so the
+    first requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving; only a last
+    piece whose power-of-two bucket would pass max_context still compiles one of its own."""
+    sizes = [16 << i for i in range(self.prefill_chunk.bit_length()) if 16 << i < self.prefill_chunk]
+    for bucket in sorted({_bucket(n, self.max_context) for n in (*sizes, self.prefill_chunk)}):
+      jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
     for rows in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
       cache = _insert(self._empty(rows), self._empty(1), jnp.int32(0))
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
@@ -223,24 +252,23 @@ class Engine:
           self._wake.wait()
         if self._stopped:
           return
-        admitted = []
         while self._waiting and None in self._slots:
           request = self._waiting.popleft()
           if request.cancelled:  # its client left while it waited
             continue
           row = self._slots.index(None)
           self._slots[row] = request
-          admitted.append(row)
+          self._prefilling[row] = (None, 0)
       try:
         self._fit()
-        for row in admitted:
-          self._prefill(row)
-        if any(self._slots):
+        self._prefill()
+        if any(self._decoding()):
           self._fit()
           self._step()
       except Exception as err:  # noqa: BLE001 (end the requests in flight, keep serving the next ones)
         logging.exception("lmjax engine step failed: %s", err)
         self._cache = self._empty(1)  # the failed call may have taken (donated) the cache's buffers
+        self._prefilling.clear()
         for row, request in enumerate(self._slots):
           if request is not None:
             self._slots[row] = None
@@ -248,29 +276,54 @@ class Engine:
             with contextlib.suppress(Exception):
               request.emit("", "error")
 
-  def _prefill(self, row: int) -> None:
-    request = self._slots[row]
-    if request.cancelled:
-      self._slots[row] = None
-      return
-    length = len(request.prompt_ids)
-    bucket = min(max(16, 1 << (length - 1).bit_length()), self.max_context)
+  def _decoding(self) -> list:
+    """Each slot's request, or None where the slot is free or its prompt is still being prefilled."""
+    return [None if row in self._prefilling else request for row, request in enumerate(self._slots)]
+
+  def _prefill(self) -> None:
+    """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, each prompt in pieces of
+    prefill_chunk tokens and a last one (so pieces fall in the buckets of short prompts: a piece never
+    ends where a budget ran out, which would compile buckets the warmup did not). A prompt whose last
+    piece ran joins the decode batch with its first token."""
+    budget = self.prefill_chunk
+    for row in list(self._prefilling):
+      request = self._slots[row]
+      if request.cancelled:
+        self._slots[row] = None
+        del self._prefilling[row]
+        continue
+      row_cache, done = self._prefilling[row]
+      length = min(len(request.prompt_ids) - done, self.prefill_chunk)
+      if length > budget:
+        break
+      piece = request.prompt_ids[done : done + length]
+      row_cache, token = self._prefill_piece(
+        row_cache, piece, _bucket(length, self.max_context - done), request
+      )
+      budget -= length
+      if done + length < len(request.prompt_ids):
+        self._prefilling[row] = (row_cache, done + length)
+        continue
+      del self._prefilling[row]
+      self._cache = _insert(self._cache, row_cache, jnp.int32(row))
+      self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
+      self._accept(row, int(token))
+
+  def _prefill_piece(self, row_cache, piece: list, bucket: int, request: Request) -> tuple:
+    """_prefill of the prompt ids `piece` padded to `bucket` into `row_cache` (None: a fresh one)."""
     tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, :length] = request.prompt_ids
-    row_cache, token = _prefill(
+    tokens[0, : len(piece)] = piece
+    return _prefill(
       self.cfg,
       self.params,
-      self.max_context,
+      self._empty(1) if row_cache is None else row_cache,
       jnp.asarray(tokens),
-      jnp.int32(length),
+      jnp.int32(len(piece)),
       jnp.uint32(request.seed % 2**32),
       jnp.float32(request.temperature),
       jnp.int32(min(request.top_k, self.cfg.vocab_size)),
       jnp.float32(request.top_p),
     )
-    self._cache = _insert(self._cache, row_cache, jnp.int32(row))
-    self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
-    self._accept(row, int(token))
 
   def _fit(self) -> None:
     """Resizes the cache to the slots up to the highest one in use, rounded up to a power of two (one
@@ -284,7 +337,7 @@ class Engine:
   def _step(self) -> None:
     rows = self._cache["end"].shape[0]
     last, seeds, counts, temperature, top_k, top_p = [], [], [], [], [], []
-    for request in self._slots[:rows]:
+    for request in self._decoding()[:rows]:
       live = request is not None
       last.append(request.output_ids[-1] if live else 0)
       seeds.append(request.seed % 2**32 if live else 0)
@@ -303,8 +356,9 @@ class Engine:
       jnp.asarray(top_k, jnp.int32),
       jnp.asarray(top_p, jnp.float32),
     )
+    decoding = self._decoding()
     for row, token in enumerate(np.asarray(tokens).tolist()):
-      if self._slots[row] is not None:
+      if decoding[row] is not None:
         self._accept(row, token)
 
   def _accept(self, row: int, token: int) -> None:
