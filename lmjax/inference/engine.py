@@ -40,7 +40,11 @@ from lmjax.data import tokenizer_base
 from lmjax.inference import sampler
 from lmjax.ops.reductions import first_argmax
 
-# Prompt tokens prefilled between two decode steps. SmolLM2-135M on 2 CPU cores: DOCUMENTED BELOW.
+# Prompt tokens prefilled between two decode steps. SmolLM2-135M fp32, 2 CPU cores, a 1536-token prompt
+# arriving while 4 requests stream (benchmarks/serve_long_prompt.py, session 20): whole, the running
+# requests stop for 6.7-7.6 s and the prompt's first token takes as long; 512: 2.0-2.3 s and 5.4-6.0 s;
+# 256: 0.9-1.0 s and 4.6-4.7 s; 128: 0.55-0.6 s and 5.5-5.7 s (more pieces, each attending over the
+# whole cache). A whole prompt pads to its power of two (1536 -> 2048), pieces mostly do not.
 PREFILL_CHUNK = 256
 
 
