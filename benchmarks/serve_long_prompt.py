@@ -53,7 +53,10 @@ def one_round(lm, prefill_chunk: int, long_ids: list) -> dict:
     start = time.perf_counter()
     for i in range(_RUNNING.value):
       eng.submit(request(i, lm.tokenizer.encode(lm.chat_prompt(f"Tell story {i}.")), _TOKENS.value))
+    deadline = time.perf_counter() + 600
     while min(len(t) for t in times[:-1]) < 8:
+      if any(f.is_set() for f in finished) or time.perf_counter() > deadline:
+        raise RuntimeError("a running request ended or stalled before the long prompt was sent")
       time.sleep(0.001)
     arrival = time.perf_counter()
     eng.submit(request(_RUNNING.value, long_ids, 1))

@@ -338,3 +338,53 @@ def test_a_long_prompt_is_prefilled_in_pieces_between_decode_steps():
     assert request.output_ids == lm.generate(ids, max_new_tokens=n, do_sample=False)[0][len(ids) :].tolist()
   other = lm.generate([long_ids[1]] + long_ids[1:], max_new_tokens=20, do_sample=False)[0][70:].tolist()
   assert requests[1].output_ids != other
+
+
+def test_pieces_near_the_context_end_are_warmed_up_and_right():
+  """prefill_chunk=40 and max_context=100: a 90-token prompt runs as pieces of 40, 40 (padded to 60,
+  the columns left, not 64) and 10 (16 left: padded to 16). warmup() compiled all three buckets, and the
+  reply equals generate()'s (a write past the cache end would be clamped and shift the keys)."""
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128, init_std=0.3)
+  lm = LanguageModel(cfg, params, tokenizer)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=100, prefill_chunk=40)
+  try:
+    engine.warmup()
+    compiled = engine_lib._prefill._cache_size()
+    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 8)[:90]
+    done = threading.Event()
+    request = engine_lib.Request(ids, 8, lambda d, f: f and done.set(), temperature=0)
+    engine.submit(request)
+    assert done.wait(60) and len(ids) == 90
+  finally:
+    engine.close()
+  assert engine_lib._prefill._cache_size() == compiled
+  assert request.output_ids == lm.generate(ids, max_new_tokens=8, do_sample=False)[0][90:].tolist()
+
+
+def test_a_request_cancelled_between_pieces_frees_its_slot():
+  """A client that leaves while its prompt is half prefilled: no more pieces run, the slot is freed, and
+  the request queued behind it is served (one slot)."""
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=128, prefill_chunk=16)
+  pieces = []
+  run_piece = engine._prefill_piece
+
+  def piece_then_leave(row_cache, piece, bucket, request):
+    pieces.append(request)
+    request.cancelled = request is long  # its client goes away after the first piece
+    return run_piece(row_cache, piece, bucket, request)
+
+  engine._prefill_piece = piece_then_leave
+  done = threading.Event()
+  long = engine_lib.Request(list(range(3, 83)), 5, lambda d, f: None, temperature=0)
+  short = engine_lib.Request([5, 6, 7], 4, lambda d, f: f and done.set(), temperature=0)
+  try:
+    with engine._wake:
+      engine.submit(long)
+      engine.submit(short)
+    assert done.wait(60)
+  finally:
+    engine.close()
+  assert pieces == [long, short] and long.output_ids == [] and len(short.output_ids) == 4

@@ -63,7 +63,11 @@ def main(argv):
     f.max_queue,
     f.prefill_chunk,
   )
-  print(f"compiling the decode step for up to {f.max_batch} slots", flush=True)
+  print(
+    f"compiling the decode step for up to {f.max_batch} slots and the prefill of prompt pieces of up to "
+    f"{f.prefill_chunk} tokens",
+    flush=True,
+  )
   eng.warmup()
   name = f.model.removeprefix("pretrained:")
   api = server.create_app(lm, name, eng, f.api_key or os.environ.get("LMJAX_API_KEY"))

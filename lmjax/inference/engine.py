@@ -16,9 +16,10 @@ own length (model/transformer.py takes one cache `end` per row). One thread loop
 So a short request never waits for a long one to finish (Orca, Yu et al. 2022, "iteration-level
 scheduling"; vLLM's continuous batching), nor for all of a long prompt's prefill: between its pieces
 the running requests take their next token (Sarathi-Serve, Agrawal et al. 2024, "chunked prefills").
-Free slots below the highest one in use still compute, and each step attends over all `max_context`
-columns, so `max_context` trades memory and step time for the longest request served. Prompt pieces
-are padded to powers of two (prefill compiles once per bucket). A row's token k is drawn with key
+Free slots below the highest one in use, and slots whose prompt is still being prefilled, still
+compute, and each step attends over all `max_context` columns, so `max_context` trades memory and step
+time for the longest request served. Prompt pieces are padded to powers of two, capped at the columns
+left (prefill compiles once per bucket; `warmup` compiles them all). A row's token k is drawn with key
 fold_in(key(seed), k), so a seeded request samples the same text whatever else is in the batch.
 """
 
@@ -204,11 +205,16 @@ class Engine:
 
   def warmup(self) -> None:
     """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows) and the prefill of
-    every piece bucket (16, 32, ... up to prefill_chunk) by running them once on empty caches, so the
-    first requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving; only a last
-    piece whose power-of-two bucket would pass max_context still compiles one of its own."""
-    sizes = [16 << i for i in range(self.prefill_chunk.bit_length()) if 16 << i < self.prefill_chunk]
-    for bucket in sorted({_bucket(n, self.max_context) for n in (*sizes, self.prefill_chunk)}):
+    every piece bucket a prompt can use by running them once on empty caches, so requests do not wait
+    for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at multiples of
+    prefill_chunk; their buckets are powers of two from 16, capped at the columns left there."""
+    starts = range(0, self.max_context, self.prefill_chunk)
+    buckets = {
+      _bucket(n, self.max_context - start)
+      for start in starts
+      for n in range(1, min(self.prefill_chunk, self.max_context - start) + 1)
+    }
+    for bucket in sorted(buckets):
       jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
     for rows in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
       cache = _insert(self._empty(rows), self._empty(1), jnp.int32(0))
@@ -286,9 +292,10 @@ class Engine:
 
   def _prefill(self) -> None:
     """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, each prompt in pieces of
-    prefill_chunk tokens and a last one (so pieces fall in the buckets of short prompts: a piece never
-    ends where a budget ran out, which would compile buckets the warmup did not). A prompt whose last
-    piece ran joins the decode batch with its first token."""
+    prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which would
+    compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger
+    prompts that fit in what is left run whole, so at most one prompt is part-way. A prompt whose last
+    piece ran joins the decode batch with its first token; a cancelled one frees its slot."""
     budget = self.prefill_chunk
     for row in list(self._prefilling):
       request = self._slots[row]
@@ -299,7 +306,7 @@ class Engine:
       row_cache, done = self._prefilling[row]
       length = min(len(request.prompt_ids) - done, self.prefill_chunk)
       if length > budget:
-        break
+        continue
       piece = request.prompt_ids[done : done + length]
       row_cache, token = self._prefill_piece(
         row_cache, piece, _bucket(length, self.max_context - done), request
