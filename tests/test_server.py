@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from test_gguf_export import byte_level_bpe, tiny_llama
 
-from lmjax.inference import engine as engine_lib, server
+from lmjax.inference import engine as engine_lib, row_sampling, server
 from lmjax.inference.language_model import LanguageModel
 from lmjax.ops import reductions
 
@@ -277,9 +277,9 @@ def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
   logits[0, [7, 200]] = 9.0  # a tie: the first index wins
   temperature = np.array([0, 0.7, 1.3, 0, 1.0], np.float32)
   top_k = np.array([0, 0, 5, 3, 0], np.int32)
-  keys = engine_lib.token_keys(jnp.arange(5, dtype=jnp.uint32), jnp.full((5,), 4, jnp.int32))
+  keys = row_sampling.token_keys(jnp.arange(5, dtype=jnp.uint32), jnp.full((5,), 4, jnp.int32))
   got = np.asarray(
-    engine_lib.sample_rows(
+    row_sampling.sample_rows(
       jnp.asarray(logits), keys, jnp.asarray(temperature), jnp.asarray(top_k), jnp.ones(5)
     )
   )
@@ -292,7 +292,7 @@ def test_sample_rows_draws_as_jax_random_categorical_and_argmax():
       x = np.where(x < np.sort(x)[::-1][top_k[i] - 1], -np.inf, x)
     assert got[i] == int(jax.random.categorical(keys[i], jnp.asarray(x)))
   assert got[0] == 7
-  greedy = engine_lib.sample_rows(
+  greedy = row_sampling.sample_rows(
     jnp.asarray(logits), keys, jnp.zeros(5), jnp.zeros(5, jnp.int32), jnp.ones(5)
   )
   assert np.asarray(greedy).tolist() == np.argmax(logits, axis=-1).tolist()

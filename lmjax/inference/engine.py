@@ -38,8 +38,7 @@ import numpy as np
 
 from lmjax import model
 from lmjax.data import tokenizer_base
-from lmjax.inference import sampler
-from lmjax.ops.reductions import first_argmax
+from lmjax.inference.row_sampling import sample_rows, token_keys, token_logprobs
 
 # Prompt tokens prefilled between two decode steps. SmolLM2-135M fp32, 2 CPU cores, a 1536-token prompt
 # arriving while 4 requests stream (benchmarks/serve_long_prompt.py, session 20): whole, the running
@@ -57,7 +56,9 @@ class QueueFull(Exception):
 class Request:
   """One generation: prompt ids in, events out through `emit(text_delta, finish_reason)` (called on the
   engine thread; finish_reason None while it runs, then 'stop', 'length', or 'error' when the engine
-  failed on it). Any int seed (taken mod 2^32); top_k above the vocabulary means all tokens."""
+  failed on it). Any int seed (taken mod 2^32); top_k above the vocabulary means all tokens. With
+  `logprobs` set, `token_logprobs` gets one entry per output token before the emit that follows it
+  (row_sampling.token_logprobs: the model's log p, before temperature / top-k / top-p)."""
 
   prompt_ids: list
   max_tokens: int
@@ -68,6 +69,8 @@ class Request:
   seed: int = 0
   stop: tuple = ()
   ignore_eos: bool = False  # run to max_tokens (benchmarks; vLLM's extension of the same name)
+  logprobs: int | None = None  # None: none; k: each token's log p and the k (<= 20) likeliest tokens'
+  token_logprobs: list = dataclasses.field(default_factory=list)  # (log p, [(id, log p)] * k) a token
   output_ids: list = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
@@ -75,10 +78,11 @@ class Request:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("row_cache",))
-def _prefill(cfg, params, row_cache, tokens_1P, length, seed, temperature, top_k, top_p):
+def _prefill(cfg, params, row_cache, tokens_1P, length, seed, temperature, top_k, top_p, wanted):
   """The next piece of one prompt (tokens_1P right-padded; its first `length` tokens real) into the
   prompt's one-row cache, which holds its first row_cache["end"] tokens, and the token drawn after the
-  piece (the request's first token when the piece ends the prompt). Returns (row_cache, token).
+  piece (the request's first token when the piece ends the prompt). Returns (row_cache, token_1, its
+  token_logprobs, computed if `wanted`).
   Compiled per piece bucket, whatever the size of the engine's cache (`_insert` puts the row in)."""
   P = tokens_1P.shape[1]
   start_1 = row_cache["end"]
@@ -91,8 +95,14 @@ def _prefill(cfg, params, row_cache, tokens_1P, length, seed, temperature, top_k
     logits_at_BN=(length - 1)[None, None],
   )
   keys_1 = token_keys(seed[None], jnp.zeros((1,), jnp.int32))
-  token = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])[0]
-  return {**row_cache, "end": start_1 + length}, token
+  token_1 = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])
+  logprobs = token_logprobs(logits_11V[:, 0], token_1, wanted)
+  return {**row_cache, "end": start_1 + length}, token_1, logprobs
+
+
+def _row(logprobs, row: int) -> tuple:
+  """Row `row` of token_logprobs' (chosen [B], top [B, K], ids [B, K]) as numpy values."""
+  return tuple(np.asarray(a)[row] for a in logprobs)
 
 
 def _bucket(length: int, room: int) -> int:
@@ -111,13 +121,15 @@ def _insert(cache, row_cache, row):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R):
+def _decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R, wanted):
   """One token for each of the cache's R rows, each at its own position (its row's length). Returns
-  (cache, tokens_R)."""
+  (cache, tokens_R, their token_logprobs, computed if `wanted`)."""
   logits_R1V, cache = model.Transformer(cfg).apply(
     {"params": params}, last_R[:, None], positions_BT=cache["end"][:, None], cache=cache
   )
-  return cache, sample_rows(logits_R1V[:, 0], token_keys(seeds_R, counts_R), temperature_R, top_k_R, top_p_R)
+  keys_R = token_keys(seeds_R, counts_R)
+  tokens_R = sample_rows(logits_R1V[:, 0], keys_R, temperature_R, top_k_R, top_p_R)
+  return cache, tokens_R, token_logprobs(logits_R1V[:, 0], tokens_R, wanted)
 
 
 @functools.partial(jax.jit, static_argnames=("rows",))
@@ -134,35 +146,6 @@ def _resized(cache, rows: int) -> dict:
     c, [(0, rows - R) if a == axis else (0, 0) for a in range(c.ndim)], constant_values=fill
   )
   return {**model.map_kv(pad, cache), "pos": pad(0, cache["pos"], -1), "end": pad(0, cache["end"])}
-
-
-def token_keys(seeds_R, counts_R) -> jax.Array:
-  """Each row's key for its next token: fold_in(key(seed), tokens it has so far), so a seeded request
-  samples the same text whatever else is in the batch. seeds uint32 [R], counts int32 [R]."""
-  return jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(seeds_R, counts_R)
-
-
-def sample_rows(logits_BV, keys_B, temperature_B, top_k_B, top_p_B) -> jax.Array:
-  """Per-row sampling: greedy where temperature is 0, else softmax(logits / temperature) restricted to
-  the top_k (0: all) most likely tokens and the smallest set whose mass reaches top_p (the rules of
-  sampler.process_logits, with one setting per row). int32 [B]."""
-  V = logits_BV.shape[-1]
-  scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-
-  def filtered(x_BV):
-    sorted_BV = jnp.sort(x_BV, axis=-1)[:, ::-1]
-    kth_B1 = jnp.take_along_axis(sorted_BV, jnp.clip(top_k_B - 1, 0, V - 1)[:, None], axis=-1)
-    x_BV = jnp.where((top_k_B[:, None] > 0) & (x_BV < kth_B1), -jnp.inf, x_BV)
-    threshold_B1 = sampler.top_p_threshold(jnp.sort(x_BV, axis=-1)[:, ::-1], top_p_B[:, None])
-    return jnp.where(x_BV < threshold_B1, -jnp.inf, x_BV)
-
-  def sampled(x_BV):  # jax.random.categorical's Gumbel-max draw
-    x_BV = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1.0)), filtered, lambda x: x, x_BV)
-    return first_argmax(x_BV + jax.vmap(lambda key: jax.random.gumbel(key, (V,)))(keys_B))
-
-  greedy_B = first_argmax(logits_BV)
-  sampled_B = jax.lax.cond(jnp.any(temperature_B > 0), sampled, lambda x: greedy_B, scaled_BV)
-  return jnp.where(temperature_B == 0, greedy_B, sampled_B)
 
 
 class Engine:
@@ -219,7 +202,7 @@ class Engine:
     for rows in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
       cache = _insert(self._empty(rows), self._empty(1), jnp.int32(0))
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
-      args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones)
+      args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones, jnp.asarray(False))
       jax.block_until_ready(_decode_step(self.cfg, self.params, cache, *args))
 
   def _empty(self, rows: int) -> dict:
@@ -308,7 +291,7 @@ class Engine:
       if length > budget:
         continue
       piece = request.prompt_ids[done : done + length]
-      row_cache, token = self._prefill_piece(
+      row_cache, token_1, logprobs = self._prefill_piece(
         row_cache, piece, _bucket(length, self.max_context - done), request
       )
       budget -= length
@@ -318,7 +301,7 @@ class Engine:
       del self._prefilling[row]
       self._cache = _insert(self._cache, row_cache, jnp.int32(row))
       self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
-      self._accept(row, int(token))
+      self._accept(row, int(token_1[0]), _row(logprobs, 0) if request.logprobs is not None else None)
 
   def _prefill_piece(self, row_cache, piece: list, bucket: int, request: Request) -> tuple:
     """_prefill of the prompt ids `piece` padded to `bucket` into `row_cache` (None: a fresh one)."""
@@ -334,6 +317,7 @@ class Engine:
       jnp.float32(request.temperature),
       jnp.int32(min(request.top_k, self.cfg.vocab_size)),
       jnp.float32(request.top_p),
+      jnp.asarray(request.logprobs is not None),
     )
 
   def _fit(self) -> None:
@@ -348,7 +332,9 @@ class Engine:
   def _step(self) -> None:
     rows = self._cache["end"].shape[0]
     last, seeds, counts, temperature, top_k, top_p = [], [], [], [], [], []
-    for request in self._decoding()[:rows]:
+    decoding = self._decoding()
+    wanted = any(r is not None and r.logprobs is not None for r in decoding[:rows])
+    for request in decoding[:rows]:
       live = request is not None
       last.append(request.output_ids[-1] if live else 0)
       seeds.append(request.seed % 2**32 if live else 0)
@@ -356,7 +342,7 @@ class Engine:
       temperature.append(request.temperature if live else 0.0)
       top_k.append(min(request.top_k, self.cfg.vocab_size) if live else 0)
       top_p.append(request.top_p if live else 1.0)
-    self._cache, tokens = _decode_step(
+    self._cache, tokens, logprobs = _decode_step(
       self.cfg,
       self.params,
       self._cache,
@@ -366,19 +352,25 @@ class Engine:
       jnp.asarray(temperature, jnp.float32),
       jnp.asarray(top_k, jnp.int32),
       jnp.asarray(top_p, jnp.float32),
+      jnp.asarray(wanted),
     )
-    decoding = self._decoding()
+    logprobs = jax.device_get(logprobs) if wanted else None
     for row, token in enumerate(np.asarray(tokens).tolist()):
       if decoding[row] is not None:
-        self._accept(row, token)
+        self._accept(row, token, _row(logprobs, row) if decoding[row].logprobs is not None else None)
 
-  def _accept(self, row: int, token: int) -> None:
-    """Gives slot `row`'s request its next token; frees the slot when the request is over."""
+  def _accept(self, row: int, token: int, logprobs: tuple | None) -> None:
+    """Gives slot `row`'s request its next token (and its (logprob, top) entry when it asked for
+    logprobs); frees the slot when the request is over."""
     request, stream = self._slots[row], self._streams[row]
     if request.cancelled:
       self._slots[row] = None
       return
     request.output_ids.append(token)
+    if logprobs is not None:
+      chosen, top, ids = logprobs
+      k = request.logprobs
+      request.token_logprobs.append((float(chosen), list(zip(ids[:k].tolist(), top[:k].tolist()))))
     eos = token == self.tokenizer.eos_id and not request.ignore_eos
     text = stream.released + ("" if eos else stream.push(token))
     finish = "stop" if eos else None

@@ -3,15 +3,20 @@ under uvicorn).
 
   GET  /v1/models            the one model served
   POST /v1/completions       {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                              "seed", "stream"}
-  POST /v1/chat/completions  {"model", "messages", ... as above (max_completion_tokens too)}; the
-                              model's chat template renders the messages
+                              "seed", "stream", "logprobs" (0-5 alternatives)}
+  POST /v1/chat/completions  {"model", "messages", ... as above (max_completion_tokens too; "logprobs"
+                              true and "top_logprobs" 0-20)}; the model's chat template renders the
+                              messages
 
 Responses, streamed chunks (server-sent events ending with `data: [DONE]`) and errors follow OpenAI's
 shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1). Errors: 400
 (malformed JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown
 model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos`
-are extensions (as vLLM's); `n` > 1, `logprobs` and tools are not served and are refused by name.
+are extensions (as vLLM's); `n` > 1, `echo` and tools are not served and are refused by name.
+Log-probabilities are the model's (before temperature, top-k and top-p, as vLLM's), one entry per
+completion token (an EOS that ended the reply included), in OpenAI's shapes for each endpoint; a
+completion's `text_offset` counts from the start of the completion, and its `top_logprobs` keys by
+token text, so tokens that read the same (bytes of one character) keep the likeliest.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lmjax.inference import engine as engine_lib
 
 # Fields this server does not implement, with the one value it accepts (their default).
-_UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": False, "echo": False, "top_logprobs": None, "suffix": None}
+_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None}
 _UNSUPPORTED.update({"tools": None, "functions": None, "response_format": None})
 
 
@@ -120,7 +125,7 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   async def _generate(http: HttpRequest, body: dict, prompt_ids: list, chat: bool):
     # max_tokens' default: OpenAI's 16 for completions; for chat, the rest of the context.
     default_max_tokens = max(1, engine.max_context - len(prompt_ids)) if chat else 16
-    request, events = _request(body, prompt_ids, asyncio.get_running_loop(), default_max_tokens)
+    request, events = _request(body, prompt_ids, asyncio.get_running_loop(), default_max_tokens, chat)
     try:
       engine.submit(request)
     except engine_lib.QueueFull as err:
@@ -129,14 +134,14 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       raise ApiError(400, str(err), "max_tokens" if "max_tokens" in str(err) else "prompt") from None
     except RuntimeError as err:
       raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
-    reply = _Reply(chat, model_name, request)
+    reply = _Reply(chat, model_name, request, lm.tokenizer)
     if body.get("stream"):
       usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked a dict in _request
       return StreamingResponse(_stream(http, request, events, reply, usage), media_type="text/event-stream")
     text = []
     while True:
       try:
-        delta, finish = await asyncio.wait_for(events.get(), timeout=0.5)
+        delta, finish, _ = await asyncio.wait_for(events.get(), timeout=0.5)
       except TimeoutError:
         if await http.is_disconnected():
           request.cancelled = True
@@ -155,9 +160,10 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       if reply.chat:
         yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
       while True:
-        delta, finish = await events.get()
+        delta, finish, tokens = await events.get()
         if delta or finish:
-          yield _sse(reply.chunk(({"content": delta} if delta else None) if reply.chat else delta, finish))
+          content = ({"content": delta} if delta else None) if reply.chat else delta
+          yield _sse(reply.chunk(content, finish, reply.logprobs(tokens)))
         if finish:
           break
       if usage:
@@ -173,15 +179,28 @@ def _is_message(m) -> bool:
   return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
-def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int) -> tuple:
-  """(an engine Request from the body's sampling fields, the asyncio queue its events arrive on). A
-  field given as null takes its default, as OpenAI's API does."""
+def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: bool) -> tuple:
+  """(an engine Request from the body's sampling fields, the asyncio queue its events arrive on: each
+  (text delta, finish reason, tokens that have a logprobs entry by then)). A field given as null takes
+  its default, as OpenAI's API does."""
   given = {k: v for k, v in body.items() if v is not None}
   max_tokens = given.get("max_completion_tokens", given.get("max_tokens", default_max_tokens))
   stop = given.get("stop", ())
   stop = (stop,) if isinstance(stop, str) else stop
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  if chat:  # logprobs: true, then top_logprobs alternatives (OpenAI: 0-20)
+    logprobs, top = given.get("logprobs", False), given.get("top_logprobs", 0)
+    top_ok = is_int(top) and 0 <= top <= 20 and (logprobs is True or "top_logprobs" not in given)
+    logprobs_checks = [
+      ("logprobs", isinstance(logprobs, bool), "true or false"),
+      ("top_logprobs", top_ok, "an integer in [0, 20], with logprobs true"),
+    ]
+    top = top if logprobs is True else None
+  else:  # logprobs: the alternatives to list (OpenAI: 0-5)
+    top = given.get("logprobs")
+    logprobs_checks = [("logprobs", top is None or (is_int(top) and 0 <= top <= 5), "an integer in [0, 5]")]
   checks = [
+    *logprobs_checks,
     ("max_tokens", is_int(max_tokens) and max_tokens > 0, "a positive integer"),
     ("temperature", _number(given.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
     ("top_p", _number(given.get("top_p", 1.0), 0, 1) and given.get("top_p", 1.0) > 0, "a number in (0, 1]"),
@@ -202,15 +221,27 @@ def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int) -> tup
   request = engine_lib.Request(
     prompt_ids=list(prompt_ids),
     max_tokens=max_tokens,
-    emit=lambda delta, finish: loop.call_soon_threadsafe(events.put_nowait, (delta, finish)),
+    emit=lambda delta, finish: loop.call_soon_threadsafe(
+      events.put_nowait, (delta, finish, len(request.token_logprobs))
+    ),
     temperature=float(given.get("temperature", 1.0)),
     top_k=given.get("top_k", 0),
     top_p=float(given.get("top_p", 1.0)),
     seed=given.get("seed", uuid.uuid4().int % 2**31),
     stop=tuple(stop),
     ignore_eos=given.get("ignore_eos", False),
+    logprobs=top,
   )
   return request, events
+
+
+def _by_text(text, top: list) -> dict:
+  """{token text: log p} of (id, log p) pairs, likeliest first: OpenAI's completion format keys by text,
+  so of tokens that read the same (e.g. bytes of one character, each U+FFFD) the likeliest stays."""
+  alternatives = {}
+  for token, logprob in top:
+    alternatives.setdefault(text(token), logprob)
+  return alternatives
 
 
 def _number(value, low: float, high: float) -> bool:
@@ -224,10 +255,37 @@ def _sse(payload: dict) -> str:
 class _Reply:
   """OpenAI's response objects for one request: the whole response, or stream chunks."""
 
-  def __init__(self, chat: bool, model_name: str, request: engine_lib.Request):
-    self.chat, self.model, self.request = chat, model_name, request
+  def __init__(self, chat: bool, model_name: str, request: engine_lib.Request, tokenizer):
+    self.chat, self.model, self.request, self.tokenizer = chat, model_name, request, tokenizer
     self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     self.created = int(time.time())
+    self._given, self._offset = 0, 0  # logprobs entries given so far, and their text's length
+
+  def logprobs(self, upto: int) -> dict | None:
+    """OpenAI's logprobs object for the tokens after those given so far, up to `upto` (None when the
+    request did not ask for logprobs)."""
+    if self.request.logprobs is None:
+      return None
+    start, self._given = self._given, max(self._given, upto)
+    entries = list(zip(self.request.output_ids[start:upto], self.request.token_logprobs[start:upto]))
+    text = lambda token: self.tokenizer.decode([token], skip_special_tokens=False)
+    if self.chat:
+      item = lambda token, logprob: {
+        "token": text(token),
+        "logprob": logprob,
+        "bytes": list(text(token).encode()),
+      }
+      content = [{**item(t, lp), "top_logprobs": [item(*alt) for alt in top]} for t, (lp, top) in entries]
+      return {"content": content, "refusal": None}
+    tokens = [text(t) for t, _ in entries]
+    offsets = [self._offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    self._offset += sum(len(x) for x in tokens)
+    return {
+      "tokens": tokens,
+      "token_logprobs": [lp for _, (lp, _) in entries],
+      "top_logprobs": [_by_text(text, top) for _, (_, top) in entries],
+      "text_offset": offsets,
+    }
 
   def usage(self) -> dict:
     prompt, completion = len(self.request.prompt_ids), len(self.request.output_ids)
@@ -237,24 +295,25 @@ class _Reply:
     return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
   def whole(self, text: str, finish: str) -> dict:
+    logprobs = self.logprobs(len(self.request.output_ids))
     if self.chat:
       choice = {
         "index": 0,
         "message": {"role": "assistant", "content": text},
         "finish_reason": finish,
-        "logprobs": None,
+        "logprobs": logprobs,
       }
     else:
-      choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+      choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
     return {
       **self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
       "usage": self.usage(),
     }
 
-  def chunk(self, delta, finish) -> dict:
+  def chunk(self, delta, finish, logprobs: dict | None = None) -> dict:
     if self.chat:
-      choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+      choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
       return self._envelope("chat.completion.chunk", [choice])
     return self._envelope(
-      "text_completion", [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]
+      "text_completion", [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}]
     )

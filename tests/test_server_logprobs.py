@@ -1,0 +1,142 @@
+"""Log-probabilities through lmjax-serve's OpenAI API (`logprobs` of /v1/completions, `logprobs` and
+`top_logprobs` of /v1/chat/completions, whole and streamed) against a float64 log-softmax of one
+uncached forward pass over the prompt and the reply."""
+
+import json
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_server import Served, chat_ids, post
+
+from lmjax import model
+from lmjax.inference import engine as engine_lib
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def served():
+  s = Served(init_std=0.3)  # a tiny model whose distributions are not flat
+  yield s
+  s.close()
+
+
+def reference_logprobs(lm, ids: list) -> np.ndarray:
+  """log softmax of the model's logits at each position of ids, float64: [len(ids), V]."""
+  logits = np.asarray(
+    model.Transformer(lm.cfg).apply({"params": lm.params}, jnp.asarray([ids]))[0], np.float64
+  )
+  top = logits.max(-1, keepdims=True)
+  return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def expected(lm, prompt_ids: list, reply_ids: list, k: int) -> list:
+  """(log p of each reply token, its k likeliest (token, log p)) from the reference."""
+  logp = reference_logprobs(lm, prompt_ids + reply_ids)[len(prompt_ids) - 1 : -1]
+  return [
+    (row[t], [(int(i), row[i]) for i in np.argsort(-row, kind="stable")[:k]])
+    for row, t in zip(logp, reply_ids)
+  ]
+
+
+def greedy_ids(lm, prompt_ids: list, n: int) -> list:
+  return lm.generate(prompt_ids, max_new_tokens=n, do_sample=False)[0][len(prompt_ids) :].tolist()
+
+
+def test_engine_logprobs_are_the_models_before_temperature(served):
+  """A sampled request (temperature 1.5, top_k 5): each token's entry is log softmax of the plain
+  logits, not of the tempered or filtered ones."""
+  tokenizer = served.lm.tokenizer
+  prompt_ids = tokenizer.encode("the lazy dog")
+  done = threading.Event()
+  request = engine_lib.Request(
+    prompt_ids, 12, lambda d, f: f and done.set(), temperature=1.5, top_k=5, seed=3, logprobs=4
+  )
+  served.engine.submit(request)
+  assert done.wait(60)
+  want = expected(served.lm, prompt_ids, request.output_ids, 4)
+  assert len(request.token_logprobs) == len(request.output_ids) == len(want) > 1
+  for (logprob, top), (want_logprob, want_top) in zip(request.token_logprobs, want):
+    assert abs(logprob - want_logprob) < 1e-4
+    assert [i for i, _ in top] == [i for i, _ in want_top]
+    assert np.allclose([lp for _, lp in top], [lp for _, lp in want_top], atol=1e-4)
+
+
+def test_chat_logprobs_equal_the_reference(served):
+  client = served.client()
+  messages = [{"role": "user", "content": "the lazy dog"}]
+  chat = client.chat.completions.create(
+    model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3
+  )
+  content = chat.choices[0].logprobs.content
+  prompt_ids = chat_ids(served.lm, messages)
+  reply_ids = greedy_ids(served.lm, prompt_ids, 10)
+  assert len(content) == chat.usage.completion_tokens == len(reply_ids)
+  decode = lambda i: served.lm.tokenizer.decode([i], skip_special_tokens=False)
+  for entry, token, (logprob, top) in zip(content, reply_ids, expected(served.lm, prompt_ids, reply_ids, 3)):
+    assert entry.token == decode(token) and abs(entry.logprob - logprob) < 1e-4
+    assert [t.token for t in entry.top_logprobs] == [decode(i) for i, _ in top]
+    assert np.allclose([t.logprob for t in entry.top_logprobs], [lp for _, lp in top], atol=1e-4)
+    assert entry.bytes == list(entry.token.encode())
+
+
+def test_completion_logprobs_streamed_equal_whole(served):
+  client = served.client()
+  ask = dict(model="tiny", prompt="quick brown", max_tokens=12, temperature=0, logprobs=2)
+  whole = client.completions.create(**ask).choices[0]
+  pieces = [c.choices[0] for c in client.completions.create(**ask, stream=True) if c.choices]
+  streamed = [p.logprobs for p in pieces if p.logprobs]
+  tokens = [t for lp in streamed for t in lp.tokens]
+  prompt_ids = served.lm.tokenizer.encode("quick brown")
+  reply_ids = greedy_ids(served.lm, prompt_ids, 12)
+  assert tokens == whole.logprobs.tokens and len(tokens) == len(reply_ids)
+  assert [x for lp in streamed for x in lp.token_logprobs] == whole.logprobs.token_logprobs
+  assert [x for lp in streamed for x in lp.text_offset] == whole.logprobs.text_offset
+  assert whole.logprobs.text_offset == [len("".join(tokens[:i])) for i in range(len(tokens))]
+  for logprob, top, (want, want_top) in zip(
+    whole.logprobs.token_logprobs, whole.logprobs.top_logprobs, expected(served.lm, prompt_ids, reply_ids, 2)
+  ):
+    assert abs(logprob - want) < 1e-4 and abs(logprob - max(top.values())) < 1e-6  # greedy: the likeliest
+    by_text = {}  # keyed by text, the likeliest of tokens that read the same
+    for i, lp in want_top:
+      by_text.setdefault(served.lm.tokenizer.decode([i], skip_special_tokens=False), lp)
+    assert top.keys() == by_text.keys() and np.allclose(list(top.values()), list(by_text.values()), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "path,body,message",
+  [
+    ("/completions", {"prompt": "a", "logprobs": 6}, "logprobs must be an integer in [0, 5]"),
+    ("/completions", {"prompt": "a", "logprobs": True}, "logprobs must be an integer in [0, 5]"),
+    ("/chat/completions", {"logprobs": 3}, "logprobs must be true or false"),
+    (
+      "/chat/completions",
+      {"top_logprobs": 2},
+      "top_logprobs must be an integer in [0, 20], with logprobs true",
+    ),
+    (
+      "/chat/completions",
+      {"logprobs": True, "top_logprobs": 21},
+      "top_logprobs must be an integer in [0, 20]",
+    ),
+  ],
+)
+def test_bad_logprobs_get_a_400(served, path, body, message):
+  if path == "/chat/completions":
+    body = {**body, "messages": [{"role": "user", "content": "hi"}]}
+  response = post(served, path, {"model": "tiny", "max_tokens": 2, **body})
+  assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_no_logprobs_unless_asked(served):
+  reply = post(served, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 3}).json()
+  assert reply["choices"][0]["logprobs"] is None
+  chat = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 3,
+    "logprobs": False,
+  }
+  assert json.loads(post(served, "/chat/completions", chat).text)["choices"][0]["logprobs"] is None
