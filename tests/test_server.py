@@ -317,7 +317,7 @@ def test_a_long_prompt_is_prefilled_in_pieces_between_decode_steps():
   engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=2, max_context=128, prefill_chunk=16)
   accepted = []  # the slot of each token the engine hands out, in order
   accept = engine._accept
-  engine._accept = lambda row, token: (accepted.append(row), accept(row, token))
+  engine._accept = lambda row, token, logprobs: (accepted.append(row), accept(row, token, logprobs))
   long_ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 6)[:70]
   prompts, max_tokens = [long_ids[-4:], long_ids], [30, 20]
   done = [threading.Event() for _ in prompts]
