@@ -7,6 +7,7 @@ the same chat prompt.
 
   python benchmarks/serve_throughput.py --dtype=float32
   python benchmarks/serve_throughput.py --dtype=int8 --max_batch=16
+  python benchmarks/serve_throughput.py --dtype=float32 --top_logprobs=5   # what logprobs cost
 """
 
 from lmjax.core import hugepages
@@ -32,6 +33,9 @@ _REQUESTS = flags.DEFINE_integer("requests", 16, "Chat requests.")
 _TOKENS = flags.DEFINE_integer("max_tokens", 128, "Tokens per reply (ignore_eos: exactly this many).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Engine slots.")
 _CONTEXT = flags.DEFINE_integer("max_context", 256, "Engine cache columns per slot.")
+_LOGPROBS = flags.DEFINE_integer(
+  "top_logprobs", -1, "Ask every request for logprobs with this many alternatives (-1: no logprobs)."
+)
 _TOPICS = [
   "the sea",
   "a lighthouse",
@@ -80,6 +84,7 @@ def main(_):
       stream=True,
       stream_options={"include_usage": True},
       extra_body={"ignore_eos": True},
+      **({"logprobs": True, "top_logprobs": _LOGPROBS.value} if _LOGPROBS.value >= 0 else {}),
     )
     for chunk in stream:
       if chunk.choices and chunk.choices[0].delta.content:
