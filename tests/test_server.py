@@ -264,6 +264,7 @@ def test_no_recompilation_across_requests(served):
 
   for n in (3, 11, 7):
     ask(n)
+  client.completions.create(model="tiny", prompt="fox", max_tokens=4, logprobs=2)  # the other branch
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     list(pool.map(ask, (3, 9, 5)))
   assert compiled() == before

@@ -45,17 +45,21 @@ def greedy_ids(lm, prompt_ids: list, n: int) -> list:
   return lm.generate(prompt_ids, max_new_tokens=n, do_sample=False)[0][len(prompt_ids) :].tolist()
 
 
-def test_engine_logprobs_are_the_models_before_temperature(served):
-  """A sampled request (temperature 1.5, top_k 5): each token's entry is log softmax of the plain
-  logits, not of the tempered or filtered ones."""
+def test_engine_logprobs_are_the_models_before_temperature_in_a_mixed_batch(served):
+  """A sampled request (temperature 1.5, top_k 5) in slot 1 beside one without logprobs in slot 0:
+  each of its tokens' entries is log softmax of the plain logits, not of the tempered or filtered ones."""
   tokenizer = served.lm.tokenizer
   prompt_ids = tokenizer.encode("the lazy dog")
-  done = threading.Event()
+  done = [threading.Event(), threading.Event()]
+  plain = engine_lib.Request(tokenizer.encode("fox"), 12, lambda d, f: f and done[0].set(), ignore_eos=True)
   request = engine_lib.Request(
-    prompt_ids, 12, lambda d, f: f and done.set(), temperature=1.5, top_k=5, seed=3, logprobs=4
+    prompt_ids, 12, lambda d, f: f and done[1].set(), temperature=1.5, top_k=5, seed=3, logprobs=4
   )
-  served.engine.submit(request)
-  assert done.wait(60)
+  with served.engine._wake:  # admitted together: slots 0 and 1
+    served.engine.submit(plain)
+    served.engine.submit(request)
+  assert all(e.wait(60) for e in done)
+  assert plain.token_logprobs == []
   want = expected(served.lm, prompt_ids, request.output_ids, 4)
   assert len(request.token_logprobs) == len(request.output_ids) == len(want) > 1
   for (logprob, top), (want_logprob, want_top) in zip(request.token_logprobs, want):
@@ -64,13 +68,14 @@ def test_engine_logprobs_are_the_models_before_temperature(served):
     assert np.allclose([lp for _, lp in top], [lp for _, lp in want_top], atol=1e-4)
 
 
-def test_chat_logprobs_equal_the_reference(served):
+def test_chat_logprobs_equal_the_reference_whole_and_streamed(served):
   client = served.client()
   messages = [{"role": "user", "content": "the lazy dog"}]
-  chat = client.chat.completions.create(
-    model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3
-  )
+  ask = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+  chat = client.chat.completions.create(**ask)
   content = chat.choices[0].logprobs.content
+  chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+  assert [e for c in chunks if c.logprobs for e in c.logprobs.content] == content
   prompt_ids = chat_ids(served.lm, messages)
   reply_ids = greedy_ids(served.lm, prompt_ids, 10)
   assert len(content) == chat.usage.completion_tokens == len(reply_ids)
@@ -111,11 +116,8 @@ def test_completion_logprobs_streamed_equal_whole(served):
     ("/completions", {"prompt": "a", "logprobs": 6}, "logprobs must be an integer in [0, 5]"),
     ("/completions", {"prompt": "a", "logprobs": True}, "logprobs must be an integer in [0, 5]"),
     ("/chat/completions", {"logprobs": 3}, "logprobs must be true or false"),
-    (
-      "/chat/completions",
-      {"top_logprobs": 2},
-      "top_logprobs must be an integer in [0, 20], with logprobs true",
-    ),
+    ("/chat/completions", {"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ("/completions", {"prompt": "a", "top_logprobs": 2}, "top_logprobs is a chat field"),
     (
       "/chat/completions",
       {"logprobs": True, "top_logprobs": 21},
@@ -130,9 +132,22 @@ def test_bad_logprobs_get_a_400(served, path, body, message):
   assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
+def test_the_sampled_token_is_always_among_a_completions_top_logprobs(served):
+  """OpenAI: up to logprobs + 1 alternatives, the sampled token's always there (logprobs=0: only it)."""
+  client = served.client()
+  ask = dict(model="tiny", prompt="brown fox", max_tokens=10, temperature=1.5, seed=1)
+  for k in (0, 1):
+    logprobs = client.completions.create(**ask, logprobs=k).choices[0].logprobs
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+      assert top[token] == logprob and len(top) <= k + 1
+      assert k or top == {token: logprob}
+
+
 def test_no_logprobs_unless_asked(served):
   reply = post(served, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 3}).json()
   assert reply["choices"][0]["logprobs"] is None
+  completion = {"model": "tiny", "prompt": "a", "max_tokens": 3, "logprobs": False}
+  assert post(served, "/completions", completion).json()["choices"][0]["logprobs"] is None
   chat = {
     "model": "tiny",
     "messages": [{"role": "user", "content": "hi"}],

@@ -14,14 +14,18 @@ shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v
 model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos`
 are extensions (as vLLM's); `n` > 1, `echo` and tools are not served and are refused by name.
 Log-probabilities are the model's (before temperature, top-k and top-p, as vLLM's), one entry per
-completion token (an EOS that ended the reply included), in OpenAI's shapes for each endpoint; a
-completion's `text_offset` counts from the start of the completion, and its `top_logprobs` keys by
-token text, so tokens that read the same (bytes of one character) keep the likeliest.
+completion token (an EOS that ended the reply included, and, as vLLM's, the tokens of text cut at a
+stop string), in OpenAI's shapes for each endpoint; a streamed chunk carries the entries of every
+token so far, which can run ahead of text held back for a stop string. A completion's `text_offset`
+counts from the start of the completion, and its `top_logprobs` keys by token text (the chosen token
+always among them), so tokens that read the same keep the likeliest. A token's text (and chat's
+`bytes`) is its own decoding: a token that holds part of a character reads U+FFFD.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -190,15 +194,23 @@ def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: 
   is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
   if chat:  # logprobs: true, then top_logprobs alternatives (OpenAI: 0-20)
     logprobs, top = given.get("logprobs", False), given.get("top_logprobs", 0)
-    top_ok = is_int(top) and 0 <= top <= 20 and (logprobs is True or "top_logprobs" not in given)
+    if "top_logprobs" in given and logprobs is not True:
+      raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs_checks = [
       ("logprobs", isinstance(logprobs, bool), "true or false"),
-      ("top_logprobs", top_ok, "an integer in [0, 20], with logprobs true"),
+      ("top_logprobs", is_int(top) and 0 <= top <= 20, "an integer in [0, 20]"),
     ]
     top = top if logprobs is True else None
-  else:  # logprobs: the alternatives to list (OpenAI: 0-5)
-    top = given.get("logprobs")
-    logprobs_checks = [("logprobs", top is None or (is_int(top) and 0 <= top <= 5), "an integer in [0, 5]")]
+  else:  # logprobs: the alternatives to list (OpenAI: 0-5); false reads as null
+    if "top_logprobs" in given:
+      raise ApiError(
+        400,
+        "top_logprobs is a chat field; on /v1/completions logprobs (0-5) gives the alternatives",
+        "top_logprobs",
+      )
+    top = None if given.get("logprobs") is False else given.get("logprobs")
+    ok = top is None or (is_int(top) and 0 <= top <= 5)
+    logprobs_checks = [("logprobs", ok, "an integer in [0, 5] (the alternatives to list) or null")]
   checks = [
     *logprobs_checks,
     ("max_tokens", is_int(max_tokens) and max_tokens > 0, "a positive integer"),
@@ -268,7 +280,13 @@ class _Reply:
       return None
     start, self._given = self._given, max(self._given, upto)
     entries = list(zip(self.request.output_ids[start:upto], self.request.token_logprobs[start:upto]))
-    text = lambda token: self.tokenizer.decode([token], skip_special_tokens=False)
+    texts = {}
+
+    def text(token: int) -> str:  # each id decoded once a call
+      if token not in texts:
+        texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+      return texts[token]
+
     if self.chat:
       item = lambda token, logprob: {
         "token": text(token),
@@ -278,12 +296,12 @@ class _Reply:
       content = [{**item(t, lp), "top_logprobs": [item(*alt) for alt in top]} for t, (lp, top) in entries]
       return {"content": content, "refusal": None}
     tokens = [text(t) for t, _ in entries]
-    offsets = [self._offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
-    self._offset += sum(len(x) for x in tokens)
+    offsets = list(itertools.accumulate((len(x) for x in tokens), initial=self._offset))
+    self._offset = offsets.pop()
     return {
       "tokens": tokens,
       "token_logprobs": [lp for _, (lp, _) in entries],
-      "top_logprobs": [_by_text(text, top) for _, (_, top) in entries],
+      "top_logprobs": [{**_by_text(text, top), text(t): lp} for t, (lp, top) in entries],
       "text_offset": offsets,
     }
 
