@@ -1,5 +1,6 @@
 """Shared fixtures: a small corpus and the tiny experiment config."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -13,6 +14,17 @@ from lmjax.run import config
 # and (through the environment) in every command a test starts.
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Each one keeps ~3 memory mappings of JIT
+  code, and the whole suite in one process compiled enough to pass Linux's vm.max_map_count (65530):
+  XLA then segfaulted inside a compile near the end of `make test` (session 20)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EXPERIMENT = os.path.join(REPO, "tests", "tiny_experiment.py")
