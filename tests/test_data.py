@@ -99,6 +99,59 @@ def test_encode_batch_equals_encode_for_every_kind(bpe, text):
     assert [list(g) for g in got] == [tok.encode(text), tok.encode(text[::-1])]
 
 
+def _llama_style_tokenizer():
+  """A SentencePiece-style tokenizer.json as Llama's: U+2581 for spaces, <0xNN> byte-fallback pieces."""
+  from tokenizers import Tokenizer, decoders, models, normalizers
+
+  vocab = {f"<0x{b:02X}>": b for b in range(256)}
+  vocab |= {c: 256 + i for i, c in enumerate("\u2581abcdefghijklmnopqrstuvwxyzé")}
+  hf = Tokenizer(models.BPE(vocab, [], byte_fallback=True))
+  hf.normalizer = normalizers.Replace(" ", "\u2581")
+  hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+  return hf_tokenizer.HFTokenizer(hf, None, None, None)
+
+
+@pytest.mark.parametrize("text", ODD_TEXTS + ["é\u2581 to be", "a<|im_end|>"])
+def test_token_bytes_join_to_each_texts_utf8_for_every_kind(bpe, text):
+  """Each id's token_bytes, joined, are the text's UTF-8 bytes (what OpenAI's logprobs `bytes` are
+  for), for every kind and for Hugging Face tokenizers with GPT-2's byte-level decoder, a char
+  vocabulary's plain one (U+2581 is a character there) and Llama's byte-fallback one (there the
+  `tokenizers` library's decoding is the reference); texts with a character split over tokens (CJK,
+  emoji) have ids whose bytes are no UTF-8 text alone."""
+  fit = "".join(ODD_TEXTS) * 3 + "é\u2581 to be a<|im_end|>"
+  char = tokenizers.CharTokenizer(fit)
+  bytelevel = tokenizers.train("bytelevel", fit * 20, vocab_size=300)
+  splitting = [tokenizers.ByteTokenizer(), bpe, _llama_style_tokenizer()]  # no merges over CJK or emoji
+  merging = [char, bytelevel, hf_export.as_hf(bytelevel), hf_export.as_hf(char)]
+  for tok in merging + splitting:
+    ids = tok.encode(text)
+    pieces = [tok.token_bytes(i) for i in ids]
+    # Llama's decoder reads a U+2581 typed in the text as a space: its library's decode is the reference
+    expected = tok.decode(ids) if tok is splitting[-1] else text
+    assert b"".join(pieces) == expected.encode("utf-8"), (tok.kind, ids)
+    if tok in splitting and any(ord(c) >= 0x3000 for c in text):  # CJK, emoji
+      assert any(_not_text(p) for p in pieces), tok.kind
+
+
+def _not_text(piece: bytes) -> bool:
+  try:
+    piece.decode("utf-8")
+    return False
+  except UnicodeDecodeError:
+    return True
+
+
+def test_token_bytes_of_special_ids_are_their_names():
+  bytelevel = tokenizers.train("bytelevel", "abc abc a " * 50, vocab_size=270)
+  assert bytelevel.token_bytes(bytelevel.eos_id) == b"<|endoftext|>"
+  byte = tokenizers.ByteTokenizer()
+  assert [byte.token_bytes(i) for i in (byte.bos_id, byte.eos_id)] == [b"<bos>", b"<eos>"]
+  hf = hf_tokenizer.from_gguf_metadata(
+    [chr(c) for c in range(256)] + ["<|im_end|>"], [1] * 256 + [3], [], "gpt2", "gpt2", -1, 256, -1, ""
+  )
+  assert hf.token_bytes(256) == b"<|im_end|>" == hf.decode([256], skip_special_tokens=False).encode()
+
+
 def test_char_encode_batch_names_unknown_characters():
   with pytest.raises(ValueError, match="'z'"):
     tokenizers.CharTokenizer("abc").encode_batch(["abz"])

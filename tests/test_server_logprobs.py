@@ -2,6 +2,7 @@
 `top_logprobs` of /v1/chat/completions, whole and streamed) against a float64 log-softmax of one
 uncached forward pass over the prompt and the reply."""
 
+import codecs
 import json
 import threading
 
@@ -11,7 +12,7 @@ import pytest
 from test_server import Served, chat_ids, post
 
 from lmjax import model
-from lmjax.inference import engine as engine_lib
+from lmjax.inference import engine as engine_lib, server
 
 openai = pytest.importorskip("openai")
 
@@ -79,12 +80,49 @@ def test_chat_logprobs_equal_the_reference_whole_and_streamed(served):
   prompt_ids = chat_ids(served.lm, messages)
   reply_ids = greedy_ids(served.lm, prompt_ids, 10)
   assert len(content) == chat.usage.completion_tokens == len(reply_ids)
-  decode = lambda i: served.lm.tokenizer.decode([i], skip_special_tokens=False)
+  tokenizer = served.lm.tokenizer
+  shown = [e for e, i in zip(content, reply_ids) if i != tokenizer.eos_id]  # EOS: in content, not text
+  assert b"".join(bytes(e.bytes) for e in shown).decode(errors="replace") == chat.choices[0].message.content
   for entry, token, (logprob, top) in zip(content, reply_ids, expected(served.lm, prompt_ids, reply_ids, 3)):
-    assert entry.token == decode(token) and abs(entry.logprob - logprob) < 1e-4
-    assert [t.token for t in entry.top_logprobs] == [decode(i) for i, _ in top]
+    assert abs(entry.logprob - logprob) < 1e-4
     assert np.allclose([t.logprob for t in entry.top_logprobs], [lp for _, lp in top], atol=1e-4)
-    assert entry.bytes == list(entry.token.encode())
+    for item, i in [(entry, token)] + list(zip(entry.top_logprobs, [i for i, _ in top])):
+      text = tokenizer.decode([i], skip_special_tokens=False)
+      if "\ufffd" in text:  # part of a character: raw bytes, shown as escapes
+        assert item.token.startswith("\\x") and not _is_utf8(bytes(item.bytes))
+      else:
+        assert (item.token, bytes(item.bytes)) == (text, text.encode())
+
+
+def _is_utf8(raw: bytes) -> bool:
+  try:
+    raw.decode("utf-8")
+    return True
+  except UnicodeDecodeError:
+    return False
+
+
+def test_a_character_split_over_tokens_keeps_its_bytes_and_offsets(served):
+  """ "é🙂 the" in the server's byte-level BPE (fitted on ASCII) is 2 + 4 byte tokens and then " the":
+  chat entries carry each token's raw bytes (joined: the text) with "\\xNN" escapes as token text;
+  completion offsets count the characters before each token's first byte (a token inside a character
+  gets that character's offset), tokens of the same bytes stay apart in top_logprobs."""
+  tokenizer, text = served.lm.tokenizer, "é🙂 the"
+  ids = tokenizer.encode(text)
+  raw = text.encode()
+  assert len(ids) == 7
+  request = engine_lib.Request(ids, 8, None, logprobs=2)
+  request.output_ids = list(ids)
+  request.token_logprobs = [(-0.5, [(i, -0.5), (ids[0], -1.0)]) for i in ids]
+  chat = server._Reply(True, "tiny", request, tokenizer).logprobs(len(ids))["content"]
+  assert b"".join(bytes(e["bytes"]) for e in chat) == raw
+  assert [e["token"] for e in chat] == [f"\\x{b:02x}" for b in raw[:6]] + [" the"]
+  completion = server._Reply(False, "tiny", request, tokenizer)
+  first, rest = completion.logprobs(3), completion.logprobs(len(ids))  # as streamed: in two parts
+  starts = [0, 1, 2, 3, 4, 5, 6]  # byte offsets of the tokens
+  assert first["text_offset"] + rest["text_offset"] == [len(raw[:b].decode(errors="ignore")) for b in starts]
+  assert first["text_offset"] + rest["text_offset"] == [0, 0, 1, 1, 1, 1, 2]
+  assert first["top_logprobs"][1] == {"\\xa9": -0.5, "\\xc3": -1.0}
 
 
 def test_completion_logprobs_streamed_equal_whole(served):
@@ -99,14 +137,16 @@ def test_completion_logprobs_streamed_equal_whole(served):
   assert tokens == whole.logprobs.tokens and len(tokens) == len(reply_ids)
   assert [x for lp in streamed for x in lp.token_logprobs] == whole.logprobs.token_logprobs
   assert [x for lp in streamed for x in lp.text_offset] == whole.logprobs.text_offset
-  assert whole.logprobs.text_offset == [len("".join(tokens[:i])) for i in range(len(tokens))]
+  raw = [served.lm.tokenizer.token_bytes(i) for i in reply_ids]  # checked in test_data.py
+  complete = lambda b: len(codecs.utf_8_decode(b, "replace", False)[0])  # a last partial character: none
+  assert whole.logprobs.text_offset == [complete(b"".join(raw[:i])) for i in range(len(raw))]
   for logprob, top, (want, want_top) in zip(
     whole.logprobs.token_logprobs, whole.logprobs.top_logprobs, expected(served.lm, prompt_ids, reply_ids, 2)
   ):
     assert abs(logprob - want) < 1e-4 and abs(logprob - max(top.values())) < 1e-6  # greedy: the likeliest
     by_text = {}  # keyed by text, the likeliest of tokens that read the same
     for i, lp in want_top:
-      by_text.setdefault(served.lm.tokenizer.decode([i], skip_special_tokens=False), lp)
+      by_text.setdefault(served.lm.tokenizer.token_bytes(i).decode("utf-8", "backslashreplace"), lp)
     assert top.keys() == by_text.keys() and np.allclose(list(top.values()), list(by_text.values()), atol=1e-4)
 
 

@@ -113,6 +113,9 @@ class ByteLevelBPETokenizer:
       lambda i: "" if skip_special_tokens else EOS,
     )
 
+  def token_bytes(self, token_id: int) -> bytes:
+    return self._enc.decode_single_token_bytes(int(token_id))
+
   def save(self, directory: str) -> None:
     """tiktoken's rank file (base64 token, rank per line) and the spec naming it and the pattern."""
     os.makedirs(directory, exist_ok=True)

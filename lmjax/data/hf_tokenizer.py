@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from lmjax.core import errors, files
+from lmjax.data import bytelevel_bpe
 from lmjax.data.tokenizer_base import ChatText, write_spec
 
 _HF_FILE = "tokenizer_hf.json"
@@ -32,6 +33,7 @@ class HFTokenizer:
     self._lock = threading.Lock()
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
     self.chat_template = chat_template
+    self._decoding = None  # what token_bytes reads from the decoder, found on first use
 
   @property
   def vocab_size(self) -> int:
@@ -80,6 +82,31 @@ class HFTokenizer:
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def token_bytes(self, token_id: int) -> bytes:
+    """What the tokenizer.json's decoder does to one token, as bytes: ByteLevel (GPT-2's) reads each
+    character as one byte (bytelevel_bpe.byte_of_char); ByteFallback reads `<0xE4>` pieces as their
+    byte; Metaspace, or a Replace of U+2581 (Llama's), reads U+2581 as a space; added tokens are their
+    own text. A decoder that strips the text's first space (Llama's `Strip`) makes the first id differ."""
+    token = self._tok.id_to_token(int(token_id))
+    if self._decoding is None:
+      spec = json.loads(self._tok.to_str()).get("decoder") or {}
+      steps = spec.get("decoders", [spec])
+      kinds = {step.get("type") for step in steps}
+      metaspace = "Metaspace" in kinds or any(
+        step.get("type") == "Replace" and step.get("pattern", {}).get("String") == "\u2581" for step in steps
+      )
+      added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+      byte_of = bytelevel_bpe.byte_of_char() if "ByteLevel" in kinds else None
+      self._decoding = (added, byte_of, "ByteFallback" in kinds, metaspace)
+    added, byte_of, byte_fallback, metaspace = self._decoding
+    if token in added:
+      return token.encode("utf-8")
+    if byte_of is not None and all(c in byte_of for c in token):
+      return bytes(byte_of[c] for c in token)
+    if byte_fallback and re.fullmatch("<0x[0-9A-Fa-f]{2}>", token):
+      return bytes([int(token[3:5], 16)])
+    return (token.replace("\u2581", " ") if metaspace else token).encode("utf-8")
 
   def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> "ChatText":
     """Renders [{'role': ..., 'content': ...}] with the model's Jinja chat template (as HF does).

@@ -38,6 +38,13 @@ class Tokenizer(Protocol):
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str: ...
 
+  def token_bytes(self, token_id: int) -> bytes:
+    """The bytes one id stands for in decoded text: a byte-level token may hold part of a UTF-8
+    character, which no str can show (OpenAI's logprobs `bytes`). For ordinary ids
+    `b"".join(map(token_bytes, ids)).decode() == decode(ids)`; a special id gives its name's bytes
+    (what `decode(..., skip_special_tokens=False)` renders)."""
+    ...
+
   def save(self, directory: str) -> None: ...
 
 

@@ -96,6 +96,9 @@ class CharTokenizer:
     del skip_special_tokens  # a char vocabulary has no special tokens
     return "".join(self.chars[int(i)] for i in ids)
 
+  def token_bytes(self, token_id: int) -> bytes:
+    return self.chars[int(token_id)].encode("utf-8")
+
   def save(self, directory: str) -> None:
     write_spec(directory, {"kind": self.kind, "chars": self.chars})
 
@@ -126,6 +129,10 @@ class ByteTokenizer:
       lambda run: bytes(run).decode("utf-8", "replace"),
       lambda i: "" if skip_special_tokens else names[i],
     )
+
+  def token_bytes(self, token_id: int) -> bytes:
+    names = {self.bos_id: b"<bos>", self.eos_id: b"<eos>", self.pad_id: b"<pad>"}
+    return bytes([token_id]) if token_id < 256 else names[token_id]
 
   def save(self, directory: str) -> None:
     write_spec(directory, {"kind": self.kind})
@@ -224,6 +231,15 @@ class BPETokenizer:
       self._sp.decode,
       lambda i: "" if skip_special_tokens else self._sp.id_to_piece(i),
     )
+
+  def token_bytes(self, token_id: int) -> bytes:
+    """A byte-fallback piece (`<0xE4>`) is its byte; other pieces are text with U+2581 for spaces."""
+    piece = self._sp.id_to_piece(int(token_id))
+    if self._sp.is_byte(int(token_id)):
+      return bytes([int(piece[3:5], 16)])
+    if self._sp.is_control(int(token_id)):
+      return piece.encode("utf-8")
+    return piece.replace(_SPACE_MARK, " ").encode("utf-8")
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)

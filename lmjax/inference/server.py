@@ -16,16 +16,19 @@ are extensions (as vLLM's); `n` > 1, `echo` and tools are not served and are ref
 Log-probabilities are the model's (before temperature, top-k and top-p, as vLLM's), one entry per
 completion token (an EOS that ended the reply included, and, as vLLM's, the tokens of text cut at a
 stop string), in OpenAI's shapes for each endpoint; a streamed chunk carries the entries of every
-token so far, which can run ahead of text held back for a stop string. A completion's `text_offset`
-counts from the start of the completion, and its `top_logprobs` keys by token text (the chosen token
-always among them), so tokens that read the same keep the likeliest. A token's text (and chat's
-`bytes`) is its own decoding: a token that holds part of a character reads U+FFFD.
+token so far, which can run ahead of text held back for a stop string. A token's `bytes` (chat) are
+its own (tokenizer `token_bytes`), so a character split over byte-level tokens (CJK, emoji) joins
+from them; its text shows bytes that are no whole character as escapes (`\\xf0\\x9f`, as
+DeepSeek's API). A completion's `text_offset` is the token's character offset in the completion
+(that of the character a token finishes when it starts inside one), and its `top_logprobs` keys by
+token text (the chosen token always among them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import codecs
+import functools
 import json
 import time
 import uuid
@@ -249,7 +252,7 @@ def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: 
 
 def _by_text(text, top: list) -> dict:
   """{token text: log p} of (id, log p) pairs, likeliest first: OpenAI's completion format keys by text,
-  so of tokens that read the same (e.g. bytes of one character, each U+FFFD) the likeliest stays."""
+  so of tokens that read the same the likeliest stays."""
   alternatives = {}
   for token, logprob in top:
     alternatives.setdefault(text(token), logprob)
@@ -271,7 +274,8 @@ class _Reply:
     self.chat, self.model, self.request, self.tokenizer = chat, model_name, request, tokenizer
     self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     self.created = int(time.time())
-    self._given, self._offset = 0, 0  # logprobs entries given so far, and their text's length
+    self._given, self._offset = 0, 0  # logprobs entries given so far, and the characters they complete
+    self._characters = codecs.getincrementaldecoder("utf-8")("replace")  # holds a character's first bytes
 
   def logprobs(self, upto: int) -> dict | None:
     """OpenAI's logprobs object for the tokens after those given so far, up to `upto` (None when the
@@ -280,26 +284,18 @@ class _Reply:
       return None
     start, self._given = self._given, max(self._given, upto)
     entries = list(zip(self.request.output_ids[start:upto], self.request.token_logprobs[start:upto]))
-    texts = {}
-
-    def text(token: int) -> str:  # each id decoded once a call
-      if token not in texts:
-        texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
-      return texts[token]
-
+    token_bytes = functools.lru_cache(None)(self.tokenizer.token_bytes)
+    text = lambda token: token_bytes(token).decode("utf-8", "backslashreplace")  # a part: "\\xe4\\xbd"
     if self.chat:
-      item = lambda token, logprob: {
-        "token": text(token),
-        "logprob": logprob,
-        "bytes": list(text(token).encode()),
-      }
+      item = lambda t, logprob: {"token": text(t), "logprob": logprob, "bytes": list(token_bytes(t))}
       content = [{**item(t, lp), "top_logprobs": [item(*alt) for alt in top]} for t, (lp, top) in entries]
       return {"content": content, "refusal": None}
-    tokens = [text(t) for t, _ in entries]
-    offsets = list(itertools.accumulate((len(x) for x in tokens), initial=self._offset))
-    self._offset = offsets.pop()
+    offsets = []
+    for token, _ in entries:  # characters of the completion before each token's first whole one
+      offsets.append(self._offset)
+      self._offset += len(self._characters.decode(token_bytes(token)))
     return {
-      "tokens": tokens,
+      "tokens": [text(t) for t, _ in entries],
       "token_logprobs": [lp for _, (lp, _) in entries],
       "top_logprobs": [{**_by_text(text, top), text(t): lp} for t, (lp, top) in entries],
       "text_offset": offsets,
