@@ -35,11 +35,19 @@ def step_ms(cfg, params, rows: int) -> tuple:
   """(best ms of one decode step over `rows` rows at length 40, seconds of the first call)."""
   cache = {**model.init_cache(cfg, rows, _COLUMNS.value), "end": jnp.full((rows,), 40, jnp.int32)}
   zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
-  args = (zeros, zeros.astype(jnp.uint32), zeros, jnp.zeros((rows,), jnp.float32), zeros, ones)
+  args = (
+    zeros,
+    zeros.astype(jnp.uint32),
+    zeros,
+    jnp.zeros((rows,), jnp.float32),
+    zeros,
+    ones,
+    jnp.asarray(False),
+  )
   times = []
   for _ in range(_REPEATS.value + 1):
     start = time.perf_counter()
-    cache, tokens = engine._decode_step(cfg, params, cache, *args)
+    cache, tokens, _ = engine._decode_step(cfg, params, cache, *args)  # greedy, no logprobs
     tokens.block_until_ready()
     times.append(time.perf_counter() - start)
   return 1e3 * min(times[1:]), times[0]
