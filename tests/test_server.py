@@ -250,11 +250,11 @@ def test_api_key_is_required_when_set():
 
 def test_no_recompilation_across_requests(served):
   """After warmup (Served, as lmjax-serve) neither lone nor concurrent requests compile a decode step, a
-  cache insert or a prefill: the cache's row counts and the prompt buckets were all compiled."""
+  cache insert or resize, or a prefill: the cache's row counts, the resizes between them and the prompt
+  buckets were all compiled."""
   client = served.client()
-  compiled = lambda: [
-    f._cache_size() for f in (engine_lib._decode_step, engine_lib._insert, engine_lib._prefill)
-  ]
+  steps = (engine_lib._decode_step, engine_lib._insert, engine_lib._resized, engine_lib._prefill)
+  compiled = lambda: [f._cache_size() for f in steps]
   before = compiled()
 
   def ask(n):

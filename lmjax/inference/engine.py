@@ -29,6 +29,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import threading
 
@@ -187,8 +188,8 @@ class Engine:
     self._thread.start()
 
   def warmup(self) -> None:
-    """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows) and the prefill of
-    every piece bucket a prompt can use by running them once on empty caches, so requests do not wait
+    """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows), the resizes between
+    them, and the prefill of every piece bucket a prompt can use by running them once on empty caches, so requests do not wait
     for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at multiples of
     prefill_chunk; their buckets are powers of two from 16, capped at the columns left there."""
     starts = range(0, self.max_context, self.prefill_chunk)
@@ -199,7 +200,11 @@ class Engine:
     }
     for bucket in sorted(buckets):
       jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
-    for rows in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
+    sizes = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+    for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
+      if rows != other:
+        jax.block_until_ready(_resized(self._empty(rows), other))
+    for rows in sizes:
       cache = _insert(self._empty(rows), self._empty(1), jnp.int32(0))
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
       args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones, jnp.asarray(False))
