@@ -189,9 +189,9 @@ class Engine:
 
   def warmup(self) -> None:
     """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows), the resizes between
-    them, and the prefill of every piece bucket a prompt can use by running them once on empty caches, so requests do not wait
-    for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at multiples of
-    prefill_chunk; their buckets are powers of two from 16, capped at the columns left there."""
+    them, and the prefill of every piece bucket a prompt can use by running them once on empty caches,
+    so requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at
+    multiples of prefill_chunk; their buckets are powers of two from 16, capped at the columns left."""
     starts = range(0, self.max_context, self.prefill_chunk)
     buckets = {
       _bucket(n, self.max_context - start)
