@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from lmjax import model, pretrained
-from lmjax.inference import engine
+from lmjax.inference import engine_steps
 from lmjax.model import quantize
 
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Weights: float32, bfloat16, int8 or int4.")
@@ -47,7 +47,7 @@ def step_ms(cfg, params, rows: int) -> tuple:
   times = []
   for _ in range(_REPEATS.value + 1):
     start = time.perf_counter()
-    cache, tokens, _ = engine._decode_step(cfg, params, cache, *args)  # greedy, no logprobs
+    cache, tokens, _ = engine_steps.decode_step(cfg, params, cache, *args)  # greedy, no logprobs
     tokens.block_until_ready()
     times.append(time.perf_counter() - start)
   return 1e3 * min(times[1:]), times[0]

@@ -107,10 +107,11 @@ def test_packed_row_trains_each_document_as_its_own_padded_row(pos_encoding):
   assert run(params, packed)[1] == padded["mask"].sum()  # the same tokens count
 
 
-def test_segment_ids_with_a_kv_cache_are_refused():
+def test_segment_ids_with_a_kv_cache_of_other_columns_are_refused():
+  """A packed prefill writes its T tokens into a cache of exactly T columns; any other is refused."""
   cfg = M.ModelConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, max_len=8)
   params = M.init_params(cfg, jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match="not a KV cache"):
+  with pytest.raises(ValueError, match="exactly the 2 packed tokens' columns.*has 8"):
     M.Transformer(cfg).apply(
       {"params": params},
       jnp.zeros((1, 2), jnp.int32),

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from test_gguf_export import byte_level_bpe, tiny_llama
 
-from lmjax.inference import engine as engine_lib, row_sampling, server
+from lmjax.inference import engine as engine_lib, engine_steps, row_sampling, server
 from lmjax.inference.language_model import LanguageModel
 from lmjax.ops import reductions
 
@@ -253,7 +253,14 @@ def test_no_recompilation_across_requests(served):
   cache insert or resize, or a prefill: the cache's row counts, the resizes between them and the prompt
   buckets were all compiled."""
   client = served.client()
-  steps = (engine_lib._decode_step, engine_lib._insert, engine_lib._resized, engine_lib._prefill)
+  steps = (
+    engine_steps.decode_step,
+    engine_steps.insert,
+    engine_steps.resized,
+    engine_steps.prefill,
+    engine_steps.prefill_packed,
+    engine_steps.unpacked_row,
+  )
   compiled = lambda: [f._cache_size() for f in steps]
   before = compiled()
 
@@ -351,7 +358,7 @@ def test_pieces_near_the_context_end_are_warmed_up_and_right():
   engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=100, prefill_chunk=40)
   try:
     engine.warmup()
-    compiled = engine_lib._prefill._cache_size()
+    compiled = engine_steps.prefill._cache_size()
     ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 8)[:90]
     done = threading.Event()
     request = engine_lib.Request(ids, 8, lambda d, f: f and done.set(), temperature=0)
@@ -359,7 +366,7 @@ def test_pieces_near_the_context_end_are_warmed_up_and_right():
     assert done.wait(60) and len(ids) == 90
   finally:
     engine.close()
-  assert engine_lib._prefill._cache_size() == compiled
+  assert engine_steps.prefill._cache_size() == compiled
   assert request.output_ids == lm.generate(ids, max_new_tokens=8, do_sample=False)[0][90:].tolist()
 
 
@@ -388,4 +395,4 @@ def test_a_request_cancelled_between_pieces_frees_its_slot():
     assert done.wait(60)
   finally:
     engine.close()
-  assert pieces == [long, short] and long.output_ids == [] and len(short.output_ids) == 4
+  assert pieces == [long] and long.output_ids == [] and len(short.output_ids) == 4  # short: packed

@@ -195,3 +195,31 @@ def test_no_logprobs_unless_asked(served):
     "logprobs": False,
   }
   assert json.loads(post(served, "/chat/completions", chat).text)["choices"][0]["logprobs"] is None
+
+
+def test_prompts_admitted_together_are_prefilled_packed_each_as_alone(served):
+  """Three prompts of different lengths admitted at once run in one packed forward (engine._pack, each
+  attending only to itself): each request's log-probabilities equal the float64 reference of its own
+  prompt and reply, and each greedy reply equals generate()'s for its prompt alone."""
+  engine, tokenizer = served.engine, served.lm.tokenizer
+  packs, run_pack = [], engine._pack
+  engine._pack = lambda requests: packs.append(len(requests)) or run_pack(requests)
+  texts = ["the lazy dog", "quick brown fox jumps over the", "fox"]
+  done = [threading.Event() for _ in texts]
+  requests = [
+    engine_lib.Request(tokenizer.encode(t), 6, lambda d, f, e=e: f and e.set(), temperature=0, logprobs=2)
+    for t, e in zip(texts, done)
+  ]
+  try:
+    with engine._wake:  # admitted together
+      for request in requests:
+        engine.submit(request)
+    assert all(e.wait(60) for e in done)
+  finally:
+    engine._pack = run_pack
+  assert packs == [3]
+  for request in requests:
+    assert request.output_ids == greedy_ids(served.lm, request.prompt_ids, len(request.output_ids))
+    want = expected(served.lm, request.prompt_ids, request.output_ids, 2)
+    for (logprob, top), (want_logprob, want_top) in zip(request.token_logprobs, want):
+      assert abs(logprob - want_logprob) < 1e-4 and [i for i, _ in top] == [i for i, _ in want_top]

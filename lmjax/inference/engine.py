@@ -4,8 +4,9 @@ The engine holds a KV cache of up to `max_batch` rows ("slots") of `max_context`
 own length (model/transformer.py takes one cache `end` per row). One thread loops:
 
   1. admit waiting requests into free slots and prefill prompts, at most `prefill_chunk` prompt tokens
-     an iteration (chunked prefill): each prompt runs alone, in pieces, into its own one-row cache,
-     which replaces the slot's row when the prompt is done and gives its first token;
+     an iteration (chunked prefill): a long prompt in pieces into its own one-row cache, the prompts
+     that fit whole packed into one forward (engine_steps.prefill_packed); a prompt's row replaces its
+     slot's row when the prompt is done and gives its first token;
   2. one decode step for the slots whose prompt is done, at once (the cache is resized to the slots up
      to the highest in use, a power of two, so one step compiles per size; donated, so it is updated in
      place), each row sampled with its own temperature / top-k / top-p and seed;
@@ -18,8 +19,8 @@ scheduling"; vLLM's continuous batching), nor for all of a long prompt's prefill
 the running requests take their next token (Sarathi-Serve, Agrawal et al. 2024, "chunked prefills").
 Free slots below the highest one in use, and slots whose prompt is still being prefilled, still
 compute, and each step attends over all `max_context` columns, so `max_context` trades memory and step
-time for the longest request served. Prompt pieces are padded to powers of two, capped at the columns
-left (prefill compiles once per bucket; `warmup` compiles them all). A row's token k is drawn with key
+time for the longest request served. Prompt pieces and packs are padded to powers of two, capped at the
+columns left (prefill compiles once per bucket; `warmup` compiles them all). A row's token k is drawn with key
 fold_in(key(seed), k), so a seeded request samples the same text whatever else is in the batch.
 """
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import itertools
 import logging
 import threading
@@ -39,7 +39,7 @@ import numpy as np
 
 from lmjax import model
 from lmjax.data import tokenizer_base
-from lmjax.inference.row_sampling import sample_rows, token_keys, token_logprobs
+from lmjax.inference import engine_steps
 
 # Prompt tokens prefilled between two decode steps. SmolLM2-135M fp32, 2 CPU cores, a 1536-token prompt
 # arriving while 4 requests stream (benchmarks/serve_long_prompt.py, session 20): whole, the running
@@ -78,77 +78,6 @@ class Request:
   sent_text: str = ""  # the text emitted so far
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("row_cache",))
-def _prefill(cfg, params, row_cache, tokens_1P, length, seed, temperature, top_k, top_p, wanted):
-  """The next piece of one prompt (tokens_1P right-padded; its first `length` tokens real) into the
-  prompt's one-row cache, which holds its first row_cache["end"] tokens, and the token drawn after the
-  piece (the request's first token when the piece ends the prompt). Returns (row_cache, token_1, its
-  token_logprobs, computed if `wanted`).
-  Compiled per piece bucket, whatever the size of the engine's cache (`_insert` puts the row in)."""
-  P = tokens_1P.shape[1]
-  start_1 = row_cache["end"]
-  positions_1P = jnp.where(jnp.arange(P) < length, start_1[0] + jnp.arange(P), -1)[None]
-  logits_11V, row_cache = model.Transformer(cfg).apply(
-    {"params": params},
-    tokens_1P,
-    positions_BT=positions_1P,
-    cache=row_cache,
-    logits_at_BN=(length - 1)[None, None],
-  )
-  keys_1 = token_keys(seed[None], jnp.zeros((1,), jnp.int32))
-  token_1 = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])
-  logprobs = token_logprobs(logits_11V[:, 0], token_1, wanted)
-  return {**row_cache, "end": start_1 + length}, token_1, logprobs
-
-
-def _row(logprobs, row: int) -> tuple:
-  """Row `row` of token_logprobs' (chosen [B], top [B, K], ids [B, K]) as numpy values."""
-  return tuple(np.asarray(a)[row] for a in logprobs)
-
-
-def _bucket(length: int, room: int) -> int:
-  """The padded length of a prompt piece of `length` tokens: a power of two from 16, at most `room`."""
-  return min(max(16, 1 << (length - 1).bit_length()), room)
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache, row_cache, row):
-  """`cache` with row `row` replaced by the one-row `row_cache` (in place: the cache is donated)."""
-  put = lambda axis, c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=axis)
-  return {
-    **model.map_kv(put, cache, row_cache),
-    **{k: put(0, cache[k], row_cache[k]) for k in ("pos", "end")},
-  }
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R, wanted):
-  """One token for each of the cache's R rows, each at its own position (its row's length). Returns
-  (cache, tokens_R, their token_logprobs, computed if `wanted`)."""
-  logits_R1V, cache = model.Transformer(cfg).apply(
-    {"params": params}, last_R[:, None], positions_BT=cache["end"][:, None], cache=cache
-  )
-  keys_R = token_keys(seeds_R, counts_R)
-  tokens_R = sample_rows(logits_R1V[:, 0], keys_R, temperature_R, top_k_R, top_p_R)
-  return cache, tokens_R, token_logprobs(logits_R1V[:, 0], tokens_R, wanted)
-
-
-@functools.partial(jax.jit, static_argnames=("rows",))
-def _resized(cache, rows: int) -> dict:
-  """The cache with `rows` rows: its first rows, or all of them and empty ones after."""
-  R = cache["end"].shape[0]
-  if rows <= R:
-    return {
-      **model.map_kv(lambda axis, c: jax.lax.slice_in_dim(c, 0, rows, axis=axis), cache),
-      "pos": cache["pos"][:rows],
-      "end": cache["end"][:rows],
-    }
-  pad = lambda axis, c, fill=0: jnp.pad(
-    c, [(0, rows - R) if a == axis else (0, 0) for a in range(c.ndim)], constant_values=fill
-  )
-  return {**model.map_kv(pad, cache), "pos": pad(0, cache["pos"], -1), "end": pad(0, cache["end"])}
-
-
 class Engine:
   """Serves Requests by continuous batching (module docstring) on a background thread."""
 
@@ -177,6 +106,7 @@ class Engine:
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
     self.prefill_chunk = prefill_chunk
+    self._pack_room = min(prefill_chunk, max_context)  # tokens of whole prompts prefilled together
     self._cache = self._empty(1)  # grown and shrunk with the slots in use (_fit)
     self._slots: list = [None] * max_batch
     self._streams: list = [None] * max_batch
@@ -189,26 +119,29 @@ class Engine:
 
   def warmup(self) -> None:
     """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows), the resizes between
-    them, and the prefill of every piece bucket a prompt can use by running them once on empty caches,
-    so requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at
-    multiples of prefill_chunk; their buckets are powers of two from 16, capped at the columns left."""
-    starts = range(0, self.max_context, self.prefill_chunk)
-    buckets = {
-      _bucket(n, self.max_context - start)
-      for start in starts
-      for n in range(1, min(self.prefill_chunk, self.max_context - start) + 1)
-    }
-    for bucket in sorted(buckets):
+    them, and the prefill of every piece and pack bucket by running them once on empty caches, so
+    requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at
+    multiples of prefill_chunk; buckets are powers of two from 16, capped at the columns left (packs:
+    at min(prefill_chunk, max_context))."""
+    # A prompt longer than prefill_chunk: its first piece a whole chunk, the next ones any length.
+    pieces = {(0, self.prefill_chunk)} if self.max_context - 1 > self.prefill_chunk else set()
+    for start in range(self.prefill_chunk, self.max_context, self.prefill_chunk):
+      pieces |= {(start, n) for n in range(1, min(self.prefill_chunk, self.max_context - start) + 1)}
+    for bucket in sorted({engine_steps.bucket(n, self.max_context - start) for start, n in pieces}):
       jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
+    for bucket in sorted({engine_steps.bucket(n, self._pack_room) for n in range(1, self._pack_room + 1)}):
+      cache, *_ = self._pack([Request([0] * bucket, 1, None)])
+      one = jnp.int32(1)
+      jax.block_until_ready(engine_steps.unpacked_row(cache, one, one, self.max_context))
     sizes = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
     for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
       if rows != other:
-        jax.block_until_ready(_resized(self._empty(rows), other))
+        jax.block_until_ready(engine_steps.resized(self._empty(rows), other))
     for rows in sizes:
-      cache = _insert(self._empty(rows), self._empty(1), jnp.int32(0))
+      cache = engine_steps.insert(self._empty(rows), self._empty(1), jnp.int32(0))
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
       args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones, jnp.asarray(False))
-      jax.block_until_ready(_decode_step(self.cfg, self.params, cache, *args))
+      jax.block_until_ready(engine_steps.decode_step(self.cfg, self.params, cache, *args))
 
   def _empty(self, rows: int) -> dict:
     """An empty cache of `rows` rows, each with its own length (`end`)."""
@@ -279,12 +212,13 @@ class Engine:
     return [None if row in self._prefilling else request for row, request in enumerate(self._slots)]
 
   def _prefill(self) -> None:
-    """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, each prompt in pieces of
-    prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which would
-    compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger
-    prompts that fit in what is left run whole, so at most one prompt is part-way. A prompt whose last
-    piece ran joins the decode batch with its first token; a cancelled one frees its slot."""
-    budget = self.prefill_chunk
+    """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, a prompt longer than that in
+    pieces of prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which
+    would compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger
+    prompts that fit in what is left run whole, packed together into one forward (at most max_context
+    tokens), so at most one prompt is part-way. A prompt whose last piece ran joins the decode batch
+    with its first token; a cancelled one frees its slot."""
+    budget, packed = self.prefill_chunk, []
     for row in list(self._prefilling):
       request = self._slots[row]
       if request.cancelled:
@@ -293,26 +227,84 @@ class Engine:
         continue
       row_cache, done = self._prefilling[row]
       length = min(len(request.prompt_ids) - done, self.prefill_chunk)
-      if length > budget:
+      whole = length == len(request.prompt_ids)
+      if length > budget or (
+        whole and sum(len(self._slots[r].prompt_ids) for r in packed) + length > self._pack_room
+      ):
+        continue
+      budget -= length
+      if whole:
+        packed.append(row)
         continue
       piece = request.prompt_ids[done : done + length]
       row_cache, token_1, logprobs = self._prefill_piece(
-        row_cache, piece, _bucket(length, self.max_context - done), request
+        row_cache, piece, engine_steps.bucket(length, self.max_context - done), request
       )
-      budget -= length
       if done + length < len(request.prompt_ids):
         self._prefilling[row] = (row_cache, done + length)
-        continue
-      del self._prefilling[row]
-      self._cache = _insert(self._cache, row_cache, jnp.int32(row))
-      self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
-      self._accept(row, int(token_1[0]), _row(logprobs, 0) if request.logprobs is not None else None)
+      else:
+        self._join(row, row_cache, int(token_1[0]), logprobs, 0)
+    if packed:
+      requests = [self._slots[row] for row in packed]
+      cache, tokens_R, logprobs, offsets = self._pack(requests)
+      for i, (row, request, offset) in enumerate(zip(packed, requests, offsets)):
+        length = jnp.int32(len(request.prompt_ids))
+        row_cache = engine_steps.unpacked_row(cache, jnp.int32(offset), length, self.max_context)
+        self._join(row, row_cache, int(tokens_R[i]), logprobs, i)
+
+  def _join(self, row: int, row_cache: dict, token: int, logprobs, index: int) -> None:
+    """Puts a prefilled prompt's one-row cache into slot `row` and gives the request its first token
+    (with entry `index` of the prefill's token_logprobs)."""
+    request = self._slots[row]
+    del self._prefilling[row]
+    self._cache = engine_steps.insert(self._cache, row_cache, jnp.int32(row))
+    self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
+    wanted = request.logprobs is not None
+    self._accept(row, token, engine_steps.logprobs_row(logprobs, index) if wanted else None)
+
+  def _pack(self, requests: list) -> tuple:
+    """engine_steps.prefill_packed of the requests' whole prompts, one after another in a row padded to
+    its bucket. Returns (the packed cache, first tokens [max_batch] as numpy, token_logprobs, each
+    prompt's offset in the row)."""
+    lengths = [len(r.prompt_ids) for r in requests]
+    offsets = np.cumsum([0] + lengths[:-1])
+    P = engine_steps.bucket(sum(lengths), self._pack_room)
+    tokens, positions, segments = (
+      np.zeros((1, P), np.int32),
+      np.full((1, P), -1, np.int32),
+      np.zeros((1, P), np.int32),
+    )
+    last = np.zeros(self.max_batch, np.int32)
+    settings = np.zeros((4, self.max_batch), np.float64)  # seed, temperature, top_k, top_p
+    settings[3] = 1.0
+    for i, (request, offset, n) in enumerate(zip(requests, offsets, lengths)):
+      tokens[0, offset : offset + n] = request.prompt_ids
+      positions[0, offset : offset + n], segments[0, offset : offset + n] = np.arange(n), i + 1
+      last[i] = offset + n - 1
+      settings[:, i] = (
+        request.seed % 2**32,
+        request.temperature,
+        min(request.top_k, self.cfg.vocab_size),
+        request.top_p,
+      )
+    wanted = any(r.logprobs is not None for r in requests)
+    cache, tokens_R, logprobs = engine_steps.prefill_packed(
+      self.cfg,
+      self.params,
+      *map(jnp.asarray, (tokens, positions, segments, last)),
+      jnp.asarray(settings[0], jnp.uint32),
+      jnp.asarray(settings[1], jnp.float32),
+      jnp.asarray(settings[2], jnp.int32),
+      jnp.asarray(settings[3], jnp.float32),
+      jnp.asarray(wanted),
+    )
+    return cache, np.asarray(tokens_R), jax.device_get(logprobs) if wanted else None, offsets.tolist()
 
   def _prefill_piece(self, row_cache, piece: list, bucket: int, request: Request) -> tuple:
     """_prefill of the prompt ids `piece` padded to `bucket` into `row_cache` (None: a fresh one)."""
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, : len(piece)] = piece
-    return _prefill(
+    return engine_steps.prefill(
       self.cfg,
       self.params,
       self._empty(1) if row_cache is None else row_cache,
@@ -332,7 +324,7 @@ class Engine:
     highest = max([i for i, request in enumerate(self._slots) if request is not None], default=0)
     rows = min(1 << highest.bit_length(), self.max_batch)
     if rows != self._cache["end"].shape[0]:
-      self._cache = _resized(self._cache, rows)
+      self._cache = engine_steps.resized(self._cache, rows)
 
   def _step(self) -> None:
     rows = self._cache["end"].shape[0]
@@ -347,7 +339,7 @@ class Engine:
       temperature.append(request.temperature if live else 0.0)
       top_k.append(min(request.top_k, self.cfg.vocab_size) if live else 0)
       top_p.append(request.top_p if live else 1.0)
-    self._cache, tokens, logprobs = _decode_step(
+    self._cache, tokens, logprobs = engine_steps.decode_step(
       self.cfg,
       self.params,
       self._cache,
@@ -362,7 +354,9 @@ class Engine:
     logprobs = jax.device_get(logprobs) if wanted else None
     for row, token in enumerate(np.asarray(tokens).tolist()):
       if decoding[row] is not None:
-        self._accept(row, token, _row(logprobs, row) if decoding[row].logprobs is not None else None)
+        self._accept(
+          row, token, engine_steps.logprobs_row(logprobs, row) if decoding[row].logprobs is not None else None
+        )
 
   def _accept(self, row: int, token: int, logprobs: tuple | None) -> None:
     """Gives slot `row`'s request its next token (and its (logprob, top) entry when it asked for

@@ -38,8 +38,9 @@ class Transformer(nn.Module):
   states x_BTD instead). Given
   `cache=init_cache(...)`-shaped state it returns `(logits_BTV, new_cache)`;
   positions default to 0..T-1 (or continue after the cache's filled slots). `segment_ids_BT`
-  (packed documents, no cache): tokens attend only within their segment, causally in row order,
-  while `positions_BT` (restarting at 0 per document) drive the position encodings. With
+  (packed documents): tokens attend only within their segment, causally in row order, while
+  `positions_BT` (restarting at 0 per document) drive the position encodings; with a cache, only an
+  empty one of exactly T columns (several prompts' prefill in one row, inference/engine_steps.py). With
   `targets_BT` (and optionally `loss_mask_BT`) it returns the next-token loss instead of logits:
   (sum of cross-entropies over the masked-in tokens, their count), computed in chunks of the
   sequence for large vocabularies so the [B, T, V] logits never exist at once (chunked_loss.py).
@@ -71,8 +72,11 @@ class Transformer(nn.Module):
     # not cross the end (prefill writes at slot 0, decode one token at a time). `end` is one count for
     # all rows, or each row's own ([B]: continuous batching).
     slot = 0 if cache is None else start % cache["pos"].shape[1]
-    if segment_ids_BT is not None and cache is not None:
-      raise ValueError("segment_ids (packed documents) are for training and scoring, not a KV cache")
+    if segment_ids_BT is not None and cache is not None and cache["pos"].shape[1] != T:
+      raise ValueError(
+        f"segment_ids with a KV cache take an empty cache of exactly the {T} packed tokens' columns (a "
+        f"packed prefill); this one has {cache['pos'].shape[1]}"
+      )
     # Default positions (or packed segments) and no cache: causal self-attention in row order (the
     # kernel may skip masked blocks).
     causal = (positions_BT is None or segment_ids_BT is not None) and cache is None

@@ -1,0 +1,130 @@
+"""The compiled steps of continuous batching (inference/engine.py schedules them): a prompt piece's
+prefill into its own one-row cache, several whole prompts' prefill packed into one row, the row's move
+into the engine's cache, the decode step over every row, and the cache's resize. Each is jitted, so
+the engine compiles one program per shape (its `warmup` runs them all once)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import model
+from lmjax.inference.row_sampling import sample_rows, token_keys, token_logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("row_cache",))
+def prefill(cfg, params, row_cache, tokens_1P, length, seed, temperature, top_k, top_p, wanted):
+  """The next piece of one prompt (tokens_1P right-padded; its first `length` tokens real) into the
+  prompt's one-row cache, which holds its first row_cache["end"] tokens, and the token drawn after the
+  piece (the request's first token when the piece ends the prompt). Returns (row_cache, token_1, its
+  token_logprobs, computed if `wanted`).
+  Compiled per piece bucket, whatever the size of the engine's cache (`insert` puts the row in)."""
+  P = tokens_1P.shape[1]
+  start_1 = row_cache["end"]
+  positions_1P = jnp.where(jnp.arange(P) < length, start_1[0] + jnp.arange(P), -1)[None]
+  logits_11V, row_cache = model.Transformer(cfg).apply(
+    {"params": params},
+    tokens_1P,
+    positions_BT=positions_1P,
+    cache=row_cache,
+    logits_at_BN=(length - 1)[None, None],
+  )
+  keys_1 = token_keys(seed[None], jnp.zeros((1,), jnp.int32))
+  token_1 = sample_rows(logits_11V[:, 0], keys_1, temperature[None], top_k[None], top_p[None])
+  logprobs = token_logprobs(logits_11V[:, 0], token_1, wanted)
+  return {**row_cache, "end": start_1 + length}, token_1, logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prefill_packed(
+  cfg, params, tokens_1P, positions_1P, segments_1P, last_R, seeds_R, temperature_R, top_k_R, top_p_R, wanted
+):
+  """Several whole prompts in one row: tokens_1P holds them one after another (then padding), each with
+  its own positions from 0 and segment id (1, 2, ...; padding: position -1, segment 0), so one forward
+  fills a cache of exactly P columns in which each prompt attends only to itself (the packing of
+  training's `segment_ids`, model/transformer.py). last_R: each prompt's last index in the row, one of
+  R rows (R the engine's max_batch; unused rows 0). Returns (the packed cache, the token drawn after
+  each prompt [R], their token_logprobs, computed if `wanted`); `unpacked_row` moves a prompt's
+  columns out. Compiled per bucket P: one call does the work of one prefill per prompt, whose padding
+  it shares (SmolLM2 fp32 here: a 64-token row runs at ~125 GFLOP/s, a 256-token one at ~175)."""
+  P = tokens_1P.shape[1]
+  cache = {**model.init_cache(cfg, 1, P), "end": jnp.zeros((1,), jnp.int32)}
+  logits_1RV, cache = model.Transformer(cfg).apply(
+    {"params": params},
+    tokens_1P,
+    positions_BT=positions_1P,
+    cache=cache,
+    segment_ids_BT=segments_1P,
+    logits_at_BN=last_R[None],
+  )
+  keys_R = token_keys(seeds_R, jnp.zeros_like(last_R))
+  tokens_R = sample_rows(logits_1RV[0], keys_R, temperature_R, top_k_R, top_p_R)
+  return cache, tokens_R, token_logprobs(logits_1RV[0], tokens_R, wanted)
+
+
+@functools.partial(jax.jit, static_argnames=("columns",))
+def unpacked_row(packed, offset, length, columns: int) -> dict:
+  """The one-row cache of `columns` columns holding the prompt at [offset, offset + length) of a
+  `prefill_packed` cache, moved to columns [0, length) (positions -1 after it), as `prefill` would
+  have left it. Compiled per (pack bucket, columns)."""
+  P = packed["pos"].shape[1]
+
+  def move(c, axis):  # roll the prompt to column 0, then to `columns` columns
+    c = jnp.roll(c, -offset, axis=axis)
+    c = jax.lax.slice_in_dim(c, 0, min(P, columns), axis=axis % c.ndim)
+    return jnp.pad(c, [(0, columns - c.shape[a]) if a == axis % c.ndim else (0, 0) for a in range(c.ndim)])
+
+  each = lambda x, axis: tuple(move(a, axis) for a in x) if isinstance(x, tuple) else move(x, axis)
+  keep = jnp.arange(columns) < length
+  pos = jnp.where(keep, move(packed["pos"], 1), -1)
+  # keys are stored [..., H, S] and values [..., S, H] (model.init_cache)
+  return {"k": each(packed["k"], -1), "v": each(packed["v"], -2), "pos": pos, "end": length[None]}
+
+
+def logprobs_row(logprobs, row: int) -> tuple:
+  """Row `row` of token_logprobs' (chosen [B], top [B, K], ids [B, K]) as numpy values."""
+  return tuple(np.asarray(a)[row] for a in logprobs)
+
+
+def bucket(length: int, room: int) -> int:
+  """The padded length of a prompt piece of `length` tokens: a power of two from 16, at most `room`."""
+  return min(max(16, 1 << (length - 1).bit_length()), room)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def insert(cache, row_cache, row):
+  """`cache` with row `row` replaced by the one-row `row_cache` (in place: the cache is donated)."""
+  put = lambda axis, c, r: jax.lax.dynamic_update_index_in_dim(c, r, row, axis=axis)
+  return {
+    **model.map_kv(put, cache, row_cache),
+    **{k: put(0, cache[k], row_cache[k]) for k in ("pos", "end")},
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R, wanted):
+  """One token for each of the cache's R rows, each at its own position (its row's length). Returns
+  (cache, tokens_R, their token_logprobs, computed if `wanted`)."""
+  logits_R1V, cache = model.Transformer(cfg).apply(
+    {"params": params}, last_R[:, None], positions_BT=cache["end"][:, None], cache=cache
+  )
+  keys_R = token_keys(seeds_R, counts_R)
+  tokens_R = sample_rows(logits_R1V[:, 0], keys_R, temperature_R, top_k_R, top_p_R)
+  return cache, tokens_R, token_logprobs(logits_R1V[:, 0], tokens_R, wanted)
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def resized(cache, rows: int) -> dict:
+  """The cache with `rows` rows: its first rows, or all of them and empty ones after."""
+  R = cache["end"].shape[0]
+  if rows <= R:
+    return {
+      **model.map_kv(lambda axis, c: jax.lax.slice_in_dim(c, 0, rows, axis=axis), cache),
+      "pos": cache["pos"][:rows],
+      "end": cache["end"][:rows],
+    }
+  pad = lambda axis, c, fill=0: jnp.pad(
+    c, [(0, rows - R) if a == axis else (0, 0) for a in range(c.ndim)], constant_values=fill
+  )
+  return {**model.map_kv(pad, cache), "pos": pad(0, cache["pos"], -1), "end": pad(0, cache["end"])}
