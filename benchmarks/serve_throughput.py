@@ -1,5 +1,6 @@
 """lmjax-serve under load: 16 chat requests of 128 greedy tokens to SmolLM2-135M on loopback, one at a
-time and all at once (continuous batching), through the `openai` client with streaming.
+time and all at once (continuous batching), through the `openai` client with streaming, from a process
+of its own (a load generator's).
 
 Prints total completion tokens/s both ways and their ratio, p50/p95 time to first token of the
 concurrent run, and whether every concurrent reply equals LanguageModel.generate's greedy text for
@@ -15,7 +16,8 @@ from lmjax.core import hugepages
 if __name__ == "__main__":  # huge pages as lmjax's commands have them; before JAX is imported
   hugepages.reexec_with_huge_pages()
 
-import concurrent.futures
+import asyncio
+import multiprocessing
 import socket
 import threading
 import time
@@ -56,6 +58,47 @@ _TOPICS = [
 ]
 
 
+async def _ask(client, question: str, max_tokens: int, top_logprobs: int) -> tuple:
+  """One streamed chat request: (its text, completion tokens, seconds to its first text)."""
+  start, first, text, tokens = time.perf_counter(), None, [], 0
+  stream = await client.chat.completions.create(
+    model="smollm2",
+    messages=[{"role": "user", "content": question}],
+    max_tokens=max_tokens,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+    extra_body={"ignore_eos": True},
+    **({"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs >= 0 else {}),
+  )
+  async for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+      first = first or time.perf_counter()
+      text.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+      tokens = chunk.usage.completion_tokens
+  return "".join(text), tokens, (first or time.perf_counter()) - start
+
+
+def generate_load(port: int, questions: list, max_tokens: int, top_logprobs: int) -> tuple:
+  """The questions one at a time, then all at once: (seconds, results, seconds, results)."""
+
+  async def load():
+    client = openai.AsyncOpenAI(
+      base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600
+    )
+    ask = lambda q: _ask(client, q, max_tokens, top_logprobs)
+    await ask(questions[0])  # the server's first request
+    start = time.perf_counter()
+    one_by_one = [await ask(q) for q in questions]
+    sequential_s = time.perf_counter() - start
+    start = time.perf_counter()
+    together = await asyncio.gather(*(ask(q) for q in questions))
+    return sequential_s, one_by_one, time.perf_counter() - start, list(together)
+
+  return asyncio.run(load())
+
+
 def main(_):
   lm = LanguageModel.from_pretrained(
     "smollm2-135m-instruct", dtype=None if _DTYPE.value == "float32" else _DTYPE.value
@@ -71,37 +114,13 @@ def main(_):
   threading.Thread(target=uv.run, daemon=True).start()
   while not uv.started:
     time.sleep(0.05)
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
   questions = [f"Write a short poem about {_TOPICS[i % len(_TOPICS)]}." for i in range(_REQUESTS.value)]
-
-  def ask(question):
-    start, first, text, tokens = time.perf_counter(), None, [], 0
-    stream = client.chat.completions.create(
-      model="smollm2",
-      messages=[{"role": "user", "content": question}],
-      max_tokens=_TOKENS.value,
-      temperature=0,
-      stream=True,
-      stream_options={"include_usage": True},
-      extra_body={"ignore_eos": True},
-      **({"logprobs": True, "top_logprobs": _LOGPROBS.value} if _LOGPROBS.value >= 0 else {}),
+  # The clients run in a process of their own, as a load generator does: in this one, 16 streaming
+  # clients' Python (SSE parsing, the openai client's models) took the GIL from the server.
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    sequential_s, one_by_one, concurrent_s, together = pool.apply(
+      generate_load, (port, questions, _TOKENS.value, _LOGPROBS.value)
     )
-    for chunk in stream:
-      if chunk.choices and chunk.choices[0].delta.content:
-        first = first or time.perf_counter()
-        text.append(chunk.choices[0].delta.content)
-      if chunk.usage:
-        tokens = chunk.usage.completion_tokens
-    return "".join(text), tokens, (first or time.perf_counter()) - start
-
-  ask(questions[0])  # compile prefill buckets and the decode step
-  start = time.perf_counter()
-  one_by_one = [ask(q) for q in questions]
-  sequential_s = time.perf_counter() - start
-  start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
-    together = list(pool.map(ask, questions))
-  concurrent_s = time.perf_counter() - start
   seq_rate = sum(t for _, t, _ in one_by_one) / sequential_s
   conc_rate = sum(t for _, t, _ in together) / concurrent_s
   ttft = np.array([f for _, _, f in together])

@@ -257,6 +257,7 @@ def test_no_recompilation_across_requests(served):
     engine_steps.decode_step,
     engine_steps.insert,
     engine_steps.resized,
+    engine_steps.resized_into,
     engine_steps.prefill,
     engine_steps.prefill_packed,
     engine_steps.unpacked_row,

@@ -108,6 +108,7 @@ class Engine:
     self.prefill_chunk = prefill_chunk
     self._pack_room = min(prefill_chunk, max_context)  # tokens of whole prompts prefilled together
     self._cache = self._empty(1)  # grown and shrunk with the slots in use (_fit)
+    self._spares: dict = {}  # rows -> a cache of that size not in use (_fit)
     self._slots: list = [None] * max_batch
     self._streams: list = [None] * max_batch
     self._prefilling: dict = {}  # slot -> (its prompt's one-row cache, tokens in it), oldest first
@@ -122,7 +123,7 @@ class Engine:
     them, and the prefill of every piece and pack bucket by running them once on empty caches, so
     requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at
     multiples of prefill_chunk; buckets are powers of two from 16, capped at the columns left (packs:
-    at min(prefill_chunk, max_context))."""
+    at min(prefill_chunk, max_context)). Leaves a cache of every size allocated for `_fit` to reuse."""
     # A prompt longer than prefill_chunk: its first piece a whole chunk, the next ones any length.
     pieces = {(0, self.prefill_chunk)} if self.max_context - 1 > self.prefill_chunk else set()
     for start in range(self.prefill_chunk, self.max_context, self.prefill_chunk):
@@ -137,11 +138,14 @@ class Engine:
     for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
       if rows != other:
         jax.block_until_ready(engine_steps.resized(self._empty(rows), other))
+        jax.block_until_ready(engine_steps.resized_into(self._empty(other), self._empty(rows)))
     for rows in sizes:
       cache = engine_steps.insert(self._empty(rows), self._empty(1), jnp.int32(0))
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
       args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones, jnp.asarray(False))
-      jax.block_until_ready(engine_steps.decode_step(self.cfg, self.params, cache, *args))
+      cache, *_ = engine_steps.decode_step(self.cfg, self.params, cache, *args)
+      if rows != self._cache["end"].shape[0]:
+        self._spares[rows] = jax.block_until_ready(cache)  # each size's memory, touched once
 
   def _empty(self, rows: int) -> dict:
     """An empty cache of `rows` rows, each with its own length (`end`)."""
@@ -200,6 +204,7 @@ class Engine:
         logging.exception("lmjax engine step failed: %s", err)
         self._cache = self._empty(1)  # the failed call may have taken (donated) the cache's buffers
         self._prefilling.clear()
+        self._spares.clear()
         for row, request in enumerate(self._slots):
           if request is not None:
             self._slots[row] = None
@@ -320,11 +325,19 @@ class Engine:
   def _fit(self) -> None:
     """Resizes the cache to the slots up to the highest one in use, rounded up to a power of two (one
     compiled step per size): requests take the lowest free slot, so a lone request costs a 1-row step.
-    Resizing copies the cache once; a step over a slice of a larger cache copied it every step."""
+    Resizing copies the cache once; a step over a slice of a larger cache copied it every step. The
+    cache left behind is kept for the next resize to that size (engine_steps.resized_into): at most
+    twice the largest cache's memory, and no page faults after the first time."""
     highest = max([i for i, request in enumerate(self._slots) if request is not None], default=0)
-    rows = min(1 << highest.bit_length(), self.max_batch)
-    if rows != self._cache["end"].shape[0]:
-      self._cache = engine_steps.resized(self._cache, rows)
+    rows, current = min(1 << highest.bit_length(), self.max_batch), self._cache["end"].shape[0]
+    if rows != current:
+      spare = self._spares.pop(rows, None)
+      resized = (
+        engine_steps.resized(self._cache, rows)
+        if spare is None
+        else engine_steps.resized_into(spare, self._cache)
+      )
+      self._spares[current], self._cache = self._cache, resized
 
   def _step(self) -> None:
     rows = self._cache["end"].shape[0]

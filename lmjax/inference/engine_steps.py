@@ -128,3 +128,22 @@ def resized(cache, rows: int) -> dict:
     c, [(0, rows - R) if a == axis else (0, 0) for a in range(c.ndim)], constant_values=fill
   )
   return {**model.map_kv(pad, cache), "pos": pad(0, cache["pos"], -1), "end": pad(0, cache["end"])}
+
+
+@functools.partial(jax.jit, donate_argnames=("spare",))
+def resized_into(spare, cache) -> dict:
+  """`resized(cache, rows of spare)` written into `spare`, a cache of that size no longer in use: it is
+  donated, so its memory is reused and no new pages are touched (on this machine a fresh 188 MB cache
+  of 16 SmolLM2 rows cost 0.85-0.9 s in page faults, growing into a kept one 12 ms). Rows past the
+  cache's are emptied (positions -1, length 0); their keys and values stay as they were, unread."""
+  R, rows = cache["end"].shape[0], spare["end"].shape[0]
+  n = min(R, rows)
+  put = lambda axis, s, c: jax.lax.dynamic_update_slice_in_dim(
+    s, jax.lax.slice_in_dim(c, 0, n, axis=axis), 0, axis
+  )
+  pos = jnp.full_like(spare["pos"], -1).at[:n].set(cache["pos"][:n])
+  return {
+    **model.map_kv(put, spare, cache),
+    "pos": pos,
+    "end": jnp.zeros_like(spare["end"]).at[:n].set(cache["end"][:n]),
+  }
