@@ -152,6 +152,18 @@ def test_token_bytes_of_special_ids_are_their_names():
   assert hf.token_bytes(256) == b"<|im_end|>" == hf.decode([256], skip_special_tokens=False).encode()
 
 
+def test_added_tokens_go_through_the_byte_level_decoder_as_the_tokenizers_library_decodes_them():
+  """An added token in GPT-2's byte alphabet ("ĠĠ") reads as two spaces, as `tokenizers` decodes it."""
+  from tokenizers import AddedToken
+
+  hf = hf_tokenizer.from_gguf_metadata(
+    [chr(c) for c in range(256)] + ["<|im_end|>"], [1] * 256 + [3], [], "gpt2", "gpt2", -1, 256, -1, ""
+  )
+  hf._tok.add_tokens([AddedToken("ĠĠ", special=False, normalized=False)])
+  added = hf._tok.token_to_id("ĠĠ")
+  assert hf.token_bytes(added) == b"  " == hf.decode([added]).encode()
+
+
 def test_char_encode_batch_names_unknown_characters():
   with pytest.raises(ValueError, match="'z'"):
     tokenizers.CharTokenizer("abc").encode_batch(["abz"])

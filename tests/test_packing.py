@@ -118,3 +118,29 @@ def test_segment_ids_with_a_kv_cache_of_other_columns_are_refused():
       cache=M.init_cache(cfg, 1, 8),
       segment_ids_BT=jnp.ones((1, 2), jnp.int32),
     )
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("columns", [8, 24])
+def test_a_packed_prompts_columns_move_to_the_start_of_its_own_row(scan_layers, columns):
+  """engine_steps.unpacked_row: the second of two packed prompts (5 and 3 tokens in a pack of 16
+  columns) comes out as a one-row cache of `columns` columns holding its keys and values at columns
+  0-2 (keys [..., H, S], values [..., S, H]; stacked or per-layer caches), positions 0-2 then -1."""
+  from lmjax.inference import engine_steps
+
+  cfg = M.ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, max_len=32, scan_layers=scan_layers)
+  packed = M.init_cache(cfg, 1, 16)
+  numbered = lambda c: jnp.arange(c.size, dtype=c.dtype).reshape(c.shape)
+  packed = {
+    **M.map_kv(lambda axis, c: numbered(c), packed),
+    "pos": jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2] + [-1] * 8], jnp.int32),
+  }
+  row = engine_steps.unpacked_row(packed, jnp.int32(5), jnp.int32(3), columns)
+  for got, want in zip(list(row["k"]), list(packed["k"])):  # layer by layer, stacked or not
+    assert got.shape[-1] == columns
+    np.testing.assert_array_equal(np.asarray(got)[..., :3], np.asarray(want)[..., 5:8])
+  for got, want in zip(list(row["v"]), list(packed["v"])):
+    assert got.shape[-2] == columns
+    np.testing.assert_array_equal(np.asarray(got)[..., :3, :], np.asarray(want)[..., 5:8, :])
+  assert np.asarray(row["pos"]).tolist() == [[0, 1, 2] + [-1] * (columns - 3)]
+  assert np.asarray(row["end"]).tolist() == [3]

@@ -84,10 +84,11 @@ class HFTokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def token_bytes(self, token_id: int) -> bytes:
-    """What the tokenizer.json's decoder does to one token, as bytes: ByteLevel (GPT-2's) reads each
-    character as one byte (bytelevel_bpe.byte_of_char); ByteFallback reads `<0xE4>` pieces as their
-    byte; Metaspace, or a Replace of U+2581 (Llama's), reads U+2581 as a space; added tokens are their
-    own text. A decoder that strips the text's first space (Llama's `Strip`) makes the first id differ."""
+    """What the tokenizer.json's decoder does to one token (added tokens too, as the `tokenizers`
+    library decodes them), as bytes: ByteLevel (GPT-2's) reads each character as one byte
+    (bytelevel_bpe.byte_of_char); ByteFallback reads `<0xE4>` pieces as their byte; Metaspace, or a
+    Replace of U+2581 (Llama's), reads U+2581 as a space. A decoder that strips the text's first
+    space (Llama's `Strip`) makes the first id differ."""
     token = self._tok.id_to_token(int(token_id))
     if self._decoding is None:
       spec = json.loads(self._tok.to_str()).get("decoder") or {}
@@ -96,12 +97,9 @@ class HFTokenizer:
       metaspace = "Metaspace" in kinds or any(
         step.get("type") == "Replace" and step.get("pattern", {}).get("String") == "\u2581" for step in steps
       )
-      added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
       byte_of = bytelevel_bpe.byte_of_char() if "ByteLevel" in kinds else None
-      self._decoding = (added, byte_of, "ByteFallback" in kinds, metaspace)
-    added, byte_of, byte_fallback, metaspace = self._decoding
-    if token in added:
-      return token.encode("utf-8")
+      self._decoding = (byte_of, "ByteFallback" in kinds, metaspace)
+    byte_of, byte_fallback, metaspace = self._decoding
     if byte_of is not None and all(c in byte_of for c in token):
       return bytes(byte_of[c] for c in token)
     if byte_fallback and re.fullmatch("<0x[0-9A-Fa-f]{2}>", token):

@@ -20,8 +20,10 @@ the running requests take their next token (Sarathi-Serve, Agrawal et al. 2024, 
 Free slots below the highest one in use, and slots whose prompt is still being prefilled, still
 compute, and each step attends over all `max_context` columns, so `max_context` trades memory and step
 time for the longest request served. Prompt pieces and packs are padded to powers of two, capped at the
-columns left (prefill compiles once per bucket; `warmup` compiles them all). A row's token k is drawn with key
-fold_in(key(seed), k), so a seeded request samples the same text whatever else is in the batch.
+columns left (prefill compiles once per bucket; `warmup` compiles them all). A row's token k is drawn
+with key fold_in(key(seed), k), the same whatever else is in the batch; its logits equal a lone run's
+up to float rounding (a pack's size and the prompt's place in it change attention's sum order), so a
+seeded request can differ only where two tokens nearly tie.
 """
 
 from __future__ import annotations
@@ -203,8 +205,7 @@ class Engine:
       except Exception as err:  # noqa: BLE001 (end the requests in flight, keep serving the next ones)
         logging.exception("lmjax engine step failed: %s", err)
         self._cache = self._empty(1)  # the failed call may have taken (donated) the cache's buffers
-        self._prefilling.clear()
-        self._spares.clear()
+        self._prefilling.clear()  # the spares stay: a failed resize_into had popped the one it took
         for row, request in enumerate(self._slots):
           if request is not None:
             self._slots[row] = None
@@ -220,9 +221,9 @@ class Engine:
     """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, a prompt longer than that in
     pieces of prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which
     would compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger
-    prompts that fit in what is left run whole, packed together into one forward (at most max_context
-    tokens), so at most one prompt is part-way. A prompt whose last piece ran joins the decode batch
-    with its first token; a cancelled one frees its slot."""
+    prompts that fit in what is left run whole, packed together into one forward (at most
+    min(prefill_chunk, max_context) tokens), so at most one prompt is part-way. A prompt whose last
+    piece ran joins the decode batch with its first token; a cancelled one frees its slot."""
     budget, packed = self.prefill_chunk, []
     for row in list(self._prefilling):
       request = self._slots[row]
@@ -326,8 +327,9 @@ class Engine:
     """Resizes the cache to the slots up to the highest one in use, rounded up to a power of two (one
     compiled step per size): requests take the lowest free slot, so a lone request costs a 1-row step.
     Resizing copies the cache once; a step over a slice of a larger cache copied it every step. The
-    cache left behind is kept for the next resize to that size (engine_steps.resized_into): at most
-    twice the largest cache's memory, and no page faults after the first time."""
+    cache left behind is kept for the next resize to that size (engine_steps.resized_into): caches of
+    1 + 2 + 4 + ... + max_batch rows in all (under twice the largest where max_batch is a power of
+    two), and no page faults after the first time."""
     highest = max([i for i, request in enumerate(self._slots) if request is not None], default=0)
     rows, current = min(1 << highest.bit_length(), self.max_batch), self._cache["end"].shape[0]
     if rows != current:

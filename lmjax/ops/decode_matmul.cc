@@ -152,7 +152,11 @@ inline vfloat sum_lanes16(const vfloat* v) { return v[0]; }
 // Keeps v in a register: without it GCC 12 reloads each weight vector for every row of x and folds x into
 // the FMAs as a memory operand, 28 loads per 16 FMAs where 8 are needed, and a tile of 16 rows ran at
 // ~42% of the FMA peak, bound by loads (Zen 4 loads one 64-byte vector a cycle).
+#ifdef __AVX512F__
 inline void in_register(vfloat& v) { asm("" : "+v"(v)); }
+#else
+inline void in_register(vfloat&) {}  // a 64-byte vector fits no register there ("impossible constraint")
+#endif
 
 // y[m0:m0+MX, n0:n0+NW] from x rows m0.. and weight rows w_rows[0..NW) (row stride K): dot products
 // along K in 16 lanes, MX * NW accumulators (16 make a full register tile).
