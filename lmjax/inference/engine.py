@@ -280,19 +280,13 @@ class Engine:
       np.full((1, P), -1, np.int32),
       np.zeros((1, P), np.int32),
     )
-    last = np.zeros(self.max_batch, np.int32)
-    settings = np.zeros((4, self.max_batch), np.float64)  # seed, temperature, top_k, top_p
-    settings[3] = 1.0
-    for i, (request, offset, n) in enumerate(zip(requests, offsets, lengths)):
-      tokens[0, offset : offset + n] = request.prompt_ids
+    last, settings = np.zeros(self.max_batch, np.int32), np.zeros((4, self.max_batch), np.float64)
+    settings[3] = 1.0  # rows of seed, temperature, top_k, top_p; unused columns greedy
+    for i, (r, offset, n) in enumerate(zip(requests, offsets, lengths)):
+      tokens[0, offset : offset + n] = r.prompt_ids
       positions[0, offset : offset + n], segments[0, offset : offset + n] = np.arange(n), i + 1
       last[i] = offset + n - 1
-      settings[:, i] = (
-        request.seed % 2**32,
-        request.temperature,
-        min(request.top_k, self.cfg.vocab_size),
-        request.top_p,
-      )
+      settings[:, i] = (r.seed % 2**32, r.temperature, min(r.top_k, self.cfg.vocab_size), r.top_p)
     wanted = any(r.logprobs is not None for r in requests)
     cache, tokens_R, logprobs = engine_steps.prefill_packed(
       self.cfg,
