@@ -75,3 +75,12 @@ def run_lmjax(name: str, *args, env=None, timeout: int = 300) -> subprocess.Comp
   env = env or {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   command = [sys.executable, "-m", f"lmjax.cli.{name}", *args]
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def is_utf8(raw: bytes) -> bool:
+  """Whether `raw` decodes as UTF-8 alone (a token's bytes can be part of a character)."""
+  try:
+    raw.decode("utf-8")
+    return True
+  except UnicodeDecodeError:
+    return False

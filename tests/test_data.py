@@ -14,6 +14,8 @@ from lmjax.data import (
   tokenizers,
 )
 
+from conftest import is_utf8
+
 CHINESE = "什么是人工智能？"
 ODD_TEXTS = [
   CHINESE,
@@ -130,15 +132,7 @@ def test_token_bytes_join_to_each_texts_utf8_for_every_kind(bpe, text):
     expected = tok.decode(ids) if tok is splitting[-1] else text
     assert b"".join(pieces) == expected.encode("utf-8"), (tok.kind, ids)
     if tok in splitting and any(ord(c) >= 0x3000 for c in text):  # CJK, emoji
-      assert any(_not_text(p) for p in pieces), tok.kind
-
-
-def _not_text(piece: bytes) -> bool:
-  try:
-    piece.decode("utf-8")
-    return False
-  except UnicodeDecodeError:
-    return True
+      assert any(not is_utf8(p) for p in pieces), tok.kind
 
 
 def test_token_bytes_of_special_ids_are_their_names():

@@ -256,7 +256,6 @@ def test_no_recompilation_across_requests(served):
   steps = (
     engine_steps.decode_step,
     engine_steps.insert,
-    engine_steps.resized,
     engine_steps.resized_into,
     engine_steps.prefill,
     engine_steps.prefill_packed,

@@ -14,6 +14,8 @@ from test_server import Served, chat_ids, post
 from lmjax import model
 from lmjax.inference import engine as engine_lib, server
 
+from conftest import is_utf8
+
 openai = pytest.importorskip("openai")
 
 
@@ -89,17 +91,9 @@ def test_chat_logprobs_equal_the_reference_whole_and_streamed(served):
     for item, i in [(entry, token)] + list(zip(entry.top_logprobs, [i for i, _ in top])):
       text = tokenizer.decode([i], skip_special_tokens=False)
       if "\ufffd" in text:  # part of a character: raw bytes, shown as escapes
-        assert item.token.startswith("\\x") and not _is_utf8(bytes(item.bytes))
+        assert item.token.startswith("\\x") and not is_utf8(bytes(item.bytes))
       else:
         assert (item.token, bytes(item.bytes)) == (text, text.encode())
-
-
-def _is_utf8(raw: bytes) -> bool:
-  try:
-    raw.decode("utf-8")
-    return True
-  except UnicodeDecodeError:
-    return False
 
 
 def test_a_character_split_over_tokens_keeps_its_bytes_and_offsets(served):

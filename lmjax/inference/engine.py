@@ -139,7 +139,6 @@ class Engine:
     sizes = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
     for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
       if rows != other:
-        jax.block_until_ready(engine_steps.resized(self._empty(rows), other))
         jax.block_until_ready(engine_steps.resized_into(self._empty(other), self._empty(rows)))
     for rows in sizes:
       cache = engine_steps.insert(self._empty(rows), self._empty(1), jnp.int32(0))
@@ -327,13 +326,8 @@ class Engine:
     highest = max([i for i, request in enumerate(self._slots) if request is not None], default=0)
     rows, current = min(1 << highest.bit_length(), self.max_batch), self._cache["end"].shape[0]
     if rows != current:
-      spare = self._spares.pop(rows, None)
-      resized = (
-        engine_steps.resized(self._cache, rows)
-        if spare is None
-        else engine_steps.resized_into(spare, self._cache)
-      )
-      self._spares[current], self._cache = self._cache, resized
+      spare = self._spares.pop(rows, None) or self._empty(rows)  # none kept without warmup()
+      self._spares[current], self._cache = self._cache, engine_steps.resized_into(spare, self._cache)
 
   def _step(self) -> None:
     rows = self._cache["end"].shape[0]

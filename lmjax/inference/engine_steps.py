@@ -114,28 +114,13 @@ def decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, to
   return cache, tokens_R, token_logprobs(logits_R1V[:, 0], tokens_R, wanted)
 
 
-@functools.partial(jax.jit, static_argnames=("rows",))
-def resized(cache, rows: int) -> dict:
-  """The cache with `rows` rows: its first rows, or all of them and empty ones after."""
-  R = cache["end"].shape[0]
-  if rows <= R:
-    return {
-      **model.map_kv(lambda axis, c: jax.lax.slice_in_dim(c, 0, rows, axis=axis), cache),
-      "pos": cache["pos"][:rows],
-      "end": cache["end"][:rows],
-    }
-  pad = lambda axis, c, fill=0: jnp.pad(
-    c, [(0, rows - R) if a == axis else (0, 0) for a in range(c.ndim)], constant_values=fill
-  )
-  return {**model.map_kv(pad, cache), "pos": pad(0, cache["pos"], -1), "end": pad(0, cache["end"])}
-
-
 @functools.partial(jax.jit, donate_argnames=("spare",))
 def resized_into(spare, cache) -> dict:
-  """`resized(cache, rows of spare)` written into `spare`, a cache of that size no longer in use: it is
-  donated, so its memory is reused and no new pages are touched (on this machine a fresh 188 MB cache
-  of 16 SmolLM2 rows cost 0.85-0.9 s in page faults, growing into a kept one 12 ms). Rows past the
-  cache's are emptied (positions -1, length 0); their keys and values stay as they were, unread."""
+  """The cache with as many rows as `spare` (its first rows, or all of them and empty ones after), written
+  into `spare`, a cache of that size no longer in use: it is donated, so its memory is reused and no new
+  pages are touched (on this machine a fresh 188 MB cache of 16 SmolLM2 rows cost 0.85-0.9 s in page
+  faults, growing into a kept one 12 ms). Rows past the cache's are emptied (positions -1, length 0);
+  their keys and values stay as they were, unread."""
   R, rows = cache["end"].shape[0], spare["end"].shape[0]
   n = min(R, rows)
   put = lambda axis, s, c: jax.lax.dynamic_update_slice_in_dim(
