@@ -99,7 +99,8 @@ def llama_decode(path: str) -> float:
 def mean_kl(cfg, params, params_q, ids) -> float:
   """Mean over tokens of KL(p_fp32 || p_q) of the next-token distributions, nats."""
   apply = jax.jit(lambda p, t: jax.nn.log_softmax(model.Transformer(cfg).apply({"params": p}, t)))
-  windows = np.asarray(ids[: len(ids) // 512 * 512]).reshape(-1, 512)
+  width = min(512, len(ids))  # --kl_tokens below 512: one shorter window
+  windows = np.asarray(ids[: len(ids) // width * width]).reshape(-1, width)
   kls = []
   for row in windows:
     logp = np.asarray(apply(params, jnp.asarray(row[None])), np.float64)

@@ -165,7 +165,7 @@ def post(served, path, body, raw=None):
       "context of 96 tokens",
     ),
     ("/completions", {"model": "tiny", "prompt": "a", "temperature": 3}, None, 400, "temperature must be"),
-    ("/completions", {"model": "tiny", "prompt": "a", "n": 2}, None, 400, "n=2 is not supported"),
+    ("/completions", {"model": "tiny", "prompt": "a", "best_of": 2}, None, 400, "best_of=2 is not supported"),
     (
       "/chat/completions",
       {"model": "tiny", "messages": "hi"},

@@ -152,23 +152,27 @@ class Engine:
     """An empty cache of `rows` rows, each with its own length (`end`)."""
     return {**model.init_cache(self.cfg, rows, self.max_context), "end": jnp.zeros((rows,), jnp.int32)}
 
-  def submit(self, request: Request) -> None:
-    """Queues `request`. Raises QueueFull when max_queue requests already wait, ValueError when its
-    prompt plus max_tokens does not fit max_context."""
-    if not request.prompt_ids:
-      raise ValueError("the prompt is empty: give at least one token")
+  def submit(self, *requests: Request) -> None:
+    """Queues `requests` (the choices of one API request: all or none). Raises QueueFull when fewer than
+    that many places are left of max_queue, ValueError when a prompt is empty, a prompt plus max_tokens
+    does not fit max_context, or more requests come at once than max_queue."""
     if not self._thread.is_alive():
       raise RuntimeError("the engine has stopped")
-    if len(request.prompt_ids) + request.max_tokens > self.max_context:
-      raise ValueError(
-        f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_tokens}: more "
-        f"than this server's context of {self.max_context} tokens"
-      )
+    if len(requests) > max(self.max_queue, 1):
+      raise ValueError(f"{len(requests)} requests at once exceed this server's queue of {self.max_queue}")
+    for request in requests:
+      if not request.prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+      if len(request.prompt_ids) + request.max_tokens > self.max_context:
+        raise ValueError(
+          f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_tokens}: more "
+          f"than this server's context of {self.max_context} tokens"
+        )
     with self._wake:
       waiting = sum(not r.cancelled for r in self._waiting)
-      if waiting >= self.max_queue:
+      if waiting + len(requests) > self.max_queue:
         raise QueueFull(f"{waiting} requests are already waiting; retry later")
-      self._waiting.append(request)
+      self._waiting.extend(requests)
       self._wake.notify()
 
   def active(self) -> int:

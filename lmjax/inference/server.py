@@ -12,7 +12,10 @@ Responses, streamed chunks (server-sent events ending with `data: [DONE]`) and e
 shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1). Errors: 400
 (malformed JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown
 model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos`
-are extensions (as vLLM's); `n` > 1, `echo` and tools are not served and are refused by name.
+are extensions (as vLLM's); `best_of`, `echo` and tools are not served and are refused by name. `n`
+choices (up to 128, as OpenAI's) are n requests in the engine's batch, all queued or none (429); with a
+`seed`, choice 0 draws as a request with that seed alone would and choice i > 0 with a seed derived
+from (seed, i) (numpy's SeedSequence), so a seeded request repeats; usage counts the prompt once.
 Log-probabilities are the model's (before temperature, top-k and top-p, as vLLM's), one entry per
 completion token (an EOS that ended the reply included, and, as vLLM's, the tokens of text cut at a
 stop string), in OpenAI's shapes for each endpoint; a streamed chunk carries the entries of every
@@ -33,13 +36,14 @@ import json
 import time
 import uuid
 
+import numpy as np
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmjax.inference import engine as engine_lib
 
 # Fields this server does not implement, with the one value it accepts (their default).
-_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None}
+_UNSUPPORTED = {"best_of": 1, "echo": False, "suffix": None}
 _UNSUPPORTED.update({"tools": None, "functions": None, "response_format": None})
 
 
@@ -132,52 +136,57 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   async def _generate(http: HttpRequest, body: dict, prompt_ids: list, chat: bool):
     # max_tokens' default: OpenAI's 16 for completions; for chat, the rest of the context.
     default_max_tokens = max(1, engine.max_context - len(prompt_ids)) if chat else 16
-    request, events = _request(body, prompt_ids, asyncio.get_running_loop(), default_max_tokens, chat)
+    requests, events = _requests(body, prompt_ids, asyncio.get_running_loop(), default_max_tokens, chat)
+    if len(requests) > max(engine.max_queue, 1):
+      raise ApiError(400, f"n must be at most {max(engine.max_queue, 1)} on this server (its queue)", "n")
     try:
-      engine.submit(request)
+      engine.submit(*requests)
     except engine_lib.QueueFull as err:
       raise ApiError(429, f"the server is busy: {err}", kind="rate_limit_error") from None
     except ValueError as err:
       raise ApiError(400, str(err), "max_tokens" if "max_tokens" in str(err) else "prompt") from None
     except RuntimeError as err:
       raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
-    reply = _Reply(chat, model_name, request, lm.tokenizer)
+    reply = _Reply(chat, model_name, requests, lm.tokenizer)
     if body.get("stream"):
-      usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked a dict in _request
-      return StreamingResponse(_stream(http, request, events, reply, usage), media_type="text/event-stream")
-    text = []
-    while True:
-      try:
-        delta, finish, _ = await asyncio.wait_for(events.get(), timeout=0.5)
-      except TimeoutError:
-        if await http.is_disconnected():
-          request.cancelled = True
-          return JSONResponse({}, status_code=499)
-        continue
-      text.append(delta)
-      if finish == "error":
-        return _error(
-          ApiError(500, "generation failed on the server (its log has the cause)", kind="server_error")
-        )
-      if finish:
-        return reply.whole("".join(text), finish)
+      usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked a dict in _requests
+      return StreamingResponse(_stream(events, reply, usage), media_type="text/event-stream")
+    texts, finishes = [[] for _ in requests], [None] * len(requests)
+    try:
+      while None in finishes:
+        try:
+          index, delta, finish, _ = await asyncio.wait_for(events.get(), timeout=0.5)
+        except TimeoutError:
+          if await http.is_disconnected():
+            return JSONResponse({}, status_code=499)
+          continue
+        texts[index].append(delta)
+        if finish == "error":
+          return _error(
+            ApiError(500, "generation failed on the server (its log has the cause)", kind="server_error")
+          )
+        finishes[index] = finish
+      return reply.whole(["".join(text) for text in texts], finishes)
+    finally:  # a client gone or a choice failed: the other choices free their slots
+      reply.cancel_unfinished()
 
-  async def _stream(http, request, events, reply, usage: bool):
+  async def _stream(events, reply, usage: bool):
     try:
       if reply.chat:
-        yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
-      while True:
-        delta, finish, tokens = await events.get()
+        for index in range(len(reply.requests)):
+          yield _sse(reply.chunk(index, {"role": "assistant", "content": ""}, None))
+      running = len(reply.requests)
+      while running:
+        index, delta, finish, tokens = await events.get()
         if delta or finish:
           content = ({"content": delta} if delta else None) if reply.chat else delta
-          yield _sse(reply.chunk(content, finish, reply.logprobs(tokens)))
-        if finish:
-          break
+          yield _sse(reply.chunk(index, content, finish, reply.logprobs(index, tokens)))
+        running -= bool(finish)
       if usage:
-        yield _sse({**reply.chunk(None, None), "choices": [], "usage": reply.usage()})
+        yield _sse({**reply.chunk(0, None, None), "choices": [], "usage": reply.usage()})
       yield "data: [DONE]\n\n"
     finally:  # the client went away (the generator is closed) or the request ended
-      request.cancelled = request.finish_reason is None
+      reply.cancel_unfinished()
 
   return app
 
@@ -186,10 +195,10 @@ def _is_message(m) -> bool:
   return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
-def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: bool) -> tuple:
-  """(an engine Request from the body's sampling fields, the asyncio queue its events arrive on: each
-  (text delta, finish reason, tokens that have a logprobs entry by then)). A field given as null takes
-  its default, as OpenAI's API does."""
+def _requests(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: bool) -> tuple:
+  """(engine Requests from the body's sampling fields, one a choice (`n`), the asyncio queue their events
+  arrive on: each (choice index, text delta, finish reason, tokens that have a logprobs entry by then)).
+  A field given as null takes its default, as OpenAI's API does."""
   given = {k: v for k, v in body.items() if v is not None}
   max_tokens = given.get("max_completion_tokens", given.get("max_tokens", default_max_tokens))
   stop = given.get("stop", ())
@@ -216,6 +225,7 @@ def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: 
     logprobs_checks = [("logprobs", ok, "an integer in [0, 5] (the alternatives to list) or null")]
   checks = [
     *logprobs_checks,
+    ("n", is_int(given.get("n", 1)) and 1 <= given.get("n", 1) <= 128, "an integer in [1, 128]"),
     ("max_tokens", is_int(max_tokens) and max_tokens > 0, "a positive integer"),
     ("temperature", _number(given.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
     ("top_p", _number(given.get("top_p", 1.0), 0, 1) and given.get("top_p", 1.0) > 0, "a number in (0, 1]"),
@@ -233,21 +243,37 @@ def _request(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: 
     if not ok:
       raise ApiError(400, f"{field} must be {expected}, got {body.get(field)!r}", field)
   events: asyncio.Queue = asyncio.Queue()
-  request = engine_lib.Request(
-    prompt_ids=list(prompt_ids),
-    max_tokens=max_tokens,
-    emit=lambda delta, finish: loop.call_soon_threadsafe(
-      events.put_nowait, (delta, finish, len(request.token_logprobs))
-    ),
-    temperature=float(given.get("temperature", 1.0)),
-    top_k=given.get("top_k", 0),
-    top_p=float(given.get("top_p", 1.0)),
-    seed=given.get("seed", uuid.uuid4().int % 2**31),
-    stop=tuple(stop),
-    ignore_eos=given.get("ignore_eos", False),
-    logprobs=top,
-  )
-  return request, events
+  requests = []
+  for index, seed in enumerate(_choice_seeds(given.get("seed"), given.get("n", 1))):
+    emit = lambda delta, finish, i=index: loop.call_soon_threadsafe(
+      events.put_nowait, (i, delta, finish, len(requests[i].token_logprobs))
+    )
+    requests.append(
+      engine_lib.Request(
+        prompt_ids=list(prompt_ids),
+        max_tokens=max_tokens,
+        emit=emit,
+        temperature=float(given.get("temperature", 1.0)),
+        top_k=given.get("top_k", 0),
+        top_p=float(given.get("top_p", 1.0)),
+        seed=seed,
+        stop=tuple(stop),
+        ignore_eos=given.get("ignore_eos", False),
+        logprobs=top,
+      )
+    )
+  return requests, events
+
+
+def _choice_seeds(seed: int | None, n: int) -> list:
+  """The seeds of n choices: `seed` itself for the first, then seeds numpy's SeedSequence derives from
+  (seed mod 2^32, choice index), independent of one another; without a seed, fresh random ones."""
+  if seed is None:
+    return [uuid.uuid4().int % 2**31 for _ in range(n)]
+  derived = [
+    int(np.random.SeedSequence(seed % 2**32, spawn_key=(i,)).generate_state(1)[0]) for i in range(1, n)
+  ]
+  return [seed, *derived]
 
 
 def _by_text(text, top: list) -> dict:
@@ -268,23 +294,28 @@ def _sse(payload: dict) -> str:
 
 
 class _Reply:
-  """OpenAI's response objects for one request: the whole response, or stream chunks."""
+  """OpenAI's response objects for one API request's choices (engine Requests): the whole response, or
+  stream chunks."""
 
-  def __init__(self, chat: bool, model_name: str, request: engine_lib.Request, tokenizer):
-    self.chat, self.model, self.request, self.tokenizer = chat, model_name, request, tokenizer
+  def __init__(self, chat: bool, model_name: str, requests: list, tokenizer):
+    self.chat, self.model, self.requests, self.tokenizer = chat, model_name, requests, tokenizer
     self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     self.created = int(time.time())
-    self._given, self._offset = 0, 0  # logprobs entries given so far, and the characters they complete
-    self._characters = codecs.getincrementaldecoder("utf-8")("replace")  # holds a character's first bytes
+    # Each choice's logprobs entries given so far, the characters they complete, and its decoder of
+    # them, which holds a character's first bytes.
+    self._given, self._offset = [0] * len(requests), [0] * len(requests)
+    self._characters = [codecs.getincrementaldecoder("utf-8")("replace") for _ in requests]
+    self._token_bytes = functools.lru_cache(None)(tokenizer.token_bytes)
 
-  def logprobs(self, upto: int) -> dict | None:
-    """OpenAI's logprobs object for the tokens after those given so far, up to `upto` (None when the
-    request did not ask for logprobs)."""
-    if self.request.logprobs is None:
+  def logprobs(self, index: int, upto: int) -> dict | None:
+    """OpenAI's logprobs object for choice `index`'s tokens after those given so far, up to `upto` (None
+    when the request did not ask for logprobs)."""
+    request = self.requests[index]
+    if request.logprobs is None:
       return None
-    start, self._given = self._given, max(self._given, upto)
-    entries = list(zip(self.request.output_ids[start:upto], self.request.token_logprobs[start:upto]))
-    token_bytes = functools.lru_cache(None)(self.tokenizer.token_bytes)
+    start, self._given[index] = self._given[index], max(self._given[index], upto)
+    entries = list(zip(request.output_ids[start:upto], request.token_logprobs[start:upto]))
+    token_bytes = self._token_bytes
     text = lambda token: token_bytes(token).decode("utf-8", "backslashreplace")  # a part: "\\xe4\\xbd"
     if self.chat:
       item = lambda t, logprob: {"token": text(t), "logprob": logprob, "bytes": list(token_bytes(t))}
@@ -292,8 +323,8 @@ class _Reply:
       return {"content": content, "refusal": None}
     offsets = []
     for token, _ in entries:  # characters of the completion before each token's first whole one
-      offsets.append(self._offset)
-      self._offset += len(self._characters.decode(token_bytes(token)))
+      offsets.append(self._offset[index])
+      self._offset[index] += len(self._characters[index].decode(token_bytes(token)))
     return {
       "tokens": [text(t) for t, _ in entries],
       "token_logprobs": [lp for _, (lp, _) in entries],
@@ -302,32 +333,36 @@ class _Reply:
     }
 
   def usage(self) -> dict:
-    prompt, completion = len(self.request.prompt_ids), len(self.request.output_ids)
+    """Token counts: the prompt once, the completion tokens of every choice."""
+    prompt = len(self.requests[0].prompt_ids)
+    completion = sum(len(r.output_ids) for r in self.requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+  def cancel_unfinished(self) -> None:
+    """Frees the slots of choices still running (their client left, or another choice failed)."""
+    for request in self.requests:
+      request.cancelled = request.finish_reason is None
 
   def _envelope(self, kind: str, choices: list) -> dict:
     return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-  def whole(self, text: str, finish: str) -> dict:
-    logprobs = self.logprobs(len(self.request.output_ids))
-    if self.chat:
-      choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "finish_reason": finish,
-        "logprobs": logprobs,
-      }
-    else:
-      choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
-    return {
-      **self._envelope("chat.completion" if self.chat else "text_completion", [choice]),
-      "usage": self.usage(),
-    }
+  def whole(self, texts: list, finishes: list) -> dict:
+    """The response: choice i has texts[i] and finishes[i]."""
+    choices = []
+    for index, (text, finish) in enumerate(zip(texts, finishes)):
+      logprobs = self.logprobs(index, len(self.requests[index].output_ids))
+      if self.chat:
+        message = {"role": "assistant", "content": text}
+        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
+      else:
+        choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
+    kind = "chat.completion" if self.chat else "text_completion"
+    return {**self._envelope(kind, choices), "usage": self.usage()}
 
-  def chunk(self, delta, finish, logprobs: dict | None = None) -> dict:
+  def chunk(self, index: int, delta, finish, logprobs: dict | None = None) -> dict:
+    """A streamed chunk of choice `index`."""
     if self.chat:
-      choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
+      choice = {"index": index, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
       return self._envelope("chat.completion.chunk", [choice])
-    return self._envelope(
-      "text_completion", [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}]
-    )
+    choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
+    return self._envelope("text_completion", [choice])
