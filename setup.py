@@ -41,7 +41,9 @@ setup(
     "tqdm",  # preparation progress
     "tiktoken",  # byte-level BPE encoding (data.tokenizer='bytelevel'); custom ranks, no download
     "optuna>=4.0",  # lmjax-sweep --search=optuna (TPE, a journal file per study)
-    "lm-eval>=0.4.9",  # EleutherAI's evaluation harness: lmjax is a backend of it (tasks/harness.py)
+    # EleutherAI's evaluation harness: lmjax is a backend of it (tasks/harness.py); [api]: its
+    # local-completions model scores through lmjax-serve
+    "lm-eval[api]>=0.4.9",
     "fastapi",  # lmjax-serve: the OpenAI-compatible HTTP API
     "uvicorn",  # lmjax-serve's ASGI server
   ],

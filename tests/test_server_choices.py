@@ -10,7 +10,7 @@ import pytest
 from test_gguf_export import byte_level_bpe, tiny_llama
 from test_server import Served, chat_ids, post, reference
 
-from lmjax.inference import engine as engine_lib
+from lmjax.inference import engine as engine_lib, engine_steps
 
 openai = pytest.importorskip("openai")
 
@@ -34,8 +34,24 @@ def test_greedy_choices_each_equal_generate_and_usage_counts_the_prompt_once(ser
   assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(ids), 3 * count)
 
 
+def test_choices_of_one_prompt_share_its_prefill(served, monkeypatch):
+  packs = []
+  prefill_packed = engine_steps.prefill_packed
+
+  def spy(cfg, params, tokens, positions, segments, *rest):
+    packs.append(np.asarray(segments[0]))
+    return prefill_packed(cfg, params, tokens, positions, segments, *rest)
+
+  monkeypatch.setattr(engine_steps, "prefill_packed", spy)
+  prompt = "the quick brown fox"
+  _seeded(served, 5, 3, prompt=prompt)
+  (segments,) = packs  # one forward: the prompt's tokens once, one segment
+  assert (segments == 1).sum() == len(served.lm.tokenizer.encode(prompt)) and segments.max() == 1
+
+
 def _seeded(served, seed, n, **extra):
-  ask = dict(model="tiny", prompt="quick brown", max_tokens=12, temperature=1.0, seed=seed, n=n, **extra)
+  ask = dict(model="tiny", prompt="quick brown", max_tokens=12, temperature=1.0, seed=seed, n=n)
+  ask.update(extra)
   return served.client().completions.create(**ask)
 
 
@@ -74,7 +90,7 @@ def test_streamed_choices_concatenate_per_index_to_the_whole_response(served):
     (129, "n must be an integer in [1, 128]"),
     ("2", "n must be an integer in [1, 128]"),
     (True, "n must be an integer in [1, 128]"),
-    (5, "n must be at most 4 on this server"),  # the fixture's queue holds 4
+    (5, "1 prompt(s) x n=5 choices exceed this server's queue of 4"),  # the fixture's queue
   ],
 )
 def test_bad_n_gets_a_400_naming_it(served, n, message):

@@ -217,3 +217,79 @@ def test_prompts_admitted_together_are_prefilled_packed_each_as_alone(served):
     want = expected(served.lm, request.prompt_ids, request.output_ids, 2)
     for (logprob, top), (want_logprob, want_top) in zip(request.token_logprobs, want):
       assert abs(logprob - want_logprob) < 1e-4 and [i for i, _ in top] == [i for i, _ in want_top]
+
+
+def test_echo_gives_the_prompt_and_its_tokens_logprobs_against_the_reference(served):
+  """A prompt sent as token ids (as lm-eval's local-completions sends it), echoed with logprobs: the
+  text and entries begin with the prompt's, the first without a log p, the others the reference's."""
+  tokenizer, client = served.lm.tokenizer, served.client()
+  ids = tokenizer.encode("the lazy dog barks")
+  ask = dict(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
+  plain = client.completions.create(**ask).choices[0]
+  echoed = client.completions.create(**ask, echo=True).choices[0]
+  prompt_text = tokenizer.decode(ids)
+  assert echoed.text == prompt_text + plain.text
+  got, L = echoed.logprobs, len(ids)
+  assert got.tokens[L:] == plain.logprobs.tokens and got.token_logprobs[L:] == plain.logprobs.token_logprobs
+  assert got.tokens[:L] == [tokenizer.token_bytes(i).decode() for i in ids]
+  assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+  logp = reference_logprobs(served.lm, ids)
+  assert np.allclose(got.token_logprobs[1:L], [logp[t, ids[t + 1]] for t in range(L - 1)], atol=1e-4)
+  for t in range(L - 1):
+    shown = lambda i: tokenizer.token_bytes(int(i)).decode("utf-8", "backslashreplace")  # as the API's
+    likeliest = {shown(i): logp[t, i] for i in np.argsort(-logp[t])[:2]}
+    assert set(likeliest) <= set(got.top_logprobs[t + 1])
+    assert np.allclose([got.top_logprobs[t + 1][k] for k in likeliest], list(likeliest.values()), atol=1e-4)
+  assert got.text_offset[L] == len(prompt_text) and got.text_offset[:L] == sorted(got.text_offset[:L])
+  streamed = list(client.completions.create(**ask, echo=True, stream=True))
+  assert streamed[0].choices[0].text == prompt_text
+  assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.text
+
+
+def test_several_prompts_each_get_their_choices_in_order(served):
+  client = served.client()
+  prompts = ["the lazy dog", served.lm.tokenizer.encode("quick brown")]
+  out = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, n=2)
+  assert [c.index for c in out.choices] == [0, 1, 2, 3]
+  for prompt, choices in zip(prompts, (out.choices[:2], out.choices[2:])):
+    one = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+    assert [c.text for c in choices] == [one.choices[0].text] * 2
+  prompt_tokens = len(served.lm.tokenizer.encode("the lazy dog")) + len(prompts[1])
+  assert out.usage.prompt_tokens == prompt_tokens
+
+
+@pytest.mark.parametrize(
+  "prompt,message",
+  [
+    ([], "prompt must be a string, a list of token ids"),
+    ([1, "a"], "prompt must be a string, a list of token ids"),
+    ([10**6], "token id 1000000 is outside the vocabulary"),
+  ],
+)
+def test_bad_prompts_get_a_400_naming_the_prompt(served, prompt, message):
+  response = post(served, "/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2})
+  assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_echo_on_chat_is_refused_by_name(served):
+  messages = [{"role": "user", "content": "hi"}]
+  response = post(served, "/chat/completions", {"model": "tiny", "messages": messages, "echo": True})
+  assert response.status_code == 400 and response.json()["error"]["param"] == "echo"
+
+
+def test_lm_eval_local_completions_scores_through_the_server_as_the_reference(served):
+  """lm-eval's `local-completions` model, with no tokenizer of its own (it finds the server's /tokenize),
+  scores (context, continuation) pairs through echo and logprobs: sums and greedy flags as the model's."""
+  from lm_eval.api.instance import Instance
+  from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+  api = LocalCompletionsAPI(base_url=served.url + "/completions", model="tiny", max_length=96, batch_size=2)
+  assert api.tokenizer_backend == "remote"
+  pairs = [("the lazy dog", " barks"), ("quick brown", " fox jumps over"), ("a", " b")]
+  results = api.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+  tokenizer = served.lm.tokenizer
+  for (context, continuation), (loglikelihood, greedy) in zip(pairs, results):
+    whole, start = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
+    logp = reference_logprobs(served.lm, whole)
+    assert abs(loglikelihood - sum(logp[t - 1, whole[t]] for t in range(start, len(whole)))) < 1e-3
+    assert greedy == all(logp[t - 1].argmax() == whole[t] for t in range(start, len(whole)))

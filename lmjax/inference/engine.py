@@ -225,9 +225,11 @@ class Engine:
     pieces of prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which
     would compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger
     prompts that fit in what is left run whole, packed together into one forward (at most
-    min(prefill_chunk, max_context) tokens), so at most one prompt is part-way. A prompt whose last
-    piece ran joins the decode batch with its first token; a cancelled one frees its slot."""
-    budget, packed = self.prefill_chunk, []
+    min(prefill_chunk, max_context) tokens), so at most one prompt is part-way. Prompts equal to one
+    already in the pack (an API request's `n` choices) share its tokens there at no cost to the budget.
+    A prompt whose last piece ran joins the decode batch with its first token; a cancelled one frees
+    its slot."""
+    budget, packed, room, in_pack = self.prefill_chunk, [], self._pack_room, set()
     for row in list(self._prefilling):
       request = self._slots[row]
       if request.cancelled:
@@ -237,13 +239,16 @@ class Engine:
       row_cache, done = self._prefilling[row]
       length = min(len(request.prompt_ids) - done, self.prefill_chunk)
       whole = length == len(request.prompt_ids)
-      if length > budget or (
-        whole and sum(len(self._slots[r].prompt_ids) for r in packed) + length > self._pack_room
-      ):
+      if whole and tuple(request.prompt_ids) in in_pack:
+        packed.append(row)
+        continue
+      if length > budget or (whole and length > room):
         continue
       budget -= length
       if whole:
         packed.append(row)
+        room -= length
+        in_pack.add(tuple(request.prompt_ids))
         continue
       piece = request.prompt_ids[done : done + length]
       row_cache, token_1, logprobs = self._prefill_piece(
@@ -273,35 +278,32 @@ class Engine:
 
   def _pack(self, requests: list) -> tuple:
     """engine_steps.prefill_packed of the requests' whole prompts, one after another in a row padded to
-    its bucket. Returns (the packed cache, first tokens [max_batch] as numpy, token_logprobs, each
-    prompt's offset in the row)."""
-    lengths = [len(r.prompt_ids) for r in requests]
-    offsets = np.cumsum([0] + lengths[:-1])
-    P = engine_steps.bucket(sum(lengths), self._pack_room)
-    tokens, positions, segments = (
-      np.zeros((1, P), np.int32),
-      np.full((1, P), -1, np.int32),
-      np.zeros((1, P), np.int32),
-    )
+    its bucket (equal prompts once, each request sampling its first token there with its own settings).
+    Returns (the packed cache, first tokens [max_batch] as numpy, token_logprobs, each request's prompt
+    offset in the row)."""
+    starts = {}  # prompt -> its offset in the row
+    for r in requests:
+      starts.setdefault(tuple(r.prompt_ids), sum(map(len, starts)))
+    P = engine_steps.bucket(sum(map(len, starts)), self._pack_room)
+    (tokens, segments), positions = np.zeros((2, 1, P), np.int32), np.full((1, P), -1, np.int32)
     last, settings = np.zeros(self.max_batch, np.int32), np.zeros((4, self.max_batch), np.float64)
     settings[3] = 1.0  # rows of seed, temperature, top_k, top_p; unused columns greedy
-    for i, (r, offset, n) in enumerate(zip(requests, offsets, lengths)):
-      tokens[0, offset : offset + n] = r.prompt_ids
-      positions[0, offset : offset + n], segments[0, offset : offset + n] = np.arange(n), i + 1
-      last[i] = offset + n - 1
+    for segment, (prompt, offset) in enumerate(starts.items(), 1):
+      window = slice(offset, offset + len(prompt))
+      tokens[0, window], positions[0, window], segments[0, window] = prompt, np.arange(len(prompt)), segment
+    offsets = [starts[tuple(r.prompt_ids)] for r in requests]
+    for i, (r, offset) in enumerate(zip(requests, offsets)):
+      last[i] = offset + len(r.prompt_ids) - 1
       settings[:, i] = (r.seed % 2**32, r.temperature, min(r.top_k, self.cfg.vocab_size), r.top_p)
     wanted = any(r.logprobs is not None for r in requests)
     cache, tokens_R, logprobs = engine_steps.prefill_packed(
       self.cfg,
       self.params,
       *map(jnp.asarray, (tokens, positions, segments, last)),
-      jnp.asarray(settings[0], jnp.uint32),
-      jnp.asarray(settings[1], jnp.float32),
-      jnp.asarray(settings[2], jnp.int32),
-      jnp.asarray(settings[3], jnp.float32),
+      *map(jnp.asarray, settings, (jnp.uint32, jnp.float32, jnp.int32, jnp.float32)),
       jnp.asarray(wanted),
     )
-    return cache, np.asarray(tokens_R), jax.device_get(logprobs) if wanted else None, offsets.tolist()
+    return cache, np.asarray(tokens_R), jax.device_get(logprobs) if wanted else None, offsets
 
   def _prefill_piece(self, row_cache, piece: list, bucket: int, request: Request) -> tuple:
     """_prefill of the prompt ids `piece` padded to `bucket` into `row_cache` (None: a fresh one)."""

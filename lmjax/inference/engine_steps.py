@@ -63,6 +63,21 @@ def prefill_packed(
   return cache, tokens_R, token_logprobs(logits_1RV[0], tokens_R, wanted)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prompt_logprobs(cfg, params, tokens_1P) -> tuple:
+  """token_logprobs of a prompt's own tokens (the API's `echo` with logprobs): row t holds log p(token
+  t + 1 | tokens up to t) and the likeliest tokens at t, for t below the prompt's length - 1 (tokens_1P
+  right-padded to P; later rows are padding's). One forward over a fresh cache of P columns, as
+  prefill_packed's (the cache is dropped); compiled per bucket P on first use, not by `warmup`."""
+  P = tokens_1P.shape[1]
+  cache = {**model.init_cache(cfg, 1, P), "end": jnp.zeros((1,), jnp.int32)}
+  every_1P = jnp.arange(P)[None]
+  logits_1PV, _ = model.Transformer(cfg).apply(
+    {"params": params}, tokens_1P, positions_BT=every_1P, cache=cache, logits_at_BN=every_1P
+  )
+  return token_logprobs(logits_1PV[0], jnp.roll(tokens_1P[0], -1), jnp.asarray(True))
+
+
 @functools.partial(jax.jit, static_argnames=("columns",))
 def unpacked_row(packed, offset, length, columns: int) -> dict:
   """The one-row cache of `columns` columns holding the prompt at [offset, offset + length) of a

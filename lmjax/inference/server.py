@@ -2,20 +2,28 @@
 under uvicorn).
 
   GET  /v1/models            the one model served
-  POST /v1/completions       {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                              "seed", "stream", "logprobs" (0-5 alternatives)}
+  POST /v1/completions       {"model", "prompt" (a string, token ids, or a list of either), "max_tokens",
+                              "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "echo",
+                              "logprobs" (0-5 alternatives)}
   POST /v1/chat/completions  {"model", "messages", ... as above (max_completion_tokens too; "logprobs"
-                              true and "top_logprobs" 0-20)}; the model's chat template renders the
-                              messages
+                              true and "top_logprobs" 0-20; no echo)}; the model's chat template renders
+                              the messages
+  GET  /tokenizer_info, POST /tokenize, POST /detokenize   vLLM's tokenizer endpoints
 
 Responses, streamed chunks (server-sent events ending with `data: [DONE]`) and errors follow OpenAI's
-shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1). Errors: 400
-(malformed JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown
-model), 429 (the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos`
-are extensions (as vLLM's); `best_of`, `echo` and tools are not served and are refused by name. `n`
-choices (up to 128, as OpenAI's) are n requests in the engine's batch, all queued or none (429); with a
-`seed`, choice 0 draws as a request with that seed alone would and choice i > 0 with a seed derived
-from (seed, i) (numpy's SeedSequence), so a seeded request repeats; usage counts the prompt once.
+shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1), and so does
+lm-eval's `local-completions` model (base_url=.../v1/completions), which scores a (context,
+continuation) pair by `echo` with logprobs and tokenizes through /tokenize. Errors: 400 (malformed
+JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown model), 429
+(the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos` are
+extensions (as vLLM's); `best_of`, `suffix` and tools are not served and are refused by name.
+`n` choices (up to 128, as OpenAI's) of each prompt are n requests in the engine's batch, all queued or
+none (429), prompt i's choice j at index i * n + j; equal prompts are prefilled once. With a `seed`,
+choice 0 draws as a request with that seed alone would and choice j > 0 with a seed derived from
+(seed, j) (numpy's SeedSequence), so a seeded request repeats; usage counts each prompt once. `echo`
+puts the prompt before each choice's text and, with logprobs, its tokens' entries before the
+completion's (the first token's log p null, as OpenAI's), from one more forward over the prompt,
+computed beside the engine (compiled per prompt bucket on first use).
 Log-probabilities are the model's (before temperature, top-k and top-p, as vLLM's), one entry per
 completion token (an EOS that ended the reply included, and, as vLLM's, the tokens of text cut at a
 stop string), in OpenAI's shapes for each endpoint; a streamed chunk carries the entries of every
@@ -36,23 +44,17 @@ import json
 import time
 import uuid
 
+import jax
 import numpy as np
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmjax.inference import engine as engine_lib
+from lmjax.inference import engine as engine_lib, engine_steps
+from lmjax.inference.api_requests import ApiError, engine_requests, prompt_ids
 
 # Fields this server does not implement, with the one value it accepts (their default).
-_UNSUPPORTED = {"best_of": 1, "echo": False, "suffix": None}
+_UNSUPPORTED = {"best_of": 1, "suffix": None}
 _UNSUPPORTED.update({"tools": None, "functions": None, "response_format": None})
-
-
-class ApiError(Exception):
-  def __init__(
-    self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
-  ):
-    super().__init__(message)
-    self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
 def _error(err: ApiError) -> JSONResponse:
@@ -87,12 +89,7 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   async def completions(http: HttpRequest):
     try:
       body = await _body(http)
-      prompt = body.get("prompt")
-      if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-      if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt")
-      return await _generate(http, body, lm.tokenizer.encode(prompt), chat=False)
+      return await _generate(http, body, prompt_ids(body.get("prompt"), lm.tokenizer), chat=False)
     except ApiError as err:
       return _error(err)
 
@@ -109,17 +106,55 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
         ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
       except ValueError as err:  # e.g. a model without a chat template
         raise ApiError(400, f"cannot render the chat: {err}", "messages") from None
-      return await _generate(http, body, ids, chat=True)
+      return await _generate(http, body, [ids], chat=True)
     except ApiError as err:
       return _error(err)
 
-  async def _body(http: HttpRequest) -> dict:
+  # vLLM's tokenizer endpoints, outside /v1: lm-eval's local-completions model finds them and then needs
+  # no tokenizer of its own (lm_eval.utils.RemoteTokenizer).
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    tok = lm.tokenizer
+    special = lambda i: None if i is None else tok.decode([i], skip_special_tokens=False)
+    template = getattr(tok, "chat_template", None)
+    return {
+      "eos_token": special(tok.eos_id),
+      "bos_token": special(tok.bos_id),
+      "pad_token": special(getattr(tok, "pad_id", None)),
+      "chat_template": template if isinstance(template, str) and template else None,
+      "model_max_length": engine.max_context,
+    }
+
+  @app.post("/tokenize")
+  async def tokenize(http: HttpRequest):
+    try:
+      body = await _json(http)
+      if not isinstance(body.get("prompt"), str):
+        raise ApiError(400, "prompt must be a string", "prompt")
+      ids = lm.tokenizer.encode(body["prompt"])
+      return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context}
+    except ApiError as err:
+      return _error(err)
+
+  @app.post("/detokenize")
+  async def detokenize(http: HttpRequest):
+    try:
+      (ids,) = prompt_ids((await _json(http)).get("tokens"), lm.tokenizer, field="tokens", several=False)
+      return {"prompt": lm.tokenizer.decode(ids, skip_special_tokens=False)}
+    except ApiError as err:
+      return _error(err)
+
+  async def _json(http: HttpRequest) -> dict:
     try:
       body = json.loads(await http.body())
     except ValueError as err:
       raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
       raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+  async def _body(http: HttpRequest) -> dict:
+    body = await _json(http)
     if body.get("model") != model_name:
       raise ApiError(
         404,
@@ -133,12 +168,18 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
         raise ApiError(400, f"{field}={value!r} is not supported by this server", field)
     return body
 
-  async def _generate(http: HttpRequest, body: dict, prompt_ids: list, chat: bool):
+  async def _generate(http: HttpRequest, body: dict, prompts: list, chat: bool):
     # max_tokens' default: OpenAI's 16 for completions; for chat, the rest of the context.
-    default_max_tokens = max(1, engine.max_context - len(prompt_ids)) if chat else 16
-    requests, events = _requests(body, prompt_ids, asyncio.get_running_loop(), default_max_tokens, chat)
+    default_max_tokens = max(1, engine.max_context - len(prompts[0])) if chat else 16
+    loop = asyncio.get_running_loop()
+    requests, events = engine_requests(body, prompts, loop, default_max_tokens, chat)
     if len(requests) > max(engine.max_queue, 1):
-      raise ApiError(400, f"n must be at most {max(engine.max_queue, 1)} on this server (its queue)", "n")
+      raise ApiError(
+        400,
+        f"{len(prompts)} prompt(s) x n={len(requests) // len(prompts)} choices exceed this server's queue "
+        f"of {max(engine.max_queue, 1)} requests",
+        "n",
+      )
     try:
       engine.submit(*requests)
     except engine_lib.QueueFull as err:
@@ -147,7 +188,10 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       raise ApiError(400, str(err), "max_tokens" if "max_tokens" in str(err) else "prompt") from None
     except RuntimeError as err:
       raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
-    reply = _Reply(chat, model_name, requests, lm.tokenizer)
+    echo = body.get("echo") is True
+    reply = _Reply(chat, model_name, requests, lm.tokenizer, len(requests) // len(prompts), echo)
+    if echo and requests[0].logprobs is not None:  # the prompts' own tokens, beside the engine's work
+      reply.prompt_logprobs = await asyncio.to_thread(_prompt_logprobs, engine, prompts)
     if body.get("stream"):
       usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked a dict in _requests
       return StreamingResponse(_stream(events, reply, usage), media_type="text/event-stream")
@@ -166,15 +210,17 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
             ApiError(500, "generation failed on the server (its log has the cause)", kind="server_error")
           )
         finishes[index] = finish
-      return reply.whole(["".join(text) for text in texts], finishes)
+      return reply.whole([reply.echoed(i) + "".join(text) for i, text in enumerate(texts)], finishes)
     finally:  # a client gone or a choice failed: the other choices free their slots
       reply.cancel_unfinished()
 
   async def _stream(events, reply, usage: bool):
     try:
-      if reply.chat:
-        for index in range(len(reply.requests)):
+      for index in range(len(reply.requests)):
+        if reply.chat:
           yield _sse(reply.chunk(index, {"role": "assistant", "content": ""}, None))
+        elif reply.echo:
+          yield _sse(reply.chunk(index, reply.echoed(index), None, reply.logprobs(index, 0)))
       running = len(reply.requests)
       while running:
         index, delta, finish, tokens = await events.get()
@@ -191,89 +237,19 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   return app
 
 
+def _prompt_logprobs(engine: engine_lib.Engine, prompts: list) -> dict:
+  """{prompt: engine_steps.prompt_logprobs of its tokens, as numpy} for each distinct prompt (tuple)."""
+  found = {}
+  for ids in map(tuple, prompts):
+    if ids not in found:
+      tokens = np.zeros((1, engine_steps.bucket(len(ids), engine.max_context)), np.int32)
+      tokens[0, : len(ids)] = ids
+      found[ids] = jax.device_get(engine_steps.prompt_logprobs(engine.cfg, engine.params, tokens))
+  return found
+
+
 def _is_message(m) -> bool:
   return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-
-
-def _requests(body: dict, prompt_ids: list, loop, default_max_tokens: int, chat: bool) -> tuple:
-  """(engine Requests from the body's sampling fields, one a choice (`n`), the asyncio queue their events
-  arrive on: each (choice index, text delta, finish reason, tokens that have a logprobs entry by then)).
-  A field given as null takes its default, as OpenAI's API does."""
-  given = {k: v for k, v in body.items() if v is not None}
-  max_tokens = given.get("max_completion_tokens", given.get("max_tokens", default_max_tokens))
-  stop = given.get("stop", ())
-  stop = (stop,) if isinstance(stop, str) else stop
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-  if chat:  # logprobs: true, then top_logprobs alternatives (OpenAI: 0-20)
-    logprobs, top = given.get("logprobs", False), given.get("top_logprobs", 0)
-    if "top_logprobs" in given and logprobs is not True:
-      raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    logprobs_checks = [
-      ("logprobs", isinstance(logprobs, bool), "true or false"),
-      ("top_logprobs", is_int(top) and 0 <= top <= 20, "an integer in [0, 20]"),
-    ]
-    top = top if logprobs is True else None
-  else:  # logprobs: the alternatives to list (OpenAI: 0-5); false reads as null
-    if "top_logprobs" in given:
-      raise ApiError(
-        400,
-        "top_logprobs is a chat field; on /v1/completions logprobs (0-5) gives the alternatives",
-        "top_logprobs",
-      )
-    top = None if given.get("logprobs") is False else given.get("logprobs")
-    ok = top is None or (is_int(top) and 0 <= top <= 5)
-    logprobs_checks = [("logprobs", ok, "an integer in [0, 5] (the alternatives to list) or null")]
-  checks = [
-    *logprobs_checks,
-    ("n", is_int(given.get("n", 1)) and 1 <= given.get("n", 1) <= 128, "an integer in [1, 128]"),
-    ("max_tokens", is_int(max_tokens) and max_tokens > 0, "a positive integer"),
-    ("temperature", _number(given.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
-    ("top_p", _number(given.get("top_p", 1.0), 0, 1) and given.get("top_p", 1.0) > 0, "a number in (0, 1]"),
-    ("top_k", is_int(given.get("top_k", 0)) and given.get("top_k", 0) >= 0, "an integer >= 0"),
-    ("seed", is_int(given.get("seed", 0)), "an integer"),
-    ("ignore_eos", isinstance(given.get("ignore_eos", False), bool), "true or false"),
-    ("stream_options", isinstance(given.get("stream_options", {}), dict), "an object"),
-    (
-      "stop",
-      isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop),
-      "a string or up to 4 non-empty strings",
-    ),
-  ]
-  for field, ok, expected in checks:
-    if not ok:
-      raise ApiError(400, f"{field} must be {expected}, got {body.get(field)!r}", field)
-  events: asyncio.Queue = asyncio.Queue()
-  requests = []
-  for index, seed in enumerate(_choice_seeds(given.get("seed"), given.get("n", 1))):
-    emit = lambda delta, finish, i=index: loop.call_soon_threadsafe(
-      events.put_nowait, (i, delta, finish, len(requests[i].token_logprobs))
-    )
-    requests.append(
-      engine_lib.Request(
-        prompt_ids=list(prompt_ids),
-        max_tokens=max_tokens,
-        emit=emit,
-        temperature=float(given.get("temperature", 1.0)),
-        top_k=given.get("top_k", 0),
-        top_p=float(given.get("top_p", 1.0)),
-        seed=seed,
-        stop=tuple(stop),
-        ignore_eos=given.get("ignore_eos", False),
-        logprobs=top,
-      )
-    )
-  return requests, events
-
-
-def _choice_seeds(seed: int | None, n: int) -> list:
-  """The seeds of n choices: `seed` itself for the first, then seeds numpy's SeedSequence derives from
-  (seed mod 2^32, choice index), independent of one another; without a seed, fresh random ones."""
-  if seed is None:
-    return [uuid.uuid4().int % 2**31 for _ in range(n)]
-  derived = [
-    int(np.random.SeedSequence(seed % 2**32, spawn_key=(i,)).generate_state(1)[0]) for i in range(1, n)
-  ]
-  return [seed, *derived]
 
 
 def _by_text(text, top: list) -> dict:
@@ -285,20 +261,19 @@ def _by_text(text, top: list) -> dict:
   return alternatives
 
 
-def _number(value, low: float, high: float) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-
-
 def _sse(payload: dict) -> str:
   return f"data: {json.dumps(payload)}\n\n"
 
 
 class _Reply:
-  """OpenAI's response objects for one API request's choices (engine Requests): the whole response, or
-  stream chunks."""
+  """OpenAI's response objects for one API request's choices (engine Requests, `n` a prompt): the whole
+  response, or stream chunks. With `echo` each completion choice begins with its prompt, whose tokens'
+  logprobs entries (the first None, as OpenAI's) come from `prompt_logprobs` when asked for."""
 
-  def __init__(self, chat: bool, model_name: str, requests: list, tokenizer):
+  def __init__(self, chat: bool, model_name: str, requests: list, tokenizer, n: int = 1, echo: bool = False):
     self.chat, self.model, self.requests, self.tokenizer = chat, model_name, requests, tokenizer
+    self.n, self.echo, self._echoed = n, echo, [False] * len(requests)
+    self.prompt_logprobs: dict = {}  # prompt (tuple) -> engine_steps.prompt_logprobs, for echo
     self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     self.created = int(time.time())
     # Each choice's logprobs entries given so far, the characters they complete, and its decoder of
@@ -315,6 +290,9 @@ class _Reply:
       return None
     start, self._given[index] = self._given[index], max(self._given[index], upto)
     entries = list(zip(request.output_ids[start:upto], request.token_logprobs[start:upto]))
+    if self.echo and not self._echoed[index]:
+      self._echoed[index] = True
+      entries = self._prompt_entries(request) + entries
     token_bytes = self._token_bytes
     text = lambda token: token_bytes(token).decode("utf-8", "backslashreplace")  # a part: "\\xe4\\xbd"
     if self.chat:
@@ -328,13 +306,30 @@ class _Reply:
     return {
       "tokens": [text(t) for t, _ in entries],
       "token_logprobs": [lp for _, (lp, _) in entries],
-      "top_logprobs": [{**_by_text(text, top), text(t): lp} for t, (lp, top) in entries],
+      "top_logprobs": [
+        None if lp is None else {**_by_text(text, top), text(t): lp} for t, (lp, top) in entries
+      ],
       "text_offset": offsets,
     }
 
+  def _prompt_entries(self, request) -> list:
+    """(token, (log p or None, [(id, log p)] alternatives)) of each prompt token, as token_logprobs has
+    them for the completion's tokens; the first token has no log p (nothing comes before it)."""
+    chosen, top, top_ids = self.prompt_logprobs[tuple(request.prompt_ids)]
+    k = request.logprobs
+    later = [
+      (token, (float(chosen[i]), list(zip(top_ids[i, :k].tolist(), top[i, :k].tolist()))))
+      for i, token in enumerate(request.prompt_ids[1:])
+    ]
+    return [(request.prompt_ids[0], (None, []))] + later
+
+  def echoed(self, index: int) -> str:
+    """The text choice `index` begins with: its prompt with `echo`, else nothing."""
+    return self.tokenizer.decode(self.requests[index].prompt_ids) if self.echo else ""
+
   def usage(self) -> dict:
-    """Token counts: the prompt once, the completion tokens of every choice."""
-    prompt = len(self.requests[0].prompt_ids)
+    """Token counts: each prompt once (not once a choice), the completion tokens of every choice."""
+    prompt = sum(len(r.prompt_ids) for r in self.requests[:: self.n])
     completion = sum(len(r.output_ids) for r in self.requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
