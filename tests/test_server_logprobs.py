@@ -6,13 +6,15 @@ import codecs
 import json
 import threading
 
+import httpx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_server import Served, chat_ids, post
 
 from lmjax import model
-from lmjax.inference import engine as engine_lib, server
+from lmjax.data import tokenizers
+from lmjax.inference import api_requests, engine as engine_lib, server
 
 from conftest import is_utf8
 
@@ -285,6 +287,10 @@ def test_lm_eval_local_completions_scores_through_the_server_as_the_reference(se
 
   api = LocalCompletionsAPI(base_url=served.url + "/completions", model="tiny", max_length=96, batch_size=2)
   assert api.tokenizer_backend == "remote"
+  ours = served.lm.tokenizer
+  assert (
+    (api.tokenizer.eos_token_id, api.tokenizer.bos_token_id) == (ours.eos_id, ours.bos_id) != (None, None)
+  )
   pairs = [("the lazy dog", " barks"), ("quick brown", " fox jumps over"), ("a", " b")]
   results = api.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
   tokenizer = served.lm.tokenizer
@@ -293,3 +299,18 @@ def test_lm_eval_local_completions_scores_through_the_server_as_the_reference(se
     logp = reference_logprobs(served.lm, whole)
     assert abs(loglikelihood - sum(logp[t - 1, whole[t]] for t in range(start, len(whole)))) < 1e-3
     assert greedy == all(logp[t - 1].argmax() == whole[t] for t in range(start, len(whole)))
+
+
+def test_tokenize_turns_control_token_strings_into_their_ids_as_vllm_does(served):
+  """/tokenize parses control-token strings, as vLLM's (HF's tokenizer(text)) does, where lmjax's own
+  encode keeps them text; lmjax's byte-level BPE kind included."""
+  tokenizer = served.lm.tokenizer
+  eos = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False)
+  tokens = httpx.post(served.url.removesuffix("/v1") + "/tokenize", json={"prompt": f"a{eos}b"}).json()[
+    "tokens"
+  ]
+  assert tokens == tokenizer.encode("a") + [tokenizer.eos_id] + tokenizer.encode("b")
+  assert tokenizer.eos_id not in tokenizer.encode(f"a{eos}b")
+  bytelevel = tokenizers.train("bytelevel", "abc abc a " * 50, vocab_size=270)
+  ids = api_requests.tokenize_as_vllm(bytelevel, "ab<|endoftext|>c")
+  assert ids == bytelevel.encode("ab") + [bytelevel.eos_id] + bytelevel.encode("c")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import re
 import uuid
 
 import numpy as np
@@ -42,6 +44,23 @@ def prompt_ids(prompt, tokenizer, field: str = "prompt", several: bool = True) -
       400, f"token id {outside[0]} is outside the vocabulary (0 to {tokenizer.vocab_size - 1})", field
     )
   return ids
+
+
+def tokenize_as_vllm(tokenizer, text: str) -> list:
+  """The ids of `text` as vLLM's /tokenize gives them: the tokenizer's control-token strings in it
+  (`<|im_end|>`) become their ids, as Hugging Face's `tokenizer(text)` makes them, where lmjax's own
+  `encode` reads them as text (so a prompt cannot forge a control token). lm-eval's RemoteTokenizer
+  finds the EOS and BOS ids by tokenizing their strings."""
+  if "special_tokens" in inspect.signature(tokenizer.encode).parameters:  # Hugging Face tokenizers
+    return tokenizer.encode(text, special_tokens=True)
+  ids = {tokenizer.bos_id, tokenizer.eos_id, getattr(tokenizer, "pad_id", None)} - {None}
+  names = {tokenizer.decode([i], skip_special_tokens=False): i for i in ids}
+  if not names:
+    return tokenizer.encode(text)
+  pieces = re.split("(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + ")", text)
+  return [
+    i for piece in pieces if piece for i in ([names[piece]] if piece in names else tokenizer.encode(piece))
+  ]
 
 
 def is_int(value) -> bool:

@@ -50,7 +50,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmjax.inference import engine as engine_lib, engine_steps
-from lmjax.inference.api_requests import ApiError, engine_requests, prompt_ids
+from lmjax.inference.api_requests import ApiError, engine_requests, prompt_ids, tokenize_as_vllm
 
 # Fields this server does not implement, with the one value it accepts (their default).
 _UNSUPPORTED = {"best_of": 1, "suffix": None}
@@ -131,7 +131,7 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       body = await _json(http)
       if not isinstance(body.get("prompt"), str):
         raise ApiError(400, "prompt must be a string", "prompt")
-      ids = lm.tokenizer.encode(body["prompt"])
+      ids = tokenize_as_vllm(lm.tokenizer, body["prompt"])
       return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context}
     except ApiError as err:
       return _error(err)
