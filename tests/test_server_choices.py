@@ -90,7 +90,7 @@ def test_streamed_choices_concatenate_per_index_to_the_whole_response(served):
     (129, "n must be an integer in [1, 128]"),
     ("2", "n must be an integer in [1, 128]"),
     (True, "n must be an integer in [1, 128]"),
-    (5, "1 prompt(s) x n=5 choices exceed this server's queue of 4"),  # the fixture's queue
+    (5, "more than this server queues at once (max_queue=4)"),  # the fixture's queue
   ],
 )
 def test_bad_n_gets_a_400_naming_it(served, n, message):
@@ -121,18 +121,45 @@ def test_choices_are_queued_all_or_none():
     engine.close()
 
 
-def test_a_client_that_disconnects_frees_every_choices_slot():
-  s = Served(max_batch=2, max_context=256, d_model=256, n_layers=4, d_ff=512)  # ~1 ms a token
-  try:
-    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 250, "stream": True, "n": 2}
-    with httpx.Client(timeout=30) as http, http.stream("POST", s.url + "/completions", json=body) as response:
-      next(response.iter_lines())  # a token: both choices were admitted together
-      requests = list(s.engine._slots)
-      assert all(requests)
-    deadline = time.time() + 20
-    while s.engine.active() and time.time() < deadline:
-      time.sleep(0.01)
-    assert s.engine.active() == 0 and all(r.cancelled for r in requests)
-    assert all(len(r.output_ids) < 250 for r in requests)  # stopped when the client left
-  finally:
-    s.close()
+@pytest.fixture(scope="module")
+def slow():
+  s = Served(max_batch=2, max_context=512, d_model=256, n_layers=4, d_ff=512)  # ~1 ms a token
+  yield s
+  s.close()
+
+
+def _all_freed(s, requests, max_tokens):
+  deadline = time.time() + 20
+  while s.engine.active() and time.time() < deadline:
+    time.sleep(0.01)
+  assert s.engine.active() == 0 and all(r.cancelled for r in requests)
+  assert all(len(r.output_ids) < max_tokens for r in requests)  # stopped when the client left
+
+
+def test_a_streaming_client_that_disconnects_frees_every_choices_slot(slow):
+  body = {"model": "tiny", "prompt": "Hello", "max_tokens": 480, "stream": True, "n": 2}
+  with (
+    httpx.Client(timeout=30) as http,
+    http.stream("POST", slow.url + "/completions", json=body) as response,
+  ):
+    next(response.iter_lines())  # a token: both choices were admitted together
+    requests = list(slow.engine._slots)
+    assert all(requests)
+  _all_freed(slow, requests, 480)
+
+
+def test_a_waiting_client_that_disconnects_frees_every_choices_slot(slow):
+  """Without streaming, tokens arrive more often than the server looks for a gone client: it still
+  looks, on the clock."""
+  body = {"model": "tiny", "prompt": "Hello", "max_tokens": 480, "n": 2, "ignore_eos": True}
+  asking = threading.Thread(
+    target=lambda: pytest.raises(
+      httpx.TimeoutException, httpx.post, slow.url + "/completions", json=body, timeout=0.3
+    )
+  )
+  asking.start()
+  while not all(slow.engine._slots):
+    time.sleep(0.001)
+  requests = list(slow.engine._slots)
+  asking.join()
+  _all_freed(slow, requests, 480)

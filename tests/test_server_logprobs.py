@@ -225,11 +225,11 @@ def test_echo_gives_the_prompt_and_its_tokens_logprobs_against_the_reference(ser
   """A prompt sent as token ids (as lm-eval's local-completions sends it), echoed with logprobs: the
   text and entries begin with the prompt's, the first without a log p, the others the reference's."""
   tokenizer, client = served.lm.tokenizer, served.client()
-  ids = tokenizer.encode("the lazy dog barks")
+  ids = [tokenizer.bos_id] + tokenizer.encode("the lazy dog barks")  # a control token shown by name
   ask = dict(model="tiny", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
   plain = client.completions.create(**ask).choices[0]
   echoed = client.completions.create(**ask, echo=True).choices[0]
-  prompt_text = tokenizer.decode(ids)
+  prompt_text = tokenizer.decode(ids, skip_special_tokens=False)
   assert echoed.text == prompt_text + plain.text
   got, L = echoed.logprobs, len(ids)
   assert got.tokens[L:] == plain.logprobs.tokens and got.token_logprobs[L:] == plain.logprobs.token_logprobs
@@ -242,7 +242,9 @@ def test_echo_gives_the_prompt_and_its_tokens_logprobs_against_the_reference(ser
     likeliest = {shown(i): logp[t, i] for i in np.argsort(-logp[t])[:2]}
     assert set(likeliest) <= set(got.top_logprobs[t + 1])
     assert np.allclose([got.top_logprobs[t + 1][k] for k in likeliest], list(likeliest.values()), atol=1e-4)
-  assert got.text_offset[L] == len(prompt_text) and got.text_offset[:L] == sorted(got.text_offset[:L])
+  assert got.text_offset[: L + 1] == [
+    len(tokenizer.decode(ids[:i], skip_special_tokens=False)) for i in range(L + 1)
+  ]
   streamed = list(client.completions.create(**ask, echo=True, stream=True))
   assert streamed[0].choices[0].text == prompt_text
   assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.text
@@ -314,3 +316,15 @@ def test_tokenize_turns_control_token_strings_into_their_ids_as_vllm_does(served
   bytelevel = tokenizers.train("bytelevel", "abc abc a " * 50, vocab_size=270)
   ids = api_requests.tokenize_as_vllm(bytelevel, "ab<|endoftext|>c")
   assert ids == bytelevel.encode("ab") + [bytelevel.eos_id] + bytelevel.encode("c")
+
+
+def test_text_no_tokenizer_encodes_and_empty_token_lists_are_handled(served):
+  base = served.url.removesuffix("/v1")
+  lone = '{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}'  # JSON allows a lone surrogate
+  response = post(served, "/completions", None, raw=lone)
+  assert (
+    response.status_code == 400 and "not text this tokenizer encodes" in response.json()["error"]["message"]
+  )
+  response = httpx.post(base + "/tokenize", content='{"prompt": "a\\ud800b"}')
+  assert response.status_code == 400
+  assert httpx.post(base + "/detokenize", json={"tokens": []}).json() == {"prompt": ""}

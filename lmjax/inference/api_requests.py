@@ -1,5 +1,5 @@
-"""The requests of OpenAI's API as lmjax-serve reads them (inference/server.py): prompts, sampling
-fields and their checks, errors in OpenAI's shape."""
+"""The requests of OpenAI's API as lmjax-serve reads them (inference/server.py): the API key, prompts,
+sampling fields and their checks, errors in OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 import uuid
 
 import numpy as np
+from fastapi.responses import JSONResponse
 
 from lmjax.inference import engine as engine_lib
 
@@ -20,6 +21,28 @@ class ApiError(Exception):
   ):
     super().__init__(message)
     self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_response(err: ApiError) -> JSONResponse:
+  """OpenAI's error object for `err`, with its status."""
+  body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": None}}
+  return JSONResponse(body, status_code=err.status)
+
+
+class RequireKey:
+  """Refuses (401) HTTP requests without `Authorization: Bearer <api_key>`. Plain ASGI, not Starlette's
+  BaseHTTPMiddleware (`@app.middleware`), behind which `request.is_disconnected()` never reports a
+  client gone (starlette discussion #2094; vLLM #10087): the engine would serve it to the end."""
+
+  def __init__(self, app, api_key: str):
+    self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.expected:
+      message = "missing or wrong API key (send Authorization: Bearer <key>)"
+      await error_response(ApiError(401, message, kind="authentication_error"))(scope, receive, send)
+      return
+    await self.app(scope, receive, send)
 
 
 def prompt_ids(prompt, tokenizer, field: str = "prompt", several: bool = True) -> list:
@@ -37,7 +60,10 @@ def prompt_ids(prompt, tokenizer, field: str = "prompt", several: bool = True) -
       "a string, a list of token ids, or a non-empty list of either" if several else "a list of token ids"
     )
     raise ApiError(400, f"{field} must be {kinds}", field)
-  ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+  try:
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+  except (ValueError, TypeError) as err:  # a lone surrogate ("\ud800"), which JSON allows
+    raise ApiError(400, f"{field} is not text this tokenizer encodes: {err}", field) from None
   outside = [t for p in ids for t in p if not 0 <= t < tokenizer.vocab_size]
   if outside:
     raise ApiError(

@@ -18,7 +18,9 @@ JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (
 (the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos` are
 extensions (as vLLM's); `best_of`, `suffix` and tools are not served and are refused by name.
 `n` choices (up to 128, as OpenAI's) of each prompt are n requests in the engine's batch, all queued or
-none (429), prompt i's choice j at index i * n + j; equal prompts are prefilled once. With a `seed`,
+none (429), prompt i's choice j at index i * n + j; equal prompts admitted together and short enough
+to be packed (prefill_chunk) are prefilled once. A request counts all its choices against
+`max_queue`, even those that find a free slot at once. With a `seed`,
 choice 0 draws as a request with that seed alone would and choice j > 0 with a seed derived from
 (seed, j) (numpy's SeedSequence), so a seeded request repeats; usage counts each prompt once. `echo`
 puts the prompt before each choice's text and, with logprobs, its tokens' entries before the
@@ -41,6 +43,7 @@ import asyncio
 import codecs
 import functools
 import json
+import logging
 import time
 import uuid
 
@@ -50,33 +53,29 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmjax.inference import engine as engine_lib, engine_steps
-from lmjax.inference.api_requests import ApiError, engine_requests, prompt_ids, tokenize_as_vllm
+from lmjax.inference.api_requests import (
+  ApiError,
+  RequireKey,
+  engine_requests,
+  error_response,
+  prompt_ids,
+  tokenize_as_vllm,
+)
 
 # Fields this server does not implement, with the one value it accepts (their default).
 _UNSUPPORTED = {"best_of": 1, "suffix": None}
 _UNSUPPORTED.update({"tools": None, "functions": None, "response_format": None})
 
 
-def _error(err: ApiError) -> JSONResponse:
-  body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": None}}
-  return JSONResponse(body, status_code=err.status)
-
-
 def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | None = None) -> FastAPI:
   """The FastAPI app serving `lm` (a LanguageModel: its tokenizer and chat template) as `model_name`
   through `engine`. With `api_key`, every request needs `Authorization: Bearer <api_key>`."""
   app = FastAPI(title="lmjax", docs_url=None, redoc_url=None)
+  one_forward = asyncio.Semaphore(1)  # echo's prompt forwards
   created = int(time.time())
 
-  @app.middleware("http")
-  async def check_key(request: HttpRequest, call_next):
-    if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-      return _error(
-        ApiError(
-          401, "missing or wrong API key (send Authorization: Bearer <key>)", kind="authentication_error"
-        )
-      )
-    return await call_next(request)
+  if api_key:
+    app.add_middleware(RequireKey, api_key=api_key)
 
   @app.get("/v1/models")
   async def models():
@@ -91,7 +90,7 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       body = await _body(http)
       return await _generate(http, body, prompt_ids(body.get("prompt"), lm.tokenizer), chat=False)
     except ApiError as err:
-      return _error(err)
+      return error_response(err)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
@@ -108,7 +107,7 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
         raise ApiError(400, f"cannot render the chat: {err}", "messages") from None
       return await _generate(http, body, [ids], chat=True)
     except ApiError as err:
-      return _error(err)
+      return error_response(err)
 
   # vLLM's tokenizer endpoints, outside /v1: lm-eval's local-completions model finds them and then needs
   # no tokenizer of its own (lm_eval.utils.RemoteTokenizer).
@@ -131,18 +130,22 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       body = await _json(http)
       if not isinstance(body.get("prompt"), str):
         raise ApiError(400, "prompt must be a string", "prompt")
-      ids = tokenize_as_vllm(lm.tokenizer, body["prompt"])
+      try:
+        ids = tokenize_as_vllm(lm.tokenizer, body["prompt"])
+      except (ValueError, TypeError) as err:  # a lone surrogate (Hugging Face tokenizers: TypeError)
+        raise ApiError(400, f"prompt is not text this tokenizer encodes: {err}", "prompt") from None
       return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_context}
     except ApiError as err:
-      return _error(err)
+      return error_response(err)
 
   @app.post("/detokenize")
   async def detokenize(http: HttpRequest):
     try:
-      (ids,) = prompt_ids((await _json(http)).get("tokens"), lm.tokenizer, field="tokens", several=False)
+      tokens = (await _json(http)).get("tokens")
+      (ids,) = [[]] if tokens == [] else prompt_ids(tokens, lm.tokenizer, field="tokens", several=False)
       return {"prompt": lm.tokenizer.decode(ids, skip_special_tokens=False)}
     except ApiError as err:
-      return _error(err)
+      return error_response(err)
 
   async def _json(http: HttpRequest) -> dict:
     try:
@@ -173,12 +176,12 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
     default_max_tokens = max(1, engine.max_context - len(prompts[0])) if chat else 16
     loop = asyncio.get_running_loop()
     requests, events = engine_requests(body, prompts, loop, default_max_tokens, chat)
-    if len(requests) > max(engine.max_queue, 1):
+    if len(requests) > max(engine.max_queue, 1):  # could never be queued (one request meets a 429)
       raise ApiError(
         400,
-        f"{len(prompts)} prompt(s) x n={len(requests) // len(prompts)} choices exceed this server's queue "
-        f"of {max(engine.max_queue, 1)} requests",
-        "n",
+        f"{len(prompts)} prompt(s) x n={len(requests) // len(prompts)} choices are {len(requests)} "
+        f"requests, more than this server queues at once (max_queue={engine.max_queue})",
+        "n" if len(prompts) == 1 else "prompt",
       )
     try:
       engine.submit(*requests)
@@ -191,22 +194,36 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
     echo = body.get("echo") is True
     reply = _Reply(chat, model_name, requests, lm.tokenizer, len(requests) // len(prompts), echo)
     if echo and requests[0].logprobs is not None:  # the prompts' own tokens, beside the engine's work
-      reply.prompt_logprobs = await asyncio.to_thread(_prompt_logprobs, engine, prompts)
+      try:
+        async with one_forward:  # each holds [P, V] logits: one at a time
+          reply.prompt_logprobs = await asyncio.to_thread(_prompt_logprobs, engine, prompts)
+      except BaseException as err:  # failed, or the handler was cancelled: the choices stop too
+        reply.cancel_unfinished()
+        if not isinstance(err, Exception):
+          raise
+        logging.exception("lmjax-serve: the prompt's logprobs failed: %s", err)
+        raise ApiError(
+          500, "the prompt's logprobs failed (the server's log has the cause)", kind="server_error"
+        ) from None
     if body.get("stream"):
-      usage = bool((body.get("stream_options") or {}).get("include_usage"))  # checked a dict in _requests
+      usage = bool((body.get("stream_options") or {}).get("include_usage"))  # a dict: engine_requests
       return StreamingResponse(_stream(events, reply, usage), media_type="text/event-stream")
-    texts, finishes = [[] for _ in requests], [None] * len(requests)
+    texts, finishes, checked = [[] for _ in requests], [None] * len(requests), time.monotonic()
     try:
       while None in finishes:
         try:
-          index, delta, finish, _ = await asyncio.wait_for(events.get(), timeout=0.5)
+          index, delta, finish, _ = await asyncio.wait_for(events.get(), timeout=0.1)
         except TimeoutError:
+          index = None
+        if time.monotonic() - checked > 0.1:  # on the clock: tokens arrive more often than that
           if await http.is_disconnected():
             return JSONResponse({}, status_code=499)
+          checked = time.monotonic()
+        if index is None:
           continue
         texts[index].append(delta)
         if finish == "error":
-          return _error(
+          return error_response(
             ApiError(500, "generation failed on the server (its log has the cause)", kind="server_error")
           )
         finishes[index] = finish
@@ -290,9 +307,11 @@ class _Reply:
       return None
     start, self._given[index] = self._given[index], max(self._given[index], upto)
     entries = list(zip(request.output_ids[start:upto], request.token_logprobs[start:upto]))
+    echoed = 0  # prompt entries in front (echo's first call)
     if self.echo and not self._echoed[index]:
       self._echoed[index] = True
       entries = self._prompt_entries(request) + entries
+      echoed = len(request.prompt_ids)
     token_bytes = self._token_bytes
     text = lambda token: token_bytes(token).decode("utf-8", "backslashreplace")  # a part: "\\xe4\\xbd"
     if self.chat:
@@ -300,9 +319,12 @@ class _Reply:
       content = [{**item(t, lp), "top_logprobs": [item(*alt) for alt in top]} for t, (lp, top) in entries]
       return {"content": content, "refusal": None}
     offsets = []
-    for token, _ in entries:  # characters of the completion before each token's first whole one
+    for i, (token, _) in enumerate(entries):  # characters of the text before each token's first whole one
       offsets.append(self._offset[index])
       self._offset[index] += len(self._characters[index].decode(token_bytes(token)))
+      if i == echoed - 1:  # the completion starts after the echoed text, whatever the prompt's last bytes
+        self._offset[index] = len(self.echoed(index))
+        self._characters[index] = codecs.getincrementaldecoder("utf-8")("replace")
     return {
       "tokens": [text(t) for t, _ in entries],
       "token_logprobs": [lp for _, (lp, _) in entries],
@@ -324,8 +346,11 @@ class _Reply:
     return [(request.prompt_ids[0], (None, []))] + later
 
   def echoed(self, index: int) -> str:
-    """The text choice `index` begins with: its prompt with `echo`, else nothing."""
-    return self.tokenizer.decode(self.requests[index].prompt_ids) if self.echo else ""
+    """The text choice `index` begins with: its prompt with `echo` (control tokens by name, as its
+    logprobs entries show them), else nothing."""
+    if not self.echo:
+      return ""
+    return self.tokenizer.decode(self.requests[index].prompt_ids, skip_special_tokens=False)
 
   def usage(self) -> dict:
     """Token counts: each prompt once (not once a choice), the completion tokens of every choice."""
