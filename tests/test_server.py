@@ -195,10 +195,17 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
 
 
 def test_the_queue_limit_is_an_http_429():
-  s = Served(max_queue=0)
-  try:
+  s = Served(max_batch=1, max_context=512, max_queue=0)
+  try:  # with no queue a request is served exactly when a slot is free
+    assert post(s, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
+    long = engine_lib.Request(s.lm.tokenizer.encode("a"), 480, lambda d, f: None, ignore_eos=True)
+    s.engine.submit(long)
+    while s.engine.active() == 0:
+      time.sleep(0.001)
     response = post(s, "/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
     assert response.status_code == 429 and "the server is busy" in response.json()["error"]["message"]
+    assert long.finish_reason is None  # the slot really was taken all along
+    long.cancelled = True
   finally:
     s.close()
 

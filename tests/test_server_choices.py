@@ -90,7 +90,7 @@ def test_streamed_choices_concatenate_per_index_to_the_whole_response(served):
     (129, "n must be an integer in [1, 128]"),
     ("2", "n must be an integer in [1, 128]"),
     (True, "n must be an integer in [1, 128]"),
-    (5, "more than this server queues at once (max_queue=4)"),  # the fixture's queue
+    (8, "8 requests at once are more than this server takes (3 slots + max_queue=4)"),
   ],
 )
 def test_bad_n_gets_a_400_naming_it(served, n, message):
@@ -114,9 +114,25 @@ def test_choices_are_queued_all_or_none():
     with pytest.raises(engine_lib.QueueFull, match="1 requests are already waiting"):
       engine.submit(ask("c", 2), ask("c", 2))
     assert len(engine._waiting) == 1  # neither choice was queued
-    with pytest.raises(ValueError, match="3 requests at once exceed this server's queue of 2"):
-      engine.submit(*[ask("d", 2)] * 3)
+    with pytest.raises(engine_lib.TooManyAtOnce, match=r"4 requests .* \(1 slots \+ max_queue=2\)"):
+      engine.submit(*[ask("d", 2)] * 4)
     assert not done.is_set()
+  finally:
+    engine.close()
+
+
+def test_choices_that_free_slots_seat_do_not_count_against_the_queue():
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=512)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=4, max_context=512, max_queue=0)
+  ask = lambda n: engine_lib.Request(tokenizer.encode("a"), n, lambda d, f: None, ignore_eos=True)
+  try:
+    long = [ask(480) for _ in range(3)]
+    engine.submit(*long)  # three of four slots, nothing waits: taken with no queue at all
+    with pytest.raises(engine_lib.QueueFull):
+      engine.submit(ask(2), ask(2))  # one would have to wait
+    engine.submit(ask(2))  # the last free slot
+    assert all(r.finish_reason is None for r in long)  # the slots were taken all along
   finally:
     engine.close()
 

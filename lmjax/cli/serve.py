@@ -32,7 +32,9 @@ flags.DEFINE_integer("max_batch", 8, "Requests decoded together (cache slots).",
 flags.DEFINE_integer(
   "max_context", 512, "Longest prompt + max_tokens served (cache columns per slot).", lower_bound=2
 )
-flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more get HTTP 429.", lower_bound=0)
+flags.DEFINE_integer(
+  "max_queue", 64, "Requests that may wait beyond the free slots; more get HTTP 429.", lower_bound=0
+)
 flags.DEFINE_integer(
   "prefill_chunk",
   engine.PREFILL_CHUNK,

@@ -14,16 +14,15 @@ own length (model/transformer.py takes one cache `end` per row). One thread loop
      still begin a stop string); a request that hits EOS, a stop string or max_tokens, or whose client
      went away, leaves its slot, which the next waiting request takes at once.
 
-So a short request never waits for a long one to finish (Orca, Yu et al. 2022, "iteration-level
-scheduling"; vLLM's continuous batching), nor for all of a long prompt's prefill: between its pieces
-the running requests take their next token (Sarathi-Serve, Agrawal et al. 2024, "chunked prefills").
-Free slots below the highest one in use, and slots whose prompt is still being prefilled, still
-compute, and each step attends over all `max_context` columns, so `max_context` trades memory and step
-time for the longest request served. Prompt pieces and packs are padded to powers of two, capped at the
-columns left (prefill compiles once per bucket; `warmup` compiles them all). A row's token k is drawn
-with key fold_in(key(seed), k), the same whatever else is in the batch; its logits equal a lone run's
-up to float rounding (a pack's size and the prompt's place in it change attention's sum order), so a
-seeded request can differ only where two tokens nearly tie.
+So a short request never waits for a long one to finish (Orca, Yu et al. 2022, "iteration-level scheduling";
+vLLM's continuous batching), nor for all of a long prompt's prefill: between its pieces the running requests
+take their next token (Sarathi-Serve, Agrawal et al. 2024, "chunked prefills"). Free slots below the highest
+one in use, and slots whose prompt is still being prefilled, still compute, and each step attends over all
+`max_context` columns, so `max_context` trades memory and step time for the longest request served. Prompt
+pieces and packs are padded to powers of two, capped at the columns left (prefill compiles once per bucket;
+`warmup` compiles them all). A row's token k is drawn with key fold_in(key(seed), k), the same whatever else
+is in the batch; its logits equal a lone run's up to float rounding (a pack's size and the prompt's place in
+it change attention's sum order), so a seeded request can differ only where two tokens nearly tie.
 """
 
 from __future__ import annotations
@@ -52,7 +51,11 @@ PREFILL_CHUNK = 256
 
 
 class QueueFull(Exception):
-  """More requests are waiting than the engine's `max_queue`."""
+  """More requests would wait for a slot than the engine's `max_queue`: retry later."""
+
+
+class TooManyAtOnce(ValueError):
+  """More requests submitted together than the engine ever takes (max_batch + max_queue)."""
 
 
 @dataclasses.dataclass
@@ -94,7 +97,7 @@ class Engine:
     prefill_chunk: int = PREFILL_CHUNK,
   ):
     """`max_context`: cache columns per slot, the longest prompt + max_tokens served (at most the model's
-    max_len). `max_queue`: requests that may wait for a slot; `submit` raises QueueFull beyond it.
+    max_len). `max_queue`: requests that may wait beyond the free slots; `submit` raises QueueFull past it.
     `prefill_chunk`: prompt tokens prefilled per iteration, between decode steps (module docstring);
     max_context or more prefills every prompt whole. Raises ValueError for values out of range."""
     if max_context > cfg.max_len:
@@ -134,8 +137,7 @@ class Engine:
       jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
     for bucket in sorted({engine_steps.bucket(n, self._pack_room) for n in range(1, self._pack_room + 1)}):
       cache, *_ = self._pack([Request([0] * bucket, 1, None)])
-      one = jnp.int32(1)
-      jax.block_until_ready(engine_steps.unpacked_row(cache, one, one, self.max_context))
+      jax.block_until_ready(engine_steps.unpacked_row(cache, jnp.int32(1), jnp.int32(1), self.max_context))
     sizes = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
     for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
       if rows != other:
@@ -153,13 +155,15 @@ class Engine:
     return {**model.init_cache(self.cfg, rows, self.max_context), "end": jnp.zeros((rows,), jnp.int32)}
 
   def submit(self, *requests: Request) -> None:
-    """Queues `requests` (the choices of one API request: all or none). Raises QueueFull when fewer than
-    that many places are left of max_queue, ValueError when a prompt is empty, a prompt plus max_tokens
-    does not fit max_context, or more requests come at once than max_queue."""
+    """Queues `requests` (an API request's choices: all or none); those free slots will seat do not count
+    against max_queue (0: taken exactly when a slot is free). Raises QueueFull when more than max_queue
+    would wait, TooManyAtOnce (a ValueError) beyond max_batch + max_queue at once, ValueError for an empty
+    prompt or one that with max_tokens overruns max_context, RuntimeError when the engine has stopped."""
     if not self._thread.is_alive():
       raise RuntimeError("the engine has stopped")
-    if len(requests) > max(self.max_queue, 1):
-      raise ValueError(f"{len(requests)} requests at once exceed this server's queue of {self.max_queue}")
+    if len(requests) > self.max_batch + self.max_queue:
+      took = f"{self.max_batch} slots + max_queue={self.max_queue}"
+      raise TooManyAtOnce(f"{len(requests)} requests at once are more than this server takes ({took})")
     for request in requests:
       if not request.prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -169,8 +173,8 @@ class Engine:
           f"than this server's context of {self.max_context} tokens"
         )
     with self._wake:
-      waiting = sum(not r.cancelled for r in self._waiting)
-      if waiting + len(requests) > self.max_queue:
+      waiting = sum(not r.cancelled for r in self._waiting)  # seated first, in order
+      if waiting + len(requests) - self._slots.count(None) > self.max_queue:
         raise QueueFull(f"{waiting} requests are already waiting; retry later")
       self._waiting.extend(requests)
       self._wake.notify()
@@ -221,14 +225,13 @@ class Engine:
     return [None if row in self._prefilling else request for row, request in enumerate(self._slots)]
 
   def _prefill(self) -> None:
-    """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, a prompt longer than that in
-    pieces of prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which
-    would compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger
-    prompts that fit in what is left run whole, packed together into one forward (at most
-    min(prefill_chunk, max_context) tokens), so at most one prompt is part-way. Prompts equal to one
-    already in the pack (an API request's `n` choices) share its tokens there at no cost to the budget.
-    A prompt whose last piece ran joins the decode batch with its first token; a cancelled one frees
-    its slot."""
+    """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, a prompt longer than that in pieces
+    of prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which would compile
+    buckets the warmup did not): the oldest prompt's next piece always runs, and younger prompts that fit in
+    what is left run whole, packed together into one forward (at most min(prefill_chunk, max_context) tokens),
+    so at most one prompt is part-way. Prompts equal to one already in the pack (an API request's `n` choices)
+    share its tokens there at no cost to the budget. A prompt whose last piece ran joins the decode batch with
+    its first token; a cancelled one frees its slot."""
     budget, packed, room, in_pack = self.prefill_chunk, [], self._pack_room, set()
     for row in list(self._prefilling):
       request = self._slots[row]
@@ -307,13 +310,11 @@ class Engine:
 
   def _prefill_piece(self, row_cache, piece: list, bucket: int, request: Request) -> tuple:
     """_prefill of the prompt ids `piece` padded to `bucket` into `row_cache` (None: a fresh one)."""
-    tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, : len(piece)] = piece
     return engine_steps.prefill(
       self.cfg,
       self.params,
       self._empty(1) if row_cache is None else row_cache,
-      jnp.asarray(tokens),
+      jnp.asarray(engine_steps.padded(piece, bucket)),
       jnp.int32(len(piece)),
       jnp.uint32(request.seed % 2**32),
       jnp.float32(request.temperature),

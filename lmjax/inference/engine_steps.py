@@ -107,6 +107,14 @@ def bucket(length: int, room: int) -> int:
   return min(max(16, 1 << (length - 1).bit_length()), room)
 
 
+def padded(ids, length: int) -> np.ndarray:
+  """Prompt ids right-padded with 0 to `length` (at least len(ids)), as the [1, length] int32 row the
+  one-row prefills take."""
+  tokens_1P = np.zeros((1, length), np.int32)
+  tokens_1P[0, : len(ids)] = ids
+  return tokens_1P
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def insert(cache, row_cache, row):
   """`cache` with row `row` replaced by the one-row `row_cache` (in place: the cache is donated)."""

@@ -19,8 +19,8 @@ JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (
 extensions (as vLLM's); `best_of`, `suffix` and tools are not served and are refused by name.
 `n` choices (up to 128, as OpenAI's) of each prompt are n requests in the engine's batch, all queued or
 none (429), prompt i's choice j at index i * n + j; equal prompts admitted together and short enough
-to be packed (prefill_chunk) are prefilled once. A request counts all its choices against
-`max_queue`, even those that find a free slot at once. With a `seed`,
+to be packed (prefill_chunk) are prefilled once. Choices that free slots seat at once do not count
+against `max_queue`. With a `seed`,
 choice 0 draws as a request with that seed alone would and choice j > 0 with a seed derived from
 (seed, j) (numpy's SeedSequence), so a seeded request repeats; usage counts each prompt once. `echo`
 puts the prompt before each choice's text and, with logprobs, its tokens' entries before the
@@ -48,7 +48,6 @@ import time
 import uuid
 
 import jax
-import numpy as np
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -176,17 +175,14 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
     default_max_tokens = max(1, engine.max_context - len(prompts[0])) if chat else 16
     loop = asyncio.get_running_loop()
     requests, events = engine_requests(body, prompts, loop, default_max_tokens, chat)
-    if len(requests) > max(engine.max_queue, 1):  # could never be queued (one request meets a 429)
-      raise ApiError(
-        400,
-        f"{len(prompts)} prompt(s) x n={len(requests) // len(prompts)} choices are {len(requests)} "
-        f"requests, more than this server queues at once (max_queue={engine.max_queue})",
-        "n" if len(prompts) == 1 else "prompt",
-      )
     try:
       engine.submit(*requests)
     except engine_lib.QueueFull as err:
       raise ApiError(429, f"the server is busy: {err}", kind="rate_limit_error") from None
+    except engine_lib.TooManyAtOnce as err:  # could never be taken: a 400 that names n or the prompts
+      field = "n" if len(prompts) == 1 else "prompt"
+      n = len(requests) // len(prompts)
+      raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} choices: {err}", field) from None
     except ValueError as err:
       raise ApiError(400, str(err), "max_tokens" if "max_tokens" in str(err) else "prompt") from None
     except RuntimeError as err:
@@ -259,9 +255,8 @@ def _prompt_logprobs(engine: engine_lib.Engine, prompts: list) -> dict:
   found = {}
   for ids in map(tuple, prompts):
     if ids not in found:
-      tokens = np.zeros((1, engine_steps.bucket(len(ids), engine.max_context)), np.int32)
-      tokens[0, : len(ids)] = ids
-      found[ids] = jax.device_get(engine_steps.prompt_logprobs(engine.cfg, engine.params, tokens))
+      tokens_1P = engine_steps.padded(ids, engine_steps.bucket(len(ids), engine.max_context))
+      found[ids] = jax.device_get(engine_steps.prompt_logprobs(engine.cfg, engine.params, tokens_1P))
   return found
 
 
