@@ -96,10 +96,15 @@ def llama_decode(path: str) -> float:
   return perf["n_eval"] / perf["t_eval_ms"] * 1e3
 
 
+def _kl_window(tokens: int) -> int:
+  """Tokens a forward of the KL measurement takes: 512, or fewer (one window) for --kl_tokens below it."""
+  return min(512, tokens)
+
+
 def mean_kl(cfg, params, params_q, ids) -> float:
   """Mean over tokens of KL(p_fp32 || p_q) of the next-token distributions, nats."""
   apply = jax.jit(lambda p, t: jax.nn.log_softmax(model.Transformer(cfg).apply({"params": p}, t)))
-  width = min(512, len(ids))  # --kl_tokens below 512: one shorter window
+  width = _kl_window(len(ids))
   windows = np.asarray(ids[: len(ids) // width * width]).reshape(-1, width)
   kls = []
   for row in windows:
@@ -153,22 +158,25 @@ def main(_):
       limit = bandwidth / per_token
       line += f" tok/s; weights {per_token / 1e6:6.1f} MB/token, limit {limit:6.1f} tok/s at the median sum"
       line += f" bandwidth: {np.median(values) / limit:5.1%} of it"
+      # The sum's rate moves between rounds on a shared host: each round against its own sum too.
+      rounds = [v * per_token / (sum_gbs * 1e9) for v, sum_gbs in zip(values, results["sum GB/s"])]
+      line += "; by round " + ", ".join(f"{r:.0%}" for r in rounds)
     print(line)
   text_ids = tokenizer.encode(shakespeare.shakespeare_text()[-40000:])[: _KL_TOKENS.value]
+  window = _kl_window(len(text_ids))
   cfg, params, _ = models.get("float32") or pretrained.load(_NAME)
   for dtype in _DTYPES.value:
     if dtype in quantize.QUANTIZED_DTYPES:
       loaded = mean_kl(cfg, params, models[dtype][1], text_ids)
       ours = mean_kl(cfg, params, quantize.quantize_params(params, dtype), text_ids)
       print(
-        f"mean KL(fp32 || {dtype}) per token over {len(text_ids) // 512 * 512} Shakespeare tokens: "
+        f"mean KL(fp32 || {dtype}) per token over {len(text_ids) // window * window} Shakespeare tokens: "
         f"{loaded:.5f} nats as loaded (the file's blocks kept where their bits match), {ours:.5f} "
         "with every matrix quantized by lmjax"
       )
       steps = decode_step_kl(cfg, params, *decoding[dtype], jnp.asarray(text_ids[:256]))
-      print(
-        f"  through one-token decode steps (the decode kernels), first 256 tokens, as loaded: {steps:.5f}"
-      )
+      first = f"first {min(256, len(text_ids))} tokens"
+      print(f"  through one-token decode steps (the decode kernels), {first}, as loaded: {steps:.5f}")
 
 
 if __name__ == "__main__":
