@@ -42,6 +42,14 @@ flags.DEFINE_integer(
   "flowing while a long prompt arrives, higher prefills long prompts sooner.",
   lower_bound=16,
 )
+flags.DEFINE_integer(
+  "prefix_cache",
+  8,
+  "Recent prompts whose KV caches are kept, so a prompt that begins as one of them (a chat's next "
+  "turn, a repeated system prompt or document) is prefilled only from where they part; each costs "
+  "one slot's cache memory; 0 keeps none.",
+  lower_bound=0,
+)
 
 
 def main(argv):
@@ -64,6 +72,7 @@ def main(argv):
     min(f.max_context, lm.cfg.max_len),
     f.max_queue,
     f.prefill_chunk,
+    f.prefix_cache,
   )
   print(
     f"compiling the decode step for up to {f.max_batch} slots and the prefill of prompt pieces of up to "

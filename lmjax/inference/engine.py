@@ -6,7 +6,8 @@ own length (model/transformer.py takes one cache `end` per row). One thread loop
   1. admit waiting requests into free slots and prefill prompts, at most `prefill_chunk` prompt tokens
      an iteration (chunked prefill): a long prompt in pieces into its own one-row cache, the prompts
      that fit whole packed into one forward (engine_steps.prefill_packed); a prompt's row replaces its
-     slot's row when the prompt is done and gives its first token;
+     slot's row when the prompt is done and gives its first token; a prompt that begins as a recent one
+     starts from that one's cache, cut where they part (automatic prefix caching, prefix_cache.py);
   2. one decode step for the slots whose prompt is done, at once (the cache is resized to the slots up
      to the highest in use, a power of two, so one step compiles per size; donated, so it is updated in
      place), each row sampled with its own temperature / top-k / top-p and seed;
@@ -40,7 +41,7 @@ import numpy as np
 
 from lmjax import model
 from lmjax.data import tokenizer_base
-from lmjax.inference import engine_steps
+from lmjax.inference import engine_steps, prefix_cache as prefix_cache_lib
 
 # Prompt tokens prefilled between two decode steps. SmolLM2-135M fp32, 2 CPU cores, a 1536-token prompt
 # arriving while 4 requests stream (benchmarks/serve_long_prompt.py, session 20): whole, the running
@@ -95,11 +96,14 @@ class Engine:
     max_context: int = 512,
     max_queue: int = 64,
     prefill_chunk: int = PREFILL_CHUNK,
+    prefix_cache: int = 8,
   ):
     """`max_context`: cache columns per slot, the longest prompt + max_tokens served (at most the model's
     max_len). `max_queue`: requests that may wait beyond the free slots; `submit` raises QueueFull past it.
     `prefill_chunk`: prompt tokens prefilled per iteration, between decode steps (module docstring);
-    max_context or more prefills every prompt whole. Raises ValueError for values out of range."""
+    max_context or more prefills every prompt whole. `prefix_cache`: recent prompts whose KV caches are
+    kept for prompts that begin as they do (inference/prefix_cache.py; each costs one row of the cache,
+    0 keeps none). Raises ValueError for values out of range."""
     if max_context > cfg.max_len:
       raise ValueError(f"max_context={max_context} exceeds the model's context ({cfg.max_len} tokens)")
     if max_batch < 1 or max_context < 2 or max_queue < 0 or prefill_chunk < 16:
@@ -111,6 +115,7 @@ class Engine:
     self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
     self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
     self.prefill_chunk = prefill_chunk
+    self.prefixes = prefix_cache_lib.PrefixCache(prefix_cache, max_context, prefill_chunk)
     self._pack_room = min(prefill_chunk, max_context)  # tokens of whole prompts prefilled together
     self._cache = self._empty(1)  # grown and shrunk with the slots in use (_fit)
     self._spares: dict = {}  # rows -> a cache of that size not in use (_fit)
@@ -138,6 +143,7 @@ class Engine:
     for bucket in sorted({engine_steps.bucket(n, self._pack_room) for n in range(1, self._pack_room + 1)}):
       cache, *_ = self._pack([Request([0] * bucket, 1, None)])
       jax.block_until_ready(engine_steps.unpacked_row(cache, jnp.int32(1), jnp.int32(1), self.max_context))
+    jax.block_until_ready(prefix_cache_lib.prefix_of(self._empty(1), jnp.int32(1)))  # a prefix reused
     sizes = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
     for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
       if rows != other:
@@ -240,6 +246,8 @@ class Engine:
         del self._prefilling[row]
         continue
       row_cache, done = self._prefilling[row]
+      if done == 0 and (hit := self.prefixes.lookup(request.prompt_ids)):  # prefilled from where they part
+        row_cache, done = self._prefilling[row] = hit
       length = min(len(request.prompt_ids) - done, self.prefill_chunk)
       whole = length == len(request.prompt_ids)
       if whole and tuple(request.prompt_ids) in in_pack:
@@ -274,37 +282,22 @@ class Engine:
     (with entry `index` of the prefill's token_logprobs)."""
     request = self._slots[row]
     del self._prefilling[row]
+    self.prefixes.store(request.prompt_ids, row_cache)  # `insert` does not donate it
     self._cache = engine_steps.insert(self._cache, row_cache, jnp.int32(row))
     self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
     wanted = request.logprobs is not None
     self._accept(row, token, engine_steps.logprobs_row(logprobs, index) if wanted else None)
 
   def _pack(self, requests: list) -> tuple:
-    """engine_steps.prefill_packed of the requests' whole prompts, one after another in a row padded to
-    its bucket (equal prompts once, each request sampling its first token there with its own settings).
-    Returns (the packed cache, first tokens [max_batch] as numpy, token_logprobs, each request's prompt
-    offset in the row)."""
-    starts = {}  # prompt -> its offset in the row
-    for r in requests:
-      starts.setdefault(tuple(r.prompt_ids), sum(map(len, starts)))
-    P = engine_steps.bucket(sum(map(len, starts)), self._pack_room)
-    (tokens, segments), positions = np.zeros((2, 1, P), np.int32), np.full((1, P), -1, np.int32)
-    last, settings = np.zeros(self.max_batch, np.int32), np.zeros((4, self.max_batch), np.float64)
-    settings[3] = 1.0  # rows of seed, temperature, top_k, top_p; unused columns greedy
-    for segment, (prompt, offset) in enumerate(starts.items(), 1):
-      window = slice(offset, offset + len(prompt))
-      tokens[0, window], positions[0, window], segments[0, window] = prompt, np.arange(len(prompt)), segment
-    offsets = [starts[tuple(r.prompt_ids)] for r in requests]
-    for i, (r, offset) in enumerate(zip(requests, offsets)):
-      last[i] = offset + len(r.prompt_ids) - 1
-      settings[:, i] = (r.seed % 2**32, r.temperature, min(r.top_k, self.cfg.vocab_size), r.top_p)
+    """engine_steps.prefill_packed of the requests' whole prompts (engine_steps.packed_inputs). Returns
+    (the packed cache, first tokens [max_batch] as numpy, token_logprobs, each request's prompt offset
+    in the row)."""
+    inputs, offsets = engine_steps.packed_inputs(
+      requests, self._pack_room, self.max_batch, self.cfg.vocab_size
+    )
     wanted = any(r.logprobs is not None for r in requests)
     cache, tokens_R, logprobs = engine_steps.prefill_packed(
-      self.cfg,
-      self.params,
-      *map(jnp.asarray, (tokens, positions, segments, last)),
-      *map(jnp.asarray, settings, (jnp.uint32, jnp.float32, jnp.int32, jnp.float32)),
-      jnp.asarray(wanted),
+      self.cfg, self.params, *inputs, jnp.asarray(wanted)
     )
     return cache, np.asarray(tokens_R), jax.device_get(logprobs) if wanted else None, offsets
 

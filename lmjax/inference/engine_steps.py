@@ -63,6 +63,29 @@ def prefill_packed(
   return cache, tokens_R, token_logprobs(logits_1RV[0], tokens_R, wanted)
 
 
+def packed_inputs(requests: list, room: int, max_batch: int, vocab_size: int) -> tuple:
+  """prefill_packed's inputs after (cfg, params) for the requests' whole prompts, one after another in a
+  row padded to its bucket (at most `room`), equal prompts once, each request sampling its first token
+  there with its own settings (columns past the requests greedy). Returns (the inputs as arrays but
+  `wanted`, each request's prompt offset in the row)."""
+  starts = {}  # prompt -> its offset in the row
+  for r in requests:
+    starts.setdefault(tuple(r.prompt_ids), sum(map(len, starts)))
+  P = bucket(sum(map(len, starts)), room)
+  (tokens, segments), positions = np.zeros((2, 1, P), np.int32), np.full((1, P), -1, np.int32)
+  last, settings = np.zeros(max_batch, np.int32), np.zeros((4, max_batch), np.float64)
+  settings[3] = 1.0  # rows of seed, temperature, top_k, top_p
+  for segment, (prompt, offset) in enumerate(starts.items(), 1):
+    window = slice(offset, offset + len(prompt))
+    tokens[0, window], positions[0, window], segments[0, window] = prompt, np.arange(len(prompt)), segment
+  offsets = [starts[tuple(r.prompt_ids)] for r in requests]
+  for i, (r, offset) in enumerate(zip(requests, offsets)):
+    last[i] = offset + len(r.prompt_ids) - 1
+    settings[:, i] = (r.seed % 2**32, r.temperature, min(r.top_k, vocab_size), r.top_p)
+  arrays = map(jnp.asarray, (tokens, positions, segments, last))
+  return (*arrays, *map(jnp.asarray, settings, (jnp.uint32, jnp.float32, jnp.int32, jnp.float32))), offsets
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def prompt_logprobs(cfg, params, tokens_1P) -> tuple:
   """token_logprobs of a prompt's own tokens (the API's `echo` with logprobs): row t holds log p(token

@@ -1,0 +1,113 @@
+"""Automatic prefix caching (inference/prefix_cache.py): a prompt that begins as a kept one is prefilled
+only from where they part, and its reply is still generate()'s (the reference prefills every token)."""
+
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_gguf_export import byte_level_bpe, tiny_llama
+
+from lmjax import model
+from lmjax.inference import engine as engine_lib, prefix_cache
+from lmjax.inference.language_model import LanguageModel
+
+
+def _run(engine, ids, max_tokens):
+  done = threading.Event()
+  request = engine_lib.Request(ids, max_tokens, lambda d, f: f and done.set(), temperature=0)
+  engine.submit(request)
+  assert done.wait(60)
+  return request.output_ids
+
+
+def test_a_prompt_that_begins_as_a_kept_one_is_prefilled_from_where_they_part():
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=256, init_std=0.3)
+  lm = LanguageModel(cfg, params, tokenizer)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=256, prefill_chunk=64)
+  pieces = []  # (the piece's first token's place in its prompt, its length)
+  run_piece = engine._prefill_piece
+  engine._prefill_piece = lambda cache, piece, bucket, request: (
+    pieces.append((int(cache["end"][0]) if cache is not None else 0, len(piece))),
+    run_piece(cache, piece, bucket, request),
+  )[1]
+  ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 20)
+  assert len(ids) >= 130
+  first, longer, other = ids[:100], ids[:130], ids[:100] + tokenizer.encode("a different end")
+  try:
+    outputs = [_run(engine, prompt, 8) for prompt in (first, longer, first, other)]
+  finally:
+    engine.close()
+  # first: whole, two pieces of 64 and 36; longer: the 30 tokens after `first`; first again: its last
+  # token (a sampled token needs one); other: from where it leaves `first` (kept as the likeliest match)
+  assert pieces == [(0, 64), (64, 36), (100, 30), (99, 1), (100, len(other) - 100)]
+  assert (engine.prefixes.hits, engine.prefixes.reused_tokens) == (3, 100 + 99 + 100)
+  for prompt, output in zip((first, longer, first, other), outputs):
+    assert output == lm.generate(prompt, max_new_tokens=8, do_sample=False)[0][len(prompt) :].tolist()
+
+
+def test_no_prefix_is_reused_when_the_cache_keeps_none_or_the_shared_part_is_short():
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128)
+  ids = list(range(3, 103))
+  off = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=128, prefix_cache=0)
+  try:
+    _run(off, ids[:60], 2)
+    _run(off, ids[:70], 2)
+  finally:
+    off.close()
+  assert off.prefixes.hits == 0
+  kept = prefix_cache.PrefixCache(2, max_context=128, prefill_chunk=64)
+  kept.store(ids[:40], model.init_cache(cfg, 1, 128))
+  assert kept.lookup(ids[: prefix_cache.MIN_REUSE - 1] + [0] * 20) is None  # shares 31 tokens
+  assert kept.lookup(ids[: prefix_cache.MIN_REUSE] + [0] * 20)[1] == prefix_cache.MIN_REUSE
+  with pytest.raises(ValueError, match="prefix_cache=-1"):
+    prefix_cache.PrefixCache(-1, 128, 64)
+
+
+def test_the_least_recently_used_prompt_goes_first():
+  kept = prefix_cache.PrefixCache(2, max_context=128, prefill_chunk=64)
+  a, b, c = ([t] * 40 for t in (3, 4, 5))
+  cache = {
+    "k": jnp.zeros((1, 1, 2, 128)),
+    "v": jnp.zeros((1, 1, 128, 2)),
+    "pos": jnp.zeros((1, 128), jnp.int32),
+  }
+  kept.store(a, cache)
+  kept.store(b, cache)
+  assert kept.lookup(a + [1])[1] == 40  # a used: b is now the least recent
+  kept.store(c, cache)
+  assert (
+    kept.lookup(b + [1]) is None and kept.lookup(a + [1]) is not None and kept.lookup(c + [1]) is not None
+  )
+
+
+def test_the_reused_length_leaves_room_for_the_next_pieces_bucket():
+  """max_context 100, prefill_chunk 40: after 90 shared tokens the next piece's 16-token bucket would not
+  fit the 10 columns left, so the prefix is cut to 80, where the warmed-up pieces start."""
+  kept = prefix_cache.PrefixCache(1, max_context=100, prefill_chunk=40)
+  cache = {
+    "k": jnp.zeros((1, 1, 2, 100)),
+    "v": jnp.zeros((1, 1, 100, 2)),
+    "pos": jnp.zeros((1, 100), jnp.int32),
+  }
+  kept.store(list(range(90)), cache)
+  assert kept.lookup(list(range(90)) + [1, 2, 3])[1] == 80
+  assert kept.lookup(list(range(60)) + [1, 2, 3])[1] == 60  # a 16-token bucket fits after 60
+
+
+def test_prefix_of_keeps_the_first_tokens_and_copies():
+  rng = np.random.default_rng(0)
+  k, v = rng.normal(size=(2, 2, 1, 3, 4, 10)).astype(np.float32)  # [L, B, K, H, S]
+  v = np.swapaxes(v, -1, -2)  # values [L, B, K, S, H]
+  cache = {"k": jnp.asarray(k), "v": jnp.asarray(v), "pos": jnp.arange(10)[None], "end": jnp.asarray([10])}
+  cut = prefix_cache.prefix_of(cache, jnp.int32(6))
+  np.testing.assert_array_equal(cut["k"], np.concatenate([k[..., :6], np.zeros_like(k[..., 6:])], -1))
+  np.testing.assert_array_equal(cut["v"], np.concatenate([v[..., :6, :], np.zeros_like(v[..., 6:, :])], -2))
+  np.testing.assert_array_equal(cut["pos"], [[0, 1, 2, 3, 4, 5, -1, -1, -1, -1]])
+  assert cut["end"].tolist() == [6]
+  layers = {**cache, "k": (cache["k"][0], cache["k"][1]), "v": (cache["v"][0], cache["v"][1])}  # unrolled
+  per_layer = prefix_cache.prefix_of(layers, jnp.int32(6))
+  np.testing.assert_array_equal(per_layer["k"][1], cut["k"][1])
+  assert cut["k"].unsafe_buffer_pointer() != cache["k"].unsafe_buffer_pointer()
