@@ -14,7 +14,7 @@ from test_server import Served, chat_ids, post
 
 from lmjax import model
 from lmjax.data import tokenizers
-from lmjax.inference import api_requests, engine as engine_lib, server
+from lmjax.inference import api_replies, api_requests, engine as engine_lib
 
 from conftest import is_utf8
 
@@ -110,10 +110,10 @@ def test_a_character_split_over_tokens_keeps_its_bytes_and_offsets(served):
   request = engine_lib.Request(ids, 8, None, logprobs=2)
   request.output_ids = list(ids)
   request.token_logprobs = [(-0.5, [(i, -0.5), (ids[0], -1.0)]) for i in ids]
-  chat = server._Reply(True, "tiny", [request], tokenizer).logprobs(0, len(ids))["content"]
+  chat = api_replies.Reply(True, "tiny", [request], tokenizer).logprobs(0, len(ids))["content"]
   assert b"".join(bytes(e["bytes"]) for e in chat) == raw
   assert [e["token"] for e in chat] == [f"\\x{b:02x}" for b in raw[:6]] + [" the"]
-  completion = server._Reply(False, "tiny", [request], tokenizer)
+  completion = api_replies.Reply(False, "tiny", [request], tokenizer)
   first, rest = completion.logprobs(0, 3), completion.logprobs(0, len(ids))  # as streamed: in two parts
   starts = [0, 1, 2, 3, 4, 5, 6]  # byte offsets of the tokens
   assert first["text_offset"] + rest["text_offset"] == [len(raw[:b].decode(errors="ignore")) for b in starts]

@@ -16,16 +16,24 @@ from lmjax.inference import engine as engine_lib
 
 
 class ApiError(Exception):
+  """An HTTP error in OpenAI's shape: its status, message, the request field at fault (`param`), its
+  `type` (`kind`) and machine-readable `code` (OpenAI's: model_not_found, invalid_api_key, ...)."""
+
   def __init__(
-    self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    self,
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
   ):
     super().__init__(message)
-    self.status, self.message, self.param, self.kind = status, message, param, kind
+    self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
 
 def error_response(err: ApiError) -> JSONResponse:
   """OpenAI's error object for `err`, with its status."""
-  body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": None}}
+  body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
   return JSONResponse(body, status_code=err.status)
 
 
@@ -40,7 +48,7 @@ class RequireKey:
   async def __call__(self, scope, receive, send):
     if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.expected:
       message = "missing or wrong API key (send Authorization: Bearer <key>)"
-      await error_response(ApiError(401, message, kind="authentication_error"))(scope, receive, send)
+      await error_response(ApiError(401, message, code="invalid_api_key"))(scope, receive, send)
       return
     await self.app(scope, receive, send)
 
@@ -72,6 +80,34 @@ def prompt_ids(prompt, tokenizer, field: str = "prompt", several: bool = True) -
   return ids
 
 
+def chat_messages(messages) -> list:
+  """OpenAI's chat `messages` as the chat template takes them, [{role, content}] with string content:
+  content as a string, a list of text parts ({"type": "text", "text": ...}, joined by newlines, as vLLM
+  joins them) or null (an assistant turn). Raises ApiError (400, "messages") for anything else, roles
+  other than system, user and assistant included (tools are not served)."""
+  if not isinstance(messages, list) or not messages:
+    raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
+  rendered = []
+  for i, m in enumerate(messages):
+    role = m.get("role") if isinstance(m, dict) else None
+    if role not in ("system", "user", "assistant"):
+      raise ApiError(400, f"messages[{i}]: role must be system, user or assistant, got {role!r}", "messages")
+    content = m.get("content")
+    if isinstance(content, list) and all(_is_text_part(p) for p in content):
+      content = "\n".join(p["text"] for p in content)
+    elif content is None and role == "assistant":
+      content = ""
+    if not isinstance(content, str):
+      message = f"messages[{i}]: content must be a string or a list of text parts (this model reads text)"
+      raise ApiError(400, message, "messages")
+    rendered.append({"role": role, "content": content})
+  return rendered
+
+
+def _is_text_part(part) -> bool:
+  return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
 def tokenize_as_vllm(tokenizer, text: str) -> list:
   """The ids of `text` as vLLM's /tokenize gives them: the tokenizer's control-token strings in it
   (`<|im_end|>`) become their ids, as Hugging Face's `tokenizer(text)` makes them, where lmjax's own
@@ -99,7 +135,11 @@ def engine_requests(body: dict, prompts: list, loop, default_max_tokens: int, ch
   (choice index, text delta, finish reason, tokens that have a logprobs entry by then)). A field given
   as null takes its default, as OpenAI's API does. Raises ApiError (400) naming a bad field."""
   given = {k: v for k, v in body.items() if v is not None}
-  max_tokens = given.get("max_completion_tokens", given.get("max_tokens", default_max_tokens))
+  max_tokens_field = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+  max_tokens = given.get(max_tokens_field, default_max_tokens)
+  stream_options = given.get("stream_options", {})
+  if stream_options and given.get("stream") is not True:
+    raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
   stop = given.get("stop", ())
   stop = (stop,) if isinstance(stop, str) else stop
   if chat:  # logprobs: true, then top_logprobs alternatives (OpenAI: 0-20)
@@ -129,13 +169,18 @@ def engine_requests(body: dict, prompts: list, loop, default_max_tokens: int, ch
     *logprobs_checks,
     ("echo", isinstance(given.get("echo", False), bool), "true or false"),
     ("n", is_int(given.get("n", 1)) and 1 <= given.get("n", 1) <= 128, "an integer in [1, 128]"),
-    ("max_tokens", is_int(max_tokens) and max_tokens > 0, "a positive integer"),
+    (max_tokens_field, is_int(max_tokens) and max_tokens > 0, "a positive integer"),
     ("temperature", number(given.get("temperature", 1.0), 0, 2), "a number in [0, 2]"),
     ("top_p", number(given.get("top_p", 1.0), 0, 1) and given.get("top_p", 1.0) > 0, "a number in (0, 1]"),
     ("top_k", is_int(given.get("top_k", 0)) and given.get("top_k", 0) >= 0, "an integer >= 0"),
     ("seed", is_int(given.get("seed", 0)), "an integer"),
     ("ignore_eos", isinstance(given.get("ignore_eos", False), bool), "true or false"),
-    ("stream_options", isinstance(given.get("stream_options", {}), dict), "an object"),
+    ("stream", isinstance(given.get("stream", False), bool), "true or false"),
+    (
+      "stream_options",
+      isinstance(stream_options, dict) and isinstance(stream_options.get("include_usage", False), bool),
+      'an object such as {"include_usage": true}',
+    ),
     (
       "stop",
       isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop),

@@ -173,6 +173,11 @@ class Engine:
     for request in requests:
       if not request.prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
+      if len(request.prompt_ids) >= self.max_context:
+        raise ValueError(
+          f"the prompt has {len(request.prompt_ids)} tokens: no room for a reply in this server's context "
+          f"of {self.max_context} tokens"
+        )
       if len(request.prompt_ids) + request.max_tokens > self.max_context:
         raise ValueError(
           f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_tokens}: more "

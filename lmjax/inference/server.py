@@ -1,24 +1,26 @@
 """An OpenAI-compatible HTTP API over the continuous-batching engine (FastAPI; `lmjax-serve` runs it
 under uvicorn).
 
-  GET  /v1/models            the one model served
+  GET  /v1/models, /v1/models/{id}   the one model served
   POST /v1/completions       {"model", "prompt" (a string, token ids, or a list of either), "max_tokens",
                               "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "echo",
                               "logprobs" (0-5 alternatives)}
   POST /v1/chat/completions  {"model", "messages", ... as above (max_completion_tokens too; "logprobs"
                               true and "top_logprobs" 0-20; no echo)}; the model's chat template renders
-                              the messages
+                              the messages (system, user and assistant; content a string or text parts)
   GET  /tokenizer_info, POST /tokenize, POST /detokenize   vLLM's tokenizer endpoints
 
 Responses, streamed chunks (server-sent events ending with `data: [DONE]`) and errors follow OpenAI's
 shapes, so the `openai` client works unchanged (base_url=http://127.0.0.1:PORT/v1), and so does
 lm-eval's `local-completions` model (base_url=.../v1/completions), which scores a (context,
 continuation) pair by `echo` with logprobs and tokenizes through /tokenize. Errors: 400 (malformed
-JSON, a bad field, a prompt that does not fit the context), 401 (API key), 404 (unknown model), 429
-(the queue is full); a client that disconnects frees its slot. `top_k` and `ignore_eos` are
-extensions (as vLLM's); `best_of`, `suffix` and tools are not served and are refused by name.
-`n` choices (up to 128, as OpenAI's) of each prompt are n requests in the engine's batch, all queued or
-none (429), prompt i's choice j at index i * n + j; equal prompts admitted together and short enough
+JSON, a bad field, a prompt that does not fit the context), 401 (API key: every route needs it when
+one is set, the tokenizer endpoints too), 404 (unknown model or route), 429 (the queue is full); a
+client that disconnects frees its slot. `top_k` and `ignore_eos` are extensions (as vLLM's); `best_of`,
+`suffix` and tools are not served and are refused by name unless given as their no-op defaults.
+`n` choices (up to 128, as OpenAI's, and no more in all than the server's slots plus its queue: a 400)
+of each prompt are n requests in the engine's batch, all queued or none (429), prompt i's choice j at
+index i * n + j; equal prompts admitted together and short enough
 to be packed (prefill_chunk) are prefilled once. Choices that free slots seat at once do not count
 against `max_queue`. With a `seed`,
 choice 0 draws as a request with that seed alone would and choice j > 0 with a seed derived from
@@ -40,30 +42,36 @@ token text (the chosen token always among them).
 from __future__ import annotations
 
 import asyncio
-import codecs
-import functools
 import json
 import logging
 import time
-import uuid
 
 import jax
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmjax.inference import engine as engine_lib, engine_steps
+from lmjax.inference.api_replies import Reply
 from lmjax.inference.api_requests import (
   ApiError,
   RequireKey,
+  chat_messages,
   engine_requests,
   error_response,
   prompt_ids,
   tokenize_as_vllm,
 )
 
-# Fields this server does not implement, with the one value it accepts (their default).
-_UNSUPPORTED = {"best_of": 1, "suffix": None}
-_UNSUPPORTED.update({"tools": None, "functions": None, "response_format": None})
+# Fields this server does not implement, with the values it accepts (their defaults and no-ops).
+_UNSUPPORTED = {
+  "best_of": (1,),
+  "suffix": (),
+  "tools": ([],),
+  "functions": ([],),
+  "tool_choice": ("none", "auto"),
+}
+_UNSUPPORTED["response_format"] = ({"type": "text"},)
 
 
 def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | None = None) -> FastAPI:
@@ -76,12 +84,21 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   if api_key:
     app.add_middleware(RequireKey, api_key=api_key)
 
+  served = {"id": model_name, "object": "model", "created": created, "owned_by": "lmjax"}
+
+  @app.exception_handler(StarletteHTTPException)  # unknown routes, wrong methods: OpenAI's error shape
+  async def http_error(_, err: StarletteHTTPException):
+    return error_response(ApiError(err.status_code, str(err.detail)))
+
   @app.get("/v1/models")
   async def models():
-    return {
-      "object": "list",
-      "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmjax"}],
-    }
+    return {"object": "list", "data": [served]}
+
+  @app.get("/v1/models/{model_id:path}")
+  async def model(model_id: str):
+    if model_id != model_name:
+      return error_response(_not_served(model_id))
+    return served
 
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
@@ -95,15 +112,15 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   async def chat_completions(http: HttpRequest):
     try:
       body = await _body(http)
-      messages = body.get("messages")
-      if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
-        raise ApiError(
-          400, "messages must be a non-empty list of {role, content} with string content", "messages"
-        )
+      messages = chat_messages(body.get("messages"))
       try:
-        ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
       except ValueError as err:  # e.g. a model without a chat template
         raise ApiError(400, f"cannot render the chat: {err}", "messages") from None
+      try:
+        ids = lm.tokenizer.encode(text)
+      except (ValueError, TypeError) as err:  # a lone surrogate (Hugging Face tokenizers: TypeError)
+        raise ApiError(400, f"messages are not text this tokenizer encodes: {err}", "messages") from None
       return await _generate(http, body, [ids], chat=True)
     except ApiError as err:
       return error_response(err)
@@ -158,17 +175,16 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   async def _body(http: HttpRequest) -> dict:
     body = await _json(http)
     if body.get("model") != model_name:
-      raise ApiError(
-        404,
-        f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
-        "model",
-        "model_not_found",
-      )
-    for field, default in _UNSUPPORTED.items():
+      raise _not_served(body.get("model"))
+    for field, accepted in _UNSUPPORTED.items():
       value = body.get(field)
-      if value is not None and not (type(value) is type(default) and value == default):
+      if value is not None and not any(type(value) is type(a) and value == a for a in accepted):
         raise ApiError(400, f"{field}={value!r} is not supported by this server", field)
     return body
+
+  def _not_served(name) -> ApiError:
+    message = f"model {name!r} is not served here; this server serves {model_name!r}"
+    return ApiError(404, message, "model", code="model_not_found")
 
   async def _generate(http: HttpRequest, body: dict, prompts: list, chat: bool):
     # max_tokens' default: OpenAI's 16 for completions; for chat, the rest of the context.
@@ -178,17 +194,22 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
     try:
       engine.submit(*requests)
     except engine_lib.QueueFull as err:
-      raise ApiError(429, f"the server is busy: {err}", kind="rate_limit_error") from None
+      raise ApiError(
+        429, f"the server is busy: {err}", kind="rate_limit_error", code="rate_limit_exceeded"
+      ) from None
     except engine_lib.TooManyAtOnce as err:  # could never be taken: a 400 that names n or the prompts
       field = "n" if len(prompts) == 1 else "prompt"
       n = len(requests) // len(prompts)
       raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} choices: {err}", field) from None
-    except ValueError as err:
-      raise ApiError(400, str(err), "max_tokens" if "max_tokens" in str(err) else "prompt") from None
+    except (
+      ValueError
+    ) as err:  # an empty prompt, or one that leaves no room (then max_tokens' fault if it fits)
+      fits = 0 < min(map(len, prompts)) and max(map(len, prompts)) < engine.max_context
+      raise ApiError(400, str(err), "max_tokens" if fits else "messages" if chat else "prompt") from None
     except RuntimeError as err:
       raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
     echo = body.get("echo") is True
-    reply = _Reply(chat, model_name, requests, lm.tokenizer, len(requests) // len(prompts), echo)
+    reply = Reply(chat, model_name, requests, lm.tokenizer, len(requests) // len(prompts), echo)
     if echo and requests[0].logprobs is not None:  # the prompts' own tokens, beside the engine's work
       try:
         async with one_forward:  # each holds [P, V] logits: one at a time
@@ -260,124 +281,5 @@ def _prompt_logprobs(engine: engine_lib.Engine, prompts: list) -> dict:
   return found
 
 
-def _is_message(m) -> bool:
-  return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-
-
-def _by_text(text, top: list) -> dict:
-  """{token text: log p} of (id, log p) pairs, likeliest first: OpenAI's completion format keys by text,
-  so of tokens that read the same the likeliest stays."""
-  alternatives = {}
-  for token, logprob in top:
-    alternatives.setdefault(text(token), logprob)
-  return alternatives
-
-
 def _sse(payload: dict) -> str:
   return f"data: {json.dumps(payload)}\n\n"
-
-
-class _Reply:
-  """OpenAI's response objects for one API request's choices (engine Requests, `n` a prompt): the whole
-  response, or stream chunks. With `echo` each completion choice begins with its prompt, whose tokens'
-  logprobs entries (the first None, as OpenAI's) come from `prompt_logprobs` when asked for."""
-
-  def __init__(self, chat: bool, model_name: str, requests: list, tokenizer, n: int = 1, echo: bool = False):
-    self.chat, self.model, self.requests, self.tokenizer = chat, model_name, requests, tokenizer
-    self.n, self.echo, self._echoed = n, echo, [False] * len(requests)
-    self.prompt_logprobs: dict = {}  # prompt (tuple) -> engine_steps.prompt_logprobs, for echo
-    self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    self.created = int(time.time())
-    # Each choice's logprobs entries given so far, the characters they complete, and its decoder of
-    # them, which holds a character's first bytes.
-    self._given, self._offset = [0] * len(requests), [0] * len(requests)
-    self._characters = [codecs.getincrementaldecoder("utf-8")("replace") for _ in requests]
-    self._token_bytes = functools.lru_cache(None)(tokenizer.token_bytes)
-
-  def logprobs(self, index: int, upto: int) -> dict | None:
-    """OpenAI's logprobs object for choice `index`'s tokens after those given so far, up to `upto` (None
-    when the request did not ask for logprobs)."""
-    request = self.requests[index]
-    if request.logprobs is None:
-      return None
-    start, self._given[index] = self._given[index], max(self._given[index], upto)
-    entries = list(zip(request.output_ids[start:upto], request.token_logprobs[start:upto]))
-    echoed = 0  # prompt entries in front (echo's first call)
-    if self.echo and not self._echoed[index]:
-      self._echoed[index] = True
-      entries = self._prompt_entries(request) + entries
-      echoed = len(request.prompt_ids)
-    token_bytes = self._token_bytes
-    text = lambda token: token_bytes(token).decode("utf-8", "backslashreplace")  # a part: "\\xe4\\xbd"
-    if self.chat:
-      item = lambda t, logprob: {"token": text(t), "logprob": logprob, "bytes": list(token_bytes(t))}
-      content = [{**item(t, lp), "top_logprobs": [item(*alt) for alt in top]} for t, (lp, top) in entries]
-      return {"content": content, "refusal": None}
-    offsets = []
-    for i, (token, _) in enumerate(entries):  # characters of the text before each token's first whole one
-      offsets.append(self._offset[index])
-      self._offset[index] += len(self._characters[index].decode(token_bytes(token)))
-      if i == echoed - 1:  # the completion starts after the echoed text, whatever the prompt's last bytes
-        self._offset[index] = len(self.echoed(index))
-        self._characters[index] = codecs.getincrementaldecoder("utf-8")("replace")
-    return {
-      "tokens": [text(t) for t, _ in entries],
-      "token_logprobs": [lp for _, (lp, _) in entries],
-      "top_logprobs": [
-        None if lp is None else {**_by_text(text, top), text(t): lp} for t, (lp, top) in entries
-      ],
-      "text_offset": offsets,
-    }
-
-  def _prompt_entries(self, request) -> list:
-    """(token, (log p or None, [(id, log p)] alternatives)) of each prompt token, as token_logprobs has
-    them for the completion's tokens; the first token has no log p (nothing comes before it)."""
-    chosen, top, top_ids = self.prompt_logprobs[tuple(request.prompt_ids)]
-    k = request.logprobs
-    later = [
-      (token, (float(chosen[i]), list(zip(top_ids[i, :k].tolist(), top[i, :k].tolist()))))
-      for i, token in enumerate(request.prompt_ids[1:])
-    ]
-    return [(request.prompt_ids[0], (None, []))] + later
-
-  def echoed(self, index: int) -> str:
-    """The text choice `index` begins with: its prompt with `echo` (control tokens by name, as its
-    logprobs entries show them), else nothing."""
-    if not self.echo:
-      return ""
-    return self.tokenizer.decode(self.requests[index].prompt_ids, skip_special_tokens=False)
-
-  def usage(self) -> dict:
-    """Token counts: each prompt once (not once a choice), the completion tokens of every choice."""
-    prompt = sum(len(r.prompt_ids) for r in self.requests[:: self.n])
-    completion = sum(len(r.output_ids) for r in self.requests)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-  def cancel_unfinished(self) -> None:
-    """Frees the slots of choices still running (their client left, or another choice failed)."""
-    for request in self.requests:
-      request.cancelled = request.finish_reason is None
-
-  def _envelope(self, kind: str, choices: list) -> dict:
-    return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-
-  def whole(self, texts: list, finishes: list) -> dict:
-    """The response: choice i has texts[i] and finishes[i]."""
-    choices = []
-    for index, (text, finish) in enumerate(zip(texts, finishes)):
-      logprobs = self.logprobs(index, len(self.requests[index].output_ids))
-      if self.chat:
-        message = {"role": "assistant", "content": text}
-        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
-      else:
-        choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
-    kind = "chat.completion" if self.chat else "text_completion"
-    return {**self._envelope(kind, choices), "usage": self.usage()}
-
-  def chunk(self, index: int, delta, finish, logprobs: dict | None = None) -> dict:
-    """A streamed chunk of choice `index`."""
-    if self.chat:
-      choice = {"index": index, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
-      return self._envelope("chat.completion.chunk", [choice])
-    choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
-    return self._envelope("text_completion", [choice])
