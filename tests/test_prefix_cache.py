@@ -9,7 +9,7 @@ import pytest
 from test_gguf_export import byte_level_bpe, tiny_llama
 
 from lmjax import model
-from lmjax.inference import engine as engine_lib, prefix_cache
+from lmjax.inference import engine as engine_lib, engine_steps, prefix_cache
 from lmjax.inference.language_model import LanguageModel
 
 
@@ -39,9 +39,10 @@ def test_a_prompt_that_begins_as_a_kept_one_is_prefilled_from_where_they_part():
     outputs = [_run(engine, prompt, 8) for prompt in (first, longer, first, other)]
   finally:
     engine.close()
-  # first: whole, two pieces of 64 and 36; longer: the 30 tokens after `first`; first again: its last
-  # token (a sampled token needs one); other: from where it leaves `first` (kept as the likeliest match)
-  assert pieces == [(0, 64), (64, 36), (100, 30), (99, 1), (100, len(other) - 100)]
+  # first: whole, two pieces of 64 and 36; longer: the 30 tokens after `first`, in pieces that end where
+  # an uncached prompt's do (128); first again: its last token (a sampled token needs one); other: from
+  # where it leaves `first` (kept, and the likeliest match)
+  assert pieces == [(0, 64), (64, 36), (100, 28), (128, 2), (99, 1), (100, len(other) - 100)]
   assert (engine.prefixes.hits, engine.prefixes.reused_tokens) == (3, 100 + 99 + 100)
   for prompt, output in zip((first, longer, first, other), outputs):
     assert output == lm.generate(prompt, max_new_tokens=8, do_sample=False)[0][len(prompt) :].tolist()
@@ -111,3 +112,28 @@ def test_prefix_of_keeps_the_first_tokens_and_copies():
   per_layer = prefix_cache.prefix_of(layers, jnp.int32(6))
   np.testing.assert_array_equal(per_layer["k"][1], cut["k"][1])
   assert cut["k"].unsafe_buffer_pointer() != cache["k"].unsafe_buffer_pointer()
+
+
+@pytest.mark.parametrize("prefill_chunk", [32, 128])
+def test_reused_prefixes_compile_nothing_past_warmup_and_stay_right(prefill_chunk):
+  """A 40-token prompt kept (prefill_chunk 32: from pieces; 128, the whole context: from a pack), then
+  prompts sharing 33 and 40 of its tokens: their pieces start after the prefix, end on multiples of
+  prefill_chunk, and use buckets warmup() compiled; their replies are generate()'s."""
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128, init_std=0.3)
+  lm = LanguageModel(cfg, params, tokenizer)
+  engine = engine_lib.Engine(
+    cfg, params, tokenizer, max_batch=1, max_context=128, prefill_chunk=prefill_chunk
+  )
+  ids = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 20)
+  kept, parted, longer = ids[:40], ids[:33] + ids[60:110], ids[:70]
+  try:
+    engine.warmup()
+    compiled = engine_steps.prefill._cache_size(), engine_steps.prefill_packed._cache_size()
+    outputs = [_run(engine, prompt, 8) for prompt in (kept, parted, longer)]
+  finally:
+    engine.close()
+  assert len(parted) == 83 and engine.prefixes.reused_tokens == 33 + 40
+  assert (engine_steps.prefill._cache_size(), engine_steps.prefill_packed._cache_size()) == compiled
+  for prompt, output in zip((kept, parted, longer), outputs):
+    assert output == lm.generate(prompt, max_new_tokens=8, do_sample=False)[0][len(prompt) :].tolist()

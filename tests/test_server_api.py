@@ -42,7 +42,9 @@ def test_the_model_routes_and_unknown_routes(served):
   error = _error(httpx.get(served.url + "/models/other"), 404)
   assert error["code"] == "model_not_found"
   assert "message" in _error(httpx.get(served.url + "/nowhere"), 404)
-  assert "message" in _error(httpx.get(served.url + "/completions"), 405)  # POST only
+  wrong_method = httpx.get(served.url + "/completions")
+  assert "GET /v1/completions" in _error(wrong_method, 405)["message"]
+  assert wrong_method.headers["allow"] == "POST"
 
 
 def test_the_api_key_and_queue_errors_carry_openais_codes():
@@ -70,6 +72,11 @@ def test_chat_content_as_text_parts_reads_as_the_joined_string(served):
   chat = served.client().chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
   as_string = [messages[0], {"role": "user", "content": "Hello\nworld"}]
   assert chat.choices[0].message.content == reference(served.lm, chat_ids(served.lm, as_string), 8)[0]
+  developer = [{"role": "developer", "content": "Be brief."}, as_string[1]]  # OpenAI's newer "system"
+  chat = served.client().chat.completions.create(
+    model="tiny", messages=developer, max_tokens=8, temperature=0
+  )
+  assert chat.choices[0].message.content == reference(served.lm, chat_ids(served.lm, as_string), 8)[0]
   history = [*as_string, {"role": "assistant", "content": None}, {"role": "user", "content": "Again"}]
   body = {"model": "tiny", "messages": history, "max_tokens": 2}
   assert post(served, "/chat/completions", body).status_code == 200  # a null assistant turn reads as ""
@@ -82,6 +89,7 @@ def test_chat_content_as_text_parts_reads_as_the_joined_string(served):
     ([{"role": "tool", "content": "42"}], "role must be system, user or assistant"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "list of text parts"),
     ([{"role": "user", "content": None}], "content must be a string"),
+    ([{"role": "user", "content": []}], "content must be a string"),
     ([{"role": "user", "content": "\ud83d"}], "not text this tokenizer encodes"),
     ("hi", "messages must be a non-empty list"),
   ],
@@ -132,3 +140,5 @@ def test_a_prompt_too_long_for_the_context_is_the_prompts_fault_not_max_tokens(s
   fits = {"model": "tiny", "prompt": "a", "max_tokens": 500}
   error = _error(post(served, "/completions", fits), 400)
   assert error["param"] == "max_tokens" and "max_tokens is 500" in error["message"]
+  chat = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 500}
+  assert _error(post(served, "/chat/completions", chat), 400)["param"] == "max_completion_tokens"

@@ -111,7 +111,7 @@ def test_choices_are_queued_all_or_none():
     while engine.active() == 0:
       time.sleep(0.001)
     engine.submit(ask("b", 2))  # waits for the slot: one place of two left
-    with pytest.raises(engine_lib.QueueFull, match="1 requests are already waiting"):
+    with pytest.raises(engine_lib.QueueFull, match=r"\(1 waiting already\)"):
       engine.submit(ask("c", 2), ask("c", 2))
     assert len(engine._waiting) == 1  # neither choice was queued
     with pytest.raises(engine_lib.TooManyAtOnce, match=r"4 requests .* \(1 slots \+ max_queue=2\)"):

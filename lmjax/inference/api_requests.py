@@ -82,18 +82,20 @@ def prompt_ids(prompt, tokenizer, field: str = "prompt", several: bool = True) -
 
 def chat_messages(messages) -> list:
   """OpenAI's chat `messages` as the chat template takes them, [{role, content}] with string content:
-  content as a string, a list of text parts ({"type": "text", "text": ...}, joined by newlines, as vLLM
-  joins them) or null (an assistant turn). Raises ApiError (400, "messages") for anything else, roles
-  other than system, user and assistant included (tools are not served)."""
+  content as a string, a non-empty list of text parts ({"type": "text", "text": ...}, joined by
+  newlines, as vLLM joins them) or null (an assistant turn); OpenAI's "developer" role is its newer name
+  for "system". Raises ApiError (400, "messages") for anything else, roles other than system, user and
+  assistant included (tools are not served)."""
   if not isinstance(messages, list) or not messages:
     raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
   rendered = []
   for i, m in enumerate(messages):
     role = m.get("role") if isinstance(m, dict) else None
+    role = "system" if role == "developer" else role
     if role not in ("system", "user", "assistant"):
       raise ApiError(400, f"messages[{i}]: role must be system, user or assistant, got {role!r}", "messages")
     content = m.get("content")
-    if isinstance(content, list) and all(_is_text_part(p) for p in content):
+    if isinstance(content, list) and content and all(_is_text_part(p) for p in content):
       content = "\n".join(p["text"] for p in content)
     elif content is None and role == "assistant":
       content = ""

@@ -131,14 +131,12 @@ class Engine:
   def warmup(self) -> None:
     """Compiles the decode step for every cache size (1, 2, 4, ... max_batch rows), the resizes between
     them, and the prefill of every piece and pack bucket by running them once on empty caches, so
-    requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces start at
-    multiples of prefill_chunk; buckets are powers of two from 16, capped at the columns left (packs:
-    at min(prefill_chunk, max_context)). Leaves a cache of every size allocated for `_fit` to reuse."""
-    # A prompt longer than prefill_chunk: its first piece a whole chunk, the next ones any length.
-    pieces = {(0, self.prefill_chunk)} if self.max_context - 1 > self.prefill_chunk else set()
-    for start in range(self.prefill_chunk, self.max_context, self.prefill_chunk):
-      pieces |= {(start, n) for n in range(1, min(self.prefill_chunk, self.max_context - start) + 1)}
-    for bucket in sorted({engine_steps.bucket(n, self.max_context - start) for start, n in pieces}):
+    requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces' buckets:
+    engine_steps.piece_buckets; packs': powers of two from 16 to min(prefill_chunk, max_context). Leaves a
+    cache of every size allocated for `_fit` to reuse."""
+    for bucket in engine_steps.piece_buckets(
+      self.max_context, self.prefill_chunk, self.prefixes.capacity > 0
+    ):
       jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
     for bucket in sorted({engine_steps.bucket(n, self._pack_room) for n in range(1, self._pack_room + 1)}):
       cache, *_ = self._pack([Request([0] * bucket, 1, None)])
@@ -185,8 +183,11 @@ class Engine:
         )
     with self._wake:
       waiting = sum(not r.cancelled for r in self._waiting)  # seated first, in order
-      if waiting + len(requests) - self._slots.count(None) > self.max_queue:
-        raise QueueFull(f"{waiting} requests are already waiting; retry later")
+      if (over := waiting + len(requests) - self._slots.count(None)) > self.max_queue:
+        raise QueueFull(
+          f"{over} requests would wait for a slot ({waiting} waiting already), more than "
+          f"max_queue={self.max_queue}; retry later"
+        )
       self._waiting.extend(requests)
       self._wake.notify()
 
@@ -237,12 +238,13 @@ class Engine:
 
   def _prefill(self) -> None:
     """Prefills up to `prefill_chunk` prompt tokens, oldest prompts first, a prompt longer than that in pieces
-    of prefill_chunk tokens and a last one (a piece never ends where the budget ran out, which would compile
-    buckets the warmup did not): the oldest prompt's next piece always runs, and younger prompts that fit in
-    what is left run whole, packed together into one forward (at most min(prefill_chunk, max_context) tokens),
-    so at most one prompt is part-way. Prompts equal to one already in the pack (an API request's `n` choices)
-    share its tokens there at no cost to the budget. A prompt whose last piece ran joins the decode batch with
-    its first token; a cancelled one frees its slot."""
+    of up to prefill_chunk tokens ending at its multiples (a piece never ends where the budget ran out, which
+    would compile buckets the warmup did not): the oldest prompt's next piece always runs, and younger prompts
+    that fit in what is left run whole, packed together into one forward (at most min(prefill_chunk,
+    max_context) tokens), so at most one prompt is part-way besides those that start from a kept prefix.
+    Prompts equal to one already in the pack (an API request's `n` choices) share its tokens there at no cost
+    to the budget (not those that start from a kept prefix: each prefills its own rest). A prompt whose last
+    piece ran joins the decode batch with its first token; a cancelled one frees its slot."""
     budget, packed, room, in_pack = self.prefill_chunk, [], self._pack_room, set()
     for row in list(self._prefilling):
       request = self._slots[row]
@@ -253,7 +255,7 @@ class Engine:
       row_cache, done = self._prefilling[row]
       if done == 0 and (hit := self.prefixes.lookup(request.prompt_ids)):  # prefilled from where they part
         row_cache, done = self._prefilling[row] = hit
-      length = min(len(request.prompt_ids) - done, self.prefill_chunk)
+      length = min(len(request.prompt_ids) - done, self.prefill_chunk - done % self.prefill_chunk)
       whole = length == len(request.prompt_ids)
       if whole and tuple(request.prompt_ids) in in_pack:
         packed.append(row)

@@ -130,6 +130,19 @@ def bucket(length: int, room: int) -> int:
   return min(max(16, 1 << (length - 1).bit_length()), room)
 
 
+def piece_buckets(max_context: int, prefill_chunk: int, after_prefixes: bool) -> list:
+  """The buckets of every prompt piece the engine may prefill (its warmup compiles each): pieces start
+  at multiples of prefill_chunk (a prompt longer than that: its first piece a whole chunk, the next ones
+  any length, capped at the columns left), and with prefix caching (`after_prefixes`) a piece may also
+  start after a reused prefix, padded to an uncapped power of two (PrefixCache.lookup)."""
+  pieces = {(0, prefill_chunk)} if max_context - 1 > prefill_chunk else set()
+  for start in range(prefill_chunk, max_context, prefill_chunk):
+    pieces |= {(start, n) for n in range(1, min(prefill_chunk, max_context - start) + 1)}
+  if after_prefixes:
+    pieces |= {(0, n) for n in range(1, min(prefill_chunk, max_context) + 1)}
+  return sorted({bucket(n, max_context - start) for start, n in pieces})
+
+
 def padded(ids, length: int) -> np.ndarray:
   """Prompt ids right-padded with 0 to `length` (at least len(ids)), as the [1, length] int32 row the
   one-row prefills take."""

@@ -80,15 +80,16 @@ class PrefixCache:
   def lookup(self, prompt_ids) -> tuple[dict, int] | None:
     """(a copy of a kept cache cut to L tokens, L) for the kept prompt sharing the longest prefix with
     `prompt_ids`, or None when no prefix of at least MIN_REUSE tokens is shared. L leaves at least one
-    token to prefill (it gives the first sampled token), and is moved down to a multiple of
-    prefill_chunk where the next piece's power-of-two bucket would not fit the columns left (a bucket
-    the engine's warmup did not compile)."""
+    token to prefill (it gives the first sampled token). The engine's first piece after L ends at the
+    next multiple of prefill_chunk, so later pieces fall where uncached prompts' do; that first piece
+    pads to a power of two (warmed up with prefix caching on) unless it would not fit the columns left,
+    and then L moves down to a multiple of prefill_chunk instead, where every bucket is warmed up."""
     best, best_key = 0, None
     for key in self._kept:
       shared = min(common_prefix(key, prompt_ids), len(prompt_ids) - 1)
       if shared > best:
         best, best_key = shared, key
-    piece = min(len(prompt_ids) - best, self.prefill_chunk)
+    piece = min(len(prompt_ids) - best, self.prefill_chunk - best % self.prefill_chunk)
     if engine_steps.bucket(piece, self.max_context) > self.max_context - best:
       best -= best % self.prefill_chunk
     if best < MIN_REUSE:

@@ -20,11 +20,11 @@ client that disconnects frees its slot. `top_k` and `ignore_eos` are extensions 
 `suffix` and tools are not served and are refused by name unless given as their no-op defaults.
 `n` choices (up to 128, as OpenAI's, and no more in all than the server's slots plus its queue: a 400)
 of each prompt are n requests in the engine's batch, all queued or none (429), prompt i's choice j at
-index i * n + j; equal prompts admitted together and short enough
-to be packed (prefill_chunk) are prefilled once. Choices that free slots seat at once do not count
-against `max_queue`. With a `seed`,
-choice 0 draws as a request with that seed alone would and choice j > 0 with a seed derived from
-(seed, j) (numpy's SeedSequence), so a seeded request repeats; usage counts each prompt once. `echo`
+index i * n + j; equal prompts admitted together, short enough to be packed (prefill_chunk) and
+not begun by a kept prompt (prefix caching: each then prefills its own rest) are prefilled once.
+Choices that free slots seat at once do not count against `max_queue`. With a `seed`, choice 0 draws
+as a request with that seed alone would and choice j > 0 with a seed derived from (seed, j) (numpy's
+SeedSequence), so a seeded request repeats; usage counts each prompt once. `echo`
 puts the prompt before each choice's text and, with logprobs, its tokens' entries before the
 completion's (the first token's log p null, as OpenAI's), from one more forward over the prompt,
 computed beside the engine (compiled per prompt bucket on first use).
@@ -87,8 +87,10 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
   served = {"id": model_name, "object": "model", "created": created, "owned_by": "lmjax"}
 
   @app.exception_handler(StarletteHTTPException)  # unknown routes, wrong methods: OpenAI's error shape
-  async def http_error(_, err: StarletteHTTPException):
-    return error_response(ApiError(err.status_code, str(err.detail)))
+  async def http_error(http: HttpRequest, err: StarletteHTTPException):
+    response = error_response(ApiError(err.status_code, f"{err.detail}: {http.method} {http.url.path}"))
+    response.headers.update(err.headers or {})  # a 405's Allow
+    return response
 
   @app.get("/v1/models")
   async def models():
@@ -205,7 +207,8 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       ValueError
     ) as err:  # an empty prompt, or one that leaves no room (then max_tokens' fault if it fits)
       fits = 0 < min(map(len, prompts)) and max(map(len, prompts)) < engine.max_context
-      raise ApiError(400, str(err), "max_tokens" if fits else "messages" if chat else "prompt") from None
+      limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+      raise ApiError(400, str(err), limit if fits else "messages" if chat else "prompt") from None
     except RuntimeError as err:
       raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
     echo = body.get("echo") is True
