@@ -36,7 +36,7 @@ def test_a_prompt_that_begins_as_a_kept_one_is_prefilled_from_where_they_part():
   assert len(ids) >= 130
   first, longer, other = ids[:100], ids[:130], ids[:100] + tokenizer.encode("a different end")
   try:
-    outputs = [_run(engine, prompt, 8) for prompt in (first, longer, first, other)]
+    outputs = [_run(engine, prompt, 1) for prompt in (first, longer, first, other)]  # prompts kept alone
   finally:
     engine.close()
   # first: whole, two pieces of 64 and 36; longer: the 30 tokens after `first`, in pieces that end where
@@ -45,7 +45,7 @@ def test_a_prompt_that_begins_as_a_kept_one_is_prefilled_from_where_they_part():
   assert pieces == [(0, 64), (64, 36), (100, 28), (128, 2), (99, 1), (100, len(other) - 100)]
   assert (engine.prefixes.hits, engine.prefixes.reused_tokens) == (3, 100 + 99 + 100)
   for prompt, output in zip((first, longer, first, other), outputs):
-    assert output == lm.generate(prompt, max_new_tokens=8, do_sample=False)[0][len(prompt) :].tolist()
+    assert output == lm.generate(prompt, max_new_tokens=1, do_sample=False)[0][len(prompt) :].tolist()
 
 
 def test_no_prefix_is_reused_when_the_cache_keeps_none_or_the_shared_part_is_short():
@@ -137,3 +137,32 @@ def test_reused_prefixes_compile_nothing_past_warmup_and_stay_right(prefill_chun
   assert (engine_steps.prefill._cache_size(), engine_steps.prefill_packed._cache_size()) == compiled
   for prompt, output in zip((kept, parted, longer), outputs):
     assert output == lm.generate(prompt, max_new_tokens=8, do_sample=False)[0][len(prompt) :].tolist()
+
+
+def test_a_chats_next_turn_reuses_the_previous_reply_too():
+  """Turn 1's prompt and its 12-token reply are kept when it finishes (the cache holds all but the
+  reply's last token, never fed back); turn 2, the same tokens and more, reuses them and still gets
+  generate()'s reply. The kept row is a copy: the engine's cache goes on being donated."""
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=256, init_std=0.3)
+  lm = LanguageModel(cfg, params, tokenizer)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=2, max_context=256, prefill_chunk=64)
+  turn1 = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 6)[:50]
+  try:
+    reply = _run(engine, turn1, 12)
+    turn2 = turn1 + reply + tokenizer.encode(" and then?")
+    second = _run(engine, turn2, 8)
+  finally:
+    engine.close()
+  kept = set(engine.prefixes._kept)  # each prompt, and each prompt with its reply
+  assert kept == {tuple(turn1), tuple(turn2), tuple(turn1 + reply[:-1]), tuple(turn2 + second[:-1])}
+  assert engine.prefixes.reused_tokens == len(turn1) + len(reply) - 1
+  assert second == lm.generate(turn2, max_new_tokens=8, do_sample=False)[0][len(turn2) :].tolist()
+
+
+def test_row_of_copies_one_row():
+  cache = model.init_cache(tiny_llama(True, 300, max_len=32)[0], 1, 16)
+  cache = {**cache, "end": jnp.asarray([3])}
+  row = engine_steps.row_of(cache, jnp.int32(0))
+  assert row["end"].tolist() == [3] and row["pos"].shape == (1, 16)
+  assert row["pos"].unsafe_buffer_pointer() != cache["pos"].unsafe_buffer_pointer()

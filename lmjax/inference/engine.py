@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import itertools
 import logging
 import threading
@@ -42,6 +41,7 @@ import numpy as np
 from lmjax import model
 from lmjax.data import tokenizer_base
 from lmjax.inference import engine_steps, prefix_cache as prefix_cache_lib
+from lmjax.inference.request import QueueFull, Request, TooManyAtOnce
 
 # Prompt tokens prefilled between two decode steps. SmolLM2-135M fp32, 2 CPU cores, a 1536-token prompt
 # arriving while 4 requests stream (benchmarks/serve_long_prompt.py, session 20): whole, the running
@@ -49,39 +49,6 @@ from lmjax.inference import engine_steps, prefix_cache as prefix_cache_lib
 # 256: 0.9-1.0 s and 4.6-4.7 s; 128: 0.55-0.6 s and 5.5-5.7 s (more pieces, each attending over the
 # whole cache). A whole prompt pads to its power of two (1536 -> 2048), pieces mostly do not.
 PREFILL_CHUNK = 256
-
-
-class QueueFull(Exception):
-  """More requests would wait for a slot than the engine's `max_queue`: retry later."""
-
-
-class TooManyAtOnce(ValueError):
-  """More requests submitted together than the engine ever takes (max_batch + max_queue)."""
-
-
-@dataclasses.dataclass
-class Request:
-  """One generation: prompt ids in, events out through `emit(text_delta, finish_reason)` (called on the
-  engine thread; finish_reason None while it runs, then 'stop', 'length', or 'error' when the engine
-  failed on it). Any int seed (taken mod 2^32); top_k above the vocabulary means all tokens. With
-  `logprobs` set, `token_logprobs` gets one entry per output token before the emit that follows it
-  (row_sampling.token_logprobs: the model's log p, before temperature / top-k / top-p)."""
-
-  prompt_ids: list
-  max_tokens: int
-  emit: object
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  stop: tuple = ()
-  ignore_eos: bool = False  # run to max_tokens (benchmarks; vLLM's extension of the same name)
-  logprobs: int | None = None  # None: none; k: each token's log p and the k (<= 20) likeliest tokens'
-  token_logprobs: list = dataclasses.field(default_factory=list)  # (log p, [(id, log p)] * k) a token
-  output_ids: list = dataclasses.field(default_factory=list)
-  finish_reason: str | None = None
-  cancelled: bool = False  # set by the client's side; the engine frees the slot at its next step
-  sent_text: str = ""  # the text emitted so far
 
 
 class Engine:
@@ -391,10 +358,15 @@ class Engine:
     hold = 0 if finish else max([len(s) - 1 for s in request.stop] + [0])
     visible = text[: max(len(sent), len(text) - hold)]
     request.sent_text, request.finish_reason = visible, finish
+    if finish and len(request.output_ids) > 1 and self.prefixes.capacity:  # a chat's next turn extends it
+      kept = request.prompt_ids + request.output_ids[:-1]  # what the row holds: all but the last token
+      self.prefixes.store(kept, engine_steps.row_of(self._cache, jnp.int32(row)))
+    if finish:  # free before the client hears: its next request finds the slot
+      self._slots[row] = None
     if visible[len(sent) :] or finish:
       try:
         request.emit(visible[len(sent) :], finish)
       except Exception:  # noqa: BLE001 (the receiver is gone, e.g. its event loop closed: stop serving it)
         request.cancelled = True
-    if finish or request.cancelled:
+    if request.cancelled:
       self._slots[row] = None

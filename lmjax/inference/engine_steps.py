@@ -161,6 +161,14 @@ def insert(cache, row_cache, row):
   }
 
 
+@jax.jit
+def row_of(cache, row) -> dict:
+  """Row `row` of the engine's cache as a one-row cache of its own, in new buffers (the next decode
+  step donates the cache; prefix caching keeps the row)."""
+  take = lambda axis, c: jax.lax.dynamic_slice_in_dim(c, row, 1, axis=axis)
+  return {**model.map_kv(take, cache), **{k: take(0, cache[k]) for k in ("pos", "end")}}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def decode_step(cfg, params, cache, last_R, seeds_R, counts_R, temperature_R, top_k_R, top_p_R, wanted):
   """One token for each of the cache's R rows, each at its own position (its row's length). Returns

@@ -1,5 +1,6 @@
-"""Automatic prefix caching for the engine (inference/engine.py): the KV caches of recent prompts, so a
-prompt that begins with one of them is prefilled only from where they part.
+"""Automatic prefix caching for the engine (inference/engine.py): the KV caches of recent prompts and of
+finished replies with their prompts, so a prompt that begins with one of them is prefilled only from
+where they part.
 
 A multi-turn chat sends its whole history every turn, and clients often repeat a long system prompt
 or document with different questions. Keys and values at positions below L depend only on the first L
@@ -53,8 +54,9 @@ def common_prefix(a, b) -> int:
 
 
 class PrefixCache:
-  """Up to `capacity` prompts' one-row caches (`max_context` columns each, so capacity x one row of the
-  engine's cache in memory), least recently used out first; capacity 0 keeps none."""
+  """Up to `capacity` one-row caches (`max_context` columns each, so capacity x one row of the engine's
+  cache in memory) of prompts, as their prefill leaves them, and of finished replies with their prompts
+  (a chat's next turn begins with both), least recently used out first; capacity 0 keeps none."""
 
   def __init__(self, capacity: int, max_context: int, prefill_chunk: int):
     if capacity < 0:
