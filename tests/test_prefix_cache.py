@@ -13,9 +13,10 @@ from lmjax.inference import engine as engine_lib, engine_steps, prefix_cache
 from lmjax.inference.language_model import LanguageModel
 
 
-def _run(engine, ids, max_tokens):
+def _run(engine, ids, max_tokens, ignore_eos=False):
   done = threading.Event()
-  request = engine_lib.Request(ids, max_tokens, lambda d, f: f and done.set(), temperature=0)
+  emit = lambda d, f: f and done.set()
+  request = engine_lib.Request(ids, max_tokens, emit, temperature=0, ignore_eos=ignore_eos)
   engine.submit(request)
   assert done.wait(60)
   return request.output_ids
@@ -129,12 +130,13 @@ def test_reused_prefixes_compile_nothing_past_warmup_and_stay_right(prefill_chun
   kept, parted, longer = ids[:40], ids[:33] + ids[60:110], ids[:70]
   try:
     engine.warmup()
-    compiled = engine_steps.prefill._cache_size(), engine_steps.prefill_packed._cache_size()
+    steps = (engine_steps.prefill, engine_steps.prefill_packed, engine_steps.row_of, prefix_cache.prefix_of)
+    compiled = [step._cache_size() for step in steps]
     outputs = [_run(engine, prompt, 8) for prompt in (kept, parted, longer)]
   finally:
     engine.close()
   assert len(parted) == 83 and engine.prefixes.reused_tokens == 33 + 40
-  assert (engine_steps.prefill._cache_size(), engine_steps.prefill_packed._cache_size()) == compiled
+  assert [step._cache_size() for step in steps] == compiled
   for prompt, output in zip((kept, parted, longer), outputs):
     assert output == lm.generate(prompt, max_new_tokens=8, do_sample=False)[0][len(prompt) :].tolist()
 
@@ -149,11 +151,12 @@ def test_a_chats_next_turn_reuses_the_previous_reply_too():
   engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=2, max_context=256, prefill_chunk=64)
   turn1 = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 6)[:50]
   try:
-    reply = _run(engine, turn1, 12)
+    reply = _run(engine, turn1, 12, ignore_eos=True)
     turn2 = turn1 + reply + tokenizer.encode(" and then?")
     second = _run(engine, turn2, 8)
   finally:
     engine.close()
+  assert len(reply) == 12
   kept = set(engine.prefixes._kept)  # each prompt, and each prompt with its reply
   assert kept == {tuple(turn1), tuple(turn2), tuple(turn1 + reply[:-1]), tuple(turn2 + second[:-1])}
   assert engine.prefixes.reused_tokens == len(turn1) + len(reply) - 1
@@ -161,8 +164,19 @@ def test_a_chats_next_turn_reuses_the_previous_reply_too():
 
 
 def test_row_of_copies_one_row():
-  cache = model.init_cache(tiny_llama(True, 300, max_len=32)[0], 1, 16)
-  cache = {**cache, "end": jnp.asarray([3])}
-  row = engine_steps.row_of(cache, jnp.int32(0))
-  assert row["end"].tolist() == [3] and row["pos"].shape == (1, 16)
-  assert row["pos"].unsafe_buffer_pointer() != cache["pos"].unsafe_buffer_pointer()
+  rng = np.random.default_rng(0)
+  k, v = rng.normal(size=(2, 2, 3, 1, 4, 16)).astype(np.float32)  # keys, values: 2 layers x 3 rows each
+  cache = {
+    "k": jnp.asarray(k),
+    "v": jnp.asarray(v),
+    "pos": jnp.arange(48).reshape(3, 16),
+    "end": jnp.asarray([3, 5, 7]),
+  }
+  row = engine_steps.row_of(cache, jnp.int32(1))
+  np.testing.assert_array_equal(row["k"], k[:, 1:2])
+  np.testing.assert_array_equal(row["v"], v[:, 1:2])
+  assert row["pos"].tolist() == [list(range(16, 32))] and row["end"].tolist() == [5]
+  one = {name: a[:, :1] if name in ("k", "v") else a[:1] for name, a in cache.items()}  # a whole-cache slice
+  assert (
+    engine_steps.row_of(one, jnp.int32(0))["k"].unsafe_buffer_pointer() != one["k"].unsafe_buffer_pointer()
+  )

@@ -118,6 +118,8 @@ class Engine:
       zeros, ones = jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), jnp.float32)
       args = (zeros, zeros.astype(jnp.uint32), zeros, ones, zeros, ones, jnp.asarray(False))
       cache, *_ = engine_steps.decode_step(self.cfg, self.params, cache, *args)
+      if self.prefixes.capacity:  # a finished reply's row, copied out
+        jax.block_until_ready(engine_steps.row_of(cache, jnp.int32(0)))
       if rows != self._cache["end"].shape[0]:
         self._spares[rows] = jax.block_until_ready(cache)  # each size's memory, touched once
 
@@ -360,7 +362,10 @@ class Engine:
     request.sent_text, request.finish_reason = visible, finish
     if finish and len(request.output_ids) > 1 and self.prefixes.capacity:  # a chat's next turn extends it
       kept = request.prompt_ids + request.output_ids[:-1]  # what the row holds: all but the last token
-      self.prefixes.store(kept, engine_steps.row_of(self._cache, jnp.int32(row)))
+      try:
+        self.prefixes.store(kept, engine_steps.row_of(self._cache, jnp.int32(row)))
+      except Exception as err:  # noqa: BLE001 (e.g. no memory for the copy: the replies go on)
+        logging.warning("lmjax engine: a finished reply was not kept for prefix caching: %s", err)
     if finish:  # free before the client hears: its next request finds the slot
       self._slots[row] = None
     if visible[len(sent) :] or finish:
