@@ -53,13 +53,17 @@ def test_no_prefix_is_reused_when_the_cache_keeps_none_or_the_shared_part_is_sho
   tokenizer = byte_level_bpe()
   cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128)
   ids = list(range(3, 103))
+  lm = LanguageModel(cfg, params, tokenizer)
   off = engine_lib.Engine(cfg, params, tokenizer, max_batch=1, max_context=128, prefix_cache=0)
+  prefix_cache.prefix_of.clear_cache()
   try:
-    _run(off, ids[:60], 2)
-    _run(off, ids[:70], 2)
+    off.warmup()
+    outputs = [_run(off, ids[:60], 2), _run(off, ids[:70], 2)]
   finally:
     off.close()
-  assert off.prefixes.hits == 0
+  assert off.prefixes.hits == 0 and not off.prefixes._kept and prefix_cache.prefix_of._cache_size() == 0
+  for prompt, output in zip((ids[:60], ids[:70]), outputs):
+    assert output == lm.generate(prompt, max_new_tokens=2, do_sample=False)[0][len(prompt) :].tolist()
   kept = prefix_cache.PrefixCache(2, max_context=128, prefill_chunk=64)
   kept.store(ids[:40], model.init_cache(cfg, 1, 128))
   assert kept.lookup(ids[: prefix_cache.MIN_REUSE - 1] + [0] * 20) is None  # shares 31 tokens
@@ -97,6 +101,68 @@ def test_the_reused_length_leaves_room_for_the_next_pieces_bucket():
   kept.store(list(range(90)), cache)
   assert kept.lookup(list(range(90)) + [1, 2, 3])[1] == 80
   assert kept.lookup(list(range(60)) + [1, 2, 3])[1] == 60  # a 16-token bucket fits after 60
+
+
+@pytest.mark.parametrize("max_context,prefill_chunk", [(100, 40), (128, 32), (128, 128), (100, 128)])
+def test_piece_buckets_are_exactly_the_buckets_prefills_use(max_context, prefill_chunk):
+  """Every prompt length, alone and after every prefix a kept prompt can give (PrefixCache.lookup), cut
+  into pieces as Engine._prefill cuts them (whole prompts are packed, not pieces): the buckets they use
+  are piece_buckets', no more (warmup would compile for nothing) and no fewer (serving would compile)."""
+  row = {
+    "k": jnp.zeros((1, 1, 2, max_context)),
+    "v": jnp.zeros((1, 1, max_context, 2)),
+    "pos": jnp.zeros((1, max_context), jnp.int32),
+  }
+
+  def buckets_used(prompt_length, done):
+    used = set()
+    while done < prompt_length:
+      length = min(prompt_length - done, prefill_chunk - done % prefill_chunk)
+      if length == prompt_length:
+        break  # packed
+      used.add(engine_steps.bucket(length, max_context - done))
+      done += length
+    return used
+
+  alone, after = set(), set()
+  for prompt_length in range(1, max_context):
+    alone |= buckets_used(prompt_length, 0)
+    for shared in range(prefix_cache.MIN_REUSE, prompt_length):
+      kept = prefix_cache.PrefixCache(1, max_context, prefill_chunk)
+      kept.store(list(range(shared)) + [-1], row)
+      if hit := kept.lookup(list(range(prompt_length))):
+        after |= buckets_used(prompt_length, hit[1])
+  shortest = prefix_cache.MIN_REUSE
+  assert engine_steps.piece_buckets(max_context, prefill_chunk, 0) == sorted(alone)
+  assert engine_steps.piece_buckets(max_context, prefill_chunk, shortest) == sorted(alone | after)
+
+
+def test_a_requests_choices_in_pieces_wait_for_the_first_and_reuse_its_prompt():
+  """Three choices of a 100-token prompt (prefill_chunk 64): the first is prefilled in pieces, the others
+  wait for it and prefill only the last token (a sampled token needs one) from its kept cache."""
+  tokenizer = byte_level_bpe()
+  cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128, init_std=0.3)
+  lm = LanguageModel(cfg, params, tokenizer)
+  engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=3, max_context=128, prefill_chunk=64)
+  pieces = []
+  run_piece = engine._prefill_piece
+  engine._prefill_piece = lambda cache, piece, bucket, request: (
+    pieces.append((int(cache["end"][0]) if cache is not None else 0, len(piece))),
+    run_piece(cache, piece, bucket, request),
+  )[1]
+  prompt = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 20)[:100]
+  finished = threading.Semaphore(0)
+  choices = [
+    engine_lib.Request(prompt, 6, lambda d, f: f and finished.release(), temperature=0) for _ in range(3)
+  ]
+  try:
+    engine.submit(*choices)
+    assert all(finished.acquire(timeout=60) for _ in choices)
+  finally:
+    engine.close()
+  assert pieces == [(0, 64), (64, 36), (99, 1), (99, 1)]
+  expected = lm.generate(prompt, max_new_tokens=6, do_sample=False)[0][len(prompt) :].tolist()
+  assert [c.output_ids for c in choices] == [expected] * 3
 
 
 def test_prefix_of_keeps_the_first_tokens_and_copies():

@@ -45,9 +45,9 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   "prefix_cache",
   8,
-  "Recent prompts whose KV caches are kept, so a prompt that begins as one of them (a chat's next "
-  "turn, a repeated system prompt or document) is prefilled only from where they part; each costs "
-  "one slot's cache memory; 0 keeps none.",
+  "Recent prompts and finished replies (with their prompts) whose KV caches are kept, so a prompt that "
+  "begins as one of them (a chat's next turn, a repeated system prompt or document) is prefilled only "
+  "from where they part; each costs one slot's cache memory; 0 keeps none.",
   lower_bound=0,
 )
 

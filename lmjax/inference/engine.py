@@ -68,9 +68,9 @@ class Engine:
     """`max_context`: cache columns per slot, the longest prompt + max_tokens served (at most the model's
     max_len). `max_queue`: requests that may wait beyond the free slots; `submit` raises QueueFull past it.
     `prefill_chunk`: prompt tokens prefilled per iteration, between decode steps (module docstring);
-    max_context or more prefills every prompt whole. `prefix_cache`: recent prompts whose KV caches are
-    kept for prompts that begin as they do (inference/prefix_cache.py; each costs one row of the cache,
-    0 keeps none). Raises ValueError for values out of range."""
+    max_context or more prefills every prompt whole. `prefix_cache`: KV caches of recent prompts and finished
+    replies (with their prompts) kept for prompts that begin as they do (inference/prefix_cache.py; each
+    costs one row of the cache, 0 keeps none). Raises ValueError for values out of range."""
     if max_context > cfg.max_len:
       raise ValueError(f"max_context={max_context} exceeds the model's context ({cfg.max_len} tokens)")
     if max_batch < 1 or max_context < 2 or max_queue < 0 or prefill_chunk < 16:
@@ -101,14 +101,14 @@ class Engine:
     requests do not wait for compilers (SmolLM2: ~4 s each). Call before serving. Pieces' buckets:
     engine_steps.piece_buckets; packs': powers of two from 16 to min(prefill_chunk, max_context). Leaves a
     cache of every size allocated for `_fit` to reuse."""
-    for bucket in engine_steps.piece_buckets(
-      self.max_context, self.prefill_chunk, self.prefixes.capacity > 0
-    ):
+    shortest_prefix = prefix_cache_lib.MIN_REUSE if self.prefixes.capacity else 0
+    for bucket in engine_steps.piece_buckets(self.max_context, self.prefill_chunk, shortest_prefix):
       jax.block_until_ready(self._prefill_piece(None, [0], bucket, Request([0], 1, None)))
     for bucket in sorted({engine_steps.bucket(n, self._pack_room) for n in range(1, self._pack_room + 1)}):
       cache, *_ = self._pack([Request([0] * bucket, 1, None)])
       jax.block_until_ready(engine_steps.unpacked_row(cache, jnp.int32(1), jnp.int32(1), self.max_context))
-    jax.block_until_ready(prefix_cache_lib.prefix_of(self._empty(1), jnp.int32(1)))  # a prefix reused
+    if self.prefixes.capacity:  # a prefix reused
+      jax.block_until_ready(prefix_cache_lib.prefix_of(self._empty(1), jnp.int32(1)))
     sizes = sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
     for rows, other in itertools.product(sizes, sizes):  # _fit's resizes: the first burst stalled 1.3 s
       if rows != other:
@@ -147,8 +147,8 @@ class Engine:
         )
       if len(request.prompt_ids) + request.max_tokens > self.max_context:
         raise ValueError(
-          f"the prompt has {len(request.prompt_ids)} tokens and max_tokens is {request.max_tokens}: more "
-          f"than this server's context of {self.max_context} tokens"
+          f"the prompt has {len(request.prompt_ids)} tokens and a reply of up to {request.max_tokens}: "
+          f"more than this server's context of {self.max_context} tokens"
         )
     with self._wake:
       waiting = sum(not r.cancelled for r in self._waiting)  # seated first, in order
@@ -212,9 +212,10 @@ class Engine:
     that fit in what is left run whole, packed together into one forward (at most min(prefill_chunk,
     max_context) tokens), so at most one prompt is part-way besides those that start from a kept prefix.
     Prompts equal to one already in the pack (an API request's `n` choices) share its tokens there at no cost
-    to the budget (not those that start from a kept prefix: each prefills its own rest). A prompt whose last
-    piece ran joins the decode batch with its first token; a cancelled one frees its slot."""
-    budget, packed, room, in_pack = self.prefill_chunk, [], self._pack_room, set()
+    to the budget; with prefix caching, those equal to one prefilled in pieces wait for it and then start
+    from its kept cache. A prompt whose last piece ran joins the decode batch with its first token; a
+    cancelled one frees its slot."""
+    budget, packed, room, in_pack, in_pieces = self.prefill_chunk, [], self._pack_room, set(), set()
     for row in list(self._prefilling):
       request = self._slots[row]
       if request.cancelled:
@@ -222,11 +223,16 @@ class Engine:
         del self._prefilling[row]
         continue
       row_cache, done = self._prefilling[row]
+      key = tuple(request.prompt_ids)
+      if done == 0 and self.prefixes.capacity and key in in_pieces:  # its twin's cache will be kept
+        continue
       if done == 0 and (hit := self.prefixes.lookup(request.prompt_ids)):  # prefilled from where they part
         row_cache, done = self._prefilling[row] = hit
       length = min(len(request.prompt_ids) - done, self.prefill_chunk - done % self.prefill_chunk)
       whole = length == len(request.prompt_ids)
-      if whole and tuple(request.prompt_ids) in in_pack:
+      if not whole:
+        in_pieces.add(key)
+      if whole and key in in_pack:
         packed.append(row)
         continue
       if length > budget or (whole and length > room):
@@ -235,7 +241,7 @@ class Engine:
       if whole:
         packed.append(row)
         room -= length
-        in_pack.add(tuple(request.prompt_ids))
+        in_pack.add(key)
         continue
       piece = request.prompt_ids[done : done + length]
       row_cache, token_1, logprobs = self._prefill_piece(

@@ -130,17 +130,21 @@ def bucket(length: int, room: int) -> int:
   return min(max(16, 1 << (length - 1).bit_length()), room)
 
 
-def piece_buckets(max_context: int, prefill_chunk: int, after_prefixes: bool) -> list:
+def piece_buckets(max_context: int, prefill_chunk: int, shortest_prefix: int) -> list:
   """The buckets of every prompt piece the engine may prefill (its warmup compiles each): pieces start
   at multiples of prefill_chunk (a prompt longer than that: its first piece a whole chunk, the next ones
-  any length, capped at the columns left), and with prefix caching (`after_prefixes`) a piece may also
-  start after a reused prefix, padded to an uncapped power of two (PrefixCache.lookup)."""
-  pieces = {(0, prefill_chunk)} if max_context - 1 > prefill_chunk else set()
+  any length, capped at the columns left). With prefix caching (`shortest_prefix`, the fewest tokens it
+  reuses; 0: off) a piece of up to prefill_chunk tokens may also start after a reused prefix, padded to
+  its power of two when that fits the columns left (else PrefixCache.lookup moves the prefix's end down
+  to a multiple of prefill_chunk)."""
+  buckets = {bucket(prefill_chunk, max_context)} if max_context - 1 > prefill_chunk else set()
   for start in range(prefill_chunk, max_context, prefill_chunk):
-    pieces |= {(start, n) for n in range(1, min(prefill_chunk, max_context - start) + 1)}
-  if after_prefixes:
-    pieces |= {(0, n) for n in range(1, min(prefill_chunk, max_context) + 1)}
-  return sorted({bucket(n, max_context - start) for start, n in pieces})
+    buckets |= {bucket(n, max_context - start) for n in range(1, min(prefill_chunk, max_context - start) + 1)}
+  if shortest_prefix:
+    room = max_context - shortest_prefix
+    after = (bucket(n, max_context) for n in range(1, min(prefill_chunk, room) + 1))
+    buckets |= {b for b in after if b <= room}
+  return sorted(buckets)
 
 
 def padded(ids, length: int) -> np.ndarray:

@@ -207,8 +207,11 @@ def create_app(lm, model_name: str, engine: engine_lib.Engine, api_key: str | No
       ValueError
     ) as err:  # an empty prompt, or one that leaves no room (then max_tokens' fault if it fits)
       fits = 0 < min(map(len, prompts)) and max(map(len, prompts)) < engine.max_context
+      if not fits:
+        raise ApiError(400, str(err), "messages" if chat else "prompt") from None
       limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-      raise ApiError(400, str(err), limit if fits else "messages" if chat else "prompt") from None
+      room = engine.max_context - max(map(len, prompts))
+      raise ApiError(400, f"{err}; give {limit} at most {room}", limit) from None
     except RuntimeError as err:
       raise ApiError(503, f"the server cannot generate: {err}", kind="server_error") from None
     echo = body.get("echo") is True
