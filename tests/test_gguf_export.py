@@ -4,6 +4,8 @@ logits, tokenizer and chat template. That llama.cpp itself runs the file to the 
 measured by benchmarks/gguf_export_llama_cpp.py (llama-cpp-python builds from source)."""
 
 import os
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -108,13 +110,14 @@ def test_what_gguf_cannot_express_is_refused(tmp_path):
   cfg, params = tiny_llama(True)
   with pytest.raises(ValueError, match="dtype 'q4_0' is not supported"):
     gguf_export.export(cfg, params, tokenizer, path, "q4_0")
-  with pytest.raises(ValueError, match="has no llama.cpp equivalent"):
-    gguf_export.export(cfg, params, tokenizers.train("char", "abc"), path)
+  for kind in ("char", "bytelevel"):
+    with pytest.raises(ValueError, match=f"data.tokenizer='{kind}', fitted by lmjax.*--format=hf"):
+      gguf_export.export(cfg, params, tokenizers.train(kind, "abc " * 50, 300), path)
   cfg, params = tiny_llama(True, parametrization="mup", mup_base_width=32)
   with pytest.raises(ValueError, match="'parametrization': 'mup'"):
     gguf_export.export(cfg, params, tokenizer, path)
   cfg, params = tiny_llama(True)
-  with pytest.raises(ValueError, match="without merges"):
+  with pytest.raises(ValueError, match="data.tokenizer='byte'"):
     gguf_export.export(cfg, params, tokenizers.ByteTokenizer(), path)
   assert not os.path.exists(path)
 
@@ -127,3 +130,35 @@ def test_export_cli_never_replaces_an_existing_output(tmp_path, capsys):
   assert exit_info.value.code == 2
   assert "exists; choose a new path" in capsys.readouterr().err
   assert existing.read_text() == "keep me"
+
+
+def test_export_cli_refuses_folders_and_leaves_nothing_when_stopped(
+  tmp_path, capsys, monkeypatch
+):
+  """A GGUF --output ending in / and one under a file are refused before loading; an export stopped by
+  SIGTERM or failing leaves neither its staging file nor the folders it made."""
+  model = str(tmp_path / "m.gguf")
+  cfg, params = tiny_llama(True)
+  gguf_export.export(cfg, params, byte_level_bpe(), model)
+  (tmp_path / "notes.txt").write_text("keep")
+  cases = {f"{tmp_path}/new/": "names a folder", f"{tmp_path}/notes.txt/x.gguf": "notes.txt is a file"}
+  for output, message in cases.items():
+    with pytest.raises(SystemExit) as exit_info:
+      export_cli.run(["lmjax-export", f"--model=pretrained:{model}", f"--output={output}"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+  def stopped(*_):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler's SystemExit ends this
+
+  def failing(*_):
+    raise ValueError("cannot say that")
+
+  previous = signal.getsignal(signal.SIGTERM)
+  for export, code in ((stopped, 128 + signal.SIGTERM), (failing, 2)):
+    monkeypatch.setattr(gguf_export, "export", export)
+    with pytest.raises(SystemExit) as exit_info:
+      export_cli.run(["lmjax-export", f"--model=pretrained:{model}", f"--output={tmp_path}/a/b/m.gguf"])
+    assert exit_info.value.code == code
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf", "notes.txt"]
+  assert signal.getsignal(signal.SIGTERM) is previous

@@ -173,6 +173,19 @@ def test_atomic_writes_from_many_threads_leave_one_whole_file(tmp_path):
   assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path, umask, mode):
+  """As open(path, "w") under the umask: other users read a run or an export that umask 022 lets them."""
+  previous = os.umask(umask)
+  try:
+    files_lib.write_atomic(str(tmp_path / "a.json"), "{}")
+    with open(tmp_path / "b.json", "w") as f:
+      f.write("{}")
+  finally:
+    os.umask(previous)
+  assert os.stat(tmp_path / "a.json").st_mode & 0o777 == mode == os.stat(tmp_path / "b.json").st_mode & 0o777
+
+
 def test_repeated_sweep_points_run_once_and_distinct_points_never_share_a_directory():
   drawn = [{"optim.lr": 0.01, "model.mlp": "swiglu"}] * 3 + [{"optim.lr": 0.01, "model.mlp": "gelu"}]
   assert sweep.distinct_points(drawn) == [drawn[0], drawn[3]]

@@ -5,12 +5,14 @@ lmjax-export --model=runs/my_llama --format=gguf --dtype=q8_0 --output=my_llama.
 lmjax-export --model=pretrained:smollm2-135m-instruct --format=gguf --dtype=f16 --output=smollm2.f16.gguf
 lmjax-export --model=runs/my_llama --format=hf --output=my_llama_hf/
 
-The output is written beside its final name and moved there only when complete; an existing output is
-never replaced.
+The output is written beside its final name and moved there only when complete (a SIGTERM or a
+failure leaves nothing behind, not even the folders made for it); an existing output is never replaced.
 """
 
 import os
 import shutil
+import signal
+import sys
 import tempfile
 
 from absl import app, flags
@@ -39,10 +41,17 @@ def main(argv):
     raise errors.UserError(f"--output={f.output} exists; choose a new path (nothing is overwritten)")
   if f.format == "hf" and f["dtype"].present:
     raise errors.UserError("--dtype is for --format=gguf; a Hugging Face export is fp32 safetensors")
-  cfg, params, tokenizer = pretrained.load(cli.model_source(f.model))
+  if f.format == "gguf" and f.output.endswith(("/", os.sep)):
+    raise errors.UserError(f"--output={f.output} names a folder; give the GGUF file's path (e.g. model.gguf)")
   parent = os.path.dirname(os.path.abspath(f.output))
+  if blocker := _file_above(parent):
+    raise errors.UserError(f"--output={f.output}: {blocker} is a file, not a folder")
+  cfg, params, tokenizer = pretrained.load(cli.model_source(f.model))
+  stop = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))  # `finally` cleans up
+  made = _missing_folders(parent)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(f.output)}.")
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(f.output.rstrip('/' + os.sep))}.")
+  done = False
   try:
     written = os.path.join(staging, "out")
     if f.format == "gguf":
@@ -52,16 +61,37 @@ def main(argv):
     if os.path.exists(f.output):  # appeared while the model loaded
       raise errors.UserError(f"--output={f.output} exists now; nothing was written there")
     os.rename(written, f.output)
+    done = True
   except ValueError as err:  # what the format cannot express: the user's model, named
     raise errors.UserError(f"cannot export {f.model}: {err}") from None
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    for folder in [] if done else reversed(made):
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+    signal.signal(signal.SIGTERM, stop)
   size = (
     os.path.getsize(f.output)
     if f.format == "gguf"
     else sum(os.path.getsize(os.path.join(f.output, n)) for n in os.listdir(f.output))
   )
   print(f"wrote {f.output} ({size / 2**20:.1f} MiB)")
+
+
+def _file_above(folder: str) -> str | None:
+  """The nearest existing path on the way up to the absolute `folder` when it is a file, else None."""
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  return None if os.path.isdir(folder) else folder
+
+
+def _missing_folders(folder: str) -> list:
+  """The folders `os.makedirs(folder)` would make, outermost first."""
+  missing = []
+  while folder and not os.path.exists(folder):
+    missing.append(folder)
+    folder = os.path.dirname(folder)
+  return missing[::-1]
 
 
 def run(argv=None) -> None:

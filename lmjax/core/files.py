@@ -30,10 +30,12 @@ class WorkdirInUse(errors.UserError):
 def write_atomic(path: str, text) -> None:
   """Writes `text` (str as UTF-8, or any bytes-like object: bytes, a numpy array's memoryview) to
   `path` via a uniquely named temporary file in the same directory and one `os.replace`, so readers
-  and concurrent writers never see a partial file."""
+  and concurrent writers never see a partial file. The file gets the permissions open() would give it
+  under the process's umask (mkstemp's own 0600 hid exports and runs from other users)."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(text.encode("utf-8") if isinstance(text, str) else text)
       f.flush()
@@ -43,6 +45,18 @@ def write_atomic(path: str, text) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  """The process's umask: Linux shows it in /proc; elsewhere set and restored at once (os.umask can only
+  be read by replacing it)."""
+  try:
+    with open("/proc/self/status") as status:
+      return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str, value, **kwargs) -> None:

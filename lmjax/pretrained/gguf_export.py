@@ -54,13 +54,20 @@ def export(cfg: model.ModelConfig, params, tokenizer, path: str, dtype: str = "f
   Raises ValueError for a dtype not in EXPORT_DTYPES, options llama.cpp cannot express
   (check_exportable), or a tokenizer it would tokenize differently (to_gguf_metadata: byte-level BPEs
   with GPT-2's or SmolLM's split, as pretrained models have; lmjax's own `char`, `byte`, `bpe` and
-  `bytelevel` kinds have no llama.cpp equivalent). `path` is written only after every check.
+  `bytelevel` kinds have no llama.cpp equivalent: `bytelevel` splits whitespace runs apart from GPT-2's
+  regex, bytelevel_bpe.PATTERN). `path` is written only after every check.
   """
   import gguf
 
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"GGUF export dtype {dtype!r} is not supported; allowed: {list(EXPORT_DTYPES)}")
   check_exportable(cfg)
+  if tokenizer.kind != "hf":
+    raise ValueError(
+      f"its tokenizer (data.tokenizer={tokenizer.kind!r}, fitted by lmjax) has no llama.cpp equivalent, "
+      "so llama.cpp would read other tokens: write it with --format=hf instead (transformers reads the "
+      "tokenizer), or fine-tune a pretrained model, whose tokenizer GGUF keeps"
+    )
   vocab = hf_tokenizer.to_gguf_metadata(hf_export.as_hf(tokenizer))
   if len(vocab["tokens"]) != cfg.vocab_size:
     raise ValueError(f"the tokenizer has {len(vocab['tokens'])} ids, the model {cfg.vocab_size} embeddings")
