@@ -132,9 +132,7 @@ def test_export_cli_never_replaces_an_existing_output(tmp_path, capsys):
   assert existing.read_text() == "keep me"
 
 
-def test_export_cli_refuses_folders_and_leaves_nothing_when_stopped(
-  tmp_path, capsys, monkeypatch
-):
+def test_export_cli_refuses_folders_and_leaves_nothing_when_stopped(tmp_path, capsys, monkeypatch):
   """A GGUF --output ending in / and one under a file are refused before loading; an export stopped by
   SIGTERM or failing leaves neither its staging file nor the folders it made."""
   model = str(tmp_path / "m.gguf")

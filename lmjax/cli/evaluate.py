@@ -20,7 +20,7 @@ from absl import app, flags
 from lm_eval import utils as lm_eval_utils
 
 from lmjax import cli, pretrained
-from lmjax.core import files
+from lmjax.core import errors, files
 from lmjax.inference.language_model import LanguageModel
 from lmjax.run import rundir
 from lmjax.tasks import evaluators, generators, harness
@@ -36,7 +36,7 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("task", None, sorted(generators.GENERATORS) + ["search"], "A built-in task to score.")
 flags.DEFINE_integer("num_examples", 64, "Task examples to score.")
 flags.DEFINE_string("text_file", None, "A UTF-8 text to compute perplexity on.")
-flags.DEFINE_integer("seq_len", 256, "Window length for perplexity.")
+flags.DEFINE_integer("seq_len", 256, "Window length for perplexity.", lower_bound=2)
 flags.DEFINE_string("output", None, "Write OUTPUT.json and OUTPUT.md.")
 flags.DEFINE_string(
   "model", None, "lm-eval: a run directory, or pretrained:NAME (registered name, .gguf, HF dir)."
@@ -57,6 +57,8 @@ def main(argv):
     return _harness(f)
   if bool(f.workdir) == bool(f.pretrained):
     raise app.UsageError("give exactly one of --workdir or --pretrained")
+  if f.text_file and not os.path.isfile(f.text_file):
+    raise errors.UserError(f"--text_file={f.text_file}: no such file")
   lm = LanguageModel.from_pretrained(f.workdir or f.pretrained, dtype=f.dtype)
   results = {}
   if f.task == "search":
@@ -71,9 +73,13 @@ def main(argv):
     )
   if f.text_file:
     with open(f.text_file, encoding="utf-8") as fh:
+      text = fh.read()
+    try:
       results["text"] = evaluators.perplexity(
-        lm.cfg, lm.params, lm.tokenizer, fh.read(), min(f.seq_len, lm.cfg.max_len - 1)
+        lm.cfg, lm.params, lm.tokenizer, text, min(f.seq_len, lm.cfg.max_len - 1)
       )
+    except ValueError as err:  # too short, or a character the run's tokenizer never saw
+      raise errors.UserError(f"--text_file={f.text_file}: {err}") from None
   if not results:
     raise app.UsageError("nothing to evaluate: give --task and/or --text_file")
   print(json.dumps(results, indent=2, ensure_ascii=False))
@@ -96,6 +102,8 @@ def _harness(f) -> None:
   lm = LanguageModel.from_pretrained(name, dtype=f.dtype)
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
   results = harness.evaluate(lm, f.tasks, manager, limit, f.num_fewshot, f.batch_size)
+  dtype = f.dtype or lm.cfg.param_dtype  # recorded as lm-eval records a model's arguments
+  results.setdefault("config", {})["model_args"] = f"model={f.model},dtype={dtype}"
   output = f.output or (os.path.join(name, "lm_eval", "results") if rundir.is_run(name) else None)
   if output:
     print(harness.write_results(results, output))

@@ -5,6 +5,8 @@ lmjax-sample --pretrained=smollm2-135m-instruct --chat --prompt="What is the cap
 lmjax-sample --pretrained=/path/to/hf_model_dir --prompt="Once upon a time"
 """
 
+import os
+
 from absl import app, flags
 
 from lmjax import cli, pretrained
@@ -35,6 +37,7 @@ flags.DEFINE_integer(
   "max_new_tokens",
   200,
   "Tokens to generate per sample (past the context too: see --past_context).",
+  lower_bound=1,
 )
 flags.DEFINE_enum(
   "past_context",
@@ -44,11 +47,11 @@ flags.DEFINE_enum(
   "of the window per token) or a rolling KV cache (RoPE models; one cached step per token); auto: "
   "rolling for RoPE models, crop otherwise.",
 )
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.", lower_bound=0)
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).", lower_bound=0)
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 flags.DEFINE_float("repetition_penalty", 1.0, "Penalise tokens already present (1 = off).")
-flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same samples).")
 flags.DEFINE_bool(
   "stream", False, "Print text as it is generated, whole characters only (one prompt, one sample)."
@@ -68,6 +71,12 @@ def main(argv):
   f = flags.FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
     raise app.UsageError("give exactly one of --workdir, --checkpoint or --pretrained")
+  if not 0 < f.top_p <= 1 or f.repetition_penalty <= 0:
+    raise errors.UserError(
+      f"--top_p={f.top_p} must be in (0, 1] and --repetition_penalty={f.repetition_penalty} above 0"
+    )
+  if f.prompt_file and not os.path.isfile(f.prompt_file):
+    raise errors.UserError(f"--prompt_file={f.prompt_file}: no such file")
   if f.temperature == 0 and (f.top_k or f.top_p < 1):
     raise errors.UserError(
       f"--top_k={f.top_k} / --top_p={f.top_p} filter sampling, but --temperature=0 is greedy and "
@@ -119,12 +128,12 @@ def main(argv):
       stream.push(token_B[0])
       show(stream.released)
 
-    lm.generate(encoded[0], on_token=on_token, **kwargs)
+    _generate(lm, encoded[0], on_token=on_token, **kwargs)
     stream.flush()
     show(stream.released, final=True)
     print()
     return
-  outputs = lm.generate(encoded, num_return_sequences=f.num_samples, **kwargs)
+  outputs = _generate(lm, encoded, num_return_sequences=f.num_samples, **kwargs)
   for i, out in enumerate(outputs):
     print(f"===== prompt {i // f.num_samples + 1}, sample {i % f.num_samples + 1} =====")
     continuation = tokenizer_base.cut_at_stop(
@@ -135,6 +144,14 @@ def main(argv):
       print(continuation.strip())
     else:
       print(prompts[i // f.num_samples] + continuation)
+
+
+def _generate(lm, prompts, **kwargs):
+  """lm.generate, its ValueErrors (a prompt empty or too long for the context) the user's to fix."""
+  try:
+    return lm.generate(prompts, **kwargs)
+  except ValueError as err:
+    raise errors.UserError(f"cannot sample: {err}") from None
 
 
 def run(argv=None):
