@@ -32,7 +32,11 @@ def test_sample_flags_out_of_range_are_usage_errors(model, flag):
 
 def test_sample_input_errors_name_what_to_fix(model, tmp_path):
   _refused(run_lmjax("sample", model, f"--prompt_file={tmp_path}/nope.txt"), 2, "nope.txt: no such file")
-  _refused(run_lmjax("sample", model, "--top_p=0", "--temperature=1"), 2, "--top_p=0.0 must be in (0, 1]")
+  _refused(
+    run_lmjax("sample", model, "--top_p=0", "--temperature=1"),
+    2,
+    "--top_p=0.0: give a probability mass in (0, 1]",
+  )
   too_long = run_lmjax("sample", model, "--prompt=" + "word " * 40, "--max_new_tokens=2")
   _refused(too_long, 2, "error: cannot sample: ")
   _refused(run_lmjax("sample", model, "--prompt="), 2, "error: cannot sample: ")
@@ -41,6 +45,8 @@ def test_sample_input_errors_name_what_to_fix(model, tmp_path):
 def test_evaluate_input_errors_name_what_to_fix(model, tmp_path):
   _refused(run_lmjax("evaluate", model, f"--text_file={tmp_path}/nope.txt"), 2, "nope.txt: no such file")
   (tmp_path / "short.txt").write_text("a")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+  _refused(run_lmjax("evaluate", model, f"--text_file={tmp_path}/latin1.txt"), 2, "latin1.txt: 'utf-8' codec")
   short = f"--text_file={tmp_path}/short.txt"
   _refused(run_lmjax("evaluate", model, short), 2, "short.txt: the text has 1 tokens; perplexity needs")
   _refused(run_lmjax("evaluate", model, short, "--seq_len=1"), 1, "Flags parsing error: flag --seq_len=1: ")

@@ -103,7 +103,9 @@ def test_the_reused_length_leaves_room_for_the_next_pieces_bucket():
   assert kept.lookup(list(range(60)) + [1, 2, 3])[1] == 60  # a 16-token bucket fits after 60
 
 
-@pytest.mark.parametrize("max_context,prefill_chunk", [(100, 40), (128, 32), (128, 128), (100, 128)])
+@pytest.mark.parametrize(
+  "max_context,prefill_chunk", [(100, 40), (128, 32), (128, 128), (100, 128), (33, 16), (64, 40), (199, 67)]
+)
 def test_piece_buckets_are_exactly_the_buckets_prefills_use(max_context, prefill_chunk):
   """Every prompt length, alone and after every prefix a kept prompt can give (PrefixCache.lookup), cut
   into pieces as Engine._prefill cuts them (whole prompts are packed, not pieces): the buckets they use
@@ -117,7 +119,7 @@ def test_piece_buckets_are_exactly_the_buckets_prefills_use(max_context, prefill
   def buckets_used(prompt_length, done):
     used = set()
     while done < prompt_length:
-      length = min(prompt_length - done, prefill_chunk - done % prefill_chunk)
+      length = engine_steps.piece_length(done, prompt_length, prefill_chunk)
       if length == prompt_length:
         break  # packed
       used.add(engine_steps.bucket(length, max_context - done))
@@ -139,15 +141,17 @@ def test_piece_buckets_are_exactly_the_buckets_prefills_use(max_context, prefill
 
 def test_a_requests_choices_in_pieces_wait_for_the_first_and_reuse_its_prompt():
   """Three choices of a 100-token prompt (prefill_chunk 64): the first is prefilled in pieces, the others
-  wait for it and prefill only the last token (a sampled token needs one) from its kept cache."""
+  wait for it and prefill only the last token (a sampled token needs one) from its kept cache, in the
+  pass where the first finished."""
   tokenizer = byte_level_bpe()
   cfg, params = tiny_llama(True, tokenizer.vocab_size, max_len=128, init_std=0.3)
   lm = LanguageModel(cfg, params, tokenizer)
   engine = engine_lib.Engine(cfg, params, tokenizer, max_batch=3, max_context=128, prefill_chunk=64)
-  pieces = []
-  run_piece = engine._prefill_piece
+  pieces, passes = [], [0]  # (start, length, the _prefill pass it ran in)
+  run_piece, run_pass = engine._prefill_piece, engine._prefill
+  engine._prefill = lambda: (passes.__setitem__(0, passes[0] + 1), run_pass())
   engine._prefill_piece = lambda cache, piece, bucket, request: (
-    pieces.append((int(cache["end"][0]) if cache is not None else 0, len(piece))),
+    pieces.append((int(cache["end"][0]) if cache is not None else 0, len(piece), passes[0])),
     run_piece(cache, piece, bucket, request),
   )[1]
   prompt = tokenizer.encode("the quick brown fox jumps over the lazy dog, " * 20)[:100]
@@ -160,7 +164,9 @@ def test_a_requests_choices_in_pieces_wait_for_the_first_and_reuse_its_prompt():
     assert all(finished.acquire(timeout=60) for _ in choices)
   finally:
     engine.close()
-  assert pieces == [(0, 64), (64, 36), (99, 1), (99, 1)]
+  # the twins start in the pass where the first's last piece ran (its prompt kept by then)
+  assert [p[:2] for p in pieces] == [(0, 64), (64, 36), (99, 1), (99, 1)]
+  assert [p[2] - pieces[0][2] for p in pieces] == [0, 1, 1, 1]
   expected = lm.generate(prompt, max_new_tokens=6, do_sample=False)[0][len(prompt) :].tolist()
   assert [c.output_ids for c in choices] == [expected] * 3
 

@@ -72,13 +72,13 @@ def main(argv):
       generators.examples(f.task, f.num_examples, generators.EVAL_SEED),
     )
   if f.text_file:
-    with open(f.text_file, encoding="utf-8") as fh:
-      text = fh.read()
     try:
+      with open(f.text_file, encoding="utf-8") as fh:
+        text = fh.read()
       results["text"] = evaluators.perplexity(
         lm.cfg, lm.params, lm.tokenizer, text, min(f.seq_len, lm.cfg.max_len - 1)
       )
-    except ValueError as err:  # too short, or a character the run's tokenizer never saw
+    except ValueError as err:  # not UTF-8, too short, or a character the run's tokenizer never saw
       raise errors.UserError(f"--text_file={f.text_file}: {err}") from None
   if not results:
     raise app.UsageError("nothing to evaluate: give --task and/or --text_file")
@@ -102,7 +102,7 @@ def _harness(f) -> None:
   lm = LanguageModel.from_pretrained(name, dtype=f.dtype)
   limit = None if f.limit is None else (int(f.limit) if f.limit >= 1 else f.limit)
   results = harness.evaluate(lm, f.tasks, manager, limit, f.num_fewshot, f.batch_size)
-  dtype = f.dtype or lm.cfg.param_dtype  # recorded as lm-eval records a model's arguments
+  dtype = f.dtype or lm.cfg.dtype  # the compute dtype, recorded as lm-eval records a model's arguments
   results.setdefault("config", {})["model_args"] = f"model={f.model},dtype={dtype}"
   output = f.output or (os.path.join(name, "lm_eval", "results") if rundir.is_run(name) else None)
   if output:

@@ -47,12 +47,12 @@ def main(argv):
   if blocker := _file_above(parent):
     raise errors.UserError(f"--output={f.output}: {blocker} is a file, not a folder")
   cfg, params, tokenizer = pretrained.load(cli.model_source(f.model))
-  stop = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))  # `finally` cleans up
   made = _missing_folders(parent)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(f.output.rstrip('/' + os.sep))}.")
-  done = False
+  stop = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))  # `finally` cleans up
+  staging, done = None, False
   try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(f.output.rstrip('/' + os.sep))}.")
     written = os.path.join(staging, "out")
     if f.format == "gguf":
       gguf_export.export(cfg, params, tokenizer, written, f.dtype)
@@ -64,12 +64,17 @@ def main(argv):
     done = True
   except ValueError as err:  # what the format cannot express: the user's model, named
     raise errors.UserError(f"cannot export {f.model}: {err}") from None
+  except OSError as err:  # no permission, a full disk
+    raise errors.UserError(f"cannot write --output={f.output}: {err}") from None
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a second SIGTERM waits for the cleanup
+    if staging:
+      shutil.rmtree(staging, ignore_errors=True)
     for folder in [] if done else reversed(made):
       if os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
     signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
   size = (
     os.path.getsize(f.output)
     if f.format == "gguf"

@@ -71,10 +71,10 @@ def main(argv):
   f = flags.FLAGS
   if sum(bool(x) for x in (f.workdir, f.checkpoint, f.pretrained)) != 1:
     raise app.UsageError("give exactly one of --workdir, --checkpoint or --pretrained")
-  if not 0 < f.top_p <= 1 or f.repetition_penalty <= 0:
-    raise errors.UserError(
-      f"--top_p={f.top_p} must be in (0, 1] and --repetition_penalty={f.repetition_penalty} above 0"
-    )
+  if not 0 < f.top_p <= 1:
+    raise errors.UserError(f"--top_p={f.top_p}: give a probability mass in (0, 1] (1 = off)")
+  if f.repetition_penalty <= 0:
+    raise errors.UserError(f"--repetition_penalty={f.repetition_penalty}: give a factor above 0 (1 = off)")
   if f.prompt_file and not os.path.isfile(f.prompt_file):
     raise errors.UserError(f"--prompt_file={f.prompt_file}: no such file")
   if f.temperature == 0 and (f.top_k or f.top_p < 1):

@@ -48,15 +48,17 @@ def write_atomic(path: str, text) -> None:
 
 
 def _umask() -> int:
-  """The process's umask: Linux shows it in /proc; elsewhere set and restored at once (os.umask can only
-  be read by replacing it)."""
+  """The process's umask, as Linux shows it in /proc; elsewhere the one read at import (os.umask can only
+  be read by replacing it, which would race with other threads' files)."""
   try:
     with open("/proc/self/status") as status:
       return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
   except (OSError, StopIteration, ValueError):
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return _UMASK_AT_IMPORT
+
+
+_UMASK_AT_IMPORT = os.umask(0o022)
+os.umask(_UMASK_AT_IMPORT)
 
 
 def write_json(path: str, value, **kwargs) -> None:

@@ -306,7 +306,7 @@ def to_gguf_metadata(tokenizer: HFTokenizer) -> dict:
   ]
   merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
   if not merges:  # gguf refuses an empty array, llama.cpp a gpt2 vocabulary without the key
-    raise ValueError("a byte-level vocabulary without merges (lmjax's `byte` kind) cannot be written as GGUF")
+    raise ValueError("a byte-level vocabulary without merges cannot be written as GGUF")
   if steps == [("ByteLevel", True, None)]:
     pre_name = "gpt2"
   elif steps == [("Digits", None, True), ("ByteLevel", True, None)]:

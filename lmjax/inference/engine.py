@@ -224,13 +224,14 @@ class Engine:
         continue
       row_cache, done = self._prefilling[row]
       key = tuple(request.prompt_ids)
-      if done == 0 and self.prefixes.capacity and key in in_pieces:  # its twin's cache will be kept
+      if done == 0 and key in in_pieces:  # its twin's prompt will be kept: wait, then start from it
         continue
       if done == 0 and (hit := self.prefixes.lookup(request.prompt_ids)):  # prefilled from where they part
         row_cache, done = self._prefilling[row] = hit
-      length = min(len(request.prompt_ids) - done, self.prefill_chunk - done % self.prefill_chunk)
+      length = engine_steps.piece_length(done, len(request.prompt_ids), self.prefill_chunk)
       whole = length == len(request.prompt_ids)
-      if not whole:
+      unfinished = done + length < len(request.prompt_ids) or length > budget  # after this pass
+      if not whole and unfinished and self.prefixes.capacity and len(key) > prefix_cache_lib.MIN_REUSE:
         in_pieces.add(key)
       if whole and key in in_pack:
         packed.append(row)

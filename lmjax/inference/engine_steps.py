@@ -130,20 +130,29 @@ def bucket(length: int, room: int) -> int:
   return min(max(16, 1 << (length - 1).bit_length()), room)
 
 
+def piece_length(done: int, prompt_length: int, prefill_chunk: int) -> int:
+  """The next piece of a prompt of `prompt_length` tokens with `done` prefilled: up to the next multiple
+  of prefill_chunk (Engine._prefill; a piece never ends elsewhere, so its buckets are known)."""
+  return min(prompt_length - done, prefill_chunk - done % prefill_chunk)
+
+
 def piece_buckets(max_context: int, prefill_chunk: int, shortest_prefix: int) -> list:
-  """The buckets of every prompt piece the engine may prefill (its warmup compiles each): pieces start
-  at multiples of prefill_chunk (a prompt longer than that: its first piece a whole chunk, the next ones
-  any length, capped at the columns left). With prefix caching (`shortest_prefix`, the fewest tokens it
-  reuses; 0: off) a piece of up to prefill_chunk tokens may also start after a reused prefix, padded to
-  its power of two when that fits the columns left (else PrefixCache.lookup moves the prefix's end down
-  to a multiple of prefill_chunk)."""
+  """Exactly the buckets of the prompt pieces the engine may prefill (its warmup compiles each). Prompts
+  have at most max_context - 1 tokens; one longer than prefill_chunk starts with a whole chunk, and its
+  next pieces start at multiples of prefill_chunk (piece_length), padded to powers of two capped at the
+  columns left. With prefix caching (`shortest_prefix`, the fewest tokens it reuses; 0: off) a piece may
+  also start after any reused length s >= shortest_prefix, padded to its power of two where that fits
+  the columns left (else PrefixCache.lookup moves s down to a multiple of prefill_chunk)."""
+
+  def upto(longest: int, cap: int) -> set:  # {bucket(n, cap) for n in 1..longest}
+    return {min(max(16, 1 << k), cap) for k in range((longest - 1).bit_length() + 1)}
+
   buckets = {bucket(prefill_chunk, max_context)} if max_context - 1 > prefill_chunk else set()
-  for start in range(prefill_chunk, max_context, prefill_chunk):
-    buckets |= {bucket(n, max_context - start) for n in range(1, min(prefill_chunk, max_context - start) + 1)}
-  if shortest_prefix:
-    room = max_context - shortest_prefix
-    after = (bucket(n, max_context) for n in range(1, min(prefill_chunk, room) + 1))
-    buckets |= {b for b in after if b <= room}
+  for start in range(prefill_chunk, max_context - 1, prefill_chunk):
+    buckets |= upto(min(prefill_chunk, max_context - 1 - start), max_context - start)
+  for start in range(shortest_prefix or max_context, max_context - 1):
+    longest = min(prefill_chunk - start % prefill_chunk, max_context - 1 - start)
+    buckets |= {b for b in upto(longest, max_context) if b <= max_context - start}
   return sorted(buckets)
 
 

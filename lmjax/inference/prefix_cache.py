@@ -91,7 +91,7 @@ class PrefixCache:
       shared = min(common_prefix(key, prompt_ids), len(prompt_ids) - 1)
       if shared > best:
         best, best_key = shared, key
-    piece = min(len(prompt_ids) - best, self.prefill_chunk - best % self.prefill_chunk)
+    piece = engine_steps.piece_length(best, len(prompt_ids), self.prefill_chunk)
     if engine_steps.bucket(piece, self.max_context) > self.max_context - best:
       best -= best % self.prefill_chunk
     if best < MIN_REUSE:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from lmjax import model
-from lmjax.data import hf_export, hf_tokenizer
+from lmjax.data import hf_tokenizer
 from lmjax.model import quantize
 
 EXPORT_DTYPES = ("f32", "f16", "q8_0")
@@ -65,10 +65,11 @@ def export(cfg: model.ModelConfig, params, tokenizer, path: str, dtype: str = "f
   if tokenizer.kind != "hf":
     raise ValueError(
       f"its tokenizer (data.tokenizer={tokenizer.kind!r}, fitted by lmjax) has no llama.cpp equivalent, "
-      "so llama.cpp would read other tokens: write it with --format=hf instead (transformers reads the "
-      "tokenizer), or fine-tune a pretrained model, whose tokenizer GGUF keeps"
+      "so llama.cpp would read other tokens: export it for Hugging Face instead (lmjax-export --format=hf, "
+      "hf.export_llama; transformers reads the tokenizer), or fine-tune a pretrained model, whose "
+      "tokenizer GGUF keeps"
     )
-  vocab = hf_tokenizer.to_gguf_metadata(hf_export.as_hf(tokenizer))
+  vocab = hf_tokenizer.to_gguf_metadata(tokenizer)
   if len(vocab["tokens"]) != cfg.vocab_size:
     raise ValueError(f"the tokenizer has {len(vocab['tokens'])} ids, the model {cfg.vocab_size} embeddings")
   tensors = _tensors(cfg, quantize.dequantize_params(params))
