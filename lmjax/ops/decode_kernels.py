@@ -53,7 +53,7 @@ _SOURCES = ("decode_matmul.cc", "decode_attention.cc", "flash_attention.cc")
 _HEADERS = (
   "decode_kernels.h",
   "decode_matmul_fused.h",
-  "decode_matmul_vnni.h",
+  "decode_matmul_int_dots.h",
   "flash_attention_tiles.h",
   "flash_attention_mask.h",
 )
@@ -134,14 +134,14 @@ def available() -> bool:
     return False
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  global _HAS_VNNI, _FLASH_DTYPES
-  _HAS_VNNI = bool(library.LmjaxDecodeHasVnni())
+  global _HAS_INT_DOTS, _FLASH_DTYPES
+  _HAS_INT_DOTS = bool(library.LmjaxDecodeIntegerDots())
   flags = library.LmjaxFlashAttentionDtypes()
   _FLASH_DTYPES = tuple(name for bit, name in ((1, "float32"), (2, "bfloat16")) if flags & bit)
   return True
 
 
-_HAS_VNNI = False
+_HAS_INT_DOTS = False
 _FLASH_DTYPES: tuple[str, ...] = ()
 
 
@@ -154,7 +154,7 @@ def flash_attention_dtypes() -> tuple[str, ...]:
 def rounds_int8_activations() -> bool:
   """Whether the built kernel multiplies int8 and int4 weights through AVX-512 VNNI and so rounds x to
   int8 per 32 inputs (False when the kernels are unavailable)."""
-  return available() and _HAS_VNNI
+  return available() and _HAS_INT_DOTS
 
 
 def _require():
@@ -174,7 +174,7 @@ def matmul(x_MK, weights, bits: int, group_size: int, tile_rows: int = 1) -> lis
   int8 [N_i, K] / [N_i, K // 2] (bits 8 / 4), `scale` and `offset` [N_i, K // group_size] (f32 or
   f16; offset may be None). `tile_rows` 4: integer values in quantized.tile's order (VNNI path only;
   the call fails with an InvalidArgument error elsewhere). x is cast to fp32; int8 and int4 on a CPU with
-  AVX-512 VNNI round it to int8 per 32 inputs (decode_matmul_vnni.h). CPU only (a custom call registered
+  AVX-512 VNNI or AVX2 round it to int8 per 32 inputs (decode_matmul_int_dots.h). CPU only (a custom call registered
   for the CPU); RuntimeError if `available()` is False."""
   _require()
   empty = jnp.zeros((0,), jnp.float32)

@@ -5,11 +5,11 @@
 //   fp32    values f32 [N, K]                       (no scale)
 //   int8    values s8  [N, K],     scale [N, K / G] (f32 or f16), offset [N, K / G] or empty
 //   int4    values s8  [N, K / 2]  two per byte: element 2i in the low nibble, 2i+1 in the high one
-// w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G]. With tile_rows 4 (int8 and int4 on the VNNI
-// path only) the values' bytes come in tiles of 4 rows, each tile 64 inputs at a time: the 4 rows' bytes
+// w[n, k] = q[n, k] * scale[n, k / G] + offset[n, k / G]. With tile_rows 4 (int8 and int4 on the
+// integer path only) the values' bytes come in tiles of 4 rows, each tile 64 inputs at a time: the 4 rows' bytes
 // of inputs 0-63 side by side, then of 64-127, ... (ops/quantized.py `tile`).
 //
-// int8 and int4 on CPUs with AVX-512 VNNI: integer dots at any row count (decode_matmul_vnni.h). Other
+// int8 and int4 on CPUs with AVX-512 VNNI or AVX2: integer dots at any row count (decode_matmul_int_dots.h). Other
 // quantized weights at one or two rows of x with groups of a multiple of 32: each weight byte converted
 // in registers and used at once, one pass over the weights (decode_matmul_fused.h). Otherwise (`block`):
 // 16 weight rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they
@@ -216,7 +216,7 @@ void block(const Problem& p, int64_t n0, int64_t count, const float* w_rows) {
 // order; offsets add offset[n, g] * (sum of x over group g), x_group_sums [M, K / G].
 struct Prepared {
   std::vector<float> x_even, x_odd, x_group_sums;
-  std::vector<int8_t> x_q, x_q4;  // the VNNI path's quantized x (decode_matmul_vnni.h)
+  std::vector<int8_t> x_q, x_q4;  // the integer path's quantized x (decode_matmul_int_dots.h)
   std::vector<float> x_scale;
 };
 
@@ -224,15 +224,15 @@ struct Prepared {
 }  // namespace lmjax
 
 #include "decode_matmul_fused.h"
-#include "decode_matmul_vnni.h"
+#include "decode_matmul_int_dots.h"
 
 namespace lmjax {
 namespace {
 
 // Output columns [n_begin, n_end).
 void columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_end) {
-  if (vnni_takes(p)) {
-    vnni_columns(p, prep, n_begin, n_end);
+  if (int_dots_take(p)) {
+    int_dots_columns(p, prep, n_begin, n_end);
     return;
   }
   if (fusable(p)) {
@@ -255,9 +255,9 @@ void columns(const Problem& p, const Prepared& prep, int64_t n_begin, int64_t n_
 
 Prepared prepare(const Problem& p) {
   Prepared prep;
-  if (!fusable(p) && !vnni_takes(p)) return prep;
+  if (!fusable(p) && !int_dots_take(p)) return prep;
   const int64_t K = p.K, G = p.w.group_size, groups = K / G;
-  if (p.w.bits == 4 && !vnni_takes(p)) {  // the fused path's
+  if (p.w.bits == 4 && !int_dots_take(p)) {  // the fused path's
     prep.x_even.resize(p.M * K / 2);
     prep.x_odd.resize(p.M * K / 2);
     for (int64_t i = 0; i < p.M * K / 2; ++i) {
@@ -265,7 +265,7 @@ Prepared prepare(const Problem& p) {
       prep.x_odd[i] = p.x[2 * i + 1];
     }
   }
-  if (vnni_takes(p)) quantize_x(p, prep);
+  if (int_dots_take(p)) quantize_x(p, prep);
   if (p.w.offset) {
     prep.x_group_sums.assign(p.M * groups, 0.0f);
     for (int64_t m = 0; m < p.M; ++m)
@@ -321,10 +321,10 @@ ffi::Error weight_problem(const ffi::RemainingArgs& args, const ffi::RemainingRe
                 Weight{values->untyped_data(), bits, scale->untyped_data(), is_f16(*scale),
                        has_offset ? offset->untyped_data() : nullptr, is_f16(*offset), group_size, tile_rows},
                 (*y)->typed_data()};
-  if (tile_rows != 1 && (tile_rows != 4 || N % 4 || !vnni_takes(out)))
+  if (tile_rows != 1 && (tile_rows != 4 || N % 4 || !int_dots_take(out)))
     return ffi::Error::InvalidArgument(which + ": tile_rows 4 takes int8 or int4 weights with rows a "
-                                       "multiple of 4 on the VNNI path (groups of a multiple of 32, inputs "
-                                       "of 64, an AVX-512 VNNI build); tile_rows must be 1 otherwise");
+                                       "multiple of 4 on the integer path (groups of a multiple of 32, inputs "
+                                       "of 64, an AVX-512 VNNI or AVX2 build); tile_rows must be 1 otherwise");
   return ffi::Error::Success();
 }
 
@@ -392,9 +392,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxDecodeMatmul, lmjax::DecodeMatmul,
                                   .Attr<int32_t>("tile_rows"));
 
 
-// Whether this build multiplies int8 and int4 through AVX-512 VNNI (and so rounds x to int8): tests ask.
-extern "C" int LmjaxDecodeHasVnni() {
-#ifdef LMJAX_VNNI
+// Whether this build multiplies int8 and int4 through integer dots (AVX-512 VNNI or AVX2), and so rounds x
+// to int8: decode_kernels.py asks.
+extern "C" int LmjaxDecodeIntegerDots() {
+#ifdef LMJAX_INT_DOTS
   return 1;
 #else
   return 0;
