@@ -34,7 +34,7 @@ def numpy_weight(values, scale, offset, bits, group_size):
 
 
 def quantized_x(x, block=32):
-  """The VNNI path's x (ops/decode_matmul_vnni.h): per row, blocks of 32 inputs, xq = rint(x * 127 /
+  """The integer path's x (ops/decode_matmul_int_dots.h): per row, blocks of 32 inputs, xq = rint(x * 127 /
   max|x|) times max|x| / 127, in fp32 as the kernel computes them."""
   x_blocks = x.reshape(x.shape[0], -1, block)
   top = np.abs(x_blocks).max(-1, keepdims=True)
@@ -44,13 +44,13 @@ def quantized_x(x, block=32):
 
 
 def reference(x, values, scale, offset, bits, group_size):
-  """x @ w^T in float64; where the kernel takes the VNNI path (int8 or int4, groups of a multiple of 32,
-  rows of a multiple of 64 inputs, on a CPU with AVX-512 VNNI) x is quantized as it does, and the
+  """x @ w^T in float64; where the kernel takes the integer path (int8 or int4, groups of a multiple of
+  32, rows of a multiple of 64 inputs, on a CPU with AVX-512 VNNI or AVX2) x is quantized as it does, and the
   offsets still see x's exact sums."""
   w = numpy_weight(values, scale, offset, bits, group_size)
   K = x.shape[1]
-  vnni = decode_kernels.rounds_int8_activations()
-  if not (vnni and bits in (8, 4) and group_size % 32 == 0 and K % 64 == 0):
+  integer = decode_kernels.rounds_int8_activations()
+  if not (integer and bits in (8, 4) and group_size % 32 == 0 and K % 64 == 0):
     return x.astype(np.float64) @ w.T
   w_scaled = numpy_weight(values, scale, None, bits, group_size)
   y = quantized_x(x) @ w_scaled.T
@@ -116,7 +116,7 @@ def test_matches_numpy(bits, group_size, with_offset, M):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M", [1, 2])
 def test_rows_of_96_inputs_convert_in_registers(bits, M):
-  """int8 and int4 in groups of 32 over 96 inputs: the fused one-pass path (the VNNI path needs rows
+  """int8 and int4 in groups of 32 over 96 inputs: the fused one-pass path (the integer path needs rows
   of a multiple of 64), exact against dequantize-then-matmul."""
   rng = np.random.default_rng(M + bits)
   values, scale, offset = random_weight(rng, 21, 96, bits, 32, True, np.float32)
@@ -127,7 +127,7 @@ def test_rows_of_96_inputs_convert_in_registers(bits, M):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_groups_that_straddle_a_64_input_chunk(bits):
-  """Groups of 96 over 192 inputs: the VNNI path's second 64-input chunk has its halves in two groups."""
+  """Groups of 96 over 192 inputs: the integer path's second 64-input chunk has its halves in two groups."""
   rng = np.random.default_rng(bits)
   values, scale, offset = random_weight(rng, 13, 192, bits, 96, True, np.float16)
   x = rng.standard_normal((3, 192)).astype(np.float32)
@@ -157,6 +157,22 @@ def test_inputs_not_a_multiple_of_16(K):
     np.testing.assert_allclose(kernel(x, values, scale, offset, bits, K), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_int8_extremes_are_exact(M):
+  """Weights of -128 and 127 against inputs that round to +-127: the integer path's products at their
+  largest (AVX2's vpmaddubsw adds two into a saturating int16, |w| * xq up to 2 * 128 * 127 = 32512;
+  VNNI biases w by 128). Exact in float64 for quantized x."""
+  rng = np.random.default_rng(M)
+  N, K = 12, 128
+  values = rng.choice(np.array([-128, 127, -127, 0], np.int8), size=(N, K))
+  values[0] = -128  # a whole row at the bottom of int8
+  scale = np.full((N, K // 32), 0.01, np.float32)
+  x = rng.choice(np.array([-1.0, 1.0], np.float32), size=(M, K))  # every xq is +-127
+  want = reference(x, values, scale, None, 8, 32)
+  np.testing.assert_allclose(want[:, 0], -1.28 * x.sum(1), rtol=1e-6)  # the reference itself
+  np.testing.assert_allclose(kernel(x, values, scale, None, 8, 32), want, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_float16_scales_as_gguf_stores_them(bits):
   rng = np.random.default_rng(bits)
@@ -181,10 +197,10 @@ def test_large_weight_split_over_threads(bits):
 @pytest.mark.parametrize("bits", [32, 8, 4])
 def test_a_row_gives_the_same_result_in_any_batch(bits):
   """A decode step's row does not depend on the other rows: fp32 always, int8 and int4 where they take
-  the VNNI path for every row count (elsewhere 1-2 rows convert in registers, more go through a
+  the integer path for every row count (elsewhere 1-2 rows convert in registers, more go through a
   buffer, and the two round differently)."""
   if bits != 32 and not decode_kernels.rounds_int8_activations():
-    pytest.skip("without AVX-512 VNNI, 1-2 rows and more rows take differently rounded paths")
+    pytest.skip("without integer dots (AVX-512 VNNI or AVX2), 1-2 rows and more rows round differently")
   rng = np.random.default_rng(3)
   values, scale, offset = random_weight(rng, 80, 128, bits, 64, False, np.float32)
   x = rng.standard_normal((16, 128)).astype(np.float32)
@@ -261,7 +277,7 @@ def test_quantized_matmuls_groups_weights_by_kind():
 
 
 def test_quantized_matmul_uses_the_kernel_for_decode_rows_only():
-  """Up to MAX_ROWS rows; weights in tiles (VNNI builds only) up to MAX_TILED_ROWS."""
+  """Up to MAX_ROWS rows; weights in tiles (integer-dot builds only) up to MAX_TILED_ROWS."""
   w = quantized.quantize(np.ones((64, 64), np.float32), 8, 32, (64, 64), 1)
   ws = [(w, decode_kernels.MAX_ROWS)]
   if decode_kernels.rounds_int8_activations():

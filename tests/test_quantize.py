@@ -53,7 +53,7 @@ def test_quantized_matmul_equals_numpy_dequantize_then_matmul(bits, group, asymm
   step = np.repeat(np.asarray(w.scale), group or 128, axis=-1)
   assert np.all(np.abs(np_dequantize(w) - w_NK) <= step / 2 + 1e-6)
   # XLA's dot and the decode kernel (CPU) equal dequantize-then-matmul, except that the kernel may take
-  # its VNNI path, which also rounds x to int8 (test_decode_kernels checks it exactly): here within 1%
+  # its integer path, which also rounds x to int8 (test_decode_kernels checks it exactly): here within 1%
   # of the output's scale.
   for M in (1, 5):
     x_MK = rng.normal(size=(M, 128)).astype(np.float32)
@@ -155,7 +155,7 @@ def test_decoding_layout_computes_the_same_model(dtype, layout):
   logits_d = model.Transformer(cfg_d).apply({"params": params_d}, tokens)
   tol = 1e-5 if cfg.dtype == "float32" and dtype != "bfloat16" else 2e-2
   # int8 and int4 products of a few rows (a decode step; from weights in tiles up to MAX_TILED_ROWS)
-  # may round x to int8 too (the decode kernel's VNNI path, as llama.cpp's): within 5% of the logits'
+  # may round x to int8 too (the decode kernel's integer path, as llama.cpp's): within 5% of the logits'
   # scale; its exact values are checked in test_decode_kernels and test_tiled_weights.
   rounds = dtype in ("int8", "int4") and decode_kernels.rounds_int8_activations()
   rounded_tol = 0.05 * float(np.abs(np.asarray(logits)).max()) if rounds else tol

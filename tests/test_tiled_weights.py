@@ -64,13 +64,13 @@ def test_tile_refuses_what_the_kernel_cannot_read():
   assert not quantized.can_tile(quantized.transposed(rng.standard_normal((8, 128)), (128, 8), 1))
 
 
-vnni_only = pytest.mark.skipif(
+integer_dots_only = pytest.mark.skipif(
   os.environ.get("LMJAX_DECODE_KERNEL") == "0" or not decode_kernels.rounds_int8_activations(),
-  reason="tiles are read by the kernel's AVX-512 VNNI path only",
+  reason="tiles are read by the kernel's integer-dot path only (AVX-512 VNNI or AVX2)",
 )
 
 
-@vnni_only
+@integer_dots_only
 @pytest.mark.parametrize(
   "bits,group_size,with_offset", [(8, 64, False), (8, 32, False), (8, None, False), (4, 32, True)]
 )
@@ -90,10 +90,10 @@ def test_the_kernel_reads_tiles(bits, group_size, with_offset, M):
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
 
 
-@vnni_only
+@integer_dots_only
 @pytest.mark.parametrize("N,group_size,tile_rows", [(8, 8, 4), (10, 32, 4), (8, 32, 2)])
 def test_the_kernel_refuses_tiles_it_cannot_read(N, group_size, tile_rows):
-  """Groups of 8 (not the VNNI path), rows not a multiple of 4, tiles of another height."""
+  """Groups of 8 (not the integer path), rows not a multiple of 4, tiles of another height."""
   rng = np.random.default_rng(0)
   values, scale, offset = random_weight(rng, N, 128, 8, group_size, False, np.float32)
   with pytest.raises(Exception, match="tile_rows 4 takes int8 or int4 weights"):

@@ -118,7 +118,7 @@ def has_weight_containers(params) -> bool:
 
 def for_decoding(cfg, params) -> tuple:
   """(cfg, params) of the same model laid out for fast decoding on one CPU device; logits are
-  unchanged, except that on a CPU with AVX-512 VNNI int8/int4 products of up to
+  unchanged, except that on a CPU with AVX-512 VNNI or AVX2 int8/int4 products of up to
   decode_kernels.MAX_TILED_ROWS rows (a decode step, a short prefill) round x to int8 in the decode
   kernel. On other backends (GPUs, TPUs: not measured there) (cfg, params) come back as they are.
 
@@ -129,9 +129,9 @@ def for_decoding(cfg, params) -> tuple:
     faster (53 vs 25 GB/s in session 13's micro-benchmark; SmolLM2 batch-1 decode ~1.3x). Only when
     the model computes in fp32 (dtype and matmul_dtype): the stored matrices are multiplied in fp32.
     Integer (int8/int4) weights are [N, K] already; where the decode kernel multiplies them through
-    AVX-512 VNNI they are stored in tiles of 4 rows (`quantized.tile`: one sequential stream for the
-    kernel; SmolLM2 batch-1 decode, same-process A/B: int8 142 -> 172 tok/s, int4 192 -> 206). The
-    others stay as declared.
+    integer dots (AVX-512 VNNI or AVX2) they are stored in tiles of 4 rows (`quantized.tile`: one
+    sequential stream for the kernel; SmolLM2 batch-1 decode, same-process A/B: int8 142 -> 172 tok/s,
+    int4 192 -> 206). The others stay as declared.
   - Every array moves into memory advised for transparent huge pages
     (`core.hugepages.arrays_in_huge_pages`): XLA's allocator keeps them in 4 KiB pages, and SmolLM2
     batch-1 decode ran int8 156-172 tok/s against 141-145 from those (session 17, same-host A/B).

@@ -10,8 +10,8 @@ With one row it fuses int8 dequantize-then-dot into a loop reading ~22 GB/s (a j
 dequantized into an fp32 temporary first (16-row int8 step 123-126 ms, 46-47 with the kernel). Its
 batched dots read every column of the cache whatever the rows hold, and with one row XLA fused the
 cache update twice and copied each layer's K and V buffers twice a step. The kernels read int8 and
-int4 once (through AVX-512 VNNI integer dots where the CPU has them, rounding x to int8 per 32
-inputs as llama.cpp does; elsewhere converted to fp32 in registers); multiply 16 rows in register
+int4 once (through integer dots, AVX-512 VNNI's or AVX2's, where the CPU has them, rounding x to
+int8 per 32 inputs as llama.cpp does; elsewhere converted to fp32 in registers); multiply 16 rows in register
 tiles; take the weights that share an input (q, k and v; w1 and w3) in one call; read each row's
 cache only up to its last filled slot; and share the work with helper threads of their own (as many
 as XLA's intra-op threads) that poll for jobs between kernels. A/B numbers in BUILD_NOTES
@@ -23,9 +23,9 @@ host CPU (-march=native), into $LMJAX_CACHE (default ~/.cache/lmjax)/kernels, ke
 the compiler and its flags, and jaxlib's version (a few seconds, the first time). Without a
 compiler (GCC 12+ or Clang), or with LMJAX_DECODE_KERNEL=0, `available()` is False and the callers
 (ops/quantized.matmul, ops/attention.cached_attention) use XLA: the same values up to rounding order,
-except that the VNNI path's rounding of x is gone. Any matmul over at most MAX_ROWS (16) rows of a
+except that the integer path's rounding of x is gone. Any matmul over at most MAX_ROWS (16) rows of a
 QuantizedWeight takes the kernel, and one in tiles (int8/int4 as `for_decoding` lays them out on a
-VNNI CPU) up to MAX_TILED_ROWS (64), so a short prompt's prefill does too. Neither kernel is
+CPU with integer dots) up to MAX_TILED_ROWS (64), so a short prompt's prefill does too. Neither kernel is
 differentiable (they serve inference weights, model/quantize.py `for_decoding`); under vmap they run
 once per element.
 """
@@ -67,7 +67,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # The kernel serves decode steps; more rows than this are a prefill or a scoring batch, where XLA's
 # GEMMs (compute-bound, YNNPACK) are the better choice.
 MAX_ROWS = 16
-# Weights in tiles (ops/quantized.py `tile`: the decoding layout of int8 and int4 on the VNNI path) go to
+# Weights in tiles (ops/quantized.py `tile`: the decoding layout of int8 and int4 on the integer path) go to
 # the kernel up to 64 rows, a short prompt's prefill too: XLA would have to read them out of tiles first.
 # SmolLM2 prefill of 32 tokens, int8: XLA 120-136 ms from rows, 160 from tiles, the kernel 57; int4:
 # 166-181 vs 120; at 64 tokens int8 about even (175-229 vs 178); at 128 int4's kernel is the slower (384
@@ -152,8 +152,8 @@ def flash_attention_dtypes() -> tuple[str, ...]:
 
 
 def rounds_int8_activations() -> bool:
-  """Whether the built kernel multiplies int8 and int4 weights through AVX-512 VNNI and so rounds x to
-  int8 per 32 inputs (False when the kernels are unavailable)."""
+  """Whether the built kernel multiplies int8 and int4 weights through integer dots (AVX-512 VNNI or
+  AVX2) and so rounds x to int8 per 32 inputs (False when the kernels are unavailable)."""
   return available() and _HAS_INT_DOTS
 
 
@@ -172,10 +172,10 @@ def matmul(x_MK, weights, bits: int, group_size: int, tile_rows: int = 1) -> lis
   -> 4.98-5.53 ms, BUILD_NOTES). `weights`: (values, scale, offset) per weight, ops/quantized.py's
   QuantizedWeight fields, all of one kind: `values` f32 [N_i, K] (bits 32, scale and offset None) or
   int8 [N_i, K] / [N_i, K // 2] (bits 8 / 4), `scale` and `offset` [N_i, K // group_size] (f32 or
-  f16; offset may be None). `tile_rows` 4: integer values in quantized.tile's order (VNNI path only;
+  f16; offset may be None). `tile_rows` 4: integer values in quantized.tile's order (integer path only;
   the call fails with an InvalidArgument error elsewhere). x is cast to fp32; int8 and int4 on a CPU with
-  AVX-512 VNNI or AVX2 round it to int8 per 32 inputs (decode_matmul_int_dots.h). CPU only (a custom call registered
-  for the CPU); RuntimeError if `available()` is False."""
+  AVX-512 VNNI or AVX2 round it to int8 per 32 inputs (decode_matmul_int_dots.h). CPU only (a custom
+  call registered for the CPU); RuntimeError if `available()` is False."""
   _require()
   empty = jnp.zeros((0,), jnp.float32)
   results = [jax.ShapeDtypeStruct((x_MK.shape[0], values.shape[0]), jnp.float32) for values, _, _ in weights]

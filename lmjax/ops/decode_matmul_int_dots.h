@@ -217,21 +217,48 @@ void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n
     for (int j = 0; j < NW; ++j) store_total(p, prep, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 #elif LMJAX_INT_DOTS == 256
-inline float sum_lanes8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+// The AVX2 tile sums each row's dots over a chunk's half in integers and scales the sums, 8 at a time,
+// in one vector whose lane 2j + h holds weight row j's half h: scaling every 8-lane dot vector on its own
+// (a broadcast of sx * scale, a conversion and an FMA each) made the loop compute-bound below the
+// memory's rate (a chain of SmolLM2's int8 matrices from cache: 25 GB/s on the AVX2 EPYC).
+
+// Lane 2j + h: the sum of dots[j][h]'s 8 lanes (int8: a register per half).
+__attribute__((always_inline)) inline __m256i half_sums(const __m256i (&dots)[4][2]) {
+  __m256i pairs[4];
+  for (int j = 0; j < 4; ++j) pairs[j] = _mm256_hadd_epi32(dots[j][0], dots[j][1]);
+  const __m256i first = _mm256_hadd_epi32(pairs[0], pairs[1]), second = _mm256_hadd_epi32(pairs[2], pairs[3]);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(first, second, 0x20),
+                          _mm256_permute2x128_si256(first, second, 0x31));
 }
 
-// Lanes 0-3 a, 4-7 b.
-__attribute__((always_inline)) inline __m256 halves(float a, float b) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(a)), _mm_set1_ps(b), 1);
+// Lane 2j + h: the sum of dots[j]'s lanes 4h..4h+3 (int4: one register holds both halves).
+__attribute__((always_inline)) inline __m256i half_sums(const __m256i (&dots)[4]) {
+  const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(dots[0], dots[1]), _mm256_hadd_epi32(dots[2], dots[3]));
+  return _mm256_permutevar8x32_epi32(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// y[m0:m0+MX, n0:n0+NW], 64 inputs a step in two 32-byte registers. int8: register h holds half h
-// (one block of x, one weight group), its dots scaled by sx * scale as one number. int4: a register of
-// even inputs and one of odd ones, each with the first half in lanes 0-3 and the second in 4-7, so their
-// dots add before the scales.
+// Lane 2j + h: the scale of weight row j (of the rows whose groups start at group0, `groups` apart) for
+// the chunk's half h (groups `first` and `second`); rows past NW 0.
+template <int NW>
+__attribute__((always_inline)) inline __m256 tile_scales(const Weight& w, int64_t group0, int64_t groups,
+                                                        int64_t first, int64_t second) {
+  if (w.scale_f16 && second == first + 1) {  // GGUF's Q8_0 and Q4 blocks: each row's pair is 4 bytes
+    int32_t pairs[4] = {};
+    for (int j = 0; j < NW; ++j)
+      std::memcpy(&pairs[j], static_cast<const uint16_t*>(w.scale) + group0 + j * groups + first, sizeof(int32_t));
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
+  }
+  float scales[8] = {};
+  for (int j = 0; j < NW; ++j) {
+    scales[2 * j] = w.group_value(w.scale, w.scale_f16, group0 + j * groups + first);
+    scales[2 * j + 1] = w.group_value(w.scale, w.scale_f16, group0 + j * groups + second);
+  }
+  return _mm256_loadu_ps(scales);
+}
+
+// y[m0:m0+MX, n0:n0+NW], 64 inputs a step in two 32-byte registers. int8: register h holds half h (one
+// block of x, one weight group). int4: a register of even inputs and one of odd ones, each with the first
+// half in lanes 0-3 and the second in 4-7, so their dots add before the sums.
 template <int MX, int NW, int BITS>
 void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
@@ -239,54 +266,67 @@ void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n
   const TileBytes<BITS> at(w, K, n0, NW);
   const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
-  __m256 acc[MX][NW];
-  for (int i = 0; i < MX; ++i)
-    for (int j = 0; j < NW; ++j) acc[i][j] = _mm256_setzero_ps();
+  __m256 acc[MX];  // lane 2j + h: row j's dots over the chunks' halves h, scaled
+  for (int i = 0; i < MX; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < K / 64; ++c) {
     __m256i x_q[MX][2], start[MX];
-    float sx[MX][2];
+    __m256 x_scales[MX];  // lane 2j + h: sx of half h
     for (int i = 0; i < MX; ++i) {
-      for (int h = 0; h < 2; ++h) {
-        x_q[i][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + (m0 + i) * K + c * 64 + 32 * h));
-        sx[i][h] = prep.x_scale[(m0 + i) * K / kXBlock + 2 * c + h];
-      }
-      if (BITS == 4)  // 8 * (sum of xq over each lane's 4 inputs, even and odd)
-        start[i] = _mm256_madd_epi16(
+      const int8_t* x_chunk = xs + (m0 + i) * K + c * 64;
+      for (int h = 0; h < 2; ++h) x_q[i][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_chunk + 32 * h));
+      x_scales[i] = _mm256_castpd_ps(
+          _mm256_broadcast_sd(reinterpret_cast<const double*>(prep.x_scale.data() + (m0 + i) * K / kXBlock + 2 * c)));
+      if (BITS == 4) {  // lane 2j + h: 8 * (sum of xq over half h), the biased nibbles' excess
+        const __m256i eights = _mm256_madd_epi16(
             _mm256_add_epi16(_mm256_maddubs_epi16(eight, x_q[i][0]), _mm256_maddubs_epi16(eight, x_q[i][1])), ones);
+        const __m256i pairs = _mm256_hadd_epi32(eights, eights), by_half = _mm256_hadd_epi32(pairs, pairs);
+        start[i] = _mm256_permutevar8x32_epi32(by_half, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+      }
     }
     const int64_t first = c * 64 / G, second = (c * 64 + 32) / G;  // the halves' groups
-    for (int j = 0; j < NW; ++j) {
-      const int8_t* chunk = at.rows + j * at.row_step + c * at.chunk_step;
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + at.ahead), _MM_HINT_T1);
-      float sw[2];
-      _mm_storel_pi(reinterpret_cast<__m64*>(sw), chunk_scales(w, (n0 + j) * groups, first, second));
-      if (BITS == 8) {
-        __m256i magnitude[2], weights[2];
+    const __m256 w_scales = tile_scales<NW>(w, n0 * groups, groups, first, second);
+    if (BITS == 8) {
+      __m256i magnitude[4][2] = {}, weights[4][2] = {};
+      for (int j = 0; j < NW; ++j) {
+        const int8_t* chunk = at.rows + j * at.row_step + c * at.chunk_step;
+        _mm_prefetch(reinterpret_cast<const char*>(chunk + at.ahead), _MM_HINT_T1);
         for (int h = 0; h < 2; ++h) {
-          weights[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * h));
-          magnitude[h] = _mm256_sign_epi8(weights[h], weights[h]);  // |w|; -128 reads 128 unsigned
+          weights[j][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32 * h));
+          magnitude[j][h] = _mm256_sign_epi8(weights[j][h], weights[j][h]);  // |w|; -128 reads 128 unsigned
         }
-        for (int i = 0; i < MX; ++i)
-          for (int h = 0; h < 2; ++h) {
-            const __m256i products = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(x_q[i][h], weights[h]));
-            const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-            acc[i][j] = _mm256_fmadd_ps(dots, _mm256_set1_ps(sx[i][h] * sw[h]), acc[i][j]);
-          }
-      } else {
+      }
+      for (int i = 0; i < MX; ++i) {
+        __m256i dots[4][2] = {};
+        for (int j = 0; j < NW; ++j)
+          for (int h = 0; h < 2; ++h)
+            dots[j][h] = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(magnitude[j][h], _mm256_sign_epi8(x_q[i][h], weights[j][h])), ones);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_sums(dots)), _mm256_mul_ps(w_scales, x_scales[i]), acc[i]);
+      }
+    } else {
+      __m256i low[4] = {}, high[4] = {};
+      for (int j = 0; j < NW; ++j) {
+        const int8_t* chunk = at.rows + j * at.row_step + c * at.chunk_step;
+        _mm_prefetch(reinterpret_cast<const char*>(chunk + at.ahead), _MM_HINT_T1);
         const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
-        const __m256i low = _mm256_xor_si256(_mm256_and_si256(bytes, low4), eight),
-                      high = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), eight);
-        for (int i = 0; i < MX; ++i) {
-          const __m256i products =
-              _mm256_add_epi16(_mm256_maddubs_epi16(low, x_q[i][0]), _mm256_maddubs_epi16(high, x_q[i][1]));
-          const __m256 dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(products, ones), start[i]));
-          acc[i][j] = _mm256_fmadd_ps(dots, halves(sx[i][0] * sw[0], sx[i][1] * sw[1]), acc[i][j]);
-        }
+        low[j] = _mm256_xor_si256(_mm256_and_si256(bytes, low4), eight);
+        high[j] = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), eight);
+      }
+      for (int i = 0; i < MX; ++i) {
+        __m256i dots[4] = {};
+        for (int j = 0; j < NW; ++j)
+          dots[j] = _mm256_madd_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(low[j], x_q[i][0]), _mm256_maddubs_epi16(high[j], x_q[i][1])), ones);
+        const __m256i sums = _mm256_sub_epi32(half_sums(dots), start[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(w_scales, x_scales[i]), acc[i]);
       }
     }
   }
-  for (int i = 0; i < MX; ++i)
-    for (int j = 0; j < NW; ++j) store_total(p, prep, m0 + i, n0 + j, sum_lanes8(acc[i][j]));
+  for (int i = 0; i < MX; ++i) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[i]);
+    for (int j = 0; j < NW; ++j) store_total(p, prep, m0 + i, n0 + j, lanes[2 * j] + lanes[2 * j + 1]);
+  }
 }
 #endif
 

@@ -28,9 +28,9 @@ declare (SmolLM2 batch-1 decode 52-57 tok/s against 38-44, BUILD_NOTES), so infe
 float matrix that way (model/quantize.py `for_decoding`).
 
 On a CPU, `matmul` over 1-16 rows (a decode step) goes to the C++ kernels of ops/decode_kernels.py
-instead, which read every layout above in one pass (int8 and int4 through AVX-512 VNNI where
-available, from weights stored in tiles of 4 rows, `tile`, and then up to 64 rows); the XLA path
-described here serves larger products and other backends.
+instead, which read every layout above in one pass (int8 and int4 through integer dots, AVX-512
+VNNI's or AVX2's, where available, from weights stored in tiles of 4 rows, `tile`, and then up to 64
+rows); the XLA path described here serves larger products and other backends.
 """
 
 from __future__ import annotations
@@ -150,14 +150,14 @@ def unpack_int4(packed) -> jax.Array:
   return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-# Rows of a tile and inputs of its chunks (`tile`): decode_matmul_vnni.h reads 4 weight rows a step,
+# Rows of a tile and inputs of its chunks (`tile`): decode_matmul_int_dots.h reads 4 weight rows a step,
 # 64 inputs at a time.
 TILE_ROWS, TILE_INPUTS = 4, 64
 
 
 def can_tile(w: QuantizedWeight) -> bool:
   """Whether `tile` takes w: integer values in rows, N a multiple of TILE_ROWS, K of TILE_INPUTS, and
-  groups of a multiple of 32 inputs (the decode kernel's VNNI path, the one that reads tiles)."""
+  groups of a multiple of 32 inputs (the decode kernel's integer path, the one that reads tiles)."""
   N, K = w.values.shape[-2], w.inputs
   return (
     w.is_integer
@@ -217,7 +217,7 @@ def matmul(x_MK, w: QuantizedWeight) -> jax.Array:
   dtype (XLA:CPU's bf16 matrix-vector products are slower than fp32 ones; the bytes saved are the
   weights'). A decode step's few rows (1 <= M <= decode_kernels.MAX_ROWS) of fp32, int8 or int4
   weights go to the C++ kernel on a CPU (ops/decode_kernels.py; its int8 and int4 paths on CPUs with
-  AVX-512 VNNI also round x to int8 per 32 inputs; weights in tiles go to it up to MAX_TILED_ROWS
+  AVX-512 VNNI or AVX2 also round x to int8 per 32 inputs; weights in tiles go to it up to MAX_TILED_ROWS
   rows, a short prefill's), everything else to XLA's dot."""
   return matmuls(x_MK, [w])[0]
 
@@ -261,7 +261,7 @@ def _kernel_takes(x_MK, w: QuantizedWeight) -> bool:
     and (float_ok or integer_ok)
     and jax.default_backend() == "cpu"
     and decode_kernels.available()
-    and (w.tile_rows == 1 or decode_kernels.rounds_int8_activations())  # tiles: the VNNI path only
+    and (w.tile_rows == 1 or decode_kernels.rounds_int8_activations())  # tiles: the integer path only
   )
 
 
