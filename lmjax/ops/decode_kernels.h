@@ -1,7 +1,7 @@
 // Shared by decode_matmul.cc, decode_attention.cc and flash_attention.cc, the CPU kernels that
 // lmjax/ops/decode_kernels.py compiles into one library and registers with XLA as FFI targets.
-// Written with GCC/Clang vector extensions (16 fp32 lanes: AVX-512 where the compiler targets it,
-// NEON or SSE elsewhere) and intrinsics only where GCC's lowering is poor.
+// Written with GCC/Clang vector extensions (16 fp32 lanes with AVX-512, 8 elsewhere: AVX2, NEON, SSE)
+// and intrinsics only where GCC's lowering is poor.
 
 #pragma once
 
@@ -20,7 +20,13 @@ namespace ffi = xla::ffi;
 
 namespace lmjax {
 
+// One register of fp32 lanes: 16 with AVX-512; 8 elsewhere, where GCC splits a 64-byte vector into halves
+// passed through the stack (on an AVX2 EPYC SmolLM2's fp32 matvecs read 10-15 GB/s that way).
+#ifdef __AVX512F__
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 

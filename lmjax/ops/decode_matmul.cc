@@ -126,9 +126,9 @@ struct Problem {
   float* y;  // [M, N]
 };
 
-// Lane i of the result: the sum of v[i]'s lanes. Four rounds of halving, each adding two vectors' halves
-// side by side (15 adds, 30 shuffles, against 240 scalar adds lane by lane).
-#if defined(__clang__) || __GNUC__ >= 12
+// Lane i of the result: the sum of v[i]'s lanes, for 16 lanes (AVX-512). Four rounds of halving, each adding
+// two vectors' halves side by side (15 adds, 30 shuffles, against 240 scalar adds lane by lane).
+#if (defined(__clang__) || __GNUC__ >= 12) && defined(__AVX512F__)
 constexpr bool kHasShuffle = true;  // __builtin_shufflevector: GCC 12+, Clang
 inline vfloat sum_lanes16(const vfloat* v) {
   vfloat c[8], e[4], g[2];
@@ -145,7 +145,7 @@ inline vfloat sum_lanes16(const vfloat* v) {
          __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 #else
-constexpr bool kHasShuffle = false;  // older GCC: lane by lane (`tile`'s other branch)
+constexpr bool kHasShuffle = false;  // older GCC, or 8 lanes: lane by lane (`tile`'s other branch)
 inline vfloat sum_lanes16(const vfloat* v) { return v[0]; }
 #endif
 
@@ -154,8 +154,10 @@ inline vfloat sum_lanes16(const vfloat* v) { return v[0]; }
 // ~42% of the FMA peak, bound by loads (Zen 4 loads one 64-byte vector a cycle).
 #ifdef __AVX512F__
 inline void in_register(vfloat& v) { asm("" : "+v"(v)); }
+#elif defined(__AVX__)
+inline void in_register(vfloat& v) { asm("" : "+x"(v)); }  // 8 lanes: a ymm register
 #else
-inline void in_register(vfloat&) {}  // a 64-byte vector fits no register there ("impossible constraint")
+inline void in_register(vfloat&) {}
 #endif
 
 // y[m0:m0+MX, n0:n0+NW] from x rows m0.. and weight rows w_rows[0..NW) (row stride K): dot products
@@ -201,14 +203,21 @@ void block(const Problem& p, int64_t n0, int64_t count, const float* w_rows) {
     return;
   }
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4)
-    for (int j = 0; j < kRowsW; j += 4) tile<4, 4>(p, m, n0 + j, w_rows + j * p.K);
-  if (m + 2 <= p.M) {
-    tile<2, 8>(p, m, n0, w_rows);
-    tile<2, 8>(p, m, n0 + 8, w_rows + 8 * p.K);
-    m += 2;
+  if constexpr (kLanes == 16) {  // AVX-512's 32 registers: tiles of 16 accumulators
+    for (; m + 4 <= p.M; m += 4)
+      for (int j = 0; j < kRowsW; j += 4) tile<4, 4>(p, m, n0 + j, w_rows + j * p.K);
+    if (m + 2 <= p.M) {
+      tile<2, 8>(p, m, n0, w_rows);
+      tile<2, 8>(p, m, n0 + 8, w_rows + 8 * p.K);
+      m += 2;
+    }
+    if (m < p.M) tile<1, 16>(p, m, n0, w_rows);
+  } else {  // AVX2's 16: 8 accumulators, 4 weight vectors, x (16 accumulators spill)
+    for (; m + 2 <= p.M; m += 2)
+      for (int j = 0; j < kRowsW; j += 4) tile<2, 4>(p, m, n0 + j, w_rows + j * p.K);
+    if (m < p.M)
+      for (int j = 0; j < kRowsW; j += 4) tile<1, 4>(p, m, n0 + j, w_rows + j * p.K);
   }
-  if (m < p.M) tile<1, 16>(p, m, n0, w_rows);
 }
 
 // What the fused kernel needs besides the problem: int4 weights pair with x's even and odd inputs

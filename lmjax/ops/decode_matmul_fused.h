@@ -15,7 +15,7 @@ namespace {
 // Rows of x that the fused kernel below takes; more rows share a dequantized buffer (`columns`).
 constexpr int kFusedRowsX = 2;
 
-// 16 int8 at p as floats; and 16 bytes' low and high nibbles (signed int4) as floats. GCC lowers vector
+// kLanes int8 at p as floats; and kLanes bytes' low and high nibbles (signed int4) as floats. GCC lowers vector
 // conversions from int8 lane by lane, so AVX-512 and AVX2 get intrinsics; other targets a loop.
 #ifdef __AVX512F__
 inline vfloat widen(const int8_t* p) {
@@ -28,28 +28,17 @@ inline vfloat low_nibbles(const int8_t* p) {
 inline vfloat high_nibbles(const int8_t* p) {
   return (vfloat)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)), 4));
 }
-#elif defined(__AVX2__)
-// 16 int32 (two registers) as floats.
-inline vfloat as_floats(__m256i low8, __m256i high8) {
-  const __m256 low = _mm256_cvtepi32_ps(low8), high = _mm256_cvtepi32_ps(high8);
-  vfloat v;
-  std::memcpy(&v, &low, sizeof(low));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(low), &high, sizeof(high));
-  return v;
-}
+#elif defined(__AVX2__)  // 8 lanes
 inline vfloat widen(const int8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return as_floats(_mm256_cvtepi8_epi32(bytes), _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+  return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat low_nibbles(const int8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i low = _mm256_cvtepi8_epi32(bytes), high = _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8));
-  return as_floats(_mm256_srai_epi32(_mm256_slli_epi32(low, 28), 28), _mm256_srai_epi32(_mm256_slli_epi32(high, 28), 28));
+  const __m256i bytes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return (vfloat)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(bytes, 28), 28));
 }
 inline vfloat high_nibbles(const int8_t* p) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return as_floats(_mm256_srai_epi32(_mm256_cvtepi8_epi32(bytes), 4),
-                   _mm256_srai_epi32(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)), 4));
+  const __m256i bytes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return (vfloat)_mm256_cvtepi32_ps(_mm256_srai_epi32(bytes, 4));
 }
 #else
 inline vfloat widen(const int8_t* p) {
