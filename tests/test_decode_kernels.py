@@ -146,9 +146,10 @@ def test_rows_of_more_than_16_groups_with_offsets(bits, scale_dtype):
   np.testing.assert_allclose(kernel(x, values, scale, offset, bits, 32), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("K", [40, 100])
-def test_inputs_not_a_multiple_of_16(K):
-  """fp32 and one-group int8 rows whose length leaves a tail after the 16-lane loop."""
+@pytest.mark.parametrize("K", [36, 40, 100])
+def test_inputs_not_a_multiple_of_the_lanes(K):
+  """fp32 and one-group int8 rows whose length leaves a tail after the vector loop (16 lanes with
+  AVX-512, 8 otherwise)."""
   rng = np.random.default_rng(K)
   x = rng.standard_normal((4, K)).astype(np.float32)
   for bits in (32, 8):
@@ -157,20 +158,35 @@ def test_inputs_not_a_multiple_of_16(K):
     np.testing.assert_allclose(kernel(x, values, scale, offset, bits, K), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M", [1, 5])
-def test_int8_extremes_are_exact(M):
-  """Weights of -128 and 127 against inputs that round to +-127: the integer path's products at their
-  largest (AVX2's vpmaddubsw adds two into a saturating int16, |w| * xq up to 2 * 128 * 127 = 32512;
-  VNNI biases w by 128). Exact in float64 for quantized x."""
-  rng = np.random.default_rng(M)
+def test_integer_extremes_are_exact(bits, M):
+  """Weights at the ends of int8 (-128, 127) or int4 (-8, 7) against inputs that round to +-127: the
+  integer path's products at their largest (AVX2's vpmaddubsw adds two into a saturating int16, |w| * xq
+  up to 2 * 128 * 127 = 32512; VNNI biases w by 128, int4 by 8). Exact in float64 for quantized x."""
+  rng = np.random.default_rng(M + bits)
   N, K = 12, 128
-  values = rng.choice(np.array([-128, 127, -127, 0], np.int8), size=(N, K))
-  values[0] = -128  # a whole row at the bottom of int8
+  low, high = (-128, 127) if bits == 8 else (-8, 7)
+  q = rng.choice(np.array([low, high, -high, 0], np.int8), size=(N, K))
+  q[0] = low  # a whole row at the bottom
+  values = np.asarray(quantized.pack_int4(q)) if bits == 4 else q
   scale = np.full((N, K // 32), 0.01, np.float32)
   x = rng.choice(np.array([-1.0, 1.0], np.float32), size=(M, K))  # every xq is +-127
-  want = reference(x, values, scale, None, 8, 32)
-  np.testing.assert_allclose(want[:, 0], -1.28 * x.sum(1), rtol=1e-6)  # the reference itself
-  np.testing.assert_allclose(kernel(x, values, scale, None, 8, 32), want, rtol=1e-6, atol=1e-5)
+  want = reference(x, values, scale, None, bits, 32)
+  np.testing.assert_allclose(want[:, 0], 0.01 * low * x.sum(1), rtol=1e-6, atol=1e-9)  # the reference itself
+  np.testing.assert_allclose(kernel(x, values, scale, None, bits, 32), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_a_nan_input_gives_nan(bits):
+  """A NaN anywhere in a row of x makes that row's products NaN on every path, as a float matmul's
+  (the integer path's max |x| per block would otherwise skip it); other rows stay finite."""
+  rng = np.random.default_rng(bits)
+  values, scale, offset = random_weight(rng, 8, 128, bits, 32, False, np.float32)
+  x = rng.standard_normal((3, 128)).astype(np.float32)
+  x[1, 5] = np.nan
+  y = kernel(x, values, scale, offset, bits, 32)
+  assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -297,11 +313,18 @@ def test_build_failure_names_the_compiler_problem(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-# GQA groups of 1-4 query heads per key load (and 5 = 4 + 1), head sizes in and out of registers; the
-# second case is threaded.
+# GQA groups of 1-4 query heads per key load (and 5 = 4 + 1), head sizes in and out of registers (256:
+# several blocks of registers); the second case is threaded.
 @pytest.mark.parametrize(
   "B,K,G,H,S",
-  [(3, 2, 3, 16, 45), (4, 3, 3, 64, 256), (3, 1, 4, 128, 40), (3, 2, 2, 32, 33), (3, 1, 5, 64, 20)],
+  [
+    (3, 2, 3, 16, 45),
+    (4, 3, 3, 64, 256),
+    (3, 1, 4, 128, 40),
+    (3, 2, 2, 32, 33),
+    (3, 1, 5, 64, 20),
+    (3, 1, 2, 256, 24),
+  ],
 )
 def test_attention_matches_numpy(B, K, G, H, S, window):
   """One query per row over keys [B, K, H, S] / values [B, K, S, H] with GQA; rows: a prefix of filled

@@ -23,7 +23,7 @@ struct AttentionProblem {
 };
 
 // scores[g, s] = q[g] . keys[:, s] for GB query heads at once, slots [0, L): each key vector loaded
-// once for all GB heads, 16 slots in registers. Keys are [H, S]; slots past L (up to S) may be read.
+// once for all GB heads, kLanes slots in registers. Keys are [H, S]; slots past L (up to S) may be read.
 template <int GB>
 void head_scores(const float* q, const float* keys, int64_t H, int64_t S, int64_t L, float* scores, int64_t stride) {
   int64_t s = 0;
@@ -37,7 +37,7 @@ void head_scores(const float* q, const float* keys, int64_t H, int64_t S, int64_
     const int64_t n = std::min<int64_t>(kLanes, L - s);
     for (int g = 0; g < GB; ++g) std::memcpy(scores + g * stride + s, &acc[g], n * sizeof(float));
   }
-  for (; s < L; ++s)  // the last slots of a cache whose length is not a multiple of 16
+  for (; s < L; ++s)  // the last slots of a cache whose length is not a multiple of kLanes
     for (int g = 0; g < GB; ++g) {
       float total = 0.0f;
       for (int64_t h = 0; h < H; ++h) total += q[g * H + h] * keys[h * S + s];
@@ -45,17 +45,20 @@ void head_scores(const float* q, const float* keys, int64_t H, int64_t S, int64_
     }
 }
 
-// out[h] = sum over slots s < L of weights[s] * values[s, h], H = 16 * HV held in registers.
+// out[h] = sum over slots s < L of weights[s] * values[s, h] for the H (row stride) value columns, HV *
+// kLanes of them at a time held in registers (H a multiple of that).
 template <int HV>
-void weighted_values(const float* weights, const float* values, int64_t L, float* out) {
-  vfloat acc[HV];
-  for (int v = 0; v < HV; ++v) acc[v] = vfloat{};
-  for (int64_t s = 0; s < L; ++s) {
-    const float weight = weights[s];
-    if (weight == 0.0f) continue;
-    for (int v = 0; v < HV; ++v) acc[v] += weight * load(values + s * HV * kLanes + v * kLanes);
+void weighted_values(const float* weights, const float* values, int64_t L, int64_t H, float* out) {
+  for (int64_t h0 = 0; h0 < H; h0 += HV * kLanes) {
+    vfloat acc[HV];
+    for (int v = 0; v < HV; ++v) acc[v] = vfloat{};
+    for (int64_t s = 0; s < L; ++s) {
+      const float weight = weights[s];
+      if (weight == 0.0f) continue;
+      for (int v = 0; v < HV; ++v) acc[v] += weight * load(values + s * H + h0 + v * kLanes);
+    }
+    std::memcpy(out + h0, acc, sizeof(acc));
   }
-  std::memcpy(out, acc, sizeof(acc));
 }
 
 // A row's slots up to its last filled one (k_pos >= 0): what `attend` reads.
@@ -105,10 +108,10 @@ void attend(const AttentionProblem& p, int64_t b, int64_t kv_head) {
     }
     float total = sum_lanes(totals);
     for (; s < L; ++s) total += row[s] = std::exp(row[s] - top);
-    if (H == 4 * kLanes) {
-      weighted_values<4>(row, values, L, o);
-    } else if (H == 8 * kLanes) {
-      weighted_values<8>(row, values, L, o);
+    if (H % (8 * kLanes) == 0) {  // blocks of 8 or 4 registers: head sizes 64, 128 and their multiples
+      weighted_values<8>(row, values, L, H, o);
+    } else if (H % (4 * kLanes) == 0) {
+      weighted_values<4>(row, values, L, H, o);
     } else {
       for (int64_t s = 0; s < L; ++s) {
         if (row[s] == 0.0f) continue;

@@ -45,7 +45,7 @@ inline float sum_lanes(vfloat v) {
   return total;
 }
 
-// e^x for x <= 0 in 16 lanes: x = n ln2 + r, e^r by Cephes' expf polynomial (|r| <= ln2 / 2, ~1 ulp),
+// e^x for x <= 0 in kLanes lanes: x = n ln2 + r, e^r by Cephes' expf polynomial (|r| <= ln2 / 2, ~1 ulp),
 // times 2^n built in the exponent bits; exactly 0 below -87 (where fp32 underflows), so -inf too.
 inline vfloat exp_nonpositive(vfloat x) {
   const vint underflow = x < -87.0f;

@@ -9,11 +9,13 @@
 // integer path only) the values' bytes come in tiles of 4 rows, each tile 64 inputs at a time: the 4 rows' bytes
 // of inputs 0-63 side by side, then of 64-127, ... (ops/quantized.py `tile`).
 //
-// int8 and int4 on CPUs with AVX-512 VNNI or AVX2: integer dots at any row count (decode_matmul_int_dots.h). Other
-// quantized weights at one or two rows of x with groups of a multiple of 32: each weight byte converted
+// int8 and int4 on CPUs with AVX-512 VNNI or AVX2: integer dots at any row count (decode_matmul_int_dots.h).
+// Other quantized weights at one or two rows of x with groups of a multiple of 2 * kLanes (32 with AVX-512, 16
+// otherwise): each weight byte converted
 // in registers and used at once, one pass over the weights (decode_matmul_fused.h). Otherwise (`block`):
 // 16 weight rows at a time (dequantized into a buffer that stays in cache; fp32 rows read where they
-// are) times every row of x in register tiles of 4x4, 2x8 or 1x16 dot products.
+// are) times every row of x in register tiles of dot products (4x4, 2x8 or 1x16 with AVX-512's 16 lanes,
+// 2x4 or 1x4 with 8).
 //
 // One call takes several weights that share x (a layer's q, k and v): x is prepared once, and the
 // output rows of all of them are split into spans shared with helper threads (`Parallel`,
@@ -161,7 +163,7 @@ inline void in_register(vfloat&) {}
 #endif
 
 // y[m0:m0+MX, n0:n0+NW] from x rows m0.. and weight rows w_rows[0..NW) (row stride K): dot products
-// along K in 16 lanes, MX * NW accumulators (16 make a full register tile).
+// along K in kLanes lanes, MX * NW accumulators (16 make a full AVX-512 register tile).
 template <int MX, int NW>
 void tile(const Problem& p, int64_t m0, int64_t n0, const float* w_rows) {
   const int64_t K = p.K, body = K - K % kLanes;
@@ -212,7 +214,7 @@ void block(const Problem& p, int64_t n0, int64_t count, const float* w_rows) {
       m += 2;
     }
     if (m < p.M) tile<1, 16>(p, m, n0, w_rows);
-  } else {  // AVX2's 16: 8 accumulators, 4 weight vectors, x (16 accumulators spill)
+  } else {  // 8 lanes (AVX2's 16 registers): 8 accumulators, 4 weight vectors, x; 16 accumulators spill
     for (; m + 2 <= p.M; m += 2)
       for (int j = 0; j < kRowsW; j += 4) tile<2, 4>(p, m, n0 + j, w_rows + j * p.K);
     if (m < p.M)

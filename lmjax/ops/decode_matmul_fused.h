@@ -58,7 +58,7 @@ inline vfloat high_nibbles(const int8_t* p) {
 }
 #endif
 
-// y[0:MX, n0:n0+NW] for quantized weights with groups of a multiple of 32 inputs, converting each
+// y[0:MX, n0:n0+NW] for quantized weights with groups of a multiple of 2 * kLanes inputs, converting each
 // int8 (or pair of int4) in registers: one pass over the weight bytes, as a decode step needs.
 template <int MX, int NW, int BITS>
 void fused_tile(const Problem& p, const Prepared& prep, int64_t n0) {

@@ -1,8 +1,8 @@
 // decode_matmul.cc's int8 and int4 path on CPUs with integer dot products: AVX-512 VNNI (vpdpbusd, 64
 // byte products an instruction) or AVX2 (vpmaddubsw then vpmaddwd, 32 byte products in two), instead of
-// converting every weight to fp32, which bounds the fp32 path at ~10 GB/s of int8 a core on AVX-512 and
-// at ~1 GB/s on AVX2, where GCC converts int8 vectors lane by lane (SmolLM2 int8 decode 12 tok/s on an
-// AVX2 EPYC, BUILD_NOTES). As llama.cpp does for its Q8_0/Q4 dot products, x is quantized for the
+// converting every weight to fp32, which bounds the fp32 path at ~10 GB/s of int8 a core on AVX-512 (on
+// an AVX2 EPYC, before this path and the fused path's AVX2 conversions, GCC converted int8 lane by lane:
+// SmolLM2 int8 decode 12 tok/s, BUILD_NOTES). As llama.cpp does for its Q8_0/Q4 dot products, x is quantized for the
 // product: per row, in blocks of 32 inputs, xq = rint(x / sx), sx = max|x| / 127 (fp32 sums of x feed the
 // offsets). Exact for every int8 weight, -128 included, on both:
 //   - vpdpbusd multiplies unsigned by signed bytes, so it takes the weights as w + 128 (an XOR of the
@@ -19,6 +19,8 @@
 // Included by decode_matmul.cc after Problem and Prepared.
 
 #pragma once
+
+#include <limits>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
     defined(__F16C__)
@@ -46,29 +48,40 @@ inline bool int_dots_take(const Problem& p) {
 }
 
 #ifdef LMJAX_INT_DOTS
-// 32 inputs of x quantized into out; returns max |x| (sx = that / 127). cvtps rounds to nearest even,
-// as nearbyint; |xq| <= 127, so the narrowing is exact. Vectorised: a scalar loop (nearbyint per input)
-// cost ~0.5 ms of a ~6 ms int8 token over 211 calls.
+// 127 / top, or 0 where that is not finite: top 0, NaN, or below ~3.7e-37 (such a block's inputs count as 0).
+inline float inverse_scale(float top) {
+  const float inverse = 127.0f / top;
+  return top > 0.0f && inverse <= std::numeric_limits<float>::max() ? inverse : 0.0f;
+}
+
+// 32 inputs of x quantized into out; returns max |x| (sx = that / 127), NaN if an input is NaN, so that
+// the products come out NaN as the fp32 path's do (the integer max would drop it). cvtps rounds to
+// nearest even, as nearbyint; |xq| <= 127, so the narrowing is exact. Vectorised: a scalar loop
+// (nearbyint per input) cost ~0.5 ms of a ~6 ms int8 token over 211 calls.
 inline float quantize_block(const float* x, int8_t* out) {
 #if LMJAX_INT_DOTS == 512
   const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
-  const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-  const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+  const bool nan = _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q);
+  const float top = nan ? std::numeric_limits<float>::quiet_NaN()
+                        : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const __m512 inverse = _mm512_set1_ps(inverse_scale(top));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse))));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16),
                    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse))));
   return top;
 #else
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4], top8 = _mm256_setzero_ps();
+  __m256 v[4], top8 = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
     top8 = _mm256_max_ps(top8, _mm256_andnot_ps(sign, v[i]));
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
   }
   __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(top8), _mm256_extractf128_ps(top8, 1));
   top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
-  const float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
-  const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+  const float top = _mm256_movemask_ps(unordered) ? std::numeric_limits<float>::quiet_NaN()
+                                                  : _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
+  const __m256 inverse = _mm256_set1_ps(inverse_scale(top));
   __m256i q[4];
   for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
   // The packs work within 128-bit lanes: 32-bit groups come out in the order 0 4 1 5 2 6 3 7.
@@ -151,7 +164,7 @@ struct TileBytes {
   }
 };
 
-// Row m0 + i's result at column n0 + j: its dots' lanes summed, plus its offsets.
+// y[m, n]: the row's dots (already summed over lanes and chunks) plus its offsets.
 inline void store_total(const Problem& p, const Prepared& prep, int64_t m, int64_t n, float dots) {
   const int64_t groups = p.K / p.w.group_size;
   if (p.w.offset) dots += offsets_dot(p.w, n * groups, prep.x_group_sums.data() + m * groups, groups);
