@@ -5,6 +5,7 @@ measured by benchmarks/gguf_export_llama_cpp.py (llama-cpp-python builds from so
 
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -160,3 +161,27 @@ def test_export_cli_refuses_folders_and_leaves_nothing_when_stopped(tmp_path, ca
     assert exit_info.value.code == code
     assert sorted(os.listdir(tmp_path)) == ["m.gguf", "notes.txt"]
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_export_cli_runs_off_the_main_thread(tmp_path):
+  """Signal handlers can only be set on the main thread; export called from another (a notebook's
+  worker, a server) still writes its file and leaves the process's SIGTERM handler alone."""
+  model, output = str(tmp_path / "m.gguf"), str(tmp_path / "copy.gguf")
+  cfg, params = tiny_llama(True)
+  gguf_export.export(cfg, params, byte_level_bpe(), model)
+  previous, exits = signal.getsignal(signal.SIGTERM), []
+
+  def export():
+    try:
+      export_cli.run(["lmjax-export", f"--model=pretrained:{model}", f"--output={output}"])
+    except SystemExit as stop:
+      exits.append(stop.code)
+
+  worker = threading.Thread(target=export)
+  worker.start()
+  worker.join()
+  assert exits in ([], [0], [None])
+  assert signal.getsignal(signal.SIGTERM) is previous
+  _, back_params, _ = pretrained.load(output)
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, back_params)
+  assert jax.tree.all(same)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 from absl import app, flags
 
@@ -48,7 +49,10 @@ def main(argv):
     raise errors.UserError(f"--output={f.output}: {blocker} is a file, not a folder")
   cfg, params, tokenizer = pretrained.load(cli.model_source(f.model))
   made = _missing_folders(parent)
-  stop = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))  # `finally` cleans up
+  # SIGTERM exits through `finally`, which cleans up; only the main thread may set handlers (export called
+  # from another thread keeps the process's own).
+  on_main = threading.current_thread() is threading.main_thread()
+  stop = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum)) if on_main else None
   staging, done = None, False
   try:
     os.makedirs(parent, exist_ok=True)
@@ -67,14 +71,16 @@ def main(argv):
   except OSError as err:  # no permission, a full disk
     raise errors.UserError(f"cannot write --output={f.output}: {err}") from None
   finally:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a second SIGTERM waits for the cleanup
+    if on_main:
+      signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # a second SIGTERM waits for the cleanup
     if staging:
       shutil.rmtree(staging, ignore_errors=True)
     for folder in [] if done else reversed(made):
       if os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
-    signal.signal(signal.SIGTERM, stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    if on_main:
+      signal.signal(signal.SIGTERM, stop)
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
   size = (
     os.path.getsize(f.output)
     if f.format == "gguf"

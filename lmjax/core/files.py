@@ -14,9 +14,9 @@ import datetime
 import fcntl
 import json
 import os
+import secrets
 import socket
 import sys
-import tempfile
 
 from lmjax.core import errors
 
@@ -30,12 +30,11 @@ class WorkdirInUse(errors.UserError):
 def write_atomic(path: str, text) -> None:
   """Writes `text` (str as UTF-8, or any bytes-like object: bytes, a numpy array's memoryview) to
   `path` via a uniquely named temporary file in the same directory and one `os.replace`, so readers
-  and concurrent writers never see a partial file. The file gets the permissions open() would give it
-  under the process's umask (mkstemp's own 0600 hid exports and runs from other users)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  and concurrent writers never see a partial file. The temporary file is created with mode 0o666, as
+  open() creates files, so the kernel applies the process's umask (mkstemp's own 0600 hid exports and
+  runs from other users; reading the umask instead means setting it, a race with other threads)."""
+  fd, tmp = _create_unique(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.")
   try:
-    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(text.encode("utf-8") if isinstance(text, str) else text)
       f.flush()
@@ -47,18 +46,14 @@ def write_atomic(path: str, text) -> None:
     raise
 
 
-def _umask() -> int:
-  """The process's umask, as Linux shows it in /proc; elsewhere the one read at import (os.umask can only
-  be read by replacing it, which would race with other threads' files)."""
-  try:
-    with open("/proc/self/status") as status:
-      return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-  except (OSError, StopIteration, ValueError):
-    return _UMASK_AT_IMPORT
-
-
-_UMASK_AT_IMPORT = os.umask(0o022)
-os.umask(_UMASK_AT_IMPORT)
+def _create_unique(directory: str, prefix: str) -> tuple[int, str]:
+  """(fd, path) of a new empty file `directory/prefix<random>.tmp`, opened for writing with O_EXCL."""
+  while True:
+    tmp = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+    except FileExistsError:
+      continue
 
 
 def write_json(path: str, value, **kwargs) -> None:

@@ -144,8 +144,8 @@ def piece_buckets(max_context: int, prefill_chunk: int, shortest_prefix: int) ->
   also start after any reused length s >= shortest_prefix, padded to its power of two where that fits
   the columns left (else PrefixCache.lookup moves s down to a multiple of prefill_chunk)."""
 
-  def upto(longest: int, cap: int) -> set:  # {bucket(n, cap) for n in 1..longest}
-    return {min(max(16, 1 << k), cap) for k in range((longest - 1).bit_length() + 1)}
+  def upto(longest: int, cap: int) -> set:  # {bucket(n, cap) for n in 1..longest}: n's powers of two suffice
+    return {bucket(1 << k, cap) for k in range((longest - 1).bit_length() + 1)}
 
   buckets = {bucket(prefill_chunk, max_context)} if max_context - 1 > prefill_chunk else set()
   for start in range(prefill_chunk, max_context - 1, prefill_chunk):

@@ -147,14 +147,17 @@ inline float offsets_dot(const Weight& w, int64_t group0, const float* sums, int
 #endif
 }
 
-// Where a tile's weight bytes lie: rows as stored, or a tile (`int_dots_columns_of` gives tiles whole:
+// Where a tile's bytes lie. Weights: rows as stored, or a tile (`int_dots_columns_of` gives tiles whole:
 // NW == tile_rows, n0 a multiple of it), a chunk's rows side by side, one stream, so the prefetch runs
-// kPrefetchBytes ahead of it. Chunk c of row j starts at rows + j * row_step + c * chunk_step.
+// kPrefetchBytes ahead of it; chunk c of row j starts at rows + j * row_step + c * chunk_step. x: row m's
+// quantized bytes start at x_q + m * K (int4 tiles take them in the nibbles' order).
 template <int BITS>
 struct TileBytes {
   const int8_t* rows;
   int64_t row_step, chunk_step, ahead;
-  TileBytes(const Weight& w, int64_t K, int64_t n0, int NW) {
+  const int8_t* x_q;
+  TileBytes(const Weight& w, const Prepared& prep, int64_t K, int64_t n0, int NW)
+      : x_q(BITS == 4 ? prep.x_q4.data() : prep.x_q.data()) {
     const int64_t row_bytes = BITS == 4 ? K / 2 : K, chunk_bytes = 64 * BITS / 8;
     const bool tiled = w.tile_rows > 1;
     rows = static_cast<const int8_t*>(w.values) + n0 * row_bytes;
@@ -198,8 +201,7 @@ template <int MX, int NW, int BITS>
 void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G;
-  const TileBytes<BITS> at(w, K, n0, NW);
-  const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
+  const TileBytes<BITS> at(w, prep, K, n0, NW);
   const __m512i bias = _mm512_set1_epi8(BITS == 4 ? 8 : static_cast<char>(0x80));
   __m512 acc[MX][NW];
   for (int i = 0; i < MX; ++i)
@@ -208,7 +210,7 @@ void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n
     __m512i x_q[MX], start[MX];
     __m512 x_scale[MX];
     for (int i = 0; i < MX; ++i) {
-      x_q[i] = _mm512_loadu_si512(xs + (m0 + i) * K + c * 64);
+      x_q[i] = _mm512_loadu_si512(at.x_q + (m0 + i) * K + c * 64);
       // -bias * (sum of xq over each lane's 4 inputs): the dots' starting value.
       start[i] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, x_q[i]));
       const float* sx = prep.x_scale.data() + (m0 + i) * K / kXBlock + 2 * c;
@@ -276,8 +278,7 @@ template <int MX, int NW, int BITS>
 void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n0) {
   const Weight& w = p.w;
   const int64_t K = p.K, G = w.group_size, groups = K / G;
-  const TileBytes<BITS> at(w, K, n0, NW);
-  const int8_t* xs = BITS == 4 ? prep.x_q4.data() : prep.x_q.data();
+  const TileBytes<BITS> at(w, prep, K, n0, NW);
   const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
   __m256 acc[MX];  // lane 2j + h: row j's dots over the chunks' halves h, scaled
   for (int i = 0; i < MX; ++i) acc[i] = _mm256_setzero_ps();
@@ -285,7 +286,7 @@ void int_dots_tile(const Problem& p, const Prepared& prep, int64_t m0, int64_t n
     __m256i x_q[MX][2], start[MX];
     __m256 x_scales[MX];  // lane 2j + h: sx of half h
     for (int i = 0; i < MX; ++i) {
-      const int8_t* x_chunk = xs + (m0 + i) * K + c * 64;
+      const int8_t* x_chunk = at.x_q + (m0 + i) * K + c * 64;
       for (int h = 0; h < 2; ++h) x_q[i][h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_chunk + 32 * h));
       x_scales[i] = _mm256_castpd_ps(
           _mm256_broadcast_sd(reinterpret_cast<const double*>(prep.x_scale.data() + (m0 + i) * K / kXBlock + 2 * c)));
