@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from lmjax.core import errors
@@ -112,10 +113,11 @@ def load_params(step_dir: str):
 
 
 def _saved_tree(item: str) -> dict:
-  """The array metadata (shape, dtype) tree saved in a StandardSave item directory, without data."""
-  metadata = ocp.StandardCheckpointer().metadata(item)
-  tree = getattr(metadata, "item_metadata", metadata)
-  return getattr(tree, "tree", tree)
+  """The array metadata (shape, dtype) tree saved in a StandardSave item directory, without data. Read by
+  the item's handler: a StandardCheckpointer would look for the step's _CHECKPOINT_METADATA inside the
+  item (a CheckpointManager keeps it one level up) and warn on every load that it is missing."""
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(item))
+  return getattr(metadata, "tree", metadata)
 
 
 def _shapes(tree) -> dict:
