@@ -13,7 +13,7 @@ import pytest
 from test_server import Served, chat_ids, post
 
 from lmjax import model
-from lmjax.data import tokenizers
+from lmjax.data import tokenizer_base, tokenizers
 from lmjax.inference import api_replies, api_requests, engine as engine_lib
 
 from conftest import is_utf8
@@ -119,6 +119,45 @@ def test_a_character_split_over_tokens_keeps_its_bytes_and_offsets(served):
   assert first["text_offset"] + rest["text_offset"] == [len(raw[:b].decode(errors="ignore")) for b in starts]
   assert first["text_offset"] + rest["text_offset"] == [0, 0, 1, 1, 1, 1, 2]
   assert first["top_logprobs"][1] == {"\\xa9": -0.5, "\\xc3": -1.0}
+
+
+def test_a_prompt_of_ids_ending_inside_a_character_gives_it_to_the_completion(served):
+  """Prompt ids that stop inside a character of "é🙂 the" (byte tokens: 2 for é, 4 for 🙂): the echoed
+  prompt stops before the character and the completion begins with it whole, so echo's text is the
+  text of all the ids and its offsets count characters across the seam; without echo the completion
+  still begins with the character (no U+FFFD on either side)."""
+  tokenizer, text = served.lm.tokenizer, "é🙂 the"
+  ids = tokenizer.encode(text)
+  assert [tokenizer_base.incomplete_tail(tokenizer, ids[:j]) for j in range(8)] == [0, 1, 0, 1, 2, 3, 0, 0]
+  offsets = [0, 0, 1, 1, 1, 1, 2]  # characters before each token's first whole one, in the whole text
+  for j in range(1, 7):
+    prompt, reply = ids[:j], ids[j:]
+    begun = tokenizer_base.incomplete_tail(tokenizer, prompt)
+    stream = tokenizer_base.TextStream(tokenizer, context_ids=prompt[j - begun :] if begun else ())
+    completion = "".join(stream.push(t) for t in reply) + stream.flush()
+    whole_before = len(text.encode()[: j - begun].decode())  # characters the prompt finishes
+    assert completion == text[whole_before:]
+    request = engine_lib.Request(prompt, 8, None, logprobs=1)
+    request.output_ids, request.token_logprobs = list(reply), [(-0.5, [(t, -0.5)]) for t in reply]
+    echo = api_replies.Reply(False, "tiny", [request], tokenizer, echo=True)
+    echo.prompt_logprobs[tuple(prompt)] = (np.zeros(j - 1), np.zeros((j - 1, 1)), np.zeros((j - 1, 1), int))
+    assert echo.echoed(0) + completion == text
+    assert echo.logprobs(0, len(reply))["text_offset"] == offsets
+    plain = api_replies.Reply(False, "tiny", [request], tokenizer)
+    assert plain.logprobs(0, len(reply))["text_offset"] == [o - whole_before for o in offsets[j:]]
+
+
+def test_the_server_completes_a_character_begun_in_a_prompt_of_ids(served):
+  tokenizer = served.lm.tokenizer
+  prompt = tokenizer.encode("é🙂 the")[:4]  # é and half of 🙂
+  reply = greedy_ids(served.lm, prompt, 6)
+  full = tokenizer.decode(prompt + reply)
+  for echo, want in ((True, full), (False, full[1:])):
+    ask = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": echo}
+    assert post(served, "/completions", ask).json()["choices"][0]["text"] == want
+    streamed = post(served, "/completions", {**ask, "stream": True}).text.split("\n\n")
+    pieces = [json.loads(e[len("data: ") :]) for e in streamed if e.startswith("data: {")]
+    assert "".join(p["choices"][0]["text"] for p in pieces if p["choices"]) == want
 
 
 def test_completion_logprobs_streamed_equal_whole(served):

@@ -4,6 +4,7 @@ text helpers for generated ids (whole-character streaming, stop strings, chat ma
 
 from __future__ import annotations
 
+import codecs
 import os
 from typing import Protocol, runtime_checkable
 
@@ -81,17 +82,40 @@ def cut_at_stop(text: str, stop_strings) -> str:
   return text[: min(starts)] if starts else text
 
 
+def incomplete_tail(tokenizer, ids) -> int:
+  """How many of `ids`' last tokens hold the first bytes of a UTF-8 character their bytes do not finish
+  (0 when the bytes end on a character boundary). A prompt given as token ids can end so; its
+  completion's first tokens finish that character, so the completion's text decodes after those tokens
+  (TextStream's `context_ids`) and an echoed prompt stops before the character (OpenAI's API shows text,
+  and half a character is U+FFFD on both sides of the seam otherwise)."""
+  window, count = b"", 0
+  while len(window) < 4 and count < len(ids):  # a character has at most 4 bytes
+    count += 1
+    window = tokenizer.token_bytes(ids[-count]) + window
+  decoder = codecs.getincrementaldecoder("utf-8")("replace")
+  decoder.decode(window)
+  pending = len(decoder.getstate()[0])  # the bytes of a character begun but not finished
+  held = 0
+  while pending > 0:
+    held += 1
+    pending -= len(tokenizer.token_bytes(ids[-held]))
+  return held
+
+
 class TextStream:
   """The text of a growing sequence of generated ids, released in whole characters.
 
   A character that byte-level tokens split (most CJK characters, emoji) decodes to U+FFFD until its
   last byte arrives, so trailing U+FFFD are held back until then (as HF's TextStreamer holds
-  incomplete words); `flush()` releases what remains at the end.
+  incomplete words); `flush()` releases what remains at the end. `context_ids`, a prompt's last tokens
+  that begin a character (incomplete_tail), are decoded in front of the ids, so the first text released
+  is that whole character; their own whole characters are not released.
   """
 
-  def __init__(self, tokenizer, skip_special_tokens: bool = True):
+  def __init__(self, tokenizer, skip_special_tokens: bool = True, context_ids=()):
     self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
-    self.ids, self.released = [], ""
+    self.context_ids, self.ids, self.released = list(context_ids), [], ""
+    self._context_text = self._decode(self.context_ids).removesuffix("\ufffd") if self.context_ids else ""
 
   def push(self, token_id: int) -> str:
     """Adds one id; returns the text it completes ('' while a character is incomplete)."""
@@ -102,7 +126,12 @@ class TextStream:
     return self._release(self._text())
 
   def _text(self) -> str:
-    return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+    if not self.context_ids:
+      return self._decode(self.ids)
+    return self._decode(self.context_ids + self.ids)[len(self._context_text) :]
+
+  def _decode(self, ids) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
   def _release(self, text: str) -> str:
     if not text.startswith(self.released):  # a decoder that rewrote earlier text: release nothing new

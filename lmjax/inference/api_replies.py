@@ -8,6 +8,8 @@ import functools
 import time
 import uuid
 
+from lmjax.data import tokenizer_base
+
 
 class Reply:
   """OpenAI's response objects for one API request's choices (engine Requests, `n` a prompt): the whole
@@ -25,6 +27,12 @@ class Reply:
     self._given, self._offset = [0] * len(requests), [0] * len(requests)
     self._characters = [codecs.getincrementaldecoder("utf-8")("replace") for _ in requests]
     self._token_bytes = functools.lru_cache(None)(tokenizer.token_bytes)
+    # A prompt of token ids may end inside a character (tokenizer_base.incomplete_tail): the completion's
+    # text begins with that whole character (the engine's TextStream), so its offsets count from it.
+    self._begun = [tokenizer_base.incomplete_tail(tokenizer, r.prompt_ids) for r in requests]
+    for characters, request, begun in zip(self._characters, requests, self._begun):
+      if begun and not echo:  # with echo the prompt's entries feed the decoder
+        characters.decode(b"".join(map(self._token_bytes, request.prompt_ids[-begun:])))
 
   def logprobs(self, index: int, upto: int) -> dict | None:
     """OpenAI's logprobs object for choice `index`'s tokens after those given so far, up to `upto` (None
@@ -49,9 +57,8 @@ class Reply:
     for i, (token, _) in enumerate(entries):  # characters of the text before each token's first whole one
       offsets.append(self._offset[index])
       self._offset[index] += len(self._characters[index].decode(token_bytes(token)))
-      if i == echoed - 1:  # the completion starts after the echoed text, whatever the prompt's last bytes
+      if i == echoed - 1:  # the completion starts after the echoed text (the decoder keeps a begun character)
         self._offset[index] = len(self.echoed(index))
-        self._characters[index] = codecs.getincrementaldecoder("utf-8")("replace")
     return {
       "tokens": [text(t) for t, _ in entries],
       "token_logprobs": [lp for _, (lp, _) in entries],
@@ -74,10 +81,12 @@ class Reply:
 
   def echoed(self, index: int) -> str:
     """The text choice `index` begins with: its prompt with `echo` (control tokens by name, as its
-    logprobs entries show them), else nothing."""
+    logprobs entries show them), else nothing; a character the prompt's ids begin but do not finish is
+    left to the completion, whose text begins with it whole."""
     if not self.echo:
       return ""
-    return self.tokenizer.decode(self.requests[index].prompt_ids, skip_special_tokens=False)
+    text = self.tokenizer.decode(self.requests[index].prompt_ids, skip_special_tokens=False)
+    return text.removesuffix("\ufffd") if self._begun[index] else text
 
   def usage(self) -> dict:
     """Token counts: each prompt once (not once a choice), the completion tokens of every choice."""

@@ -267,7 +267,9 @@ class Engine:
     del self._prefilling[row]
     self.prefixes.store(request.prompt_ids, row_cache)  # `insert` does not donate it
     self._cache = engine_steps.insert(self._cache, row_cache, jnp.int32(row))
-    self._streams[row] = tokenizer_base.TextStream(self.tokenizer)
+    begun = tokenizer_base.incomplete_tail(self.tokenizer, request.prompt_ids)  # ids ending mid-character
+    context = request.prompt_ids[len(request.prompt_ids) - begun :] if begun else ()
+    self._streams[row] = tokenizer_base.TextStream(self.tokenizer, context_ids=context)
     wanted = request.logprobs is not None
     self._accept(row, token, engine_steps.logprobs_row(logprobs, index) if wanted else None)
 
