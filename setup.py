@@ -20,6 +20,7 @@ setup(
     "flax>=0.12",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12",
+    "etils[epath]",  # orbax's paths (run/checkpoint.py reads a checkpoint item through its handler)
     "tensorflow-datasets>=4.9.10",
     "array-record",  # the TFDS file format readable without TensorFlow
     "importlib_resources",  # needed by tensorflow-datasets' builders, not declared by it

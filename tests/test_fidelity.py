@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from lmjax import model
 from lmjax.core import errors
 from lmjax.data import hf_tokenizer, tokenizer_base, tokenizers
-from lmjax.inference import LanguageModel, sampler
+from lmjax.inference import LanguageModel, api_replies, engine as engine_lib, sampler
 from lmjax.run import config as config_lib
 from lmjax.tasks import evaluators, finetuning, metrics
 from lmjax.train import preflight
@@ -163,6 +163,40 @@ def test_stream_releases_whole_characters_only(hf, text):
     stream = tokenizer_base.TextStream(tok)
     pieces = [stream.push(i) for i in tok.encode(text)] + [stream.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def byte_fallback_hf():
+  """A Llama-style Hugging Face tokenizer: byte-fallback pieces <0xNN>, "\u2581the", and the decoder
+  that fuses them (it shows a broken run of bytes as one U+FFFD per byte, not one per character)."""
+  from tokenizers import Tokenizer, decoders, models
+
+  vocab = {f"<0x{b:02X}>": b for b in range(256)} | {"\u2581the": 256}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+  tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+  return hf_tokenizer.HFTokenizer(tok, None, None, None)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "bytelevel", "hf", "hf_byte_fallback"])
+def test_a_prompt_of_ids_cut_inside_a_character_reads_whole_across_the_seam(bpe, hf, kind):
+  """Prompt ids cut anywhere in "é🙂 the": the server's echoed prompt (api_replies.Reply.echoed) and its
+  completion's text (a TextStream after the prompt's begun bytes, as the engine makes it) join to the
+  text, for every tokenizer kind (SentencePiece and byte-fallback decoders show a begun character as
+  several U+FFFD); a reply that ends at once shows the begun character as U+FFFD."""
+  tok = all_tokenizers(bpe, hf).get(kind) or byte_fallback_hf()
+  text = "é🙂 the"
+  ids = tok.encode(text) if kind != "hf_byte_fallback" else list(text[:2].encode()) + [256]
+  assert tok.decode(ids) == text
+  for j in range(1, len(ids)):
+    prompt, reply = ids[:j], ids[j:]
+    begun = tokenizer_base.incomplete_tail(tok, prompt)
+    context = prompt[j - begun :] if begun else ()
+    stream = tokenizer_base.TextStream(tok, context_ids=context)
+    completion = "".join(stream.push(t) for t in reply) + stream.flush()
+    echoed = api_replies.Reply(False, "m", [engine_lib.Request(prompt, 8, None)], tok, echo=True).echoed(0)
+    assert echoed + completion == text, j
+    assert echoed == text.encode()[: len(b"".join(map(tok.token_bytes, prompt)))].decode(errors="ignore")
+    ended = tokenizer_base.TextStream(tok, context_ids=context).flush()  # EOS first: the begun one as U+FFFD
+    assert (set(ended) == {"\ufffd"}) if begun else (ended == ""), j
 
 
 class PieceTokenizer:

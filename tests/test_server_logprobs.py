@@ -152,6 +152,7 @@ def test_the_server_completes_a_character_begun_in_a_prompt_of_ids(served):
   prompt = tokenizer.encode("é🙂 the")[:4]  # é and half of 🙂
   reply = greedy_ids(served.lm, prompt, 6)
   full = tokenizer.decode(prompt + reply)
+  assert "\ufffd" not in full  # the greedy reply finishes the character (else this tests nothing)
   for echo, want in ((True, full), (False, full[1:])):
     ask = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": echo}
     assert post(served, "/completions", ask).json()["choices"][0]["text"] == want

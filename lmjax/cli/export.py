@@ -5,8 +5,9 @@ lmjax-export --model=runs/my_llama --format=gguf --dtype=q8_0 --output=my_llama.
 lmjax-export --model=pretrained:smollm2-135m-instruct --format=gguf --dtype=f16 --output=smollm2.f16.gguf
 lmjax-export --model=runs/my_llama --format=hf --output=my_llama_hf/
 
-The output is written beside its final name and moved there only when complete (a SIGTERM or a
-failure leaves nothing behind, not even the folders made for it); an existing output is never replaced.
+The output is written beside its final name and moved there only when complete (a failure, or a
+SIGTERM while export runs on the main thread, leaves nothing behind, not even the folders made for it);
+an existing output is never replaced.
 """
 
 import os
@@ -79,7 +80,7 @@ def main(argv):
       if os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
     if on_main:
-      signal.signal(signal.SIGTERM, stop)
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if stop is None else stop)  # None: set outside Python
       signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
   size = (
     os.path.getsize(f.output)

@@ -47,13 +47,15 @@ def write_atomic(path: str, text) -> None:
 
 
 def _create_unique(directory: str, prefix: str) -> tuple[int, str]:
-  """(fd, path) of a new empty file `directory/prefix<random>.tmp`, opened for writing with O_EXCL."""
-  while True:
+  """(fd, path) of a new empty file `directory/prefix<random>.tmp`, opened for writing with O_EXCL.
+  Raises FileExistsError after os.TMP_MAX names taken (as tempfile gives up)."""
+  for _ in range(os.TMP_MAX):
     tmp = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}.tmp")
     try:
-      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
     except FileExistsError:
       continue
+  raise FileExistsError(f"no free temporary name {prefix}*.tmp in {directory}")
 
 
 def write_json(path: str, value, **kwargs) -> None:

@@ -83,11 +83,12 @@ def cut_at_stop(text: str, stop_strings) -> str:
 
 
 def incomplete_tail(tokenizer, ids) -> int:
-  """How many of `ids`' last tokens hold the first bytes of a UTF-8 character their bytes do not finish
-  (0 when the bytes end on a character boundary). A prompt given as token ids can end so; its
-  completion's first tokens finish that character, so the completion's text decodes after those tokens
-  (TextStream's `context_ids`) and an echoed prompt stops before the character (OpenAI's API shows text,
-  and half a character is U+FFFD on both sides of the seam otherwise)."""
+  """How many of `ids`' last tokens hold a UTF-8 character their bytes begin but do not finish (0 when
+  the bytes end on a character boundary), counted back to a token that starts on a character boundary
+  (a byte-level token can hold one character's end and the next one's start). A prompt given as token
+  ids can end so; its completion's first tokens finish that character, so the completion's text decodes
+  after those tokens (TextStream's `context_ids`) and an echoed prompt stops before the character
+  (OpenAI's API shows text, and half a character is U+FFFD on both sides of the seam otherwise)."""
   window, count = b"", 0
   while len(window) < 4 and count < len(ids):  # a character has at most 4 bytes
     count += 1
@@ -95,11 +96,17 @@ def incomplete_tail(tokenizer, ids) -> int:
   decoder = codecs.getincrementaldecoder("utf-8")("replace")
   decoder.decode(window)
   pending = len(decoder.getstate()[0])  # the bytes of a character begun but not finished
-  held = 0
-  while pending > 0:
+  held, tail = 0, b""
+  while held < len(ids) and (len(tail) < pending or (pending and tail[:1] and 0x80 <= tail[0] < 0xC0)):
     held += 1
-    pending -= len(tokenizer.token_bytes(ids[-held]))
+    tail = tokenizer.token_bytes(ids[-held]) + tail
   return held
+
+
+def whole_characters(tokenizer, ids) -> str:
+  """The text of `ids`' bytes in whole characters: a last character they begin but do not finish is left
+  out (decode() would show it as one or more U+FFFD, as many as the tokenizer's decoder makes)."""
+  return codecs.getincrementaldecoder("utf-8")("replace").decode(b"".join(map(tokenizer.token_bytes, ids)))
 
 
 class TextStream:
@@ -115,7 +122,7 @@ class TextStream:
   def __init__(self, tokenizer, skip_special_tokens: bool = True, context_ids=()):
     self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
     self.context_ids, self.ids, self.released = list(context_ids), [], ""
-    self._context_text = self._decode(self.context_ids).removesuffix("\ufffd") if self.context_ids else ""
+    self._context_text = whole_characters(tokenizer, self.context_ids)
 
   def push(self, token_id: int) -> str:
     """Adds one id; returns the text it completes ('' while a character is incomplete)."""

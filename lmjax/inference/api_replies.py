@@ -85,8 +85,11 @@ class Reply:
     left to the completion, whose text begins with it whole."""
     if not self.echo:
       return ""
-    text = self.tokenizer.decode(self.requests[index].prompt_ids, skip_special_tokens=False)
-    return text.removesuffix("\ufffd") if self._begun[index] else text
+    ids, begun = self.requests[index].prompt_ids, self._begun[index]
+    if not begun:
+      return self.tokenizer.decode(ids, skip_special_tokens=False)
+    before = self.tokenizer.decode(ids[: len(ids) - begun], skip_special_tokens=False)
+    return before + tokenizer_base.whole_characters(self.tokenizer, ids[len(ids) - begun :])
 
   def usage(self) -> dict:
     """Token counts: each prompt once (not once a choice), the completion tokens of every choice."""

@@ -359,7 +359,9 @@ class Engine:
       k = request.logprobs
       request.token_logprobs.append((float(chosen), list(zip(ids[:k].tolist(), top[:k].tolist()))))
     eos = token == self.tokenizer.eos_id and not request.ignore_eos
-    text = stream.released + ("" if eos else stream.push(token))
+    # At EOS a character begun before it (by the reply, or a prompt of ids) ends the text as U+FFFD,
+    # as decode() gives it.
+    text = stream.released + (stream.flush() if eos else stream.push(token))
     finish = "stop" if eos else None
     if request.stop and tokenizer_base.cut_at_stop(text, request.stop) != text:
       text, finish = tokenizer_base.cut_at_stop(text, request.stop), "stop"
